@@ -1,0 +1,165 @@
+"""Backend choice as data.
+
+Every public op owns an ordered table of backends. Each backend declares, through a ``supports``
+function, whether it can run the given inputs and, if not, why. ``backend="auto"`` takes the first
+backend in the table that accepts; an explicit backend that refuses raises with its reason; when
+nothing accepts, the error lists every backend's reason.
+
+Choosing a slower backend is never silent: when ``auto`` passes over a faster backend that serves the
+inputs' device but refused them (say, a head dim the kernel lacks), a :class:`SamFastFallbackWarning`
+is issued once per (op, backend, reason) and the fallback is recorded. :func:`record_backends` lets
+callers, and tests, see which backend every op call ran on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+
+class SamFastFallbackWarning(UserWarning):
+    """``backend="auto"`` ran a slower backend because a faster one refused the inputs."""
+
+
+class BackendUnavailableError(ValueError):
+    """The requested backend (or every backend, for ``auto``) cannot run the given inputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Why a backend cannot run some inputs.
+
+    ``wrong_device`` marks refusals that only say "this backend is for another device": passing such a
+    backend over is the normal choice for the device, not a fallback.
+    """
+
+    reason: str
+    wrong_device: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    supports: Callable[..., Optional[Refusal]]
+    run: Callable[..., object]
+
+
+@dataclasses.dataclass
+class Fallback:
+    op: str
+    chosen: str
+    passed_over: tuple  # ((backend, reason), ...)
+
+
+@dataclasses.dataclass
+class BackendRecord:
+    """Filled by :func:`record_backends`: ``calls`` is a list of ``(op_name, backend_name)``."""
+
+    calls: list = dataclasses.field(default_factory=list)
+    fallbacks: list = dataclasses.field(default_factory=list)
+
+    def backends(self, op: Optional[str] = None) -> set:
+        return {b for o, b in self.calls if op is None or o == op}
+
+
+_local = threading.local()
+_warned: set = set()
+
+
+def _recorders() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Record the backend of every sam_fast op call made inside the ``with`` block.
+
+    >>> with sam_fast.record_backends() as rec:
+    ...     sam_fast.dilated_attention(q, k, v)
+    >>> rec.calls
+    [('dilated_attention', 'triton')]
+
+    Calls are recorded when the Python dispatch runs (eagerly, or once while torch.compile traces).
+    """
+    rec = BackendRecord()
+    stack = _recorders()
+    stack.append(rec)
+    try:
+        yield rec
+    finally:
+        stack.remove(rec)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run under ``TRITON_INTERPRET=1`` (on CPU tensors, slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_backend_name(backend) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def dispatch(op: str, table: Sequence[Backend], backend: str, *args, **kwargs):
+    """Run ``op`` on the backend ``backend`` (or the first that accepts, for ``"auto"``)."""
+    check_backend_name(backend)
+    known = {b.name for b in table}
+    if backend != "auto":
+        if backend not in known:
+            raise BackendUnavailableError(
+                f"{op}: backend={backend!r} is not implemented for this op; available: "
+                f"{sorted(known)} (or 'auto')"
+            )
+        chosen = next(b for b in table if b.name == backend)
+        refusal = chosen.supports(*args, explicit=True, **kwargs)
+        if refusal is not None:
+            raise BackendUnavailableError(f"{op}: backend={backend!r} refused these inputs: {refusal.reason}")
+        _note(op, chosen.name, ())
+        return chosen.run(*args, **kwargs)
+
+    refused = []
+    for b in table:
+        refusal = b.supports(*args, explicit=False, **kwargs)
+        if refusal is None:
+            passed = tuple((n, r.reason) for n, r in refused if not r.wrong_device)
+            _note(op, b.name, passed)
+            return b.run(*args, **kwargs)
+        refused.append((b.name, refusal))
+    lines = "\n".join(f"  {n}: {r.reason}" for n, r in refused)
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs:\n{lines}")
+
+
+def _note(op: str, chosen: str, passed_over: tuple) -> None:
+    if _compiling():
+        return
+    for rec in _recorders():
+        rec.calls.append((op, chosen))
+        if passed_over:
+            rec.fallbacks.append(Fallback(op, chosen, passed_over))
+    if passed_over:
+        key = (op, chosen, passed_over)
+        if key not in _warned:
+            _warned.add(key)
+            why = "; ".join(f"{n}: {r}" for n, r in passed_over)
+            warnings.warn(
+                f"sam_fast.{op}: falling back to backend {chosen!r} ({why})",
+                SamFastFallbackWarning,
+                stacklevel=4,
+            )

@@ -1,0 +1,29 @@
+"""Loading of the compiled extension ``sam_fast._C`` (C++ / CUDA ops under ``sam_fast::``).
+
+A failed load is never fatal at import: the C++ backends then refuse with the load error as their
+reason, so ``backend="auto"`` falls back (with a warning) and an explicit request says why.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def extension_error():
+    """None when sam_fast._C loaded, else the reason it did not."""
+    try:
+        from .. import _C  # noqa: F401  (registers the sam_fast:: ops)
+    except Exception as exc:  # ImportError, or an undefined symbol against another torch build
+        return f"the compiled extension sam_fast._C failed to load ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda_kernels() -> bool:
+    """Whether sam_fast._C was built with its CUDA sources."""
+    if extension_error() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("sam_fast::resize_rel_pos", "CUDA")

@@ -1,0 +1,86 @@
+"""``sam_fast.resize_rel_pos``: linear resize of a relative-position table (C++ CPU and CUDA kernels).
+
+segment_anything's ``get_rel_pos`` resizes a table whose length does not match ``2 * size - 1`` with
+``F.interpolate(mode="linear")``; the swapped attention modules call this op for the same job, on the
+device where the table lives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._dispatch import Backend, Refusal, dispatch
+from ._ext import extension_error, has_cuda_kernels
+
+
+def resize_rel_pos_reference(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, C) -> (length, C), exactly segment_anything's resize."""
+    L = rel_pos.shape[0]
+    return F.interpolate(rel_pos.reshape(1, L, -1).permute(0, 2, 1), size=length, mode="linear").reshape(
+        -1, length).permute(1, 0)
+
+
+def _ensure_registered():
+    if extension_error() is None and not getattr(_ensure_registered, "done", False):
+        torch.library.register_fake("sam_fast::resize_rel_pos")(
+            lambda rel_pos, length: rel_pos.new_empty((length, rel_pos.shape[1])))
+
+        def _setup(ctx, inputs, output):
+            ctx.shape = inputs[0].shape
+            ctx.dtype = inputs[0].dtype
+
+        def _backward(ctx, grad):
+            # The resize is linear: its gradient is the transpose of the interpolation.
+            probe = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+            with torch.enable_grad():
+                out = resize_rel_pos_reference(probe, grad.shape[0])
+            (g,) = torch.autograd.grad(out, probe, grad)
+            return g, None
+
+        torch.library.register_autograd("sam_fast::resize_rel_pos", _backward, setup_context=_setup)
+        _ensure_registered.done = True
+
+
+def _cpp(device_type: str):
+    def supports(rel_pos, length, explicit):
+        if rel_pos.device.type != device_type:
+            return Refusal(f"the {device_type} kernel needs a {device_type} tensor, got {rel_pos.device}",
+                           wrong_device=True)
+        err = extension_error()
+        if err is not None:
+            return Refusal(err)
+        if device_type == "cuda" and not has_cuda_kernels():
+            return Refusal("sam_fast._C was built without CUDA sources (no CUDA toolkit at install time)")
+        return None
+
+    def run(rel_pos, length):
+        _ensure_registered()
+        return torch.ops.sam_fast.resize_rel_pos(rel_pos, length)
+
+    return Backend(device_type, supports, run)
+
+
+_TABLE = (
+    _cpp("cuda"),
+    _cpp("cpu"),
+    Backend("reference", lambda rel_pos, length, explicit: None, resize_rel_pos_reference),
+)
+
+
+def resize_rel_pos(rel_pos: torch.Tensor, length: int, *, backend: str = "auto") -> torch.Tensor:
+    """Resize a (L, C) relative-position table to (length, C) by linear interpolation.
+
+    Same arithmetic as segment_anything's ``get_rel_pos`` (``F.interpolate``, ``align_corners=False``).
+    """
+    if not isinstance(rel_pos, torch.Tensor):
+        raise TypeError(f"rel_pos must be a torch.Tensor, got {type(rel_pos).__name__}")
+    if rel_pos.dim() != 2 or rel_pos.shape[0] < 1:
+        raise ValueError(f"rel_pos must have shape (L, C) with L >= 1, got {tuple(rel_pos.shape)}")
+    if not rel_pos.is_floating_point():
+        raise TypeError(f"rel_pos must be a floating-point tensor, got {rel_pos.dtype}")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    if length == rel_pos.shape[0]:
+        return rel_pos
+    return dispatch("resize_rel_pos", _TABLE, backend, rel_pos, length)

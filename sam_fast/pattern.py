@@ -1,0 +1,164 @@
+"""Dilated-attention patterns: what a branch is and how it cuts the tokens.
+
+A *pattern* is a list of :class:`Branch`. A branch has a segment size and a dilation, either 1-D over
+the token sequence (``segment=w, dilation=r``) or 2-D over an image grid of ``grid=(Hg, Wg)`` tokens in
+row-major order (``segment=(wh, ww), dilation=(rh, rw)``). Head ``h`` of a branch keeps, inside every
+segment, the positions whose in-segment index is congruent to its offset modulo the dilation:
+1-D offset ``h mod r``; 2-D offsets ``((h // rw) mod rh, h mod rw)``. Kept positions of a segment attend
+densely among themselves. The last segment along an axis may be partial.
+
+1-D, ``segment=8, dilation=2`` over N = 12 tokens (``a``: kept by heads with offset 0, ``b``: offset 1)::
+
+    token    0 1 2 3 4 5 6 7 | 8 9 10 11
+    segment  0 0 0 0 0 0 0 0 | 1 1 1  1      (segment 1 is partial)
+    offset   a b a b a b a b | a b a  b      head 0 attends {0,2,4,6} and {8,10}
+
+2-D, ``segment=(4, 4), dilation=(2, 2)`` on a 4x6 grid; head ``h`` has offsets
+``((h // 2) % 2, h % 2)`` and keeps the positions marked with its letter (head 0 ``a``, 1 ``b``,
+2 ``c``, 3 ``d``; head 4 repeats head 0)::
+
+    a b a b | a b
+    c d c d | c d        segment (0,0) is 4x4, segment (0,1) is 4x2 (partial)
+    a b a b | a b        head 0 attends the four a's of the left segment together,
+    c d c d | c d        and the two a's ... of the right one
+
+``segment = N`` (or the grid) with ``dilation = 1`` is ordinary dense attention; a 2-D window with
+dilation 1 is windowed attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple, Union
+
+IntOr2 = Union[int, Tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One branch of a dilated-attention pattern: a segment size and a dilation (1-D ints or 2-D tuples)."""
+
+    segment: IntOr2
+    dilation: IntOr2 = 1
+
+    def __post_init__(self):
+        seg, dil = self.segment, self.dilation
+        seg_2d = isinstance(seg, (tuple, list))
+        dil_2d = isinstance(dil, (tuple, list))
+        if seg_2d:
+            seg = tuple(seg)
+            if len(seg) != 2 or not all(_is_int(s) for s in seg):
+                raise TypeError(f"Branch segment must be an int or a pair of ints, got {self.segment!r}")
+            if not dil_2d:
+                if not _is_int(dil):
+                    raise TypeError(f"Branch dilation must be an int or a pair of ints, got {self.dilation!r}")
+                dil = (int(dil), int(dil))
+            dil = tuple(dil)
+            if len(dil) != 2 or not all(_is_int(d) for d in dil):
+                raise TypeError(f"Branch dilation must be a pair of ints for a 2-D segment, got {self.dilation!r}")
+            seg = (int(seg[0]), int(seg[1]))
+            dil = (int(dil[0]), int(dil[1]))
+            if min(seg) < 1:
+                raise ValueError(f"Branch segment must be >= 1 along each axis, got {seg}")
+            if min(dil) < 1:
+                raise ValueError(f"Branch dilation must be >= 1 along each axis, got {dil}")
+            if dil[0] > seg[0] or dil[1] > seg[1]:
+                raise ValueError(f"Branch dilation {dil} must not exceed the segment {seg} along any axis")
+        else:
+            if not _is_int(seg):
+                raise TypeError(f"Branch segment must be an int or a pair of ints, got {self.segment!r}")
+            if dil_2d or not _is_int(dil):
+                raise TypeError(f"Branch dilation must be an int for a 1-D segment, got {self.dilation!r}")
+            seg, dil = int(seg), int(dil)
+            if seg < 1:
+                raise ValueError(f"Branch segment must be >= 1, got {seg}")
+            if dil < 1:
+                raise ValueError(f"Branch dilation must be >= 1, got {dil}")
+            if dil > seg:
+                raise ValueError(f"Branch dilation {dil} must not exceed the segment {seg}")
+        object.__setattr__(self, "segment", seg)
+        object.__setattr__(self, "dilation", dil)
+
+    @property
+    def is_2d(self) -> bool:
+        return isinstance(self.segment, tuple)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedBranch:
+    """A branch in kernel terms: everything addressed on a 2-D grid ``(rows, cols)``.
+
+    A 1-D branch over N tokens becomes a branch on the grid ``(1, N)``; a 2-D branch keeps its grid.
+    ``seg`` is clipped to the grid.
+    """
+
+    rows: int
+    cols: int
+    seg: Tuple[int, int]
+    dil: Tuple[int, int]
+    is_2d: bool
+
+    @property
+    def n_seg(self) -> Tuple[int, int]:
+        return (-(-self.rows // self.seg[0]), -(-self.cols // self.seg[1]))
+
+    def offsets(self, head: int) -> Tuple[int, int]:
+        dy, dx = self.dil
+        return ((head // dx) % dy, head % dx)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.dil == (1, 1) and self.seg == (self.rows, self.cols)
+
+
+def check_grid(grid, n_tokens: int) -> Optional[Tuple[int, int]]:
+    if grid is None:
+        return None
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_is_int(g) for g in grid):
+        raise TypeError(f"grid must be a pair of ints (Hg, Wg), got {grid!r}")
+    grid = (int(grid[0]), int(grid[1]))
+    if min(grid) < 1:
+        raise ValueError(f"grid must be positive, got {grid}")
+    if grid[0] * grid[1] != n_tokens:
+        raise ValueError(f"grid {grid} has {grid[0] * grid[1]} tokens but q has N={n_tokens} tokens")
+    return grid
+
+
+def resolve_pattern(pattern, n_tokens: int, grid: Optional[Tuple[int, int]]) -> Tuple[ResolvedBranch, ...]:
+    """Validate ``pattern`` (None, a Branch, or a sequence of Branch) for N tokens on ``grid``."""
+    if pattern is None:
+        if grid is not None:
+            return (ResolvedBranch(grid[0], grid[1], grid, (1, 1), True),)
+        return (ResolvedBranch(1, n_tokens, (1, n_tokens), (1, 1), False),)
+    if isinstance(pattern, Branch):
+        pattern = [pattern]
+    if not isinstance(pattern, Sequence) or isinstance(pattern, (str, bytes)):
+        raise TypeError(f"pattern must be None, a Branch or a list of Branch, got {type(pattern).__name__}")
+    if len(pattern) == 0:
+        raise ValueError("pattern must contain at least one Branch, got an empty list")
+    out = []
+    for i, b in enumerate(pattern):
+        if not isinstance(b, Branch):
+            raise TypeError(f"pattern[{i}] must be a sam_fast.Branch, got {type(b).__name__}")
+        if b.is_2d:
+            if grid is None:
+                raise ValueError(f"pattern[{i}] is a 2-D branch {b} but no grid=(Hg, Wg) was given")
+            seg = (min(b.segment[0], grid[0]), min(b.segment[1], grid[1]))
+            out.append(ResolvedBranch(grid[0], grid[1], seg, b.dilation, True))
+        else:
+            out.append(ResolvedBranch(1, n_tokens, (1, min(b.segment, n_tokens)), (1, b.dilation), False))
+    return tuple(out)
+
+
+def pattern_from_lists(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> list:
+    """LongNet-style ``(segment_lengths, dilation_rates)`` -> list of 1-D :class:`Branch`."""
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length, got "
+            f"{len(segment_lengths)} and {len(dilation_rates)}"
+        )
+    return [Branch(int(w), int(r)) for w, r in zip(segment_lengths, dilation_rates)]
