@@ -44,6 +44,16 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST (set only under TRITON_INTERPRET for bfloat16, whose dot the
+    interpreter gets wrong) feeds fp32 copies: bf16 products are exact in fp32, so the result is the
+    tensor-core one up to summation order."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _segment_geometry(
     seg, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W, PADDED: tl.constexpr
 ):
@@ -108,6 +118,7 @@ def _dilated_attention_fwd_kernel(
     qk_scale,
     BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = BKY * BKX
     pid_m = tl.program_id(0)
@@ -157,7 +168,7 @@ def _dilated_attention_fwd_kernel(
         if PADDED:
             k = tl.where(real[:, None], k, pad_k[None, :])
             v = tl.where(real[:, None], v, pad_v[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         if HAS_REL:
             s += _rel_bias(rh_row, rw_row, mrow, ky0, kx0, kh, kw, rw_tile,
                            BLOCK_M, BKY, BKX, SINGLE_KX) * 1.4426950408889634
@@ -167,7 +178,7 @@ def _dilated_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -187,7 +198,7 @@ def _dilated_attention_bwd_dkdv_kernel(
     H, D, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W, PAD_ROWS, PAD_COLS,
     qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+    HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program per key block: loops over the segment's query tiles, accumulates dK and dV."""
     pid_n = tl.program_id(0)
@@ -227,7 +238,7 @@ def _dilated_attention_bwd_dkdv_kernel(
         do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + b * slb + h * slh + qn, mask=mrow, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         if HAS_REL:
             rh_row = RH + b * srb + h * srh + qn * srn
             rw_row = RW + b * swb + h * swh + qn * swn
@@ -235,10 +246,10 @@ def _dilated_attention_bwd_dkdv_kernel(
                            BLOCK_M, BKY, BKX, False) * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + h * sdkh + kn[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + b * sdvb + h * sdvh + kn[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
@@ -262,7 +273,7 @@ def _dilated_attention_bwd_dq_kernel(
     H, D, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W,
     qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+    HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program per query tile: loops over key blocks, accumulates dQ and the rel-pos table grads.
 
@@ -317,15 +328,15 @@ def _dilated_attention_bwd_dq_kernel(
         if PADDED:
             k = tl.where(real[:, None], k, pad_k[None, :])
             v = tl.where(real[:, None], v, pad_v[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         if HAS_REL:
             s += _rel_bias(rh_row, rw_row, mrow, ky0, kx0, kh, kw, rw_tile,
                            BLOCK_M, BKY, BKX, True) * 1.4426950408889634
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
         if HAS_REL:
             ds3 = tl.reshape(ds, (BLOCK_M, BKY, BKX))
             cy = ky0 + tl.arange(0, BKY)
@@ -459,6 +470,10 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _upcast(dtype):
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def dilated_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -498,6 +513,7 @@ def dilated_attention_fwd(
         scale * LOG2E,
         BLOCK_M=cfg["BLOCK_M"], BKY=cfg["BKY"], BKX=cfg["BKX"], BLOCK_D=cfg["BLOCK_D"],
         HAS_REL=has_rel, SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded, PREC=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=2,
     )
     return out, lse
@@ -524,6 +540,8 @@ def dilated_attention_bwd(
     padded = pad_k is not None
     has_rel = rel_pos_h is not None
     cfg = _launch_config(geom, padded, has_rel, D, backward=True)
+    if dout.stride(-1) != 1:  # autograd may hand in expanded (stride-0) gradients
+        dout = dout.contiguous()
     # delta_i = sum_d dO_i O_i; a gradient flowing into lse adds p_ij * dlse_i to dS, i.e. subtracts
     # dlse from delta.
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
@@ -555,7 +573,7 @@ def dilated_attention_bwd(
     kh, kw = geom.kept_extent(padded)
     n_kblocks = triton.cdiv(kh, cfg["BKY"]) * triton.cdiv(kw, cfg["BKX"])
     common = dict(BKY=cfg["BKY"], BKX=cfg["BKX"], BLOCK_D=cfg["BLOCK_D"], HAS_REL=has_rel, PADDED=padded,
-                  PREC=_precision(q.dtype), num_warps=4, num_stages=1)
+                  PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4, num_stages=1)
     _dilated_attention_bwd_dkdv_kernel[(n_kblocks, nsy * nsx, B * H)](
         q, k, v, dout, lse, delta, rh, rw, pk, pv, dk, dv, dpk, dpv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

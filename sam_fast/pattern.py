@@ -93,7 +93,7 @@ class ResolvedBranch:
     """A branch in kernel terms: everything addressed on a 2-D grid ``(rows, cols)``.
 
     A 1-D branch over N tokens becomes a branch on the grid ``(1, N)``; a 2-D branch keeps its grid.
-    ``seg`` is clipped to the grid.
+    1-D segments are clipped to N; 2-D segments may exceed the grid (one partial segment).
     """
 
     rows: int
@@ -110,9 +110,6 @@ class ResolvedBranch:
         dy, dx = self.dil
         return ((head // dx) % dy, head % dx)
 
-    @property
-    def is_dense(self) -> bool:
-        return self.dil == (1, 1) and self.seg == (self.rows, self.cols)
 
 
 def check_grid(grid, n_tokens: int) -> Optional[Tuple[int, int]]:
@@ -147,8 +144,9 @@ def resolve_pattern(pattern, n_tokens: int, grid: Optional[Tuple[int, int]]) -> 
         if b.is_2d:
             if grid is None:
                 raise ValueError(f"pattern[{i}] is a 2-D branch {b} but no grid=(Hg, Wg) was given")
-            seg = (min(b.segment[0], grid[0]), min(b.segment[1], grid[1]))
-            out.append(ResolvedBranch(grid[0], grid[1], seg, b.dilation, True))
+            # Not clipped to the grid: with pad_kv a segment larger than the grid is completed with
+            # virtual keys, as segment_anything pads an 8x8 grid to one 14x14 window.
+            out.append(ResolvedBranch(grid[0], grid[1], b.segment, b.dilation, True))
         else:
             out.append(ResolvedBranch(1, n_tokens, (1, min(b.segment, n_tokens)), (1, b.dilation), False))
     return tuple(out)

@@ -131,7 +131,9 @@ def _reference_run(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv)
     return dilated_attention_reference(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv)
 
 
-def _cuda_supports(*args, explicit, **kwargs):
+def _cuda_supports(q, *args, explicit, **kwargs):
+    if q.device.type != "cuda":
+        return Refusal(f"the CUDA backend needs CUDA tensors, got {q.device}", wrong_device=True)
     return Refusal("no hand-written CUDA kernel for dilated_attention; its GPU path is the Triton kernel")
 
 

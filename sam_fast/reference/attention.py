@@ -60,7 +60,8 @@ def _branch(q, k, v, br: ResolvedBranch, grid, rel_pos_h, rel_pos_w, scale, pad_
     """One branch: output (B, H, N, D) in q's dtype and lse (B, H, N) in float32 (-inf where not kept)."""
     B, H, N, D = q.shape
     out = q.new_zeros(B, H, N, D)
-    lse = q.new_full((B, H, N), float("-inf"), dtype=torch.float32)
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for an fp64 oracle
+    lse = q.new_full((B, H, N), float("-inf"), dtype=lse_dtype)
     padded = pad_kv is not None
     groups = {}
     for h in range(H):
@@ -94,7 +95,7 @@ def _branch(q, k, v, br: ResolvedBranch, grid, rel_pos_h, rel_pos_w, scale, pad_
                 p = logits.softmax(dim=-1)
                 o = torch.matmul(p, v_sel)
                 out[:, hs[:, None], q_tok[None, :]] = o
-                lse[:, hs[:, None], q_tok[None, :]] = torch.logsumexp(logits.float(), dim=-1)
+                lse[:, hs[:, None], q_tok[None, :]] = torch.logsumexp(logits.to(lse_dtype), dim=-1)
     return out, lse
 
 
@@ -109,7 +110,8 @@ def dilated_attention_reference(
     softmax_scale: Optional[float] = None,
     pad_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dilated attention of (B, N, H, D) tensors; returns ``(out (B, N, H, D), lse (B, H, N) float32)``.
+    """Dilated attention of (B, N, H, D) tensors; returns ``(out (B, N, H, D), lse (B, H, N))``;
+    lse is float32 (float64 for float64 inputs, so the reference can serve as an fp64 oracle).
 
     ``branches`` come from :func:`sam_fast.pattern.resolve_pattern`. ``pad_kv=(k_pad, v_pad)``, each
     (H, D), makes every partial 2-D segment full size with the missing positions acting as keys with
@@ -130,6 +132,6 @@ def dilated_attention_reference(
         total = w.sum(dim=0)
         total_safe = torch.where(total > 0, total, torch.ones_like(total))
         w = w / total_safe
-        out = sum(wi[..., None] * oi.float() for wi, oi in zip(w, outs)).to(q.dtype)
+        out = sum(wi[..., None] * oi.to(w.dtype) for wi, oi in zip(w, outs)).to(q.dtype)
         lse = torch.where(total > 0, m_safe + torch.log(total_safe), torch.full_like(m, float("-inf")))
     return out.transpose(1, 2), lse

@@ -1,0 +1,228 @@
+"""Fused attention kernel vs the shipped reference (CPU: Triton interpreter, tiny shapes)."""
+
+import itertools
+
+import pytest
+import torch
+
+import sam_fast
+from sam_fast import Branch
+from sam_fast.pattern import resolve_pattern
+from sam_fast.reference.attention import dilated_attention_reference
+from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
+
+
+def make_case(B, grid, H, D, dtype, window=None, rel=False, pad=False, seed=0, layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    N = grid[0] * grid[1]
+    if layout == "qkv":  # q, k, v as strided views of one (B, N, 3, H, D) tensor, as SAM's qkv gives
+        qkv = torch.randn(B, N, 3, H, D, generator=g)
+        q, k, v = qkv.to(dtype).unbind(2)
+    elif layout == "bhnd":  # (B, H, N, D) storage seen as (B, N, H, D)
+        q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(B, N, H, D, generator=g).to(dtype) for _ in range(3))
+    kw = {"grid": grid}
+    seg = grid if window is None else window
+    if rel:
+        kw["rel_pos_h"] = (torch.randn(2 * seg[0] - 1, D, generator=g) * 0.3).to(dtype)
+        kw["rel_pos_w"] = (torch.randn(2 * seg[1] - 1, D, generator=g) * 0.3).to(dtype)
+    if pad:
+        kw["pad_kv"] = ((torch.randn(H, D, generator=g)).to(dtype), (torch.randn(H, D, generator=g)).to(dtype))
+    pattern = None if window is None else Branch(window)
+    return (q, k, v), pattern, kw
+
+
+def _leaves(tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _run(backend, qkv, pattern, kw, cast=None):
+    names = [n for n in ("rel_pos_h", "rel_pos_w") if n in kw]
+    extra = [kw[n] for n in names] + (list(kw["pad_kv"]) if "pad_kv" in kw else [])
+    ins = _leaves([t.to(cast) if cast else t for t in list(qkv) + extra])
+    q, k, v = ins[:3]
+    kwargs = {"grid": kw["grid"], **dict(zip(names, ins[3:3 + len(names)]))}
+    if "pad_kv" in kw:
+        kwargs["pad_kv"] = tuple(ins[3 + len(names):])
+    out, lse = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend=backend, **kwargs)
+    return ins, out, lse
+
+
+CASES = [
+    # (B, grid, H, D, window, rel, pad)
+    (1, (5, 7), 2, 16, None, False, False),      # dense, no bias, non-square grid, batch 1
+    (2, (6, 5), 3, 14, None, True, False),       # SlimSAM-77 head dim, rel-pos
+    (1, (7, 9), 2, 80, None, True, False),       # SAM-H head dim 80
+    (1, (9, 10), 2, 32, (4, 4), True, False),    # windows, partial segments (no padding)
+    (1, (9, 10), 2, 32, (4, 4), True, True),     # SAM window padding via pad_kv
+    (1, (5, 6), 2, 64, (7, 7), True, True),      # window larger than the grid, padded (SAM at small input)
+    (2, (11, 3), 1, 24, (4, 2), False, True),    # non-square window, pad without rel-pos
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-g{c[1][0]}x{c[1][1]}-H{c[2]}-D{c[3]}-w{c[4]}-rel{int(c[5])}-pad{int(c[6])}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(case, dtype):
+    B, grid, H, D, window, rel, pad = case
+    qkv, pattern, kw = make_case(B, grid, H, D, dtype, window, rel, pad, layout="qkv" if window else "contiguous")
+    with sam_fast.record_backends() as rec:
+        ins_k, out_k, lse_k = _run("triton", qkv, pattern, kw)
+    assert rec.calls == [("dilated_attention", "triton")]
+    ins_r, out_r, lse_r = _run("reference", qkv, pattern, kw)          # PyTorch at the same precision
+    ins_x, out_x, lse_x = _run("reference", qkv, pattern, kw, cast=torch.float64)  # exact oracle
+    check_against_reference("out", out_k, out_x, out_r, dtype, FWD_FACTOR)
+    assert lse_k.dtype == torch.float32 and torch.isfinite(lse_k).all()
+    check_against_reference("lse", lse_k, lse_x, lse_r, dtype, FWD_FACTOR)
+
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out_k.shape, generator=g)
+    dlse = torch.randn(lse_k.shape, generator=g)
+    grads = []
+    for ins, out, lse in ((ins_k, out_k, lse_k), (ins_r, out_r, lse_r), (ins_x, out_x, lse_x)):
+        loss = (out.double() * dout.double()).sum() + (lse.double() * dlse.double()).sum()
+        grads.append(torch.autograd.grad(loss, ins))
+    names = ["dq", "dk", "dv", "drel_h", "drel_w", "dpad_k", "dpad_v"] if rel else ["dq", "dk", "dv", "dpad_k", "dpad_v"]
+    for name, gk, gr, gx in zip(names, *grads):
+        check_against_reference(name, gk, gx, gr, dtype, BWD_FACTOR)
+
+
+@pytest.mark.parametrize("layout", ["qkv", "bhnd"])
+def test_strided_layouts_need_no_copy(layout):
+    qkv, pattern, kw = make_case(1, (4, 6), 2, 16, torch.float32, None, True, layout=layout)
+    assert not qkv[0].is_contiguous()
+    out = sam_fast.dilated_attention(*qkv, backend="triton", **kw)
+    ref = sam_fast.dilated_attention(*qkv, backend="reference", **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16():
+    qkv, pattern, kw = make_case(1, (5, 5), 2, 32, torch.float16, (3, 3), True, True)
+    _, out_k, _ = _run("triton", qkv, pattern, kw)
+    _, out_r, _ = _run("reference", qkv, pattern, kw)
+    _, out_x, _ = _run("reference", qkv, pattern, kw, cast=torch.float64)
+    check_against_reference("out", out_k, out_x, out_r, torch.float16, FWD_FACTOR)
+
+
+def _explicit_mask_attention(q, k, v, grid, window, scale):
+    """Brute force: softmax over an explicit N x N mask built from the definition (same window)."""
+    N = q.shape[1]
+    ys, xs = torch.arange(N) // grid[1], torch.arange(N) % grid[1]
+    if window is None:
+        mask = torch.ones(N, N, dtype=torch.bool)
+    else:
+        same = ((ys[:, None] // window[0]) == (ys[None, :] // window[0])) & (
+            (xs[:, None] // window[1]) == (xs[None, :] // window[1]))
+        mask = same
+    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [None, (2, 3), (4, 4)])
+def test_reference_matches_brute_force(window):
+    g = torch.Generator().manual_seed(3)
+    grid = (5, 7)
+    q, k, v = (torch.randn(2, 35, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    branches = resolve_pattern(None if window is None else Branch(window), 35, grid)
+    out, lse = dilated_attention_reference(q, k, v, branches, grid, softmax_scale=0.3)
+    torch.testing.assert_close(out, _explicit_mask_attention(q, k, v, grid, window, 0.3))
+    assert torch.isfinite(lse).all()
+
+
+def test_reference_gradcheck_with_bias_and_padding():
+    g = torch.Generator().manual_seed(4)
+    grid, H, D = (3, 4), 2, 4
+    q, k, v = (torch.randn(1, 12, H, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rh = torch.randn(5, D, generator=g, dtype=torch.float64, requires_grad=True)
+    rw = torch.randn(5, D, generator=g, dtype=torch.float64, requires_grad=True)
+    pk = torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    pv = torch.randn(H, D, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, rh, rw, pk, pv):
+        return sam_fast.dilated_attention(q, k, v, Branch((3, 3)), grid=grid, rel_pos_h=rh, rel_pos_w=rw,
+                                          pad_kv=(pk, pv), return_lse=True, backend="reference")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, rh, rw, pk, pv))
+
+
+def test_sam_window_semantics_match_segment_anything_attention():
+    """pad_kv reproduces SAM's pad -> partition -> Attention -> unpartition on border windows."""
+    from segment_anything.modeling.image_encoder import Attention, window_partition, window_unpartition
+
+    torch.manual_seed(5)
+    dim, heads, ws, grid = 32, 2, 4, (6, 5)
+    attn = Attention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(ws, ws)).double()
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+        attn.qkv.bias.normal_()
+    x = torch.randn(1, *grid, dim, dtype=torch.float64)
+    xw, pad_hw = window_partition(x, ws)
+    expected = window_unpartition(attn(xw), ws, pad_hw, grid)
+
+    from sam_fast.nn.attention import sam_attention
+
+    for backend in ("reference", "triton"):
+        got = sam_attention(attn.float(), x.float(), ws, backend=backend)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+        attn.double()
+
+
+def test_errors_name_the_argument():
+    q = torch.randn(1, 12, 2, 16)
+    with pytest.raises(TypeError, match="same dtype"):
+        sam_fast.dilated_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match=r"q must have shape \(B, N, H, D\)"):
+        sam_fast.dilated_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        t = torch.randn(1, 12, 16, 2).transpose(-1, -2)
+        sam_fast.dilated_attention(t, t, t)
+    with pytest.raises(ValueError, match=r"grid \(3, 5\) has 15 tokens but q has N=12"):
+        sam_fast.dilated_attention(q, q, q, grid=(3, 5))
+    with pytest.raises(ValueError, match="head dim D=160"):
+        big = torch.randn(1, 12, 2, 160)
+        sam_fast.dilated_attention(big, big, big, backend="triton")
+    with pytest.raises(ValueError, match="rel_pos_h has L=3 rows"):
+        sam_fast.dilated_attention(q, q, q, grid=(3, 4), rel_pos_h=torch.zeros(3, 16), rel_pos_w=torch.zeros(7, 16))
+    with pytest.raises(ValueError, match="needs grid"):
+        sam_fast.dilated_attention(q, q, q, rel_pos_h=torch.zeros(5, 16), rel_pos_w=torch.zeros(7, 16))
+    with pytest.raises(ValueError, match=r"pad_kv\[0\] must have shape"):
+        sam_fast.dilated_attention(q, q, q, Branch((2, 2)), grid=(3, 4), pad_kv=(torch.zeros(3, 16), torch.zeros(2, 16)))
+    with pytest.raises(ValueError, match="2-D branch"):
+        sam_fast.dilated_attention(q, q, q, Branch((2, 2)))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sam_fast.dilated_attention(q, q, q, backend="fast")
+    with pytest.raises(ValueError, match="Branch segment must be >= 1"):
+        Branch(0)
+    with pytest.raises(ValueError, match="must not exceed the segment"):
+        Branch(4, 8)
+    with pytest.raises(NotImplementedError, match="dilated and multi-branch patterns"):
+        sam_fast.dilated_attention(q, q, q, Branch(4, 2))
+
+
+def test_auto_on_cpu_uses_cpu_backend_without_warning(recwarn):
+    q = torch.randn(1, 12, 2, 16)
+    with sam_fast.record_backends() as rec:
+        sam_fast.dilated_attention(q, q, q)
+    assert rec.calls == [("dilated_attention", "cpu")] and rec.fallbacks == []
+    assert not [w for w in recwarn if issubclass(w.category, sam_fast.SamFastFallbackWarning)]
+
+
+def test_opcheck_fwd_and_bwd_ops():
+    for layout, rel in itertools.product(["contiguous", "qkv", "bhnd"], [False, True]):
+        (q, k, v), _, kw = make_case(1, (3, 4), 2, 16, torch.float32, None, rel, layout=layout)
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), [3, 4, 3, 4, 1, 1],
+                kw.get("rel_pos_h"), kw.get("rel_pos_w"), None, None, 0.25)
+        torch.library.opcheck(torch.ops.sam_fast.dilated_attention_fwd.default, args)
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    class Tiny(torch.nn.Module):
+        def forward(self, q, k, v):
+            return sam_fast.dilated_attention(q, k, v, grid=(3, 4), backend="triton") * 2
+
+    (q, k, v), _, _ = make_case(1, (3, 4), 2, 16, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(Tiny(), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), Tiny()(q, k, v))

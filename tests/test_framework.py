@@ -1,0 +1,75 @@
+"""Package install, lean import, and the backend dispatch mechanism."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import sam_fast
+from sam_fast._dispatch import Backend, BackendUnavailableError, Refusal, dispatch
+
+
+def test_import_initialises_no_cuda():
+    code = ("import torch, sam_fast, sam_fast.kernels.dilated_attention; "
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_kernels_are_a_subpackage_not_a_top_level_module():
+    import sam_fast.kernels
+
+    assert sam_fast.kernels.__name__ == "sam_fast.kernels"
+    out = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd="/")
+    assert out.returncode != 0
+
+
+def test_extension_loaded_with_cpu_kernels():
+    from sam_fast.ops._ext import extension_error
+
+    assert extension_error() is None
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sam_fast::resize_rel_pos", "CPU")
+
+
+def _table(log):
+    def mk(name, refusal):
+        return Backend(name, lambda x, explicit: refusal, lambda x: log.append(name) or name)
+
+    return (
+        mk("triton", Refusal("head dim 200 > 128")),
+        mk("cuda", Refusal("needs CUDA tensors", wrong_device=True)),
+        mk("cpu", None),
+        mk("reference", None),
+    )
+
+
+def test_auto_fallback_is_recorded_and_warned():
+    log = []
+    with sam_fast.record_backends() as rec, pytest.warns(sam_fast.SamFastFallbackWarning, match="head dim 200"):
+        assert dispatch("demo_op", _table(log), "auto", 1) == "cpu"
+    assert rec.calls == [("demo_op", "cpu")]
+    assert rec.fallbacks[0].passed_over == (("triton", "head dim 200 > 128"),)
+
+
+def test_wrong_device_refusal_is_not_a_fallback():
+    log = []
+    table = _table(log)[1:]
+    with sam_fast.record_backends() as rec, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch("demo_op2", table, "auto", 1) == "cpu"
+    assert rec.fallbacks == []
+
+
+def test_explicit_refusal_and_no_backend_list_reasons():
+    log = []
+    with pytest.raises(BackendUnavailableError, match="backend='triton' refused these inputs: head dim 200"):
+        dispatch("demo_op", _table(log), "triton", 1)
+    none = tuple(Backend(n, lambda x, explicit, n=n: Refusal(f"{n} says no"), None) for n in ("triton", "cpu"))
+    with pytest.raises(BackendUnavailableError) as info:
+        dispatch("demo_op", none, "auto", 1)
+    assert "triton: triton says no" in str(info.value) and "cpu: cpu says no" in str(info.value)
+    with pytest.raises(BackendUnavailableError, match="not implemented for this op"):
+        dispatch("demo_op", none, "cuda", 1)
+    assert log == []

@@ -1,0 +1,90 @@
+"""Swapping fused attention into a segment_anything ImageEncoderViT (CPU, Triton interpreter)."""
+
+import pytest
+import torch
+
+import sam_fast
+from sam_fast.models import tiny_image_encoder
+from sam_fast.nn import SamFastBlock
+from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+
+def _image(size, seed=0):
+    """A real photo (scikit-image's astronaut), resized and normalised as SAM's preprocess would."""
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float()[None]
+    img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    return (img - mean) / std
+
+
+# (embed_dim, heads) -> head dims 14 (SlimSAM-77) and 80 (SAM ViT-H); window 3 on an 8x8 grid pads to 9x9.
+@pytest.mark.parametrize("embed_dim,heads", [(28, 2), (160, 2)])
+def test_patched_encoder_matches_original(embed_dim, heads):
+    enc = tiny_image_encoder(img_size=128, embed_dim=embed_dim, num_heads=heads, depth=4, window_size=3,
+                             global_attn_indexes=(1, 3))
+    x = _image(128)
+    with torch.no_grad():
+        expected = enc(x)
+        exact = enc.double()(x.double())
+        enc.float()
+        keys = list(enc.state_dict())
+        handle = sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact", backend="triton"))
+        assert len(handle.swapped) == 4 and all(isinstance(b, SamFastBlock) for b in enc.blocks)
+        assert list(enc.state_dict()) == keys
+        with sam_fast.record_backends() as rec:
+            got = enc(x)
+        assert rec.backends("dilated_attention") == {"triton"}
+        assert len([c for c in rec.calls if c[0] == "dilated_attention"]) == 4
+        check_against_reference("embedding", got, exact, expected, torch.float32, FWD_FACTOR)
+
+        again = sam_fast.apply(enc, sam_fast.SamFastConfig(backend="triton"))  # harmless
+        assert again.swapped == [] and all(isinstance(b, SamFastBlock) for b in enc.blocks)
+
+        handle.undo()
+        assert not any(isinstance(b, SamFastBlock) for b in enc.blocks)
+        assert torch.equal(enc(x), expected)
+        handle.undo()  # twice is harmless too
+
+
+def test_patched_encoder_backward_runs_through_kernel():
+    enc = tiny_image_encoder(img_size=64, embed_dim=32, num_heads=2, depth=2, window_size=3,
+                             global_attn_indexes=(1,)).train()
+    x = _image(64)
+    ref_grads = torch.autograd.grad(enc(x).square().mean(), list(enc.parameters()))
+    with sam_fast.apply(enc, sam_fast.SamFastConfig(backend="triton")):
+        with sam_fast.record_backends() as rec:
+            grads = torch.autograd.grad(enc(x).square().mean(), list(enc.parameters()))
+        assert rec.backends("dilated_attention") == {"triton"}
+    for (name, _), g, r in zip(enc.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_apply_rejects_bad_arguments():
+    enc = tiny_image_encoder(img_size=64, embed_dim=32, depth=2, global_attn_indexes=(1,))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        sam_fast.apply("model")
+    with pytest.raises(TypeError, match="config must be a sam_fast.SamFastConfig"):
+        sam_fast.apply(enc, {"attention": "exact"})
+    with pytest.raises(ValueError, match="attention must be one of"):
+        sam_fast.SamFastConfig(attention="fastest")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sam_fast.SamFastConfig(backend="gpu")
+
+
+def test_rel_pos_tables_are_resized_like_segment_anything():
+    """A global block whose table was trained for another grid size goes through resize_rel_pos."""
+    enc = tiny_image_encoder(img_size=64, embed_dim=32, depth=2, global_attn_indexes=(1,))
+    blk = enc.blocks[1]
+    with torch.no_grad():
+        blk.attn.rel_pos_h = torch.nn.Parameter(torch.randn(9, 16) * 0.3)   # trained for 5 rows, grid has 4
+        blk.attn.rel_pos_w = torch.nn.Parameter(torch.randn(11, 16) * 0.3)
+        x = _image(64)
+        expected = enc(x)
+        with sam_fast.apply(enc, sam_fast.SamFastConfig(backend="triton")):
+            with sam_fast.record_backends() as rec:
+                got = enc(x)
+    assert ("resize_rel_pos", "cpu") in rec.calls
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
