@@ -12,16 +12,35 @@ Public API:
 Importing sam_fast initialises no CUDA context and queries no GPU.
 """
 
-from ._dispatch import (
-    BACKENDS,
-    BackendUnavailableError,
-    SamFastFallbackWarning,
-    record_backends,
-)
-from .ops.attention import dilated_attention
-from .ops.relpos import resize_rel_pos
-from .pattern import Branch
-from .patch import SamFastConfig, SamFastHandle, apply
+import importlib
+
+# Public names resolve lazily (PEP 562): importing a submodule such as sam_fast.cli does not import
+# the Triton kernels, so the CLI can choose TRITON_INTERPRET before they are decorated.
+_EXPORTS = {
+    "BACKENDS": "._dispatch",
+    "BackendUnavailableError": "._dispatch",
+    "SamFastFallbackWarning": "._dispatch",
+    "record_backends": "._dispatch",
+    "dilated_attention": ".ops.attention",
+    "resize_rel_pos": ".ops.relpos",
+    "Branch": ".pattern",
+    "SamFastConfig": ".patch",
+    "SamFastHandle": ".patch",
+    "apply": ".patch",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sam_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

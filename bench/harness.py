@@ -1,0 +1,156 @@
+"""Shared benchmark harness: timing, provenance, CSV results, tables and plots.
+
+Every row is one measured backend on one case, with the provenance DESIGN.md asks for, appended to
+``<out>/<script>.csv``. On CUDA, times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed,
+median and 20th/80th percentiles); on CPU from ``time.perf_counter`` over repeated calls.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+COLUMNS = ["timestamp", "git_sha", "device", "torch", "triton", "cuda", "op", "case", "backend", "mode",
+           "median_ms", "p20_ms", "p80_ms", "metric", "value", "max_err", "peak_mem_mb", "note"]
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+        sha = out.stdout.strip()
+        if sha:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import sam_fast
+
+    return f"release-{sam_fast.__version__}"
+
+
+def provenance(device: torch.device) -> Dict[str, str]:
+    import triton
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100,
+            cpu_reps: int = 5) -> Dict[str, float]:
+    """Median and 20/80th percentile milliseconds of ``fn()``, plus peak memory (CUDA)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "peak_mem_mb": peak}
+    fn()  # warm-up
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "peak_mem_mb": float("nan")}
+
+
+def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c, "")) for c in COLUMNS})
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def table(rows: List[Dict[str, object]], baseline: Optional[str] = None) -> str:
+    """Text table: op, case, mode, backend, median, speedup vs ``baseline`` backend, max error."""
+    base = {}
+    for r in rows:
+        if r.get("backend") == baseline and r.get("median_ms") not in ("", None):
+            base[(r["op"], r["case"], r["mode"])] = float(r["median_ms"])
+    head = f"{'op':<18} {'case':<34} {'mode':<8} {'backend':<22} {'median ms':>10} {'speedup':>8} {'max err':>9}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        med = r.get("median_ms")
+        b = base.get((r["op"], r["case"], r["mode"]))
+        timed = med not in ("", None) and not (isinstance(med, float) and med != med)
+        speed = f"{b / float(med):.2f}x" if timed and b else "-"
+        err = r.get("max_err", "")
+        err_s = f"{float(err):.1e}" if err not in ("", None) else "-"
+        med_s = f"{float(med):.3f}" if timed else "-"
+        lines.append(f"{r['op']:<18} {r['case']:<34} {r['mode']:<8} {r['backend']:<22} {med_s:>10} {speed:>8} "
+                     f"{err_s:>9}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def plot_speedups(rows: List[Dict[str, object]], baseline: str, path: str, title: str) -> Optional[str]:
+    """Grouped bars: speedup of every backend over ``baseline`` per (case, mode). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("median_ms") not in ("", None)]
+    groups = []
+    for r in timed:
+        key = (r["case"], r["mode"])
+        if key not in groups:
+            groups.append(key)
+    base = {(r["case"], r["mode"]): float(r["median_ms"]) for r in timed if r["backend"] == baseline}
+    backends = [b for b in dict.fromkeys(r["backend"] for r in timed)]
+    if not groups or not base:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(backends)) / 2), 4.5))
+    width = 0.8 / max(1, len(backends))
+    for i, b in enumerate(backends):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            r = next((r for r in timed if (r["case"], r["mode"]) == g and r["backend"] == b), None)
+            if r is not None and g in base:
+                xs.append(j + i * width)
+                ys.append(base[g] / float(r["median_ms"]))
+        ax.bar(xs, ys, width, label=b)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{c}\n{m}" for c, m in groups], fontsize=7)
+    ax.set_ylabel(f"speedup over {baseline}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

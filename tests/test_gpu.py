@@ -1,0 +1,106 @@
+"""CUDA checks with SAM's real shapes: ``pytest -m gpu`` on a machine with a GPU."""
+
+import pytest
+import torch
+
+import sam_fast
+from sam_fast import Branch
+from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
+
+pytestmark = pytest.mark.gpu
+
+# (B, grid, H, D, window, pad): ViT-B/H global and window blocks, SlimSAM head dims, batch 1 and 2,
+# sizes just off block multiples, a non-square grid.
+SHAPES = [
+    (1, (64, 64), 12, 64, None, False),
+    (1, (64, 64), 16, 80, None, False),
+    (2, (64, 64), 12, 64, (14, 14), True),
+    (1, (64, 64), 16, 80, (14, 14), True),
+    (1, (64, 64), 12, 32, None, False),
+    (1, (64, 64), 12, 14, None, False),
+    (1, (33, 47), 4, 64, None, False),
+    (1, (33, 47), 4, 64, (14, 14), True),
+]
+
+
+def _case(B, grid, H, D, window, pad, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    N = grid[0] * grid[1]
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=g)
+    seg = window or grid
+    rh = torch.randn(2 * seg[0] - 1, D, device="cuda", generator=g) * 0.2
+    rw = torch.randn(2 * seg[1] - 1, D, device="cuda", generator=g) * 0.2
+    pk = torch.randn(H, D, device="cuda", generator=g) if pad else None
+    pv = torch.randn(H, D, device="cuda", generator=g) if pad else None
+    return qkv, rh, rw, pk, pv
+
+
+def _call(qkv, rh, rw, pk, pv, window, grid, dtype, backend):
+    leaves = [t.to(dtype).detach().requires_grad_() if t is not None else None for t in (qkv, rh, rw, pk, pv)]
+    q, k, v = leaves[0].unbind(2)
+    pad = (leaves[3], leaves[4]) if leaves[3] is not None else None
+    out, lse = sam_fast.dilated_attention(q, k, v, Branch(window) if window else None, grid=grid,
+                                          rel_pos_h=leaves[1], rel_pos_w=leaves[2], pad_kv=pad,
+                                          return_lse=True, backend=backend)
+    return [t for t in leaves if t is not None], out, lse
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_vs_reference_real_shapes(shape, dtype):
+    B, grid, H, D, window, pad = shape
+    data = _case(*shape, dtype)
+    with sam_fast.record_backends() as rec:
+        res_k = _call(*data, window, grid, dtype, "triton")
+    assert rec.backends() == {"triton"}
+    res_r = _call(*data, window, grid, dtype, "reference")
+    res_x = _call(*data, window, grid, torch.float32, "reference")
+    check_against_reference("out", res_k[1], res_x[1], res_r[1], dtype, FWD_FACTOR)
+    check_against_reference("lse", res_k[2], res_x[2], res_r[2], dtype, FWD_FACTOR)
+    dout = torch.randn_like(res_x[1])
+    grads = [torch.autograd.grad((o.float() * dout).sum(), ins) for ins, o, _ in (res_k, res_r, res_x)]
+    for i, (gk, gr, gx) in enumerate(zip(*grads)):
+        check_against_reference(f"grad[{i}]", gk, gx, gr, dtype, BWD_FACTOR)
+
+
+def test_auto_picks_triton_on_cuda_and_falls_back_loudly():
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with sam_fast.record_backends() as rec:
+        sam_fast.dilated_attention(q, q, q)
+    assert rec.calls == [("dilated_attention", "triton")]
+    big = torch.randn(1, 64, 2, 160, device="cuda", dtype=torch.bfloat16)
+    with sam_fast.record_backends() as rec, pytest.warns(sam_fast.SamFastFallbackWarning, match="head dim"):
+        sam_fast.dilated_attention(big, big, big)
+    assert rec.calls == [("dilated_attention", "reference")]
+
+
+def test_compile_inductor_fullgraph():
+    q, k, v = (torch.randn(1, 4096, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    f = lambda q, k, v: sam_fast.dilated_attention(q, k, v, grid=(64, 64)) * 2  # noqa: E731
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+
+def test_resize_rel_pos_cuda_matches_cpu():
+    t = torch.randn(27, 80)
+    with sam_fast.record_backends() as rec:
+        got = sam_fast.resize_rel_pos(t.cuda(), 127)
+    assert rec.calls == [("resize_rel_pos", "cuda")]
+    torch.testing.assert_close(got.cpu(), sam_fast.resize_rel_pos(t, 127), atol=1e-6, rtol=0)
+
+
+def test_patched_vit_b_shaped_encoder_on_gpu():
+    from sam_fast.models import tiny_image_encoder
+
+    enc = tiny_image_encoder(img_size=1024, embed_dim=768, num_heads=12, depth=4, window_size=14,
+                             global_attn_indexes=(1, 3), out_chans=256).cuda()
+    x = torch.randn(1, 3, 1024, 1024, device="cuda")
+    with torch.no_grad():
+        exact = enc(x)
+        enc_bf = enc.to(torch.bfloat16)
+        expected = enc_bf(x.bfloat16())
+        with sam_fast.apply(enc_bf, sam_fast.SamFastConfig()):
+            with sam_fast.record_backends() as rec:
+                got = enc_bf(x.bfloat16())
+    assert rec.backends("dilated_attention") == {"triton"}
+    check_against_reference("embedding", got, exact, expected, torch.bfloat16, FWD_FACTOR)
