@@ -6,6 +6,8 @@
 // (float for float/half/bfloat16, double for double) as ATen does; float results agree with ATen to
 // within the rounding of that scale (exact in double).
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -36,6 +38,16 @@ SAM_FAST_HD LinearTap<acc_t> linear_tap(int64_t out_index, int64_t in_len, acc_t
   if (lambda1 > static_cast<acc_t>(1)) lambda1 = static_cast<acc_t>(1);
   if (lambda1 < static_cast<acc_t>(0)) lambda1 = static_cast<acc_t>(0);
   return {i0, i0 + step, static_cast<acc_t>(1) - lambda1, lambda1};
+}
+
+// Argument checks shared by the CPU and CUDA implementations.
+inline void check_resize_rel_pos_args(const at::Tensor& rel_pos, int64_t length) {
+  TORCH_CHECK(rel_pos.dim() == 2, "sam_fast::resize_rel_pos: expected rel_pos of shape (L, C), got ",
+              rel_pos.dim(), "-d tensor of shape ", rel_pos.sizes());
+  TORCH_CHECK(rel_pos.size(0) >= 1, "sam_fast::resize_rel_pos: rel_pos has no rows");
+  TORCH_CHECK(length >= 1, "sam_fast::resize_rel_pos: expected length >= 1, got ", length);
+  TORCH_CHECK(at::isFloatingType(rel_pos.scalar_type()),
+              "sam_fast::resize_rel_pos: expected a floating-point rel_pos, got ", rel_pos.scalar_type());
 }
 
 }  // namespace sam_fast

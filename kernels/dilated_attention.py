@@ -76,6 +76,15 @@ def _segment_geometry(
 
 
 @triton.jit
+def _query_rows(t0, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M: tl.constexpr):
+    """Token indices of kept queries t0 .. t0 + BLOCK_M of a segment (row-major over its kept grid)."""
+    t = t0 + tl.arange(0, BLOCK_M)
+    qwc = tl.maximum(qw, 1)
+    qn = (y0 + oy + (t // qwc) * DIL_H) * COLS + (x0 + ox + (t % qwc) * DIL_W)
+    return qn, t < nq
+
+
+@triton.jit
 def _key_block(blk, y0, x0, oy, ox, kh, kw, ROWS, COLS, DIL_H, DIL_W,
                BKY: tl.constexpr, BKX: tl.constexpr, PADDED: tl.constexpr):
     """Token indices of key block ``blk`` (BKY x BKX kept positions, row-major)."""
@@ -131,10 +140,7 @@ def _dilated_attention_fwd_kernel(
     nq = qh * qw
     if pid_m * BLOCK_M >= nq:
         return
-    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mrow = t < nq
-    qwc = tl.maximum(qw, 1)
-    qn = (y0 + oy + (t // qwc) * DIL_H) * COLS + (x0 + ox + (t % qwc) * DIL_W)
+    qn, mrow = _query_rows(pid_m * BLOCK_M, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
 
@@ -228,11 +234,8 @@ def _dilated_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
-    qwc = tl.maximum(qw, 1)
     for t0 in range(0, nq, BLOCK_M):
-        t = t0 + tl.arange(0, BLOCK_M)
-        mrow = t < nq
-        qn = (y0 + oy + (t // qwc) * DIL_H) * COLS + (x0 + ox + (t % qwc) * DIL_W)
+        qn, mrow = _query_rows(t0, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M)
         qmask = mrow[:, None] & dmask[None, :]
         q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
@@ -292,10 +295,7 @@ def _dilated_attention_bwd_dq_kernel(
     nq = qh * qw
     if pid_m * BLOCK_M >= nq:
         return
-    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mrow = t < nq
-    qwc = tl.maximum(qw, 1)
-    qn = (y0 + oy + (t // qwc) * DIL_H) * COLS + (x0 + ox + (t % qwc) * DIL_W)
+    qn, mrow = _query_rows(pid_m * BLOCK_M, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qmask = mrow[:, None] & dmask[None, :]

@@ -10,12 +10,7 @@
 namespace sam_fast {
 
 at::Tensor resize_rel_pos_cpu(const at::Tensor& rel_pos, int64_t length) {
-  TORCH_CHECK(rel_pos.dim() == 2, "sam_fast::resize_rel_pos: expected rel_pos of shape (L, C), got ",
-              rel_pos.dim(), "-d tensor of shape ", rel_pos.sizes());
-  TORCH_CHECK(rel_pos.size(0) >= 1, "sam_fast::resize_rel_pos: rel_pos has no rows");
-  TORCH_CHECK(length >= 1, "sam_fast::resize_rel_pos: expected length >= 1, got ", length);
-  TORCH_CHECK(at::isFloatingType(rel_pos.scalar_type()),
-              "sam_fast::resize_rel_pos: expected a floating-point rel_pos, got ", rel_pos.scalar_type());
+  check_resize_rel_pos_args(rel_pos, length);
   at::Tensor src = rel_pos.contiguous();
   at::Tensor out = at::empty({length, src.size(1)}, src.options());
   const int64_t in_len = src.size(0);

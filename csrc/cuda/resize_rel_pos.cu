@@ -31,12 +31,7 @@ __global__ void resize_rel_pos_kernel(const scalar_t* __restrict__ in, scalar_t*
 
 at::Tensor resize_rel_pos_cuda(const at::Tensor& rel_pos, int64_t length) {
   TORCH_CHECK(rel_pos.is_cuda(), "sam_fast::resize_rel_pos: expected a CUDA tensor, got ", rel_pos.device());
-  TORCH_CHECK(rel_pos.dim() == 2, "sam_fast::resize_rel_pos: expected rel_pos of shape (L, C), got ",
-              rel_pos.dim(), "-d tensor of shape ", rel_pos.sizes());
-  TORCH_CHECK(rel_pos.size(0) >= 1, "sam_fast::resize_rel_pos: rel_pos has no rows");
-  TORCH_CHECK(length >= 1, "sam_fast::resize_rel_pos: expected length >= 1, got ", length);
-  TORCH_CHECK(at::isFloatingType(rel_pos.scalar_type()),
-              "sam_fast::resize_rel_pos: expected a floating-point rel_pos, got ", rel_pos.scalar_type());
+  check_resize_rel_pos_args(rel_pos, length);
   const c10::cuda::CUDAGuard guard(rel_pos.device());
   at::Tensor src = rel_pos.contiguous();
   at::Tensor out = at::empty({length, src.size(1)}, src.options());
