@@ -31,7 +31,6 @@ Softmax runs in base 2 (``exp2``) with ``log2(e)`` folded into the scale and bia
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple
 
@@ -129,7 +128,6 @@ def _dilated_attention_fwd_kernel(
     HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    BLOCK_N: tl.constexpr = BKY * BKX
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     bh = tl.program_id(2)
@@ -284,7 +282,6 @@ def _dilated_attention_bwd_dq_kernel(
     the launcher only enables HAS_REL when one key block spans the kept width (SINGLE_KX), so every
     ``dRH`` column is written by exactly one iteration and ``dRW`` stays in registers.
     """
-    BLOCK_N: tl.constexpr = BKY * BKX
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     bh = tl.program_id(2)
@@ -491,10 +488,13 @@ def dilated_attention_fwd(
     has_rel = rel_pos_h is not None
     cfg = _launch_config(geom, padded, has_rel, D)
     covers_all = geom.dil == (1, 1)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format) if covers_all else torch.zeros(
-        (B, N, H, D), dtype=q.dtype, device=q.device)
-    lse = (torch.empty if covers_all else torch.full)((B, H, N), *(() if covers_all else (float("-inf"),)),
-                                                       dtype=torch.float32, device=q.device)
+    # With dilation some positions are kept by no program: they must read as out = 0, lse = -inf.
+    if covers_all:
+        out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.zeros((B, N, H, D), dtype=q.dtype, device=q.device)
+        lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
     if has_rel:
         rh, rw, _ = relpos_tables(q, geom, rel_pos_h, rel_pos_w, padded)
     else:
