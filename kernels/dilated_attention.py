@@ -31,8 +31,9 @@ Softmax runs in base 2 (``exp2``) with ``log2(e)`` folded into the scale and bia
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -53,118 +54,126 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _segment_geometry(
-    seg, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W, PADDED: tl.constexpr
-):
-    """Origin, head offsets and kept query/key extents of one segment for one head."""
-    oy = (h // DIL_W) % DIL_H
-    ox = h % DIL_W
-    y0 = (seg // NSEG_W) * SEG_H
-    x0 = (seg % NSEG_W) * SEG_W
-    seg_rows = tl.minimum(SEG_H, ROWS - y0)
-    seg_cols = tl.minimum(SEG_W, COLS - x0)
-    qh = tl.maximum(seg_rows - oy + DIL_H - 1, 0) // DIL_H
-    qw = tl.maximum(seg_cols - ox + DIL_W - 1, 0) // DIL_W
+def _tile_geometry(pid_s, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, PADDED: tl.constexpr):
+    """First position, and query / key extents, of the class tile ``pid_s`` = (base segment, class).
+
+    A class is a residue ``(cy, cx)`` modulo ``(RY, RX)`` inside a base segment; its positions form the
+    lattice ``(y0 + cy + RY * a, x0 + cx + RX * b)``. Key extents cover SAM's padded segment when PADDED.
+    """
+    ncls = RY * RX
+    cls = pid_s % ncls
+    s = pid_s // ncls
+    cy = cls // RX
+    cx = cls % RX
+    y0 = (s // NSEG_W) * BSEG_H
+    x0 = (s % NSEG_W) * BSEG_W
+    rows = tl.minimum(BSEG_H, ROWS - y0)
+    cols = tl.minimum(BSEG_W, COLS - x0)
+    qh = tl.maximum(rows - cy + RY - 1, 0) // RY
+    qw = tl.maximum(cols - cx + RX - 1, 0) // RX
     if PADDED:
-        kh = (SEG_H - oy + DIL_H - 1) // DIL_H
-        kw = (SEG_W - ox + DIL_W - 1) // DIL_W
+        kh = tl.maximum(BSEG_H - cy + RY - 1, 0) // RY
+        kw = tl.maximum(BSEG_W - cx + RX - 1, 0) // RX
     else:
         kh = qh
         kw = qw
-    return oy, ox, y0, x0, qh, qw, kh, kw
+    return y0 + cy, x0 + cx, qh, qw, kh, kw
 
 
 @triton.jit
-def _query_rows(t0, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M: tl.constexpr):
-    """Token indices of kept queries t0 .. t0 + BLOCK_M of a segment (row-major over its kept grid)."""
+def _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED: tl.constexpr):
+    """Branch ``(SEG, DIL)`` as seen from a class tile whose first position is (ty0, tx0).
+
+    The tile lies inside one segment of the branch (the launcher only groups branches whose segments
+    are multiples of the base segment) and all its positions share their residue modulo the dilation,
+    so either every tile position is kept by the branch for head h or none is. Returns the segment
+    origin, head offsets, kept query extents and kept key extents (all zero when not kept).
+    """
+    oy = (h // DIL_W) % DIL_H
+    ox = h % DIL_W
+    y0 = (ty0 // SEG_H) * SEG_H
+    x0 = (tx0 // SEG_W) * SEG_W
+    active = (((ty0 - y0) % DIL_H) == oy) & (((tx0 - x0) % DIL_W) == ox)
+    seg_rows = tl.minimum(SEG_H, ROWS - y0)
+    seg_cols = tl.minimum(SEG_W, COLS - x0)
+    qh = tl.where(active, tl.maximum(seg_rows - oy + DIL_H - 1, 0) // DIL_H, 0)
+    qw = tl.where(active, tl.maximum(seg_cols - ox + DIL_W - 1, 0) // DIL_W, 0)
+    if PADDED:
+        kh = tl.where(active, (SEG_H - oy + DIL_H - 1) // DIL_H, 0)
+        kw = tl.where(active, (SEG_W - ox + DIL_W - 1) // DIL_W, 0)
+    else:
+        kh = qh
+        kw = qw
+    return y0, x0, oy, ox, qh, qw, kh, kw
+
+
+@triton.jit
+def _query_rows(t0, nq, qw, yf, xf, COLS, STEP_H, STEP_W, BLOCK_M: tl.constexpr):
+    """Token indices of lattice points t0 .. t0 + BLOCK_M of the lattice ``(yf + STEP_H * a, xf + STEP_W * b)``
+    with ``qw`` points per row (row-major), and which of them exist (t < nq)."""
     t = t0 + tl.arange(0, BLOCK_M)
     qwc = tl.maximum(qw, 1)
-    qn = (y0 + oy + (t // qwc) * DIL_H) * COLS + (x0 + ox + (t % qwc) * DIL_W)
+    qn = (yf + (t // qwc) * STEP_H) * COLS + (xf + (t % qwc) * STEP_W)
     return qn, t < nq
 
 
 @triton.jit
-def _key_block(blk, y0, x0, oy, ox, kh, kw, ROWS, COLS, DIL_H, DIL_W,
+def _key_block(blk, yf, xf, kh, kw, ROWS, COLS, STEP_H, STEP_W,
                BKY: tl.constexpr, BKX: tl.constexpr, PADDED: tl.constexpr):
-    """Token indices of key block ``blk`` (BKY x BKX kept positions, row-major)."""
+    """Key block ``blk`` (BKY x BKX lattice points, row-major) of a kh x kw lattice starting at (yf, xf).
+
+    Returns the block's lattice row / column indices (BKY,), (BKX,), token coordinates (BLOCK_N,),
+    ``valid`` (inside the lattice) and ``real`` (also inside the grid: False for SAM's virtual keys).
+    """
     nbx = (kw + BKX - 1) // BKX
-    ky0 = (blk // nbx) * BKY
-    kx0 = (blk % nbx) * BKX
+    cy = (blk // nbx) * BKY + tl.arange(0, BKY)
+    cx = (blk % nbx) * BKX + tl.arange(0, BKX)
     j = tl.arange(0, BKY * BKX)
-    jy = ky0 + j // BKX
-    jx = kx0 + j % BKX
+    jy = (blk // nbx) * BKY + j // BKX
+    jx = (blk % nbx) * BKX + j % BKX
     valid = (jy < kh) & (jx < kw)
-    ky = y0 + oy + jy * DIL_H
-    kx = x0 + ox + jx * DIL_W
+    ky = yf + jy * STEP_H
+    kx = xf + jx * STEP_W
     if PADDED:
         real = valid & (ky < ROWS) & (kx < COLS)
     else:
         real = valid
-    return ky0, kx0, ky, kx, valid, real
+    return cy, cx, ky, kx, valid, real
 
 
 @triton.jit
-def _rel_bias(rh_row, rw_row, mrow, ky0, kx0, kh, kw, rw_tile,
+def _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
               BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, SINGLE_KX: tl.constexpr):
-    """Bias tile (BLOCK_M, BKY * BKX) = RH[i, ky] + RW[i, kx] for the key block at (ky0, kx0)."""
-    cy = ky0 + tl.arange(0, BKY)
+    """Bias tile (BLOCK_M, BKY * BKX) = RH[i, cy] + RW[i, cx] for kept key rows cy (BKY,) and columns
+    cx (BKX,) of a branch; with SINGLE_KX the RW columns are the preloaded ``rw_tile``."""
     rh = tl.load(rh_row[:, None] + cy[None, :], mask=mrow[:, None] & (cy < kh)[None, :], other=0.0).to(tl.float32)
     if SINGLE_KX:
         rw = rw_tile
     else:
-        cx = kx0 + tl.arange(0, BKX)
         rw = tl.load(rw_row[:, None] + cx[None, :], mask=mrow[:, None] & (cx < kw)[None, :], other=0.0).to(tl.float32)
     return tl.reshape(rh[:, :, None] + rw[:, None, :], (BLOCK_M, BKY * BKX))
 
 
 @triton.jit
-def _dilated_attention_fwd_kernel(
-    Q, K, V, O, LSE, RH, RW, PADK, PADV,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
-    slb, slh, srb, srh, srn, swb, swh, swn,
-    H, D, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W,
-    qk_scale,
-    BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    oy, ox, y0, x0, qh, qw, kh, kw = _segment_geometry(
-        seg, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W, PADDED)
-    nq = qh * qw
-    if pid_m * BLOCK_M >= nq:
-        return
-    qn, mrow = _query_rows(pid_m * BLOCK_M, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-
-    q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :],
-                mask=mrow[:, None] & dmask[None, :], other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    if PADDED:
-        pad_k = tl.load(PADK + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
-        pad_v = tl.load(PADV + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
-    rh_row = RH + b * srb + h * srh + qn * srn
-    rw_row = RW + b * swb + h * swh + qn * swn
+def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, pad_k, pad_v,
+                ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
+                BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr,
+                HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Continue the online softmax (base 2) of a query tile over the kept keys of one branch."""
+    y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
+    rh_row = rh_row + RH_OFF
+    rw_row = rw_row + RW_OFF
     rw_tile = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
     if HAS_REL:
         if SINGLE_KX:
-            cx = tl.arange(0, BKX)
-            rw_tile = tl.load(rw_row[:, None] + cx[None, :], mask=mrow[:, None] & (cx < kw)[None, :],
+            cx0 = tl.arange(0, BKX)
+            rw_tile = tl.load(rw_row[:, None] + cx0[None, :], mask=mrow[:, None] & (cx0 < kw)[None, :],
                               other=0.0).to(tl.float32)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
     for blk in range(0, n_blocks):
-        ky0, kx0, ky, kx, valid, real = _key_block(
-            blk, y0, x0, oy, ox, kh, kw, ROWS, COLS, DIL_H, DIL_W, BKY, BKX, PADDED)
+        cy, cx, ky, kx, valid, real = _key_block(blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W,
+                                                 BKY, BKX, PADDED)
         kn = ky * COLS + kx
         kmask = real[:, None] & dmask[None, :]
         k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
@@ -174,7 +183,7 @@ def _dilated_attention_fwd_kernel(
             v = tl.where(real[:, None], v, pad_v[None, :])
         s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
         if HAS_REL:
-            s += _rel_bias(rh_row, rw_row, mrow, ky0, kx0, kh, kw, rw_tile,
+            s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
                            BLOCK_M, BKY, BKX, SINGLE_KX) * 1.4426950408889634
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -184,13 +193,119 @@ def _dilated_attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
+    return acc, m_i, l_i
 
+
+@triton.jit
+def _dilated_attention_fwd_kernel(
+    Q, K, V, O, LSE, RH, RW, PADK, PADV,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
+    slb, slh, srb, srh, srn, swb, swh, swn,
+    H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, qk_scale,
+    S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
+    NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """One program per (query tile, class tile, batch * head). Runs every branch of the group (NB <= 4,
+    geometry ``S*/D*``, rel-pos table column offsets ``H*/W*``) through one online softmax, which is
+    exactly the lse-weighted merge of the branches. ACCUMULATE starts from the (out, lse) already in
+    O/LSE (an earlier group of the same pattern) instead of from nothing."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    ty0, tx0, qh, qw, _kh, _kw = _tile_geometry(pid_s, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, False)
+    nq = qh * qw
+    if pid_m * BLOCK_M >= nq:
+        return
+    qn, mrow = _query_rows(pid_m * BLOCK_M, nq, qw, ty0, tx0, COLS, RY, RX, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = mrow[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    if PADDED:
+        pad_k = tl.load(PADK + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
+        pad_v = tl.load(PADV + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
+    else:
+        pad_k = tl.zeros((BLOCK_D,), dtype=q.dtype)
+        pad_v = pad_k
+    rh_row = RH + b * srb + h * srh + qn * srn
+    rw_row = RW + b * swb + h * swh + qn * swn
+    o_ptr = O + b * sob + h * soh + qn[:, None] * son + offs_d[None, :]
+    l_ptr = LSE + b * slb + h * slh + qn
+    if ACCUMULATE:
+        l_old = tl.load(l_ptr, mask=mrow, other=float("-inf"))
+        m_i = l_old * 1.4426950408889634
+        l_i = tl.where(l_old == float("-inf"), 0.0, 1.0)
+        acc = tl.load(o_ptr, mask=qmask, other=0.0).to(tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask,
+                                pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale,
+                                BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+    if NB > 1:
+        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d,
+                                    dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1,
+                                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+    if NB > 2:
+        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d,
+                                    dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2,
+                                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+    if NB > 3:
+        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d,
+                                    dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3,
+                                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+
+    # Positions kept by no branch have l_i = 0: out 0, lse -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(O + b * sob + h * soh + qn[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=mrow[:, None] & dmask[None, :])
-    tl.store(LSE + b * slb + h * slh + qn, lse, mask=mrow)
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=qmask)
+    tl.store(l_ptr, lse, mask=mrow)
+
+
+@triton.jit
+def _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+                 sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask,
+                 ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
+                 BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr,
+                 PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Accumulate into dK/dV of a key block the contributions of one branch's queries.
+
+    ``kyv`` (BKY,) / ``kxv`` (BKX,) are the block's key rows / columns on the grid; their indices in the
+    branch's kept lattice address the rel-pos tables of the branch's queries.
+    """
+    y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
+    nq = qh * qw
+    cy = (kyv - y0 - oy) // DIL_H
+    cx = (kxv - x0 - ox) // DIL_W
+    for t0 in range(0, nq, BLOCK_M):
+        qn, mrow = _query_rows(t0, nq, qw, y0 + oy, x0 + ox, COLS, DIL_H, DIL_W, BLOCK_M)
+        qmask = mrow[:, None] & dmask[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
+        lse = tl.load(LSE + b * slb + h * slh + qn, mask=mrow, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        if HAS_REL:
+            rh_row = RH + b * srb + h * srh + qn * srn + RH_OFF
+            rw_row = RW + b * swb + h * swh + qn * swn + RW_OFF
+            s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, tl.zeros((BLOCK_M, BKX), dtype=tl.float32),
+                           BLOCK_M, BKY, BKX, False) * 1.4426950408889634
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+    return dk, dv
 
 
 @triton.jit
@@ -199,25 +314,26 @@ def _dilated_attention_bwd_dkdv_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
     sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
     slb, slh, srb, srh, srn, swb, swh, swn, spb, sph, spn,
-    H, D, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W, PAD_ROWS, PAD_COLS,
-    qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, PAD_ROWS, PAD_COLS, qk_scale, sm_scale,
+    S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
+    NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    """One program per key block: loops over the segment's query tiles, accumulates dK and dV."""
+    """One program per key block of a class tile: loops over the queries of every branch that keeps the
+    block, accumulates dK and dV, writes them once (ACCUMULATE: adds to an earlier group's)."""
     pid_n = tl.program_id(0)
-    seg = tl.program_id(1)
+    pid_s = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // H
     h = bh % H
-    oy, ox, y0, x0, qh, qw, kh, kw = _segment_geometry(
-        seg, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W, PADDED)
+    ty0, tx0, _qh, _qw, kh, kw = _tile_geometry(pid_s, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, PADDED)
     n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
     if pid_n >= n_blocks:
         return
-    nq = qh * qw
-    ky0, kx0, ky, kx, valid, real = _key_block(
-        pid_n, y0, x0, oy, ox, kh, kw, ROWS, COLS, DIL_H, DIL_W, BKY, BKX, PADDED)
+    cy, cx, ky, kx, valid, real = _key_block(pid_n, ty0, tx0, kh, kw, ROWS, COLS, RY, RX, BKY, BKX, PADDED)
+    kyv = ty0 + cy * RY
+    kxv = tx0 + cx * RX
     kn = ky * COLS + kx
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -232,28 +348,33 @@ def _dilated_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
-    for t0 in range(0, nq, BLOCK_M):
-        qn, mrow = _query_rows(t0, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M)
-        qmask = mrow[:, None] & dmask[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
-        lse = tl.load(LSE + b * slb + h * slh + qn, mask=mrow, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        if HAS_REL:
-            rh_row = RH + b * srb + h * srh + qn * srn
-            rw_row = RW + b * swb + h * swh + qn * swn
-            s += _rel_bias(rh_row, rw_row, mrow, ky0, kx0, kh, kw, tl.zeros((BLOCK_M, BKX), dtype=tl.float32),
-                           BLOCK_M, BKY, BKX, False) * 1.4426950408889634
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+    dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+                          sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask,
+                          ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale,
+                          BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    if NB > 1:
+        dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+                              sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d,
+                              dmask, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale,
+                              BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    if NB > 2:
+        dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+                              sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d,
+                              dmask, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale,
+                              BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    if NB > 3:
+        dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+                              sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d,
+                              dmask, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale,
+                              BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
     dk = dk * sm_scale
-    tl.store(DK + b * sdkb + h * sdkh + kn[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + b * sdvb + h * sdvh + kn[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
+    dk_ptr = DK + b * sdkb + h * sdkh + kn[:, None] * sdkn + offs_d[None, :]
+    dv_ptr = DV + b * sdvb + h * sdvh + kn[:, None] * sdvn + offs_d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptr, mask=kmask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr, mask=kmask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask)
     if PADDED:
         # Virtual keys of the completed segments: compact index over the padded-grid margin
         # (rows below the grid first, then the columns right of it), each written exactly once.
@@ -267,32 +388,77 @@ def _dilated_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
+               offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF,
+               qk_scale, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr,
+               PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Accumulate dQ of a query tile over one branch's keys; write the branch's dRH / dRW columns.
+
+    ``dRH[i, ky] = sum_kx dS[i, (ky, kx)]`` and ``dRW[i, kx] = sum_ky dS[i, (ky, kx)]``; with the bias
+    one key block spans the kept width (SINGLE_KX), so every dRH column is written by exactly one
+    iteration and dRW stays in registers until the branch ends.
+    """
+    y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
+    rh_row = rh_row + RH_OFF
+    rw_row = rw_row + RW_OFF
+    cx0 = tl.arange(0, BKX)
+    rw_tile = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
+    if HAS_REL:
+        rw_tile = tl.load(rw_row[:, None] + cx0[None, :], mask=mrow[:, None] & (cx0 < kw)[None, :],
+                          other=0.0).to(tl.float32)
+    drw = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
+    n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
+    for blk in range(0, n_blocks):
+        cy, cx, ky, kx, valid, real = _key_block(blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W,
+                                                 BKY, BKX, PADDED)
+        kn = ky * COLS + kx
+        kmask = real[:, None] & dmask[None, :]
+        k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+        if PADDED:
+            k = tl.where(real[:, None], k, pad_k[None, :])
+            v = tl.where(real[:, None], v, pad_v[None, :])
+        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+        if HAS_REL:
+            s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
+                           BLOCK_M, BKY, BKX, True) * 1.4426950408889634
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
+        if HAS_REL:
+            ds3 = tl.reshape(ds, (BLOCK_M, BKY, BKX))
+            tl.store(drh_row[:, None] + RH_OFF + cy[None, :], tl.sum(ds3, axis=2),
+                     mask=mrow[:, None] & (cy < kh)[None, :])
+            drw += tl.sum(ds3, axis=1)
+    if HAS_REL:
+        tl.store(drw_row[:, None] + RW_OFF + cx0[None, :], drw, mask=mrow[:, None] & (cx0 < kw)[None, :])
+    return dq
+
+
+@triton.jit
 def _dilated_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, RH, RW, PADK, PADV, DQ, DRH, DRW,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdqb, sdqn, sdqh,
     slb, slh, srb, srh, srn, swb, swh, swn,
-    H, D, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W,
-    qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, qk_scale, sm_scale,
+    S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
+    NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    """One program per query tile: loops over key blocks, accumulates dQ and the rel-pos table grads.
-
-    With the bias, ``dRH[i, ky] = sum_kx dS[i, (ky, kx)]`` and ``dRW[i, kx] = sum_ky dS[i, (ky, kx)]``;
-    the launcher only enables HAS_REL when one key block spans the kept width (SINGLE_KX), so every
-    ``dRH`` column is written by exactly one iteration and ``dRW`` stays in registers.
-    """
+    """One program per (query tile, class tile, batch * head): dQ over every branch of the group."""
     pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
+    pid_s = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // H
     h = bh % H
-    oy, ox, y0, x0, qh, qw, kh, kw = _segment_geometry(
-        seg, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, NSEG_W, PADDED)
+    ty0, tx0, qh, qw, _kh, _kw = _tile_geometry(pid_s, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, False)
     nq = qh * qw
     if pid_m * BLOCK_M >= nq:
         return
-    qn, mrow = _query_rows(pid_m * BLOCK_M, nq, qw, y0, x0, oy, ox, COLS, DIL_H, DIL_W, BLOCK_M)
+    qn, mrow = _query_rows(pid_m * BLOCK_M, nq, qw, ty0, tx0, COLS, RY, RX, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qmask = mrow[:, None] & dmask[None, :]
@@ -305,54 +471,47 @@ def _dilated_attention_bwd_dq_kernel(
     if PADDED:
         pad_k = tl.load(PADK + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
         pad_v = tl.load(PADV + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
+    else:
+        pad_k = tl.zeros((BLOCK_D,), dtype=q.dtype)
+        pad_v = pad_k
     rh_row = RH + b * srb + h * srh + qn * srn
     rw_row = RW + b * swb + h * swh + qn * swn
-    cx = tl.arange(0, BKX)
-    rw_tile = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
-    if HAS_REL:
-        rw_tile = tl.load(rw_row[:, None] + cx[None, :], mask=mrow[:, None] & (cx < kw)[None, :],
-                          other=0.0).to(tl.float32)
-    drw = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
+    drh_row = DRH + b * srb + h * srh + qn * srn
+    drw_row = DRW + b * swb + h * swh + qn * swn
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
-    for blk in range(0, n_blocks):
-        ky0, kx0, ky, kx, valid, real = _key_block(
-            blk, y0, x0, oy, ox, kh, kw, ROWS, COLS, DIL_H, DIL_W, BKY, BKX, PADDED)
-        kn = ky * COLS + kx
-        kmask = real[:, None] & dmask[None, :]
-        k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-        if PADDED:
-            k = tl.where(real[:, None], k, pad_k[None, :])
-            v = tl.where(real[:, None], v, pad_v[None, :])
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        if HAS_REL:
-            s += _rel_bias(rh_row, rw_row, mrow, ky0, kx0, kh, kw, rw_tile,
-                           BLOCK_M, BKY, BKX, True) * 1.4426950408889634
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
-        if HAS_REL:
-            ds3 = tl.reshape(ds, (BLOCK_M, BKY, BKX))
-            cy = ky0 + tl.arange(0, BKY)
-            tl.store(DRH + b * srb + h * srh + qn[:, None] * srn + cy[None, :], tl.sum(ds3, axis=2),
-                     mask=mrow[:, None] & (cy < kh)[None, :])
-            drw += tl.sum(ds3, axis=1)
-    tl.store(DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qmask)
-    if HAS_REL:
-        tl.store(DRW + b * swb + h * swh + qn[:, None] * swn + cx[None, :], drw,
-                 mask=mrow[:, None] & (cx < kw)[None, :])
+    dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
+                    offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0,
+                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    if NB > 1:
+        dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
+                        offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1,
+                        qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    if NB > 2:
+        dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
+                        offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2,
+                        qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    if NB > 3:
+        dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
+                        offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3,
+                        qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    dq = dq * sm_scale
+    dq_ptr = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn + offs_d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(dq_ptr, mask=qmask, other=0.0).to(tl.float32)
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: geometry, rel-pos tables, launch configuration, launchers.
+# Host side: geometry, branch groups, rel-pos tables, launch configuration, launchers.
 # ----------------------------------------------------------------------------------------------
 
 MAX_HEAD_DIM = 128
 MAX_REL_WIDTH = 128  # kept segment width up to which the rel-pos path keeps one key block per row
+MAX_GROUP_BRANCHES = 4  # branches one launch runs (the kernels take 4 branch geometries)
+# Fusing branches shrinks query tiles to (base segment / lcm of dilations) positions; fuse only while a
+# tile keeps at least min(MIN_FUSED_TILE, each branch's own tile) queries, so no program runs mostly
+# empty rows (LongNet's {(1024,1),(2048,2),(4096,4)} keeps 256 per tile and fuses).
+MIN_FUSED_TILE = 64
 
 
 class Geometry(tuple):
@@ -380,13 +539,93 @@ class Geometry(tuple):
             return -(-sh // dy), -(-sw // dx)
         return -(-min(sh, self.rows) // dy), -(-min(sw, self.cols) // dx)
 
-    def max_queries(self):
-        kh, kw = self.kept_extent(False)
-        return kh * kw
-
     def padded_grid(self):
         nsy, nsx = self.n_seg
         return nsy * self[2], nsx * self[3]
+
+
+def encode_pattern(rows: int, cols: int, branches) -> list:
+    """Flat int list ``[rows, cols, seg_h, seg_w, dil_h, dil_w, ...]`` (the custom ops' ``geometry``)."""
+    out = [int(rows), int(cols)]
+    for seg_h, seg_w, dil_h, dil_w in branches:
+        out += [int(seg_h), int(seg_w), int(dil_h), int(dil_w)]
+    return out
+
+
+def decode_pattern(geometry) -> Tuple[Geometry, ...]:
+    rows, cols = int(geometry[0]), int(geometry[1])
+    rest = list(geometry[2:])
+    if not rest or len(rest) % 4:
+        raise ValueError(f"geometry must be [rows, cols] + 4 ints per branch, got {list(geometry)}")
+    return tuple(Geometry(rows, cols, *rest[i:i + 4]) for i in range(0, len(rest), 4))
+
+
+class Group:
+    """Branches one launch runs: tiles are the classes (residues modulo ``step`` = lcm of the dilations)
+    of the base segment (the smallest segment), and each tile lies inside one segment of every branch."""
+
+    def __init__(self, branches: Sequence[Geometry]):
+        self.branches = tuple(branches)
+        g = self.branches[0]
+        self.rows, self.cols = g.rows, g.cols
+        self.base = (min(b[2] for b in branches), min(b[3] for b in branches))
+        self.step = (math.lcm(*(b[4] for b in branches)), math.lcm(*(b[5] for b in branches)))
+
+    @property
+    def n_seg(self):
+        return (-(-self.rows // self.base[0]), -(-self.cols // self.base[1]))
+
+    def n_class_tiles(self):
+        nsy, nsx = self.n_seg
+        return nsy * nsx * self.step[0] * self.step[1]
+
+    def class_extent(self, padded: bool):
+        """Largest class lattice (rows, cols) of a base segment; ``padded`` counts SAM's virtual keys."""
+        sh, sw = self.base if padded else (min(self.base[0], self.rows), min(self.base[1], self.cols))
+        return -(-sh // self.step[0]), -(-sw // self.step[1])
+
+    def kept_extent(self, padded: bool):
+        ext = [b.kept_extent(padded) for b in self.branches]
+        return max(e[0] for e in ext), max(e[1] for e in ext)
+
+
+def _fits_group(branches: Sequence[Geometry], min_tile: int) -> bool:
+    """Whether one launch can run these branches: same addressing grid, every segment a multiple of the
+    smallest (or covering the whole axis), nested dilations (their lcm is the largest, so no class tile
+    is wasted on residues no branch keeps), a base segment at least one step long, and tiles no smaller
+    than ``min(min_tile, smallest per-branch tile)``."""
+    if len(branches) > MAX_GROUP_BRANCHES:
+        return False
+    rows, cols = branches[0].rows, branches[0].cols
+    if any((b.rows, b.cols) != (rows, cols) for b in branches):
+        return False
+    for axis, extent in ((0, rows), (1, cols)):
+        segs = [b[2 + axis] for b in branches]
+        dils = [b[4 + axis] for b in branches]
+        base = min(segs)
+        if any(s % base and s < extent for s in segs):
+            return False
+        if math.lcm(*dils) != max(dils) or max(dils) > min(base, extent):
+            return False
+    fused = Group(branches).class_extent(False)
+    own = min(b.kept_extent(False)[0] * b.kept_extent(False)[1] for b in branches)
+    return fused[0] * fused[1] >= min(min_tile, own)
+
+
+def plan_groups(branches: Sequence[Geometry], min_tile: Optional[int] = None) -> Tuple[Group, ...]:
+    """Split a pattern into launch groups, in order: greedily extend a group while it still fits.
+    A pattern whose branches nest (LongNet's powers of two, any single branch) is one group."""
+    min_tile = MIN_FUSED_TILE if min_tile is None else min_tile
+    groups, current = [], []
+    for b in branches:
+        if current and _fits_group(current + [b], min_tile):
+            current.append(b)
+            continue
+        if current:
+            groups.append(Group(current))
+        current = [b]
+    groups.append(Group(current))
+    return tuple(groups)
 
 
 def _pow2(x: int) -> int:
@@ -427,12 +666,13 @@ def relpos_tables(q: torch.Tensor, geom: Geometry, rel_pos_h, rel_pos_w, padded:
 
 
 def relpos_backward(q, drh, drw, tables, rel_pos_h, rel_pos_w):
-    """Chain rule from the table gradients dRH/dRW to dq (B, N, H, D) and the two rel-pos tables."""
+    """Chain rule from the table gradients dRH/dRW to dq (B, N, H, D) fp32 and the two rel-pos tables
+    (fp32)."""
     B, N, H, D = q.shape
     gh, idx_h, gw, idx_w = tables
     rows, cols = gh.shape[1], gw.shape[1]
-    drh5 = drh.view(B, H, rows, cols, -1)
-    drw5 = drw.view(B, H, rows, cols, -1)
+    drh5 = drh.reshape(B, H, rows, cols, -1)
+    drw5 = drw.reshape(B, H, rows, cols, -1)
     q5 = q.float().reshape(B, rows, cols, H, D)
     dq = torch.einsum("bhyxu,hyud->byxhd", drh5, gh.float()) + torch.einsum("bhyxu,hxud->byxhd", drw5, gw.float())
     dgh = torch.einsum("bhyxu,byxhd->hyud", drh5, q5)
@@ -441,26 +681,64 @@ def relpos_backward(q, drh, drw, tables, rel_pos_h, rel_pos_w):
     dtab_w = torch.zeros(rel_pos_w.shape, dtype=torch.float32, device=q.device)
     dtab_h.index_add_(0, idx_h.reshape(-1), dgh.reshape(-1, D))
     dtab_w.index_add_(0, idx_w.reshape(-1), dgw.reshape(-1, D))
-    return dq.reshape(B, N, H, D), dtab_h.to(rel_pos_h.dtype), dtab_w.to(rel_pos_w.dtype)
+    return dq.reshape(B, N, H, D), dtab_h, dtab_w
 
 
-def _launch_config(geom: Geometry, padded: bool, has_rel: bool, head_dim: int, backward: bool = False):
-    """Block shapes for one branch. Key blocks are BKY x BKX kept positions, BKX a power of two
-    covering the kept width when it is small (one block per key row run), 64 otherwise."""
-    kh, kw = geom.kept_extent(padded)
+def _group_tables(q, group: Group, rel_pos_h, rel_pos_w, padded: bool):
+    """Every branch's RH / RW tables side by side (branch j's columns start at offs[j]) + backward data."""
+    parts = [relpos_tables(q, b, rel_pos_h, rel_pos_w, padded) for b in group.branches]
+    rh = torch.cat([p[0] for p in parts], dim=-1).contiguous()  # the kernels share strides with dRH/dRW
+    rw = torch.cat([p[1] for p in parts], dim=-1).contiguous()
+    offs_h = [0]
+    offs_w = [0]
+    for p in parts[:-1]:
+        offs_h.append(offs_h[-1] + p[0].shape[-1])
+        offs_w.append(offs_w[-1] + p[1].shape[-1])
+    return rh, rw, list(zip(offs_h, offs_w)), [p[2] for p in parts]
+
+
+def _branch_args(group: Group, rel_offsets=None) -> list:
+    """The kernels' 22 branch scalars: branch 0 (seg, dil), branches 1-3 (seg, dil, rel offsets)."""
+    offs = rel_offsets or [(0, 0)] * len(group.branches)
+    out = []
+    for j in range(MAX_GROUP_BRANCHES):
+        if j < len(group.branches):
+            b = group.branches[j]
+            vals = [b[2], b[3], b[4], b[5]] + ([offs[j][0], offs[j][1]] if j else [])
+        else:
+            vals = [1, 1, 1, 1] + ([0, 0] if j else [])
+        out += vals
+    return out
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, backward: bool = False):
+    """Block shapes for one group.
+
+    Forward / dQ visit each branch's kept keys in BKY x BKX blocks, BKX a power of two covering the
+    kept width when it is small (with the bias, always: one block per key row run, SINGLE_KX); the
+    dK/dV kernel's key blocks (KBY x KBX) tile the class lattice of the base segment.
+    """
+    kh, kw = group.kept_extent(padded)
     kwp = _pow2(kw)
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     block_n = 64
     if has_rel:
-        block_n = max(block_n, kwp)  # one block spans the kept width (SINGLE_KX)
+        block_n = max(block_n, kwp)
         bkx = kwp
     else:
         bkx = min(kwp, block_n)
     bky = max(1, block_n // bkx)
-    block_m = 64 if (interp or backward or head_dim > 64) else 128
+    _, cw = group.class_extent(padded)
+    kbx = min(_pow2(cw), 64)
+    kby = max(1, 64 // kbx)
+    block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
     block_d = max(16, _pow2(head_dim))
     num_warps = 4 if block_m == 64 else 8
-    return dict(BLOCK_M=block_m, BKY=bky, BKX=bkx, BLOCK_D=block_d, SINGLE_KX=kwp <= bkx, num_warps=num_warps)
+    return dict(BLOCK_M=block_m, BKY=bky, BKX=bkx, KBY=kby, KBX=kbx, BLOCK_D=block_d,
+                SINGLE_KX=kwp <= bkx, num_warps=num_warps)
 
 
 def _precision(dtype):
@@ -468,55 +746,55 @@ def _precision(dtype):
 
 
 def _upcast(dtype):
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dtype == torch.bfloat16 and _interpreting()
 
 
 def dilated_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    geom: Geometry,
+    geometry,
     rel_pos_h: Optional[torch.Tensor],
     rel_pos_w: Optional[torch.Tensor],
     pad_k: Optional[torch.Tensor],
     pad_v: Optional[torch.Tensor],
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel for one branch. Returns (out (B, N, H, D), lse (B, H, N) fp32)."""
+    """Forward of a whole pattern (``geometry`` from :func:`encode_pattern`).
+    Returns (out (B, N, H, D), lse (B, H, N) fp32, natural log)."""
     B, N, H, D = q.shape
+    groups = plan_groups(decode_pattern(geometry))
     padded = pad_k is not None
     has_rel = rel_pos_h is not None
-    cfg = _launch_config(geom, padded, has_rel, D)
-    covers_all = geom.dil == (1, 1)
-    # With dilation some positions are kept by no program: they must read as out = 0, lse = -inf.
-    if covers_all:
-        out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    else:
-        out = torch.zeros((B, N, H, D), dtype=q.dtype, device=q.device)
-        lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
-    if has_rel:
-        rh, rw, _ = relpos_tables(q, geom, rel_pos_h, rel_pos_w, padded)
-    else:
-        rh = rw = q.new_empty((1, 1, 1, 1))
+    # Every position belongs to exactly one class tile of each group, so nothing needs zero-filling.
+    # Several groups merge through the running (out, lse): out stays fp32 until the last one.
+    out = torch.empty((B, N, H, D), dtype=q.dtype if len(groups) == 1 else torch.float32, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     pk = pad_k.contiguous() if padded else q.new_empty(1)
     pv = pad_v.contiguous() if padded else q.new_empty(1)
-    nsy, nsx = geom.n_seg
-    grid = (triton.cdiv(geom.max_queries(), cfg["BLOCK_M"]), nsy * nsx, B * H)
-    _dilated_attention_fwd_kernel[grid](
-        q, k, v, out, lse, rh, rw, pk, pv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
-        rw.stride(0), rw.stride(1), rw.stride(2),
-        H, D, geom.rows, geom.cols, geom[2], geom[3], geom[4], geom[5], nsx,
-        scale * LOG2E,
-        BLOCK_M=cfg["BLOCK_M"], BKY=cfg["BKY"], BKX=cfg["BKX"], BLOCK_D=cfg["BLOCK_D"],
-        HAS_REL=has_rel, SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded, PREC=_precision(q.dtype),
-        UPCAST=_upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=2,
-    )
-    return out, lse
+    for gi, group in enumerate(groups):
+        cfg = _launch_config(group, padded, has_rel, D)
+        if has_rel:
+            rh, rw, rel_offs, _ = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
+        else:
+            rh = rw = q.new_empty((1, 1, 1, 1))
+            rel_offs = None
+        qh, qw = group.class_extent(False)
+        grid = (triton.cdiv(qh * qw, cfg["BLOCK_M"]), group.n_class_tiles(), B * H)
+        _dilated_attention_fwd_kernel[grid](
+            q, k, v, out, lse, rh, rw, pk, pv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
+            rw.stride(0), rw.stride(1), rw.stride(2),
+            H, D, group.rows, group.cols, group.base[0], group.base[1], group.step[0], group.step[1],
+            group.n_seg[1], scale * LOG2E, *_branch_args(group, rel_offs),
+            NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BKY=cfg["BKY"], BKX=cfg["BKX"],
+            BLOCK_D=cfg["BLOCK_D"], HAS_REL=has_rel, SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
+            PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
+            num_warps=cfg["num_warps"], num_stages=2,
+        )
+    return out.to(q.dtype), lse
 
 
 def dilated_attention_bwd(
@@ -527,78 +805,95 @@ def dilated_attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     dlse: Optional[torch.Tensor],
-    geom: Geometry,
+    geometry,
     rel_pos_h: Optional[torch.Tensor],
     rel_pos_w: Optional[torch.Tensor],
     pad_k: Optional[torch.Tensor],
     pad_v: Optional[torch.Tensor],
     scale: float,
 ):
-    """Launch the two backward kernels. Returns (dq, dk, dv, d_rel_pos_h, d_rel_pos_w, dpad_k, dpad_v),
-    the last four None when the corresponding input is absent."""
+    """Backward of a whole pattern. Returns (dq, dk, dv, d_rel_pos_h, d_rel_pos_w, dpad_k, dpad_v), the
+    last four None when the corresponding input is absent.
+
+    The merged attention is one softmax over the union of the branches' key sets, with the combined lse
+    as normaliser; so each branch's backward is the flash backward with that lse and
+    ``delta = rowsum(dO * O) - dlse``, and the gradient through the merge weights needs no extra term.
+    """
     B, N, H, D = q.shape
+    groups = plan_groups(decode_pattern(geometry))
     padded = pad_k is not None
     has_rel = rel_pos_h is not None
-    cfg = _launch_config(geom, padded, has_rel, D, backward=True)
     if dout.stride(-1) != 1:  # autograd may hand in expanded (stride-0) gradients
         dout = dout.contiguous()
-    # delta_i = sum_d dO_i O_i; a gradient flowing into lse adds p_ij * dlse_i to dS, i.e. subtracts
-    # dlse from delta.
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     if dlse is not None:
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
-    # With the bias, dq gets a second term from the tables: keep the kernel's part in fp32 until then.
-    dq = torch.empty(q.shape, dtype=torch.float32 if has_rel else q.dtype, device=q.device)
-    covers_all = geom.dil == (1, 1)
-    alloc = torch.empty_like if covers_all else torch.zeros_like
-    dk = alloc(k, memory_format=torch.contiguous_format)
-    dv = alloc(v, memory_format=torch.contiguous_format)
-    if has_rel:
-        rh, rw, tables = relpos_tables(q, geom, rel_pos_h, rel_pos_w, padded)
-        drh = torch.zeros(rh.shape, dtype=torch.float32, device=q.device)
-        drw = torch.zeros(rw.shape, dtype=torch.float32, device=q.device)
-    else:
-        rh = rw = drh = drw = q.new_empty((1, 1, 1, 1))
+    multi = len(groups) > 1
+    # Several groups (or the bias's second dq term) accumulate: keep fp32 until the end.
+    dq = torch.empty(q.shape, dtype=torch.float32 if (has_rel or multi) else q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32 if multi else k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=torch.float32 if multi else v.dtype, device=q.device)
     if padded:
+        # pad_kv patterns are a single 2-D branch (validated by sam_fast.dilated_attention).
+        geom = groups[0].branches[0]
         pr, pc = geom.padded_grid()
         npad = pr * pc - geom.rows * geom.cols
         dpk = torch.zeros((B, H, max(npad, 1), D), dtype=torch.float32, device=q.device)
         dpv = torch.zeros_like(dpk)
         pk, pv = pad_k.contiguous(), pad_v.contiguous()
     else:
-        pr, pc = geom.rows, geom.cols
+        pr = pc = 0
         dpk = dpv = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=q.device)
         pk = pv = q.new_empty(1)
-    nsy, nsx = geom.n_seg
-    kh, kw = geom.kept_extent(padded)
-    n_kblocks = triton.cdiv(kh, cfg["BKY"]) * triton.cdiv(kw, cfg["BKX"])
-    common = dict(BKY=cfg["BKY"], BKX=cfg["BKX"], BLOCK_D=cfg["BLOCK_D"], HAS_REL=has_rel, PADDED=padded,
-                  PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4, num_stages=1)
-    _dilated_attention_bwd_dkdv_kernel[(n_kblocks, nsy * nsx, B * H)](
-        q, k, v, dout, lse, delta, rh, rw, pk, pv, dk, dv, dpk, dpv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
-        rw.stride(0), rw.stride(1), rw.stride(2), dpk.stride(0), dpk.stride(1), dpk.stride(2),
-        H, D, geom.rows, geom.cols, geom[2], geom[3], geom[4], geom[5], nsx, pr, pc,
-        scale * LOG2E, scale, BLOCK_M=cfg["BLOCK_M"], **common,
-    )
-    _dilated_attention_bwd_dq_kernel[(triton.cdiv(geom.max_queries(), cfg["BLOCK_M"]), nsy * nsx, B * H)](
-        q, k, v, dout, lse, delta, rh, rw, pk, pv, dq, drh, drw,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
-        rw.stride(0), rw.stride(1), rw.stride(2),
-        H, D, geom.rows, geom.cols, geom[2], geom[3], geom[4], geom[5], nsx,
-        scale * LOG2E, scale, BLOCK_M=cfg["BLOCK_M"], **common,
-    )
-    drel_h = drel_w = dpad_k = dpad_v = None
+    drel_h = drel_w = None
+    for gi, group in enumerate(groups):
+        cfg = _launch_config(group, padded, has_rel, D, backward=True)
+        if has_rel:
+            rh, rw, rel_offs, tables = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
+            drh = torch.zeros(rh.shape, dtype=torch.float32, device=q.device)
+            drw = torch.zeros(rw.shape, dtype=torch.float32, device=q.device)
+        else:
+            rh = rw = drh = drw = q.new_empty((1, 1, 1, 1))
+            rel_offs = None
+        common = dict(NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], HAS_REL=has_rel,
+                      PADDED=padded, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
+                      num_warps=4, num_stages=1)
+        bargs = _branch_args(group, rel_offs)
+        geo = (H, D, group.rows, group.cols, group.base[0], group.base[1], group.step[0], group.step[1],
+               group.n_seg[1])
+        ch, cw = group.class_extent(padded)
+        n_kblocks = triton.cdiv(ch, cfg["KBY"]) * triton.cdiv(cw, cfg["KBX"])
+        _dilated_attention_bwd_dkdv_kernel[(n_kblocks, group.n_class_tiles(), B * H)](
+            q, k, v, dout, lse, delta, rh, rw, pk, pv, dk, dv, dpk, dpv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
+            rw.stride(0), rw.stride(1), rw.stride(2), dpk.stride(0), dpk.stride(1), dpk.stride(2),
+            *geo, pr, pc, scale * LOG2E, scale, *bargs, BKY=cfg["KBY"], BKX=cfg["KBX"], **common,
+        )
+        qh, qw = group.class_extent(False)
+        _dilated_attention_bwd_dq_kernel[(triton.cdiv(qh * qw, cfg["BLOCK_M"]), group.n_class_tiles(), B * H)](
+            q, k, v, dout, lse, delta, rh, rw, pk, pv, dq, drh, drw,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
+            rw.stride(0), rw.stride(1), rw.stride(2),
+            *geo, scale * LOG2E, scale, *bargs, BKY=cfg["BKY"], BKX=cfg["BKX"], **common,
+        )
+        if has_rel:
+            for j, tabs in enumerate(tables):
+                (oh, ow), kh_p, kw_p = rel_offs[j], tabs[0].shape[2], tabs[2].shape[2]
+                dq_rel, dth, dtw = relpos_backward(q, drh[..., oh:oh + kh_p], drw[..., ow:ow + kw_p], tabs,
+                                                   rel_pos_h, rel_pos_w)
+                dq += dq_rel
+                drel_h = dth if drel_h is None else drel_h + dth
+                drel_w = dtw if drel_w is None else drel_w + dtw
+    dpad_k = dpad_v = None
     if has_rel:
-        dq_rel, drel_h, drel_w = relpos_backward(q, drh, drw, tables, rel_pos_h, rel_pos_w)
-        dq = (dq + dq_rel).to(q.dtype)
+        drel_h, drel_w = drel_h.to(rel_pos_h.dtype), drel_w.to(rel_pos_w.dtype)
     if padded:
         dpad_k = dpk.sum(dim=(0, 2)).to(pad_k.dtype)
         dpad_v = dpv.sum(dim=(0, 2)).to(pad_v.dtype)
-    return dq, dk, dv, drel_h, drel_w, dpad_k, dpad_v
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drel_h, drel_w, dpad_k, dpad_v

@@ -3,7 +3,8 @@
 Public API:
 
 * :func:`dilated_attention` - flash (dilated) attention with SAM's rel-pos bias, (B, N, H, D) layout;
-  :class:`Branch` describes a pattern branch.
+  :class:`Branch` describes a pattern branch; :func:`dilated_attn_func` is the LongNet-style
+  ``(segment_lengths, dilation_rates)`` form.
 * :func:`resize_rel_pos` - segment_anything's rel-pos table resize as a C++/CUDA op.
 * :func:`apply` / :class:`SamFastConfig` - swap the kernels into a segment_anything model instance;
   ``handle.undo()`` restores it.
@@ -22,6 +23,7 @@ _EXPORTS = {
     "SamFastFallbackWarning": "._dispatch",
     "record_backends": "._dispatch",
     "dilated_attention": ".ops.attention",
+    "dilated_attn_func": ".ops.attention",
     "resize_rel_pos": ".ops.relpos",
     "Branch": ".pattern",
     "SamFastConfig": ".patch",
@@ -53,6 +55,7 @@ __all__ = [
     "SamFastHandle",
     "apply",
     "dilated_attention",
+    "dilated_attn_func",
     "record_backends",
     "resize_rel_pos",
 ]

@@ -29,6 +29,7 @@ dilation 1 is windowed attention.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 IntOr2 = Union[int, Tuple[int, int]]
@@ -159,4 +160,11 @@ def pattern_from_lists(segment_lengths: Sequence[int], dilation_rates: Sequence[
             f"segment_lengths and dilation_rates must have the same length, got "
             f"{len(segment_lengths)} and {len(dilation_rates)}"
         )
-    return [Branch(int(w), int(r)) for w, r in zip(segment_lengths, dilation_rates)]
+    out = []
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        try:
+            w, r = operator.index(w), operator.index(r)
+        except TypeError:
+            raise TypeError(f"segment_lengths[{i}] and dilation_rates[{i}] must be integers, got {w!r} and {r!r}") from None
+        out.append(Branch(w, r))
+    return out

@@ -26,10 +26,6 @@ Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _geom(geometry: Sequence[int]) -> _k.Geometry:
-    return _k.Geometry(*geometry)
-
-
 def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None or t.numel() == 0 else t
 
@@ -40,7 +36,7 @@ def _fwd_op(
     rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor],
     pad_k: Optional[Tensor], pad_v: Optional[Tensor], scale: float,
 ) -> Tuple[Tensor, Tensor]:
-    return _k.dilated_attention_fwd(q, k, v, _geom(geometry), rel_pos_h, rel_pos_w, pad_k, pad_v, scale)
+    return _k.dilated_attention_fwd(q, k, v, geometry, rel_pos_h, rel_pos_w, pad_k, pad_v, scale)
 
 
 @_fwd_op.register_fake
@@ -55,7 +51,7 @@ def _bwd_op(
     geometry: List[int], rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor],
     pad_k: Optional[Tensor], pad_v: Optional[Tensor], scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _k.dilated_attention_bwd(dout, q, k, v, out, lse, dlse, _geom(geometry), rel_pos_h, rel_pos_w,
+    grads = _k.dilated_attention_bwd(dout, q, k, v, out, lse, dlse, geometry, rel_pos_h, rel_pos_w,
                                      pad_k, pad_v, scale)
     # custom ops cannot return None: absent gradients are empty tensors.
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
@@ -107,13 +103,12 @@ def _triton_supports(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_k
     D = q.shape[-1]
     if D > _k.MAX_HEAD_DIM:
         return Refusal(f"the Triton kernel supports head dim D <= {_k.MAX_HEAD_DIM}, got head dim D={D}")
-    if len(branches) != 1:
-        return Refusal(f"the Triton kernel runs one branch per launch; got {len(branches)} branches")
-    br = branches[0]
     if rel_pos_h is not None:
-        if not br.is_2d:
-            return Refusal("the rel-pos bias needs a 2-D branch in the Triton kernel (1-D branch given)")
-        kh, kw = _k.Geometry(br.rows, br.cols, *br.seg, *br.dil).kept_extent(pad_kv is not None)
+        if not all(br.is_2d for br in branches):
+            return Refusal("the Triton kernel applies the rel-pos bias to 2-D branches only (the pattern has a "
+                           "1-D branch)")
+        kw = max(_k.Geometry(br.rows, br.cols, *br.seg, *br.dil).kept_extent(pad_kv is not None)[1]
+                 for br in branches)
         if kw > _k.MAX_REL_WIDTH:
             return Refusal(f"with the rel-pos bias the Triton kernel supports kept segment widths up to "
                            f"{_k.MAX_REL_WIDTH}, got {kw}")
@@ -121,8 +116,7 @@ def _triton_supports(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_k
 
 
 def _triton_run(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv):
-    br = branches[0]
-    geometry = [br.rows, br.cols, br.seg[0], br.seg[1], br.dil[0], br.dil[1]]
+    geometry = _k.encode_pattern(branches[0].rows, branches[0].cols, [(*br.seg, *br.dil) for br in branches])
     pad_k, pad_v = pad_kv if pad_kv is not None else (None, None)
     return _fwd_op(q, k, v, geometry, rel_pos_h, rel_pos_w, pad_k, pad_v, float(scale))
 
@@ -231,8 +225,10 @@ def _check_pad_kv(pad_kv, q, branches):
             raise ValueError(f"{name} must have shape (H, D) = ({H}, {D}), got {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    if not all(br.is_2d for br in branches):
-        raise ValueError("pad_kv completes partial 2-D segments; it needs 2-D branches only")
+    if len(branches) != 1 or not branches[0].is_2d:
+        raise ValueError(f"pad_kv completes the partial segments of one 2-D branch (SAM's window padding); "
+                         f"the pattern has {len(branches)} branch(es)"
+                         + ("" if branches[0].is_2d else ", 1-D"))
     return tuple(pad_kv)
 
 
@@ -274,12 +270,6 @@ def dilated_attention(
     B, N, H, D = q.shape
     grid = check_grid(grid, N)
     branches = resolve_pattern(pattern, N, grid)
-    for i, br in enumerate(branches):
-        if br.dil != (1, 1) or len(branches) > 1:
-            raise NotImplementedError(
-                f"pattern branch {i} has dilation {br.dil if br.is_2d else br.dil[1]} "
-                f"({len(branches)} branch(es)): dilated and multi-branch patterns are not implemented yet; "
-                "this release supports dense attention and 2-D windows (dilation 1)")
     padded = _check_pad_kv(pad_kv, q, branches) is not None
     _check_rel_pos(rel_pos_h, rel_pos_w, q, grid, branches, padded)
     if softmax_scale is None:
@@ -291,3 +281,36 @@ def dilated_attention(
     out, lse = dispatch("dilated_attention", _TABLE, backend, q, k, v, branches, grid, rel_pos_h, rel_pos_w,
                         scale, tuple(pad_kv) if pad_kv is not None else None)
     return (out, lse) if return_lse else out
+
+
+def dilated_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths,
+    dilation_rates,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    *,
+    backend: str = "auto",
+):
+    """``flash_attn_func``-style dilated attention for code written against LongNet.
+
+    ``segment_lengths`` and ``dilation_rates`` are ints or equal-length sequences of ints; branch i is
+    ``Branch(segment_lengths[i], dilation_rates[i])`` over the token sequence, and the branches are
+    combined exactly (softmax of their log-sum-exps). Same as
+    ``dilated_attention(q, k, v, [Branch(w, r) ...], softmax_scale=..., return_lse=...)``.
+
+    Args:
+        q, k, v: (B, N, H, D).
+        segment_lengths, dilation_rates: int or sequence of int.
+        softmax_scale: defaults to D ** -0.5.
+        return_lse: also return the combined lse (B, H, N), float32.
+        backend: as for :func:`dilated_attention`.
+    """
+    from ..pattern import pattern_from_lists
+
+    segs = [segment_lengths] if isinstance(segment_lengths, int) else list(segment_lengths)
+    dils = [dilation_rates] if isinstance(dilation_rates, int) else list(dilation_rates)
+    pattern = pattern_from_lists(segs, dils)
+    return dilated_attention(q, k, v, pattern, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)

@@ -19,7 +19,7 @@ from ..pattern import ResolvedBranch
 def _axis_positions(start: int, stop_real: int, stop_full: int, offset: int, step: int, padded: bool):
     """Kept coordinates of one segment along one axis: (coords, is_real)."""
     stop = stop_full if padded else stop_real
-    coords = torch.arange(start + offset, stop, step)
+    coords = torch.arange(start + offset, max(stop, start + offset), step)  # empty if the offset is past the end
     return coords, coords < stop_real
 
 

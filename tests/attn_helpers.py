@@ -1,0 +1,53 @@
+"""Shared by the attention tests: run an attention call on fresh leaves and check a kernel's forward
+and gradients against the reference by DESIGN.md's tolerance rule."""
+
+import torch
+
+import sam_fast
+from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
+
+
+def leaves(tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def run_op(backend, qkv, pattern, kw, cast=None):
+    """sam_fast.dilated_attention on copies of q, k, v and the tensors in kw (rel-pos tables, pad_kv);
+    returns (inputs as leaves, out, lse)."""
+    names = [n for n in ("rel_pos_h", "rel_pos_w") if n in kw]
+    extra = [kw[n] for n in names] + (list(kw["pad_kv"]) if "pad_kv" in kw else [])
+    ins = leaves([t.to(cast) if cast else t for t in list(qkv) + extra])
+    q, k, v = ins[:3]
+    kwargs = {"grid": kw.get("grid"), **dict(zip(names, ins[3:3 + len(names)]))}
+    if "pad_kv" in kw:
+        kwargs["pad_kv"] = tuple(ins[3 + len(names):])
+    out, lse = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend=backend, **kwargs)
+    return ins, out, lse
+
+
+def check_kernel_vs_reference(qkv, pattern, kw, dtype, backend="triton"):
+    """Kernel forward (out, lse) and every input gradient (through out and lse) vs the fp64 oracle,
+    within the rule's factor of PyTorch's own error at ``dtype``. Returns the kernel's lse."""
+    with sam_fast.record_backends() as rec:
+        ins_k, out_k, lse_k = run_op(backend, qkv, pattern, kw)
+    assert rec.calls == [("dilated_attention", backend)]
+    ins_r, out_r, lse_r = run_op("reference", qkv, pattern, kw)                        # same precision
+    ins_x, out_x, lse_x = run_op("reference", qkv, pattern, kw, cast=torch.float64)    # exact oracle
+    check_against_reference("out", out_k, out_x, out_r, dtype, FWD_FACTOR)
+    assert lse_k.dtype == torch.float32
+    assert torch.equal(torch.isinf(lse_k), torch.isinf(lse_x)), "positions kept by no branch differ"
+    check_against_reference("lse", lse_k, lse_x, lse_r, dtype, FWD_FACTOR)
+
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out_k.shape, generator=g)
+    dlse = torch.randn(lse_k.shape, generator=g)
+    grads = []
+    for ins, out, lse in ((ins_k, out_k, lse_k), (ins_r, out_r, lse_r), (ins_x, out_x, lse_x)):
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # uncovered positions carry no loss
+        loss = (out.double() * dout.double()).sum() + (lse.double() * dlse.double()).sum()
+        grads.append(torch.autograd.grad(loss, ins))
+    names = ["dq", "dk", "dv"] + [n for n in ("drel_h", "drel_w") if "rel_pos_h" in kw]
+    names += ["dpad_k", "dpad_v"] if "pad_kv" in kw else []
+    for name, gk, gr, gx in zip(names, *grads):
+        check_against_reference(name, gk, gx, gr, dtype, BWD_FACTOR)
+    return lse_k

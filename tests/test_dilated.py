@@ -1,0 +1,248 @@
+"""Dilated and multi-branch attention: kernel vs reference, reference vs the definition, errors."""
+
+import pytest
+import torch
+
+import sam_fast
+from sam_fast import Branch
+from sam_fast.kernels.dilated_attention import Geometry, plan_groups
+from sam_fast.pattern import resolve_pattern
+from sam_fast.reference.attention import dilated_attention_reference
+
+from attn_helpers import check_kernel_vs_reference
+
+# (B, N or grid, H, D, pattern, rel). Covers 1-D and 2-D, one and several branches, r in {1, 2, 3, 4},
+# partial segments, N off every block size, head dims 14/32/64/80, batch 1, heads fewer than r
+# (positions kept by no branch) and heads not a multiple of r, nested (one launch) and non-nested
+# (several launches merged through the running lse) patterns, rel-pos across branches.
+CASES = [
+    (2, 20, 3, 16, [Branch(8, 2)], False),                                      # H=3 not a multiple of r=2
+    (1, 19, 2, 14, [Branch(6, 3)], False),                                      # H=2 < r=3: uncovered
+    (1, 37, 5, 32, [Branch(16, 4)], False),                                     # r=4, partial segment
+    (1, 30, 4, 64, [Branch(8, 1), Branch(16, 2), Branch(32, 4)], False),        # LongNet-style, nested
+    (1, 17, 2, 80, [Branch(3, 1), Branch(5, 2)], False),                        # non-nested: two launches
+    (1, 70, 1, 32, [Branch(70, 2), Branch(16, 1)], False),                      # H=1 < r, covered by branch 2
+    (1, (6, 7), 4, 16, [Branch((4, 4), (2, 2))], True),                         # 2-D, rel-pos, partial
+    (1, (5, 9), 2, 14, [Branch((5, 9), (2, 2))], True),                         # H=2 < 4 offsets: uncovered
+    (1, (4, 6), 3, 32, [Branch((2, 3), 1), Branch((4, 6), (2, 3))], False),     # 2-D nested, r=(2,3)
+    (1, (9, 10), 2, 64, [Branch((3, 3), 1), Branch((4, 4), (2, 2))], True),     # 2-D non-nested + rel
+    (1, (8, 8), 3, 80, [Branch((4, 8), 1), Branch((8, 8), (2, 4))], True),      # 2-D nested, r=4, rel
+]
+
+
+@pytest.fixture(params=["fused", "per-branch"])
+def grouping(request, monkeypatch):
+    """Nested multi-branch patterns run as one launch ("fused": tile-size rule off) and as one launch per
+    branch merged through the running lse ("per-branch")."""
+    import sam_fast.kernels.dilated_attention as k
+
+    monkeypatch.setattr(k, "MIN_FUSED_TILE", 1 if request.param == "fused" else 10**9)
+    return request.param
+
+
+def _case(B, n, H, D, pattern, rel, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = n if isinstance(n, tuple) else None
+    N = grid[0] * grid[1] if grid else n
+    qkv = [torch.randn(B, N, H, D, generator=g).to(dtype) for _ in range(3)]
+    kw = {"grid": grid}
+    if rel:
+        kw["rel_pos_h"] = (torch.randn(2 * grid[0] - 1, D, generator=g) * 0.3).to(dtype)
+        kw["rel_pos_w"] = (torch.randn(2 * grid[1] - 1, D, generator=g) * 0.3).to(dtype)
+    return qkv, kw
+
+
+def _id(c):
+    pat = "+".join(f"{b.segment}r{b.dilation}".replace(" ", "") for b in c[4])
+    return f"B{c[0]}-N{c[1]}-H{c[2]}-D{c[3]}-{pat}-rel{int(c[5])}".replace(" ", "")
+
+
+def _check_case(case, dtype):
+    B, n, H, D, pattern, rel = case
+    qkv, kw = _case(B, n, H, D, pattern, rel, dtype)
+    lse = check_kernel_vs_reference(qkv, pattern, kw, dtype)
+    heads_cover = all(H >= (b.dilation if isinstance(b.dilation, int) else b.dilation[0] * b.dilation[1])
+                      for b in pattern)
+    if not heads_cover and len(pattern) == 1:  # some positions are kept by no head's offset
+        assert torch.isinf(lse).any()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if len(c[4]) == 1], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dilated_kernel_matches_reference(case, dtype):
+    _check_case(case, dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if len(c[4]) > 1], ids=_id)
+@pytest.mark.parametrize("grouping,dtype", [("fused", torch.float32), ("fused", torch.bfloat16),
+                                            ("per-branch", torch.float32)], indirect=["grouping"])
+def test_multi_branch_kernel_matches_reference(case, grouping, dtype):
+    _check_case(case, dtype)
+
+
+def test_uncovered_positions_are_zero_with_lse_minus_inf():
+    """r=4 with 2 heads: head h keeps positions = h mod 4; positions 2 and 3 mod 4 are nobody's."""
+    q, k, v = (torch.randn(1, 16, 2, 16) for _ in range(3))
+    out, lse = sam_fast.dilated_attention(q, k, v, Branch(8, 4), return_lse=True, backend="triton")
+    for h in range(2):
+        kept = torch.arange(16) % 4 == h
+        assert torch.isfinite(lse[0, h, kept]).all() and torch.isinf(lse[0, h, ~kept]).all()
+        assert (lse[0, h, ~kept] < 0).all() and torch.equal(out[0, ~kept, h], torch.zeros(12, 16))
+
+
+def test_launch_groups():
+    def groups(pattern, n, grid=None):
+        brs = resolve_pattern(pattern, n, grid)
+        return [len(g.branches) for g in plan_groups([Geometry(b.rows, b.cols, *b.seg, *b.dil) for b in brs])]
+
+    assert groups([Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)], 4096) == [3]   # LongNet: one launch
+    assert groups([Branch(8, 1), Branch(16, 2), Branch(32, 4)], 30) == [1, 1, 1]        # tiles of 2: too small
+    assert groups([Branch(3, 1), Branch(5, 2)], 17) == [1, 1]                           # not nested
+    assert groups([Branch(8, 2), Branch(16, 3)], 64) == [1, 1]                          # lcm 6 != max 3
+    assert groups([Branch((32, 32), 2)], 4096, (64, 64)) == [1]
+    assert groups([Branch(w, 1) for w in (64, 128, 256, 512, 1024)], 1024) == [4, 1]   # 4 per launch
+    assert groups([Branch(8, 1), Branch((2, 2), 1)], 16, (4, 4)) == [1, 1]              # 1-D with 2-D
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against the definition
+# ---------------------------------------------------------------------------------------------
+
+def _definition(q, k, v, pattern, grid, scale, rel_pos_h=None, rel_pos_w=None):
+    """DESIGN.md's semantics from scratch: for each head and branch an explicit N x N mask (same
+    segment, both positions at the head's offset modulo the dilation); the branches' masked logits
+    concatenated along the key axis and soft-maxed together, which is the lse-weighted merge."""
+    B, N, H, D = q.shape
+    pos = torch.arange(N)
+    if grid is not None:
+        ys, xs = pos // grid[1], pos % grid[1]
+    logits_all = []
+    for b in pattern:
+        if b.is_2d:
+            (sh, sw), (dh, dw) = b.segment, b.dilation
+            seg_id = (ys // sh) * 10_000 + xs // sw
+            iy, ix = ys % sh, xs % sw
+        else:
+            seg_id = pos // b.segment
+            iy, ix = torch.zeros_like(pos), pos % b.segment
+            dh, dw = 1, b.dilation
+        masks = []
+        for h in range(H):
+            oy, ox = (h // dw) % dh, h % dw
+            kept = (iy % dh == oy) & (ix % dw == ox)
+            masks.append(kept[:, None] & kept[None, :] & (seg_id[:, None] == seg_id[None, :]))
+        mask = torch.stack(masks)  # (H, N, N)
+        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+        if rel_pos_h is not None:
+            ch, cw = (rel_pos_h.shape[0] - 1) // 2, (rel_pos_w.shape[0] - 1) // 2
+            th = rel_pos_h[ys[:, None] - ys[None, :] + ch]  # (N, N, D)
+            tw = rel_pos_w[xs[:, None] - xs[None, :] + cw]
+            logits = logits + torch.einsum("bnhd,nmd->bhnm", q, th) + torch.einsum("bnhd,nmd->bhnm", q, tw)
+        logits_all.append(logits.masked_fill(~mask, float("-inf")))
+    logits = torch.cat(logits_all, dim=-1)  # (B, H, N, nb * N)
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.where(torch.isinf(lse)[..., None], torch.zeros_like(logits), torch.exp(logits - lse[..., None]))
+    out = torch.einsum("bhnm,bmhd->bnhd", p, torch.cat([v] * len(pattern), dim=1))
+    return out, lse
+
+
+DEFINITION_CASES = [
+    (14, None, 3, [Branch(6, 2)], False),
+    (23, None, 5, [Branch(4, 1), Branch(8, 2), Branch(16, 4)], False),
+    (17, None, 2, [Branch(3, 1), Branch(5, 3)], False),
+    (35, (5, 7), 4, [Branch((3, 4), (1, 2)), Branch((5, 7), (2, 2))], True),
+    (24, (4, 6), 2, [Branch(12, 3)], True),  # 1-D branch with the bias: absolute grid coordinates
+]
+
+
+@pytest.mark.parametrize("case", DEFINITION_CASES, ids=lambda c: f"N{c[0]}-{len(c[3])}br-rel{int(c[4])}")
+def test_reference_matches_definition(case):
+    N, grid, H, pattern, rel = case
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, N, H, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    kw = {}
+    if rel:
+        kw = dict(rel_pos_h=torch.randn(2 * grid[0] - 1, 8, generator=g, dtype=torch.float64),
+                  rel_pos_w=torch.randn(2 * grid[1] - 1, 8, generator=g, dtype=torch.float64))
+    out, lse = dilated_attention_reference(q, k, v, resolve_pattern(pattern, N, grid), grid, softmax_scale=0.4, **kw)
+    out_d, lse_d = _definition(q, k, v, pattern, grid, 0.4, kw.get("rel_pos_h"), kw.get("rel_pos_w"))
+    torch.testing.assert_close(out, out_d)
+    torch.testing.assert_close(lse, lse_d)
+
+
+def test_reference_gradcheck_multi_branch():
+    g = torch.Generator().manual_seed(8)
+    grid, H, D = (4, 4), 3, 4
+    q, k, v = (torch.randn(1, 16, H, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rh = torch.randn(7, D, generator=g, dtype=torch.float64, requires_grad=True)
+    rw = torch.randn(7, D, generator=g, dtype=torch.float64, requires_grad=True)
+    pattern = [Branch((2, 2), 1), Branch((4, 4), (2, 2))]
+
+    def f(q, k, v, rh, rw):
+        out, lse = sam_fast.dilated_attention(q, k, v, pattern, grid=grid, rel_pos_h=rh, rel_pos_w=rw,
+                                              return_lse=True, backend="reference")
+        return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+    assert torch.autograd.gradcheck(f, (q, k, v, rh, rw))
+
+
+def test_branch_weight_gradient_reaches_both_branches():
+    """Mixing weights depend on q, k through the lse's: the kernel's dq must include that path
+    (checked against autograd through the reference's explicit softmax-of-lse merge)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 24, 2, 16, generator=g) for _ in range(3))
+    pattern = [Branch(8, 1), Branch(24, 2)]
+    qkv, kw = [q, k, v], {"grid": None}
+    check_kernel_vs_reference(qkv, pattern, kw, torch.float32)
+    # A pattern with an all-constant v makes out independent of the weights; a non-constant v does not.
+    grads = []
+    for be in ("triton", "reference"):
+        ql = q.clone().requires_grad_()
+        out = sam_fast.dilated_attention(ql, k, v, pattern, backend=be)
+        grads.append(torch.autograd.grad(out.square().sum(), ql)[0])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convenience API and errors
+# ---------------------------------------------------------------------------------------------
+
+def test_dilated_attn_func_matches_pattern_call():
+    q, k, v = (torch.randn(1, 32, 4, 16) for _ in range(3))
+    out, lse = sam_fast.dilated_attn_func(q, k, v, [8, 16, 32], [1, 2, 4], softmax_scale=0.3, return_lse=True)
+    ref, ref_lse = sam_fast.dilated_attention(q, k, v, [Branch(8, 1), Branch(16, 2), Branch(32, 4)],
+                                              softmax_scale=0.3, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert sam_fast.dilated_attn_func(q, k, v, 8, 2).shape == q.shape  # scalars accepted
+    with pytest.raises(ValueError, match="segment_lengths and dilation_rates must have the same length"):
+        sam_fast.dilated_attn_func(q, k, v, [8, 16], [1])
+
+
+def test_bad_patterns_raise_value_error_naming_the_argument():
+    q = torch.randn(1, 12, 2, 16)
+    with pytest.raises(ValueError, match="Branch segment must be >= 1"):
+        Branch(0)
+    with pytest.raises(ValueError, match="Branch segment must be >= 1 along each axis"):
+        Branch((0, 4))
+    with pytest.raises(ValueError, match="dilation 8 must not exceed the segment 4"):
+        Branch(4, 8)
+    with pytest.raises(ValueError, match=r"dilation \(1, 5\) must not exceed the segment \(4, 4\)"):
+        Branch((4, 4), (1, 5))
+    with pytest.raises(ValueError, match="pattern\\[0\\] is a 2-D branch .* no grid"):
+        sam_fast.dilated_attention(q, q, q, Branch((2, 2), 2))
+    with pytest.raises(ValueError, match=r"grid \(3, 3\) has 9 tokens but q has N=12"):
+        sam_fast.dilated_attention(q, q, q, Branch((2, 2)), grid=(3, 3))
+    with pytest.raises(ValueError, match="pattern must contain at least one Branch"):
+        sam_fast.dilated_attention(q, q, q, [])
+    with pytest.raises(TypeError, match="pattern\\[1\\] must be a sam_fast.Branch"):
+        sam_fast.dilated_attention(q, q, q, [Branch(4), (4, 2)])
+    with pytest.raises(ValueError, match="pad_kv completes the partial segments of one 2-D branch"):
+        z = torch.zeros(2, 16)
+        sam_fast.dilated_attention(q, q, q, [Branch((2, 2)), Branch((3, 4))], grid=(3, 4), pad_kv=(z, z))
+
+
+def test_rel_pos_with_1d_branch_falls_back_loudly():
+    q = torch.randn(1, 12, 2, 16)
+    rh, rw = torch.randn(5, 16), torch.randn(7, 16)
+    with pytest.raises(ValueError, match="rel-pos bias to 2-D branches only"):
+        sam_fast.dilated_attention(q, q, q, Branch(6, 2), grid=(3, 4), rel_pos_h=rh, rel_pos_w=rw, backend="triton")
