@@ -4,21 +4,27 @@ Patching is explicit, per instance and reversible: :func:`apply` walks the model
 segment_anything image-encoder blocks by their structure (:func:`sam_fast.nn.is_sam_vit_block`) and
 replaces each, in its parent, by a :class:`sam_fast.nn.SamFastBlock` that shares the block's
 submodules (so parameters and state_dict keys are untouched). Library classes are never modified.
-Applying again is harmless (already swapped blocks take the new backend); ``handle.undo()`` puts the
-original block objects back.
+With ``attention="dilated"`` the chosen blocks (``dilated_blocks``: ``"global"``, ``"all"`` or a list
+of block indices; or the keys of a per-block ``dilated_pattern`` dict) run dilated attention over the
+whole token grid with their own weights; every other block keeps exact fused attention.
+Applying again is harmless: already swapped blocks take the new backend and pattern, and the new
+handle's ``undo()`` gives them back their previous ones; ``handle.undo()`` puts the original block
+objects back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+from typing import Any, List, Optional, Tuple
 
 from torch import nn
 
 from ._dispatch import check_backend_name
 from .nn.attention import SamFastBlock, is_sam_vit_block
+from .pattern import check_pattern
 
-ATTENTION_MODES = ("exact", "none")
+ATTENTION_MODES = ("exact", "dilated", "none")
+BLOCK_CHOICES = ("global", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,23 +37,81 @@ class SamFastConfig:
         backend: handed to every op the swapped modules call (``"auto"``, ``"triton"``, ``"cuda"``,
             ``"cpu"``, ``"reference"``); e.g. ``"triton"`` forces the kernel (under TRITON_INTERPRET=1
             on a CPU).
+        dilated_pattern: with ``attention="dilated"``: a :class:`sam_fast.Branch` or list of them used by
+            every chosen block, or a dict ``{block_index: pattern}`` giving each chosen block its own.
+        dilated_blocks: which blocks (indices into the encoder's ``blocks``) get the dilated pattern:
+            ``"global"`` (SAM's global-attention blocks; the default), ``"all"``, or a list of indices.
+            With a dict pattern the default is the dict's keys.
     """
 
     attention: str = "exact"
     backend: str = "auto"
+    dilated_pattern: Any = None
+    dilated_blocks: Any = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"SamFastConfig attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         check_backend_name(self.backend)
+        if self.attention != "dilated":
+            if self.dilated_pattern is not None or self.dilated_blocks is not None:
+                raise ValueError(f"dilated_pattern / dilated_blocks need attention='dilated', got "
+                                 f"attention={self.attention!r}")
+            return
+        pat = self.dilated_pattern
+        if pat is None:
+            raise ValueError("attention='dilated' needs dilated_pattern (a Branch, a list of Branch, or a dict "
+                             "{block_index: pattern})")
+        if isinstance(pat, dict):
+            if not pat:
+                raise ValueError("dilated_pattern dict must name at least one block")
+            for key, p in pat.items():
+                if not isinstance(key, int) or isinstance(key, bool) or key < 0:
+                    raise TypeError(f"dilated_pattern keys must be block indices (ints >= 0), got {key!r}")
+                check_pattern(p, f"dilated_pattern[{key}]")
+        else:
+            check_pattern(pat, "dilated_pattern")
+        blocks = self.dilated_blocks
+        if blocks is None or blocks in BLOCK_CHOICES:
+            return
+        if isinstance(blocks, str):
+            raise ValueError(f"dilated_blocks must be one of {BLOCK_CHOICES} or a list of block indices, got {blocks!r}")
+        if not isinstance(blocks, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                            and i >= 0 for i in blocks):
+            raise TypeError(f"dilated_blocks must be 'global', 'all' or a list of block indices, got {blocks!r}")
+        if isinstance(pat, dict):
+            missing = [i for i in blocks if i not in pat]
+            if missing:
+                raise ValueError(f"dilated_blocks {missing} have no entry in the dilated_pattern dict")
+
+    def pattern_for(self, index: int, block: nn.Module):
+        """The dilated pattern block ``index`` gets, or None (exact attention)."""
+        if self.attention != "dilated":
+            return None
+        pat, blocks = self.dilated_pattern, self.dilated_blocks
+        if blocks is None:
+            blocks = sorted(pat) if isinstance(pat, dict) else "global"
+        if blocks == "global":
+            chosen = int(block.window_size) == 0
+        elif blocks == "all":
+            chosen = True
+        else:
+            chosen = index in blocks
+        if not chosen:
+            return None
+        if isinstance(pat, dict):
+            return check_pattern(pat.get(index)) if index in pat else None
+        return check_pattern(pat)
 
 
 class SamFastHandle:
     """Returned by :func:`apply`; ``undo()`` restores every module it swapped (once; later calls no-op)."""
 
-    def __init__(self, model: nn.Module, swaps: List[Tuple[nn.Module, str, nn.Module, nn.Module]]):
+    def __init__(self, model: nn.Module, swaps: List[Tuple[nn.Module, str, nn.Module, nn.Module]],
+                 updates: Optional[List[Tuple[SamFastBlock, str, Any]]] = None):
         self.model = model
         self._swaps = swaps
+        self._updates = updates or []  # (already swapped block, previous backend, previous pattern)
 
     @property
     def swapped(self) -> List[str]:
@@ -59,7 +123,10 @@ class SamFastHandle:
         for parent, name, original, new in reversed(self._swaps):
             if parent._modules.get(name) is new:
                 parent._modules[name] = original
+        for block, backend, pattern in reversed(self._updates):
+            block.backend, block.pattern = backend, pattern
         self._swaps = []
+        self._updates = []
 
     def __enter__(self):
         return self
@@ -79,15 +146,30 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         config = SamFastConfig()
     if not isinstance(config, SamFastConfig):
         raise TypeError(f"config must be a sam_fast.SamFastConfig, got {type(config).__name__}")
-    swaps = []
-    if config.attention == "exact":
-        for parent in list(model.modules()):
-            for name, child in list(parent._modules.items()):
-                if isinstance(child, SamFastBlock):
-                    child.backend = config.backend
-                elif child is not None and is_sam_vit_block(child):
-                    new = SamFastBlock(child, backend=config.backend)
-                    new.train(child.training)
-                    parent._modules[name] = new
-                    swaps.append((parent, name, child, new))
-    return SamFastHandle(model, swaps)
+    swaps, updates = [], []
+    if config.attention not in ("exact", "dilated"):
+        return SamFastHandle(model, swaps, updates)
+    found = []  # (parent, name, block, index in the encoder's ``blocks``), collected before any change
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and (isinstance(child, SamFastBlock) or is_sam_vit_block(child)):
+                found.append((parent, name, child, int(name) if name.isdigit() else -1))
+    wanted = config.dilated_blocks
+    if config.attention == "dilated" and wanted is None and isinstance(config.dilated_pattern, dict):
+        wanted = sorted(config.dilated_pattern)
+    if isinstance(wanted, (list, tuple)):
+        missing = sorted(set(wanted) - {index for *_, index in found})
+        if missing:
+            raise ValueError(f"dilated blocks {missing} do not exist: the model's ViT blocks are "
+                             f"{sorted({index for *_, index in found})}")
+    for parent, name, child, index in found:
+        pattern = config.pattern_for(index, child)
+        if isinstance(child, SamFastBlock):
+            updates.append((child, child.backend, child.pattern))
+            child.backend, child.pattern = config.backend, pattern
+        else:
+            new = SamFastBlock(child, backend=config.backend, pattern=pattern)
+            new.train(child.training)
+            parent._modules[name] = new
+            swaps.append((parent, name, child, new))
+    return SamFastHandle(model, swaps, updates)

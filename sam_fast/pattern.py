@@ -126,22 +126,32 @@ def check_grid(grid, n_tokens: int) -> Optional[Tuple[int, int]]:
     return grid
 
 
+def check_pattern(pattern, name: str = "pattern") -> Optional[Tuple[Branch, ...]]:
+    """Normalise a user pattern (None, a Branch, or a sequence of Branch) to None or a tuple of Branch;
+    TypeError / ValueError naming ``name`` otherwise. Grid-dependent checks happen at call time."""
+    if pattern is None:
+        return None
+    if isinstance(pattern, Branch):
+        return (pattern,)
+    if not isinstance(pattern, Sequence) or isinstance(pattern, (str, bytes)):
+        raise TypeError(f"{name} must be None, a sam_fast.Branch or a list of Branch, got {type(pattern).__name__}")
+    if len(pattern) == 0:
+        raise ValueError(f"{name} must contain at least one Branch, got an empty list")
+    for i, b in enumerate(pattern):
+        if not isinstance(b, Branch):
+            raise TypeError(f"{name}[{i}] must be a sam_fast.Branch, got {type(b).__name__}")
+    return tuple(pattern)
+
+
 def resolve_pattern(pattern, n_tokens: int, grid: Optional[Tuple[int, int]]) -> Tuple[ResolvedBranch, ...]:
     """Validate ``pattern`` (None, a Branch, or a sequence of Branch) for N tokens on ``grid``."""
     if pattern is None:
         if grid is not None:
             return (ResolvedBranch(grid[0], grid[1], grid, (1, 1), True),)
         return (ResolvedBranch(1, n_tokens, (1, n_tokens), (1, 1), False),)
-    if isinstance(pattern, Branch):
-        pattern = [pattern]
-    if not isinstance(pattern, Sequence) or isinstance(pattern, (str, bytes)):
-        raise TypeError(f"pattern must be None, a Branch or a list of Branch, got {type(pattern).__name__}")
-    if len(pattern) == 0:
-        raise ValueError("pattern must contain at least one Branch, got an empty list")
+    pattern = check_pattern(pattern)
     out = []
     for i, b in enumerate(pattern):
-        if not isinstance(b, Branch):
-            raise TypeError(f"pattern[{i}] must be a sam_fast.Branch, got {type(b).__name__}")
         if b.is_2d:
             if grid is None:
                 raise ValueError(f"pattern[{i}] is a 2-D branch {b} but no grid=(Hg, Wg) was given")

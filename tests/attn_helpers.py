@@ -39,8 +39,8 @@ def check_kernel_vs_reference(qkv, pattern, kw, dtype, backend="triton"):
     check_against_reference("lse", lse_k, lse_x, lse_r, dtype, FWD_FACTOR)
 
     g = torch.Generator().manual_seed(1)
-    dout = torch.randn(out_k.shape, generator=g)
-    dlse = torch.randn(lse_k.shape, generator=g)
+    dout = torch.randn(out_k.shape, generator=g).to(out_k.device)
+    dlse = torch.randn(lse_k.shape, generator=g).to(out_k.device)
     grads = []
     for ins, out, lse in ((ins_k, out_k, lse_k), (ins_r, out_r, lse_r), (ins_x, out_x, lse_x)):
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # uncovered positions carry no loss

@@ -1,5 +1,5 @@
 """nn.Module drop-ins built on sam_fast ops."""
 
-from .attention import SamFastBlock, is_sam_vit_block, sam_attention
+from .attention import DilatedAttention, SamFastBlock, is_sam_vit_block, sam_attention
 
-__all__ = ["SamFastBlock", "is_sam_vit_block", "sam_attention"]
+__all__ = ["DilatedAttention", "SamFastBlock", "is_sam_vit_block", "sam_attention"]

@@ -5,7 +5,12 @@
 is segment_anything's, except attention: global blocks run dense fused attention over the (Hg, Wg)
 grid; window blocks run the 2-D window pattern directly on the unpadded grid, with SAM's zero-token
 padding reproduced by virtual keys whose k, v are the qkv bias (``pad_kv``) - no pad, partition or
-unpartition copies.
+unpartition copies. With a ``pattern`` the block runs dilated attention over the whole grid instead
+(SAM-Lightening's replacement), keeping the block's weights.
+
+:class:`DilatedAttention` is a stand-alone drop-in for segment_anything's ``Attention`` (same
+constructor arguments and parameter names ``qkv``, ``proj``, ``rel_pos_h``, ``rel_pos_w``) that takes
+a pattern.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.attention import dilated_attention
+from ..ops.attention import _needed_rel_rows, dilated_attention
 from ..ops.relpos import resize_rel_pos
-from ..pattern import Branch
+from ..pattern import Branch, check_pattern, resolve_pattern
 
 
 def _rel_table(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -26,18 +31,37 @@ def _rel_table(table: torch.Tensor, size: int) -> torch.Tensor:
     return table if table.shape[0] == need else resize_rel_pos(table, need)
 
 
-def sam_attention(attn: nn.Module, x: torch.Tensor, window_size: int = 0, backend: str = "auto") -> torch.Tensor:
+def _pattern_rel_sizes(pattern, grid, base):
+    """Coordinate extents the rel-pos tables must span for ``pattern`` on ``grid``: segment_anything's
+    size for the block (``base``: its window or the grid), widened when a pattern segment reaches
+    further (the table is then resized as get_rel_pos would for that size)."""
+    need_h, need_w = 2 * base[0] - 1, 2 * base[1] - 1
+    for br in resolve_pattern(pattern, grid[0] * grid[1], grid):
+        lh, lw = _needed_rel_rows(br, grid, padded=False)
+        need_h, need_w = max(need_h, lh), max(need_w, lw)
+    return (need_h + 1) // 2, (need_w + 1) // 2
+
+
+def sam_attention(attn: nn.Module, x: torch.Tensor, window_size: int = 0, backend: str = "auto",
+                  pattern=None) -> torch.Tensor:
     """segment_anything ``Attention`` (with its Block's window partition when ``window_size > 0``)
-    on x (B, Hg, Wg, C) through the fused kernel. Returns (B, Hg, Wg, C_out of attn.proj)."""
+    on x (B, Hg, Wg, C) through the fused kernel. Returns (B, Hg, Wg, C_out of attn.proj).
+
+    With a ``pattern`` the attention is dilated attention over the whole (Hg, Wg) grid (no window
+    partition); rel-pos tables keep absolute coordinates and are resized only when the pattern reaches
+    beyond what the block's tables span."""
     B, Hg, Wg, _ = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(B, Hg * Wg, 3, heads, -1)
     q, k, v = qkv.unbind(2)  # (B, N, heads, head_dim) views; last dim contiguous
     head_dim = q.shape[-1]
-    pattern = None
     pad_kv = None
     size_h, size_w = Hg, Wg
-    if window_size > 0:
+    if pattern is not None:
+        base = (window_size, window_size) if window_size > 0 else (Hg, Wg)
+        if getattr(attn, "use_rel_pos", False):
+            size_h, size_w = _pattern_rel_sizes(pattern, (Hg, Wg), base)
+    elif window_size > 0:
         pattern = Branch((window_size, window_size))
         size_h = size_w = window_size
         if Hg % window_size or Wg % window_size:
@@ -57,9 +81,13 @@ def sam_attention(attn: nn.Module, x: torch.Tensor, window_size: int = 0, backen
 
 
 class SamFastBlock(nn.Module):
-    """segment_anything ViT ``Block`` with fused attention; shares the wrapped block's submodules."""
+    """segment_anything ViT ``Block`` with fused attention; shares the wrapped block's submodules.
 
-    def __init__(self, block: nn.Module, backend: str = "auto"):
+    ``pattern=None`` runs the block's own attention exactly (global or windowed); a pattern (a
+    :class:`sam_fast.Branch` or a list of them) runs dilated attention over the whole token grid.
+    """
+
+    def __init__(self, block: nn.Module, backend: str = "auto", pattern=None):
         super().__init__()
         self.norm1 = block.norm1
         self.attn = block.attn
@@ -67,13 +95,77 @@ class SamFastBlock(nn.Module):
         self.mlp = block.mlp
         self.window_size = int(block.window_size)
         self.backend = backend
+        self.pattern = check_pattern(pattern, "pattern")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + sam_attention(self.attn, self.norm1(x), self.window_size, self.backend)
+        x = x + sam_attention(self.attn, self.norm1(x), self.window_size, self.backend, self.pattern)
         return x + self.mlp(self.norm2(x))
 
     def extra_repr(self) -> str:
-        return f"window_size={self.window_size}, backend={self.backend!r}"
+        extra = "" if self.pattern is None else f", pattern={self.pattern}"
+        return f"window_size={self.window_size}, backend={self.backend!r}{extra}"
+
+
+class DilatedAttention(nn.Module):
+    """Dilated attention as a drop-in for segment_anything's image-encoder ``Attention``.
+
+    Same constructor arguments and parameter names (``qkv``, ``proj``, ``rel_pos_h``, ``rel_pos_w``),
+    so a pretrained block's ``attn`` state_dict loads unchanged; input and output are (B, Hg, Wg, C).
+    ``pattern`` is a :class:`sam_fast.Branch` or list of them over the (Hg, Wg) token grid (2-D
+    branches) or the row-major token sequence (1-D); None is dense attention, i.e. exactly
+    segment_anything's global ``Attention``.
+
+    Args:
+        dim, num_heads, qkv_bias, use_rel_pos, rel_pos_zero_init, input_size: as segment_anything.
+        pattern: the dilated pattern.
+        backend: handed to :func:`sam_fast.dilated_attention`.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, use_rel_pos: bool = False,
+                 rel_pos_zero_init: bool = True, input_size: Optional[Tuple[int, int]] = None, *,
+                 pattern=None, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim must be a positive multiple of num_heads, got dim={dim!r}, num_heads={num_heads!r}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            if input_size is None:
+                raise ValueError("input_size must be given when use_rel_pos=True (the rel-pos tables' grid)")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+            if not rel_pos_zero_init:
+                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
+                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+        self.pattern = check_pattern(pattern, "pattern")
+        self.backend = backend
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, pattern=None, backend: str = "auto") -> "DilatedAttention":
+        """Wrap an existing segment_anything ``Attention``, sharing (not copying) its parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads, new.scale = attn.num_heads, attn.scale
+        new.qkv, new.proj = attn.qkv, attn.proj
+        new.use_rel_pos = bool(getattr(attn, "use_rel_pos", False))
+        if new.use_rel_pos:
+            new.rel_pos_h, new.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+        new.pattern = check_pattern(pattern, "pattern")
+        new.backend = backend
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x must be (B, Hg, Wg, C), got shape {tuple(x.shape)}")
+        pattern = self.pattern if self.pattern is not None else Branch((x.shape[1], x.shape[2]))  # dense
+        return sam_attention(self, x, 0, self.backend, pattern)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, pattern={self.pattern}, backend={self.backend!r}"
 
 
 def is_sam_vit_block(m: nn.Module) -> bool:
