@@ -13,7 +13,7 @@ import os
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -78,15 +78,18 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "peak_mem_mb": float("nan")}
 
 
-def append_csv(path: str, rows: List[Dict[str, object]]) -> None:
+def append_csv(path: str, rows: List[Dict[str, object]], extra_columns: Sequence[str] = ()) -> None:
+    """Append rows to ``path`` (header written when the file is new); a script may add its own columns
+    after the shared ones."""
+    columns = COLUMNS + [c for c in extra_columns if c not in COLUMNS]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({c: _fmt(r.get(c, "")) for c in COLUMNS})
+            w.writerow({c: _fmt(r.get(c, "")) for c in columns})
 
 
 def _fmt(v):

@@ -1,29 +1,40 @@
 """Flash dilated attention with SAM's decomposed relative-position bias (Triton).
 
-Computes, for one branch of a dilated-attention pattern (DESIGN.md, :mod:`sam_fast.pattern`),
-``softmax(scale * q k^T + bias) v`` among the kept positions of every segment, with online softmax
-(no N x N matrix in memory), forward and backward. Dense attention and SAM's windowed attention are
-the special cases ``segment = grid`` and ``segment = (14, 14)`` with dilation 1. SAM-Lightening
-(seeds/003) is the paper this kernel grows towards; the rel-pos bias is segment_anything's
+One kernel family for every pattern of DESIGN.md "Dilated flash attention" (see :mod:`sam_fast.pattern`):
+dense attention, SAM's windows, dilated 1-D / 2-D branches and multi-branch mixes, forward and
+backward, with online softmax (no N x N matrix in memory), no gather/scatter or padding copies and no
+atomics. SAM-Lightening (seeds/003) is the paper this serves; the rel-pos bias is segment_anything's
 ``add_decomposed_rel_pos`` with absolute grid coordinates.
+
+How a launch is organised:
+
+* Every branch lives on a 2-D addressing grid ``(rows, cols)`` (a 1-D branch over N tokens is the
+  grid ``(1, N)``). Branches are planned into *groups* (:func:`plan_groups`); a group is one launch.
+* A group's *base segment* is its smallest segment and its *step* the lcm of its dilations. Query
+  tiles are *class tiles*: the positions of one base segment with one residue modulo the step. Such a
+  tile lies inside one segment of every branch of the group and, for each head, is either kept
+  entirely by a branch or not at all; so a program runs every branch that keeps its tile through
+  **one** online softmax, which is exactly the lse-weighted merge of the branches, and writes out and
+  lse once. Tiles no branch keeps write out 0 and lse -inf. Nested patterns (any single branch,
+  LongNet's powers of two) are one group; others become several launches, each starting its online
+  softmax from the (out, lse) the previous one left (ACCUMULATE): exact, deterministic, no atomics.
+* Backward: the merged attention is a softmax over the union of the branches' key sets normalised by
+  the combined lse, so each branch's gradient is the flash backward with that lse and
+  ``delta = rowsum(dO * O) - dlse``; the gradient through the branch weights needs no extra term.
+  dQ programs own class tiles (like the forward), dK/dV programs own key blocks of class tiles; each
+  loops over the branches that keep its tile.
+* Keys are visited in 2-D blocks of ``BKY x BKX`` kept positions so that the rel-pos bias of a block is
+  ``RH[i, ky] + RW[i, kx]``: column slices of two small per-query tables (one pair per branch, side by
+  side) instead of a gather per score. The tables are made by :func:`relpos_tables` with tensor-core
+  einsums (segment_anything computes the same ``rel_h``/``rel_w``).
 
 Tensor contract (the launchers check nothing a caller could get wrong; sam_fast.ops validates):
 
 * ``q, k, v``: (B, N, H, D), last dim contiguous, other strides free, fp16/bf16/fp32, D <= 128.
   D is padded to a power of two inside the kernel by masked loads, never by copies.
-* Addressing: every branch lives on a 2-D grid ``(rows, cols)`` (a 1-D branch over N tokens is the
-  grid ``(1, N)``). A program owns one query tile of one segment of one (batch, head); segment
-  origin, per-head offsets and dilation turn a tile index into token indices (address arithmetic,
-  no gather/scatter copies).
-* Keys are visited in 2-D blocks of ``BKY x BKX`` kept positions (``BLOCK_N = BKY * BKX``) so that
-  the rel-pos bias of a block is ``RH[i, ky] + RW[i, kx]``: a column slice of two small per-query
-  tables instead of a gather per score.
-* ``rh, rw``: (B, H, N, KHP) / (B, H, N, KWP) fp32-or-input-dtype tables of ``q_i . rel_pos_h[...]``
-  for every kept key row / column of query i's segment, made by :func:`relpos_tables` with tensor-core
-  einsums (segment_anything computes the same ``rel_h``/``rel_w``).
-* ``pad_k, pad_v`` (H, D): when given, partial segments are completed to full size with virtual keys
-  carrying these vectors (segment_anything pads windows with zero tokens whose k and v are the qkv
-  bias). Their gradients are reduced through a compact scratch, no atomics.
+* ``pad_k, pad_v`` (H, D), single 2-D branch only: partial segments are completed to full size with
+  virtual keys carrying these vectors (segment_anything pads windows with zero tokens whose k and v
+  are the qkv bias). Their gradients are reduced through a compact scratch, no atomics.
 * Outputs: ``out`` (B, N, H, D) in the input dtype, ``lse`` (B, H, N) fp32 natural log.
 
 Softmax runs in base 2 (``exp2``) with ``log2(e)`` folded into the scale and bias.

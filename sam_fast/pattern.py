@@ -19,8 +19,18 @@ densely among themselves. The last segment along an axis may be partial.
 
     a b a b | a b
     c d c d | c d        segment (0,0) is 4x4, segment (0,1) is 4x2 (partial)
-    a b a b | a b        head 0 attends the four a's of the left segment together,
-    c d c d | c d        and the two a's ... of the right one
+    a b a b | a b        head 0: the four a's of the left segment attend each other,
+    c d c d | c d        and so do the two a's of the right segment
+
+Several branches, e.g. LongNet's ``[Branch(4, 1), Branch(8, 2)]`` for head 1 over 8 tokens::
+
+    token      0 1 2 3 | 4 5 6 7
+    branch 0   x x x x | x x x x      every token, segments of 4
+    branch 1     x   x     x   x      offset 1 mod 2, one segment of 8
+
+Token 3 attends {0,1,2,3} in branch 0 and {1,3,5,7} in branch 1; the two results are mixed with
+weights softmax(lse_0, lse_1), which is exactly one softmax over both key sets. Token 2 is kept only by
+branch 0; a token kept by no branch of its head gets output 0 and lse -inf.
 
 ``segment = N`` (or the grid) with ``dilation = 1`` is ordinary dense attention; a 2-D window with
 dilation 1 is windowed attention.

@@ -246,3 +246,20 @@ def test_rel_pos_with_1d_branch_falls_back_loudly():
     rh, rw = torch.randn(5, 16), torch.randn(7, 16)
     with pytest.raises(ValueError, match="rel-pos bias to 2-D branches only"):
         sam_fast.dilated_attention(q, q, q, Branch(6, 2), grid=(3, 4), rel_pos_h=rh, rel_pos_w=rw, backend="triton")
+
+
+def test_benchmark_peers_compute_the_same_attention():
+    """The benchmark's gather -> dense -> scatter peer and kept-pair count agree with the definition,
+    so its speedups compare equal work."""
+    from sam_fast.bench.bench_dilated_attention import GatherSdpaScatter, kept_pairs
+
+    g = torch.Generator().manual_seed(11)
+    for pattern, grid in (([Branch((4, 4), (2, 2))], (8, 8)), ([Branch(16, 1), Branch(32, 2), Branch(64, 4)], None)):
+        N, H = 64, 4
+        q, k, v = (torch.randn(2, N, H, 8, generator=g) for _ in range(3))
+        peer = GatherSdpaScatter(pattern, 2, N, H, grid, torch.device("cpu"))(q, k, v, 0.5)
+        ref = sam_fast.dilated_attention(q, k, v, pattern, grid=grid, softmax_scale=0.5, backend="reference")
+        torch.testing.assert_close(peer, ref, atol=1e-5, rtol=1e-5)
+    # 2-D (4,4) r=(2,2) on 8x8: every head keeps 2x2 per segment, 4 segments -> 16 pairs x 4 segments
+    assert kept_pairs([Branch((4, 4), (2, 2))], 1, 64, 4, (8, 8)) == 4 * 4 * 16
+    assert kept_pairs([Branch(64, 1)], 2, 64, 3, None) == 2 * 3 * 64 * 64
