@@ -28,23 +28,21 @@ checked for correctness under the interpreter (not timed).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 
-if __name__ == "__main__":  # the interpreter must be chosen before triton decorates the kernels
-    import torch as _torch
+from sam_fast.bench.harness import interpreter_without_gpu
 
-    if not _torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+if __name__ == "__main__":
+    interpreter_without_gpu()  # before triton decorates sam_fast's kernels
 
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import append_csv, measure, plot_speedups, provenance, table
+from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance
 
 SCRIPT = "bench_dilated_attention"
 BASELINE = "gather_sdpa_scatter"
@@ -248,7 +246,6 @@ def machine_rooflines(device):
     bw = 2 * x.numel() * x.element_size() / t
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     t = measure(lambda: a @ a, device)["median_ms"] * 1e-3
-    del x, y
     return bw, 2 * 8192**3 / t
 
 
@@ -367,14 +364,7 @@ def run(out_dir: str, quick: bool = False, device: str = None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench/results", help="results directory (CSV appended, PNG rewritten)")
-    p.add_argument("--quick", action="store_true", help="batch 1 only")
-    args = p.parse_args(argv)
-    rows, png = run(args.out, args.quick)
-    print(table(rows, BASELINE))
-    if png:
-        print(f"\nplot: {png}")
+    return bench_main(__doc__, run, BASELINE, argv)
 
 
 if __name__ == "__main__":

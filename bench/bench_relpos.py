@@ -9,13 +9,12 @@ are ViT-H head dim 80 tables going 27 -> 127 rows (window table used globally) a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
-from sam_fast.bench.harness import append_csv, measure, provenance, table
+from sam_fast.bench.harness import append_csv, bench_main, measure, provenance
 
 SCRIPT = "bench_relpos"
 BASELINE = "segment_anything"
@@ -42,11 +41,7 @@ def run(out_dir: str, quick: bool = False, device: str = None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench/results")
-    args = p.parse_args(argv)
-    rows, _ = run(args.out)
-    print(table(rows, BASELINE))
+    return bench_main(__doc__, run, BASELINE, argv)
 
 
 if __name__ == "__main__":

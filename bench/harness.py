@@ -17,6 +17,28 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+def interpreter_without_gpu() -> None:
+    """Run Triton kernels under the interpreter on a machine without CUDA. Call before anything imports
+    sam_fast's kernels (triton.jit reads TRITON_INTERPRET when it decorates them)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def bench_main(doc: str, run: Callable, baseline: str, argv=None) -> int:
+    """Command line of a bench script: ``--out DIR [--quick]``; runs, prints the table and the plot path."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default="bench/results", help="results directory (CSV appended, PNG rewritten)")
+    p.add_argument("--quick", action="store_true", help="fewer cases (batch 1 only on GPU)")
+    args = p.parse_args(argv)
+    rows, png = run(args.out, quick=args.quick)
+    print(table(rows, baseline))
+    if png:
+        print(f"\nplot: {png}")
+    return 0
+
+
 COLUMNS = ["timestamp", "git_sha", "device", "torch", "triton", "cuda", "op", "case", "backend", "mode",
            "median_ms", "p20_ms", "p80_ms", "metric", "value", "max_err", "peak_mem_mb", "note"]
 

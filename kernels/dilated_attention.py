@@ -153,6 +153,44 @@ def _key_block(blk, yf, xf, kh, kw, ROWS, COLS, STEP_H, STEP_W,
 
 
 @triton.jit
+def _pad_vectors(PADK, PADV, h, D, offs_d, dmask, dtype: tl.constexpr, BLOCK_D: tl.constexpr, PADDED: tl.constexpr):
+    """Head h's virtual-key vectors (k, v) for SAM's window padding; zeros when not PADDED."""
+    if PADDED:
+        pad_k = tl.load(PADK + h * D + offs_d, mask=dmask, other=0.0).to(dtype)
+        pad_v = tl.load(PADV + h * D + offs_d, mask=dmask, other=0.0).to(dtype)
+    else:
+        pad_k = tl.zeros((BLOCK_D,), dtype=dtype)
+        pad_v = pad_k
+    return pad_k, pad_v
+
+
+@triton.jit
+def _load_key_block(blk, yf, xf, kh, kw, ROWS, COLS, STEP_H, STEP_W, k_base, v_base, skn, svn, offs_d, dmask,
+                    pad_k, pad_v, BKY: tl.constexpr, BKX: tl.constexpr, PADDED: tl.constexpr):
+    """:func:`_key_block` plus its K and V tiles (BLOCK_N, BLOCK_D); SAM's virtual keys get pad_k/pad_v."""
+    cy, cx, ky, kx, valid, real = _key_block(blk, yf, xf, kh, kw, ROWS, COLS, STEP_H, STEP_W, BKY, BKX, PADDED)
+    kn = ky * COLS + kx
+    kmask = real[:, None] & dmask[None, :]
+    k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+    if PADDED:
+        k = tl.where(real[:, None], k, pad_k[None, :])
+        v = tl.where(real[:, None], v, pad_v[None, :])
+    return cy, cx, ky, kx, valid, real, k, v
+
+
+@triton.jit
+def _rw_columns(rw_row, mrow, kw, BLOCK_M: tl.constexpr, BKX: tl.constexpr, LOAD: tl.constexpr):
+    """RW[i, 0:BKX] for the query rows (zeros unless LOAD): the whole kept width when one key block spans it."""
+    cx0 = tl.arange(0, BKX)
+    tile = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
+    if LOAD:
+        tile = tl.load(rw_row[:, None] + cx0[None, :], mask=mrow[:, None] & (cx0 < kw)[None, :],
+                       other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
               BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, SINGLE_KX: tl.constexpr):
     """Bias tile (BLOCK_M, BKY * BKX) = RH[i, cy] + RW[i, cx] for kept key rows cy (BKY,) and columns
@@ -166,6 +204,17 @@ def _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
 
 
 @triton.jit
+def _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M: tl.constexpr,
+                  BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr,
+                  PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 logits (BLOCK_M, BLOCK_N) of a query tile against a key block: scale * q k^T (+ bias)."""
+    s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+    if HAS_REL:
+        s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M, BKY, BKX, SINGLE_KX) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, pad_k, pad_v,
                 ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
                 BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr,
@@ -175,27 +224,14 @@ def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn
     y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
     rh_row = rh_row + RH_OFF
     rw_row = rw_row + RW_OFF
-    rw_tile = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
-    if HAS_REL:
-        if SINGLE_KX:
-            cx0 = tl.arange(0, BKX)
-            rw_tile = tl.load(rw_row[:, None] + cx0[None, :], mask=mrow[:, None] & (cx0 < kw)[None, :],
-                              other=0.0).to(tl.float32)
+    rw_tile = _rw_columns(rw_row, mrow, kw, BLOCK_M, BKX, HAS_REL and SINGLE_KX)
     n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
     for blk in range(0, n_blocks):
-        cy, cx, ky, kx, valid, real = _key_block(blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W,
-                                                 BKY, BKX, PADDED)
-        kn = ky * COLS + kx
-        kmask = real[:, None] & dmask[None, :]
-        k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-        if PADDED:
-            k = tl.where(real[:, None], k, pad_k[None, :])
-            v = tl.where(real[:, None], v, pad_v[None, :])
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        if HAS_REL:
-            s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
-                           BLOCK_M, BKY, BKX, SINGLE_KX) * 1.4426950408889634
+        cy, cx, ky, kx, valid, real, k, v = _load_key_block(
+            blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
+            pad_k, pad_v, BKY, BKX, PADDED)
+        s = _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
+                          BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PREC, UPCAST)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -238,12 +274,7 @@ def _dilated_attention_fwd_kernel(
     q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    if PADDED:
-        pad_k = tl.load(PADK + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
-        pad_v = tl.load(PADV + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
-    else:
-        pad_k = tl.zeros((BLOCK_D,), dtype=q.dtype)
-        pad_v = pad_k
+    pad_k, pad_v = _pad_vectors(PADK, PADV, h, D, offs_d, dmask, Q.dtype.element_ty, BLOCK_D, PADDED)
     rh_row = RH + b * srb + h * srh + qn * srn
     rw_row = RW + b * swb + h * swh + qn * swn
     o_ptr = O + b * sob + h * soh + qn[:, None] * son + offs_d[None, :]
@@ -297,6 +328,7 @@ def _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELT
     nq = qh * qw
     cy = (kyv - y0 - oy) // DIL_H
     cx = (kxv - x0 - ox) // DIL_W
+    no_rw = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
     for t0 in range(0, nq, BLOCK_M):
         qn, mrow = _query_rows(t0, nq, qw, y0 + oy, x0 + ox, COLS, DIL_H, DIL_W, BLOCK_M)
         qmask = mrow[:, None] & dmask[None, :]
@@ -304,12 +336,9 @@ def _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELT
         do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + b * slb + h * slh + qn, mask=mrow, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        if HAS_REL:
-            rh_row = RH + b * srb + h * srh + qn * srn + RH_OFF
-            rw_row = RW + b * swb + h * swh + qn * swn + RW_OFF
-            s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, tl.zeros((BLOCK_M, BKX), dtype=tl.float32),
-                           BLOCK_M, BKY, BKX, False) * 1.4426950408889634
+        s = _block_logits(q, k, qk_scale, RH + b * srb + h * srh + qn * srn + RH_OFF,
+                          RW + b * swb + h * swh + qn * swn + RW_OFF, mrow, cy, cx, kh, kw, no_rw,
+                          BLOCK_M, BKY, BKX, HAS_REL, False, PREC, UPCAST)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
@@ -342,20 +371,16 @@ def _dilated_attention_bwd_dkdv_kernel(
     n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
     if pid_n >= n_blocks:
         return
-    cy, cx, ky, kx, valid, real = _key_block(pid_n, ty0, tx0, kh, kw, ROWS, COLS, RY, RX, BKY, BKX, PADDED)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    pad_k, pad_v = _pad_vectors(PADK, PADV, h, D, offs_d, dmask, Q.dtype.element_ty, BLOCK_D, PADDED)
+    cy, cx, ky, kx, valid, real, k, v = _load_key_block(
+        pid_n, ty0, tx0, kh, kw, ROWS, COLS, RY, RX, K + b * skb + h * skh, V + b * svb + h * svh, skn, svn,
+        offs_d, dmask, pad_k, pad_v, BKY, BKX, PADDED)
     kyv = ty0 + cy * RY
     kxv = tx0 + cx * RX
     kn = ky * COLS + kx
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     kmask = real[:, None] & dmask[None, :]
-    k = tl.load(K + b * skb + h * skh + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + kn[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-    if PADDED:
-        pad_k = tl.load(PADK + h * D + offs_d, mask=dmask, other=0.0).to(k.dtype)
-        pad_v = tl.load(PADV + h * D + offs_d, mask=dmask, other=0.0).to(v.dtype)
-        k = tl.where(real[:, None], k, pad_k[None, :])
-        v = tl.where(real[:, None], v, pad_v[None, :])
 
     dk = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
@@ -413,26 +438,15 @@ def _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_
     rh_row = rh_row + RH_OFF
     rw_row = rw_row + RW_OFF
     cx0 = tl.arange(0, BKX)
-    rw_tile = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
-    if HAS_REL:
-        rw_tile = tl.load(rw_row[:, None] + cx0[None, :], mask=mrow[:, None] & (cx0 < kw)[None, :],
-                          other=0.0).to(tl.float32)
+    rw_tile = _rw_columns(rw_row, mrow, kw, BLOCK_M, BKX, HAS_REL)
     drw = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
     n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
     for blk in range(0, n_blocks):
-        cy, cx, ky, kx, valid, real = _key_block(blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W,
-                                                 BKY, BKX, PADDED)
-        kn = ky * COLS + kx
-        kmask = real[:, None] & dmask[None, :]
-        k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
-        if PADDED:
-            k = tl.where(real[:, None], k, pad_k[None, :])
-            v = tl.where(real[:, None], v, pad_v[None, :])
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        if HAS_REL:
-            s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
-                           BLOCK_M, BKY, BKX, True) * 1.4426950408889634
+        cy, cx, ky, kx, valid, real, k, v = _load_key_block(
+            blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
+            pad_k, pad_v, BKY, BKX, PADDED)
+        s = _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
+                          BLOCK_M, BKY, BKX, HAS_REL, True, PREC, UPCAST)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PREC, UPCAST)
@@ -479,12 +493,7 @@ def _dilated_attention_bwd_dq_kernel(
     delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    if PADDED:
-        pad_k = tl.load(PADK + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
-        pad_v = tl.load(PADV + h * D + offs_d, mask=dmask, other=0.0).to(q.dtype)
-    else:
-        pad_k = tl.zeros((BLOCK_D,), dtype=q.dtype)
-        pad_v = pad_k
+    pad_k, pad_v = _pad_vectors(PADK, PADV, h, D, offs_d, dmask, Q.dtype.element_ty, BLOCK_D, PADDED)
     rh_row = RH + b * srb + h * srh + qn * srn
     rw_row = RW + b * swb + h * swh + qn * swn
     drh_row = DRH + b * srb + h * srh + qn * srn

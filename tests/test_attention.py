@@ -177,11 +177,17 @@ def test_auto_on_cpu_uses_cpu_backend_without_warning(recwarn):
 
 
 def test_opcheck_fwd_and_bwd_ops():
+    import sam_fast.ops.attention  # noqa: F401  (registers the custom ops; sam_fast's exports are lazy)
+
     for layout, rel in itertools.product(["contiguous", "qkv", "bhnd"], [False, True]):
         (q, k, v), _, kw = make_case(1, (3, 4), 2, 16, torch.float32, None, rel, layout=layout)
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), [3, 4, 3, 4, 1, 1],
                 kw.get("rel_pos_h"), kw.get("rel_pos_w"), None, None, 0.25)
         torch.library.opcheck(torch.ops.sam_fast.dilated_attention_fwd.default, args)
+    # Multi-branch geometry [rows, cols, (seg_h, seg_w, dil_h, dil_w) per branch]: 1-D, two branches.
+    q, k, v = (torch.randn(1, 12, 2, 16, requires_grad=True) for _ in range(3))
+    args = (q, k, v, [1, 12, 1, 4, 1, 1, 1, 12, 1, 2], None, None, None, None, 0.25)
+    torch.library.opcheck(torch.ops.sam_fast.dilated_attention_fwd.default, args)
 
 
 def test_torch_compile_fullgraph_no_graph_break():

@@ -13,7 +13,7 @@ so neither ``opcheck`` nor a compiled model could be tested on a CPU machine.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
