@@ -224,7 +224,7 @@ def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn
     y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
     rh_row = rh_row + RH_OFF
     rw_row = rw_row + RW_OFF
-    rw_tile = _rw_columns(rw_row, mrow, kw, BLOCK_M, BKX, HAS_REL and SINGLE_KX)
+    rw_tile = _rw_columns(rw_row, mrow, kw, BLOCK_M, BKX, HAS_REL)  # with the bias, SINGLE_KX holds
     n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
     for blk in range(0, n_blocks):
         cy, cx, ky, kx, valid, real, k, v = _load_key_block(
@@ -754,6 +754,7 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     _, cw = group.class_extent(padded)
     kbx = min(_pow2(cw), 64)
     kby = max(1, 64 // kbx)
+    assert not has_rel or kwp <= bkx  # the kernels rely on it: with the bias one key block spans the width
     block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
     block_d = max(16, _pow2(head_dim))
     num_warps = 4 if block_m == 64 else 8
