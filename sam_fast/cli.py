@@ -3,7 +3,7 @@
     sam-fast bench [--ops attention,dilated,relpos] [--out DIR] [--quick]
 
 runs the op benchmarks this machine can run against their references and peers, prints a table
-(op, case, backend, median time, speedup over segment_anything, max error), appends results with
+(op, case, backend, median time, speedup over the bench's baseline, max error), appends results with
 provenance to ``DIR/<script>.csv`` and draws ``DIR/<script>.png``. On a CPU-only machine CPU backends
 are timed and the Triton kernels are checked for correctness under the interpreter (not timed).
 """
@@ -37,14 +37,14 @@ def _bench(args) -> int:
     if not gpu:
         print("No CUDA GPU: timing CPU backends on small shapes; Triton kernels are checked under the "
               "interpreter, not timed. GPU figures need a CUDA machine.\n")
-    all_rows, plots = [], []
+    tables, plots = [], []
     for op in tqdm(ops, desc="benchmarks", unit="op", disable=not sys.stderr.isatty()):
         mod = importlib.import_module(f"sam_fast.bench.{BENCHES[op]}")
         rows, png = mod.run(args.out, quick=args.quick)
-        all_rows += rows
+        tables.append(f"{op}: speedup over {mod.BASELINE}\n" + table(rows, mod.BASELINE))
         if png:
             plots.append(png)
-    print(table(all_rows, "segment_anything"))
+    print("\n\n".join(tables))
     print(f"\nresults appended to {os.path.abspath(args.out)}/<script>.csv")
     for p in plots:
         print(f"plot: {p}")
