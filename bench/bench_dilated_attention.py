@@ -92,12 +92,12 @@ def _gather_index(br, oy, ox):
 
 def kept_pairs(pattern, B, N, H, grid) -> int:
     """Attended (query, key) pairs of the pattern, summed over branches, heads and batch."""
+    from sam_fast.reference.attention import _segment_tokens
+
     total = 0
     for br in _resolved(pattern, N, grid):
         for (oy, ox), heads in _head_groups(br, H).items():
             nsy, nsx = br.n_seg
-            from sam_fast.reference.attention import _segment_tokens
-
             for sy in range(nsy):
                 for sx in range(nsx):
                     n = len(_segment_tokens(br, sy, sx, oy, ox, padded=False)[0])

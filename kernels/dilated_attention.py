@@ -42,6 +42,7 @@ Softmax runs in base 2 (``exp2``) with ``log2(e)`` folded into the scale and bia
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence, Tuple
@@ -215,20 +216,33 @@ def _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
 
 
 @triton.jit
+def _branch_keys(ty0, tx0, h, rh_row, rw_row, mrow, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF,
+                 BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr,
+                 PADDED: tl.constexpr):
+    """One branch seen from a query tile: the first kept key (yf, xf), the kept key extents, the number
+    of key blocks (0 when the branch does not keep the tile), the query rows' RH / RW pointers at the
+    branch's table columns, and the preloaded RW tile (with the bias one key block spans the width)."""
+    y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
+    rh_row = rh_row + RH_OFF
+    rw_row = rw_row + RW_OFF
+    rw_tile = _rw_columns(rw_row, mrow, kw, BLOCK_M, BKX, HAS_REL)
+    n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
+    return y0 + oy, x0 + ox, kh, kw, n_blocks, rh_row, rw_row, rw_tile
+
+
+@triton.jit
 def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, pad_k, pad_v,
                 ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
                 BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr,
                 HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr):
     """Continue the online softmax (base 2) of a query tile over the kept keys of one branch."""
-    y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
-    rh_row = rh_row + RH_OFF
-    rw_row = rw_row + RW_OFF
-    rw_tile = _rw_columns(rw_row, mrow, kw, BLOCK_M, BKX, HAS_REL)  # with the bias, SINGLE_KX holds
-    n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
+    yf, xf, kh, kw, n_blocks, rh_row, rw_row, rw_tile = _branch_keys(
+        ty0, tx0, h, rh_row, rw_row, mrow, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF,
+        BLOCK_M, BKY, BKX, HAS_REL, PADDED)
     for blk in range(0, n_blocks):
         cy, cx, ky, kx, valid, real, k, v = _load_key_block(
-            blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
+            blk, yf, xf, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
             pad_k, pad_v, BKY, BKX, PADDED)
         s = _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
                           BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PREC, UPCAST)
@@ -434,16 +448,14 @@ def _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_
     one key block spans the kept width (SINGLE_KX), so every dRH column is written by exactly one
     iteration and dRW stays in registers until the branch ends.
     """
-    y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
-    rh_row = rh_row + RH_OFF
-    rw_row = rw_row + RW_OFF
+    yf, xf, kh, kw, n_blocks, rh_row, rw_row, rw_tile = _branch_keys(
+        ty0, tx0, h, rh_row, rw_row, mrow, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF,
+        BLOCK_M, BKY, BKX, HAS_REL, PADDED)
     cx0 = tl.arange(0, BKX)
-    rw_tile = _rw_columns(rw_row, mrow, kw, BLOCK_M, BKX, HAS_REL)
     drw = tl.zeros((BLOCK_M, BKX), dtype=tl.float32)
-    n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
     for blk in range(0, n_blocks):
         cy, cx, ky, kx, valid, real, k, v = _load_key_block(
-            blk, y0 + oy, x0 + ox, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
+            blk, yf, xf, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
             pad_k, pad_v, BKY, BKX, PADDED)
         s = _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
                           BLOCK_M, BKY, BKX, HAS_REL, True, PREC, UPCAST)
@@ -652,14 +664,17 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _rel_index(n_coord: int, seg: int, dil: int, kept: int, heads: int, offset_of_head, center: int):
-    """idx[h, c, u] = c - (segment origin of c + offset(h) + u * dil) + center, clamped to the table."""
+@functools.lru_cache(maxsize=64)
+def _rel_index(n_coord: int, seg: int, dil: int, kept: int, offsets: Tuple[int, ...], center: int, length: int,
+               device: torch.device) -> torch.Tensor:
+    """idx[h, c, u] = c - (segment origin of c + offsets[h] + u * dil) + center, clamped to the table's
+    ``length`` rows, on ``device``. Cached: forward and backward of every call reuse it, no H2D copy."""
     c = torch.arange(n_coord)
     origin = (c // seg) * seg
     u = torch.arange(kept)
-    offs = torch.tensor([offset_of_head(h) for h in range(heads)])
+    offs = torch.tensor(offsets)
     idx = c[None, :, None] - (origin[None, :, None] + offs[:, None, None] + u[None, None, :] * dil) + center
-    return idx
+    return idx.clamp(0, length - 1).to(device)
 
 
 def relpos_tables(q: torch.Tensor, geom: Geometry, rel_pos_h, rel_pos_w, padded: bool):
@@ -673,10 +688,9 @@ def relpos_tables(q: torch.Tensor, geom: Geometry, rel_pos_h, rel_pos_w, padded:
     dy, dx = geom.dil
     kh, kw = geom.kept_extent(padded)
     khp, kwp = _pow2(kh), _pow2(kw)
-    idx_h = _rel_index(rows, geom[2], dy, khp, H, lambda h: (h // dx) % dy, (rel_pos_h.shape[0] - 1) // 2)
-    idx_w = _rel_index(cols, geom[3], dx, kwp, H, lambda h: h % dx, (rel_pos_w.shape[0] - 1) // 2)
-    idx_h = idx_h.clamp(0, rel_pos_h.shape[0] - 1).to(q.device)
-    idx_w = idx_w.clamp(0, rel_pos_w.shape[0] - 1).to(q.device)
+    lh, lw = rel_pos_h.shape[0], rel_pos_w.shape[0]
+    idx_h = _rel_index(rows, geom[2], dy, khp, tuple((h // dx) % dy for h in range(H)), (lh - 1) // 2, lh, q.device)
+    idx_w = _rel_index(cols, geom[3], dx, kwp, tuple(h % dx for h in range(H)), (lw - 1) // 2, lw, q.device)
     gh = rel_pos_h.to(q.dtype)[idx_h]  # (H, rows, KHP, D)
     gw = rel_pos_w.to(q.dtype)[idx_w]  # (H, cols, KWP, D)
     q5 = q.unflatten(1, (rows, cols))  # a view for any (B, N, H, D) strides
@@ -745,7 +759,7 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     kh, kw = group.kept_extent(padded)
     kwp = _pow2(kw)
     block_n = 64
-    if has_rel:
+    if has_rel:  # one key block spans the kept width: the kernels rely on it (SINGLE_KX)
         block_n = max(block_n, kwp)
         bkx = kwp
     else:
@@ -754,7 +768,6 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     _, cw = group.class_extent(padded)
     kbx = min(_pow2(cw), 64)
     kby = max(1, 64 // kbx)
-    assert not has_rel or kwp <= bkx  # the kernels rely on it: with the bias one key block spans the width
     block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
     block_d = max(16, _pow2(head_dim))
     num_warps = 4 if block_m == 64 else 8

@@ -84,13 +84,21 @@ class SamFastConfig:
             if missing:
                 raise ValueError(f"dilated_blocks {missing} have no entry in the dilated_pattern dict")
 
-    def pattern_for(self, index: int, block: nn.Module):
-        """The dilated pattern block ``index`` gets, or None (exact attention)."""
+    def chosen_blocks(self):
+        """``"global"``, ``"all"`` or the list of block indices that get a dilated pattern (None unless
+        attention is ``"dilated"``); a dict pattern without ``dilated_blocks`` chooses its keys."""
         if self.attention != "dilated":
             return None
-        pat, blocks = self.dilated_pattern, self.dilated_blocks
+        if self.dilated_blocks is not None:
+            return self.dilated_blocks
+        return sorted(self.dilated_pattern) if isinstance(self.dilated_pattern, dict) else "global"
+
+    def pattern_for(self, index: int, block: nn.Module):
+        """The dilated pattern block ``index`` gets, or None (exact attention)."""
+        blocks = self.chosen_blocks()
         if blocks is None:
-            blocks = sorted(pat) if isinstance(pat, dict) else "global"
+            return None
+        pat = self.dilated_pattern
         if blocks == "global":
             chosen = int(block.window_size) == 0
         elif blocks == "all":
@@ -154,9 +162,7 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         for name, child in list(parent._modules.items()):
             if child is not None and (isinstance(child, SamFastBlock) or is_sam_vit_block(child)):
                 found.append((parent, name, child, int(name) if name.isdigit() else -1))
-    wanted = config.dilated_blocks
-    if config.attention == "dilated" and wanted is None and isinstance(config.dilated_pattern, dict):
-        wanted = sorted(config.dilated_pattern)
+    wanted = config.chosen_blocks()
     if isinstance(wanted, (list, tuple)):
         missing = sorted(set(wanted) - {index for *_, index in found})
         if missing:

@@ -216,6 +216,8 @@ def test_dilated_attn_func_matches_pattern_call():
     assert sam_fast.dilated_attn_func(q, k, v, 8, 2).shape == q.shape  # scalars accepted
     with pytest.raises(ValueError, match="segment_lengths and dilation_rates must have the same length"):
         sam_fast.dilated_attn_func(q, k, v, [8, 16], [1])
+    with pytest.raises(TypeError, match="segment_lengths must be an int or a list of ints"):
+        sam_fast.dilated_attn_func(q, k, v, "8", 2)
 
 
 def test_bad_patterns_raise_value_error_naming_the_argument():

@@ -13,6 +13,7 @@ so neither ``opcheck`` nor a compiled model could be tested on a CPU machine.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -310,7 +311,13 @@ def dilated_attn_func(
     """
     from ..pattern import pattern_from_lists
 
-    segs = [segment_lengths] if isinstance(segment_lengths, int) else list(segment_lengths)
-    dils = [dilation_rates] if isinstance(dilation_rates, int) else list(dilation_rates)
+    def as_list(x, name):
+        if isinstance(x, numbers.Integral):
+            return [x]
+        if isinstance(x, (list, tuple)):
+            return list(x)
+        raise TypeError(f"{name} must be an int or a list of ints, got {type(x).__name__}")
+
+    segs, dils = as_list(segment_lengths, "segment_lengths"), as_list(dilation_rates, "dilation_rates")
     pattern = pattern_from_lists(segs, dils)
     return dilated_attention(q, k, v, pattern, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend)
