@@ -6,6 +6,9 @@ Public API:
   :class:`Branch` describes a pattern branch; :func:`dilated_attn_func` is the LongNet-style
   ``(segment_lengths, dilation_rates)`` form.
 * :func:`resize_rel_pos` - segment_anything's rel-pos table resize as a C++/CUDA op.
+* :func:`int8_linear`, :func:`quantize_per_token`, :func:`layer_norm_quantize` - W8A8 int8 GEMM with
+  fused quantization and epilogue; :mod:`sam_fast.quantize` calibrates SAM encoders
+  (``SamFastConfig(quantize="int8", calibration=...)``).
 * :func:`apply` / :class:`SamFastConfig` - swap the kernels into a segment_anything model instance;
   ``handle.undo()`` restores it.
 * :func:`record_backends` - which backend every op call ran on.
@@ -25,6 +28,9 @@ _EXPORTS = {
     "dilated_attention": ".ops.attention",
     "dilated_attn_func": ".ops.attention",
     "resize_rel_pos": ".ops.relpos",
+    "quantize_per_token": ".ops.int8",
+    "layer_norm_quantize": ".ops.int8",
+    "int8_linear": ".ops.int8",
     "Branch": ".pattern",
     "SamFastConfig": ".patch",
     "SamFastHandle": ".patch",
@@ -32,7 +38,12 @@ _EXPORTS = {
 }
 
 
+_SUBMODULES = ("models", "nn", "pattern", "quantize", "reference", "testing")
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
@@ -41,7 +52,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(list(globals()) + list(_EXPORTS) + list(_SUBMODULES))
 
 
 __version__ = "0.1.0"
@@ -56,6 +67,9 @@ __all__ = [
     "apply",
     "dilated_attention",
     "dilated_attn_func",
+    "int8_linear",
+    "layer_norm_quantize",
+    "quantize_per_token",
     "record_backends",
     "resize_rel_pos",
 ]

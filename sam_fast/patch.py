@@ -7,6 +7,8 @@ submodules (so parameters and state_dict keys are untouched). Library classes ar
 With ``attention="dilated"`` the chosen blocks (``dilated_blocks``: ``"global"``, ``"all"`` or a list
 of block indices; or the keys of a per-block ``dilated_pattern`` dict) run dilated attention over the
 whole token grid with their own weights; every other block keeps exact fused attention.
+With ``quantize="int8"`` the linears of every ViT block become :class:`sam_fast.nn.Int8Linear`
+(W8A8; see :mod:`sam_fast.quantize`), composing with either attention mode.
 Applying again is harmless: already swapped blocks take the new backend and pattern, and the new
 handle's ``undo()`` gives them back their previous ones; ``handle.undo()`` puts the original block
 objects back.
@@ -15,15 +17,18 @@ objects back.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from ._dispatch import check_backend_name
-from .nn.attention import SamFastBlock, is_sam_vit_block
+from .nn.attention import SamFastBlock
+from .nn.quantized import Int8Linear
 from .pattern import check_pattern
+from .quantize import Calibration, eligible_linears, too_narrow, vit_blocks
 
 ATTENTION_MODES = ("exact", "dilated", "none")
+QUANTIZE_MODES = (None, "int8")
 BLOCK_CHOICES = ("global", "all")
 
 
@@ -42,17 +47,34 @@ class SamFastConfig:
         dilated_blocks: which blocks (indices into the encoder's ``blocks``) get the dilated pattern:
             ``"global"`` (SAM's global-attention blocks; the default), ``"all"``, or a list of indices.
             With a dict pattern the default is the dict's keys.
+        quantize: None, or ``"int8"``: W8A8 for the linears of every ViT block (qkv, proj, MLP) with
+            :class:`sam_fast.nn.Int8Linear`; with ``attention="exact"``/``"dilated"`` the LayerNorms fuse
+            into the int8 GEMMs' input quantization (see :mod:`sam_fast.quantize`).
+        calibration: with ``quantize="int8"``: a :class:`sam_fast.quantize.Calibration` from
+            :func:`sam_fast.quantize.calibrate` (static scale for the MLP's second linear; layers it
+            marked float stay float), or None (dynamic per-token activations everywhere; only layers
+            too narrow for int8 stay float).
     """
 
     attention: str = "exact"
     backend: str = "auto"
     dilated_pattern: Any = None
     dilated_blocks: Any = None
+    quantize: Optional[str] = None
+    calibration: Any = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"SamFastConfig attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         check_backend_name(self.backend)
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"SamFastConfig quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        if self.calibration is not None:
+            if self.quantize is None:
+                raise ValueError("calibration needs quantize='int8'")
+            if not isinstance(self.calibration, Calibration):
+                raise TypeError(f"calibration must be a sam_fast.quantize.Calibration (from calibrate()), got "
+                                f"{type(self.calibration).__name__}")
         if self.attention != "dilated":
             if self.dilated_pattern is not None or self.dilated_blocks is not None:
                 raise ValueError(f"dilated_pattern / dilated_blocks need attention='dilated', got "
@@ -116,10 +138,13 @@ class SamFastHandle:
     """Returned by :func:`apply`; ``undo()`` restores every module it swapped (once; later calls no-op)."""
 
     def __init__(self, model: nn.Module, swaps: List[Tuple[nn.Module, str, nn.Module, nn.Module]],
-                 updates: Optional[List[Tuple[SamFastBlock, str, Any]]] = None):
+                 updates: Optional[List[Tuple[SamFastBlock, str, Any]]] = None,
+                 left_float: Optional[Dict[str, str]] = None):
         self.model = model
         self._swaps = swaps
         self._updates = updates or []  # (already swapped block, previous backend, previous pattern)
+        #: with quantize="int8": eligible linears kept in float, ``{"blocks.<i>.<attn|mlp>.<name>": why}``
+        self.left_float = dict(left_float or {})
 
     @property
     def swapped(self) -> List[str]:
@@ -155,13 +180,14 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
     if not isinstance(config, SamFastConfig):
         raise TypeError(f"config must be a sam_fast.SamFastConfig, got {type(config).__name__}")
     swaps, updates = [], []
-    if config.attention not in ("exact", "dilated"):
-        return SamFastHandle(model, swaps, updates)
-    found = []  # (parent, name, block, index in the encoder's ``blocks``), collected before any change
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is not None and (isinstance(child, SamFastBlock) or is_sam_vit_block(child)):
-                found.append((parent, name, child, int(name) if name.isdigit() else -1))
+    if config.attention in ("exact", "dilated"):
+        _swap_blocks(model, config, swaps, updates)
+    left_float = _quantize_linears(model, config, swaps) if config.quantize == "int8" else {}
+    return SamFastHandle(model, swaps, updates, left_float)
+
+
+def _swap_blocks(model, config, swaps, updates) -> None:
+    found = vit_blocks(model)  # collected before any change
     wanted = config.chosen_blocks()
     if isinstance(wanted, (list, tuple)):
         missing = sorted(set(wanted) - {index for *_, index in found})
@@ -178,4 +204,35 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
             new.train(child.training)
             parent._modules[name] = new
             swaps.append((parent, name, child, new))
-    return SamFastHandle(model, swaps, updates)
+
+
+def _quantize_linears(model, config, swaps) -> Dict[str, str]:
+    """Swap Int8Linear into every eligible linear (see sam_fast.quantize); returns those kept float."""
+    slots = eligible_linears(model)
+    if not slots:
+        raise ValueError("quantize='int8' found no segment_anything ViT block linears in the model")
+    cal = config.calibration
+    if cal is not None:
+        unknown = [s.key for s in slots if s.key not in cal.layers]
+        if unknown:
+            raise ValueError(f"the calibration has no entry for {unknown[:3]}{' ...' if len(unknown) > 3 else ''}: "
+                             f"it was made on another model (it knows {len(cal.layers)} layers)")
+    left_float, planned = {}, []
+    for slot in slots:  # decide everything before changing anything
+        lin = slot.module
+        if isinstance(lin, Int8Linear):
+            continue
+        entry = cal.layers[slot.key] if cal is not None else None
+        reason = entry.reason if entry is not None and entry.mode == "float" else too_narrow(lin)
+        if reason:
+            left_float[slot.key] = reason
+            continue
+        scale = entry.static_scale if entry is not None and entry.mode == "static" else None
+        planned.append((slot, scale))
+    for slot, scale in planned:
+        lin = slot.module
+        new = Int8Linear.from_float(lin, act_scale=scale, backend=config.backend)
+        new.train(lin.training)
+        slot.parent._modules[slot.name] = new
+        swaps.append((slot.parent, slot.name, lin, new))
+    return left_float

@@ -23,6 +23,7 @@ from torch import nn
 from ..ops.attention import _needed_rel_rows, dilated_attention
 from ..ops.relpos import resize_rel_pos
 from ..pattern import Branch, check_pattern, resolve_pattern
+from .quantized import Int8Linear, int8_mlp, norm_int8_linear
 
 
 def _rel_table(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -42,17 +43,20 @@ def _pattern_rel_sizes(pattern, grid, base):
     return (need_h + 1) // 2, (need_w + 1) // 2
 
 
-def sam_attention(attn: nn.Module, x: torch.Tensor, window_size: int = 0, backend: str = "auto",
-                  pattern=None) -> torch.Tensor:
+def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int = 0, backend: str = "auto",
+                  pattern=None, qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
     """segment_anything ``Attention`` (with its Block's window partition when ``window_size > 0``)
     on x (B, Hg, Wg, C) through the fused kernel. Returns (B, Hg, Wg, C_out of attn.proj).
 
     With a ``pattern`` the attention is dilated attention over the whole (Hg, Wg) grid (no window
     partition); rel-pos tables keep absolute coordinates and are resized only when the pattern reaches
-    beyond what the block's tables span."""
-    B, Hg, Wg, _ = x.shape
+    beyond what the block's tables span. ``qkv`` (B, Hg, Wg, 3C), when given, is ``attn.qkv(x)`` already
+    computed (e.g. by a fused LayerNorm -> int8 GEMM) and ``x`` is not read."""
+    if qkv is None:
+        qkv = attn.qkv(x)
+    B, Hg, Wg, _ = qkv.shape
     heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(B, Hg * Wg, 3, heads, -1)
+    qkv = qkv.reshape(B, Hg * Wg, 3, heads, -1)
     q, k, v = qkv.unbind(2)  # (B, N, heads, head_dim) views; last dim contiguous
     head_dim = q.shape[-1]
     pad_kv = None
@@ -98,8 +102,15 @@ class SamFastBlock(nn.Module):
         self.pattern = check_pattern(pattern, "pattern")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + sam_attention(self.attn, self.norm1(x), self.window_size, self.backend, self.pattern)
-        return x + self.mlp(self.norm2(x))
+        # W8A8 (sam_fast.apply with quantize="int8"): the norms fuse into the int8 GEMMs' input.
+        qkv = norm_int8_linear(self.norm1, self.attn.qkv, x)
+        if qkv is None:
+            attn = sam_attention(self.attn, self.norm1(x), self.window_size, self.backend, self.pattern)
+        else:
+            attn = sam_attention(self.attn, None, self.window_size, self.backend, self.pattern, qkv=qkv)
+        x = x + attn
+        mlp = int8_mlp(self.norm2, self.mlp, x)
+        return x + (mlp if mlp is not None else self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
         extra = "" if self.pattern is None else f", pattern={self.pattern}"
@@ -180,7 +191,8 @@ def is_sam_vit_block(m: nn.Module) -> bool:
     if not isinstance(getattr(m, "window_size", None), int):
         return False
     qkv, proj, heads = getattr(attn, "qkv", None), getattr(attn, "proj", None), getattr(attn, "num_heads", None)
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+    linear = (nn.Linear, Int8Linear)  # a block quantized in place (quantize="int8") is still one
+    if not (isinstance(qkv, linear) and isinstance(proj, linear) and isinstance(heads, int) and heads > 0):
         return False
     if qkv.out_features % (3 * heads) != 0 or not hasattr(attn, "scale"):
         return False

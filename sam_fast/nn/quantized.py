@@ -1,0 +1,161 @@
+"""W8A8 modules: :class:`Int8Linear` and the fused LayerNorm -> int8 -> GEMM paths of a SAM ViT block.
+
+:class:`Int8Linear` is an inference drop-in for ``nn.Linear``: int8 weight symmetric per output
+channel (``weight``, ``weight_scale``), float ``bias``, and optionally a calibrated per-tensor
+activation scale (``act_scale``; without it activations are quantized per token at run time). Its
+state_dict keys are ``weight`` (int8), ``weight_scale``, ``bias`` and ``act_scale``; loading a state_dict
+decides whether the layer is static (it has ``act_scale``) or dynamic. ``model.to(torch.bfloat16)``
+casts the bias with the model but keeps the scales in float32.
+
+:func:`norm_int8_linear` and :func:`int8_mlp` are what :class:`sam_fast.nn.SamFastBlock` runs when its
+linears are quantized: ``norm1 -> qkv`` and ``norm2 -> lin1`` become one LayerNorm-quantize pass plus
+one GEMM, and with a calibrated ``lin2`` the first MLP GEMM re-quantizes its GELU output to int8 in the
+epilogue, so the 4x-wide hidden activation is written once, in int8, and never quantized separately.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.int8 import int8_linear, layer_norm_quantize, quantize_weight
+
+_SCALES = ("weight_scale", "act_scale")
+
+
+def _static_scale(act_scale, device) -> Optional[torch.Tensor]:
+    if act_scale is None:
+        return None
+    if isinstance(act_scale, numbers.Real) and not isinstance(act_scale, bool):
+        act_scale = torch.tensor(float(act_scale))
+    if not isinstance(act_scale, torch.Tensor) or not act_scale.is_floating_point() or act_scale.numel() != 1:
+        raise TypeError(f"act_scale must be a positive float or a one-element float tensor, got {act_scale!r}")
+    if not float(act_scale) > 0:
+        raise ValueError(f"act_scale must be positive, got {float(act_scale)}")
+    return act_scale.detach().reshape(()).to(device=device, dtype=torch.float32).clone()
+
+
+class Int8Linear(nn.Module):
+    """W8A8 ``nn.Linear`` for inference: ``y = int8_linear(x, weight, weight_scale, bias, act_scale=...)``.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        act_scale: None (dynamic per-token activation quantization) or the calibrated per-tensor scale.
+        backend: handed to :func:`sam_fast.int8_linear`.
+        device, bias_dtype: where the buffers live and the bias dtype.
+
+    Input (..., in_features) float (quantized on the fly) or, through :meth:`forward_int8`, int8 with
+    its scales. Output (..., out_features) in the input's dtype. There is no backward.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, act_scale=None,
+                 backend: str = "auto", device=None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.register_buffer("act_scale", _static_scale(act_scale, device))
+        self.backend = backend
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_scale=None, backend: str = "auto") -> "Int8Linear":
+        """Quantize ``linear``'s weight per output channel (symmetric int8) and copy its bias.
+
+        ``act_scale``: the calibrated per-tensor input scale for static activation quantization (see
+        :func:`sam_fast.quantize.calibrate`), or None for dynamic per-token quantization."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, act_scale=act_scale,
+                  backend=backend, device=w.device,
+                  bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
+        wq, ws = quantize_weight(w.float())
+        new.weight.copy_(wq)
+        new.weight_scale.copy_(ws)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach())
+        return new
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight this layer computes with: ``weight * weight_scale[:, None]`` (fp32)."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, act_scale=self.act_scale,
+                           backend=self.backend)
+
+    def forward_int8(self, x_int8: torch.Tensor, x_scale: torch.Tensor, *, activation: Optional[str] = None,
+                     out_dtype: Optional[torch.dtype] = None, out_scale=None) -> torch.Tensor:
+        """The GEMM on already quantized input (per-token or per-tensor ``x_scale``), with the fused
+        epilogue: optional GELU, a float ``out_dtype`` or ``torch.int8`` with ``out_scale``."""
+        return int8_linear(x_int8, self.weight, self.weight_scale, self.bias, act_scale=x_scale,
+                           activation=activation, out_dtype=out_dtype, out_scale=out_scale, backend=self.backend)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() cast every float buffer; the scales must stay float32.
+        kept = {n: self._buffers[n] for n in _SCALES if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, before in kept.items():
+            after = self._buffers[n]
+            if after.dtype != torch.float32:
+                self._buffers[n] = before.to(device=after.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Static or dynamic is part of the saved layer: follow the state_dict.
+        key = prefix + "act_scale"
+        if key in state_dict and self.act_scale is None:
+            self.act_scale = torch.ones((), dtype=torch.float32, device=self.weight.device)
+        elif key not in state_dict and self.act_scale is not None:
+            self.act_scale = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for n in _SCALES:
+            t = self._buffers.get(n)
+            if t is not None and t.dtype != torch.float32:
+                self._buffers[n] = t.float()
+
+    def extra_repr(self) -> str:
+        mode = "dynamic per-token" if self.act_scale is None else "static per-tensor"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activations={mode}, backend={self.backend!r}")
+
+
+def _is_layer_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
+
+
+def _is_exact_gelu(m: nn.Module) -> bool:
+    return isinstance(m, nn.GELU) and m.approximate == "none"
+
+
+def norm_int8_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``linear(norm(x))`` as LayerNorm-quantize + int8 GEMM when ``linear`` is a dynamic
+    :class:`Int8Linear` and ``norm`` an ``nn.LayerNorm``; None when the pair does not fuse."""
+    if not (isinstance(linear, Int8Linear) and linear.act_scale is None and _is_layer_norm(norm)):
+        return None
+    xq, xs = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, backend=linear.backend)
+    return linear.forward_int8(xq, xs, out_dtype=x.dtype)
+
+
+def int8_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """segment_anything ``MLPBlock`` on ``norm(x)``: ``lin2(GELU(lin1(.)))`` with the norm fused into
+    lin1's input quantization, GELU into its epilogue and, when lin2 is calibrated (static), the
+    re-quantization for lin2 too. None when the block does not have that form."""
+    lin1, lin2, act = getattr(mlp, "lin1", None), getattr(mlp, "lin2", None), getattr(mlp, "act", None)
+    if not (isinstance(lin1, Int8Linear) and lin1.act_scale is None and _is_layer_norm(norm)
+            and isinstance(act, nn.Module) and _is_exact_gelu(act) and isinstance(lin2, nn.Module)):
+        return None
+    xq, xs = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, backend=lin1.backend)
+    if isinstance(lin2, Int8Linear) and lin2.act_scale is not None:
+        h = lin1.forward_int8(xq, xs, activation="gelu", out_dtype=torch.int8, out_scale=lin2.act_scale)
+        return lin2.forward_int8(h, lin2.act_scale, out_dtype=x.dtype)
+    return lin2(lin1.forward_int8(xq, xs, activation="gelu", out_dtype=x.dtype))

@@ -1,0 +1,381 @@
+"""W8A8 ops: ``sam_fast.quantize_per_token``, ``sam_fast.layer_norm_quantize``, ``sam_fast.int8_linear``.
+
+Layers: the Triton launchers in :mod:`sam_fast.kernels.int8_gemm` are registered here once as
+``sam_fast::quantize_per_token``, ``sam_fast::quantize_static``, ``sam_fast::layer_norm_quantize`` and
+``sam_fast::int8_gemm`` custom ops with fakes (inference ops: no autograd; a backward through them
+raises PyTorch's "no autograd formula" error). The public functions validate, flatten leading dims,
+pick a backend (``auto | triton | cpu | reference``) and run it. The plain-PyTorch reference, which
+is also the CPU backend and shares the kernels' numerics operation for operation, is
+:mod:`sam_fast.reference.int8`.
+
+Quantization scheme (DESIGN.md "Fused int8 GEMM"): weights int8 symmetric per output channel;
+activations int8 symmetric per token (dynamic; the default) or per tensor with a calibrated scale
+(static); int32 accumulation; the epilogue dequantizes, adds the bias, applies GELU and casts or
+re-quantizes for the next GEMM.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from .._dispatch import Backend, Refusal, dispatch, triton_interpreter
+from ..kernels import int8_gemm as _k
+from ..reference import int8 as _ref
+
+Tensor = torch.Tensor
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_OUT_DTYPES = _FLOATS + (torch.int8, torch.int32)
+MAX_ROW = 16384  # widest row the single-pass quantization kernels hold in registers
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops (2-D, validated inputs)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sam_fast::quantize_per_token", mutates_args=())
+def _quantize_per_token_op(x: Tensor) -> Tuple[Tensor, Tensor]:
+    return _k.quantize_rows(x)
+
+
+@_quantize_per_token_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("sam_fast::quantize_static", mutates_args=())
+def _quantize_static_op(x: Tensor, scale: Tensor) -> Tensor:
+    return _k.quantize_rows(x, scale)[0]
+
+
+@_quantize_static_op.register_fake
+def _(x, scale):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("sam_fast::layer_norm_quantize", mutates_args=())
+def _layer_norm_quantize_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            eps: float) -> Tuple[Tensor, Tensor]:
+    return _k.layer_norm_quantize(x, weight, bias, eps)
+
+
+@_layer_norm_quantize_op.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("sam_fast::int8_gemm", mutates_args=())
+def _int8_gemm_op(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                  activation: Optional[str], out_dtype: torch.dtype, out_scale: Optional[Tensor]) -> Tensor:
+    return _k.int8_gemm(a, a_scale, w, w_scale, bias, activation, out_dtype, out_scale)
+
+
+@_int8_gemm_op.register_fake
+def _(a, a_scale, w, w_scale, bias, activation, out_dtype, out_scale):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------------
+
+
+def _triton_device_refusal(t: Tensor, explicit: bool) -> Optional[Refusal]:
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu" and triton_interpreter():
+        if explicit:
+            return None
+        return Refusal("on CPU the Triton kernels run only under TRITON_INTERPRET=1 with backend='triton' "
+                       "(the interpreter is for testing, not speed)", wrong_device=True)
+    return Refusal(f"Triton kernels need CUDA tensors, got {t.device}", wrong_device=True)
+
+
+def _rows_supports(x, *args, explicit, **kwargs):
+    refusal = _triton_device_refusal(x, explicit)
+    if refusal is None and x.shape[-1] > MAX_ROW:
+        refusal = Refusal(f"the Triton quantization kernels hold a row in registers: rows up to {MAX_ROW} "
+                          f"wide, got {x.shape[-1]}")
+    return refusal
+
+
+def _cpu_supports(x, *args, explicit, **kwargs):
+    if x.device.type != "cpu":
+        return Refusal(f"the CPU backend needs CPU tensors, got {x.device}", wrong_device=True)
+    return None
+
+
+def _any_supports(*args, explicit, **kwargs):
+    return None
+
+
+def _table(triton_supports, triton_run, reference_run):
+    return (
+        Backend("triton", triton_supports, triton_run),
+        Backend("cpu", _cpu_supports, reference_run),
+        Backend("reference", _any_supports, reference_run),
+    )
+
+
+_QUANT_TABLE = _table(_rows_supports, _quantize_per_token_op, _ref.quantize_per_token)
+_LN_TABLE = _table(_rows_supports, _layer_norm_quantize_op, _ref.layer_norm_quantize)
+
+
+def _linear_triton_supports(x, x_scale, w, *args, explicit, **kwargs):
+    refusal = _triton_device_refusal(w, explicit)
+    if refusal is None and x.dtype != torch.int8 and x.shape[-1] > MAX_ROW:
+        refusal = Refusal(f"the Triton quantization kernel holds a row in registers: K up to {MAX_ROW}, "
+                          f"got {x.shape[-1]}")
+    return refusal
+
+
+def _linear_cpu_supports(x, x_scale, w, *args, explicit, **kwargs):
+    return _cpu_supports(w, explicit=explicit)
+
+
+def _linear_triton_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
+    if x.dtype != torch.int8:
+        if x_scale is None:
+            x, x_scale = _quantize_per_token_op(x)
+        else:
+            x = _quantize_static_op(x, x_scale)
+    return _int8_gemm_op(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale)
+
+
+def _linear_reference_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
+    if x.dtype != torch.int8:
+        if x_scale is None:
+            x, x_scale = _ref.quantize_per_token(x)
+        else:
+            x = _ref.quantize_static(x, x_scale)
+    return _ref.int8_gemm(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale)
+
+
+_LINEAR_TABLE = (
+    Backend("triton", _linear_triton_supports, _linear_triton_run),
+    Backend("cpu", _linear_cpu_supports, _linear_reference_run),
+    Backend("reference", _any_supports, _linear_reference_run),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _tensor(t, name: str) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _float_input(x, name: str = "x") -> Tensor:
+    _tensor(x, name)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dim (the features), got shape {tuple(x.shape)}")
+    return x
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x as (M, K) with a contiguous last dim (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] == 1 else x2.contiguous()
+
+
+def _same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _scalar_scale(s, name: str, device) -> Tensor:
+    """A calibrated scale as a 0-d fp32 tensor (from a float or a one-element tensor)."""
+    if isinstance(s, numbers.Real) and not isinstance(s, bool):
+        if not s > 0:
+            raise ValueError(f"{name} must be a positive scale, got {s!r}")
+        s = torch.tensor(float(s), device=device)
+    _tensor(s, name)
+    if not s.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point scale, got {s.dtype}")
+    if s.numel() != 1:
+        raise ValueError(f"{name} must be a single (per-tensor) scale, got shape {tuple(s.shape)}")
+    if s.device != device:
+        raise ValueError(f"{name} must be on {device}, got {s.device}")
+    return s.reshape(()).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------------
+
+
+def quantize_per_token(x: Tensor, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Symmetric per-token int8 quantization of activations.
+
+    Args:
+        x: (..., K) float16/bfloat16/float32; each row along the last dim is one token.
+    Returns:
+        ``(x_int8, scale)``: ``x_int8`` int8 shaped like ``x``; ``scale`` fp32 shaped ``x.shape[:-1]``
+        with ``x ~= x_int8 * scale[..., None]``, ``scale = max|row| / 127`` (1 for an all-zero row).
+    """
+    _float_input(x)
+    x2 = _rows(x)
+    if x2.shape[0] == 0:
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    q, scale = dispatch("quantize_per_token", _QUANT_TABLE, backend, x2)
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+def layer_norm_quantize(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                        eps: float = 1e-5, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``quantize_per_token(F.layer_norm(x, (K,), weight, bias, eps))`` in one pass: the normalised
+    activations never exist in floating point (fp32 statistics). Returns ``(x_int8, scale)`` as
+    :func:`quantize_per_token`.
+    """
+    _float_input(x)
+    K = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _tensor(t, name)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if tuple(t.shape) != (K,):
+            raise ValueError(f"{name} must have shape (K,) = ({K},), got {tuple(t.shape)}")
+        _same_device(t, name, x, "x")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    x2 = _rows(x)
+    if x2.shape[0] == 0:
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    q, scale = dispatch("layer_norm_quantize", _LN_TABLE, backend, x2, weight, bias, float(eps))
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+def _check_weight(weight_int8, weight_scale, bias):
+    _tensor(weight_int8, "weight_int8")
+    if weight_int8.dtype != torch.int8:
+        hint = (" (quantize a float weight first: sam_fast.quantize.quantize_weight or "
+                "sam_fast.nn.Int8Linear.from_float)" if weight_int8.is_floating_point() else "")
+        raise TypeError(f"weight_int8 must be torch.int8, got {weight_int8.dtype}{hint}")
+    if weight_int8.dim() != 2 or 0 in weight_int8.shape:
+        raise ValueError(f"weight_int8 must be a non-empty (out_features, in_features) matrix, got shape "
+                         f"{tuple(weight_int8.shape)}")
+    N, K = weight_int8.shape
+    if K > _ref.MAX_K:
+        raise ValueError(f"weight_int8 has in_features={K}; the int32 accumulator is exact only up to "
+                         f"{_ref.MAX_K}")
+    _tensor(weight_scale, "weight_scale")
+    if weight_scale.dtype != torch.float32:
+        raise TypeError(f"weight_scale must be float32 (one scale per output channel), got {weight_scale.dtype}")
+    if tuple(weight_scale.shape) != (N,):
+        raise ValueError(f"weight_scale must have shape (out_features,) = ({N},), got {tuple(weight_scale.shape)}")
+    _same_device(weight_scale, "weight_scale", weight_int8, "weight_int8")
+    if bias is not None:
+        _tensor(bias, "bias")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape (out_features,) = ({N},), got {tuple(bias.shape)}")
+        _same_device(bias, "bias", weight_int8, "weight_int8")
+    return N, K
+
+
+def int8_linear(
+    x: Tensor,
+    weight_int8: Tensor,
+    weight_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    act_scale=None,
+    activation: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    out_scale=None,
+    backend: str = "auto",
+) -> Tensor:
+    """W8A8 ``nn.Linear``: ``epilogue(quantize(x) @ weight_int8.T)`` on int8 tensor cores.
+
+    Args:
+        x: (..., K). Floating point: quantized per token on the fly (``act_scale=None``, dynamic) or with
+            the calibrated per-tensor ``act_scale`` (static). Already int8 (from
+            :func:`quantize_per_token`, :func:`layer_norm_quantize` or a GEMM with ``out_dtype=torch.int8``):
+            ``act_scale`` is required, per tensor (one element) or per token (shape ``x.shape[:-1]``).
+        weight_int8: (N, K) int8, symmetric per output channel (nn.Linear's layout).
+        weight_scale: (N,) float32, ``weight ~= weight_int8 * weight_scale[:, None]``.
+        bias: (N,) float or None.
+        activation: None or ``"gelu"`` (exact erf form, SAM's ``nn.GELU()``), applied after the bias.
+        out_dtype: float16/bfloat16/float32 (default: ``x``'s dtype, or ``bias``'s / float32 for int8 ``x``),
+            or ``torch.int8`` to re-quantize the output with the static ``out_scale`` for the next GEMM.
+        out_scale: the calibrated per-tensor scale of the output, with ``out_dtype=torch.int8`` only.
+        backend: ``"auto" | "triton" | "cpu" | "reference"``; every backend gives the same numerics.
+
+    Returns:
+        (..., N) in ``out_dtype``. Any M, K, N >= 1 (block edges are masked, nothing is padded).
+    """
+    N, K = _check_weight(weight_int8, weight_scale, bias)
+    _tensor(x, "x")
+    if x.dtype != torch.int8:
+        _float_input(x)
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have in_features={K} in its last dim, got shape {tuple(x.shape)}")
+    _same_device(x, "x", weight_int8, "weight_int8")
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    M = x2.shape[0]
+
+    if x.dtype == torch.int8:
+        if act_scale is None:
+            raise ValueError("x is int8, so act_scale is required: its per-tensor scale (one element) or its "
+                             f"per-token scales (shape {tuple(lead)})")
+        _tensor(act_scale, "act_scale")
+        if act_scale.dtype != torch.float32:
+            raise TypeError(f"act_scale must be float32, got {act_scale.dtype}")
+        _same_device(act_scale, "act_scale", x, "x")
+        if act_scale.numel() == 1 and tuple(act_scale.shape) != tuple(lead):
+            x_scale = act_scale.reshape(())
+        elif tuple(act_scale.shape) == tuple(lead):
+            x_scale = act_scale.reshape(M).contiguous()
+        else:
+            raise ValueError(f"act_scale must have one element (per tensor) or shape {tuple(lead)} (per token), "
+                             f"got {tuple(act_scale.shape)}")
+    else:
+        x_scale = None if act_scale is None else _scalar_scale(act_scale, "act_scale", x.device)
+
+    if activation not in _k.ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    if out_dtype is None:
+        out_dtype = x.dtype if x.dtype != torch.int8 else (bias.dtype if bias is not None else torch.float32)
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in _OUT_DTYPES]}, got {out_dtype}")
+    if out_dtype == torch.int8:
+        if out_scale is None:
+            raise ValueError("out_dtype=torch.int8 re-quantizes the output and needs its calibrated out_scale")
+        out_scale = _scalar_scale(out_scale, "out_scale", x.device)
+    elif out_scale is not None:
+        raise ValueError(f"out_scale is used only with out_dtype=torch.int8, got out_dtype={out_dtype}")
+    if out_dtype == torch.int32 and (bias is not None or activation is not None):
+        raise ValueError("out_dtype=torch.int32 returns the raw accumulator: bias and activation must be None")
+
+    if M == 0:
+        return x.new_empty((*lead, N), dtype=out_dtype)
+    w = weight_int8 if weight_int8.stride(-1) == 1 else weight_int8.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    out = dispatch("int8_linear", _LINEAR_TABLE, backend, x2, x_scale, w, weight_scale.contiguous(), bias,
+                   activation, out_dtype, out_scale)
+    return out.reshape(*lead, N)
+
+
+def quantize_weight(weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8 of a float weight (N, K): ``(weight_int8, weight_scale (N,) fp32)``."""
+    _tensor(weight, "weight")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.dim() != 2 or 0 in weight.shape:
+        raise ValueError(f"weight must be a non-empty (out_features, in_features) matrix, got {tuple(weight.shape)}")
+    return _ref.quantize_weight(weight)

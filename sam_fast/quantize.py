@@ -1,0 +1,330 @@
+"""W8A8 quantization of SAM image encoders: calibration, per-layer SQNR report, eligible layers.
+
+>>> cal = sam_fast.quantize.calibrate(sam, images, num_images=8)   # a progress bar while it runs
+>>> print(cal)                                                     # per-layer SQNR (dB), what stays float
+>>> handle = sam_fast.apply(sam, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal))
+
+What is quantized: the four linears of every ViT block of the image encoder (``attn.qkv``,
+``attn.proj``, ``mlp.lin1``, ``mlp.lin2``); weights int8 per output channel. Activations are quantized
+per token at run time (dynamic), fused into the preceding LayerNorm for qkv and lin1; ``mlp.lin2``'s
+input gets a static per-tensor scale from calibration, so lin1's epilogue writes its GELU output
+directly in int8 (no quantization pass over the 4x-wide hidden activation).
+
+Calibration (:func:`calibrate`) runs a few images (TinySAM used 8) through the float encoder and
+measures, for each eligible layer, the SQNR of its quantized output against its float output on the
+same inputs (dynamic, and static for lin2); then the embedding SQNR of the whole quantized encoder.
+Layers below ``min_sqnr_db`` (outlier-heavy inputs) or too narrow to gain from int8 stay in float and
+are listed in the report with the reason; a static lin2 scale below the bar falls back to dynamic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .nn.attention import SamFastBlock, is_sam_vit_block
+from .nn.quantized import Int8Linear
+from .ops.int8 import int8_linear, quantize_weight
+from .reference.int8 import QMAX, sqnr_db
+
+__all__ = ["Calibration", "LayerCalibration", "calibrate", "eligible_linears", "quantize_weight", "sqnr_db",
+           "MIN_FEATURES", "DEFAULT_MIN_SQNR_DB"]
+
+ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
+STATIC_ROLES = (("mlp", "lin2"),)  # inputs whose static scale removes a quantization pass
+MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 tensor cores to pay
+DEFAULT_MIN_SQNR_DB = 20.0
+_PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
+_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass
+class LinearSlot:
+    """An eligible linear: ``key`` (``blocks.<i>.<attn|mlp>.<name>``), its parent module and attribute."""
+
+    key: str
+    parent: nn.Module
+    name: str
+    static_role: bool
+
+    @property
+    def module(self) -> nn.Module:
+        return self.parent._modules[self.name]
+
+
+def vit_blocks(model: nn.Module):
+    """(parent, name, block, index) of every segment_anything ViT block in ``model`` (swapped or not);
+    ``index`` is the block's position in its ``blocks`` list (-1 if its name is not a number)."""
+    found = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and (isinstance(child, SamFastBlock) or is_sam_vit_block(child)):
+                found.append((parent, name, child, int(name) if name.isdigit() else -1))
+    return found
+
+
+def eligible_linears(model: nn.Module) -> List[LinearSlot]:
+    """The linears of the image encoder's ViT blocks that W8A8 replaces, float or already quantized."""
+    slots = []
+    for _, _, block, index in vit_blocks(model):
+        for owner, name in ROLES:
+            parent = getattr(block, owner, None)
+            lin = getattr(parent, name, None) if parent is not None else None
+            if isinstance(lin, (nn.Linear, Int8Linear)):
+                slots.append(LinearSlot(f"blocks.{index}.{owner}.{name}", parent, name, (owner, name) in STATIC_ROLES))
+    return slots
+
+
+def too_narrow(lin: nn.Module) -> Optional[str]:
+    if min(lin.in_features, lin.out_features) < MIN_FEATURES:
+        return (f"too few channels ({lin.in_features} -> {lin.out_features}, < {MIN_FEATURES}) for int8 to pay")
+    return None
+
+
+@dataclasses.dataclass
+class LayerCalibration:
+    """Calibration result of one linear. ``mode``: ``"dynamic"``, ``"static"`` or ``"float"`` (left
+    unquantized, with ``reason``). SQNRs in dB of the layer's quantized output vs its float output."""
+
+    key: str
+    in_features: int
+    out_features: int
+    act_amax: float
+    sqnr_dynamic_db: float
+    sqnr_static_db: Optional[float] = None
+    static_scale: Optional[float] = None
+    mode: str = "dynamic"
+    reason: str = ""
+
+    @property
+    def sqnr_db(self) -> float:
+        return self.sqnr_static_db if self.mode == "static" else self.sqnr_dynamic_db
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What :func:`calibrate` found; pass it as ``SamFastConfig(quantize="int8", calibration=...)``.
+    ``print(cal)`` shows the report. :meth:`save` / :meth:`load` keep it as JSON."""
+
+    layers: Dict[str, LayerCalibration]
+    num_images: int
+    min_sqnr_db: float
+    embedding_sqnr_db: Optional[float] = None
+
+    @property
+    def left_float(self) -> Dict[str, str]:
+        """Layers kept in float, with why."""
+        return {k: e.reason for k, e in self.layers.items() if e.mode == "float"}
+
+    def report(self) -> str:
+        lines = [f"int8 calibration on {self.num_images} image(s); layers under {self.min_sqnr_db:g} dB stay float",
+                 f"{'layer':<22} {'in->out':>12} {'mode':>8} {'SQNR dB':>8} {'dynamic':>8} {'static':>8}  note"]
+        for e in self.layers.values():
+            static = "-" if e.sqnr_static_db is None else f"{e.sqnr_static_db:.1f}"
+            lines.append(f"{e.key:<22} {f'{e.in_features}->{e.out_features}':>12} {e.mode:>8} {e.sqnr_db:>8.1f} "
+                         f"{e.sqnr_dynamic_db:>8.1f} {static:>8}  {e.reason}")
+        if self.embedding_sqnr_db is not None:
+            lines.append(f"image embedding SQNR, quantized encoder vs float: {self.embedding_sqnr_db:.1f} dB")
+        return "\n".join(lines)
+
+    __str__ = report
+
+    def to_dict(self) -> dict:
+        return {"num_images": self.num_images, "min_sqnr_db": self.min_sqnr_db,
+                "embedding_sqnr_db": self.embedding_sqnr_db,
+                "layers": [dataclasses.asdict(e) for e in self.layers.values()]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        layers = {e["key"]: LayerCalibration(**e) for e in d["layers"]}
+        return cls(layers, d["num_images"], d["min_sqnr_db"], d.get("embedding_sqnr_db"))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, allow_nan=True)
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+# ------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------
+
+
+def _find_encoder(model: nn.Module):
+    """(encoder, pixel_mean, pixel_std) for a segment_anything ``Sam`` or a bare ``ImageEncoderViT``."""
+    enc = getattr(model, "image_encoder", model)
+    if not (hasattr(enc, "img_size") and hasattr(enc, "blocks") and hasattr(enc, "patch_embed")):
+        raise TypeError(f"model must be a segment_anything Sam or ImageEncoderViT, got {type(model).__name__}")
+    mean = getattr(model, "pixel_mean", None)
+    std = getattr(model, "pixel_std", None)
+    mean = mean.flatten().tolist() if isinstance(mean, torch.Tensor) else list(_PIXEL_MEAN)
+    std = std.flatten().tolist() if isinstance(std, torch.Tensor) else list(_PIXEL_STD)
+    return enc, mean, std
+
+
+def prepare_image(image, img_size: int, mean, std, device, dtype) -> torch.Tensor:
+    """SamPredictor's preprocessing of one image: an HxWx3 uint8 array (or (3, H, W) uint8 tensor) is
+    resized so its longest side is ``img_size``, normalised and zero-padded to a square; a float
+    (3, img_size, img_size) tensor is taken as already preprocessed. Returns (1, 3, S, S)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        if tuple(image.shape) != (3, img_size, img_size):
+            raise ValueError(f"a float image tensor must be preprocessed, shape (3, {img_size}, {img_size}); got "
+                             f"{tuple(image.shape)}")
+        return image.to(device=device, dtype=dtype)[None]
+    if isinstance(image, torch.Tensor):
+        image = image.permute(1, 2, 0).cpu().numpy()
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"images must be HxWx3 uint8 arrays (or preprocessed float tensors), got "
+                         f"{getattr(image, 'dtype', type(image).__name__)} of shape {getattr(image, 'shape', None)}")
+    resized = ResizeLongestSide(img_size).apply_image(image)
+    x = torch.as_tensor(resized, device=device).permute(2, 0, 1).float()
+    x = (x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None]
+    x = torch.nn.functional.pad(x, (0, img_size - x.shape[2], 0, img_size - x.shape[1]))
+    return x.to(dtype)[None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration
+# ------------------------------------------------------------------------------------------------
+
+
+class _Stats:
+    __slots__ = ("amax", "signal", "noise_dyn", "noise_static")
+
+    def __init__(self):
+        self.amax, self.signal, self.noise_dyn, self.noise_static = 0.0, 0.0, 0.0, 0.0
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, images: Sequence, num_images: int = 8, *,
+              min_sqnr_db: float = DEFAULT_MIN_SQNR_DB, backend: str = "auto", progress: bool = True) -> Calibration:
+    """Calibrate W8A8 for ``model``'s image encoder on a few images and report per-layer SQNR.
+
+    Args:
+        model: a segment_anything ``Sam`` (its pixel mean/std are used) or ``ImageEncoderViT``, in float
+            (exact or dilated attention swapped in is fine; quantized linears are not).
+        images: HxWx3 uint8 arrays (any size; resized as SamPredictor does) or preprocessed float
+            (3, S, S) tensors; the first ``num_images`` are used.
+        num_images: how many images (TinySAM: 8).
+        min_sqnr_db: layers whose quantized output is below this SQNR stay in float.
+        backend: backend of the int8 ops used to measure (the one the model will run).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`Calibration`: per layer the input absmax, SQNR (dynamic; static for lin2), the chosen
+        mode and why; and the image-embedding SQNR of the quantized encoder vs float.
+    """
+    from tqdm.auto import tqdm
+
+    from .patch import SamFastConfig, apply
+
+    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    if not isinstance(min_sqnr_db, (int, float)) or isinstance(min_sqnr_db, bool):
+        raise TypeError(f"min_sqnr_db must be a number of dB, got {min_sqnr_db!r}")
+    enc, mean, std = _find_encoder(model)
+    images = list(images)[:num_images]
+    if not images:
+        raise ValueError("images is empty: calibration needs at least one image")
+    slots = eligible_linears(enc)
+    if not slots:
+        raise ValueError("the model has no segment_anything ViT block linears to quantize")
+    quantized = [s.key for s in slots if isinstance(s.module, Int8Linear)]
+    if quantized:
+        raise ValueError(f"calibrate a float model: {quantized[0]} (and {len(quantized) - 1} more) are already "
+                         "int8; undo() the quantization first")
+    param = next(enc.parameters())
+    batch = [prepare_image(im, enc.img_size, mean, std, param.device, param.dtype) for im in images]
+    stats = {s.key: _Stats() for s in slots}
+    weights = {s.key: quantize_weight(s.module.weight.float()) for s in slots}
+    bar = tqdm(total=3 * len(batch), desc="int8 calibration", disable=not progress, leave=False)
+
+    def run(hook_fn, keys):
+        handles = [s.module.register_forward_hook(hook_fn(s)) for s in slots if s.key in keys]
+        try:
+            outs = []
+            for x in batch:
+                outs.append(enc(x).float())
+                bar.update(1)
+            return outs
+        finally:
+            for h in handles:
+                h.remove()
+
+    def measure_dynamic(slot):
+        st, (wq, ws), bias = stats[slot.key], weights[slot.key], slot.module.bias
+
+        def hook(mod, inputs, output):
+            x = inputs[0]
+            st.amax = max(st.amax, float(x.detach().abs().max()))
+            y = output.double()
+            yq = int8_linear(x, wq, ws, bias, out_dtype=torch.float32, backend=backend).double()
+            st.signal += float(y.pow(2).sum())
+            st.noise_dyn += float((y - yq).pow(2).sum())
+        return hook
+
+    def measure_static(slot):
+        st, (wq, ws), bias = stats[slot.key], weights[slot.key], slot.module.bias
+        scale = max(st.amax, 1e-30) / QMAX
+
+        def hook(mod, inputs, output):
+            yq = int8_linear(inputs[0], wq, ws, bias, act_scale=scale, out_dtype=torch.float32, backend=backend)
+            st.noise_static += float((output.double() - yq.double()).pow(2).sum())
+        return hook
+
+    float_embeddings = run(measure_dynamic, set(stats))
+    static_keys = {s.key for s in slots if s.static_role and stats[s.key].amax > 0}
+    if static_keys:
+        run(measure_static, static_keys)
+    else:
+        bar.update(len(batch))
+
+    layers = {}
+    for s in slots:
+        st, lin = stats[s.key], s.module
+        e = LayerCalibration(s.key, lin.in_features, lin.out_features, st.amax, _db(st.signal, st.noise_dyn))
+        if s.key in static_keys:
+            e.sqnr_static_db = _db(st.signal, st.noise_static)
+        narrow = too_narrow(lin)
+        if narrow:
+            e.mode, e.reason = "float", narrow
+        elif e.sqnr_dynamic_db < min_sqnr_db:
+            e.mode, e.reason = "float", f"SQNR {e.sqnr_dynamic_db:.1f} dB < {min_sqnr_db:g} dB (outliers)"
+        elif e.sqnr_static_db is not None and e.sqnr_static_db >= min_sqnr_db:
+            e.mode, e.static_scale = "static", st.amax / QMAX
+        elif e.sqnr_static_db is not None:
+            e.reason = f"static scale SQNR {e.sqnr_static_db:.1f} dB < {min_sqnr_db:g} dB: per-token instead"
+        layers[s.key] = e
+    cal = Calibration(layers, len(batch), float(min_sqnr_db))
+
+    handle = apply(enc, SamFastConfig(attention="none", quantize="int8", calibration=cal, backend=backend))
+    try:
+        signal = noise = 0.0
+        for x, ref in zip(batch, float_embeddings):
+            out = enc(x).double()
+            signal += float(ref.double().pow(2).sum())
+            noise += float((out - ref.double()).pow(2).sum())
+            bar.update(1)
+        cal.embedding_sqnr_db = _db(signal, noise)
+    finally:
+        handle.undo()
+        bar.close()
+    return cal
