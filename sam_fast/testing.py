@@ -30,3 +30,26 @@ def check_against_reference(name: str, actual, exact, same_precision, dtype, fac
         raise AssertionError(f"{name}: error {err:.3e} exceeds {factor}x PyTorch's {dtype} error "
                              f"{base:.3e} + eps {EPS[dtype]:.0e} = {bound:.3e}")
     return err
+
+
+# W8A8 (DESIGN.md: int8 accuracy is stated as SQNR in dB, per test; kernel vs reference to rounding level).
+INT8_ROUNDING_ULPS = 2.0  # dequantized kernel output vs the reference with the same integer accumulator
+INT8_LINEAR_MIN_SQNR_DB = 30.0  # int8_linear vs fp32 F.linear, Gaussian inputs with a few outlier channels
+INT8_EMBEDDING_MIN_SQNR_DB = 25.0  # W8A8 image encoder's embedding vs float on real images
+
+
+def check_rounding_level(name: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Raise AssertionError unless ``|actual - expected| <= k * eps * (|expected| + max|expected|)``
+    elementwise (k = INT8_ROUNDING_ULPS, eps of ``actual``'s dtype): the kernel and the reference compute
+    the same operations from the same int32 accumulator, differing only by rounding (an FMA, erf).
+    Returns the largest error in units of eps * max|expected|."""
+    eps = torch.finfo(actual.dtype).eps
+    a, e = actual.detach().double(), expected.detach().double()
+    top = float(e.abs().max()) if e.numel() else 0.0
+    bound = INT8_ROUNDING_ULPS * eps * (e.abs() + top)
+    err = (a - e).abs()
+    if not bool((err <= bound).all()):
+        worst = int((err - bound).argmax())
+        raise AssertionError(f"{name}: kernel {a.flatten()[worst]:.8g} vs reference {e.flatten()[worst]:.8g} "
+                             f"differs by more than {INT8_ROUNDING_ULPS:g} ulp of |ref| + max|ref| ({top:.3g})")
+    return float(err.max()) / (eps * top) if top else 0.0

@@ -152,3 +152,73 @@ def test_swapped_vit_b_shaped_encoder_dilated_on_gpu():
         y_ref = enc(x)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), y_ref.float(), atol=5e-2, rtol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# W8A8: SAM's real linear shapes (M = tokens of one or two images)
+# ------------------------------------------------------------------------------------------------
+
+INT8_SHAPES = [(4096, 768, 2304), (4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768),
+               (8192, 1280, 3840), (4096, 1280, 5120), (4096, 5120, 1280), (4097, 1280, 1280), (1, 768, 768),
+               (333, 40, 50)]
+
+
+@pytest.mark.parametrize("m,k,n", INT8_SHAPES, ids=str)
+def test_int8_gemm_real_shapes(m, k, n):
+    from sam_fast.kernels import int8_gemm as K
+    from sam_fast.reference import int8 as R
+    from sam_fast.testing import check_rounding_level
+
+    g = torch.Generator(device="cuda").manual_seed(m + k + n)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = torch.randn(n, k, device="cuda", generator=g) / k**0.5
+    b = torch.randn(n, device="cuda", generator=g).bfloat16()
+    q, s = sam_fast.quantize_per_token(x)
+    qr, sr = R.quantize_per_token(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    acc = K.int8_gemm(q, s, wq, ws, out_dtype=torch.int32)
+    assert torch.equal(acc, R.int8_mm(q, wq))
+    for act in (None, "gelu"):
+        y = sam_fast.int8_linear(x, wq, ws, b, activation=act, out_dtype=torch.float32)
+        check_rounding_level("int8_linear", y, sam_fast.int8_linear(x, wq, ws, b, activation=act,
+                                                                    out_dtype=torch.float32, backend="reference"))
+    h8 = sam_fast.int8_linear(x, wq, ws, b, activation="gelu", out_dtype=torch.int8, out_scale=0.02)
+    h8r = sam_fast.int8_linear(x, wq, ws, b, activation="gelu", out_dtype=torch.int8, out_scale=0.02,
+                               backend="reference")
+    assert int((h8.int() - h8r.int()).abs().max()) <= 1 and float((h8 != h8r).float().mean()) < 1e-3
+
+
+def test_layer_norm_quantize_real_shape():
+    from sam_fast.reference import int8 as R
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 64, 64, 1280, device="cuda", generator=g).bfloat16()
+    w, b = torch.randn(1280, device="cuda", generator=g), torch.randn(1280, device="cuda", generator=g)
+    q, s = sam_fast.layer_norm_quantize(x, w, b, 1e-6)
+    qr, sr = R.layer_norm_quantize(x, w, b, 1e-6)
+    assert int((q.int() - qr.int()).abs().max()) <= 1 and float((q != qr).float().mean()) < 1e-3
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+
+
+def test_w8a8_vit_b_shaped_encoder_on_gpu():
+    import skimage.data
+
+    from sam_fast.models import tiny_image_encoder
+    from sam_fast.quantize import calibrate, sqnr_db
+    from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
+
+    enc = tiny_image_encoder(img_size=1024, embed_dim=768, num_heads=12, depth=4, window_size=14,
+                             global_attn_indexes=(1, 3), out_chans=256).cuda().to(torch.bfloat16)
+    images = [skimage.data.astronaut(), skimage.data.coffee()]
+    cal = calibrate(enc, images, progress=False)
+    assert cal.embedding_sqnr_db >= INT8_EMBEDDING_MIN_SQNR_DB
+    x = torch.randn(2, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact")):
+            ref = enc(x)
+        with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal)):
+            with sam_fast.record_backends() as rec:
+                out = enc(x)
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    assert sqnr_db(ref.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB

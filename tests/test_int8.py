@@ -1,0 +1,254 @@
+"""W8A8 kernels and ops vs the shipped reference (Triton under the interpreter on CPU).
+
+Integer results (quantized activations, the int32 accumulator) must be equal; dequantized outputs
+equal to rounding level; accuracy against float is stated as SQNR in dB.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sam_fast
+from sam_fast.kernels import int8_gemm as K
+from sam_fast.ops import int8 as ops
+from sam_fast.reference import int8 as R
+from sam_fast.testing import INT8_LINEAR_MIN_SQNR_DB, check_rounding_level
+
+# (M, K, N): SAM ViT-B / ViT-H linears with few tokens, M = 1, M off every block size, K and N not
+# multiples of 16 (handled by masking: no error, no padding copy).
+GEMM_SHAPES = [
+    (20, 768, 2304), (17, 768, 768), (9, 768, 3072), (5, 3072, 768),  # ViT-B qkv, proj, lin1, lin2
+    (3, 1280, 3840), (2, 5120, 1280),  # ViT-H qkv, lin2
+    (1, 64, 64), (130, 96, 200), (37, 40, 50), (64, 13, 17),
+]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _activations(m, k, seed, dtype=torch.float32, outliers=4, mult=6.0):
+    x = torch.randn(m, k, generator=_gen(seed))
+    cols = torch.randperm(k, generator=_gen(seed + 1))[: min(outliers, k)]
+    x[:, cols] *= mult
+    return x.to(dtype)
+
+
+def _weights(n, k, seed):
+    w = torch.randn(n, k, generator=_gen(seed)) / k**0.5
+    b = torch.randn(n, generator=_gen(seed + 1)) * 0.1
+    return w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 64), (37, 13), (130, 768), (5, 5120)])
+def test_quantize_per_token_exact(m, k, dtype):
+    x = _activations(m, k, seed=m + k, dtype=dtype)
+    x[0] = 0  # an all-zero row: scale 1, zeros
+    q, s = sam_fast.quantize_per_token(x, backend="triton")
+    qr, sr = R.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (m,)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    assert s[0] == 1 and not q[0].any()
+    # the quantization error is at most half a step per element
+    assert bool(((q.float() * s[:, None] - x.float()).abs() <= s[:, None] * 0.5 + 1e-6).all())
+
+
+def test_quantize_batched_and_strided():
+    x = torch.randn(2, 3, 5, 48, generator=_gen(3))
+    q, s = sam_fast.quantize_per_token(x, backend="triton")
+    assert q.shape == x.shape and s.shape == (2, 3, 5)
+    qr, sr = R.quantize_per_token(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    wide = torch.randn(7, 96, generator=_gen(4))[:, :48]  # row stride 96, last dim contiguous
+    assert torch.equal(sam_fast.quantize_per_token(wide, backend="triton")[0], R.quantize_per_token(wide)[0])
+
+
+def test_static_quantize_exact():
+    x = _activations(33, 80, seed=5)
+    scale = torch.tensor(0.03)  # small on purpose: outliers clamp at +-127
+    q = K.quantize_rows(x, scale)[0]
+    qr = R.quantize_static(x, scale)
+    assert torch.equal(q, qr)
+    assert int(q.max()) == 127 and int(q.min()) == -127
+
+
+def test_round_half_even_like_torch():
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 0.49999997, 3.0, -126.5, 127.49, 0.0]])
+    q = K.quantize_rows(x, torch.tensor(1.0))[0]
+    assert q.tolist() == [[0, 2, 2, 0, -2, -2, 126, 0, 3, -126, 127, 0]]
+    assert torch.equal(q, R.quantize_static(x, torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,affine", [(19, 64, True), (3, 1280, True), (8, 40, False)])
+def test_layer_norm_quantize(m, k, affine, dtype):
+    x = (torch.randn(m, k, generator=_gen(k)) * 3 + 1).to(dtype)
+    w = torch.randn(k, generator=_gen(k + 1)).to(dtype) if affine else None
+    b = torch.randn(k, generator=_gen(k + 2)).to(dtype) if affine else None
+    q, s = sam_fast.layer_norm_quantize(x, w, b, 1e-6, backend="triton")
+    qr, sr = R.layer_norm_quantize(x, w, b, 1e-6)
+    # fp32 statistics computed in another order: a value within rounding of a .5 boundary may differ by one
+    assert int((q.int() - qr.int()).abs().max()) <= 1
+    assert float((q != qr).float().mean()) < 0.01
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+    y = F.layer_norm(x.float(), (k,), None if w is None else w.float(), None if b is None else b.float(), 1e-6)
+    assert bool(((q.float() * s[:, None] - y).abs() <= s[:, None] * 0.5 + 2e-5 * y.abs().amax()).all())
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_int32_accumulator_exact(m, k, n):
+    a = torch.randint(-127, 128, (m, k), generator=_gen(m), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=_gen(n), dtype=torch.int8)
+    acc = K.int8_gemm(a, torch.ones(m), w, torch.ones(n), out_dtype=torch.int32)
+    exact = a.to(torch.int64) @ w.to(torch.int64).t()
+    assert torch.equal(acc.to(torch.int64), exact)
+    assert torch.equal(R.int8_mm(a, w).to(torch.int64), exact)
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES[::2] + [GEMM_SHAPES[-1]])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_int8_linear_vs_reference(m, k, n, activation):
+    x = _activations(m, k, seed=k)
+    w, b = _weights(n, k, seed=n)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    y = sam_fast.int8_linear(x, wq, ws, b, activation=activation, backend="triton")
+    yr = sam_fast.int8_linear(x, wq, ws, b, activation=activation, backend="reference")
+    check_rounding_level("int8_linear", y, yr)
+    assert torch.equal(sam_fast.int8_linear(x, wq, ws, b, activation=activation, backend="cpu"), yr)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_int8_linear_low_precision_out(out_dtype):
+    x = _activations(45, 96, seed=8, dtype=out_dtype)
+    w, b = _weights(72, 96, seed=9)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    y = sam_fast.int8_linear(x, wq, ws, b.to(out_dtype), activation="gelu", backend="triton")
+    assert y.dtype == out_dtype
+    check_rounding_level("int8_linear", y, sam_fast.int8_linear(x, wq, ws, b.to(out_dtype), activation="gelu",
+                                                                backend="reference"))
+
+
+def test_requantizing_epilogue():
+    """GELU output re-quantized in the epilogue with a static scale, then consumed by the next GEMM."""
+    x = _activations(50, 64, seed=10)
+    w1, b1 = _weights(256, 64, seed=11)
+    w2, b2 = _weights(64, 256, seed=12)
+    q1, s1 = sam_fast.quantize.quantize_weight(w1)
+    q2, s2 = sam_fast.quantize.quantize_weight(w2)
+    hidden = F.gelu(F.linear(x, w1, b1))
+    out_scale = hidden.abs().max() / 127
+    h8 = sam_fast.int8_linear(x, q1, s1, b1, activation="gelu", out_dtype=torch.int8, out_scale=out_scale,
+                              backend="triton")
+    h8r = sam_fast.int8_linear(x, q1, s1, b1, activation="gelu", out_dtype=torch.int8, out_scale=out_scale,
+                               backend="reference")
+    assert h8.dtype == torch.int8
+    assert int((h8.int() - h8r.int()).abs().max()) <= 1 and float((h8 != h8r).float().mean()) < 0.01
+    y = sam_fast.int8_linear(h8, q2, s2, b2, act_scale=out_scale, backend="triton")
+    check_rounding_level("int8_linear(int8 x)", y,
+                         sam_fast.int8_linear(h8, q2, s2, b2, act_scale=out_scale, backend="reference"))
+    assert R.sqnr_db(F.linear(hidden, w2, b2), y) > 25
+
+
+def test_static_and_pre_quantized_inputs():
+    x = _activations(31, 64, seed=13)
+    w, b = _weights(48, 64, seed=14)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    scale = float(x.abs().max()) / 127
+    y = sam_fast.int8_linear(x, wq, ws, b, act_scale=scale, backend="triton")
+    check_rounding_level("static", y, sam_fast.int8_linear(x, wq, ws, b, act_scale=scale, backend="reference"))
+    xq, xs = sam_fast.quantize_per_token(x, backend="triton")
+    y_pre = sam_fast.int8_linear(xq, wq, ws, b, act_scale=xs, backend="triton")
+    assert torch.equal(y_pre, sam_fast.int8_linear(x, wq, ws, b, backend="triton"))
+
+
+def test_sqnr_with_outlier_channels():
+    x = _activations(64, 768, seed=15)
+    w, b = _weights(768, 768, seed=16)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    y = sam_fast.int8_linear(x, wq, ws, b, backend="triton")
+    assert R.sqnr_db(F.linear(x, w, b), y) >= INT8_LINEAR_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 40), (3, 11, 40), (40,)])
+def test_batch_flattened_inputs(shape):
+    x = torch.randn(shape, generator=_gen(17))
+    w, b = _weights(24, 40, seed=18)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    y = sam_fast.int8_linear(x, wq, ws, b, backend="triton")
+    assert y.shape == (*shape[:-1], 24)
+    flat = sam_fast.int8_linear(x.reshape(-1, 40), wq, ws, b, backend="triton")
+    assert torch.equal(y.reshape(-1, 24), flat)
+
+
+def test_empty_batch():
+    wq, ws = sam_fast.quantize.quantize_weight(torch.randn(8, 16))
+    assert sam_fast.int8_linear(torch.randn(0, 16), wq, ws).shape == (0, 8)
+    q, s = sam_fast.quantize_per_token(torch.randn(2, 0, 16))
+    assert q.shape == (2, 0, 16) and s.shape == (2, 0)
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(4, 32)
+    w = torch.randn(16, 32)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    cases = [
+        (TypeError, "weight_int8", dict(weight_int8=w)),  # float weights passed as int8
+        (ValueError, "weight_scale", dict(weight_scale=torch.ones(15))),  # scale shape mismatch
+        (TypeError, "weight_scale", dict(weight_scale=ws.half())),
+        (TypeError, "x must be", dict(x=x.long())),
+        (TypeError, "x must be", dict(x=x.double())),
+        (ValueError, "in_features=32", dict(x=torch.randn(4, 31))),
+        (ValueError, "act_scale is required", dict(x=wq[:4])),
+        (ValueError, "act_scale", dict(x=wq[:4], act_scale=torch.ones(3))),
+        (ValueError, "bias", dict(bias=torch.ones(17))),
+        (ValueError, "activation", dict(activation="relu")),
+        (ValueError, "out_scale", dict(out_dtype=torch.int8)),
+        (ValueError, "out_scale", dict(out_scale=0.1)),
+        (TypeError, "out_dtype", dict(out_dtype=torch.float64)),
+        (ValueError, "act_scale must be a positive", dict(act_scale=-1.0)),
+        (ValueError, "backend", dict(backend="gpu")),
+    ]
+    for exc, text, kw in cases:
+        args = dict(x=x, weight_int8=wq, weight_scale=ws, bias=None)
+        args.update(kw)
+        pos = [args.pop(n) for n in ("x", "weight_int8", "weight_scale", "bias")]
+        with pytest.raises(exc, match=text):
+            sam_fast.int8_linear(*pos, **args)
+    with pytest.raises(TypeError, match="x must be"):
+        sam_fast.quantize_per_token(x.long())
+    with pytest.raises(ValueError, match="weight must have shape"):
+        sam_fast.layer_norm_quantize(x, torch.ones(31))
+    with pytest.raises(ValueError, match="eps"):
+        sam_fast.layer_norm_quantize(x, eps=0)
+
+
+def test_backend_choice_is_recorded():
+    x = torch.randn(4, 32)
+    wq, ws = sam_fast.quantize.quantize_weight(torch.randn(16, 32))
+    with sam_fast.record_backends() as rec:
+        sam_fast.int8_linear(x, wq, ws)  # auto on CPU: the C++-free CPU backend, no fallback warning
+        sam_fast.int8_linear(x, wq, ws, backend="triton")
+    assert rec.calls == [("int8_linear", "cpu"), ("int8_linear", "triton")] and not rec.fallbacks
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(21, 48)
+    strided = torch.randn(21, 96)[:, :48]
+    wq, ws = R.quantize_weight(torch.randn(40, 48))
+    b = torch.randn(40)
+    for t in (x, strided):
+        torch.library.opcheck(ops._quantize_per_token_op, (t,))
+        torch.library.opcheck(ops._quantize_static_op, (t, torch.tensor(0.05)))
+        torch.library.opcheck(ops._layer_norm_quantize_op, (t, torch.randn(48), torch.randn(48), 1e-6))
+    xq, xs = R.quantize_per_token(x)
+    ws = R.quantize_weight(torch.randn(40, 48, generator=_gen(0)))[1]
+    for out_dtype, out_scale in ((torch.float32, None), (torch.int8, torch.tensor(0.1)), (torch.int32, None)):
+        bias, act = (None, None) if out_dtype == torch.int32 else (b, "gelu")
+        torch.library.opcheck(ops._int8_gemm_op, (xq, xs, wq, ws, bias, act, out_dtype, out_scale))
+
+    def f(x):
+        return sam_fast.int8_linear(x, wq, ws, b, activation="gelu", backend="triton")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
