@@ -220,13 +220,13 @@ def heuristic_config(m: int, n: int, k: int) -> dict:
 
 
 def gemm_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """The tuned entry for (arch, M bucket, N, K), else :func:`heuristic_config`."""
-    entries = tuned_table().get(device_arch(device), [])
-    mb = _m_bucket(m)
-    for e in entries:
-        if e["m"] == mb and e["n"] == n and e["k"] == k:
-            return dict(e["config"])
-    return heuristic_config(m, n, k)
+    """The tuned entry for this GPU's architecture and (N, K) whose M bucket is nearest to M's (in
+    powers of two), else :func:`heuristic_config`."""
+    entries = [e for e in tuned_table().get(device_arch(device), []) if e["n"] == n and e["k"] == k]
+    if not entries:
+        return heuristic_config(m, n, k)
+    mb = _m_bucket(m).bit_length()
+    return dict(min(entries, key=lambda e: abs(e["m"].bit_length() - mb))["config"])
 
 
 def _rows_config(k: int):

@@ -1,6 +1,6 @@
 """The ``sam-fast`` command.
 
-    sam-fast bench [--ops attention,dilated,relpos] [--out DIR] [--quick]
+    sam-fast bench [--ops attention,dilated,relpos,int8,e2e] [--out DIR] [--quick]
 
 runs the op benchmarks this machine can run against their references and peers, prints a table
 (op, case, backend, median time, speedup over the bench's baseline, max error), appends results with
@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-BENCHES = {"attention": "bench_attention", "dilated": "bench_dilated_attention", "relpos": "bench_relpos"}
+BENCHES = {"attention": "bench_attention", "dilated": "bench_dilated_attention", "relpos": "bench_relpos",
+           "int8": "bench_int8_gemm", "e2e": "bench_e2e"}
 
 
 def _bench(args) -> int:

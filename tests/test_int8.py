@@ -252,3 +252,31 @@ def test_opcheck_and_compile():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), f(x))
+
+
+def test_tuned_table_lookup(monkeypatch):
+    table = K.tuned_table()  # the shipped file parses; entries (if any) are well formed
+    for arch, entries in table.items():
+        for e in entries:
+            assert {"m", "n", "k", "config"} <= set(e) and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(e["config"])
+    small = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    large = dict(small, BLOCK_M=128)
+    monkeypatch.setattr(K, "tuned_table", lambda: {"cpu": [{"m": 4096, "n": 50, "k": 40, "config": small},
+                                                            {"m": 131072, "n": 50, "k": 40, "config": large}]})
+    cpu = torch.device("cpu")
+    assert K.gemm_config(3000, 50, 40, cpu) == small
+    assert K.gemm_config(100000, 50, 40, cpu) == large
+    assert K.gemm_config(3000, 64, 40, cpu) == K.heuristic_config(3000, 64, 40)
+    x = _activations(37, 40, seed=19)
+    wq, ws = R.quantize_weight(torch.randn(50, 40))
+    assert torch.equal(sam_fast.int8_linear(x, wq, ws, backend="triton"), sam_fast.int8_linear(x, wq, ws, backend="cpu"))
+
+
+def test_bench_int_mm_peer_matches_the_scheme():
+    from sam_fast.bench.bench_int8_gemm import int_mm_separate
+
+    x = _activations(40, 64, seed=20)
+    w, b = _weights(32, 64, seed=21)
+    wq, ws = R.quantize_weight(w)
+    y = int_mm_separate(x, wq.t(), ws, b)
+    check_rounding_level("int_mm peer", y, sam_fast.int8_linear(x, wq, ws, b, backend="reference"))

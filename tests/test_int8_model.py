@@ -3,7 +3,6 @@
 import pytest
 import skimage.data
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sam_fast

@@ -5,9 +5,10 @@ operation, so results match across backends:
 
 * ``quantize``: ``clamp(round(x / scale), -127, 127)`` in fp32 (IEEE division, ties to even);
   per-token scale ``max|x| / 127`` (1 for an all-zero row).
-* int8 matmul: exact. On the CPU it runs as a float64 matmul: every product of two int8 values and
-  every partial sum up to ``K * 127**2 < 2**53`` is an exact float64 integer, so the result equals the
-  int32 accumulator for any K below ``MAX_K`` (where int32 itself would overflow).
+* int8 matmul: exact, ``torch._int_mm`` (int32 accumulation; on the CPU for any shape) or, for shapes
+  it refuses on CUDA, a float64 matmul: every product of two int8 values and every partial sum up to
+  ``K * 127**2 < 2**53`` is an exact float64 integer, so the result equals the int32 accumulator for
+  any K below ``MAX_K`` (where int32 itself would overflow).
 * epilogue: ``((float(acc) * a_scale) * w_scale) + bias`` in fp32, exact-erf GELU, then a cast or a
   re-quantization with a static scale.
 """
@@ -59,7 +60,14 @@ def layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
 
 
 def int8_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact ``a (M, K) int8 @ w (N, K) int8 ^T`` as int32 (through float64, exact for K <= MAX_K)."""
+    """Exact ``a (M, K) int8 @ w (N, K) int8 ^T`` as int32 (K <= MAX_K).
+
+    ``torch._int_mm`` (int32 accumulation) where it accepts the shapes - any shape on the CPU; on CUDA
+    M > 16 and K, N multiples of 8 - else a float64 matmul, exact as well."""
+    M, K = a.shape
+    N = w.shape[0]
+    if a.device.type == "cpu" or (a.device.type == "cuda" and M > 16 and K % 8 == 0 and N % 8 == 0):
+        return torch._int_mm(a, w.t())
     return (a.double() @ w.double().t()).to(torch.int32)
 
 

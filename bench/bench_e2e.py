@@ -1,0 +1,111 @@
+"""Benchmark: whole SAM image encoders, images/s, with the embedding's SQNR beside the speed.
+
+Backends per encoder (same weights, same input batch, one run):
+
+* ``segment_anything``: the original encoder in bf16 (the baseline);
+* ``sam_fast_exact``: ``SamFastConfig(attention="exact")`` - fused attention, bf16 linears;
+* ``sam_fast_exact_int8``: plus ``quantize="int8"`` calibrated on 8 of scikit-image's photos - W8A8
+  linears with LayerNorm-fused quantization and the re-quantizing MLP epilogue.
+
+``sqnr_db`` is each output's SQNR against the bf16 segment_anything embedding. On the GPU the encoders
+are ViT-B and ViT-H shaped with random weights (no checkpoint can be downloaded here, so the SQNR
+figures describe random weights, not a trained SAM), batch 8 (1 with --quick); on a CPU the CPU
+backends run a small encoder.
+
+    python bench/bench_e2e.py [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sam_fast.bench.harness import interpreter_without_gpu
+
+interpreter_without_gpu()
+
+import torch  # noqa: E402
+
+from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance  # noqa: E402
+
+SCRIPT = "bench_e2e"
+BASELINE = "segment_anything"
+
+
+def _images(n):
+    import skimage.data
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "cat", "retina", "immunohistochemistry", "hubble_deep_field"]
+    out = []
+    for name in names[:n]:
+        im = getattr(skimage.data, name)()
+        out.append(im if im.ndim == 3 else im[..., None].repeat(3, -1))
+    return out
+
+
+def _encoders(gpu: bool):
+    from segment_anything.modeling import ImageEncoderViT
+
+    from sam_fast.models import tiny_image_encoder
+
+    if not gpu:
+        yield "tiny-256", tiny_image_encoder(img_size=256, embed_dim=128, num_heads=4, depth=4, window_size=4,
+                                             out_chans=64)
+        return
+    from functools import partial
+
+    for name, dim, depth, heads, glob in (("vit_b", 768, 12, 12, (2, 5, 8, 11)),
+                                          ("vit_h", 1280, 32, 16, (7, 15, 23, 31))):
+        enc = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
+                              mlp_ratio=4.0, out_chans=256, qkv_bias=True,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_abs_pos=True, use_rel_pos=True,
+                              rel_pos_zero_init=False, window_size=14, global_attn_indexes=glob)
+        yield name, enc.eval()
+
+
+def run(out_dir: str, quick: bool = False, device: str = None):
+    import sam_fast
+    from sam_fast import SamFastConfig
+    from sam_fast.quantize import calibrate, sqnr_db
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = dev.type == "cuda"
+    prov = provenance(dev)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch = (1 if quick else 8) if gpu else 2
+    rows = []
+    images = _images(8)
+    for name, enc in _encoders(gpu):
+        enc = enc.to(device=dev, dtype=dtype)
+        x = torch.randn(batch, 3, enc.img_size, enc.img_size, device=dev, generator=torch.Generator(device=dev)
+                        .manual_seed(0)).to(dtype)
+        cal = calibrate(enc, images, num_images=8)
+        configs = [(BASELINE, None), ("sam_fast_exact", SamFastConfig(attention="exact")),
+                   ("sam_fast_exact_int8", SamFastConfig(attention="exact", quantize="int8", calibration=cal))]
+        ref = None
+        for backend, cfg in configs:
+            handle = sam_fast.apply(enc, cfg) if cfg is not None else None
+            with torch.no_grad():
+                out = enc(x).float()
+                ref = out if ref is None else ref
+                m = measure(lambda: enc(x), dev, cpu_reps=3, rep_ms=300)
+            if handle is not None:
+                handle.undo()
+            rows.append(dict(prov, op="image_encoder", case=f"{name} B={batch} {str(dtype)[6:]}", backend=backend,
+                             mode="fwd", metric="img_per_s", value=batch / (m["median_ms"] * 1e-3),
+                             sqnr_db=sqnr_db(ref, out), **m))
+        rows[-1]["note"] = f"calibration: embedding SQNR {cal.embedding_sqnr_db:.1f} dB, {len(cal.left_float)} float"
+    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows, extra_columns=["sqnr_db"])
+    png = plot_speedups(rows, BASELINE, os.path.join(out_dir, f"{SCRIPT}.png"),
+                        f"SAM image encoder img/s vs segment_anything ({prov['device']})")
+    for r in rows:
+        r["note"] = f"{r['value']:.2f} img/s, SQNR {r['sqnr_db']:.1f} dB" + (f"; {r['note']}" if r.get("note") else "")
+    return rows, png
+
+
+def main(argv=None):
+    return bench_main(__doc__, run, BASELINE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
