@@ -31,7 +31,10 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def row_scale(x: torch.Tensor) -> torch.Tensor:
     """Per-row (last dim) symmetric scale ``max|x| / 127`` in fp32; 1 for an all-zero row."""
-    scale = x.float().abs().amax(dim=-1) / QMAX
+    amax = x.float().abs().amax(dim=-1)
+    # a tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, which
+    # rounds differently from the kernels' IEEE division
+    scale = amax / amax.new_tensor(float(QMAX))
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
