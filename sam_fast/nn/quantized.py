@@ -15,27 +15,26 @@ epilogue, so the 4x-wide hidden activation is written once, in int8, and never q
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..ops.int8 import int8_linear, layer_norm_quantize, quantize_weight
+from ..ops.int8 import int8_linear, layer_norm_quantize, quantize_weight, scalar_scale
 
 _SCALES = ("weight_scale", "act_scale")
 
 
 def _static_scale(act_scale, device) -> Optional[torch.Tensor]:
+    """The module's own copy of a calibrated scale (checked positive once, here, not per forward)."""
     if act_scale is None:
         return None
-    if isinstance(act_scale, numbers.Real) and not isinstance(act_scale, bool):
-        act_scale = torch.tensor(float(act_scale))
-    if not isinstance(act_scale, torch.Tensor) or not act_scale.is_floating_point() or act_scale.numel() != 1:
-        raise TypeError(f"act_scale must be a positive float or a one-element float tensor, got {act_scale!r}")
-    if not float(act_scale) > 0:
-        raise ValueError(f"act_scale must be positive, got {float(act_scale)}")
-    return act_scale.detach().reshape(()).to(device=device, dtype=torch.float32).clone()
+    if isinstance(act_scale, torch.Tensor):
+        act_scale = act_scale.detach().to(device)
+    scale = scalar_scale(act_scale, "act_scale", device if device is not None else "cpu").clone()
+    if not float(scale) > 0:
+        raise ValueError(f"act_scale must be positive, got {float(scale)}")
+    return scale
 
 
 class Int8Linear(nn.Module):

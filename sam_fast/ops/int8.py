@@ -125,11 +125,9 @@ _LN_TABLE = _table(_rows_supports, _layer_norm_quantize_op, _ref.layer_norm_quan
 
 
 def _linear_triton_supports(x, x_scale, w, *args, explicit, **kwargs):
-    refusal = _triton_device_refusal(w, explicit)
-    if refusal is None and x.dtype != torch.int8 and x.shape[-1] > MAX_ROW:
-        refusal = Refusal(f"the Triton quantization kernel holds a row in registers: K up to {MAX_ROW}, "
-                          f"got {x.shape[-1]}")
-    return refusal
+    if x.dtype == torch.int8:  # already quantized: only the GEMM runs
+        return _triton_device_refusal(w, explicit)
+    return _rows_supports(x, explicit=explicit)
 
 
 def _linear_cpu_supports(x, x_scale, w, *args, explicit, **kwargs):
@@ -192,8 +190,9 @@ def _same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
-def _scalar_scale(s, name: str, device) -> Tensor:
-    """A calibrated scale as a 0-d fp32 tensor (from a float or a one-element tensor)."""
+def scalar_scale(s, name: str, device) -> Tensor:
+    """A calibrated scale as a 0-d fp32 tensor on ``device`` (from a positive float or a one-element
+    float tensor; a tensor's sign is not checked here, which would cost a host sync per call)."""
     if isinstance(s, numbers.Real) and not isinstance(s, bool):
         if not s > 0:
             raise ValueError(f"{name} must be a positive scale, got {s!r}")
@@ -203,7 +202,7 @@ def _scalar_scale(s, name: str, device) -> Tensor:
         raise TypeError(f"{name} must be a floating-point scale, got {s.dtype}")
     if s.numel() != 1:
         raise ValueError(f"{name} must be a single (per-tensor) scale, got shape {tuple(s.shape)}")
-    if s.device != device:
+    if s.device != torch.device(device):
         raise ValueError(f"{name} must be on {device}, got {s.device}")
     return s.reshape(()).float()
 
@@ -345,7 +344,7 @@ def int8_linear(
             raise ValueError(f"act_scale must have one element (per tensor) or shape {tuple(lead)} (per token), "
                              f"got {tuple(act_scale.shape)}")
     else:
-        x_scale = None if act_scale is None else _scalar_scale(act_scale, "act_scale", x.device)
+        x_scale = None if act_scale is None else scalar_scale(act_scale, "act_scale", x.device)
 
     if activation not in _k.ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
@@ -356,7 +355,7 @@ def int8_linear(
     if out_dtype == torch.int8:
         if out_scale is None:
             raise ValueError("out_dtype=torch.int8 re-quantizes the output and needs its calibrated out_scale")
-        out_scale = _scalar_scale(out_scale, "out_scale", x.device)
+        out_scale = scalar_scale(out_scale, "out_scale", x.device)
     elif out_scale is not None:
         raise ValueError(f"out_scale is used only with out_dtype=torch.int8, got out_dtype={out_dtype}")
     if out_dtype == torch.int32 and (bias is not None or activation is not None):
