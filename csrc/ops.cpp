@@ -19,4 +19,15 @@ TORCH_LIBRARY(sam_fast, m) {
   // segment_anything's get_rel_pos resize, F.interpolate(mode="linear",
   // align_corners=False) (equal up to float rounding of the scale): (L, C) -> (length, C).
   m.def("resize_rel_pos(Tensor rel_pos, int length) -> Tensor");
+  // segment_anything's mask post-processing fused (csrc/mask_postprocess.h): low-res logits (P, h, w)
+  // through the two bilinear resizes (to padded_size, crop to input_size, to original_size), then per
+  // mask the stability score, area, XYXY box and the column-major COCO RLE of the mask placed at
+  // (x0, y0) in a (frame_h, frame_w) frame; binary masks only when asked. Returns (stability (P,) f32,
+  // area (P,) i64, boxes (P, 4) i64, rle_counts i64, rle_offsets (P + 1,) i64, masks (P, H, W) bool or (0,)).
+  m.def(
+      "mask_postprocess(Tensor logits, int[2] padded_size, int[2] input_size, int[2] original_size, "
+      "int[4] rle_frame, float mask_threshold, float stability_offset, bool return_rle, bool return_masks) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // pycocotools' compressed string form of a batch of RLEs (flat counts + offsets): (chars u8, offsets).
+  m.def("rle_to_string(Tensor counts, Tensor offsets) -> (Tensor, Tensor)");
 }

@@ -222,3 +222,52 @@ def test_w8a8_vit_b_shaped_encoder_on_gpu():
                 out = enc(x)
     assert rec.backends() == {"triton"} and not rec.fallbacks
     assert sqnr_db(ref.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+# --- mask post-processing (issue 5) ---
+
+POSTPROCESS_GEOMETRIES = [
+    ((1024, 683), (1500, 1000), None, None),  # SAM's resize of a portrait photo
+    ((768, 1024), (1200, 1600), (0, 0, 1600, 1200), None),
+    ((1024, 1024), (400, 400), (37, 500, 437, 900), (1200, 800)),  # a crop inside a frame
+    ((1024, 1024), (1024, 1024), None, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("geometry", POSTPROCESS_GEOMETRIES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_postprocess_cuda_matches_cpu(geometry, dtype):
+    import torch.nn.functional as F
+
+    from sam_fast.ops.postprocess import mask_postprocess
+    from sam_fast.reference.postprocess import upsample_logits
+
+    input_size, original_size, crop_box, image_size = geometry
+    g = torch.Generator().manual_seed(0)
+    logits = F.interpolate(torch.randn(67, 1, 12, 12, generator=g) * 8, (256, 256), mode="bicubic")[:, 0]
+    logits[0] = -3.0
+    logits[1] = 3.0
+    logits = logits.to(dtype)
+    kw = dict(input_size=input_size, original_size=original_size, crop_box=crop_box, image_size=image_size,
+              return_masks=True)
+    cpu = mask_postprocess(logits, backend="cpu", **kw)
+    with sam_fast.record_backends() as rec:
+        cuda = mask_postprocess(logits.cuda(), **kw)
+    assert rec.calls == [("mask_postprocess", "cuda")]
+    up = upsample_logits(logits, (1024, 1024), input_size, original_size)
+    near = torch.zeros_like(up, dtype=torch.bool)
+    for t in (0.0, 1.0, -1.0):
+        near |= (up - t).abs() < 1e-4
+    assert torch.equal(cuda.masks.cpu() & ~near, cpu.masks & ~near)
+    clean = ~near.flatten(1).any(1)
+    assert torch.equal(cuda.area.cpu()[clean], cpu.area[clean])
+    assert torch.equal(cuda.boxes.cpu()[clean], cpu.boxes[clean])
+    assert torch.equal(cuda.stability_score.cpu()[clean].nan_to_num(-1), cpu.stability_score[clean].nan_to_num(-1))
+    # RLE of every clean mask identical to the CPU kernel's (itself checked against pycocotools).
+    co, go = cpu.rle_offsets.tolist(), cuda.rle_offsets.cpu().tolist()
+    cc, gc = cpu.rle_counts.tolist(), cuda.rle_counts.cpu().tolist()
+    for i in torch.nonzero(clean).flatten().tolist():
+        assert gc[go[i]:go[i + 1]] == cc[co[i]:co[i + 1]]
+    no_rle = mask_postprocess(logits.cuda(), return_rle=False, **kw)
+    assert torch.equal(no_rle.area, cuda.area)

@@ -1,0 +1,190 @@
+"""sam_fast::mask_postprocess (C++ CPU kernel) vs segment_anything's own post-processing and pycocotools."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+import sam_fast
+from sam_fast.ops.postprocess import mask_postprocess, rles_to_coco, rles_to_uncompressed
+from sam_fast.reference import postprocess as ref
+
+# A logit this close to a threshold may binarise differently: the fused op rounds differently.
+NEAR = 1e-4
+
+
+def smooth_logits(P, h=256, w=256, seed=0, scale=8.0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(P, 1, 12, 12, generator=g) * scale
+    out = F.interpolate(coarse, (h, w), mode="bicubic", align_corners=False)[:, 0].contiguous()
+    out[0] = -5.0  # an empty mask
+    if P > 1:
+        out[1] = 5.0  # a full one
+    if P > 2:
+        out[2] = 0.0  # exactly at the threshold: empty, stability 0 / 0 = NaN as in segment_anything
+    return out
+
+
+# (input_size, original_size, crop_box, image_size): SAM's resize of a 1500x1000 image; a square one;
+# a crop of the automatic mask generator inside a larger frame; a tiny and a one-pixel-wide image;
+# the crop touching the frame's bottom edge (its columns meet) and its right edge.
+GEOMETRIES = [
+    ((1024, 683), (150, 100), None, None),
+    ((1024, 1024), (64, 64), None, None),
+    ((768, 1024), (48, 64), (10, 20, 74, 68), (80, 90)),
+    ((1024, 731), (7, 5), None, None),
+    ((1024, 4), (256, 1), None, None),
+    ((1024, 1024), (40, 40), (5, 30, 45, 70), (70, 50)),
+    ((1024, 1024), (40, 40), (10, 0, 50, 40), (40, 50)),
+]
+
+
+def _ambiguous(logits, geometry, thresholds):
+    input_size, original_size = geometry[:2]
+    up = ref.upsample_logits(logits, (1024, 1024), input_size, original_size)
+    near = torch.zeros_like(up, dtype=torch.bool)
+    for t in thresholds:
+        near |= (up - t).abs() < NEAR
+    return near
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}->{g[1]}-crop{g[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_matches_segment_anything(geometry, dtype):
+    input_size, original_size, crop_box, image_size = geometry
+    logits = smooth_logits(6, seed=hash(geometry) % 1000).to(dtype)
+    kw = dict(input_size=input_size, original_size=original_size, crop_box=crop_box, image_size=image_size,
+              return_masks=True)
+    got = mask_postprocess(logits, backend="cpu", **kw)
+    want = mask_postprocess(logits, backend="reference", **kw)
+    near = _ambiguous(logits, geometry, (0.0, 1.0, -1.0))
+    # Masks identical except where the upsampled logit is within NEAR of the threshold.
+    assert torch.equal(got.masks & ~near, want.masks & ~near)
+    for i in range(logits.shape[0]):
+        if near[i].any():
+            slack = int(near[i].sum())
+            assert abs(int(got.area[i]) - int(want.area[i])) <= slack
+            continue
+        assert int(got.area[i]) == int(want.area[i])
+        assert got.boxes[i].tolist() == want.boxes[i].tolist()
+        s, t = got.stability_score[i], want.stability_score[i]
+        assert (torch.isnan(s) and torch.isnan(t)) or s.item() == t.item()
+    assert got.stability_score.dtype == torch.float32 and got.boxes.dtype == torch.int64
+    # Every RLE, decoded by pycocotools, is the mask placed in its frame; compressed strings are the
+    # bytes pycocotools itself writes.
+    frame = image_size or original_size
+    x0, y0 = (crop_box or (0, 0))[:2]
+    H, W = original_size
+    coco = rles_to_coco(got.rle_counts, got.rle_offsets, frame)
+    for i, record in enumerate(coco):
+        framed = np.zeros(frame, dtype=np.uint8)
+        framed[y0:y0 + H, x0:x0 + W] = got.masks[i].numpy()
+        assert np.array_equal(mask_utils.decode(dict(record, counts=record["counts"].encode())), framed)
+        assert record["counts"] == mask_utils.encode(np.asfortranarray(framed))["counts"].decode()
+    if not near.any():
+        assert torch.equal(got.rle_counts, want.rle_counts)
+        assert torch.equal(got.rle_offsets, want.rle_offsets)
+
+
+def test_empty_full_and_threshold_masks():
+    logits = smooth_logits(3)
+    got = mask_postprocess(logits, input_size=(1024, 1024), original_size=(32, 48), backend="cpu")
+    assert got.area.tolist() == [0, 32 * 48, 0]
+    assert got.boxes.tolist() == [[0, 0, 0, 0], [0, 0, 47, 31], [0, 0, 0, 0]]
+    assert got.stability_score[1].item() == 1.0 and torch.isnan(got.stability_score[0])
+    records = rles_to_uncompressed(got.rle_counts, got.rle_offsets, (32, 48))
+    assert [r["counts"] for r in records] == [[32 * 48], [0, 32 * 48], [32 * 48]]
+    assert got.masks is None
+
+
+def test_uncompressed_records_match_segment_anything():
+    from segment_anything.utils.amg import mask_to_rle_pytorch
+
+    logits = smooth_logits(5, seed=3)
+    got = mask_postprocess(logits, input_size=(1024, 1024), original_size=(64, 64), return_masks=True,
+                           backend="cpu")
+    assert rles_to_uncompressed(got.rle_counts, got.rle_offsets, (64, 64)) == mask_to_rle_pytorch(got.masks)
+
+
+def test_string_encoding_matches_pycocotools_on_awkward_counts():
+    # Long runs (multi-group varints) and deltas of both signs, through the C++ op and the Python one.
+    rng = np.random.default_rng(0)
+    mask = np.zeros((300, 200), dtype=np.uint8)
+    mask[:, 37] = 1
+    mask[5:290, 100:180] = rng.random((285, 80)) < 0.3
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    counts, offsets = ref.flatten_rles([{"counts": _uncompressed(mask)}])
+    assert rles_to_coco(counts, offsets, (300, 200))[0]["counts"] == rle["counts"].decode()
+    assert ref.coco_string(_uncompressed(mask)) == rle["counts"].decode()
+
+
+def _uncompressed(mask):
+    flat = mask.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return counts if flat[0] == 0 else [0] + counts
+
+
+def test_no_rle_and_empty_batch():
+    logits = smooth_logits(4)
+    got = mask_postprocess(logits, input_size=(1024, 1024), original_size=(20, 20), return_rle=False,
+                           backend="cpu")
+    assert got.rle_counts.numel() == 0 and got.rle_offsets.tolist() == [0]
+    assert got.area.shape == (4,)
+    empty = mask_postprocess(logits[:0], input_size=(1024, 1024), original_size=(20, 20), return_masks=True,
+                             backend="cpu")
+    assert empty.area.shape == (0,) and empty.rle_offsets.tolist() == [0] and empty.masks.shape == (0, 20, 20)
+
+
+def test_auto_runs_the_cpp_kernel():
+    with sam_fast.record_backends() as rec:
+        mask_postprocess(smooth_logits(2), input_size=(1024, 1024), original_size=(8, 8))
+    assert rec.calls == [("mask_postprocess", "cpu")] and not rec.fallbacks
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(logits=torch.zeros(256, 256)), "logits must have shape"),
+        (dict(logits=torch.zeros(1, 256, 256, dtype=torch.float64)), "logits must be float32"),
+        (dict(logits=torch.zeros(1, 256, 256, dtype=torch.int32)), "logits must be float32"),
+        (dict(input_size=(1025, 10)), "input_size"),
+        (dict(original_size=(0, 10)), "original_size must be positive"),
+        (dict(original_size=(10.5, 10)), "original_size must hold ints"),
+        (dict(padded_size=(128, 128)), "padded_size"),
+        (dict(crop_box=(0, 0, 5, 5)), "crop_box"),
+        (dict(crop_box=(5, 5, 25, 25), image_size=(22, 22)), "crop_box .* inside image_size"),
+        (dict(mask_threshold="0"), "mask_threshold"),
+        (dict(backend="cuda"), "refused"),
+    ],
+)
+def test_errors_name_the_argument(kwargs, match):
+    args = dict(logits=torch.zeros(1, 256, 256), input_size=(1024, 1024), original_size=(20, 20))
+    args.update(kwargs)
+    logits = args.pop("logits")
+    with pytest.raises((ValueError, TypeError), match=match):
+        mask_postprocess(logits, **args)
+
+
+def test_cpp_checks_its_own_arguments():
+    from sam_fast.ops.postprocess import _ensure_registered
+
+    _ensure_registered()
+    with pytest.raises(RuntimeError, match="do not fit the RLE frame"):
+        torch.ops.sam_fast.mask_postprocess(torch.zeros(1, 8, 8), [32, 32], [32, 32], [16, 16], [10, 0, 16, 16],
+                                            0.0, 1.0, True, False)
+
+
+def test_opcheck():
+    from sam_fast.ops.postprocess import _ensure_registered
+
+    _ensure_registered()
+    logits = smooth_logits(3, 32, 32)
+    args = (logits, [128, 128], [128, 100], [40, 30], [0, 0, 40, 30], 0.0, 1.0, True, True)
+    torch.library.opcheck(torch.ops.sam_fast.mask_postprocess.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    strided = smooth_logits(3, 32, 64)[:, :, ::2]
+    torch.library.opcheck(torch.ops.sam_fast.mask_postprocess.default, (strided,) + args[1:],
+                          test_utils=("test_schema", "test_faketensor"))
