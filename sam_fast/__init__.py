@@ -9,6 +9,10 @@ Public API:
 * :func:`int8_linear`, :func:`quantize_per_token`, :func:`layer_norm_quantize` - W8A8 int8 GEMM with
   fused quantization and epilogue; :mod:`sam_fast.quantize` calibrates SAM encoders
   (``SamFastConfig(quantize="int8", calibration=...)``).
+* :func:`mask_postprocess` - segment_anything's mask post-processing (resizes, threshold, stability,
+  box, COCO RLE) as one C++ / CUDA op; :class:`SamFastPredictor` and
+  :class:`SamFastAutomaticMaskGenerator` - ``SamPredictor`` / ``SamAutomaticMaskGenerator`` drop-ins
+  on the batched decoder (:class:`sam_fast.nn.BatchedMaskDecoder`) and that op.
 * :func:`apply` / :class:`SamFastConfig` - swap the kernels into a segment_anything model instance;
   ``handle.undo()`` restores it.
 * :func:`record_backends` - which backend every op call ran on.
@@ -31,6 +35,9 @@ _EXPORTS = {
     "quantize_per_token": ".ops.int8",
     "layer_norm_quantize": ".ops.int8",
     "int8_linear": ".ops.int8",
+    "mask_postprocess": ".ops.postprocess",
+    "SamFastPredictor": ".predictor",
+    "SamFastAutomaticMaskGenerator": ".everything",
     "Branch": ".pattern",
     "SamFastConfig": ".patch",
     "SamFastHandle": ".patch",
@@ -38,7 +45,7 @@ _EXPORTS = {
 }
 
 
-_SUBMODULES = ("models", "nn", "pattern", "quantize", "reference", "testing")
+_SUBMODULES = ("everything", "models", "nn", "pattern", "predictor", "quantize", "reference", "testing")
 
 
 def __getattr__(name):
@@ -61,14 +68,17 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "Branch",
+    "SamFastAutomaticMaskGenerator",
     "SamFastConfig",
     "SamFastFallbackWarning",
     "SamFastHandle",
+    "SamFastPredictor",
     "apply",
     "dilated_attention",
     "dilated_attn_func",
     "int8_linear",
     "layer_norm_quantize",
+    "mask_postprocess",
     "quantize_per_token",
     "record_backends",
     "resize_rel_pos",

@@ -1,5 +1,5 @@
 """Model builders and checkpoint loaders."""
 
-from .tiny import tiny_image_encoder
+from .tiny import sam_decoder, tiny_image_encoder, tiny_sam
 
-__all__ = ["tiny_image_encoder"]
+__all__ = ["sam_decoder", "tiny_image_encoder", "tiny_sam"]

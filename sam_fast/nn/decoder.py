@@ -1,0 +1,247 @@
+"""``BatchedMaskDecoder``: SAM's prompt encoder + mask decoder over many images and prompts in one call.
+
+segment_anything decodes one image at a time and copies the (256, 64, 64) image embedding and its
+positional encoding once per prompt (``repeat_interleave``) before the two-way transformer. Here one
+call takes
+
+    image_embeddings (I, C, h, w)   and, flattened over all images,
+    image_index (P,)                which image each prompt belongs to,
+    point_coords (P, n, 2), point_labels (P, n), boxes (P, 4), mask_inputs (P, 1, 4h, 4w)
+
+and nothing image-sized is ever copied per prompt:
+
+* the first two-way block's image-side work - keys + positional encoding, the token-to-image keys and
+  values, the image-to-token queries - depends only on the image (when no mask prompt is given), so it
+  is computed once per image;
+* token-to-image attention of all prompts of one image is one attention call whose queries are the
+  prompts' tokens stacked (each query token attends independently, so stacking is exact);
+* image-to-token attention of the first block is one (H, N, d) x (H, d, prompts * tokens) product
+  per image, with the softmax taken per prompt.
+
+From the first block's output on the keys differ per prompt and the decoder runs batched over prompts
+with ``scaled_dot_product_attention``; only the mask tokens asked for (one, or the three multimask
+ones) go through the hypernetwork product. Parameters are the wrapped segment_anything modules'
+(``from_sam`` shares them), so state_dict keys are Sam's ``prompt_encoder.*`` / ``mask_decoder.*``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, C) -> (B, heads, T, C / heads)."""
+    B, T, C = x.shape
+    return x.view(B, T, num_heads, C // num_heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, d) -> (B, T, heads * d)."""
+    B, H, T, d = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * d)
+
+
+def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """segment_anything's ``Attention.forward`` on its own weights, through SDPA."""
+    out = F.scaled_dot_product_attention(_heads(attn.q_proj(q), attn.num_heads),
+                                         _heads(attn.k_proj(k), attn.num_heads),
+                                         _heads(attn.v_proj(v), attn.num_heads))
+    return attn.out_proj(_merge(out))
+
+
+class BatchedMaskDecoder(nn.Module):
+    """Batched drop-in for ``Sam.prompt_encoder`` + ``Sam.mask_decoder`` (see the module docstring).
+
+    Args:
+        prompt_encoder: a segment_anything ``PromptEncoder``.
+        mask_decoder: a segment_anything ``MaskDecoder`` (its ``TwoWayTransformer`` included).
+    """
+
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    @classmethod
+    def from_sam(cls, sam: nn.Module) -> "BatchedMaskDecoder":
+        """Wrap a ``Sam``'s prompt encoder and mask decoder (parameters shared, not copied)."""
+        for name in ("prompt_encoder", "mask_decoder"):
+            if not isinstance(getattr(sam, name, None), nn.Module):
+                raise TypeError(f"sam must be a segment_anything Sam with a {name}, got {type(sam).__name__}")
+        return cls(sam.prompt_encoder, sam.mask_decoder)
+
+    # -- inputs -----------------------------------------------------------------------------------------
+
+    def _check(self, image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs):
+        if not isinstance(image_embeddings, torch.Tensor) or image_embeddings.dim() != 4:
+            raise ValueError("image_embeddings must be a (I, C, h, w) tensor, got "
+                             f"{getattr(image_embeddings, 'shape', type(image_embeddings).__name__)}")
+        I, C, h, w = image_embeddings.shape
+        emb = tuple(self.prompt_encoder.image_embedding_size)
+        if C != self.mask_decoder.transformer_dim or (h, w) != emb:
+            raise ValueError(f"image_embeddings must have shape (I, {self.mask_decoder.transformer_dim}, "
+                             f"{emb[0]}, {emb[1]}), got {tuple(image_embeddings.shape)}")
+        if not isinstance(image_index, torch.Tensor) or image_index.dim() != 1:
+            raise ValueError(f"image_index must be a 1-d tensor of image indices, got {image_index!r}")
+        if image_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"image_index must be int64 or int32, got {image_index.dtype}")
+        P = image_index.shape[0]
+        if P and (int(image_index.min()) < 0 or int(image_index.max()) >= I):
+            raise ValueError(f"image_index must lie in [0, {I}), got values in "
+                             f"[{int(image_index.min())}, {int(image_index.max())}]")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        if point_coords is not None:
+            if point_coords.dim() != 3 or point_coords.shape[0] != P or point_coords.shape[2] != 2:
+                raise ValueError(f"point_coords must have shape ({P}, n, 2), got {tuple(point_coords.shape)}")
+            if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
+                raise ValueError(f"point_labels must have shape {tuple(point_coords.shape[:2])}, got "
+                                 f"{tuple(point_labels.shape)}")
+        if boxes is not None and tuple(boxes.shape) not in ((P, 4), (P, 1, 4)):
+            raise ValueError(f"boxes must have shape ({P}, 4) (or ({P}, 1, 4) as SamPredictor passes them), got "
+                             f"{tuple(boxes.shape)}")
+        if mask_inputs is not None:
+            want = (P, 1, 4 * emb[0], 4 * emb[1])
+            if tuple(mask_inputs.shape) != want:
+                raise ValueError(f"mask_inputs must have shape {want}, got {tuple(mask_inputs.shape)}")
+        if point_coords is None and boxes is None and mask_inputs is None and P:
+            raise ValueError("each prompt needs point_coords, boxes or mask_inputs; none were given")
+
+    # -- the decoder ------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        point_coords: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_inputs: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode P prompts over I images.
+
+        Coordinates are in the encoder's input frame (after ``ResizeLongestSide``), as
+        ``SamPredictor.predict_torch`` takes them. Returns ``(low_res_logits (P, M, 4h, 4w),
+        iou_predictions (P, M))`` with M = 3 for ``multimask_output`` else 1, in the prompts' order.
+        """
+        self._check(image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs)
+        dec = self.mask_decoder
+        dtype = dec.iou_token.weight.dtype
+        P = image_index.shape[0]
+        M = dec.num_mask_tokens - 1 if multimask_output else 1
+        h, w = image_embeddings.shape[-2:]
+        if P == 0:
+            empty = image_embeddings.new_zeros((0, M, 4 * h, 4 * w), dtype=dtype)
+            return empty, image_embeddings.new_zeros((0, M), dtype=dtype)
+
+        points = None if point_coords is None else (point_coords, point_labels)
+        boxes = None if boxes is None else boxes.reshape(P, 4)
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        pe = self.prompt_encoder.get_dense_pe().to(dtype).flatten(2).transpose(1, 2)  # (1, N, C)
+        if mask_inputs is None:
+            # The dense prompt is the same "no mask" embedding for all: image-level keys.
+            no_mask = self.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
+            keys0 = (image_embeddings.to(dtype) + no_mask).flatten(2).transpose(1, 2)  # (I, N, C)
+            group = image_index.long()
+        else:
+            keys0 = (image_embeddings.to(dtype)[image_index.long()] + dense.to(dtype)).flatten(2).transpose(1, 2)
+            group = torch.arange(P, device=image_index.device)
+
+        # Prompts sorted by group, so that each group's prompts are one contiguous slice.
+        order = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=keys0.shape[0]).tolist()
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse.to(dtype)[order]], dim=1)
+
+        transformer = dec.transformer
+        queries, keys = self._first_block(transformer.layers[0], tokens, keys0, pe, counts)
+        for layer in transformer.layers[1:]:
+            queries, keys = self._block(layer, queries, keys, tokens, pe)
+        attn_out = _attend(transformer.final_attn_token_to_image, queries + tokens, keys + pe, keys)
+        queries = transformer.norm_final_attn(queries + attn_out)
+
+        iou_pred = dec.iou_prediction_head(queries[:, 0, :])
+        first = 1 if multimask_output else 0
+        wanted = range(first, first + M)
+        upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(P, -1, h, w))
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in wanted], dim=1)
+        B, c, uh, uw = upscaled.shape
+        masks = (hyper @ upscaled.view(B, c, uh * uw)).view(B, M, uh, uw)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(P, device=order.device)
+        return masks[inverse], iou_pred[:, first:first + M][inverse]
+
+    @staticmethod
+    def _block(layer, queries, keys, query_pe, key_pe):
+        """A TwoWayAttentionBlock with per-prompt keys (segment_anything's order of operations)."""
+        if layer.skip_first_layer_pe:
+            queries = _attend(layer.self_attn, queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + _attend(layer.self_attn, q, q, queries)
+        queries = layer.norm1(queries)
+        k = keys + key_pe
+        queries = layer.norm2(queries + _attend(layer.cross_attn_token_to_image, queries + query_pe, k, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries))
+        return queries, keys
+
+    @staticmethod
+    def _first_block(layer, tokens, keys0, pe, counts):
+        """The first block, with image-level keys0 (G, N, C) shared by counts[g] consecutive prompts."""
+        if all(n == 1 for n in counts):  # one prompt per group (e.g. mask prompts): nothing to share
+            return BatchedMaskDecoder._block(layer, tokens, keys0, tokens, pe)
+        queries = tokens
+        if layer.skip_first_layer_pe:
+            queries = _attend(layer.self_attn, queries, queries, queries)
+        else:
+            queries = queries + _attend(layer.self_attn, queries + tokens, queries + tokens, queries)
+        queries = layer.norm1(queries)
+
+        k_img = keys0 + pe  # (G, N, C), once per image
+        P, T, _ = queries.shape
+        # Token-to-image: per image, all its prompts' tokens as one query sequence.
+        t2i = layer.cross_attn_token_to_image
+        heads = t2i.num_heads
+        K = _heads(t2i.k_proj(k_img), heads)
+        V = _heads(t2i.v_proj(keys0), heads)
+        Q = t2i.q_proj(queries + tokens)  # (P, T, Ci)
+        out = torch.empty_like(Q)
+        start = 0
+        for g, n in enumerate(counts):
+            if n:
+                q = _heads(Q[start:start + n].reshape(1, n * T, -1), heads)
+                out[start:start + n] = _merge(F.scaled_dot_product_attention(q, K[g:g + 1], V[g:g + 1])).view(n, T, -1)
+            start += n
+        queries = layer.norm2(queries + t2i.out_proj(out))
+        queries = layer.norm3(queries + layer.mlp(queries))
+
+        # Image-to-token: image-level queries against each prompt's few tokens, softmax per prompt.
+        i2t = layer.cross_attn_image_to_token
+        heads = i2t.num_heads
+        Qi = _heads(i2t.q_proj(k_img), heads)  # (G, H, N, d)
+        Kt = _heads(i2t.k_proj(queries + tokens), heads)  # (P, H, T, d)
+        Vt = _heads(i2t.v_proj(queries), heads)
+        d = Qi.shape[-1]
+        N = Qi.shape[2]
+        attn_out = Qi.new_empty((P, N, heads * d))
+        start = 0
+        for g, n in enumerate(counts):
+            if n:
+                kt = Kt[start:start + n].permute(1, 3, 0, 2).reshape(heads, d, n * T)  # (H, d, n T)
+                scores = (Qi[g] @ kt).view(heads, N, n, T) * (d ** -0.5)
+                probs = scores.softmax(dim=-1)
+                vt = Vt[start:start + n]  # (n, H, T, d)
+                attn_out[start:start + n] = torch.einsum("hnpt,phtd->pnhd", probs, vt).reshape(n, N, heads * d)
+            start += n
+        keys = i2t.out_proj(attn_out)
+        start = 0
+        for g, n in enumerate(counts):
+            keys[start:start + n] += keys0[g]
+            start += n
+        return queries, layer.norm4(keys)

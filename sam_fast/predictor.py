@@ -1,0 +1,220 @@
+"""``SamFastPredictor``: segment_anything's ``SamPredictor`` on the batched decoder and fused post-processing.
+
+Everything ``SamPredictor`` offers works unchanged (``set_image``, ``set_torch_image``, ``predict``,
+``predict_torch``, ``get_image_embedding``, ``reset_image``, ``transform``) with the same results:
+``predict_torch`` decodes through :class:`sam_fast.nn.BatchedMaskDecoder` (no per-prompt copy of the
+image embedding) and thresholds through ``sam_fast::mask_postprocess`` (no full-resolution float masks);
+``return_logits=True`` upsamples exactly as segment_anything does.
+
+On top of it, a batch API: :meth:`SamFastPredictor.set_images` encodes several images in one encoder
+batch and :meth:`SamFastPredictor.predict_batch` takes a prompt set per image and decodes every prompt
+of every image in as few decoder calls as there are prompt structures.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor
+
+from .nn.decoder import BatchedMaskDecoder
+from .ops.postprocess import mask_postprocess
+from .reference.postprocess import upsample_logits
+
+
+class SamFastPredictor(SamPredictor):
+    """Drop-in for ``segment_anything.SamPredictor(sam)``.
+
+    Args:
+        sam_model: a segment_anything ``Sam`` (possibly patched with :func:`sam_fast.apply`).
+        backend: backend of the post-processing op ("auto", "cuda", "cpu", "reference").
+    """
+
+    def __init__(self, sam_model, backend: str = "auto") -> None:
+        super().__init__(sam_model)
+        self.decoder = BatchedMaskDecoder.from_sam(sam_model)
+        self.backend = backend
+        self._batch: Optional[dict] = None
+
+    @property
+    def _padded_size(self) -> Tuple[int, int]:
+        s = self.model.image_encoder.img_size
+        return (s, s)
+
+    # -- single image: segment_anything's API -----------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``SamPredictor.predict_torch``: prompts (B, ...) in the input frame -> (masks (B, C, H, W),
+        iou_predictions (B, C), low_res_logits (B, C, 256, 256))."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        B = _prompt_count(point_coords, boxes, mask_input)
+        index = torch.zeros(B, dtype=torch.int64, device=self.device)
+        low_res, iou = self.decoder(self.features, index, point_coords, point_labels, boxes, mask_input,
+                                    multimask_output)
+        masks = self._masks(low_res, self.input_size, self.original_size, return_logits)
+        return masks, iou, low_res
+
+    def _masks(self, low_res, input_size, original_size, return_logits):
+        P, M = low_res.shape[:2]
+        if return_logits:
+            up = upsample_logits(low_res.flatten(0, 1), self._padded_size, input_size, original_size)
+            return up.view(P, M, *up.shape[-2:])
+        out = mask_postprocess(low_res.flatten(0, 1), padded_size=self._padded_size, input_size=input_size,
+                               original_size=original_size, mask_threshold=self.model.mask_threshold,
+                               return_rle=False, return_masks=True, backend=self.backend)
+        return out.masks.view(P, M, *out.masks.shape[-2:])
+
+    # -- several images ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_images(self, images: Sequence[np.ndarray], image_format: str = "RGB", batch_size: int = 8) -> None:
+        """Encode several HWC uint8 images (sizes may differ), ``batch_size`` per encoder call."""
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            raise TypeError("images must be a sequence of HWC arrays; for one image use set_image")
+        if len(images) == 0:
+            raise ValueError("images must hold at least one image, got an empty sequence")
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        tensors, input_sizes, original_sizes = [], [], []
+        for i, image in enumerate(images):
+            if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"images[{i}] must be an HxWx3 uint8 array, got "
+                                 f"{getattr(image, 'shape', type(image).__name__)} {getattr(image, 'dtype', '')}")
+            if image_format != self.model.image_format:
+                image = image[..., ::-1]
+            x = torch.as_tensor(self.transform.apply_image(image), device=self.device).permute(2, 0, 1)
+            tensors.append(self.model.preprocess(x[None].contiguous())[0])
+            input_sizes.append(tuple(x.shape[-2:]))
+            original_sizes.append(tuple(image.shape[:2]))
+        stacked = torch.stack(tensors)
+        features = torch.cat([self.model.image_encoder(stacked[i:i + batch_size])
+                              for i in range(0, len(tensors), batch_size)])
+        self.reset_image()
+        self._batch = {"features": features, "input_sizes": input_sizes, "original_sizes": original_sizes}
+
+    def reset_image(self) -> None:
+        super().reset_image()
+        self._batch = None
+
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        prompts: Sequence[Dict[str, np.ndarray]],
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Decode a prompt set per image set by :meth:`set_images`, all images in one go.
+
+        ``prompts[i]`` describes K_i prompts for image i in its original pixel coordinates:
+        ``point_coords`` (K_i, n, 2) with ``point_labels`` (K_i, n), and/or ``boxes`` (K_i, 4), and/or
+        ``mask_input`` (K_i, 1, 256, 256); a (n, 2) / (n,) / (4,) array is one prompt. An empty dict or
+        K_i = 0 gives empty results for that image.
+
+        Returns, per image, ``{"masks": (K_i, M, H, W) bool (float logits with return_logits),
+        "iou_predictions": (K_i, M), "low_res_logits": (K_i, M, 256, 256)}``.
+        """
+        if self._batch is None:
+            raise RuntimeError("Images must be set with .set_images(...) before predict_batch.")
+        batch = self._batch
+        if len(prompts) != len(batch["input_sizes"]):
+            raise ValueError(f"prompts must hold one entry per image set ({len(batch['input_sizes'])}), "
+                             f"got {len(prompts)}")
+        parsed = [self._parse(i, p) for i, p in enumerate(prompts)]
+        # Prompts of the same structure, from all images, form one decoder call.
+        groups: Dict[tuple, List[int]] = {}
+        for i, item in enumerate(parsed):
+            if item["count"]:
+                groups.setdefault(item["key"], []).append(i)
+        M = self.model.mask_decoder.num_mask_tokens - 1 if multimask_output else 1
+        side = 4 * self.model.prompt_encoder.image_embedding_size[0], 4 * self.model.prompt_encoder.image_embedding_size[1]
+        low = [None] * len(parsed)
+        iou = [None] * len(parsed)
+        for key, members in groups.items():
+            index = torch.cat([torch.full((parsed[i]["count"],), i, dtype=torch.int64) for i in members])
+            cat = {name: (torch.cat([parsed[i][name] for i in members]) if parsed[members[0]][name] is not None
+                          else None) for name in ("coords", "labels", "boxes", "masks")}
+            lo, io = self.decoder(batch["features"], index.to(self.device), cat["coords"], cat["labels"],
+                                  cat["boxes"], cat["masks"], multimask_output)
+            start = 0
+            for i in members:
+                n = parsed[i]["count"]
+                low[i], iou[i] = lo[start:start + n], io[start:start + n]
+                start += n
+        results = []
+        dtype = self.model.mask_decoder.iou_token.weight.dtype
+        for i, item in enumerate(parsed):
+            if low[i] is None:
+                low[i] = torch.zeros((0, M) + side, dtype=dtype, device=self.device)
+                iou[i] = torch.zeros((0, M), dtype=dtype, device=self.device)
+            masks = self._masks(low[i], batch["input_sizes"][i], batch["original_sizes"][i], return_logits)
+            results.append({"masks": masks, "iou_predictions": iou[i], "low_res_logits": low[i]})
+        return results
+
+    def _parse(self, i: int, prompt) -> dict:
+        if not isinstance(prompt, dict):
+            raise TypeError(f"prompts[{i}] must be a dict of arrays, got {type(prompt).__name__}")
+        unknown = set(prompt) - {"point_coords", "point_labels", "boxes", "mask_input"}
+        if unknown:
+            raise ValueError(f"prompts[{i}] has unknown keys {sorted(unknown)}; expected point_coords, "
+                             "point_labels, boxes, mask_input")
+        original_size = self._batch["original_sizes"][i]
+        coords = prompt.get("point_coords")
+        labels = prompt.get("point_labels")
+        boxes = prompt.get("boxes")
+        masks = prompt.get("mask_input")
+        counts = []
+        if (coords is None) != (labels is None):
+            raise ValueError(f"prompts[{i}]: point_coords and point_labels must be given together")
+        if coords is not None:
+            coords = np.asarray(coords, dtype=np.float64)
+            labels = np.asarray(labels)
+            if coords.ndim == 2:
+                coords, labels = coords[None], labels[None]
+            if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:
+                raise ValueError(f"prompts[{i}]: point_coords must be (K, n, 2) with point_labels (K, n), got "
+                                 f"{coords.shape} and {labels.shape}")
+            counts.append(coords.shape[0])
+            coords = torch.as_tensor(self.transform.apply_coords(coords, original_size), dtype=torch.float,
+                                     device=self.device)
+            labels = torch.as_tensor(labels, dtype=torch.int, device=self.device)
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float64)
+            if boxes.ndim == 1:
+                boxes = boxes[None]
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"prompts[{i}]: boxes must be (K, 4) XYXY, got {boxes.shape}")
+            counts.append(boxes.shape[0])
+            boxes = torch.as_tensor(self.transform.apply_boxes(boxes, original_size), dtype=torch.float,
+                                    device=self.device)
+        if masks is not None:
+            masks = torch.as_tensor(np.asarray(masks), dtype=torch.float, device=self.device)
+            if masks.dim() == 3:
+                masks = masks[None]
+            counts.append(masks.shape[0])
+        if len(set(counts)) > 1:
+            raise ValueError(f"prompts[{i}]: point_coords, boxes and mask_input must describe the same number of "
+                             f"prompts, got {counts}")
+        count = counts[0] if counts else 0
+        key = (None if coords is None else coords.shape[1], boxes is not None, masks is not None)
+        return {"count": count, "key": key, "coords": coords, "labels": labels, "boxes": boxes, "masks": masks}
+
+
+def _prompt_count(point_coords, boxes, mask_input) -> int:
+    for t in (point_coords, boxes, mask_input):
+        if t is not None:
+            return t.shape[0]
+    raise ValueError("predict_torch needs point_coords, boxes or mask_input; all are None")
