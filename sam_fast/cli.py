@@ -1,11 +1,20 @@
 """The ``sam-fast`` command.
 
-    sam-fast bench [--ops attention,dilated,relpos,int8,e2e] [--out DIR] [--quick]
+    sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything] [--out DIR] [--quick]
+    sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|tiny
+                     [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
+                     [--points-per-side N] [--device cpu|cuda] --out DIR
 
-runs the op benchmarks this machine can run against their references and peers, prints a table
+``bench`` runs the op benchmarks this machine can run against their references and peers, prints a table
 (op, case, backend, median time, speedup over the bench's baseline, max error), appends results with
 provenance to ``DIR/<script>.csv`` and draws ``DIR/<script>.png``. On a CPU-only machine CPU backends
 are timed and the Triton kernels are checked for correctness under the interpreter (not timed).
+
+``segment`` writes, per image, ``DIR/<name>.json`` (COCO-style annotations with compressed RLE, area,
+bbox, predicted IoU, stability score) and ``DIR/<name>.png`` (the masks over the image), with a
+progress bar over images. Prompts (``--points`` / ``--box``) are in the image's pixel coordinates;
+``--everything`` runs :class:`sam_fast.SamFastAutomaticMaskGenerator` (``--hierarchical``: TinySAM's
+two-round mode).
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ import os
 import sys
 
 BENCHES = {"attention": "bench_attention", "dilated": "bench_dilated_attention", "relpos": "bench_relpos",
-           "int8": "bench_int8_gemm", "e2e": "bench_e2e"}
+           "int8": "bench_int8_gemm", "e2e": "bench_e2e", "decoder": "bench_decoder",
+           "everything": "bench_everything"}
 
 
 def _bench(args) -> int:
@@ -52,6 +62,134 @@ def _bench(args) -> int:
     return 0
 
 
+def _numbers(text: str, count, what: str) -> list:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"sam-fast segment: {what} must be comma-separated numbers, got {text!r}")
+    if len(values) not in count:
+        raise SystemExit(f"sam-fast segment: {what} needs {' or '.join(map(str, count))} numbers, got {text!r}")
+    return values
+
+
+def _overlay(image, masks):
+    import numpy as np
+
+    out = image.astype(np.float32)
+    rng = np.random.default_rng(0)
+    for m in sorted(masks, key=lambda m: -int(m.sum())):  # small masks drawn last, on top
+        color = rng.integers(40, 255, size=3)
+        out[m] = 0.45 * out[m] + 0.55 * color
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _segment(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from sam_fast.models import load_sam
+
+    prompts = bool(args.points or args.box)
+    if args.everything == prompts:
+        print("sam-fast segment: give --points and/or --box, or --everything (not both)", file=sys.stderr)
+        return 2
+    if args.hierarchical and not args.everything:
+        print("sam-fast segment: --hierarchical needs --everything", file=sys.stderr)
+        return 2
+    for path in args.images:
+        if not os.path.isfile(path):
+            print(f"sam-fast segment: image {path} does not exist", file=sys.stderr)
+            return 2
+    points = [_numbers(p, (2, 3), "--points") for p in args.points or []]
+    box = _numbers(args.box, (4,), "--box") if args.box else None
+    try:
+        sam = load_sam(args.checkpoint, args.model_type)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sam-fast segment: {exc}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sam.to(device)
+    if args.everything:
+        from sam_fast import SamFastAutomaticMaskGenerator
+
+        engine = SamFastAutomaticMaskGenerator(sam, points_per_side=args.points_per_side, output_mode="coco_rle",
+                                               hierarchical=args.hierarchical)
+    else:
+        from sam_fast import SamFastPredictor
+        from sam_fast.ops.postprocess import mask_postprocess, rles_to_coco
+
+        engine = SamFastPredictor(sam)
+    os.makedirs(args.out, exist_ok=True)
+    for path in tqdm(args.images, desc="sam-fast segment", unit="image"):
+        try:
+            image = np.asarray(Image.open(path).convert("RGB"))
+        except Exception as exc:
+            print(f"sam-fast segment: cannot read image {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+        H, W = image.shape[:2]
+        if args.everything:
+            records = engine.generate(image)
+        else:
+            engine.set_image(image)
+            coords = np.array([p[:2] for p in points]) if points else None
+            labels = np.array([int(p[2]) if len(p) == 3 else 1 for p in points]) if points else None
+            multimask = len(points) == 1 and box is None
+            _, iou, low = engine.predict(point_coords=coords, point_labels=labels,
+                                         box=None if box is None else np.array(box), multimask_output=multimask)
+            post = mask_postprocess(torch.as_tensor(low), padded_size=engine._padded_size,
+                                    input_size=engine.input_size, original_size=(H, W),
+                                    mask_threshold=sam.mask_threshold)
+            segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))
+            records = [{"segmentation": seg, "area": int(post.area[i]),
+                        "bbox": [float(v) for v in _xywh(post.boxes[i].tolist())],
+                        "predicted_iou": float(iou[i]), "point_coords": [p[:2] for p in points],
+                        "stability_score": float(post.stability_score[i]), "crop_box": [0.0, 0.0, float(W), float(H)]}
+                       for i, seg in enumerate(segs)]
+        name = os.path.splitext(os.path.basename(path))[0]
+        annotations = [dict(r, id=i + 1, image_id=1) for i, r in enumerate(records)]
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump({"images": [{"id": 1, "file_name": os.path.basename(path), "height": H, "width": W}],
+                       "annotations": annotations}, f)
+        masks = [_decode(r["segmentation"]) for r in records]
+        Image.fromarray(_overlay(image, masks)).save(os.path.join(args.out, f"{name}.png"))
+    print(f"wrote {len(args.images)} image(s) to {os.path.abspath(args.out)}")
+    return 0
+
+
+def _xywh(box):
+    x0, y0, x1, y1 = box
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def _decode(seg):
+    from sam_fast.everything import _rle_to_mask
+
+    return _rle_to_mask({"size": seg["size"], "counts": _string_counts(seg["counts"])})
+
+
+def _string_counts(text: str) -> list:
+    """pycocotools' compressed counts back to integers (the inverse of rleToString)."""
+    counts, i = [], 0
+    while i < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(text[i]) - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sam-fast", description="Fast kernels for Segment Anything.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,9 +197,22 @@ def main(argv=None) -> int:
     b.add_argument("--ops", default=",".join(BENCHES), help=f"comma-separated subset of {sorted(BENCHES)}")
     b.add_argument("--out", default="sam_fast_results", help="results directory (default: ./sam_fast_results)")
     b.add_argument("--quick", action="store_true", help="fewer cases (batch 1 only on GPU)")
+    s = sub.add_parser("segment", help="segment images with a SAM checkpoint (prompts or everything mode)")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--checkpoint", required=True, help="SAM checkpoint (official state_dict format)")
+    s.add_argument("--model-type", required=True, choices=("vit_b", "vit_l", "vit_h", "tiny"))
+    s.add_argument("--points", action="append", metavar="x,y[,label]", help="a point prompt (repeatable)")
+    s.add_argument("--box", metavar="x0,y0,x1,y1", help="a box prompt")
+    s.add_argument("--everything", action="store_true", help="segment everything (automatic mask generator)")
+    s.add_argument("--hierarchical", action="store_true", help="TinySAM's two-round everything mode")
+    s.add_argument("--points-per-side", type=int, default=32, help="everything mode grid (default 32)")
+    s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    s.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "segment":
+        return _segment(args)
     return 2
 
 
