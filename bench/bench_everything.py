@@ -1,0 +1,125 @@
+"""Benchmark: "segment everything" - decoder + post-processing per image, the encoder excluded.
+
+The image embedding is computed once (by the model's own encoder) and served by a stub encoder, so every backend times exactly
+the decoder side: point grid -> prompt encoder -> mask decoder -> post-processing (resizes,
+filtering, stability, boxes, RLE) -> NMS -> records (``output_mode="coco_rle"``).
+
+* ``segment_anything`` (baseline): ``SamAutomaticMaskGenerator`` with its defaults (64 points per
+  decoder call);
+* ``segment_anything_b256``: the same pipeline with ``predict_torch`` batches of 256 points and
+  torchvision NMS (``points_per_batch=256``);
+* ``sam_fast``: ``SamFastAutomaticMaskGenerator`` (batched decoder, fused post-processing op, all
+  points of the image in as few decoder calls as memory allows);
+* ``sam_fast_hierarchical``: the same with TinySAM's two-round mode.
+
+GPU: SAM's decoder (width 256, 8 heads) in bf16 with random weights, a 1024 x 1024 image, 32 x 32
+points. CPU: the tiny test model, 16 x 16 points. Thresholds are lowered (``pred_iou_thresh`` off,
+``stability_score_thresh`` 0) because random weights never reach SAM's defaults; the note gives
+the number of masks and, for the hierarchical mode, the mean best IoU of the dense mode's masks with
+its masks (mask agreement; with random weights this says little about a trained SAM).
+
+    python bench/bench_everything.py [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sam_fast.bench.harness import interpreter_without_gpu
+
+interpreter_without_gpu()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance  # noqa: E402
+
+SCRIPT = "bench_everything"
+BASELINE = "segment_anything"
+
+
+class FixedEmbedding(nn.Module):
+    """Stands in for the image encoder: returns a precomputed embedding for any input."""
+
+    def __init__(self, embedding: torch.Tensor, img_size: int):
+        super().__init__()
+        self.register_buffer("embedding", embedding)
+        self.img_size = img_size
+
+    def forward(self, x):
+        return self.embedding.expand(x.shape[0], -1, -1, -1)
+
+
+def _agreement(reference, other) -> float:
+    """Mean over ``reference`` masks of the best IoU with any ``other`` mask."""
+    from sam_fast.cli import _decode
+
+    if not reference or not other:
+        return float("nan")
+    a = np.stack([_decode(r["segmentation"]).ravel() for r in reference]).astype(np.float32)
+    b = np.stack([_decode(r["segmentation"]).ravel() for r in other]).astype(np.float32)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return float((inter / np.maximum(union, 1)).max(axis=1).mean())
+
+
+def run(out_dir: str, quick: bool = False, device: str = None):
+    from segment_anything import SamAutomaticMaskGenerator
+    from skimage import data
+
+    from sam_fast import SamFastAutomaticMaskGenerator
+    from sam_fast.models import sam_decoder, tiny_sam
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = dev.type == "cuda"
+    prov = provenance(dev)
+    if gpu:
+        sam, side, pps, dtype = sam_decoder(), 1024, (16 if quick else 32), torch.bfloat16
+    else:
+        sam, side, pps, dtype = tiny_sam(), 256, 16, torch.float32
+    image = np.ascontiguousarray(data.astronaut()[: 512, : 512])
+    image = np.asarray(torch.nn.functional.interpolate(
+        torch.as_tensor(image).permute(2, 0, 1)[None].float(), (side, side), mode="bilinear")[0]
+        .permute(1, 2, 0).round().clamp(0, 255).byte())
+    from segment_anything import SamPredictor
+
+    with torch.no_grad():  # the (random-weight) encoder's embedding of the image, computed once
+        once = SamPredictor(sam)
+        once.set_image(image)
+        embedding = once.features
+    sam.image_encoder = FixedEmbedding(embedding, sam.image_encoder.img_size)
+    sam = sam.to(device=dev, dtype=dtype)
+    sam.pixel_mean, sam.pixel_std = sam.pixel_mean.float(), sam.pixel_std.float()
+    kw = dict(points_per_side=pps, pred_iou_thresh=-1.0, stability_score_thresh=0.0, output_mode="coco_rle")
+    generators = [
+        (BASELINE, SamAutomaticMaskGenerator(sam, **kw)),
+        ("segment_anything_b256", SamAutomaticMaskGenerator(sam, points_per_batch=256, **kw)),
+        ("sam_fast", SamFastAutomaticMaskGenerator(sam, **kw)),
+        ("sam_fast_hierarchical", SamFastAutomaticMaskGenerator(sam, hierarchical=True, **kw)),
+    ]
+    rows, records = [], {}
+    case = f"{side}x{side} {pps}x{pps} points {str(dtype)[6:]}"
+    with torch.no_grad():
+        for backend, gen in generators:
+            records[backend] = gen.generate(image)
+            m = measure(lambda: gen.generate(image), dev, cpu_reps=3, warmup_ms=50, rep_ms=500)
+            note = f"{len(records[backend])} masks"
+            if backend == "sam_fast_hierarchical":
+                note += (f", agreement with dense {_agreement(records['sam_fast'], records[backend]):.3f}, "
+                         f"{gen.last_stats['points_skipped']} points skipped")
+            rows.append(dict(prov, op="everything", case=case, backend=backend, mode="fwd", metric="img_per_s",
+                             value=1e3 / m["median_ms"], note=note, **m))
+    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows)
+    png = plot_speedups(rows, BASELINE, os.path.join(out_dir, f"{SCRIPT}.png"),
+                        f"segment everything (decoder side): speedup over segment_anything ({prov['device']})")
+    return rows, png
+
+
+def main(argv=None):
+    return bench_main(__doc__, run, BASELINE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
