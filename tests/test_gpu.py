@@ -271,3 +271,54 @@ def test_mask_postprocess_cuda_matches_cpu(geometry, dtype):
         assert gc[go[i]:go[i + 1]] == cc[co[i]:co[i + 1]]
     no_rle = mask_postprocess(logits.cuda(), return_rle=False, **kw)
     assert torch.equal(no_rle.area, cuda.area)
+
+
+@pytest.mark.gpu
+def test_batched_decoder_sam_shapes_bf16():
+    import copy
+
+    from sam_fast.models import sam_decoder
+    from sam_fast.nn.decoder import BatchedMaskDecoder
+
+    sam = sam_decoder().cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    emb = torch.randn(2, 256, 64, 64, device="cuda", generator=g)
+    index = torch.tensor([1, 0, 1, 1, 0], device="cuda")
+    coords = torch.rand(5, 2, 2, device="cuda", generator=g) * 1024
+    labels = torch.ones(5, 2, dtype=torch.int, device="cuda")
+
+    def segment_anything(model, dtype):
+        lows = []
+        for p in range(5):
+            sparse, dense = model.prompt_encoder(points=(coords[p:p + 1], labels[p:p + 1]), boxes=None, masks=None)
+            lows.append(model.mask_decoder(emb[index[p]:index[p] + 1].to(dtype), model.prompt_encoder.get_dense_pe().to(dtype),
+                                           sparse.to(dtype), dense.to(dtype), True)[0])
+        return torch.cat(lows).float()
+
+    ref = segment_anything(sam, torch.float32)
+    bf = copy.deepcopy(sam).to(torch.bfloat16)
+    own = segment_anything(bf, torch.bfloat16)
+    got = BatchedMaskDecoder.from_sam(bf)(emb, index, coords, labels)[0].float()
+    assert (got - ref).abs().max() <= 2 * (own - ref).abs().max() + 1e-3
+
+
+@pytest.mark.gpu
+def test_everything_on_cuda_matches_segment_anything():
+    import numpy as np
+    from segment_anything import SamAutomaticMaskGenerator
+    from skimage import data
+
+    from sam_fast import SamFastAutomaticMaskGenerator
+    from sam_fast.models import tiny_sam
+
+    sam = tiny_sam().cuda()
+    image = np.ascontiguousarray(data.astronaut()[::2, ::3])
+    kw = dict(points_per_side=8, pred_iou_thresh=-1.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+              output_mode="uncompressed_rle")
+    want = SamAutomaticMaskGenerator(sam, **kw).generate(image)
+    with sam_fast.record_backends() as rec:
+        got = SamFastAutomaticMaskGenerator(sam, **kw).generate(image)
+    assert rec.backends("mask_postprocess") == {"cuda"}
+    assert len(got) == len(want) > 50
+    same = sum(a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"] for a, b in zip(want, got))
+    assert same >= len(want) - max(2, len(want) // 50)  # the rest differ only at near-threshold pixels
