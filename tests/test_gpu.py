@@ -322,3 +322,25 @@ def test_everything_on_cuda_matches_segment_anything():
     assert len(got) == len(want) > 50
     same = sum(a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"] for a, b in zip(want, got))
     assert same >= len(want) - max(2, len(want) // 50)  # the rest differ only at near-threshold pixels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("P,M", [(64, 3), (257, 1)])
+def test_upscale_mask_product_sam_shapes(dtype, P, M):
+    from sam_fast.ops.decoder import upscale_mask_product
+    from sam_fast.reference import decoder as reference
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(P, 64, 128, 128, device="cuda", generator=g)
+    weight = torch.randn(64, 32, 2, 2, device="cuda", generator=g) / 8
+    bias = torch.randn(32, device="cuda", generator=g) * 0.1
+    hyper = torch.randn(P, M, 32, device="cuda", generator=g)
+    args = [t.to(dtype) for t in (x, weight, bias, hyper)]
+    with sam_fast.record_backends() as rec:
+        got = upscale_mask_product(*args)
+    assert rec.calls == [("upscale_mask_product", "triton")]
+    exact = reference.upscale_mask_product(*[a.double() for a in args])
+    same = reference.upscale_mask_product(*args)
+    check_against_reference("upscale_mask_product", got, exact, same, dtype, FWD_FACTOR)

@@ -20,7 +20,9 @@ and nothing image-sized is ever copied per prompt:
 
 From the first block's output on the keys differ per prompt and the decoder runs batched over prompts
 with ``scaled_dot_product_attention``; only the mask tokens asked for (one, or the three multimask
-ones) go through the hypernetwork product. Parameters are the wrapped segment_anything modules'
+ones) go through the hypernetwork product, and on CUDA that product is fused with the last upscaling
+convolution and its GELU (``sam_fast::upscale_mask_product``, a Triton kernel), so the largest tensor
+of the decoder, the (C/8, 4h, 4w) upscaled embedding per prompt, is never written. Parameters are the wrapped segment_anything modules'
 (``from_sam`` shares them), so state_dict keys are Sam's ``prompt_encoder.*`` / ``mask_decoder.*``.
 """
 
@@ -31,6 +33,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._dispatch import check_backend_name
+from ..ops.decoder import upscale_mask_product
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -59,20 +64,36 @@ class BatchedMaskDecoder(nn.Module):
     Args:
         prompt_encoder: a segment_anything ``PromptEncoder``.
         mask_decoder: a segment_anything ``MaskDecoder`` (its ``TwoWayTransformer`` included).
+        backend: backend of the fused upscaling + mask product ("auto": Triton on CUDA, the PyTorch
+            reference on CPU; "triton" runs the kernel under TRITON_INTERPRET=1 on CPU, for tests).
     """
 
-    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module):
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, backend: str = "auto"):
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.backend = check_backend_name(backend)
 
     @classmethod
-    def from_sam(cls, sam: nn.Module) -> "BatchedMaskDecoder":
+    def from_sam(cls, sam: nn.Module, backend: str = "auto") -> "BatchedMaskDecoder":
         """Wrap a ``Sam``'s prompt encoder and mask decoder (parameters shared, not copied)."""
         for name in ("prompt_encoder", "mask_decoder"):
             if not isinstance(getattr(sam, name, None), nn.Module):
                 raise TypeError(f"sam must be a segment_anything Sam with a {name}, got {type(sam).__name__}")
-        return cls(sam.prompt_encoder, sam.mask_decoder)
+        return cls(sam.prompt_encoder, sam.mask_decoder, backend)
+
+    def _fusable_tail(self):
+        """(stem, conv) when output_upscaling ends in SAM's ConvTranspose2d(k=2, s=2) + exact GELU, else None."""
+        seq = self.mask_decoder.output_upscaling
+        if not isinstance(seq, nn.Sequential) or len(seq) < 2:
+            return None
+        conv, act = seq[-2], seq[-1]
+        if not (isinstance(conv, nn.ConvTranspose2d) and isinstance(act, nn.GELU) and act.approximate == "none"
+                and conv.kernel_size == (2, 2) and conv.stride == (2, 2) and conv.padding == (0, 0)
+                and conv.output_padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.bias is not None):
+            return None
+        return seq[:-2], conv
 
     # -- inputs -----------------------------------------------------------------------------------------
 
@@ -168,10 +189,16 @@ class BatchedMaskDecoder(nn.Module):
         iou_pred = dec.iou_prediction_head(queries[:, 0, :])
         first = 1 if multimask_output else 0
         wanted = range(first, first + M)
-        upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(P, -1, h, w))
+        src = keys.transpose(1, 2).reshape(P, -1, h, w)
         hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in wanted], dim=1)
-        B, c, uh, uw = upscaled.shape
-        masks = (hyper @ upscaled.view(B, c, uh * uw)).view(B, M, uh, uw)
+        tail = self._fusable_tail()
+        if tail is not None:
+            stem, conv = tail
+            masks = upscale_mask_product(stem(src), conv.weight, conv.bias, hyper, backend=self.backend)
+        else:  # an output_upscaling of another shape: segment_anything's unfused product
+            upscaled = dec.output_upscaling(src)
+            B, c, uh, uw = upscaled.shape
+            masks = (hyper @ upscaled.view(B, c, uh * uw)).view(B, M, uh, uw)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(P, device=order.device)
         return masks[inverse], iou_pred[:, first:first + M][inverse]
