@@ -344,3 +344,25 @@ def test_upscale_mask_product_sam_shapes(dtype, P, M):
     exact = reference.upscale_mask_product(*[a.double() for a in args])
     same = reference.upscale_mask_product(*args)
     check_against_reference("upscale_mask_product", got, exact, same, dtype, FWD_FACTOR)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+def test_small_key_attention_sam_shapes(dtype, shared):
+    from sam_fast.ops.decoder import small_key_attention
+    from sam_fast.reference import decoder as reference
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    P, T, G = 300, 7, 3
+    q = torch.randn(G if shared else P, 4096, 128, device="cuda", generator=g).to(dtype)
+    k = torch.randn(P, T, 128, device="cuda", generator=g).to(dtype)
+    v = torch.randn(P, T, 128, device="cuda", generator=g).to(dtype)
+    idx = (torch.arange(P, device="cuda") * G // P) if shared else torch.arange(P, device="cuda")
+    with sam_fast.record_backends() as rec:
+        got = small_key_attention(q, idx, k, v, 8)
+    assert rec.calls == [("small_key_attention", "triton")]
+    exact = reference.small_key_attention(q.double(), idx, k.double(), v.double(), 8)
+    same = reference.small_key_attention(q, idx, k, v, 8)
+    check_against_reference("small_key_attention", got, exact, same, dtype, FWD_FACTOR)

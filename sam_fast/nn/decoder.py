@@ -15,8 +15,9 @@ and nothing image-sized is ever copied per prompt:
   is computed once per image;
 * token-to-image attention of all prompts of one image is one attention call whose queries are the
   prompts' tokens stacked (each query token attends independently, so stacking is exact);
-* image-to-token attention of the first block is one (H, N, d) x (H, d, prompts * tokens) product
-  per image, with the softmax taken per prompt.
+* image-to-token attention (4096 queries over a prompt's 5-10 tokens) is ``sam_fast::small_key_attention``,
+  a Triton kernel that holds all of a prompt's keys in registers and reads the first block's
+  image-level queries shared, through an index, by all prompts of the image.
 
 From the first block's output on the keys differ per prompt and the decoder runs batched over prompts
 with ``scaled_dot_product_attention``; only the mask tokens asked for (one, or the three multimask
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import check_backend_name
-from ..ops.decoder import upscale_mask_product
+from ..ops.decoder import small_key_attention, upscale_mask_product
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -203,8 +204,14 @@ class BatchedMaskDecoder(nn.Module):
         inverse[order] = torch.arange(P, device=order.device)
         return masks[inverse], iou_pred[:, first:first + M][inverse]
 
-    @staticmethod
-    def _block(layer, queries, keys, query_pe, key_pe):
+    def _image_to_token(self, attn, image_side, q_index, token_keys, token_values):
+        """segment_anything's image-to-token Attention: image tokens (rows of image_side, shared by the
+        prompts through q_index) attend to each prompt's few tokens (sam_fast::small_key_attention)."""
+        out = small_key_attention(attn.q_proj(image_side), q_index, attn.k_proj(token_keys),
+                                  attn.v_proj(token_values), attn.num_heads, backend=self.backend)
+        return attn.out_proj(out)
+
+    def _block(self, layer, queries, keys, query_pe, key_pe):
         """A TwoWayAttentionBlock with per-prompt keys (segment_anything's order of operations)."""
         if layer.skip_first_layer_pe:
             queries = _attend(layer.self_attn, queries, queries, queries)
@@ -215,14 +222,15 @@ class BatchedMaskDecoder(nn.Module):
         k = keys + key_pe
         queries = layer.norm2(queries + _attend(layer.cross_attn_token_to_image, queries + query_pe, k, keys))
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(keys + _attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries))
+        own = torch.arange(keys.shape[0], device=keys.device)
+        keys = layer.norm4(keys + self._image_to_token(layer.cross_attn_image_to_token, k, own,
+                                                       queries + query_pe, queries))
         return queries, keys
 
-    @staticmethod
-    def _first_block(layer, tokens, keys0, pe, counts):
+    def _first_block(self, layer, tokens, keys0, pe, counts):
         """The first block, with image-level keys0 (G, N, C) shared by counts[g] consecutive prompts."""
         if all(n == 1 for n in counts):  # one prompt per group (e.g. mask prompts): nothing to share
-            return BatchedMaskDecoder._block(layer, tokens, keys0, tokens, pe)
+            return self._block(layer, tokens, keys0, tokens, pe)
         queries = tokens
         if layer.skip_first_layer_pe:
             queries = _attend(layer.self_attn, queries, queries, queries)
@@ -248,25 +256,10 @@ class BatchedMaskDecoder(nn.Module):
         queries = layer.norm2(queries + t2i.out_proj(out))
         queries = layer.norm3(queries + layer.mlp(queries))
 
-        # Image-to-token: image-level queries against each prompt's few tokens, softmax per prompt.
-        i2t = layer.cross_attn_image_to_token
-        heads = i2t.num_heads
-        Qi = _heads(i2t.q_proj(k_img), heads)  # (G, H, N, d)
-        Kt = _heads(i2t.k_proj(queries + tokens), heads)  # (P, H, T, d)
-        Vt = _heads(i2t.v_proj(queries), heads)
-        d = Qi.shape[-1]
-        N = Qi.shape[2]
-        attn_out = Qi.new_empty((P, N, heads * d))
-        start = 0
-        for g, n in enumerate(counts):
-            if n:
-                kt = Kt[start:start + n].permute(1, 3, 0, 2).reshape(heads, d, n * T)  # (H, d, n T)
-                scores = (Qi[g] @ kt).view(heads, N, n, T) * (d ** -0.5)
-                probs = scores.softmax(dim=-1)
-                vt = Vt[start:start + n]  # (n, H, T, d)
-                attn_out[start:start + n] = torch.einsum("hnpt,phtd->pnhd", probs, vt).reshape(n, N, heads * d)
-            start += n
-        keys = i2t.out_proj(attn_out)
+        # Image-to-token: the image-level queries serve every prompt of their image.
+        group = torch.repeat_interleave(torch.arange(len(counts), device=tokens.device),
+                                        torch.tensor(counts, device=tokens.device))
+        keys = self._image_to_token(layer.cross_attn_image_to_token, k_img, group, queries + tokens, queries)
         start = 0
         for g, n in enumerate(counts):
             keys[start:start + n] += keys0[g]

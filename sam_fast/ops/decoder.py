@@ -1,8 +1,13 @@
-"""``upscale_mask_product``: the mask decoder's last upscaling convolution + GELU + hypernetwork product.
+"""Decoder ops: ``upscale_mask_product`` and ``small_key_attention`` (Triton, with PyTorch references).
 
-The Triton kernel (:mod:`sam_fast.kernels.mask_product`) never writes the (P, C/8, 4h, 4w) upscaled
-embedding; the reference (:mod:`sam_fast.reference.decoder`) is segment_anything's unfused code.
-:class:`sam_fast.nn.BatchedMaskDecoder` calls this op.
+* ``upscale_mask_product``: the mask decoder's last upscaling convolution + GELU + hypernetwork
+  product; the kernel (:mod:`sam_fast.kernels.mask_product`) never writes the (P, C/8, 4h, 4w)
+  upscaled embedding.
+* ``small_key_attention``: image-to-token attention, 4096 queries over a prompt's few keys, queries
+  optionally shared between prompts (:mod:`sam_fast.kernels.small_key_attention`).
+
+The references are in :mod:`sam_fast.reference.decoder`; :class:`sam_fast.nn.BatchedMaskDecoder` calls
+both ops.
 """
 
 from __future__ import annotations
@@ -30,13 +35,20 @@ def _(x, weight, bias, hyper):
     return x.new_empty((P, hyper.shape[1], 2 * h, 2 * w))
 
 
-def _triton_supports(x, weight, bias, hyper, explicit):
+def _device_refusal(x, explicit):
     if x.device.type != "cuda":
         if not (x.device.type == "cpu" and triton_interpreter()):
             return Refusal(f"Triton kernels need CUDA tensors, got {x.device}", wrong_device=True)
         if not explicit:
             return Refusal("on CPU the Triton kernel runs only under TRITON_INTERPRET=1 with backend='triton' "
                            "(the interpreter is for testing, not speed)", wrong_device=True)
+    return None
+
+
+def _triton_supports(x, weight, bias, hyper, explicit):
+    refusal = _device_refusal(x, explicit)
+    if refusal is not None:
+        return refusal
     if max(weight.shape[0], weight.shape[1]) > MAX_CHANNELS:
         return Refusal(f"the kernel supports up to {MAX_CHANNELS} channels, got {tuple(weight.shape[:2])}")
     return None
@@ -86,3 +98,80 @@ def upscale_mask_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if weight.dtype != x.dtype or hyper.dtype != x.dtype:
         raise TypeError(f"weight and hyper must have x's dtype {x.dtype}, got {weight.dtype} and {hyper.dtype}")
     return dispatch("upscale_mask_product", _TABLE, backend, x, weight, bias, hyper)
+
+
+# -- small-key attention -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sam_fast::small_key_attention", mutates_args=())
+def _small_key_attention_op(q: torch.Tensor, q_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            num_heads: int) -> torch.Tensor:
+    from ..kernels import small_key_attention as kernel
+
+    return kernel.small_key_attention(q, q_index, k, v, num_heads)
+
+
+@_small_key_attention_op.register_fake
+def _(q, q_index, k, v, num_heads):
+    return q.new_empty((k.shape[0], q.shape[1], q.shape[2]))
+
+
+def _ska_supports(q, q_index, k, v, num_heads, explicit):
+    refusal = _device_refusal(q, explicit)
+    if refusal is not None:
+        return refusal
+    from ..kernels.small_key_attention import MAX_HEAD_DIM, MAX_KEYS
+
+    if k.shape[1] > MAX_KEYS:
+        return Refusal(f"the kernel holds all keys in registers: at most {MAX_KEYS}, got {k.shape[1]}")
+    if q.shape[2] // num_heads > MAX_HEAD_DIM:
+        return Refusal(f"head dims up to {MAX_HEAD_DIM}, got {q.shape[2] // num_heads}")
+    return None
+
+
+def _ska_run(q, q_index, k, v, num_heads):
+    last = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    return _small_key_attention_op(last(q), q_index.long().contiguous(), last(k), last(v), num_heads)
+
+
+_SKA_TABLE = (
+    Backend("triton", _ska_supports, _ska_run),
+    Backend("reference", lambda *args, explicit: None, _ref.small_key_attention),
+)
+
+
+def small_key_attention(q: torch.Tensor, q_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        num_heads: int, *, backend: str = "auto") -> torch.Tensor:
+    """Many queries attending to a few keys, queries shared between prompts through ``q_index``.
+
+    Args:
+        q: (G, N, heads * D) query rows; prompt p reads ``q[q_index[p]]``.
+        q_index: (P,) int64 / int32 in [0, G).
+        k, v: (P, T, heads * D) each prompt's keys and values (T small: the kernel holds them all).
+        num_heads: heads; D = q.shape[-1] // num_heads, scale 1 / sqrt(D) (segment_anything's Attention).
+        backend: "auto" | "triton" | "reference".
+
+    Returns:
+        (P, N, heads * D).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS or t.dtype != q.dtype:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 with q's dtype {q.dtype}, got {t.dtype}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-d, got shape {tuple(t.shape)}")
+    if not isinstance(q_index, torch.Tensor) or q_index.dim() != 1 or q_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"q_index must be a 1-d int64/int32 tensor, got {q_index!r}")
+    if not isinstance(num_heads, int) or num_heads < 1 or q.shape[2] % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing {q.shape[2]}, got {num_heads!r}")
+    P = k.shape[0]
+    if tuple(v.shape) != tuple(k.shape) or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k and v must have shape (P, T, {q.shape[2]}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q_index.shape[0] != P:
+        raise ValueError(f"q_index must have one entry per prompt ({P}), got {q_index.shape[0]}")
+    if P and (int(q_index.min()) < 0 or int(q_index.max()) >= q.shape[0]):
+        raise ValueError(f"q_index must lie in [0, {q.shape[0]}), got [{int(q_index.min())}, {int(q_index.max())}]")
+    if k.shape[1] < 1:
+        raise ValueError("k must hold at least one key per prompt")
+    return dispatch("small_key_attention", _SKA_TABLE, backend, q, q_index, k, v, num_heads)
