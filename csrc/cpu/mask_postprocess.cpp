@@ -59,6 +59,52 @@ inline int64_t next_change(const uint8_t* bits, int64_t from, int64_t n, uint8_t
   return n;
 }
 
+// One output column from four taps, with its three threshold counts and mask bytes. Cloned for AVX2
+// (chosen at run time; no FMA, so values are bit-identical to the default clone).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void four_tap_column(const float* __restrict__ src, int64_t H, const float* w, float thr, float thr_hi,
+                     float thr_lo, uint8_t* __restrict__ m, int32_t* area_out, int32_t* hi_out, int32_t* lo_out) {
+  const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  const float* __restrict__ s0 = src;
+  const float* __restrict__ s1 = src + H;
+  const float* __restrict__ s2 = src + 2 * H;
+  const float* __restrict__ s3 = src + 3 * H;
+  int32_t area = 0, hi = 0, lo = 0;
+  for (int64_t y = 0; y < H; ++y) {
+    const float value = ((w0 * s0[y] + w1 * s1[y]) + w2 * s2[y]) + w3 * s3[y];
+    const int32_t on = value > thr;
+    m[y] = static_cast<uint8_t>(on);
+    area += on;
+    hi += value > thr_hi;
+    lo += value > thr_lo;
+  }
+  *area_out = area;
+  *hi_out = hi;
+  *lo_out = lo;
+}
+
+// V[y][l] = sum_t wy[y][t] * L[ky[y] + t][l] for l < used_cols (H x used_cols). Cloned as above.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void vertical_pass(const float* __restrict__ L, int64_t Wl, const int32_t* start, const float* weight, int count,
+                   int64_t H, int64_t used_cols, float* __restrict__ v) {
+  for (int64_t y = 0; y < H; ++y) {
+    float* __restrict__ out = v + y * used_cols;
+    const float* w = weight + y * kPostprocessTaps;
+    const float* src = L + static_cast<int64_t>(start[y]) * Wl;
+    const float w0 = w[0];
+    for (int64_t l = 0; l < used_cols; ++l) out[l] = w0 * src[l];
+    for (int t = 1; t < count; ++t) {
+      const float wt = w[t];
+      const float* __restrict__ s = src + t * Wl;
+      for (int64_t l = 0; l < used_cols; ++l) out[l] += wt * s[l];
+    }
+  }
+}
+
 struct MaskResult {
   int64_t area = 0, hi = 0, lo = 0;
   int64_t box[4] = {0, 0, 0, 0};
@@ -80,17 +126,7 @@ void postprocess_one(const scalar_t* logits, const PostprocessGeometry& g, const
     L = low.data();
   }
   // 1. vertical pass over the low-resolution columns any output column reads.
-  for (int64_t y = 0; y < H; ++y) {
-    float* out = &v[y * used_cols];
-    const float* w = &ty.weight[y * kPostprocessTaps];
-    const float* src = L + static_cast<int64_t>(ty.start[y]) * Wl;
-    for (int64_t l = 0; l < used_cols; ++l) out[l] = w[0] * src[l];
-    for (int t = 1; t < ty.count; ++t) {
-      const float wt = w[t];
-      const float* s = src + t * Wl;
-      for (int64_t l = 0; l < used_cols; ++l) out[l] += wt * s[l];
-    }
-  }
+  vertical_pass(L, Wl, ty.start.data(), ty.weight.data(), ty.count, H, used_cols, v.data());
   // 2. blocked transpose (H x used_cols) -> (used_cols x H).
   constexpr int64_t B = 32;
   for (int64_t y0 = 0; y0 < H; y0 += B) {
@@ -111,20 +147,26 @@ void postprocess_one(const scalar_t* logits, const PostprocessGeometry& g, const
   for (int64_t x = 0; x < W; ++x) {
     const float* w = &tx.weight[x * kPostprocessTaps];
     const float* src = &vt[static_cast<int64_t>(tx.start[x]) * H];
-    for (int64_t y = 0; y < H; ++y) c[y] = w[0] * src[y];
-    for (int t = 1; t < tx.count; ++t) {
-      const float wt = w[t];
-      const float* s = src + t * H;
-      for (int64_t y = 0; y < H; ++y) c[y] += wt * s[y];
-    }
-    int64_t area = 0, hi = 0, lo = 0;
-    for (int64_t y = 0; y < H; ++y) {
-      const float value = c[y];
-      const uint8_t on = value > thr;
-      m[y] = on;
-      area += on;
-      hi += value > thr_hi;
-      lo += value > thr_lo;
+    int32_t area = 0, hi = 0, lo = 0;
+    if (tx.count == kPostprocessTaps) {
+      // The common case in one pass (same operation order as the general loop below, so the same
+      // values): four taps, the three thresholds, the mask bytes; int32 counts keep it vectorisable.
+      four_tap_column(src, H, w, thr, thr_hi, thr_lo, m, &area, &hi, &lo);
+    } else {
+      for (int64_t y = 0; y < H; ++y) c[y] = w[0] * src[y];
+      for (int t = 1; t < tx.count; ++t) {
+        const float wt = w[t];
+        const float* s = src + t * H;
+        for (int64_t y = 0; y < H; ++y) c[y] += wt * s[y];
+      }
+      for (int64_t y = 0; y < H; ++y) {
+        const float value = c[y];
+        const uint8_t on = value > thr;
+        m[y] = on;
+        area += on;
+        hi += value > thr_hi;
+        lo += value > thr_lo;
+      }
     }
     res.area += area;
     res.hi += hi;
