@@ -109,6 +109,23 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_device_refusal(t: torch.Tensor, explicit: bool) -> Optional[Refusal]:
+    """Why a Triton backend cannot take tensor ``t`` on its device, or None.
+
+    CUDA tensors are served. On CPU the kernels run only under ``TRITON_INTERPRET=1`` and only when
+    asked for (``backend="triton"``): the interpreter is for tests, so ``auto`` passes over it as the
+    normal choice for the device, not as a fallback.
+    """
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu" and triton_interpreter():
+        if explicit:
+            return None
+        return Refusal("on CPU the Triton kernels run only under TRITON_INTERPRET=1 with backend='triton' "
+                       "(the interpreter is for testing, not speed)", wrong_device=True)
+    return Refusal(f"Triton kernels need CUDA tensors, got {t.device}", wrong_device=True)
+
+
 def check_backend_name(backend) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {BACKENDS}, got {type(backend).__name__}")

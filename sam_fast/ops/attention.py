@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._dispatch import Backend, Refusal, dispatch, triton_interpreter
+from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..kernels import dilated_attention as _k
 from ..pattern import ResolvedBranch, check_grid, resolve_pattern
 from ..reference.attention import dilated_attention_reference
@@ -93,12 +93,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_supports(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv, explicit):
-    if q.device.type != "cuda":
-        if not (q.device.type == "cpu" and triton_interpreter()):
-            return Refusal(f"Triton kernels need CUDA tensors, got {q.device}", wrong_device=True)
-        if not explicit:
-            return Refusal("on CPU the Triton kernel runs only under TRITON_INTERPRET=1 with backend='triton' "
-                           "(the interpreter is for testing, not speed)", wrong_device=True)
+    refusal = triton_device_refusal(q, explicit)
+    if refusal is not None:
+        return refusal
     if q.dtype not in _FLOATS:
         return Refusal(f"the Triton kernel supports float16/bfloat16/float32, got {q.dtype}")
     D = q.shape[-1]

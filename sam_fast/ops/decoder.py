@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import Backend, Refusal, dispatch, triton_interpreter
+from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..reference import decoder as _ref
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,18 +35,8 @@ def _(x, weight, bias, hyper):
     return x.new_empty((P, hyper.shape[1], 2 * h, 2 * w))
 
 
-def _device_refusal(x, explicit):
-    if x.device.type != "cuda":
-        if not (x.device.type == "cpu" and triton_interpreter()):
-            return Refusal(f"Triton kernels need CUDA tensors, got {x.device}", wrong_device=True)
-        if not explicit:
-            return Refusal("on CPU the Triton kernel runs only under TRITON_INTERPRET=1 with backend='triton' "
-                           "(the interpreter is for testing, not speed)", wrong_device=True)
-    return None
-
-
 def _triton_supports(x, weight, bias, hyper, explicit):
-    refusal = _device_refusal(x, explicit)
+    refusal = triton_device_refusal(x, explicit)
     if refusal is not None:
         return refusal
     if max(weight.shape[0], weight.shape[1]) > MAX_CHANNELS:
@@ -117,7 +107,7 @@ def _(q, q_index, k, v, num_heads):
 
 
 def _ska_supports(q, q_index, k, v, num_heads, explicit):
-    refusal = _device_refusal(q, explicit)
+    refusal = triton_device_refusal(q, explicit)
     if refusal is not None:
         return refusal
     from ..kernels.small_key_attention import MAX_HEAD_DIM, MAX_KEYS

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._dispatch import Backend, Refusal, dispatch, triton_interpreter
+from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..kernels import int8_gemm as _k
 from ..reference import int8 as _ref
 
@@ -83,19 +83,8 @@ def _(a, a_scale, w, w_scale, bias, activation, out_dtype, out_scale):
 # ------------------------------------------------------------------------------------------------
 
 
-def _triton_device_refusal(t: Tensor, explicit: bool) -> Optional[Refusal]:
-    if t.device.type == "cuda":
-        return None
-    if t.device.type == "cpu" and triton_interpreter():
-        if explicit:
-            return None
-        return Refusal("on CPU the Triton kernels run only under TRITON_INTERPRET=1 with backend='triton' "
-                       "(the interpreter is for testing, not speed)", wrong_device=True)
-    return Refusal(f"Triton kernels need CUDA tensors, got {t.device}", wrong_device=True)
-
-
 def _rows_supports(x, *args, explicit, **kwargs):
-    refusal = _triton_device_refusal(x, explicit)
+    refusal = triton_device_refusal(x, explicit)
     if refusal is None and x.shape[-1] > MAX_ROW:
         refusal = Refusal(f"the Triton quantization kernels hold a row in registers: rows up to {MAX_ROW} "
                           f"wide, got {x.shape[-1]}")
@@ -126,7 +115,7 @@ _LN_TABLE = _table(_rows_supports, _layer_norm_quantize_op, _ref.layer_norm_quan
 
 def _linear_triton_supports(x, x_scale, w, *args, explicit, **kwargs):
     if x.dtype == torch.int8:  # already quantized: only the GEMM runs
-        return _triton_device_refusal(w, explicit)
+        return triton_device_refusal(w, explicit)
     return _rows_supports(x, explicit=explicit)
 
 
