@@ -46,6 +46,25 @@ class SamFastPredictor(SamPredictor):
     # -- single image: segment_anything's API -----------------------------------------------------------
 
     @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
+        """As ``SamPredictor.set_torch_image``; the normalised image is cast to the encoder's dtype, so a
+        bf16 / fp16 model works (segment_anything feeds float32 to it and fails)."""
+        size = self.model.image_encoder.img_size
+        if (not isinstance(transformed_image, torch.Tensor) or transformed_image.dim() != 4
+                or transformed_image.shape[1] != 3 or max(*transformed_image.shape[2:]) != size):
+            raise ValueError(f"transformed_image must be (1, 3, H, W) with long side {size}, got "
+                             f"{getattr(transformed_image, 'shape', type(transformed_image).__name__)}")
+        self.reset_image()
+        self.original_size = original_image_size
+        self.input_size = tuple(transformed_image.shape[-2:])
+        self.features = self.model.image_encoder(self._encoder_input(self.model.preprocess(transformed_image)))
+        self.is_image_set = True
+
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        weight = next(self.model.image_encoder.parameters(), None)
+        return x if weight is None else x.to(weight.dtype)
+
+    @torch.no_grad()
     def predict_torch(
         self,
         point_coords: Optional[torch.Tensor],
@@ -64,7 +83,8 @@ class SamFastPredictor(SamPredictor):
         low_res, iou = self.decoder(self.features, index, point_coords, point_labels, boxes, mask_input,
                                     multimask_output)
         masks = self._masks(low_res, self.input_size, self.original_size, return_logits)
-        return masks, iou, low_res
+        # float32 out whatever the model's dtype (numpy has no bfloat16; SamPredictor.predict converts).
+        return masks, iou.float(), low_res.float()
 
     def _masks(self, low_res, input_size, original_size, return_logits):
         P, M = low_res.shape[:2]
@@ -101,7 +121,7 @@ class SamFastPredictor(SamPredictor):
             input_sizes.append(tuple(x.shape[-2:]))
             original_sizes.append(tuple(image.shape[:2]))
         stacked = torch.stack(tensors)
-        features = torch.cat([self.model.image_encoder(stacked[i:i + batch_size])
+        features = torch.cat([self.model.image_encoder(self._encoder_input(stacked[i:i + batch_size]))
                               for i in range(0, len(tensors), batch_size)])
         self.reset_image()
         self._batch = {"features": features, "input_sizes": input_sizes, "original_sizes": original_sizes}
@@ -161,7 +181,7 @@ class SamFastPredictor(SamPredictor):
                 low[i] = torch.zeros((0, M) + side, dtype=dtype, device=self.device)
                 iou[i] = torch.zeros((0, M), dtype=dtype, device=self.device)
             masks = self._masks(low[i], batch["input_sizes"][i], batch["original_sizes"][i], return_logits)
-            results.append({"masks": masks, "iou_predictions": iou[i], "low_res_logits": low[i]})
+            results.append({"masks": masks, "iou_predictions": iou[i].float(), "low_res_logits": low[i].float()})
         return results
 
     def _parse(self, i: int, prompt) -> dict:

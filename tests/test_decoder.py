@@ -364,3 +364,28 @@ def test_everything_errors(sam):
         SamFastAutomaticMaskGenerator(sam, points_per_batch=0)
     with pytest.raises(ValueError, match="image must be"):
         SamFastAutomaticMaskGenerator(sam).generate(np.zeros((10, 10), dtype=np.uint8))
+
+
+def test_bf16_model_end_to_end(sam):
+    # segment_anything's own prompt encoder and predictor fail on a bf16 model; ours run it, with the
+    # positional encoding in float32, and stay close to the float64 decoder.
+    bf = copy.deepcopy(sam).to(torch.bfloat16)
+    image = _photo("chelsea", (3, 3))
+    fast = SamFastPredictor(bf)
+    fast.set_image(image)
+    m, iou, low = fast.predict(point_coords=np.array([[40.0, 50.0]]), point_labels=np.array([1]),
+                               box=np.array([10, 10, 120, 90]))
+    ref_model = copy.deepcopy(sam).double()
+    pe = ref_model.prompt_encoder.pe_layer
+    pe.positional_encoding_gaussian_matrix = pe.positional_encoding_gaussian_matrix.float()
+    ref = SamPredictor(ref_model)
+    ref.features = fast.features.double()
+    ref.original_size, ref.input_size, ref.is_image_set = fast.original_size, fast.input_size, True
+    box = torch.as_tensor(ref.transform.apply_boxes(np.array([[10, 10, 120, 90]]), image.shape[:2])).double()
+    pts = torch.as_tensor(ref.transform.apply_coords(np.array([[[40.0, 50.0]]]), image.shape[:2])).double()
+    _, _, ref_low = ref.predict_torch(pts, torch.ones(1, 1, dtype=torch.int), box[:, None])
+    scale = ref_low.abs().max().item()
+    assert np.abs(low.astype(np.float64) - ref_low[0].numpy()).max() <= 0.05 * scale
+    assert m.dtype == bool and m.shape == (3,) + image.shape[:2]
+    everything = SamFastAutomaticMaskGenerator(bf, **dict(AMG_KW, points_per_side=4)).generate(image)
+    assert len(everything) > 0

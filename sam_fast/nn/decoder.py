@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,10 +163,9 @@ class BatchedMaskDecoder(nn.Module):
             empty = image_embeddings.new_zeros((0, M, 4 * h, 4 * w), dtype=dtype)
             return empty, image_embeddings.new_zeros((0, M), dtype=dtype)
 
-        points = None if point_coords is None else (point_coords, point_labels)
         boxes = None if boxes is None else boxes.reshape(P, 4)
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
-        pe = self.prompt_encoder.get_dense_pe().to(dtype).flatten(2).transpose(1, 2)  # (1, N, C)
+        sparse, dense = self._encode_prompts(point_coords, point_labels, boxes, mask_inputs, P)
+        pe = self.dense_pe().to(dtype).flatten(2).transpose(1, 2)  # (1, N, C)
         if mask_inputs is None:
             # The dense prompt is the same "no mask" embedding for all: image-level keys.
             no_mask = self.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
@@ -203,6 +204,50 @@ class BatchedMaskDecoder(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(P, device=order.device)
         return masks[inverse], iou_pred[:, first:first + M][inverse]
+
+    # -- prompt encoding ----------------------------------------------------------------------------------
+    # segment_anything's PromptEncoder, with its random-Fourier positional encoding always in float32:
+    # segment_anything multiplies float32 coordinates by the encoder's Gaussian matrix, which fails once
+    # the model is cast to bf16 (and would lose the coordinates' precision if it did not).
+
+    def _fourier(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 2) coordinates in [0, 1] -> (..., C) float32 (PositionEmbeddingRandom._pe_encoding)."""
+        gauss = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.float()
+        proj = (2 * coords.float() - 1) @ gauss * (2 * math.pi)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+    def dense_pe(self) -> torch.Tensor:
+        """``PromptEncoder.get_dense_pe()`` in float32: (1, C, h, w)."""
+        h, w = self.prompt_encoder.image_embedding_size
+        device = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.device
+        grid = torch.ones((h, w), device=device, dtype=torch.float32)
+        y = (grid.cumsum(dim=0) - 0.5) / h
+        x = (grid.cumsum(dim=1) - 0.5) / w
+        return self._fourier(torch.stack([x, y], dim=-1)).permute(2, 0, 1).unsqueeze(0)
+
+    def _encode_prompts(self, coords, labels, boxes, masks, P):
+        """``PromptEncoder.forward``: sparse (P, n, C) float32 and dense (P, C, h, w) embeddings."""
+        enc = self.prompt_encoder
+        in_h, in_w = enc.input_image_size
+        scale = torch.tensor([in_w, in_h], dtype=torch.float32, device=enc.no_mask_embed.weight.device)
+        parts = []
+        if coords is not None:
+            points = coords.float() + 0.5  # pixel centres
+            if boxes is None:  # a "not a point" pad token, as segment_anything adds
+                points = torch.cat([points, points.new_zeros((P, 1, 2))], dim=1)
+                labels = torch.cat([labels, -labels.new_ones((P, 1))], dim=1)
+            emb = self._fourier(points / scale)
+            emb = torch.where((labels == -1).unsqueeze(-1), enc.not_a_point_embed.weight.float(), emb)
+            emb = emb + (labels == 0).unsqueeze(-1) * enc.point_embeddings[0].weight.float()
+            emb = emb + (labels == 1).unsqueeze(-1) * enc.point_embeddings[1].weight.float()
+            parts.append(emb)
+        if boxes is not None:
+            corners = self._fourier((boxes.float() + 0.5).reshape(-1, 2, 2) / scale)
+            corners = corners + torch.stack([enc.point_embeddings[2].weight[0], enc.point_embeddings[3].weight[0]]).float()
+            parts.append(corners)
+        sparse = torch.cat(parts, dim=1) if parts else scale.new_zeros((P, 0, enc.embed_dim))
+        dense = enc.mask_downscaling(masks.to(enc.no_mask_embed.weight.dtype)) if masks is not None else None
+        return sparse, dense
 
     def _image_to_token(self, attn, image_side, q_index, token_keys, token_values):
         """segment_anything's image-to-token Attention: image tokens (rows of image_side, shared by the
