@@ -22,6 +22,7 @@ baseline's.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -97,10 +98,13 @@ def _decoder_rows(dev, prov, quick):
     coords = torch.rand(P, 1, 2, device=dev, generator=g) * side
     labels = torch.ones(P, 1, dtype=torch.int, device=dev)
     dec = BatchedMaskDecoder.from_sam(sam)
+    # segment_anything's prompt encoder fails in bf16 (its positional encoding multiplies float32
+    # coordinates by the cast Gaussian matrix): the baseline encodes prompts with a float32 copy.
+    prompt32 = copy.deepcopy(sam.prompt_encoder).float()
 
     def baseline():
-        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        return sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse.to(dtype), dense.to(dtype), True)
+        sparse, dense = prompt32(points=(coords, labels), boxes=None, masks=None)
+        return sam.mask_decoder(emb, prompt32.get_dense_pe().to(dtype), sparse.to(dtype), dense.to(dtype), True)
 
     def ours():
         return dec(emb, torch.zeros(P, dtype=torch.int64, device=dev), coords, labels, multimask_output=True)

@@ -12,8 +12,10 @@ filtering, stability, boxes, RLE) -> NMS -> records (``output_mode="coco_rle"``)
   points of the image in as few decoder calls as memory allows);
 * ``sam_fast_hierarchical``: the same with TinySAM's two-round mode.
 
-GPU: SAM's decoder (width 256, 8 heads) in bf16 with random weights, a 1024 x 1024 image, 32 x 32
-points. CPU: the tiny test model, 16 x 16 points. Thresholds are lowered (``pred_iou_thresh`` off,
+GPU: SAM's decoder (width 256, 8 heads) with random weights, a 1024 x 1024 image, 32 x 32 points.
+segment_anything cannot run a bf16 model (its prompt encoder and predictor feed float32 into cast
+weights), so its generator runs in float32, its native precision; sam_fast runs in bf16 and, for the
+same-precision comparison, in float32 (``sam_fast_fp32``). CPU: the tiny test model, 16 x 16 points. Thresholds are lowered (``pred_iou_thresh`` off,
 ``stability_score_thresh`` 0) because random weights never reach SAM's defaults; the note gives
 the number of masks and, for the hierarchical mode, the mean best IoU of the dense mode's masks with
 its masks (mask agreement; with random weights this says little about a trained SAM).
@@ -23,6 +25,7 @@ its masks (mask agreement; with random weights this says little about a trained 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -90,22 +93,25 @@ def run(out_dir: str, quick: bool = False, device: str = None):
         once.set_image(image)
         embedding = once.features
     sam.image_encoder = FixedEmbedding(embedding, sam.image_encoder.img_size)
-    sam = sam.to(device=dev, dtype=dtype)
-    sam.pixel_mean, sam.pixel_std = sam.pixel_mean.float(), sam.pixel_std.float()
+    sam = sam.to(device=dev)
+    fast_model = copy.deepcopy(sam).to(dtype) if dtype != torch.float32 else sam
     kw = dict(points_per_side=pps, pred_iou_thresh=-1.0, stability_score_thresh=0.0, output_mode="coco_rle")
     generators = [
         (BASELINE, SamAutomaticMaskGenerator(sam, **kw)),
         ("segment_anything_b256", SamAutomaticMaskGenerator(sam, points_per_batch=256, **kw)),
-        ("sam_fast", SamFastAutomaticMaskGenerator(sam, **kw)),
-        ("sam_fast_hierarchical", SamFastAutomaticMaskGenerator(sam, hierarchical=True, **kw)),
+        ("sam_fast", SamFastAutomaticMaskGenerator(fast_model, **kw)),
+        ("sam_fast_hierarchical", SamFastAutomaticMaskGenerator(fast_model, hierarchical=True, **kw)),
     ]
+    if fast_model is not sam:
+        generators.insert(2, ("sam_fast_fp32", SamFastAutomaticMaskGenerator(sam, **kw)))
     rows, records = [], {}
-    case = f"{side}x{side} {pps}x{pps} points {str(dtype)[6:]}"
+    case = f"{side}x{side} {pps}x{pps} points"
     with torch.no_grad():
         for backend, gen in generators:
             records[backend] = gen.generate(image)
             m = measure(lambda: gen.generate(image), dev, cpu_reps=3, warmup_ms=50, rep_ms=500)
-            note = f"{len(records[backend])} masks"
+            precision = "bf16" if gen.predictor.model is not sam else "float32"
+            note = f"{precision}, {len(records[backend])} masks"
             if backend == "sam_fast_hierarchical":
                 note += (f", agreement with dense {_agreement(records['sam_fast'], records[backend]):.3f}, "
                          f"{gen.last_stats['points_skipped']} points skipped")
