@@ -188,3 +188,17 @@ def test_opcheck():
     strided = smooth_logits(3, 32, 64)[:, :, ::2]
     torch.library.opcheck(torch.ops.sam_fast.mask_postprocess.default, (strided,) + args[1:],
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_large_batches_are_joined_from_chunks(monkeypatch):
+    from sam_fast.ops import postprocess as pp
+
+    monkeypatch.setattr(pp, "_MAX_MASKS_PER_CALL", 4)
+    logits = smooth_logits(10, 32, 32)
+    kw = dict(padded_size=(128, 128), input_size=(128, 128), original_size=(20, 24), return_masks=True)
+    got = mask_postprocess(logits, backend="cpu", **kw)
+    monkeypatch.setattr(pp, "_MAX_MASKS_PER_CALL", 65535)
+    want = mask_postprocess(logits, backend="cpu", **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a.nan_to_num(-1) if a.is_floating_point() else a,
+                           b.nan_to_num(-1) if b.is_floating_point() else b)

@@ -25,6 +25,7 @@ from ._ext import extension_error, has_cuda_kernels
 __all__ = ["PostprocessedMasks", "mask_postprocess", "rles_to_coco", "rles_to_uncompressed"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_MASKS_PER_CALL = 65535  # the CUDA kernel's grid dimension
 
 
 def _fake_mask_postprocess(logits, padded_size, input_size, original_size, rle_frame, mask_threshold,
@@ -78,8 +79,6 @@ def _cpp(device_type: str):
             if logits.shape[1] > 1536:
                 return Refusal(f"the CUDA kernel keeps a column of the logits in shared memory: at most 1536 "
                                f"rows, got {logits.shape[1]}")
-            if logits.shape[0] > 65535:
-                return Refusal(f"the CUDA kernel takes at most 65535 masks per call, got {logits.shape[0]}")
         return None
 
     return Backend(device_type, supports, _run_op)
@@ -175,8 +174,21 @@ def mask_postprocess(
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     rle_frame = (x0, y0, image_size[0], image_size[1])
-    return dispatch("mask_postprocess", _TABLE, backend, logits, padded_size, input_size, original_size,
-                    rle_frame, mask_threshold, stability_offset, bool(return_rle), bool(return_masks))
+    args = (padded_size, input_size, original_size, rle_frame, mask_threshold, stability_offset, bool(return_rle),
+            bool(return_masks))
+    if logits.shape[0] <= _MAX_MASKS_PER_CALL:
+        return dispatch("mask_postprocess", _TABLE, backend, logits, *args)
+    # The CUDA grid holds 65535 masks: larger batches run in chunks, joined here.
+    parts = [dispatch("mask_postprocess", _TABLE, backend, chunk, *args)
+             for chunk in logits.split(_MAX_MASKS_PER_CALL)]
+    offsets = [parts[0].rle_offsets]
+    for part in parts[1:]:
+        offsets.append(part.rle_offsets[1:] + offsets[-1][-1])
+    return PostprocessedMasks(
+        torch.cat([p.stability_score for p in parts]), torch.cat([p.area for p in parts]),
+        torch.cat([p.boxes for p in parts]), torch.cat([p.rle_counts for p in parts]),
+        torch.cat(offsets) if return_rle else parts[0].rle_offsets,
+        torch.cat([p.masks for p in parts]) if return_masks else None)
 
 
 def _split(counts: torch.Tensor, offsets: torch.Tensor) -> List[List[int]]:
