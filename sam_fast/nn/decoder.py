@@ -175,11 +175,13 @@ class BatchedMaskDecoder(nn.Module):
             keys0 = (image_embeddings.to(dtype)[image_index.long()] + dense.to(dtype)).flatten(2).transpose(1, 2)
             group = torch.arange(P, device=image_index.device)
 
-        # Prompts sorted by group, so that each group's prompts are one contiguous slice.
-        order = torch.argsort(group, stable=True)
+        # Prompts sorted by group, so that each group's prompts are one contiguous slice (the predictor
+        # and the mask generator pass them sorted already: then nothing is permuted).
+        order = None if P < 2 or bool((group[1:] >= group[:-1]).all()) else torch.argsort(group, stable=True)
         counts = torch.bincount(group, minlength=keys0.shape[0]).tolist()
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse.to(dtype)[order]], dim=1)
+        sparse = sparse.to(dtype) if order is None else sparse.to(dtype)[order]
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse], dim=1)
 
         transformer = dec.transformer
         queries, keys = self._first_block(transformer.layers[0], tokens, keys0, pe, counts)
@@ -201,9 +203,12 @@ class BatchedMaskDecoder(nn.Module):
             upscaled = dec.output_upscaling(src)
             B, c, uh, uw = upscaled.shape
             masks = (hyper @ upscaled.view(B, c, uh * uw)).view(B, M, uh, uw)
+        iou_pred = iou_pred[:, first:first + M]
+        if order is None:
+            return masks, iou_pred
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(P, device=order.device)
-        return masks[inverse], iou_pred[:, first:first + M][inverse]
+        return masks[inverse], iou_pred[inverse]
 
     # -- prompt encoding ----------------------------------------------------------------------------------
     # segment_anything's PromptEncoder, with its random-Fourier positional encoding always in float32:
