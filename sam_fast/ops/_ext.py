@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from .._dispatch import Refusal
+
 
 @functools.lru_cache(maxsize=None)
 def extension_error():
@@ -27,3 +29,17 @@ def has_cuda_kernels() -> bool:
     if extension_error() is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("sam_fast::resize_rel_pos", "CUDA")
+
+
+def cpp_device_refusal(t: torch.Tensor, device_type: str):
+    """Why the C++ (``"cpu"``) or CUDA (``"cuda"``) kernels of sam_fast._C cannot take tensor ``t``, or None:
+    another device (the normal choice for it, not a fallback), an extension that did not load, or a
+    build without CUDA sources."""
+    if t.device.type != device_type:
+        return Refusal(f"the {device_type} kernel needs a {device_type} tensor, got {t.device}", wrong_device=True)
+    err = extension_error()
+    if err is not None:
+        return Refusal(err)
+    if device_type == "cuda" and not has_cuda_kernels():
+        return Refusal("sam_fast._C was built without CUDA sources (no CUDA toolkit at install time)")
+    return None

@@ -20,7 +20,7 @@ import torch
 from .._dispatch import Backend, Refusal, dispatch
 from ..reference import postprocess as _ref
 from ..reference.postprocess import PostprocessedMasks
-from ._ext import extension_error, has_cuda_kernels
+from ._ext import cpp_device_refusal, extension_error
 
 __all__ = ["PostprocessedMasks", "mask_postprocess", "rles_to_coco", "rles_to_uncompressed"]
 
@@ -67,15 +67,10 @@ def _run_op(logits, padded_size, input_size, original_size, rle_frame, mask_thre
 
 def _cpp(device_type: str):
     def supports(logits, *args, explicit):
-        if logits.device.type != device_type:
-            return Refusal(f"the {device_type} kernel needs a {device_type} tensor, got {logits.device}",
-                           wrong_device=True)
-        err = extension_error()
-        if err is not None:
-            return Refusal(err)
+        refusal = cpp_device_refusal(logits, device_type)
+        if refusal is not None:
+            return refusal
         if device_type == "cuda":
-            if not has_cuda_kernels():
-                return Refusal("sam_fast._C was built without CUDA sources (no CUDA toolkit at install time)")
             if logits.shape[1] > 1536:
                 return Refusal(f"the CUDA kernel keeps a column of the logits in shared memory: at most 1536 "
                                f"rows, got {logits.shape[1]}")
@@ -227,12 +222,7 @@ def _strings_reference(counts, offsets):
     return [_ref.coco_string(c) for c in _split(counts, offsets)]
 
 
-def _cpu_ext(*args, explicit):
-    err = extension_error()
-    return None if err is None else Refusal(err)
-
-
 _STRING_TABLE = (
-    Backend("cpu", _cpu_ext, _strings_cpp),
+    Backend("cpu", lambda counts, offsets, explicit: cpp_device_refusal(counts, "cpu"), _strings_cpp),
     Backend("reference", lambda *args, explicit: None, _strings_reference),
 )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import Backend, Refusal, dispatch
-from ._ext import extension_error, has_cuda_kernels
+from .._dispatch import Backend, dispatch
+from ._ext import cpp_device_refusal, extension_error
 
 
 def resize_rel_pos_reference(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
@@ -44,15 +44,7 @@ def _ensure_registered():
 
 def _cpp(device_type: str):
     def supports(rel_pos, length, explicit):
-        if rel_pos.device.type != device_type:
-            return Refusal(f"the {device_type} kernel needs a {device_type} tensor, got {rel_pos.device}",
-                           wrong_device=True)
-        err = extension_error()
-        if err is not None:
-            return Refusal(err)
-        if device_type == "cuda" and not has_cuda_kernels():
-            return Refusal("sam_fast._C was built without CUDA sources (no CUDA toolkit at install time)")
-        return None
+        return cpp_device_refusal(rel_pos, device_type)
 
     def run(rel_pos, length):
         _ensure_registered()
