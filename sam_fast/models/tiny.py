@@ -52,6 +52,28 @@ def tiny_image_encoder(
     return enc.eval()
 
 
+def _sam_around(encoder: nn.Module, img_size: int, dim: int, heads: int, mlp_dim: int, iou_hidden: int) -> nn.Module:
+    """segment_anything's ``Sam`` with its real PromptEncoder / MaskDecoder classes at width ``dim``
+    around ``encoder`` (patch 16: the image embedding is img_size / 16 on a side)."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    side = img_size // 16
+    return Sam(
+        image_encoder=encoder,
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(side, side),
+                                     input_image_size=(img_size, img_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=mlp_dim, num_heads=heads),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=iou_hidden,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
 def tiny_sam(
     img_size: int = 256,
     encoder_dim: int = 64,
@@ -64,26 +86,9 @@ def tiny_sam(
     """A whole segment_anything ``Sam`` with random weights: a tiny ViT encoder (patch 16, so the image
     embedding is img_size / 16 on a side), the real ``PromptEncoder`` and ``MaskDecoder`` classes at
     width ``decoder_dim`` (SAM: 256, 8 heads, MLP 2048). Low-resolution masks are img_size / 4."""
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
     torch.manual_seed(seed)
     encoder = tiny_image_encoder(img_size=img_size, out_chans=decoder_dim, embed_dim=encoder_dim, seed=seed)
-    side = img_size // 16
-    sam = Sam(
-        image_encoder=encoder,
-        prompt_encoder=PromptEncoder(embed_dim=decoder_dim, image_embedding_size=(side, side),
-                                     input_image_size=(img_size, img_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=decoder_dim, mlp_dim=decoder_mlp_dim,
-                                          num_heads=decoder_heads),
-            transformer_dim=decoder_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=decoder_mlp_dim,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
+    sam = _sam_around(encoder, img_size, decoder_dim, decoder_heads, decoder_mlp_dim, decoder_mlp_dim)
     with torch.no_grad():
         # A trained SAM's mask logits span about +-10; random ones would hug 0. Scale the
         # hypernetworks' last layer so thresholds and stability offsets mean something.
@@ -96,22 +101,7 @@ def sam_decoder(seed: int = 0) -> nn.Module:
     """segment_anything's real prompt encoder + mask decoder shapes (the same for ViT-B/L/H: width 256,
     8 heads, MLP 2048, 64 x 64 image embedding of a 1024 input) on a tiny encoder, random weights.
     For decoder benchmarks, where the encoder is not what is measured."""
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
     torch.manual_seed(seed)
-    sam = Sam(
-        image_encoder=tiny_image_encoder(img_size=1024, out_chans=256, embed_dim=64, depth=2, window_size=8,
-                                         global_attn_indexes=(1,), seed=seed),
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                                     mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-    return sam.eval()
+    encoder = tiny_image_encoder(img_size=1024, out_chans=256, embed_dim=64, depth=2, window_size=8,
+                                 global_attn_indexes=(1,), seed=seed)
+    return _sam_around(encoder, 1024, 256, 8, 2048, 256).eval()
