@@ -133,28 +133,36 @@ def _segment(args) -> int:
         H, W = image.shape[:2]
         if args.everything:
             records = engine.generate(image)
+            masks = [_decode(r["segmentation"]) for r in records]
         else:
             engine.set_image(image)
-            coords = np.array([p[:2] for p in points]) if points else None
-            labels = np.array([int(p[2]) if len(p) == 3 else 1 for p in points]) if points else None
             multimask = len(points) == 1 and box is None
-            _, iou, low = engine.predict(point_coords=coords, point_labels=labels,
-                                         box=None if box is None else np.array(box), multimask_output=multimask)
-            post = mask_postprocess(torch.as_tensor(low), padded_size=engine._padded_size,
-                                    input_size=engine.input_size, original_size=(H, W),
-                                    mask_threshold=sam.mask_threshold)
+            dev = engine.device
+            coords = labels = boxes = None
+            if points:
+                xy = engine.transform.apply_coords(np.array([p[:2] for p in points]), (H, W))
+                coords = torch.as_tensor(xy, dtype=torch.float, device=dev)[None]
+                labels = torch.tensor([[int(p[2]) if len(p) == 3 else 1 for p in points]], device=dev)
+            if box is not None:
+                boxes = torch.as_tensor(engine.transform.apply_boxes(np.array([box]), (H, W)), dtype=torch.float,
+                                        device=dev)
+            # Decoder, then one post-processing pass on the device for RLE, stats and the overlay's masks.
+            low, iou = engine.decoder(engine.features, torch.zeros(1, dtype=torch.int64, device=dev), coords, labels,
+                                      boxes, multimask_output=multimask)
+            post = mask_postprocess(low[0], padded_size=engine._padded_size, input_size=engine.input_size,
+                                    original_size=(H, W), mask_threshold=sam.mask_threshold, return_masks=True)
             segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))
             records = [{"segmentation": seg, "area": int(post.area[i]),
                         "bbox": [float(v) for v in _xywh(post.boxes[i].tolist())],
-                        "predicted_iou": float(iou[i]), "point_coords": [p[:2] for p in points],
+                        "predicted_iou": float(iou[0, i]), "point_coords": [p[:2] for p in points],
                         "stability_score": float(post.stability_score[i]), "crop_box": [0.0, 0.0, float(W), float(H)]}
                        for i, seg in enumerate(segs)]
+            masks = list(post.masks.cpu().numpy())
         name = os.path.splitext(os.path.basename(path))[0]
         annotations = [dict(r, id=i + 1, image_id=1) for i, r in enumerate(records)]
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump({"images": [{"id": 1, "file_name": os.path.basename(path), "height": H, "width": W}],
                        "annotations": annotations}, f)
-        masks = [_decode(r["segmentation"]) for r in records]
         Image.fromarray(_overlay(image, masks)).save(os.path.join(args.out, f"{name}.png"))
     print(f"wrote {len(args.images)} image(s) to {os.path.abspath(args.out)}")
     return 0
