@@ -8,9 +8,9 @@ Backends per encoder (same weights, same input batch, one run):
   linears with LayerNorm-fused quantization and the re-quantizing MLP epilogue.
 
 ``sqnr_db`` is each output's SQNR against the bf16 segment_anything embedding. On the GPU the encoders
-are ViT-B and ViT-H shaped with random weights (no checkpoint can be downloaded here, so the SQNR
-figures describe random weights, not a trained SAM), batch 8 (1 with --quick); on a CPU the CPU
-backends run a small encoder.
+are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning) with random weights (no checkpoint
+can be downloaded here, so the SQNR figures describe random weights, not a trained SAM), batch 8 (1 with
+--quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one.
 
     python bench/bench_e2e.py [--out bench/results] [--quick]
 """
@@ -44,22 +44,29 @@ def _images(n):
 
 
 def _encoders(gpu: bool):
-    from segment_anything.modeling import ImageEncoderViT
-
-    from sam_fast.models import tiny_image_encoder
+    from sam_fast.models import BlockGeometry, EncoderGeometry, build_image_encoder, released_geometry
 
     if not gpu:
+        from sam_fast.models import tiny_image_encoder
+
         yield "tiny-256", tiny_image_encoder(img_size=256, embed_dim=128, num_heads=4, depth=4, window_size=4,
                                              out_chans=64)
-        return
-    from functools import partial
-
-    for name, dim, depth, heads, glob in (("vit_b", 768, 12, 12, (2, 5, 8, 11)),
-                                          ("vit_h", 1280, 32, 16, (7, 15, 23, 31))):
-        enc = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
-                              mlp_ratio=4.0, out_chans=256, qkv_bias=True,
-                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_abs_pos=True, use_rel_pos=True,
-                              rel_pos_zero_init=False, window_size=14, global_attn_indexes=glob)
+        # SlimSAM-style per-block pruned widths (head dims 14 and 32, MLPs of their own)
+        pruned = EncoderGeometry(img_size=256, patch_size=16, embed_dim=84, out_chans=64, blocks=(
+            BlockGeometry(6, 14, 300, 4), BlockGeometry(4, 14, 240, 0), BlockGeometry(2, 32, 200, 4),
+            BlockGeometry(6, 14, 160, 0)))
+        geoms = [("tiny-pruned-256", pruned)]
+    else:
+        # random weights at the released geometries: SAM ViT-B / ViT-H and SlimSAM's uniform 50% / 77%
+        # (head dim 32 / 14; SlimSAM-77's 4096-token global attention at head dim 14 is its hot spot)
+        geoms = [(name, released_geometry(name)) for name in ("vit_b", "vit_h", "slimsam_50", "slimsam_77")]
+    gen = torch.Generator().manual_seed(0)
+    for name, geom in geoms:
+        enc = build_image_encoder(geom)
+        with torch.no_grad():
+            for pname, p in enc.named_parameters():
+                if "rel_pos" in pname or "pos_embed" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         yield name, enc.eval()
 
 

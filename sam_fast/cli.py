@@ -1,7 +1,7 @@
 """The ``sam-fast`` command.
 
     sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything] [--out DIR] [--quick]
-    sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|tiny
+    sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|slimsam_50|slimsam_77|auto|tiny
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
                      [--points-per-side N] [--device cpu|cuda] --out DIR
 
@@ -205,10 +205,14 @@ def main(argv=None) -> int:
     b.add_argument("--ops", default=",".join(BENCHES), help=f"comma-separated subset of {sorted(BENCHES)}")
     b.add_argument("--out", default="sam_fast_results", help="results directory (default: ./sam_fast_results)")
     b.add_argument("--quick", action="store_true", help="fewer cases (batch 1 only on GPU)")
+    from sam_fast.models.sam import MODEL_TYPES
+
     s = sub.add_parser("segment", help="segment images with a SAM checkpoint (prompts or everything mode)")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--checkpoint", required=True, help="SAM checkpoint (official state_dict format)")
-    s.add_argument("--model-type", required=True, choices=("vit_b", "vit_l", "vit_h", "tiny"))
+    s.add_argument("--model-type", required=True, choices=MODEL_TYPES,
+                   help="the checkpoint's model; auto reads the encoder's geometry from the checkpoint "
+                        "(SlimSAM's globally pruned encoders)")
     s.add_argument("--points", action="append", metavar="x,y[,label]", help="a point prompt (repeatable)")
     s.add_argument("--box", metavar="x0,y0,x1,y1", help="a box prompt")
     s.add_argument("--everything", action="store_true", help="segment everything (automatic mask generator)")

@@ -1,38 +1,67 @@
-"""Loading SAM checkpoints in segment_anything's official format, with errors that say what is wrong."""
+"""Loading SAM-family checkpoints in their official formats, with errors that say what is wrong.
+
+Model types: segment_anything's ``vit_b`` / ``vit_l`` / ``vit_h``, SlimSAM's uniform ``slimsam_50`` /
+``slimsam_77``, the test models' ``tiny``, and ``auto``: the image encoder's geometry is read from the
+checkpoint itself (:func:`sam_fast.models.slimsam.encoder_geometry`), which loads all of the above
+and SlimSAM's globally pruned encoders, whose blocks each have their own head dim and MLP width.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+from .slimsam import (SLIMSAM_UNIFORM, BlockGeometry, EncoderGeometry, build_sam_from_geometry, decoder_geometry,
+                      encoder_geometry, normalize_state_dict, slimsam_uniform_geometry)
 
-# image_encoder.patch_embed.proj.weight's first dimension identifies the official encoders.
-_EMBED_DIMS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "slimsam_50", "slimsam_77", "tiny", "auto")
+
+# segment_anything's encoders: (embed dim, depth, heads, global blocks); window 14, MLP 4 x embed.
+_SAM_VITS = {"vit_b": (768, 12, 12, (2, 5, 8, 11)), "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+             "vit_h": (1280, 32, 16, (7, 15, 23, 31))}
+
+
+def released_geometry(model_type: str) -> EncoderGeometry:
+    """The image encoder geometry of a released checkpoint: ``vit_b`` / ``vit_l`` / ``vit_h`` /
+    ``slimsam_50`` / ``slimsam_77`` (build it with :func:`sam_fast.models.build_image_encoder`)."""
+    if model_type in SLIMSAM_UNIFORM:
+        return slimsam_uniform_geometry(model_type)
+    if model_type not in _SAM_VITS:
+        raise ValueError(f"model_type must be one of {tuple(_SAM_VITS) + tuple(SLIMSAM_UNIFORM)}, got {model_type!r}")
+    embed, depth, heads, glob = _SAM_VITS[model_type]
+    blocks = tuple(BlockGeometry(heads, embed // heads, 4 * embed, 0 if i in glob else 14) for i in range(depth))
+    return EncoderGeometry(img_size=1024, patch_size=16, embed_dim=embed, out_chans=256, blocks=blocks)
+
+
+def known_model_type(geom: EncoderGeometry) -> Optional[str]:
+    """The released model type whose image encoder has geometry ``geom`` (None: e.g. a globally pruned
+    SlimSAM encoder, which only ``"auto"`` loads)."""
+    for name in (*_SAM_VITS, *SLIMSAM_UNIFORM):
+        if released_geometry(name) == geom:
+            return name
+    return None
 
 
 def build_sam(model_type: str):
-    """An uninitialised segment_anything ``Sam`` of ``model_type`` ("tiny": :func:`tiny_sam`'s geometry)."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    """An uninitialised segment_anything ``Sam`` of ``model_type`` ("tiny": :func:`tiny_sam`'s geometry).
+    ``"auto"`` has no geometry without a checkpoint: use :func:`load_sam`."""
+    if model_type not in MODEL_TYPES or model_type == "auto":
+        raise ValueError(f"model_type must be one of {MODEL_TYPES[:-1]}, got {model_type!r}"
+                         + (" (auto needs a checkpoint: load_sam)" if model_type == "auto" else ""))
     if model_type == "tiny":
         from .tiny import tiny_sam
 
         return tiny_sam()
+    if model_type in SLIMSAM_UNIFORM:
+        return build_sam_from_geometry(slimsam_uniform_geometry(model_type))
     from segment_anything import sam_model_registry
 
     return sam_model_registry[model_type](checkpoint=None)
 
 
-def load_sam(checkpoint: str, model_type: str):
-    """Build a ``Sam`` of ``model_type`` and load ``checkpoint`` (a state_dict with the official keys).
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the expected
-    model type and what differs (missing / unexpected keys, shapes) for a mismatched one.
-    """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+def _read_state(checkpoint, model_type):
     if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!s} does not exist (expected a SAM {model_type} "
                                 "state_dict, e.g. sam_vit_b_01ec64.pth)")
@@ -40,18 +69,56 @@ def load_sam(checkpoint: str, model_type: str):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"checkpoint {checkpoint} could not be read as a PyTorch state_dict "
-                         f"({type(exc).__name__}: {exc})") from exc
+                         f"({type(exc).__name__}: {exc}). A pickled whole model (SlimSAM's SlimSAM-50.pth / "
+                         "SlimSAM-77.pth are) must be re-saved as its state_dict where its classes import: "
+                         "torch.save(torch.load(path, weights_only=False).state_dict(), new_path)") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {checkpoint} is not a state_dict of tensors (got {type(state).__name__})")
-    sam = build_sam(model_type)
+    return normalize_state_dict(state)
+
+
+def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Optional[int] = None):
+    """Build a ``Sam`` of ``model_type`` and load ``checkpoint`` (a state_dict with the official keys;
+    SlimSAM's split ``attn.q/k/v`` and ``module.`` prefixes are converted, see
+    :func:`sam_fast.models.slimsam.normalize_state_dict`).
+
+    With ``model_type="auto"`` the image encoder's geometry (per block) and the decoder's widths are read
+    from the checkpoint; the decoder's head count is not stored in a state_dict, so a decoder narrower
+    or wider than SAM's 256 needs ``decoder_heads`` (SAM's 256-wide decoder has 8).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, the expected
+    model type and what differs (missing / unexpected keys, shapes) for a mismatched one.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if decoder_heads is not None and (not isinstance(decoder_heads, int) or decoder_heads < 1):
+        raise ValueError(f"decoder_heads must be a positive int, got {decoder_heads!r}")
+    state = _read_state(checkpoint, model_type)
+    try:
+        geom = encoder_geometry(state)
+    except ValueError as exc:
+        if model_type == "auto":
+            raise ValueError(f"checkpoint {checkpoint}: cannot read a SAM image encoder from it: {exc}") from exc
+        geom = None
+    if model_type == "auto":
+        try:
+            width, mlp_dim, iou_hidden = decoder_geometry(state)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {checkpoint}: cannot read a SAM mask decoder from it: {exc}") from exc
+        if decoder_heads is None:
+            if width != 256:
+                raise ValueError(f"checkpoint {checkpoint} has a {width}-wide mask decoder, not SAM's 256: pass "
+                                 "decoder_heads (a state_dict does not record the head count)")
+            decoder_heads = 8
+        sam = build_sam_from_geometry(geom, width, decoder_heads, mlp_dim, iou_hidden)
+    else:
+        sam = build_sam(model_type)
     expected = sam.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
     if missing or unexpected or shapes:
-        proj = state.get("image_encoder.patch_embed.proj.weight")
-        guess = _EMBED_DIMS.get(int(proj.shape[0])) if isinstance(proj, torch.Tensor) and proj.dim() else None
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
@@ -60,7 +127,12 @@ def load_sam(checkpoint: str, model_type: str):
         if shapes:
             k, got, want = shapes[0]
             parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {got}, {model_type} {want})")
-        hint = f"; it looks like a {guess} checkpoint" if guess and guess != model_type else ""
+        hint = ""
+        if geom is not None and model_type != "auto":
+            guess = known_model_type(geom)
+            hint = (f"; it looks like a {guess} checkpoint" if guess and guess != model_type else
+                    "; its image encoder is not a released geometry (per-block widths?): try model_type='auto'"
+                    if guess is None else "")
         raise ValueError(f"checkpoint {checkpoint} does not match model type {model_type}: "
                          + ", ".join(parts) + hint)
     sam.load_state_dict(state)

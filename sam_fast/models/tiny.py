@@ -52,12 +52,13 @@ def tiny_image_encoder(
     return enc.eval()
 
 
-def _sam_around(encoder: nn.Module, img_size: int, dim: int, heads: int, mlp_dim: int, iou_hidden: int) -> nn.Module:
+def _sam_around(encoder: nn.Module, img_size: int, dim: int, heads: int, mlp_dim: int, iou_hidden: int,
+                patch_size: int = 16) -> nn.Module:
     """segment_anything's ``Sam`` with its real PromptEncoder / MaskDecoder classes at width ``dim``
-    around ``encoder`` (patch 16: the image embedding is img_size / 16 on a side)."""
+    around ``encoder`` (the image embedding is img_size / patch_size on a side)."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    side = img_size // 16
+    side = img_size // patch_size
     return Sam(
         image_encoder=encoder,
         prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(side, side),
