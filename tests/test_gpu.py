@@ -224,6 +224,47 @@ def test_w8a8_vit_b_shaped_encoder_on_gpu():
     assert sqnr_db(ref.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
 
 
+def test_slimsam_pruned_encoder_on_gpu():
+    """A SlimSAM-77-shaped encoder with per-block pruned widths (head dims 14, 10 and 8 at 4096 tokens)
+    loaded from a checkpoint: fused attention within the bf16 rule, then W8A8 on top."""
+    import dataclasses
+
+    import skimage.data
+
+    from sam_fast.models import build_image_encoder, encoder_geometry, released_geometry
+    from sam_fast.quantize import calibrate, sqnr_db
+    from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
+
+    geom = released_geometry("slimsam_77")
+    blocks = list(geom.blocks)
+    for i, (heads, head_dim, mlp) in {0: (12, 10, 520), 2: (8, 14, 696), 5: (12, 8, 300), 11: (6, 14, 400)}.items():
+        blocks[i] = dataclasses.replace(blocks[i], num_heads=heads, head_dim=head_dim, mlp_dim=mlp)
+    geom = dataclasses.replace(geom, blocks=tuple(blocks))
+    enc = build_image_encoder(geom)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, 0.2)
+    assert encoder_geometry(enc.state_dict(), prefix="") == geom
+    enc = enc.cuda().eval()
+    x = torch.randn(1, 3, 1024, 1024, device="cuda")
+    with torch.no_grad():
+        exact = enc(x)
+        enc_bf = enc.to(torch.bfloat16)
+        expected = enc_bf(x.bfloat16())
+        with sam_fast.apply(enc_bf, sam_fast.SamFastConfig()):
+            with sam_fast.record_backends() as rec:
+                got = enc_bf(x.bfloat16())
+        assert rec.backends("dilated_attention") == {"triton"}
+        check_against_reference("embedding", got, exact, expected, torch.bfloat16, FWD_FACTOR)
+        cal = calibrate(enc_bf, [skimage.data.astronaut(), skimage.data.coffee()], progress=False)
+        with sam_fast.apply(enc_bf, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal)):
+            with sam_fast.record_backends() as rec:
+                out = enc_bf(x.bfloat16())
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    assert sqnr_db(got.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
 # --- mask post-processing (issue 5) ---
 
 POSTPROCESS_GEOMETRIES = [
