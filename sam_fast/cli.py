@@ -1,7 +1,7 @@
 """The ``sam-fast`` command.
 
     sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything] [--out DIR] [--quick]
-    sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|slimsam_50|slimsam_77|auto|tiny
+    sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|slimsam_50|slimsam_77|vit_t|auto|tiny
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
                      [--points-per-side N] [--device cpu|cuda] --out DIR
 

@@ -188,6 +188,10 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
 
 def _swap_blocks(model, config, swaps, updates) -> None:
     found = vit_blocks(model)  # collected before any change
+    if not found:
+        raise ValueError(f"attention={config.attention!r} found no segment_anything ViT blocks in the model (a "
+                         "TinyViT encoder - MobileSAM, TinySAM - keeps its own window attention): use "
+                         "attention='none', with quantize='int8' for W8A8")
     wanted = config.chosen_blocks()
     if isinstance(wanted, (list, tuple)):
         missing = sorted(set(wanted) - {index for *_, index in found})
@@ -210,7 +214,7 @@ def _quantize_linears(model, config, swaps) -> Dict[str, str]:
     """Swap Int8Linear into every eligible linear (see sam_fast.quantize); returns those kept float."""
     slots = eligible_linears(model)
     if not slots:
-        raise ValueError("quantize='int8' found no segment_anything ViT block linears in the model")
+        raise ValueError("quantize='int8' found no segment_anything ViT (or TinyViT) block linears in the model")
     cal = config.calibration
     if cal is not None:
         unknown = [s.key for s in slots if s.key not in cal.layers]

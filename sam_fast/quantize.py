@@ -5,10 +5,12 @@
 >>> handle = sam_fast.apply(sam, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal))
 
 What is quantized: the four linears of every ViT block of the image encoder (``attn.qkv``,
-``attn.proj``, ``mlp.lin1``, ``mlp.lin2``); weights int8 per output channel. Activations are quantized
-per token at run time (dynamic), fused into the preceding LayerNorm for qkv and lin1; ``mlp.lin2``'s
-input gets a static per-tensor scale from calibration, so lin1's epilogue writes its GELU output
-directly in int8 (no quantization pass over the 4x-wide hidden activation).
+``attn.proj``, ``mlp.lin1``, ``mlp.lin2``; in a TinyViT encoder - MobileSAM, TinySAM - ``attn.qkv``,
+``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every TinyViT block); weights int8 per output channel.
+Activations are quantized per token at run time (dynamic), fused into the preceding LayerNorm for qkv
+and lin1; ``mlp.lin2``'s (``mlp.fc2``'s) input gets a static per-tensor scale from calibration, so
+lin1's epilogue writes its GELU output directly in int8 (no quantization pass over the 4x-wide hidden
+activation). TinyViT's convolutions (its MBConv stage, patch merging, local convs) stay in float.
 
 Calibration (:func:`calibrate`) runs a few images (TinySAM used 8) through the float encoder and
 measures, for each eligible layer, the SQNR of its quantized output against its float output on the
@@ -37,7 +39,8 @@ __all__ = ["Calibration", "LayerCalibration", "calibrate", "eligible_linears", "
            "MIN_FEATURES", "DEFAULT_MIN_SQNR_DB"]
 
 ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
-STATIC_ROLES = (("mlp", "lin2"),)  # inputs whose static scale removes a quantization pass
+TINYVIT_ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
+STATIC_ROLES = (("mlp", "lin2"), ("mlp", "fc2"))  # inputs whose static scale removes a quantization pass
 MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 tensor cores to pay
 DEFAULT_MIN_SQNR_DB = 20.0
 _PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
@@ -46,7 +49,8 @@ _PIXEL_STD = (58.395, 57.12, 57.375)
 
 @dataclasses.dataclass
 class LinearSlot:
-    """An eligible linear: ``key`` (``blocks.<i>.<attn|mlp>.<name>``), its parent module and attribute."""
+    """An eligible linear: ``key`` (``blocks.<i>.<attn|mlp>.<name>``; in a TinyViT encoder the block's
+    name in the encoder, ``layers.<l>.blocks.<i>.<attn|mlp>.<name>``), its parent module and attribute."""
 
     key: str
     parent: nn.Module
@@ -70,14 +74,19 @@ def vit_blocks(model: nn.Module):
 
 
 def eligible_linears(model: nn.Module) -> List[LinearSlot]:
-    """The linears of the image encoder's ViT blocks that W8A8 replaces, float or already quantized."""
+    """The linears of the image encoder's ViT blocks (or TinyViT blocks) that W8A8 replaces, float or
+    already quantized."""
+    from .models.tinyvit import tinyvit_blocks
+
+    blocks = [(f"blocks.{index}", block, ROLES) for _, _, block, index in vit_blocks(model)]
+    blocks += [(name, block, TINYVIT_ROLES) for name, block in tinyvit_blocks(getattr(model, "image_encoder", model))]
     slots = []
-    for _, _, block, index in vit_blocks(model):
-        for owner, name in ROLES:
+    for prefix, block, roles in blocks:
+        for owner, name in roles:
             parent = getattr(block, owner, None)
             lin = getattr(parent, name, None) if parent is not None else None
             if isinstance(lin, (nn.Linear, Int8Linear)):
-                slots.append(LinearSlot(f"blocks.{index}.{owner}.{name}", parent, name, (owner, name) in STATIC_ROLES))
+                slots.append(LinearSlot(f"{prefix}.{owner}.{name}", parent, name, (owner, name) in STATIC_ROLES))
     return slots
 
 
@@ -123,11 +132,12 @@ class Calibration:
         return {k: e.reason for k, e in self.layers.items() if e.mode == "float"}
 
     def report(self) -> str:
+        width = max([22] + [len(k) for k in self.layers])
         lines = [f"int8 calibration on {self.num_images} image(s); layers under {self.min_sqnr_db:g} dB stay float",
-                 f"{'layer':<22} {'in->out':>12} {'mode':>8} {'SQNR dB':>8} {'dynamic':>8} {'static':>8}  note"]
+                 f"{'layer':<{width}} {'in->out':>12} {'mode':>8} {'SQNR dB':>8} {'dynamic':>8} {'static':>8}  note"]
         for e in self.layers.values():
             static = "-" if e.sqnr_static_db is None else f"{e.sqnr_static_db:.1f}"
-            lines.append(f"{e.key:<22} {f'{e.in_features}->{e.out_features}':>12} {e.mode:>8} {e.sqnr_db:>8.1f} "
+            lines.append(f"{e.key:<{width}} {f'{e.in_features}->{e.out_features}':>12} {e.mode:>8} {e.sqnr_db:>8.1f} "
                          f"{e.sqnr_dynamic_db:>8.1f} {static:>8}  {e.reason}")
         if self.embedding_sqnr_db is not None:
             lines.append(f"image embedding SQNR, quantized encoder vs float: {self.embedding_sqnr_db:.1f} dB")
@@ -161,10 +171,13 @@ class Calibration:
 
 
 def _find_encoder(model: nn.Module):
-    """(encoder, pixel_mean, pixel_std) for a segment_anything ``Sam`` or a bare ``ImageEncoderViT``."""
+    """(encoder, pixel_mean, pixel_std) for a segment_anything ``Sam`` or a bare image encoder
+    (``ImageEncoderViT`` or a TinyViT)."""
     enc = getattr(model, "image_encoder", model)
-    if not (hasattr(enc, "img_size") and hasattr(enc, "blocks") and hasattr(enc, "patch_embed")):
-        raise TypeError(f"model must be a segment_anything Sam or ImageEncoderViT, got {type(model).__name__}")
+    if not (hasattr(enc, "img_size") and hasattr(enc, "patch_embed") and
+            (hasattr(enc, "blocks") or hasattr(enc, "layers"))):
+        raise TypeError(f"model must be a segment_anything Sam or an image encoder (ImageEncoderViT, TinyViT), got "
+                        f"{type(model).__name__}")
     mean = getattr(model, "pixel_mean", None)
     std = getattr(model, "pixel_std", None)
     mean = mean.flatten().tolist() if isinstance(mean, torch.Tensor) else list(_PIXEL_MEAN)
@@ -246,7 +259,7 @@ def calibrate(model: nn.Module, images: Sequence, num_images: int = 8, *,
         raise ValueError("images is empty: calibration needs at least one image")
     slots = eligible_linears(enc)
     if not slots:
-        raise ValueError("the model has no segment_anything ViT block linears to quantize")
+        raise ValueError("the model has no segment_anything ViT (or TinyViT) block linears to quantize")
     quantized = [s.key for s in slots if isinstance(s.module, Int8Linear)]
     if quantized:
         raise ValueError(f"calibrate a float model: {quantized[0]} (and {len(quantized) - 1} more) are already "

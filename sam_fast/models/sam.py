@@ -1,9 +1,11 @@
 """Loading SAM-family checkpoints in their official formats, with errors that say what is wrong.
 
 Model types: segment_anything's ``vit_b`` / ``vit_l`` / ``vit_h``, SlimSAM's uniform ``slimsam_50`` /
-``slimsam_77``, the test models' ``tiny``, and ``auto``: the image encoder's geometry is read from the
-checkpoint itself (:func:`sam_fast.models.slimsam.encoder_geometry`), which loads all of the above
-and SlimSAM's globally pruned encoders, whose blocks each have their own head dim and MLP width.
+``slimsam_77``, MobileSAM's and TinySAM's TinyViT ``vit_t``, the test models' ``tiny``, and ``auto``:
+the image encoder's geometry is read from the checkpoint itself
+(:func:`sam_fast.models.slimsam.encoder_geometry`, :func:`sam_fast.models.tinyvit.tinyvit_config`),
+which loads all of the above and SlimSAM's globally pruned encoders, whose blocks each have their own
+head dim and MLP width.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from .slimsam import (SLIMSAM_UNIFORM, BlockGeometry, EncoderGeometry, build_sam_from_geometry, decoder_geometry,
                       encoder_geometry, normalize_state_dict, slimsam_uniform_geometry)
 
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "slimsam_50", "slimsam_77", "tiny", "auto")
+from .tinyvit import TinyViT, build_vit_t, is_tinyvit_state, tinyvit_config
+
+MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "slimsam_50", "slimsam_77", "vit_t", "tiny", "auto")
 
 # segment_anything's encoders: (embed dim, depth, heads, global blocks); window 14, MLP 4 x embed.
 _SAM_VITS = {"vit_b": (768, 12, 12, (2, 5, 8, 11)), "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
@@ -56,6 +60,8 @@ def build_sam(model_type: str):
         return tiny_sam()
     if model_type in SLIMSAM_UNIFORM:
         return build_sam_from_geometry(slimsam_uniform_geometry(model_type))
+    if model_type == "vit_t":
+        return build_vit_t()
     from segment_anything import sam_model_registry
 
     return sam_model_registry[model_type](checkpoint=None)
@@ -94,12 +100,14 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
     if decoder_heads is not None and (not isinstance(decoder_heads, int) or decoder_heads < 1):
         raise ValueError(f"decoder_heads must be a positive int, got {decoder_heads!r}")
     state = _read_state(checkpoint, model_type)
+    tinyvit = is_tinyvit_state(state)
     try:
-        geom = encoder_geometry(state)
+        geom = None if tinyvit else encoder_geometry(state)
+        tinyvit_kwargs = tinyvit_config(state) if tinyvit else None
     except ValueError as exc:
         if model_type == "auto":
             raise ValueError(f"checkpoint {checkpoint}: cannot read a SAM image encoder from it: {exc}") from exc
-        geom = None
+        geom = tinyvit_kwargs = None
     if model_type == "auto":
         try:
             width, mlp_dim, iou_hidden = decoder_geometry(state)
@@ -110,7 +118,13 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
                 raise ValueError(f"checkpoint {checkpoint} has a {width}-wide mask decoder, not SAM's 256: pass "
                                  "decoder_heads (a state_dict does not record the head count)")
             decoder_heads = 8
-        sam = build_sam_from_geometry(geom, width, decoder_heads, mlp_dim, iou_hidden)
+        if tinyvit:
+            from .tiny import _sam_around
+
+            sam = _sam_around(TinyViT(**tinyvit_kwargs), tinyvit_kwargs["img_size"], width, decoder_heads, mlp_dim,
+                              iou_hidden).eval()
+        else:
+            sam = build_sam_from_geometry(geom, width, decoder_heads, mlp_dim, iou_hidden)
     else:
         sam = build_sam(model_type)
     expected = sam.state_dict()
@@ -128,7 +142,9 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
             k, got, want = shapes[0]
             parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {got}, {model_type} {want})")
         hint = ""
-        if geom is not None and model_type != "auto":
+        if tinyvit and model_type not in ("vit_t", "auto"):
+            hint = "; it looks like a vit_t (MobileSAM / TinySAM TinyViT) checkpoint"
+        elif geom is not None and model_type != "auto":
             guess = known_model_type(geom)
             hint = (f"; it looks like a {guess} checkpoint" if guess and guess != model_type else
                     "; its image encoder is not a released geometry (per-block widths?): try model_type='auto'"

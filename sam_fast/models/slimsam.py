@@ -90,11 +90,14 @@ _SPLIT_QKV = re.compile(r"^(.*\.attn)\.([qkv])\.(weight|bias)$")
 def normalize_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """segment_anything's key names for a SAM-family state_dict: drops DataParallel's ``module.``
     (SlimSAM wraps its image encoder) and concatenates SlimSAM's split ``attn.q`` / ``attn.k`` /
-    ``attn.v`` linears into ``attn.qkv``. Other keys and every tensor pass through unchanged."""
+    ``attn.v`` linears into ``attn.qkv``; drops TinyViT's ``attention_bias_idxs`` (a constant of the
+    window size, saved by some versions). Other keys and every tensor pass through unchanged."""
     out: Dict[str, torch.Tensor] = {}
     split: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         key = _MODULE_PREFIX.sub(r"\1", key)
+        if key.endswith(".attention_bias_idxs"):
+            continue
         m = _SPLIT_QKV.match(key)
         if m:
             split.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value

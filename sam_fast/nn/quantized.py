@@ -8,7 +8,7 @@ decides whether the layer is static (it has ``act_scale``) or dynamic. ``model.t
 casts the bias with the model but keeps the scales in float32.
 
 :func:`norm_int8_linear` and :func:`int8_mlp` are what :class:`sam_fast.nn.SamFastBlock` runs when its
-linears are quantized: ``norm1 -> qkv`` and ``norm2 -> lin1`` become one LayerNorm-quantize pass plus
+linears are quantized (and :func:`int8_norm_mlp` what the TinyViT blocks of ``sam_fast.models.tinyvit`` run): ``norm1 -> qkv`` and ``norm2 -> lin1`` become one LayerNorm-quantize pass plus
 one GEMM, and with a calibrated ``lin2`` the first MLP GEMM re-quantizes its GELU output to int8 in the
 epilogue, so the 4x-wide hidden activation is written once, in int8, and never quantized separately.
 """
@@ -145,11 +145,12 @@ def norm_int8_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> Opt
     return linear.forward_int8(xq, xs, out_dtype=x.dtype)
 
 
-def int8_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """segment_anything ``MLPBlock`` on ``norm(x)``: ``lin2(GELU(lin1(.)))`` with the norm fused into
-    lin1's input quantization, GELU into its epilogue and, when lin2 is calibrated (static), the
-    re-quantization for lin2 too. None when the block does not have that form."""
-    lin1, lin2, act = getattr(mlp, "lin1", None), getattr(mlp, "lin2", None), getattr(mlp, "act", None)
+def int8_norm_mlp(norm: nn.Module, lin1: nn.Module, act: nn.Module, lin2: nn.Module,
+                  x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``lin2(act(lin1(norm(x))))`` with the LayerNorm fused into lin1's input quantization, the exact
+    GELU into its epilogue and, when lin2 is calibrated (static), the re-quantization for lin2 too, so
+    the wide hidden activation is written once, in int8. None when the modules do not have that form
+    (lin1 not a dynamic :class:`Int8Linear`, norm not a LayerNorm, act not an exact GELU)."""
     if not (isinstance(lin1, Int8Linear) and lin1.act_scale is None and _is_layer_norm(norm)
             and isinstance(act, nn.Module) and _is_exact_gelu(act) and isinstance(lin2, nn.Module)):
         return None
@@ -158,3 +159,8 @@ def int8_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> Optional[torch
         h = lin1.forward_int8(xq, xs, activation="gelu", out_dtype=torch.int8, out_scale=lin2.act_scale)
         return lin2.forward_int8(h, lin2.act_scale, out_dtype=x.dtype)
     return lin2(lin1.forward_int8(xq, xs, activation="gelu", out_dtype=x.dtype))
+
+
+def int8_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """segment_anything ``MLPBlock`` on ``norm(x)`` through :func:`int8_norm_mlp` (None when it does not fuse)."""
+    return int8_norm_mlp(norm, getattr(mlp, "lin1", None), getattr(mlp, "act", None), getattr(mlp, "lin2", None), x)

@@ -1,0 +1,208 @@
+"""MobileSAM / TinySAM TinyViT encoders ("vit_t"): the module against a plain computation from the
+state_dict, checkpoint loading, W8A8 swapped in (Triton under the interpreter) and the predictor."""
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+from segment_anything import SamPredictor
+
+import sam_fast
+from sam_fast import SamFastConfig, SamFastPredictor
+from sam_fast.models import TinyViT, build_vit_t, load_sam, tinyvit_config
+from sam_fast.models.tiny import _sam_around
+from sam_fast.quantize import calibrate, prepare_image, sqnr_db
+from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
+
+# 128 x 128 input: stages at 32, 16, 8, 8 tokens a side; windows 5 (padded to 20), 3 (padded to 9) and
+# 8 (the whole grid: no partition); head dims 16, 8, 16.
+SMALL = dict(img_size=128, embed_dims=(16, 32, 40, 48), depths=(1, 2, 2, 1), num_heads=(1, 2, 5, 3),
+             window_sizes=(7, 5, 3, 8), out_chans=32, num_classes=10)
+IMAGES = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+
+
+def _randomize(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.dtype == torch.long:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif t.dim() >= 2 and "attention_biases" not in name:
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=gen) * fan_in ** -0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+    return module.eval()
+
+
+def _small_sam(seed=0):
+    torch.manual_seed(seed)
+    enc = _randomize(TinyViT(**SMALL), seed)
+    return _sam_around(enc, SMALL["img_size"], 32, 2, 64, 32).eval()
+
+
+# ---- TinyViT written out from its definition, reading the state_dict directly ----
+
+def _conv_bn(s, p, x, stride=1, pad=0, groups=1):
+    y = F.conv2d(x, s[p + "c.weight"], None, stride, pad, groups=groups)
+    return F.batch_norm(y, s[p + "bn.running_mean"], s[p + "bn.running_var"], s[p + "bn.weight"], s[p + "bn.bias"],
+                        False, 0.0, 1e-5)
+
+
+def _ln(s, p, x):
+    return F.layer_norm(x, (x.shape[-1],), s[p + "weight"], s[p + "bias"], 1e-5)
+
+
+def _window_attention(s, p, x, heads, window):
+    """x (B', window * window, C): LayerNorm, per-head interleaved q|k|v, bias per (|dy|, |dx|)."""
+    n, N, C = x.shape
+    d = C // heads
+    y = F.linear(_ln(s, p + "norm.", x), s[p + "qkv.weight"], s[p + "qkv.bias"]).view(n, N, heads, 3 * d)
+    q, k, v = (y[..., i * d:(i + 1) * d].transpose(1, 2) for i in range(3))
+    table = s[p + "attention_biases"]
+    bias = torch.empty(heads, N, N, dtype=x.dtype)
+    for i in range(N):
+        for j in range(N):
+            bias[:, i, j] = table[:, abs(i // window - j // window) * window + abs(i % window - j % window)]
+    a = (q @ k.transpose(-2, -1)) * d ** -0.5 + bias
+    o = (a.softmax(-1) @ v).transpose(1, 2).reshape(n, N, C)
+    return F.linear(o, s[p + "proj.weight"], s[p + "proj.bias"])
+
+
+def _tinyvit_reference(s, x, cfg):
+    p = "image_encoder."
+    x = _conv_bn(s, p + "patch_embed.seq.2.", F.gelu(_conv_bn(s, p + "patch_embed.seq.0.", x, 2, 1)), 2, 1)
+    n = len(cfg["embed_dims"])
+    for i in range(n):
+        L = f"{p}layers.{i}."
+        for b in range(cfg["depths"][i]):
+            B_ = f"{L}blocks.{b}."
+            if i == 0:
+                hidden = F.gelu(_conv_bn(s, B_ + "conv1.", x))
+                hidden = F.gelu(_conv_bn(s, B_ + "conv2.", hidden, 1, 1, groups=hidden.shape[1]))
+                x = F.gelu(_conv_bn(s, B_ + "conv3.", hidden) + x)
+                continue
+            Bn, C, H, W = x.shape
+            ws = cfg["window_sizes"][i]
+            t = x.permute(0, 2, 3, 1)
+            ph, pw = -H % ws, -W % ws
+            t = F.pad(t, (0, 0, 0, pw, 0, ph))
+            Hp, Wp = H + ph, W + pw
+            win = t.reshape(Bn, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+            a = _window_attention(s, B_ + "attn.", win, cfg["num_heads"][i], ws)
+            a = a.reshape(Bn, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(Bn, Hp, Wp, C)
+            x = x + a[:, :H, :W].permute(0, 3, 1, 2)
+            x = _conv_bn(s, B_ + "local_conv.", x, 1, 1, groups=C)
+            t = x.permute(0, 2, 3, 1)
+            m = F.linear(_ln(s, B_ + "mlp.norm.", t), s[B_ + "mlp.fc1.weight"], s[B_ + "mlp.fc1.bias"])
+            t = t + F.linear(F.gelu(m), s[B_ + "mlp.fc2.weight"], s[B_ + "mlp.fc2.bias"])
+            x = t.permute(0, 3, 1, 2)
+        if i < n - 1:
+            D = f"{L}downsample."
+            stride = 2 if i < n - 2 else 1  # the last merge keeps the resolution
+            y = F.gelu(_conv_bn(s, D + "conv1.", x))
+            y = F.gelu(_conv_bn(s, D + "conv2.", y, stride, 1, groups=y.shape[1]))
+            x = _conv_bn(s, D + "conv3.", y)
+
+    def ln2d(y, q):
+        return F.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), s[q + "weight"], s[q + "bias"], 1e-6).permute(0, 3, 1, 2)
+
+    y = ln2d(F.conv2d(x, s[p + "neck.0.weight"]), p + "neck.1.")
+    return ln2d(F.conv2d(y, s[p + "neck.2.weight"], padding=1), p + "neck.3.")
+
+
+def _images(enc, images):
+    from sam_fast.quantize import _PIXEL_MEAN, _PIXEL_STD
+
+    return torch.cat([prepare_image(im, enc.img_size, _PIXEL_MEAN, _PIXEL_STD, "cpu", torch.float32)
+                      for im in images])
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _small_sam()
+
+
+def test_tinyvit_matches_its_definition(small):
+    x = _images(small.image_encoder, IMAGES[:2])
+    state = {k: v.double() if v.is_floating_point() else v for k, v in small.state_dict().items()}
+    with torch.no_grad():
+        out = small.image_encoder(x)
+        ref = _tinyvit_reference(state, x.double(), SMALL)
+    assert out.shape == (2, 32, 8, 8)
+    assert float((out.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
+def test_vit_t_checkpoint_loads(tmp_path, small):
+    sam = _randomize(build_vit_t(), seed=1)
+    state = sam.state_dict()
+    assert tinyvit_config(state) == dict(img_size=1024, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
+                                         num_heads=(0, 4, 5, 10), window_sizes=(0, 7, 14, 7), mlp_ratio=4.0,
+                                         mbconv_expand_ratio=4.0, out_chans=256, num_classes=1000)
+    # some releases saved the (constant) bias index tables too
+    idx = {f"image_encoder.{n}": b for n, b in sam.image_encoder.named_buffers() if n.endswith("attention_bias_idxs")}
+    assert len(idx) == 10
+    path = tmp_path / "mobile_sam.pt"
+    torch.save({**state, **idx}, path)
+    for kind in ("vit_t", "auto"):
+        loaded = load_sam(str(path), kind)
+        assert isinstance(loaded.image_encoder, TinyViT)
+        got = loaded.state_dict()
+        assert set(got) == set(state) and all(torch.equal(got[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert loaded.image_encoder(torch.zeros(1, 3, 1024, 1024)).shape == (1, 256, 64, 64)
+    with pytest.raises(ValueError, match="does not match model type vit_b.*looks like a vit_t"):
+        load_sam(str(path), "vit_b")
+    # a TinyViT with another decoder width and stage layout loads with "auto" too
+    path = tmp_path / "small.pt"
+    torch.save(small.state_dict(), path)
+    with pytest.raises(ValueError, match="decoder_heads"):
+        load_sam(str(path), "auto")
+
+
+def test_tinyvit_int8(small, tmp_path):
+    """W8A8 in every TinyViT block: LayerNorms fused into the int8 GEMMs, fc2 static; undo() and a
+    state_dict round trip are exact."""
+    enc = small.image_encoder
+    x = _images(enc, IMAGES[:1])
+    with pytest.raises(ValueError, match="attention='none'"):
+        sam_fast.apply(small, SamFastConfig())
+    cal = calibrate(small, IMAGES, num_images=3, progress=False)
+    blocks = [f"layers.{i}.blocks.{b}" for i, d in enumerate(SMALL["depths"]) if i for b in range(d)]
+    assert list(cal.layers) == [f"{b}.{r}" for b in blocks for r in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert all(cal.layers[f"{b}.mlp.fc2"].mode == "static" for b in blocks) and not cal.left_float
+    assert "layers.2.blocks.1.mlp.fc2" in str(cal)
+    cfg = SamFastConfig(attention="none", quantize="int8", calibration=cal, backend="triton")
+    with torch.no_grad():
+        ref = enc(x)
+        handle = sam_fast.apply(small, cfg)
+        with sam_fast.record_backends() as rec:
+            out = enc(x)
+        torch.save(small.state_dict(), tmp_path / "w8a8.pt")
+        handle.undo()
+        assert torch.equal(enc(x), ref)
+        fresh = _small_sam(seed=5)
+        fresh_handle = sam_fast.apply(fresh, SamFastConfig(attention="none", quantize="int8", backend="triton"))
+        fresh.load_state_dict(torch.load(tmp_path / "w8a8.pt"))
+        assert torch.equal(fresh.image_encoder(x), out)
+        fresh_handle.undo()
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    # per block: LN-quantize for qkv and fc1, GEMMs for qkv, proj, fc1 (writing int8) and fc2
+    assert sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * len(blocks)
+    assert sum(op == "int8_linear" for op, _ in rec.calls) == 4 * len(blocks)
+    assert sqnr_db(ref, out) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+def test_predictor_on_tinyvit(small):
+    image = IMAGES[1][::4, ::4]
+    sa, fast = SamPredictor(small), SamFastPredictor(small)
+    sa.set_image(image)
+    fast.set_image(image)
+    kw = dict(point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1]), multimask_output=True)
+    _, iou_ref, low_ref = sa.predict(**kw)
+    _, iou, low = fast.predict(**kw)
+    np.testing.assert_allclose(iou, iou_ref, atol=1e-5)
+    np.testing.assert_allclose(low, low_ref, atol=1e-4)
