@@ -147,8 +147,9 @@ def _segment(args) -> int:
                 boxes = torch.as_tensor(engine.transform.apply_boxes(np.array([box]), (H, W)), dtype=torch.float,
                                         device=dev)
             # Decoder, then one post-processing pass on the device for RLE, stats and the overlay's masks.
-            low, iou = engine.decoder(engine.features, torch.zeros(1, dtype=torch.int64, device=dev), coords, labels,
-                                      boxes, multimask_output=multimask)
+            with torch.no_grad():
+                low, iou = engine.decoder(engine.features, torch.zeros(1, dtype=torch.int64, device=dev), coords,
+                                          labels, boxes, multimask_output=multimask)
             post = mask_postprocess(low[0], padded_size=engine._padded_size, input_size=engine.input_size,
                                     original_size=(H, W), mask_threshold=sam.mask_threshold, return_masks=True)
             segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))
