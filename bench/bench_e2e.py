@@ -5,10 +5,13 @@ Backends per encoder (same weights, same input batch, one run):
 * ``segment_anything``: the original encoder in bf16 (the baseline);
 * ``sam_fast_exact``: ``SamFastConfig(attention="exact")`` - fused attention, bf16 linears;
 * ``sam_fast_exact_int8``: plus ``quantize="int8"`` calibrated on 8 of scikit-image's photos - W8A8
-  linears with LayerNorm-fused quantization and the re-quantizing MLP epilogue.
+  linears with LayerNorm-fused quantization and the re-quantizing MLP epilogue;
+* TinyViT (MobileSAM / TinySAM, ``vit_t``): ``segment_anything`` is sam_fast's TinyViT module in bf16
+  (the same computation as MobileSAM's code, with SDPA for its biased window attention) and
+  ``sam_fast_int8`` its W8A8 swap.
 
 ``sqnr_db`` is each output's SQNR against the bf16 segment_anything embedding. On the GPU the encoders
-are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning) with random weights (no checkpoint
+are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning) and MobileSAM's TinyViT, with random weights (no checkpoint
 can be downloaded here, so the SQNR figures describe random weights, not a trained SAM), batch 8 (1 with
 --quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one.
 
@@ -56,10 +59,13 @@ def _encoders(gpu: bool):
             BlockGeometry(6, 14, 300, 4), BlockGeometry(4, 14, 240, 0), BlockGeometry(2, 32, 200, 4),
             BlockGeometry(6, 14, 160, 0)))
         geoms = [("tiny-pruned-256", pruned)]
+        tinyvit = dict(img_size=256, embed_dims=(32, 64, 80, 160), depths=(1, 2, 2, 1), num_heads=(1, 2, 5, 5),
+                       window_sizes=(7, 7, 7, 7))
     else:
         # random weights at the released geometries: SAM ViT-B / ViT-H and SlimSAM's uniform 50% / 77%
         # (head dim 32 / 14; SlimSAM-77's 4096-token global attention at head dim 14 is its hot spot)
         geoms = [(name, released_geometry(name)) for name in ("vit_b", "vit_h", "slimsam_50", "slimsam_77")]
+        tinyvit = {}  # MobileSAM's / TinySAM's TinyViT-5M
     gen = torch.Generator().manual_seed(0)
     for name, geom in geoms:
         enc = build_image_encoder(geom)
@@ -68,6 +74,14 @@ def _encoders(gpu: bool):
                 if "rel_pos" in pname or "pos_embed" in pname:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         yield name, enc.eval()
+    from sam_fast.models import TinyViT
+
+    enc = TinyViT(**tinyvit)
+    with torch.no_grad():
+        for pname, p in enc.named_parameters():
+            if "attention_biases" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    yield ("vit_t" if not tinyvit else "tiny-tinyvit-256"), enc.eval()
 
 
 def run(out_dir: str, quick: bool = False, device: str = None):
@@ -87,8 +101,12 @@ def run(out_dir: str, quick: bool = False, device: str = None):
         x = torch.randn(batch, 3, enc.img_size, enc.img_size, device=dev, generator=torch.Generator(device=dev)
                         .manual_seed(0)).to(dtype)
         cal = calibrate(enc, images, num_images=8)
-        configs = [(BASELINE, None), ("sam_fast_exact", SamFastConfig(attention="exact")),
-                   ("sam_fast_exact_int8", SamFastConfig(attention="exact", quantize="int8", calibration=cal))]
+        if hasattr(enc, "blocks"):
+            configs = [(BASELINE, None), ("sam_fast_exact", SamFastConfig(attention="exact")),
+                       ("sam_fast_exact_int8", SamFastConfig(attention="exact", quantize="int8", calibration=cal))]
+        else:  # TinyViT keeps its own window attention (SDPA with its bias table); W8A8 linears only
+            configs = [(BASELINE, None), ("sam_fast_int8", SamFastConfig(attention="none", quantize="int8",
+                                                                         calibration=cal))]
         ref = None
         for backend, cfg in configs:
             handle = sam_fast.apply(enc, cfg) if cfg is not None else None
