@@ -5,7 +5,7 @@
 >>> handle = sam_fast.apply(sam, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal))
 
 What is quantized: the four linears of every ViT block of the image encoder (``attn.qkv``,
-``attn.proj``, ``mlp.lin1``, ``mlp.lin2``; in a TinyViT encoder - MobileSAM, TinySAM - ``attn.qkv``,
+``attn.proj``, ``mlp.lin1``, ``mlp.lin2``; the MLP of a block whose attention DC-ViT removed; in a TinyViT encoder - MobileSAM, TinySAM - ``attn.qkv``,
 ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every TinyViT block); weights int8 per output channel.
 Activations are quantized per token at run time (dynamic), fused into the preceding LayerNorm for qkv
 and lin1; ``mlp.lin2``'s (``mlp.fc2``'s) input gets a static per-tensor scale from calibration, so
@@ -73,13 +73,28 @@ def vit_blocks(model: nn.Module):
     return found
 
 
+def attention_free_blocks(encoder: nn.Module):
+    """(index, block) of the encoder's ``blocks`` whose attention DC-ViT removed: ``norm2`` and an ``mlp``
+    with ``lin1`` / ``lin2``, no ``attn`` (see :class:`sam_fast.models.vit.MlpBlock`)."""
+    found = []
+    for index, block in enumerate(getattr(encoder, "blocks", None) or []):
+        mlp = getattr(block, "mlp", None)
+        if getattr(block, "attn", None) is None and isinstance(getattr(block, "norm2", None), nn.Module) and \
+                all(isinstance(getattr(mlp, n, None), (nn.Linear, Int8Linear)) for n in ("lin1", "lin2")):
+            found.append((index, block))
+    return found
+
+
 def eligible_linears(model: nn.Module) -> List[LinearSlot]:
     """The linears of the image encoder's ViT blocks (or TinyViT blocks) that W8A8 replaces, float or
     already quantized."""
     from .models.tinyvit import tinyvit_blocks
 
+    enc = getattr(model, "image_encoder", model)
     blocks = [(f"blocks.{index}", block, ROLES) for _, _, block, index in vit_blocks(model)]
-    blocks += [(name, block, TINYVIT_ROLES) for name, block in tinyvit_blocks(getattr(model, "image_encoder", model))]
+    blocks += [(f"blocks.{index}", block, ROLES[2:]) for index, block in attention_free_blocks(enc)]
+    blocks.sort(key=lambda b: int(b[0].split(".")[1]))
+    blocks += [(name, block, TINYVIT_ROLES) for name, block in tinyvit_blocks(enc)]
     slots = []
     for prefix, block, roles in blocks:
         for owner, name in roles:

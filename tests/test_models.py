@@ -10,8 +10,8 @@ import sam_fast
 from sam_fast import SamFastConfig
 from sam_fast.models import build_sam, load_sam
 from sam_fast.models.sam import known_model_type
-from sam_fast.models.slimsam import (BlockGeometry, EncoderGeometry, build_sam_from_geometry, encoder_geometry,
-                                     normalize_state_dict, slimsam_uniform_geometry)
+from sam_fast.models.vit import (BlockGeometry, EncoderGeometry, MlpBlock, build_sam_from_geometry, encoder_geometry,
+                                 normalize_state_dict, slimsam_uniform_geometry)
 from sam_fast.quantize import calibrate, prepare_image, sqnr_db
 from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB, check_against_reference
 
@@ -63,6 +63,11 @@ def _pruned_encoder_reference(state, geom, x):
     E = geom.embed_dim
     for i, g in enumerate(geom.blocks):
         b = f"{p}blocks.{i}."
+        if g.num_heads == 0:  # DC-ViT: attention removed, only the (narrowed) MLP
+            m = F.layer_norm(x, (E,), state[b + "norm2.weight"], state[b + "norm2.bias"], 1e-6)
+            m = F.gelu(F.linear(m, state[b + "mlp.lin1.weight"], state[b + "mlp.lin1.bias"]))
+            x = x + F.linear(m, state[b + "mlp.lin2.weight"], state[b + "mlp.lin2.bias"])
+            continue
         h = F.layer_norm(x, (E,), state[b + "norm1.weight"], state[b + "norm1.bias"], 1e-6)
         if g.window_size:
             H, W = h.shape[1:3]
@@ -227,3 +232,45 @@ def test_loader_errors(pruned, tmp_path):
         load_sam(str(pickled), "auto")
     with pytest.raises(ValueError, match="auto needs a checkpoint"):
         build_sam("auto")
+
+
+# DC-ViT: the attention of blocks 1 and 3 removed and their MLPs narrowed; blocks 0 and 2 as SlimSAM's.
+DCVIT = EncoderGeometry(img_size=128, patch_size=16, embed_dim=42, out_chans=32, blocks=(
+    BlockGeometry(3, 14, 100, 3), BlockGeometry(0, 0, 50, 0), BlockGeometry(2, 8, 60, 0), BlockGeometry(0, 0, 30, 0)))
+
+
+def test_dcvit_attention_free_blocks(tmp_path):
+    source = _randomized(build_sam_from_geometry(DCVIT, **DECODER), seed=2)
+    state = _slimsam_format(source.state_dict())
+    assert not any(k.startswith(("image_encoder.module.blocks.1.attn", "image_encoder.module.blocks.1.norm1"))
+                   for k in state)
+    path = tmp_path / "dcvit.pth"
+    torch.save(state, path)
+    sam = load_sam(str(path), "auto", decoder_heads=DECODER["decoder_heads"])
+    enc = sam.image_encoder
+    assert encoder_geometry(sam.state_dict()) == DCVIT and DCVIT.global_attn_indexes == (2,)
+    assert [type(b) is MlpBlock for b in enc.blocks] == [False, True, False, True]
+    x = _images(enc, IMAGES[:1])
+    with torch.no_grad():
+        ref = enc(x)
+        exact = _pruned_encoder_reference({k: v.double() for k, v in state.items()}, DCVIT, x.double())
+        assert float((ref.double() - exact).abs().max()) < 1e-5 * float(exact.abs().max())
+        cal = calibrate(sam, IMAGES, num_images=3, progress=False)
+        assert list(cal.layers) == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.lin1", "blocks.0.mlp.lin2",
+                                    "blocks.1.mlp.lin1", "blocks.1.mlp.lin2", "blocks.2.attn.qkv", "blocks.2.attn.proj",
+                                    "blocks.2.mlp.lin1", "blocks.2.mlp.lin2", "blocks.3.mlp.lin1", "blocks.3.mlp.lin2"]
+        with sam_fast.apply(sam, SamFastConfig(attention="exact", backend="triton")):
+            fused = enc(x)
+        handle = sam_fast.apply(sam, SamFastConfig(attention="exact", backend="triton", quantize="int8",
+                                                   calibration=cal))
+        with sam_fast.record_backends() as rec:
+            out = enc(x)
+        handle.undo()
+        assert torch.equal(enc(x), ref)
+    check_against_reference("fused attention", fused, exact, ref, torch.float32, 2.0)
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    assert sum(op == "dilated_attention" for op, _ in rec.calls) == 2  # blocks 0 and 2 only
+    # LN-quantize: qkv and lin1 of the two attention blocks, lin1 of the two MLP-only blocks
+    assert sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * 2 + 2
+    assert sum(op == "int8_linear" for op, _ in rec.calls) == 4 * 2 + 2 * 2
+    assert sqnr_db(fused, out) >= INT8_EMBEDDING_MIN_SQNR_DB

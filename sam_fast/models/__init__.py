@@ -1,11 +1,11 @@
 """Model builders and checkpoint loaders."""
 
 from .sam import MODEL_TYPES, build_sam, known_model_type, load_sam, released_geometry
-from .slimsam import (BlockGeometry, EncoderGeometry, build_image_encoder, build_sam_from_geometry, encoder_geometry,
+from .vit import (BlockGeometry, EncoderGeometry, MlpBlock, build_image_encoder, build_sam_from_geometry, encoder_geometry,
                       slimsam_uniform_geometry)
 from .tiny import sam_decoder, tiny_image_encoder, tiny_sam
 from .tinyvit import TinyViT, build_vit_t, tinyvit_config
 
-__all__ = ["MODEL_TYPES", "BlockGeometry", "EncoderGeometry", "build_image_encoder", "build_sam",
+__all__ = ["MODEL_TYPES", "BlockGeometry", "EncoderGeometry", "MlpBlock", "build_image_encoder", "build_sam",
            "build_sam_from_geometry", "encoder_geometry", "known_model_type", "load_sam", "released_geometry", "sam_decoder",
            "slimsam_uniform_geometry", "tiny_image_encoder", "tiny_sam", "TinyViT", "build_vit_t", "tinyvit_config"]

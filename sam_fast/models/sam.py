@@ -3,9 +3,9 @@
 Model types: segment_anything's ``vit_b`` / ``vit_l`` / ``vit_h``, SlimSAM's uniform ``slimsam_50`` /
 ``slimsam_77``, MobileSAM's and TinySAM's TinyViT ``vit_t``, the test models' ``tiny``, and ``auto``:
 the image encoder's geometry is read from the checkpoint itself
-(:func:`sam_fast.models.slimsam.encoder_geometry`, :func:`sam_fast.models.tinyvit.tinyvit_config`),
-which loads all of the above and SlimSAM's globally pruned encoders, whose blocks each have their own
-head dim and MLP width.
+(:func:`sam_fast.models.vit.encoder_geometry`, :func:`sam_fast.models.tinyvit.tinyvit_config`),
+which loads all of the above, SlimSAM's globally pruned encoders, whose blocks each have their own
+head dim and MLP width, and DC-ViT's, whose compressed blocks have no attention.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .slimsam import (SLIMSAM_UNIFORM, BlockGeometry, EncoderGeometry, build_sam_from_geometry, decoder_geometry,
+from .vit import (SLIMSAM_UNIFORM, BlockGeometry, EncoderGeometry, build_sam_from_geometry, decoder_geometry,
                       encoder_geometry, normalize_state_dict, slimsam_uniform_geometry)
 
 from .tinyvit import TinyViT, build_vit_t, is_tinyvit_state, tinyvit_config
@@ -86,7 +86,7 @@ def _read_state(checkpoint, model_type):
 def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Optional[int] = None):
     """Build a ``Sam`` of ``model_type`` and load ``checkpoint`` (a state_dict with the official keys;
     SlimSAM's split ``attn.q/k/v`` and ``module.`` prefixes are converted, see
-    :func:`sam_fast.models.slimsam.normalize_state_dict`).
+    :func:`sam_fast.models.vit.normalize_state_dict`).
 
     With ``model_type="auto"`` the image encoder's geometry (per block) and the decoder's widths are read
     from the checkpoint; the decoder's head count is not stored in a state_dict, so a decoder narrower

@@ -1,4 +1,5 @@
-"""SlimSAM's pruned ViT-B encoders, and SAM ViT geometry read from a checkpoint.
+"""SAM ViT image encoders of any geometry read from a checkpoint: SAM, SlimSAM's pruned encoders and
+DC-ViT's block-compressed ones.
 
 SlimSAM prunes SAM ViT-B in two steps: the embedding (residual) width first, then each block's
 attention heads' width and MLP hidden width. Its checkpoints come in two forms, both loaded here into
@@ -21,6 +22,12 @@ Per block, the geometry is read from the weights themselves::
 
 so :func:`encoder_geometry` also reads SAM ViT-B/L/H and the tiny test models. The softmax scale is
 ``head_dim ** -0.5`` of the block's own (pruned) head dim, as SlimSAM trains it.
+
+**DC-ViT** (dense compression with few samples) removes the attention of chosen blocks and narrows
+their MLP: such a block keeps only ``norm2`` and ``mlp.lin1`` / ``mlp.lin2`` (any hidden width) and
+computes ``x + mlp(norm2(x))``. A block with no ``attn.*`` and no ``norm1.*`` keys is read as one
+(:class:`MlpBlock`; ``BlockGeometry.num_heads == 0``); the other blocks keep their attention, so the
+fused-attention swaps apply to them and W8A8 to every MLP.
 """
 
 from __future__ import annotations
@@ -40,12 +47,35 @@ _VIT_B_GLOBAL = (2, 5, 8, 11)
 
 @dataclasses.dataclass(frozen=True)
 class BlockGeometry:
-    """One ViT block: ``num_heads`` x ``head_dim`` attention width, MLP hidden width, window (0: global)."""
+    """One ViT block: ``num_heads`` x ``head_dim`` attention width, MLP hidden width, window (0: global).
+    ``num_heads == 0``: DC-ViT removed the block's attention (``x + mlp(norm2(x))`` only)."""
 
     num_heads: int
     head_dim: int
     mlp_dim: int
     window_size: int
+
+    @property
+    def has_attention(self) -> bool:
+        return self.num_heads > 0
+
+
+class MlpBlock(nn.Module):
+    """A DC-ViT-compressed ViT block: attention removed, MLP (any width) kept: ``x + mlp(norm2(x))`` on
+    (B, H, W, C) tokens. Parameter names are segment_anything ``Block``'s ``norm2.*`` and ``mlp.*``."""
+
+    def __init__(self, dim: int, mlp_dim: int):
+        super().__init__()
+        from segment_anything.modeling.common import MLPBlock
+
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..nn.quantized import int8_mlp
+
+        y = int8_mlp(self.norm2, self.mlp, x)  # W8A8: norm fused into lin1's quantization
+        return x + (y if y is not None else self.mlp(self.norm2(x)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +96,7 @@ class EncoderGeometry:
 
     @property
     def global_attn_indexes(self) -> Tuple[int, ...]:
-        return tuple(i for i, b in enumerate(self.blocks) if b.window_size == 0)
+        return tuple(i for i, b in enumerate(self.blocks) if b.window_size == 0 and b.has_attention)
 
     @property
     def uniform(self) -> bool:
@@ -136,16 +166,22 @@ def encoder_geometry(state: Mapping[str, torch.Tensor], prefix: str = "image_enc
         raise ValueError(f"{prefix}pos_embed has shape {(1, gh, gw, pos_dim)}, expected (1, G, G, {embed})")
     out_chans = _shape(state, prefix + "neck.0.weight", 4, "the neck")[0]
     depth = 0
-    while f"{prefix}blocks.{depth}.norm1.weight" in state:
+    while f"{prefix}blocks.{depth}.norm2.weight" in state:
         depth += 1
     if depth == 0:
-        raise ValueError(f"state_dict has no {prefix}blocks.0.norm1.weight: not a SAM ViT image encoder")
-    use_rel_pos = f"{prefix}blocks.0.attn.rel_pos_h" in state
+        raise ValueError(f"state_dict has no {prefix}blocks.0.norm2.weight: not a SAM ViT image encoder")
+    attn_blocks = [i for i in range(depth) if f"{prefix}blocks.{i}.attn.qkv.weight" in state]
+    use_rel_pos = bool(attn_blocks) and f"{prefix}blocks.{attn_blocks[0]}.attn.rel_pos_h" in state
     blocks = []
     for i in range(depth):
         b = f"{prefix}blocks.{i}."
-        width3, in_dim = _shape(state, b + "attn.qkv.weight", 2, "the attention's qkv linear")
         mlp_dim, mlp_in = _shape(state, b + "mlp.lin1.weight", 2, "the MLP's first linear")
+        if i not in attn_blocks and not any(k.startswith((b + "attn.", b + "norm1.")) for k in state):
+            if mlp_in != embed:
+                raise ValueError(f"{b}mlp.lin1.weight {(mlp_dim, mlp_in)} does not fit embed dim {embed}")
+            blocks.append(BlockGeometry(0, 0, mlp_dim, 0))  # DC-ViT: attention removed
+            continue
+        width3, in_dim = _shape(state, b + "attn.qkv.weight", 2, "the attention's qkv linear")
         if in_dim != embed or mlp_in != embed or width3 % 3:
             raise ValueError(f"{b}attn.qkv.weight {(width3, in_dim)} / mlp.lin1.weight {(mlp_dim, mlp_in)} do not "
                              f"fit embed dim {embed} (qkv rows must be 3 x heads x head_dim)")
@@ -165,32 +201,40 @@ def encoder_geometry(state: Mapping[str, torch.Tensor], prefix: str = "image_enc
                                  f"(a divisor of the qkv width {width})")
             heads, head_dim, window = num_heads, width // num_heads, 0
         blocks.append(BlockGeometry(heads, head_dim, mlp_dim, window))
+    if not attn_blocks:
+        raise ValueError(f"state_dict has no {prefix}blocks.*.attn.qkv.weight: every block lacks attention")
     windows = {b.window_size for b in blocks} - {0}
     if len(windows) > 1:
         raise ValueError(f"{prefix}blocks use several window sizes {sorted(windows)}; segment_anything's "
                          "ImageEncoderViT has one")
     return EncoderGeometry(img_size=gh * ph, patch_size=ph, embed_dim=embed, out_chans=out_chans,
                            blocks=tuple(blocks), use_rel_pos=use_rel_pos,
-                           qkv_bias=f"{prefix}blocks.0.attn.qkv.bias" in state)
+                           qkv_bias=f"{prefix}blocks.{attn_blocks[0]}.attn.qkv.bias" in state)
 
 
 def build_image_encoder(geom: EncoderGeometry) -> nn.Module:
     """segment_anything's ``ImageEncoderViT`` at ``geom``'s widths (uninitialised weights): blocks whose
     head dim or MLP width differ from ``embed / heads`` and ``4 * embed`` get narrowed ``qkv``, ``proj``,
     rel-pos tables and MLP linears in segment_anything's own classes, with the softmax scale of their
-    own head dim."""
+    own head dim; blocks without attention (DC-ViT) are :class:`MlpBlock`."""
     from segment_anything.modeling import ImageEncoderViT
 
     if not isinstance(geom, EncoderGeometry):
         raise TypeError(f"geom must be an EncoderGeometry, got {type(geom).__name__}")
     windows = {b.window_size for b in geom.blocks} - {0}
-    first = geom.blocks[0]
+    first = next((b for b in geom.blocks if b.has_attention), None)
+    if first is None:
+        raise ValueError("geom has no block with attention")
     enc = ImageEncoderViT(
         img_size=geom.img_size, patch_size=geom.patch_size, embed_dim=geom.embed_dim, depth=len(geom.blocks),
         num_heads=first.num_heads, mlp_ratio=4.0, out_chans=geom.out_chans, qkv_bias=geom.qkv_bias,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), use_abs_pos=True, use_rel_pos=geom.use_rel_pos,
         window_size=windows.pop() if windows else 0, global_attn_indexes=geom.global_attn_indexes)
-    for blk, g in zip(enc.blocks, geom.blocks):
+    for i, g in enumerate(geom.blocks):
+        if not g.has_attention:
+            enc.blocks[i] = MlpBlock(geom.embed_dim, g.mlp_dim)
+            continue
+        blk = enc.blocks[i]
         attn, width = blk.attn, g.num_heads * g.head_dim
         if attn.num_heads != g.num_heads or attn.qkv.out_features != 3 * width:
             attn.num_heads = g.num_heads
