@@ -96,7 +96,12 @@ def test_patched_vit_b_shaped_encoder_on_gpu():
 
     enc = tiny_image_encoder(img_size=1024, embed_dim=768, num_heads=12, depth=4, window_size=14,
                              global_attn_indexes=(1, 3), out_chans=256).cuda()
-    x = torch.randn(1, 3, 1024, 1024, device="cuda")
+    _check_fused_bf16_encoder(enc, torch.randn(1, 3, 1024, 1024, device="cuda"))
+
+
+def _check_fused_bf16_encoder(enc, x):
+    """Cast ``enc`` to bf16 and check its fused-attention embedding against the fp32 one by the bf16 rule
+    (segment_anything's own bf16 error as the yardstick). Returns the fused bf16 embedding."""
     with torch.no_grad():
         exact = enc(x)
         enc_bf = enc.to(torch.bfloat16)
@@ -106,6 +111,7 @@ def test_patched_vit_b_shaped_encoder_on_gpu():
                 got = enc_bf(x.bfloat16())
     assert rec.backends("dilated_attention") == {"triton"}
     check_against_reference("embedding", got, exact, expected, torch.bfloat16, FWD_FACTOR)
+    return got
 
 
 # (B, grid, H, D, pattern, rel): the benchmark's patterns at SAM's grid, a non-nested pattern (two
@@ -248,19 +254,12 @@ def test_slimsam_pruned_encoder_on_gpu():
     assert encoder_geometry(enc.state_dict(), prefix="") == geom
     enc = enc.cuda().eval()
     x = torch.randn(1, 3, 1024, 1024, device="cuda")
+    got = _check_fused_bf16_encoder(enc, x)  # enc is bf16 from here on
+    cal = calibrate(enc, [skimage.data.astronaut(), skimage.data.coffee()], progress=False)
     with torch.no_grad():
-        exact = enc(x)
-        enc_bf = enc.to(torch.bfloat16)
-        expected = enc_bf(x.bfloat16())
-        with sam_fast.apply(enc_bf, sam_fast.SamFastConfig()):
+        with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal)):
             with sam_fast.record_backends() as rec:
-                got = enc_bf(x.bfloat16())
-        assert rec.backends("dilated_attention") == {"triton"}
-        check_against_reference("embedding", got, exact, expected, torch.bfloat16, FWD_FACTOR)
-        cal = calibrate(enc_bf, [skimage.data.astronaut(), skimage.data.coffee()], progress=False)
-        with sam_fast.apply(enc_bf, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal)):
-            with sam_fast.record_backends() as rec:
-                out = enc_bf(x.bfloat16())
+                out = enc(x.bfloat16())
     assert rec.backends() == {"triton"} and not rec.fallbacks
     assert sqnr_db(got.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
 

@@ -103,6 +103,18 @@ def _images(enc, images):
                       for im in images])
 
 
+def _int8_then_undo(model, enc, x, cal, ref):
+    """Exact attention + calibrated W8A8 on ``model`` (Triton), the embedding of ``x``, then ``undo()``,
+    which must give back ``ref`` bit for bit. Returns (embedding, backend record, handle)."""
+    handle = sam_fast.apply(model, SamFastConfig(attention="exact", backend="triton", quantize="int8",
+                                                 calibration=cal))
+    with sam_fast.record_backends() as rec:
+        out = enc(x)
+    handle.undo()
+    assert torch.equal(enc(x), ref)
+    return out, rec, handle
+
+
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """(loaded Sam, the SlimSAM-format state_dict it was loaded from)."""
@@ -158,12 +170,7 @@ def test_pruned_encoder_fused_attention_and_int8(pruned):
         cal = calibrate(enc, IMAGES, num_images=3, progress=False)
         assert set(cal.layers) == {f"blocks.{i}.{r}" for i in range(4)
                                    for r in ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")}
-        handle = sam_fast.apply(enc, SamFastConfig(attention="exact", backend="triton", quantize="int8",
-                                                   calibration=cal))
-        with sam_fast.record_backends() as rec:
-            out = enc(x)
-        handle.undo()
-        assert torch.equal(enc(x), ref)
+        out, rec, handle = _int8_then_undo(sam, enc, x, cal, ref)
     assert rec.backends("int8_linear") == {"triton"} and not rec.fallbacks
     assert len(handle.left_float) + sum(op == "int8_linear" for op, _ in rec.calls) == 16
     assert sqnr_db(fused, out) >= INT8_EMBEDDING_MIN_SQNR_DB
@@ -261,12 +268,7 @@ def test_dcvit_attention_free_blocks(tmp_path):
                                     "blocks.2.mlp.lin1", "blocks.2.mlp.lin2", "blocks.3.mlp.lin1", "blocks.3.mlp.lin2"]
         with sam_fast.apply(sam, SamFastConfig(attention="exact", backend="triton")):
             fused = enc(x)
-        handle = sam_fast.apply(sam, SamFastConfig(attention="exact", backend="triton", quantize="int8",
-                                                   calibration=cal))
-        with sam_fast.record_backends() as rec:
-            out = enc(x)
-        handle.undo()
-        assert torch.equal(enc(x), ref)
+        out, rec, _ = _int8_then_undo(sam, enc, x, cal, ref)
     check_against_reference("fused attention", fused, exact, ref, torch.float32, 2.0)
     assert rec.backends() == {"triton"} and not rec.fallbacks
     assert sum(op == "dilated_attention" for op, _ in rec.calls) == 2  # blocks 0 and 2 only
