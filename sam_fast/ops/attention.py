@@ -22,6 +22,7 @@ from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..kernels import dilated_attention as _k
 from ..pattern import ResolvedBranch, check_grid, resolve_pattern
 from ..reference.attention import dilated_attention_reference
+from .attention_cpu import cpu_dilated_attention
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -138,7 +139,7 @@ def _cpu_supports(q, *args, explicit, **kwargs):
 _TABLE = (
     Backend("triton", _triton_supports, _triton_run),
     Backend("cuda", _cuda_supports, None),
-    Backend("cpu", _cpu_supports, _reference_run),
+    Backend("cpu", _cpu_supports, cpu_dilated_attention),
     Backend("reference", lambda *a, explicit, **kw: None, _reference_run),
 )
 

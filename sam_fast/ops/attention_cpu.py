@@ -1,0 +1,98 @@
+"""The CPU backend of ``sam_fast.dilated_attention``.
+
+The reference (:mod:`sam_fast.reference.attention`) walks the pattern one segment and offset group at a
+time in Python: clear, but a SAM window block (hundreds of 14 x 14 windows) becomes hundreds of small
+matmuls. Here a single branch without dilation - SAM's windows (with or without the zero-token
+padding of partial windows), its dense global attention, 1-D segments - runs as one batched matmul over
+all segments: the token grid is padded to whole segments (padded queries are dropped; padded keys are
+masked out, or with ``pad_kv`` carry the virtual keys segment_anything's padding creates) and the
+decomposed rel-pos bias is added per segment, as segment_anything's ``Attention`` does. The numerics
+are the reference's (same operations in the inputs' dtype, lse in float32 / float64), autograd flows
+through plain PyTorch. Dilated and multi-branch patterns run the reference's loop.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..pattern import ResolvedBranch
+from ..reference.attention import dilated_attention_reference
+
+
+def batches_segments(branches, rel_pos_h) -> bool:
+    """Whether the pattern runs batched here: one branch, no dilation, rel-pos only on a 2-D branch."""
+    if len(branches) != 1:
+        return False
+    br = branches[0]
+    return br.dil == (1, 1) and (rel_pos_h is None or br.is_2d)
+
+
+def _rel_table(table: torch.Tensor, size: int, dtype) -> torch.Tensor:
+    """(size, size, D): ``table[i - j + center]`` for in-segment coordinates i (query), j (key)."""
+    pos = torch.arange(size, device=table.device)
+    center = (table.shape[0] - 1) // 2
+    return table.to(dtype)[pos[:, None] - pos[None, :] + center]
+
+
+def _segments(t: torch.Tensor, br: ResolvedBranch, fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, N, H, D) on the (rows, cols) grid -> (B * n_segments, H, sh, sw, D), the grid padded to whole
+    segments with ``fill`` (H, D) vectors, or (``fill=None``) with zeros after clipping the segment to
+    the grid."""
+    B, _, H, D = t.shape
+    (sh, sw), (ns_y, ns_x) = br.seg, br.n_seg
+    if fill is None:  # without virtual keys, a segment larger than the grid is the grid
+        sh, sw = min(sh, br.rows), min(sw, br.cols)
+    g = t.reshape(B, br.rows, br.cols, H, D)
+    pad_y, pad_x = ns_y * sh - br.rows, ns_x * sw - br.cols
+    if pad_y or pad_x:
+        g = F.pad(g, (0, 0, 0, 0, 0, pad_x, 0, pad_y))
+        if fill is not None:
+            real = torch.zeros(br.rows + pad_y, br.cols + pad_x, dtype=torch.bool, device=t.device)
+            real[: br.rows, : br.cols] = True
+            g = torch.where(real[None, :, :, None, None], g, fill.to(t.dtype)[None, None, None])
+    g = g.reshape(B, ns_y, sh, ns_x, sw, H, D).permute(0, 1, 3, 5, 2, 4, 6)
+    return g.reshape(B * ns_y * ns_x, H, sh, sw, D)
+
+
+def segment_batched_attention(q, k, v, br: ResolvedBranch, rel_pos_h, rel_pos_w, scale: float,
+                              pad_kv: Optional[Tuple[torch.Tensor, torch.Tensor]]):
+    """One undilated branch over all its segments at once; q, k, v (B, N, H, D). Returns
+    ``(out (B, N, H, D), lse (B, H, N))`` like :func:`dilated_attention_reference`."""
+    B, N, H, D = q.shape
+    pk, pv = pad_kv if pad_kv is not None else (None, None)
+    qs = _segments(q, br, None if pad_kv is None else torch.zeros_like(pk))
+    ks, vs = _segments(k, br, pk), _segments(v, br, pv)
+    S, sh, sw = qs.shape[0], qs.shape[2], qs.shape[3]
+    (ns_y, ns_x) = br.n_seg
+    qf, kf, vf = (t.reshape(S, H, sh * sw, D) for t in (qs, ks, vs))
+    logits = torch.matmul(qf * scale, kf.transpose(-1, -2))  # (S, H, sh*sw, sh*sw)
+    if rel_pos_h is not None:
+        rel_h = torch.einsum("shyxd,ykd->shyxk", qs, _rel_table(rel_pos_h, sh, q.dtype))
+        rel_w = torch.einsum("shyxd,xkd->shyxk", qs, _rel_table(rel_pos_w, sw, q.dtype))
+        logits = (logits.view(S, H, sh, sw, sh, sw) + rel_h[..., :, None] + rel_w[..., None, :]).view_as(logits)
+    pad_y, pad_x = ns_y * sh - br.rows, ns_x * sw - br.cols
+    if (pad_y or pad_x) and pad_kv is None:  # keys past the grid do not exist
+        real = torch.zeros(br.rows + pad_y, br.cols + pad_x, dtype=torch.bool, device=q.device)
+        real[: br.rows, : br.cols] = True
+        real = real.reshape(ns_y, sh, ns_x, sw).permute(0, 2, 1, 3).reshape(ns_y * ns_x, 1, 1, sh * sw)
+        logits = logits.view(B, ns_y * ns_x, H, sh * sw, sh * sw).masked_fill(~real, float("-inf")).view_as(logits)
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    lse = torch.logsumexp(logits.to(lse_dtype), dim=-1)
+    out = torch.matmul(logits.softmax(dim=-1), vf)
+
+    def unsegment(t):  # (S, H, sh*sw, E) -> (B, N, H, E), padded positions dropped
+        E = t.shape[-1]
+        t = t.reshape(B, ns_y, ns_x, H, sh, sw, E).permute(0, 1, 4, 2, 5, 3, 6)
+        return t.reshape(B, ns_y * sh, ns_x * sw, H, E)[:, : br.rows, : br.cols].reshape(B, N, H, E)
+
+    return unsegment(out), unsegment(lse[..., None])[..., 0].transpose(1, 2)
+
+
+def cpu_dilated_attention(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv):
+    """The CPU backend: batched segments where :func:`batches_segments`, the reference's loop otherwise."""
+    if batches_segments(branches, rel_pos_h):
+        return segment_batched_attention(q, k, v, branches[0], rel_pos_h, rel_pos_w, scale, pad_kv)
+    return dilated_attention_reference(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv)
