@@ -1,0 +1,229 @@
+"""Compile every Triton kernel of sam_fast for a GPU ahead of time, on a machine without one.
+
+Triton's compiler and the ``ptxas`` its wheel ships turn a launch into a cubin for any NVIDIA
+architecture without a device. This script drives sam_fast's public ops (``backend="triton"``) with
+SAM's real shapes and dtypes on CPU tensors while an offline driver reports the target GPU; each
+kernel launch compiles exactly the specialization a GPU run would (block sizes, constexprs,
+divisibility of strides and sizes) and launches nothing, so outputs are garbage and only the
+compilation is checked:
+
+* lowering errors the interpreter cannot see (an op or layout the backend lacks, ``tl.dot`` operand
+  types, reshapes, scalar ``tl.where``), ptxas failures;
+* shared memory per block against the architecture's limit (227 KiB on sm_90, 163 KiB on sm_80).
+
+What it cannot check: register spills, numerics, speed, or Triton versions other than the installed
+one (the H100 machine has Triton 3.6). ``pytest -m gpu`` on a GPU remains the verification.
+
+    python bench/aot_compile.py [--arch 90] [--quick] [--out DIR]
+
+Prints one row per distinct compiled kernel configuration (kernel, shared bytes, warps, stages, first
+case), writes ``DIR/aot_compile_sm<arch>.csv`` with provenance (one row per kernel configuration and
+case), and exits 1 when any case fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU, not the interpreter: before sam_fast loads
+
+import torch  # noqa: E402
+
+# Largest dynamic shared memory per block (bytes), by compute capability.
+SHARED_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}
+
+
+class OfflineDriver:
+    """The part of a Triton driver that compiling needs: a device, a stream and the target."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+class CompileRecorder:
+    """Makes every Triton launch a compile-only warmup and records what was compiled."""
+
+    def __init__(self):
+        self.rows = []
+        self.case = ""
+
+    def __enter__(self):
+        from triton.runtime.jit import JITFunction
+
+        self._orig = orig = JITFunction.run
+        recorder = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            t0 = time.perf_counter()
+            kernel = orig(fn, *args, grid=grid, warmup=True, **kwargs)
+            md = kernel.metadata
+            recorder.rows.append(dict(kernel=fn.fn.__name__, case=recorder.case, shared=int(md.shared),
+                                      num_warps=int(md.num_warps), num_stages=int(md.num_stages),
+                                      seconds=time.perf_counter() - t0))
+            return kernel
+
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.jit import JITFunction
+
+        JITFunction.run = self._orig
+
+
+def _attention_cases(quick: bool):
+    from sam_fast import Branch
+
+    # (name, B, grid, H, D, pattern, rel, pad): SAM ViT-B/H global and window blocks, SlimSAM head dims,
+    # the dilated benchmark's patterns, rel-pos under dilation, a non-square grid.
+    cases = [
+        ("vit_b global", 1, (64, 64), 12, 64, None, True, False),
+        ("vit_h window", 1, (64, 64), 16, 80, Branch((14, 14)), True, True),
+        ("slimsam_77 global", 1, (64, 64), 12, 14, None, True, False),
+        ("slimsam_50 window", 1, (64, 64), 12, 32, Branch((14, 14)), True, True),
+        ("2-D (32,32) r=2", 8, (64, 64), 16, 64, Branch((32, 32), 2), False, False),
+        ("LongNet mix", 1, (64, 64), 16, 64, [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)], False, False),
+        ("rel-pos, two 2-D branches", 1, (64, 64), 12, 64, [Branch((14, 14)), Branch((32, 32), 2)], True, False),
+        ("non-nested, odd grid", 1, (33, 47), 5, 32, [Branch((16, 16), 2), Branch((33, 47), 4)], False, False),
+        ("D=128", 1, (32, 32), 4, 128, None, False, False),
+    ]
+    return cases[:3] if quick else cases
+
+
+def compile_attention(rec, quick, dtypes):
+    import sam_fast
+
+    for name, B, grid, H, D, pattern, rel, pad in _attention_cases(quick):
+        for dtype in dtypes:
+            rec.case = f"dilated_attention {name} {str(dtype)[6:]}"
+            N = grid[0] * grid[1]
+            q, k, v = (torch.empty(B, N, H, D, dtype=dtype).requires_grad_() for _ in range(3))
+            kw = {}
+            if rel:
+                side = 2 * max(grid) - 1
+                kw = dict(rel_pos_h=torch.zeros(side, D, dtype=dtype, requires_grad=True),
+                          rel_pos_w=torch.zeros(side, D, dtype=dtype, requires_grad=True))
+            if pad:
+                kw["pad_kv"] = (torch.zeros(H, D, dtype=dtype), torch.zeros(H, D, dtype=dtype))
+            out, lse = sam_fast.dilated_attention(q, k, v, pattern, grid=grid, return_lse=True, backend="triton", **kw)
+            torch.autograd.backward((out, lse), (torch.zeros_like(out), torch.zeros_like(lse)))
+
+
+def compile_int8(rec, quick, dtypes):
+    import sam_fast
+
+    shapes = [(768, 2304), (3072, 768)] if quick else [(768, 2304), (768, 768), (768, 3072), (3072, 768),
+                                                        (1280, 3840), (1280, 5120), (5120, 1280), (40, 50)]
+    ms = [1, 4096] if quick else [1, 4096, 4097, 32768]
+    for dtype in dtypes:
+        for K, N in shapes:
+            w = torch.zeros(N, K, dtype=torch.int8)
+            ws = torch.ones(N)
+            bias = torch.zeros(N, dtype=dtype)
+            for M in ms:
+                rec.case = f"int8 M={M} K={K} N={N} {str(dtype)[6:]}"
+                x = torch.zeros(M, K, dtype=dtype)
+                sam_fast.quantize_per_token(x, backend="triton")
+                sam_fast.layer_norm_quantize(x, torch.ones(K, dtype=dtype), torch.zeros(K, dtype=dtype), 1e-6,
+                                             backend="triton")
+                sam_fast.int8_linear(x, w, ws, bias, activation="gelu", backend="triton")
+                sam_fast.int8_linear(x, w, ws, bias, act_scale=0.05, out_dtype=torch.int8, out_scale=0.1,
+                                     backend="triton")
+                xq = torch.zeros(M, K, dtype=torch.int8)
+                sam_fast.int8_linear(xq, w, ws, bias, act_scale=torch.ones(M), out_dtype=dtype, backend="triton")
+
+
+def compile_decoder(rec, quick, dtypes):
+    from sam_fast.ops.decoder import small_key_attention, upscale_mask_product
+
+    for dtype in dtypes:
+        for P, M in ((1, 1), (256, 3)) if not quick else ((256, 3),):
+            rec.case = f"upscale_mask_product P={P} M={M} {str(dtype)[6:]}"
+            upscale_mask_product(torch.zeros(P, 64, 128, 128, dtype=dtype), torch.zeros(64, 32, 2, 2, dtype=dtype),
+                                 torch.zeros(32, dtype=dtype), torch.zeros(P, M, 32, dtype=dtype), backend="triton")
+        for P, T in ((300, 7), (1, 5)):
+            rec.case = f"small_key_attention P={P} T={T} {str(dtype)[6:]}"
+            q = torch.zeros(3, 4096, 128, dtype=dtype)
+            kv = torch.zeros(P, T, 128, dtype=dtype)
+            small_key_attention(q, torch.arange(P) * 3 // P, kv, kv, 8, backend="triton")
+
+
+def run(arch: int = 90, quick: bool = False, out_dir=None):
+    import triton
+
+    from sam_fast import _dispatch
+
+    triton.runtime.driver.set_active(OfflineDriver(arch))
+    _dispatch.triton_device_refusal = lambda t, explicit: None  # CPU tensors stand in for the GPU's
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    failures = []
+    with CompileRecorder() as rec:
+        for part in (compile_attention, compile_int8, compile_decoder):
+            try:
+                part(rec, quick, dtypes)
+            except Exception as exc:  # keep going: report every part that fails
+                failures.append((rec.case, f"{type(exc).__name__}: {exc}"))
+                traceback.print_exc()
+    limit = SHARED_LIMIT.get(arch)
+    for r in rec.rows:
+        if limit is not None and r["shared"] > limit:
+            failures.append((r["case"], f"{r['kernel']} needs {r['shared']} B of shared memory, sm_{arch} has {limit}"))
+    return rec.rows, failures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100, 80: A100)")
+    parser.add_argument("--quick", action="store_true", help="bf16 and a few shapes only")
+    parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    rows, failures = run(args.arch, args.quick)
+    seen = {}
+    for r in rows:  # one line per distinct compiled specialization
+        key = (r["kernel"], r["shared"], r["num_warps"], r["num_stages"])
+        seen.setdefault(key, r)
+    print(f"{'kernel':<36} {'shared B':>9} {'warps':>5} {'stages':>6}  first case")
+    for (kernel, shared, warps, stages), r in sorted(seen.items()):
+        print(f"{kernel:<36} {shared:>9} {warps:>5} {stages:>6}  {r['case']}")
+    print(f"{len(rows)} launches compiled for sm_{args.arch} ({len(seen)} distinct kernels/configs) in "
+          f"{time.perf_counter() - t0:.0f} s")
+    if args.out:
+        from sam_fast.bench.harness import append_csv, provenance
+
+        # a kernel launched several times in one case with one config: one row
+        per_case = dict.fromkeys((r["kernel"], r["case"], r["shared"], r["num_warps"], r["num_stages"]) for r in rows)
+        prov = provenance(torch.device("cpu"))
+        append_csv(os.path.join(args.out, f"aot_compile_sm{args.arch}.csv"),
+                   [dict(prov, op=kernel, case=case, backend="triton", mode="compile", metric="shared_bytes",
+                         value=shared, num_warps=warps, num_stages=stages, note=f"compiled for sm_{args.arch}")
+                    for kernel, case, shared, warps, stages in per_case],
+                   extra_columns=["num_warps", "num_stages"])
+    for case, why in failures:
+        print(f"FAILED {case}: {why}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
