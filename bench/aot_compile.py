@@ -11,13 +11,16 @@ compilation is checked:
   types, reshapes, scalar ``tl.where``), ptxas failures;
 * shared memory per block against the architecture's limit (227 KiB on sm_90, 163 KiB on sm_80).
 
-What it cannot check: register spills, numerics, speed, or Triton versions other than the installed
-one (the H100 machine has Triton 3.6). ``pytest -m gpu`` on a GPU remains the verification.
+It also reads each cubin's registers per thread and stack frame (``cuobjdump``; a stack frame at 255
+registers means spills), for tuning before a GPU is at hand. What it cannot check: numerics, speed, or
+Triton versions other than the one imported (the H100 machine has Triton 3.6; put one beside the
+installed one with ``pip install --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``). ``pytest -m gpu``
+on a GPU remains the verification.
 
     python bench/aot_compile.py [--arch 90] [--quick] [--out DIR]
 
-Prints one row per distinct compiled kernel configuration (kernel, shared bytes, warps, stages, first
-case), writes ``DIR/aot_compile_sm<arch>.csv`` with provenance (one row per kernel configuration and
+Prints one row per distinct compiled kernel configuration (kernel, shared bytes, warps, stages,
+registers, stack bytes, first case), writes ``DIR/aot_compile_sm<arch>.csv`` with provenance (one row per kernel configuration and
 case), and exits 1 when any case fails to compile.
 """
 
@@ -61,6 +64,34 @@ class OfflineDriver:
         return True
 
 
+_USAGE = {}
+
+
+def resource_usage(kernel):
+    """(registers per thread, stack frame bytes) of a compiled kernel's cubin, from the cuobjdump that
+    Triton's wheel ships (a stack frame at 255 registers means spills); (None, None) without it."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    key = id(kernel)
+    if key not in _USAGE:
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        regs = stack = None
+        if os.path.exists(tool) and "cubin" in kernel.asm:
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+            if m:
+                regs, stack = int(m.group(1)), int(m.group(2))
+        _USAGE[key] = (regs, stack)
+    return _USAGE[key]
+
+
 class CompileRecorder:
     """Makes every Triton launch a compile-only warmup and records what was compiled."""
 
@@ -75,12 +106,12 @@ class CompileRecorder:
         recorder = self
 
         def run(fn, *args, grid, warmup, **kwargs):
-            t0 = time.perf_counter()
             kernel = orig(fn, *args, grid=grid, warmup=True, **kwargs)
             md = kernel.metadata
+            regs, stack = resource_usage(kernel)
             recorder.rows.append(dict(kernel=fn.fn.__name__, case=recorder.case, shared=int(md.shared),
                                       num_warps=int(md.num_warps), num_stages=int(md.num_stages),
-                                      seconds=time.perf_counter() - t0))
+                                      regs=regs, stack=stack))
             return kernel
 
         JITFunction.run = run
@@ -202,24 +233,26 @@ def main(argv=None):
     rows, failures = run(args.arch, args.quick)
     seen = {}
     for r in rows:  # one line per distinct compiled specialization
-        key = (r["kernel"], r["shared"], r["num_warps"], r["num_stages"])
+        key = (r["kernel"], r["shared"], r["num_warps"], r["num_stages"], r["regs"], r["stack"])
         seen.setdefault(key, r)
-    print(f"{'kernel':<36} {'shared B':>9} {'warps':>5} {'stages':>6}  first case")
-    for (kernel, shared, warps, stages), r in sorted(seen.items()):
-        print(f"{kernel:<36} {shared:>9} {warps:>5} {stages:>6}  {r['case']}")
+    print(f"{'kernel':<36} {'shared B':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>7}  first case")
+    for (kernel, shared, warps, stages, regs, stack), r in sorted(seen.items(), key=lambda kv: str(kv[0])):
+        print(f"{kernel:<36} {shared:>9} {warps:>5} {stages:>6} {str(regs):>5} {str(stack):>7}  {r['case']}")
     print(f"{len(rows)} launches compiled for sm_{args.arch} ({len(seen)} distinct kernels/configs) in "
           f"{time.perf_counter() - t0:.0f} s")
     if args.out:
         from sam_fast.bench.harness import append_csv, provenance
 
         # a kernel launched several times in one case with one config: one row
-        per_case = dict.fromkeys((r["kernel"], r["case"], r["shared"], r["num_warps"], r["num_stages"]) for r in rows)
+        per_case = dict.fromkeys((r["kernel"], r["case"], r["shared"], r["num_warps"], r["num_stages"], r["regs"],
+                                  r["stack"]) for r in rows)
         prov = provenance(torch.device("cpu"))
         append_csv(os.path.join(args.out, f"aot_compile_sm{args.arch}.csv"),
                    [dict(prov, op=kernel, case=case, backend="triton", mode="compile", metric="shared_bytes",
-                         value=shared, num_warps=warps, num_stages=stages, note=f"compiled for sm_{args.arch}")
-                    for kernel, case, shared, warps, stages in per_case],
-                   extra_columns=["num_warps", "num_stages"])
+                         value=shared, num_warps=warps, num_stages=stages, regs=regs, stack_bytes=stack,
+                         note=f"compiled for sm_{args.arch}")
+                    for kernel, case, shared, warps, stages, regs, stack in per_case],
+                   extra_columns=["num_warps", "num_stages", "regs", "stack_bytes"])
     for case, why in failures:
         print(f"FAILED {case}: {why}", file=sys.stderr)
     return 1 if failures else 0

@@ -749,16 +749,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, backward: bool = False):
+def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, backward: bool = False,
+                   fp32: bool = False):
     """Block shapes for one group.
 
     Forward / dQ visit each branch's kept keys in BKY x BKX blocks, BKX a power of two covering the
     kept width when it is small (with the bias, always: one block per key row run, SINGLE_KX); the
     dK/dV kernel's key blocks (KBY x KBX) tile the class lattice of the base segment.
+    fp32 inputs (``tl.dot`` in IEEE fp32 runs on FMA units, its tiles held in registers) take blocks
+    of 32 keys and 32 queries (16 above head dim 64): at 64 the sm_90 compile spilled up to 20 KB per
+    thread to local memory (``bench/aot_compile.py`` reports registers and stack).
     """
     kh, kw = group.kept_extent(padded)
     kwp = _pow2(kw)
-    block_n = 64
+    block_n = 32 if fp32 else 64
     if has_rel:  # one key block spans the kept width: the kernels rely on it (SINGLE_KX)
         block_n = max(block_n, kwp)
         bkx = kwp
@@ -766,9 +770,12 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
         bkx = min(kwp, block_n)
     bky = max(1, block_n // bkx)
     _, cw = group.class_extent(padded)
-    kbx = min(_pow2(cw), 64)
-    kby = max(1, 64 // kbx)
-    block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
+    kbx = min(_pow2(cw), block_n)
+    kby = max(1, block_n // kbx)
+    if fp32:
+        block_m = 16 if head_dim > 64 else 32
+    else:
+        block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
     block_d = max(16, _pow2(head_dim))
     num_warps = 4 if block_m == 64 else 8
     return dict(BLOCK_M=block_m, BKY=bky, BKX=bkx, KBY=kby, KBX=kbx, BLOCK_D=block_d,
@@ -807,7 +814,7 @@ def dilated_attention_fwd(
     pk = pad_k.contiguous() if padded else q.new_empty(1)
     pv = pad_v.contiguous() if padded else q.new_empty(1)
     for gi, group in enumerate(groups):
-        cfg = _launch_config(group, padded, has_rel, D)
+        cfg = _launch_config(group, padded, has_rel, D, fp32=q.dtype == torch.float32 and not _interpreting())
         if has_rel:
             rh, rw, rel_offs, _ = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
         else:
@@ -881,7 +888,8 @@ def dilated_attention_bwd(
         pk = pv = q.new_empty(1)
     drel_h = drel_w = None
     for gi, group in enumerate(groups):
-        cfg = _launch_config(group, padded, has_rel, D, backward=True)
+        cfg = _launch_config(group, padded, has_rel, D, backward=True,
+                             fp32=q.dtype == torch.float32 and not _interpreting())
         if has_rel:
             rh, rw, rel_offs, tables = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
             drh = torch.zeros(rh.shape, dtype=torch.float32, device=q.device)

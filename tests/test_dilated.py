@@ -265,3 +265,23 @@ def test_benchmark_peers_compute_the_same_attention():
     # 2-D (4,4) r=(2,2) on 8x8: every head keeps 2x2 per segment, 4 segments -> 16 pairs x 4 segments
     assert kept_pairs([Branch((4, 4), (2, 2))], 1, 64, 4, (8, 8)) == 4 * 4 * 16
     assert kept_pairs([Branch(64, 1)], 2, 64, 3, None) == 2 * 3 * 64 * 64
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[6], CASES[9]], ids=_id)
+def test_gpu_fp32_blocks_match_reference(case, monkeypatch):
+    """The block shapes a GPU gives fp32 inputs (32 keys, 32 or 16 queries, chosen so the sm_90 compile
+    does not spill) run here too: the interpreter otherwise picks its own larger blocks."""
+    import sam_fast.kernels.dilated_attention as k
+
+    chosen = []
+    original = k._launch_config
+
+    def spy(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        chosen.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(k, "_interpreting", lambda: False)
+    monkeypatch.setattr(k, "_launch_config", spy)
+    _check_case(case, torch.float32)
+    assert chosen and all(c["BLOCK_M"] == (16 if case[3] > 64 else 32) for c in chosen)

@@ -80,3 +80,28 @@ def test_opcheck():
     from sam_fast.ops.decoder import _upscale_mask_product_op
 
     torch.library.opcheck(_upscale_mask_product_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=str)
+def test_gpu_fp32_block_matches_reference(case, monkeypatch):
+    """fp32 on a GPU takes 16-pixel blocks (no spills on sm_90); the interpreter runs them here too."""
+    import sam_fast.kernels.mask_product as k
+
+    launches = []
+    kernel = k._upscale_mask_product_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["BLOCK_N"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(k, "_interpreting", lambda: False)
+    monkeypatch.setattr(k, "_upscale_mask_product_kernel", Spy())
+    args = _inputs(*case, torch.float32)
+    got = upscale_mask_product(*args, backend="triton")
+    assert launches and set(launches) == {16}
+    exact = reference.upscale_mask_product(*[a.double() for a in args])
+    same_precision = upscale_mask_product(*args, backend="reference")
+    check_against_reference("upscale_mask_product", got, exact, same_precision, torch.float32, FWD_FACTOR)
