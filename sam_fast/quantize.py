@@ -5,8 +5,9 @@
 >>> handle = sam_fast.apply(sam, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal))
 
 What is quantized: the four linears of every ViT block of the image encoder (``attn.qkv``,
-``attn.proj``, ``mlp.lin1``, ``mlp.lin2``; the MLP of a block whose attention DC-ViT removed; in a TinyViT encoder - MobileSAM, TinySAM - ``attn.qkv``,
-``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every TinyViT block); weights int8 per output channel.
+``attn.proj``, ``mlp.lin1``, ``mlp.lin2``; only the MLP of a block whose attention DC-ViT removed; in
+a TinyViT encoder - MobileSAM, TinySAM - ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every
+TinyViT block); weights int8 per output channel.
 Activations are quantized per token at run time (dynamic), fused into the preceding LayerNorm for qkv
 and lin1; ``mlp.lin2``'s (``mlp.fc2``'s) input gets a static per-tensor scale from calibration, so
 lin1's epilogue writes its GELU output directly in int8 (no quantization pass over the 4x-wide hidden

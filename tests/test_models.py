@@ -208,6 +208,8 @@ def test_loader_errors(pruned, tmp_path):
         load_sam(str(path), "auto")
     with pytest.raises(ValueError, match="decoder_heads"):
         load_sam(str(path), "auto", decoder_heads=0)
+    with pytest.raises(ValueError, match="decoder_heads applies to model_type='auto' only"):
+        load_sam(str(path), "slimsam_77", decoder_heads=2)
     broken = dict(state)
     broken.pop("image_encoder.module.blocks.1.attn.k.bias")
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.q/v\.bias but not all of q, k, v"):

@@ -15,10 +15,9 @@ from typing import Optional
 
 import torch
 
-from .vit import (SLIMSAM_UNIFORM, BlockGeometry, EncoderGeometry, build_sam_from_geometry, decoder_geometry,
-                      encoder_geometry, normalize_state_dict, slimsam_uniform_geometry)
-
 from .tinyvit import TinyViT, build_vit_t, is_tinyvit_state, tinyvit_config
+from .vit import (SLIMSAM_UNIFORM, BlockGeometry, EncoderGeometry, build_sam_from_geometry, decoder_geometry,
+                  encoder_geometry, normalize_state_dict, slimsam_uniform_geometry)
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "slimsam_50", "slimsam_77", "vit_t", "tiny", "auto")
 
@@ -99,6 +98,8 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if decoder_heads is not None and (not isinstance(decoder_heads, int) or decoder_heads < 1):
         raise ValueError(f"decoder_heads must be a positive int, got {decoder_heads!r}")
+    if decoder_heads is not None and model_type != "auto":
+        raise ValueError(f"decoder_heads applies to model_type='auto' only; {model_type} has its own decoder")
     state = _read_state(checkpoint, model_type)
     tinyvit = is_tinyvit_state(state)
     try:

@@ -7,10 +7,12 @@ state_dict keys are ``weight`` (int8), ``weight_scale``, ``bias`` and ``act_scal
 decides whether the layer is static (it has ``act_scale``) or dynamic. ``model.to(torch.bfloat16)``
 casts the bias with the model but keeps the scales in float32.
 
-:func:`norm_int8_linear` and :func:`int8_mlp` are what :class:`sam_fast.nn.SamFastBlock` runs when its
-linears are quantized (and :func:`int8_norm_mlp` what the TinyViT blocks of ``sam_fast.models.tinyvit`` run): ``norm1 -> qkv`` and ``norm2 -> lin1`` become one LayerNorm-quantize pass plus
-one GEMM, and with a calibrated ``lin2`` the first MLP GEMM re-quantizes its GELU output to int8 in the
-epilogue, so the 4x-wide hidden activation is written once, in int8, and never quantized separately.
+:func:`norm_int8_linear` and :func:`int8_mlp` are what :class:`sam_fast.nn.SamFastBlock` (and DC-ViT's
+attention-free ``MlpBlock``) runs when its linears are quantized; :func:`int8_norm_mlp` is the same MLP
+fusion for other module names (TinyViT's ``fc1`` / ``fc2``). ``norm1 -> qkv`` and ``norm2 -> lin1``
+become one LayerNorm-quantize pass plus one GEMM, and with a calibrated ``lin2`` the first MLP GEMM
+re-quantizes its GELU output to int8 in the epilogue, so the 4x-wide hidden activation is written once,
+in int8, and never quantized separately.
 """
 
 from __future__ import annotations
