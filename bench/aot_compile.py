@@ -20,8 +20,8 @@ on a GPU remains the verification.
     python bench/aot_compile.py [--arch 90] [--quick] [--out DIR]
 
 Prints one row per distinct compiled kernel configuration (kernel, shared bytes, warps, stages,
-registers, stack bytes, first case), writes ``DIR/aot_compile_sm<arch>.csv`` with provenance (one row per kernel configuration and
-case), and exits 1 when any case fails to compile.
+registers, stack bytes, first case), writes ``DIR/aot_compile_sm<arch>.csv`` with provenance (one row
+per kernel configuration and case), and exits 1 when any case fails to compile.
 """
 
 from __future__ import annotations

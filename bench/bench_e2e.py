@@ -11,8 +11,9 @@ Backends per encoder (same weights, same input batch, one run):
   ``sam_fast_int8`` its W8A8 swap.
 
 ``sqnr_db`` is each output's SQNR against the bf16 segment_anything embedding. On the GPU the encoders
-are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning) and MobileSAM's TinyViT, with random weights (no checkpoint
-can be downloaded here, so the SQNR figures describe random weights, not a trained SAM), batch 8 (1 with
+are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning) and MobileSAM's TinyViT, with
+random weights (no checkpoint can be downloaded here, so the SQNR figures describe random weights, not
+a trained SAM), batch 8 (1 with
 --quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one.
 
     python bench/bench_e2e.py [--out bench/results] [--quick]

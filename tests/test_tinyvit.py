@@ -108,7 +108,8 @@ def _tinyvit_reference(s, x, cfg):
             x = _conv_bn(s, D + "conv3.", y)
 
     def ln2d(y, q):
-        return F.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), s[q + "weight"], s[q + "bias"], 1e-6).permute(0, 3, 1, 2)
+        y = F.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), s[q + "weight"], s[q + "bias"], 1e-6)
+        return y.permute(0, 3, 1, 2)
 
     y = ln2d(F.conv2d(x, s[p + "neck.0.weight"]), p + "neck.1.")
     return ln2d(F.conv2d(y, s[p + "neck.2.weight"], padding=1), p + "neck.3.")
