@@ -32,8 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.quantized import int8_norm_mlp, norm_int8_linear
-
 #: MobileSAM's / TinySAM's encoder: TinyViT-5M at 1024 x 1024.
 VIT_T = dict(img_size=1024, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2), num_heads=(2, 4, 5, 10),
              window_sizes=(7, 7, 14, 7))
@@ -115,6 +113,8 @@ class TinyViTAttention(nn.Module):
         return self.attention_biases[:, self.attention_bias_idxs]
 
     def forward(self, x):
+        from ..nn.quantized import norm_int8_linear  # not at import: it loads the Triton kernels
+
         B, N, C = x.shape
         qkv = norm_int8_linear(self.norm, self.qkv, x)
         if qkv is None:
@@ -135,6 +135,8 @@ class TinyViTMlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x):
+        from ..nn.quantized import int8_norm_mlp
+
         y = int8_norm_mlp(self.norm, self.fc1, self.act, self.fc2, x)
         return y if y is not None else self.fc2(self.act(self.fc1(self.norm(x))))
 
