@@ -264,6 +264,37 @@ def test_slimsam_pruned_encoder_on_gpu():
     assert sqnr_db(got.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
 
 
+def test_vit_t_w8a8_on_gpu():
+    """MobileSAM's TinyViT at 1024 x 1024 in bf16 on CUDA (SDPA with its bias table), then W8A8 with
+    the LayerNorms fused, all int8 work on the Triton kernels."""
+    import skimage.data
+
+    from sam_fast.models import build_vit_t
+    from sam_fast.quantize import calibrate, sqnr_db
+    from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
+
+    sam = build_vit_t()
+    with torch.no_grad():
+        for name, p in sam.image_encoder.named_parameters():
+            if "attention_biases" in name:
+                p.normal_(0, 1)
+    enc = sam.image_encoder.cuda().eval()
+    x = torch.randn(2, 3, 1024, 1024, device="cuda")
+    with torch.no_grad():
+        exact = enc(x)
+        enc.to(torch.bfloat16)
+        ref = enc(x.bfloat16())
+    assert ref.shape == (2, 256, 64, 64)
+    assert sqnr_db(exact, ref.float()) >= 30  # bf16 TinyViT vs fp32: bf16 rounding only
+    cal = calibrate(enc, [skimage.data.astronaut(), skimage.data.coffee()], progress=False)
+    with torch.no_grad(), sam_fast.apply(enc, sam_fast.SamFastConfig(attention="none", quantize="int8",
+                                                                     calibration=cal)):
+        with sam_fast.record_backends() as rec:
+            out = enc(x.bfloat16())
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    assert sqnr_db(ref.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
 # --- mask post-processing (issue 5) ---
 
 POSTPROCESS_GEOMETRIES = [
