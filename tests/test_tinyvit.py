@@ -157,6 +157,10 @@ def test_vit_t_checkpoint_loads(tmp_path, small):
         assert loaded.image_encoder(torch.zeros(1, 3, 1024, 1024)).shape == (1, 256, 64, 64)
     with pytest.raises(ValueError, match="does not match model type vit_b.*looks like a vit_t"):
         load_sam(str(path), "vit_b")
+    nested = tmp_path / "tinysam.pth"  # TinySAM / training checkpoints: {"model": state_dict}
+    torch.save({"model": state}, nested)
+    got = load_sam(str(nested), "vit_t").state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
     # a TinyViT with another decoder width and stage layout loads with "auto" too
     path = tmp_path / "small.pt"
     torch.save(small.state_dict(), path)

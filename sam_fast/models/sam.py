@@ -77,6 +77,10 @@ def _read_state(checkpoint, model_type):
                          f"({type(exc).__name__}: {exc}). A pickled whole model (SlimSAM's SlimSAM-50.pth / "
                          "SlimSAM-77.pth are) must be re-saved as its state_dict where its classes import: "
                          "torch.save(torch.load(path, weights_only=False).state_dict(), new_path)") from exc
+    for wrapper in ("model", "state_dict"):  # training checkpoints (TinySAM's, MobileSAM's) nest it
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and \
+                not any(isinstance(v, torch.Tensor) for v in state.values()):
+            state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {checkpoint} is not a state_dict of tensors (got {type(state).__name__})")
     return normalize_state_dict(state)

@@ -18,6 +18,10 @@ LayerNorm inside the MLP. The attention adds a learned bias per head and per (|d
 the window; q, k, v are interleaved per head in ``qkv``'s output. Attention runs through PyTorch's SDPA
 with the bias as its mask (sam_fast's kernel takes SAM's decomposed rel-pos bias, not this table).
 
+TinySAM's checkpoints may nest the state_dict under ``"model"`` (unwrapped by ``load_sam``), and its
+mask decoder always returns the three multimask outputs (TinySAM drops the single-mask token whatever
+``multimask_output`` says): with TinySAM weights ask for ``multimask_output=True``.
+
 W8A8 (``sam_fast.apply(..., SamFastConfig(attention="none", quantize="int8"))``) swaps ``attn.qkv``,
 ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` for :class:`sam_fast.nn.Int8Linear`; these modules then fuse
 their LayerNorms into the int8 GEMMs' input quantization and, with a calibrated ``fc2``, write fc1's GELU
