@@ -12,7 +12,8 @@ compilation is checked:
 * shared memory per block against the architecture's limit (227 KiB on sm_90, 163 KiB on sm_80).
 
 It also reads each cubin's registers per thread and stack frame (``cuobjdump``; a stack frame at 255
-registers means spills), for tuning before a GPU is at hand. What it cannot check: numerics, speed, or
+registers means spills) and which tensor-core instruction its PTX uses (``wgmma`` on Hopper, else
+``mma.sync``), for tuning before a GPU is at hand. What it cannot check: numerics, speed, or
 Triton versions other than the one imported (the H100 machine has Triton 3.6; put one beside the
 installed one with ``pip install --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``). ``pytest -m gpu``
 on a GPU remains the verification.
@@ -68,8 +69,10 @@ _USAGE = {}
 
 
 def resource_usage(kernel):
-    """(registers per thread, stack frame bytes) of a compiled kernel's cubin, from the cuobjdump that
-    Triton's wheel ships (a stack frame at 255 registers means spills); (None, None) without it."""
+    """(registers per thread, stack frame bytes, tensor-core instruction) of a compiled kernel: registers
+    and stack from the cubin through the cuobjdump that Triton's wheel ships (a stack frame at 255
+    registers means spills; None without the tool), and whether its PTX issues Hopper's ``wgmma``,
+    the older ``mma.sync`` or no MMA at all."""
     import re
     import subprocess
     import tempfile
@@ -88,7 +91,9 @@ def resource_usage(kernel):
             m = re.search(r"REG:(\d+) STACK:(\d+)", out)
             if m:
                 regs, stack = int(m.group(1)), int(m.group(2))
-        _USAGE[key] = (regs, stack)
+        ptx = kernel.asm.get("ptx", "")
+        mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
+        _USAGE[key] = (regs, stack, mma)
     return _USAGE[key]
 
 
@@ -108,10 +113,10 @@ class CompileRecorder:
         def run(fn, *args, grid, warmup, **kwargs):
             kernel = orig(fn, *args, grid=grid, warmup=True, **kwargs)
             md = kernel.metadata
-            regs, stack = resource_usage(kernel)
+            regs, stack, mma = resource_usage(kernel)
             recorder.rows.append(dict(kernel=fn.fn.__name__, case=recorder.case, shared=int(md.shared),
                                       num_warps=int(md.num_warps), num_stages=int(md.num_stages),
-                                      regs=regs, stack=stack))
+                                      regs=regs, stack=stack, mma=mma))
             return kernel
 
         JITFunction.run = run
@@ -233,11 +238,13 @@ def main(argv=None):
     rows, failures = run(args.arch, args.quick)
     seen = {}
     for r in rows:  # one line per distinct compiled specialization
-        key = (r["kernel"], r["shared"], r["num_warps"], r["num_stages"], r["regs"], r["stack"])
+        key = (r["kernel"], r["shared"], r["num_warps"], r["num_stages"], r["regs"], r["stack"], r["mma"])
         seen.setdefault(key, r)
-    print(f"{'kernel':<36} {'shared B':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>7}  first case")
-    for (kernel, shared, warps, stages, regs, stack), r in sorted(seen.items(), key=lambda kv: str(kv[0])):
-        print(f"{kernel:<36} {shared:>9} {warps:>5} {stages:>6} {str(regs):>5} {str(stack):>7}  {r['case']}")
+    print(f"{'kernel':<36} {'shared B':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>7} {'mma':>8}  "
+          "first case")
+    for (kernel, shared, warps, stages, regs, stack, mma), r in sorted(seen.items(), key=lambda kv: str(kv[0])):
+        print(f"{kernel:<36} {shared:>9} {warps:>5} {stages:>6} {str(regs):>5} {str(stack):>7} {mma:>8}  "
+              f"{r['case']}")
     print(f"{len(rows)} launches compiled for sm_{args.arch} ({len(seen)} distinct kernels/configs) in "
           f"{time.perf_counter() - t0:.0f} s")
     if args.out:
@@ -245,14 +252,14 @@ def main(argv=None):
 
         # a kernel launched several times in one case with one config: one row
         per_case = dict.fromkeys((r["kernel"], r["case"], r["shared"], r["num_warps"], r["num_stages"], r["regs"],
-                                  r["stack"]) for r in rows)
+                                  r["stack"], r["mma"]) for r in rows)
         prov = provenance(torch.device("cpu"))
         append_csv(os.path.join(args.out, f"aot_compile_sm{args.arch}.csv"),
                    [dict(prov, op=kernel, case=case, backend="triton", mode="compile", metric="shared_bytes",
-                         value=shared, num_warps=warps, num_stages=stages, regs=regs, stack_bytes=stack,
+                         value=shared, num_warps=warps, num_stages=stages, regs=regs, stack_bytes=stack, mma=mma,
                          note=f"compiled for sm_{args.arch}")
-                    for kernel, case, shared, warps, stages, regs, stack in per_case],
-                   extra_columns=["num_warps", "num_stages", "regs", "stack_bytes"])
+                    for kernel, case, shared, warps, stages, regs, stack, mma in per_case],
+                   extra_columns=["num_warps", "num_stages", "regs", "stack_bytes", "mma"])
     for case, why in failures:
         print(f"FAILED {case}: {why}", file=sys.stderr)
     return 1 if failures else 0
