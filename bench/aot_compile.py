@@ -100,9 +100,10 @@ def resource_usage(kernel):
 class CompileRecorder:
     """Makes every Triton launch a compile-only warmup and records what was compiled."""
 
-    def __init__(self):
+    def __init__(self, progress: bool = False):
         self.rows = []
         self.case = ""
+        self.progress = progress
 
     def __enter__(self):
         from triton.runtime.jit import JITFunction
@@ -117,15 +118,21 @@ class CompileRecorder:
             recorder.rows.append(dict(kernel=fn.fn.__name__, case=recorder.case, shared=int(md.shared),
                                       num_warps=int(md.num_warps), num_stages=int(md.num_stages),
                                       regs=regs, stack=stack, mma=mma))
+            recorder.bar.set_postfix_str(recorder.case, refresh=False)
+            recorder.bar.update(1)
             return kernel
 
         JITFunction.run = run
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc="compiling", unit="launch", disable=not self.progress, leave=False)
         return self
 
     def __exit__(self, *exc):
         from triton.runtime.jit import JITFunction
 
         JITFunction.run = self._orig
+        self.bar.close()
 
 
 def _attention_cases(quick: bool):
@@ -205,7 +212,7 @@ def compile_decoder(rec, quick, dtypes):
             small_key_attention(q, torch.arange(P) * 3 // P, kv, kv, 8, backend="triton")
 
 
-def run(arch: int = 90, quick: bool = False, out_dir=None):
+def run(arch: int = 90, quick: bool = False, progress: bool = False):
     import triton
 
     from sam_fast import _dispatch
@@ -214,7 +221,7 @@ def run(arch: int = 90, quick: bool = False, out_dir=None):
     _dispatch.triton_device_refusal = lambda t, explicit: None  # CPU tensors stand in for the GPU's
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     failures = []
-    with CompileRecorder() as rec:
+    with CompileRecorder(progress) as rec:
         for part in (compile_attention, compile_int8, compile_decoder):
             try:
                 part(rec, quick, dtypes)
@@ -235,7 +242,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    rows, failures = run(args.arch, args.quick)
+    rows, failures = run(args.arch, args.quick, progress=sys.stderr.isatty())
     seen = {}
     for r in rows:  # one line per distinct compiled specialization
         key = (r["kernel"], r["shared"], r["num_warps"], r["num_stages"], r["regs"], r["stack"], r["mma"])
