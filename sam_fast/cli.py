@@ -4,6 +4,7 @@
     sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|slimsam_50|slimsam_77|vit_t|auto|tiny
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
                      [--points-per-side N] [--device cpu|cuda] --out DIR
+    sam-fast inspect CHECKPOINT [--model-type auto] [--decoder-heads N]
 
 ``bench`` runs the op benchmarks this machine can run against their references and peers, prints a table
 (op, case, backend, median time, speedup over the bench's baseline, max error), appends results with
@@ -15,6 +16,11 @@ bbox, predicted IoU, stability score) and ``DIR/<name>.png`` (the masks over the
 progress bar over images. Prompts (``--points`` / ``--box``) are in the image's pixel coordinates;
 ``--everything`` runs :class:`sam_fast.SamFastAutomaticMaskGenerator` (``--hierarchical``: TinySAM's
 two-round mode).
+
+``inspect`` loads a checkpoint (by default reading its geometry from the file) and prints its parameter
+counts, model family (SAM ViT-B/L/H, SlimSAM uniform or per-block pruned, DC-ViT-compressed, TinyViT),
+the per-block geometry (attention kind, heads, head dim, MLP width) and what ``sam_fast.apply`` would
+swap into it.
 """
 
 from __future__ import annotations
@@ -169,6 +175,62 @@ def _segment(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    from sam_fast.models import load_sam
+    from sam_fast.models.sam import known_model_type
+    from sam_fast.models.tinyvit import TinyViT
+    from sam_fast.models.vit import encoder_geometry
+    from sam_fast.quantize import eligible_linears, too_narrow, vit_blocks
+
+    try:
+        sam = load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"sam-fast inspect: {exc}", file=sys.stderr)
+        return 2
+    enc = sam.image_encoder
+
+    def millions(module):
+        return sum(p.numel() for p in module.parameters()) / 1e6
+
+    print(f"checkpoint {args.checkpoint}: {millions(sam):.2f} M parameters (image encoder {millions(enc):.2f} M, "
+          f"prompt encoder + mask decoder {millions(sam.prompt_encoder) + millions(sam.mask_decoder):.2f} M)")
+    if isinstance(enc, TinyViT):
+        print(f"family: TinyViT (vit_t: MobileSAM / TinySAM), input {enc.img_size} x {enc.img_size}")
+        print(f"{'stage':>5} {'blocks':>6} {'width':>6} {'heads':>5} {'window':>6}")
+        for n, layer in enumerate(enc.layers):
+            blk = layer.blocks[0]
+            if n == 0:
+                print(f"{n:>5} {len(layer.blocks):>6} {blk.conv1.c.in_channels:>6} {'MBConv':>12}")
+            else:
+                print(f"{n:>5} {len(layer.blocks):>6} {blk.attn.qkv.in_features:>6} {blk.attn.num_heads:>5} "
+                      f"{blk.window_size:>6}")
+    else:
+        geom = encoder_geometry(sam.state_dict())
+        known = known_model_type(geom)
+        family = known or ("DC-ViT-compressed SAM ViT (blocks without attention)"
+                           if any(not b.has_attention for b in geom.blocks) else
+                           "per-block pruned SAM ViT (SlimSAM-style)" if not geom.uniform else "SAM ViT (custom widths)")
+        print(f"family: {family}, input {geom.img_size} x {geom.img_size}, patch {geom.patch_size}, "
+              f"embed {geom.embed_dim}, {len(geom.blocks)} blocks")
+        print(f"{'block':>5} {'attention':>16} {'heads':>5} {'head dim':>8} {'MLP':>6}")
+        for n, b in enumerate(geom.blocks):
+            kind = ("none (DC-ViT)" if not b.has_attention else
+                    "global" if b.window_size == 0 else f"window {b.window_size}")
+            print(f"{n:>5} {kind:>16} {b.num_heads:>5} {b.head_dim:>8} {b.mlp_dim:>6}")
+    blocks = vit_blocks(sam)
+    slots = eligible_linears(sam)
+    narrow = [s.key for s in slots if too_narrow(s.module)]
+    if blocks:
+        dims = sorted({blk.attn.qkv.out_features // 3 // blk.attn.num_heads for *_, blk, _ in blocks})
+        print(f'sam_fast: attention="exact" / "dilated" fuse the attention of {len(blocks)} blocks (head dims {dims})')
+    else:
+        print('sam_fast: no SAM ViT attention blocks; use attention="none" (the encoder keeps its own attention)')
+    print(f'sam_fast: quantize="int8" swaps {len(slots) - len(narrow)} of {len(slots)} linears for W8A8'
+          + (f"; {len(narrow)} stay float as too narrow" if narrow else "")
+          + "; calibrate(...) may keep outlier-heavy ones float too")
+    return 0
+
+
 def _xywh(box):
     x0, y0, x1, y1 = box
     return [x0, y0, x1 - x0, y1 - y0]
@@ -221,11 +283,19 @@ def main(argv=None) -> int:
     s.add_argument("--points-per-side", type=int, default=32, help="everything mode grid (default 32)")
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     s.add_argument("--out", required=True, help="output directory")
+    i = sub.add_parser("inspect", help="what a checkpoint holds: model family, per-block geometry, what sam_fast "
+                                       "swaps into it")
+    i.add_argument("checkpoint")
+    i.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="default: auto (read from the file)")
+    i.add_argument("--decoder-heads", type=int, default=None,
+                   help="mask decoder heads, for a decoder narrower or wider than SAM's 256 (auto only)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
     if args.command == "segment":
         return _segment(args)
+    if args.command == "inspect":
+        return _inspect(args)
     return 2
 
 

@@ -278,3 +278,24 @@ def test_dcvit_attention_free_blocks(tmp_path):
     assert sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * 2 + 2
     assert sum(op == "int8_linear" for op, _ in rec.calls) == 4 * 2 + 2 * 2
     assert sqnr_db(fused, out) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+def test_inspect_command(tmp_path, capsys):
+    from sam_fast.cli import main
+
+    source = _randomized(build_sam_from_geometry(DCVIT, **DECODER), seed=4)
+    path = tmp_path / "dcvit.pth"
+    torch.save(_slimsam_format(source.state_dict()), path)
+    assert main(["inspect", str(path), "--decoder-heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "family: DC-ViT-compressed SAM ViT" in out and "embed 42, 4 blocks" in out
+    assert "none (DC-ViT)" in out and "window 3" in out and "global" in out
+    assert 'fuse the attention of 2 blocks (head dims [8, 14])' in out
+    assert 'swaps 12 of 12 linears' in out
+    uniform = tmp_path / "slim77.pth"
+    torch.save(build_sam("slimsam_77").state_dict(), uniform)
+    assert main(["inspect", str(uniform)]) == 0
+    out = capsys.readouterr().out
+    assert "family: slimsam_77" in out and "(head dims [14])" in out
+    assert main(["inspect", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth does not exist" in capsys.readouterr().err

@@ -137,7 +137,7 @@ def test_tinyvit_matches_its_definition(small):
     assert float((out.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
 
 
-def test_vit_t_checkpoint_loads(tmp_path, small):
+def test_vit_t_checkpoint_loads(tmp_path, small, capsys):
     sam = _randomize(build_vit_t(), seed=1)
     state = sam.state_dict()
     assert tinyvit_config(state) == dict(img_size=1024, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
@@ -161,6 +161,11 @@ def test_vit_t_checkpoint_loads(tmp_path, small):
     torch.save({"model": state}, nested)
     got = load_sam(str(nested), "vit_t").state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items())
+    from sam_fast.cli import main
+
+    assert main(["inspect", str(nested)]) == 0
+    out = capsys.readouterr().out
+    assert "family: TinyViT (vit_t" in out and 'use attention="none"' in out and "swaps 40 of 40 linears" in out
     # a TinyViT with another decoder width and stage layout loads with "auto" too
     path = tmp_path / "small.pt"
     torch.save(small.state_dict(), path)
