@@ -18,7 +18,6 @@ under the interpreter and not timed.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from sam_fast.bench.harness import interpreter_without_gpu
@@ -29,7 +28,7 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance
+from sam_fast.bench.harness import bench_main, measure, provenance, save_results
 
 SCRIPT = "bench_attention"
 BASELINE = "segment_anything"
@@ -258,10 +257,8 @@ def run(out_dir: str, quick: bool = False, device: str = None):
     rows = run_global(dev, dtype, quick, prov) + run_window(dev, dtype, quick, prov)
     if dev.type == "cpu":
         rows += check_triton_interpreter(prov)
-    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows)
-    png = plot_speedups(rows, BASELINE, os.path.join(out_dir, f"{SCRIPT}.png"),
+    return save_results(out_dir, SCRIPT, rows, BASELINE,
                         f"attention with SAM rel-pos, {prov['device']}, {prov['git_sha']}")
-    return rows, png
 
 
 def main(argv=None):

@@ -23,7 +23,6 @@ baseline's.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 from sam_fast.bench.harness import interpreter_without_gpu
@@ -33,7 +32,7 @@ interpreter_without_gpu()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance  # noqa: E402
+from sam_fast.bench.harness import bench_main, measure, provenance, save_results  # noqa: E402
 
 SCRIPT = "bench_decoder"
 BASELINE = "segment_anything"
@@ -125,9 +124,8 @@ def run(out_dir: str, quick: bool = False, device: str = None):
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
     rows = _postprocess_rows(dev, prov, quick) + _decoder_rows(dev, prov, quick)
-    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows)
-    png = plot_speedups(rows, BASELINE, os.path.join(out_dir, f"{SCRIPT}.png"),
-                        f"SAM decoder side: speedup over segment_anything ({prov['device']})")
+    _, png = save_results(out_dir, SCRIPT, rows, BASELINE,
+                          f"SAM decoder side: speedup over segment_anything ({prov['device']})")
     for r in rows:
         r["note"] = f"{r['value']:.0f} {r['metric'].replace('_per_s', '')}/s"
     return rows, png

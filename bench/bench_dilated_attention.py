@@ -42,7 +42,7 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance
+from sam_fast.bench.harness import bench_main, measure, provenance, save_results
 
 SCRIPT = "bench_dilated_attention"
 BASELINE = "gather_sdpa_scatter"
@@ -356,11 +356,8 @@ def run(out_dir: str, quick: bool = False, device: str = None):
     rows = run_cases(dev, dtype, quick, prov, progress)
     if dev.type == "cpu":
         rows += check_triton_interpreter(prov)
-    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows, EXTRA_COLUMNS)
-    png = plot_speedups([r for r in rows if r["op"] == "dilated_attention"], BASELINE,
-                        os.path.join(out_dir, f"{SCRIPT}.png"),
-                        f"dilated attention, {prov['device']}, {prov['git_sha']}")
-    return rows, png
+    return save_results(out_dir, SCRIPT, rows, BASELINE, f"dilated attention, {prov['device']}, {prov['git_sha']}",
+                        EXTRA_COLUMNS, plot_rows=[r for r in rows if r["op"] == "dilated_attention"])
 
 
 def main(argv=None):

@@ -21,7 +21,6 @@ a trained SAM), batch 8 (1 with
 
 from __future__ import annotations
 
-import os
 import sys
 
 from sam_fast.bench.harness import interpreter_without_gpu
@@ -30,7 +29,7 @@ interpreter_without_gpu()
 
 import torch  # noqa: E402
 
-from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance  # noqa: E402
+from sam_fast.bench.harness import bench_main, measure, provenance, save_results  # noqa: E402
 
 SCRIPT = "bench_e2e"
 BASELINE = "segment_anything"
@@ -121,9 +120,8 @@ def run(out_dir: str, quick: bool = False, device: str = None):
                              mode="fwd", metric="img_per_s", value=batch / (m["median_ms"] * 1e-3),
                              sqnr_db=sqnr_db(ref, out), **m))
         rows[-1]["note"] = f"calibration: embedding SQNR {cal.embedding_sqnr_db:.1f} dB, {len(cal.left_float)} float"
-    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows, extra_columns=["sqnr_db"])
-    png = plot_speedups(rows, BASELINE, os.path.join(out_dir, f"{SCRIPT}.png"),
-                        f"SAM image encoder img/s vs segment_anything ({prov['device']})")
+    _, png = save_results(out_dir, SCRIPT, rows, BASELINE,
+                          f"SAM image encoder img/s vs segment_anything ({prov['device']})", ["sqnr_db"])
     for r in rows:
         r["note"] = f"{r['value']:.2f} img/s, SQNR {r['sqnr_db']:.1f} dB" + (f"; {r['note']}" if r.get("note") else "")
     return rows, png

@@ -26,7 +26,6 @@ its masks (mask agreement; with random weights this says little about a trained 
 from __future__ import annotations
 
 import copy
-import os
 import sys
 
 from sam_fast.bench.harness import interpreter_without_gpu
@@ -37,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance  # noqa: E402
+from sam_fast.bench.harness import bench_main, measure, provenance, save_results  # noqa: E402
 
 SCRIPT = "bench_everything"
 BASELINE = "segment_anything"
@@ -117,10 +116,8 @@ def run(out_dir: str, quick: bool = False, device: str = None):
                          f"{gen.last_stats['points_skipped']} points skipped")
             rows.append(dict(prov, op="everything", case=case, backend=backend, mode="fwd", metric="img_per_s",
                              value=1e3 / m["median_ms"], note=note, **m))
-    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows)
-    png = plot_speedups(rows, BASELINE, os.path.join(out_dir, f"{SCRIPT}.png"),
+    return save_results(out_dir, SCRIPT, rows, BASELINE,
                         f"segment everything (decoder side): speedup over segment_anything ({prov['device']})")
-    return rows, png
 
 
 def main(argv=None):

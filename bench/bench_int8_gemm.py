@@ -23,7 +23,6 @@ correctness under the interpreter (not timed).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from sam_fast.bench.harness import interpreter_without_gpu
@@ -33,7 +32,7 @@ interpreter_without_gpu()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sam_fast.bench.harness import append_csv, bench_main, measure, plot_speedups, provenance  # noqa: E402
+from sam_fast.bench.harness import bench_main, measure, provenance, save_results  # noqa: E402
 
 SCRIPT = "bench_int8_gemm"
 BASELINE = "cublas_bf16" if torch.cuda.is_available() else "torch_fp32"
@@ -106,9 +105,8 @@ def run(out_dir: str, quick: bool = False, device: str = None):
                 rows.append(dict(prov, op="int8_linear", case=case, backend="sam_fast(triton-interp)", mode="fwd",
                                  max_err=float((y - y_ref).abs().max()), sqnr_db=_sqnr(ref[:64], y),
                                  note="interpreter: correctness only, not timed"))
-    append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows, extra_columns=["sqnr_db"])
-    png = plot_speedups(rows, BASELINE, os.path.join(out_dir, f"{SCRIPT}.png"),
-                        f"W8A8 linear vs {BASELINE} ({prov['device']})")
+    _, png = save_results(out_dir, SCRIPT, rows, BASELINE, f"W8A8 linear vs {BASELINE} ({prov['device']})",
+                          ["sqnr_db"])
     for r in rows:
         if "sqnr_db" in r and r.get("note", "") == "":
             r["note"] = f"{r['value']:.0f} TOPS, SQNR {r['sqnr_db']:.1f} dB" if gpu else f"SQNR {r['sqnr_db']:.1f} dB"

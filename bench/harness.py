@@ -141,6 +141,16 @@ def table(rows: List[Dict[str, object]], baseline: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+def save_results(out_dir: str, script: str, rows: List[Dict[str, object]], baseline: str, title: str,
+                 extra_columns: Sequence[str] = (), plot_rows: Optional[List[Dict[str, object]]] = None):
+    """A bench script's ending: append ``rows`` to ``out_dir/<script>.csv`` and draw the speedups over
+    ``baseline`` (of ``plot_rows``, default all rows) to ``out_dir/<script>.png``. Returns (rows, png)."""
+    append_csv(os.path.join(out_dir, f"{script}.csv"), rows, extra_columns)
+    png = plot_speedups(rows if plot_rows is None else plot_rows, baseline, os.path.join(out_dir, f"{script}.png"),
+                        title)
+    return rows, png
+
+
 def plot_speedups(rows: List[Dict[str, object]], baseline: str, path: str, title: str) -> Optional[str]:
     """Grouped bars: speedup of every backend over ``baseline`` per (case, mode). Returns the path."""
     import matplotlib
