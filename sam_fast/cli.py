@@ -34,12 +34,20 @@ BENCHES = {"attention": "bench_attention", "dilated": "bench_dilated_attention",
            "everything": "bench_everything"}
 
 
+def _interpreter_for_bench(argv) -> None:
+    """``bench`` on a machine without a GPU checks the Triton kernels under the interpreter, which must be
+    chosen before anything imports a kernel module (the parser's imports included): done first of all."""
+    if argv[:1] == ["bench"]:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def _bench(args) -> int:
     import torch
 
     gpu = torch.cuda.is_available()
-    if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before sam_fast's kernels are decorated
     import importlib
 
     from tqdm import tqdm
@@ -262,6 +270,7 @@ def _string_counts(text: str) -> list:
 
 
 def main(argv=None) -> int:
+    _interpreter_for_bench(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="sam-fast", description="Fast kernels for Segment Anything.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark the ops against their references and peers")

@@ -30,6 +30,7 @@ output in int8 - the same fusions as a SAM ViT block.
 
 from __future__ import annotations
 
+import re
 from typing import Sequence, Tuple
 
 import torch
@@ -286,17 +287,17 @@ def tinyvit_config(state, prefix: str = "image_encoder.", img_size: int = VIT_T[
             raise ValueError(f"state_dict has no {prefix}{key} (a TinyViT encoder)")
         return tuple(int(s) for s in t.shape)
 
-    n = 0
-    while f"{prefix}layers.{n}.blocks.0." in {k[: len(f"{prefix}layers.{n}.blocks.0.")] for k in state}:
-        n += 1
-    if n < 2:
-        raise ValueError(f"state_dict has {n} TinyViT stages under {prefix}layers, expected at least 2")
+    blocks = {}  # stage -> number of blocks, from the keys ``layers.<stage>.blocks.<block>.``
+    for key in state:
+        m = re.match(re.escape(prefix) + r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    n = len(blocks)
+    if n < 2 or sorted(blocks) != list(range(n)):
+        raise ValueError(f"state_dict has TinyViT stages {sorted(blocks)} under {prefix}layers, expected 0, 1, ...")
     dims, depths, heads, windows, ratios = [shape("patch_embed.seq.2.c.weight")[0]], [], [0], [0], set()
     for i in range(n):
-        depth = 0
-        while f"{prefix}layers.{i}.blocks.{depth}." in {k[: len(f"{prefix}layers.{i}.blocks.{depth}.")] for k in state}:
-            depth += 1
-        depths.append(depth)
+        depths.append(blocks[i])
         if i == 0:
             expand = shape("layers.0.blocks.0.conv1.c.weight")[0] / dims[0]
             continue
