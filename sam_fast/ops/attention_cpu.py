@@ -37,13 +37,13 @@ def _rel_table(table: torch.Tensor, size: int, dtype) -> torch.Tensor:
     return table.to(dtype)[pos[:, None] - pos[None, :] + center]
 
 
-def _segments(t: torch.Tensor, br: ResolvedBranch, fill: Optional[torch.Tensor]) -> torch.Tensor:
+def _segments(t: torch.Tensor, br: ResolvedBranch, full: bool, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, N, H, D) on the (rows, cols) grid -> (B * n_segments, H, sh, sw, D), the grid padded to whole
-    segments with ``fill`` (H, D) vectors, or (``fill=None``) with zeros after clipping the segment to
-    the grid."""
+    segments with zeros or with ``fill`` (H, D) vectors. ``full=False`` first clips a segment larger
+    than the grid to the grid (without virtual keys the missing positions do not exist)."""
     B, _, H, D = t.shape
     (sh, sw), (ns_y, ns_x) = br.seg, br.n_seg
-    if fill is None:  # without virtual keys, a segment larger than the grid is the grid
+    if not full:
         sh, sw = min(sh, br.rows), min(sw, br.cols)
     g = t.reshape(B, br.rows, br.cols, H, D)
     pad_y, pad_x = ns_y * sh - br.rows, ns_x * sw - br.cols
@@ -62,9 +62,10 @@ def segment_batched_attention(q, k, v, br: ResolvedBranch, rel_pos_h, rel_pos_w,
     """One undilated branch over all its segments at once; q, k, v (B, N, H, D). Returns
     ``(out (B, N, H, D), lse (B, H, N))`` like :func:`dilated_attention_reference`."""
     B, N, H, D = q.shape
-    pk, pv = pad_kv if pad_kv is not None else (None, None)
-    qs = _segments(q, br, None if pad_kv is None else torch.zeros_like(pk))
-    ks, vs = _segments(k, br, pk), _segments(v, br, pv)
+    full = pad_kv is not None
+    pk, pv = pad_kv if full else (None, None)
+    qs = _segments(q, br, full)  # padded queries are dropped: zeros will do
+    ks, vs = _segments(k, br, full, pk), _segments(v, br, full, pv)
     S, sh, sw = qs.shape[0], qs.shape[2], qs.shape[3]
     (ns_y, ns_x) = br.n_seg
     qf, kf, vf = (t.reshape(S, H, sh * sw, D) for t in (qs, ks, vs))
