@@ -281,11 +281,10 @@ def tinyvit_config(state, prefix: str = "image_encoder.", img_size: int = VIT_T[
     """:class:`TinyViT` constructor arguments read from a state_dict's shapes (the input size is not
     stored in one: ``img_size``, 1024 for MobileSAM and TinySAM). Raises ``ValueError`` naming the key
     that is missing or inconsistent."""
-    def shape(key):
-        t = state.get(prefix + key)
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"state_dict has no {prefix}{key} (a TinyViT encoder)")
-        return tuple(int(s) for s in t.shape)
+    from .vit import _shape
+
+    def shape(key, dims=2):
+        return _shape(state, prefix + key, dims, "a TinyViT encoder")
 
     blocks = {}  # stage -> number of blocks, from the keys ``layers.<stage>.blocks.<block>.``
     for key in state:
@@ -295,11 +294,11 @@ def tinyvit_config(state, prefix: str = "image_encoder.", img_size: int = VIT_T[
     n = len(blocks)
     if n < 2 or sorted(blocks) != list(range(n)):
         raise ValueError(f"state_dict has TinyViT stages {sorted(blocks)} under {prefix}layers, expected 0, 1, ...")
-    dims, depths, heads, windows, ratios = [shape("patch_embed.seq.2.c.weight")[0]], [], [0], [0], set()
+    dims, depths, heads, windows, ratios = [shape("patch_embed.seq.2.c.weight", 4)[0]], [], [0], [0], set()
     for i in range(n):
         depths.append(blocks[i])
         if i == 0:
-            expand = shape("layers.0.blocks.0.conv1.c.weight")[0] / dims[0]
+            expand = shape("layers.0.blocks.0.conv1.c.weight", 4)[0] / dims[0]
             continue
         dim = shape(f"layers.{i}.blocks.0.attn.qkv.weight")[1]
         nh, offsets = shape(f"layers.{i}.blocks.0.attn.attention_biases")
@@ -315,4 +314,4 @@ def tinyvit_config(state, prefix: str = "image_encoder.", img_size: int = VIT_T[
         raise ValueError(f"{prefix}layers.*.mlp.fc1 widths give several MLP ratios {sorted(ratios)}; TinyViT has one")
     return dict(img_size=img_size, embed_dims=tuple(dims), depths=tuple(depths), num_heads=tuple(heads),
                 window_sizes=tuple(windows), mlp_ratio=ratios.pop(), mbconv_expand_ratio=expand,
-                out_chans=shape("neck.0.weight")[0], num_classes=shape("head.weight")[0])
+                out_chans=shape("neck.0.weight", 4)[0], num_classes=shape("head.weight")[0])
