@@ -13,7 +13,7 @@ Peers in the same run:
   (block mask built once, outside the timing); several branches merged with its returned lse;
 * ``sam_fast_dense`` - the dense fused kernel (pattern None) at the same N, for scale;
 * ``foundation@<sha>`` - for the dense pattern: the Foundation issue's kernel, loaded from git history
-  (only in a git checkout), so "no regression from generality" is measured in the same run.
+  (or from $SAM_FAST_FOUNDATION_KERNEL where there is no .git), so "no regression from generality" is measured in the same run.
 
 Metrics per row: median time; achieved TFLOP/s over kept (query, key) pairs only (4 * D per pair,
 x3.5 for forward+backward); achieved GB/s counting Q, K, V read once and O written once, and that as
@@ -189,19 +189,38 @@ class FlexMasked:
         return sum(wi[..., None].to(o.dtype) * o for wi, o in zip(w, outs)).transpose(1, 2)
 
 
-def _foundation_kernel():
-    """The Foundation issue's attention launcher, from git history (None outside a git checkout)."""
+FOUNDATION_ENV = "SAM_FAST_FOUNDATION_KERNEL"
+
+
+def _foundation_source():
+    """The Foundation kernel's source text: from git history, else from the file named by
+    $SAM_FAST_FOUNDATION_KERNEL (a GPU machine receives the working tree without .git; ``bash
+    bench/gpu_session.sh prepare`` writes that file). None, with the reason on stderr, if neither works."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         src = subprocess.run(["git", "show", f"{FOUNDATION_SHA}:kernels/dilated_attention.py"], cwd=root,
                              capture_output=True, text=True, timeout=20)
+        if src.returncode == 0:
+            return src.stdout
     except (OSError, subprocess.SubprocessError):
-        return None
-    if src.returncode != 0:
+        pass
+    path = os.environ.get(FOUNDATION_ENV)
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return f.read()
+    print(f"bench_dilated_attention: no foundation@{FOUNDATION_SHA} row - not a git checkout and "
+          f"${FOUNDATION_ENV} names no file", file=sys.stderr)
+    return None
+
+
+def _foundation_kernel():
+    """The Foundation issue's attention launcher as a module (None when its source is unavailable)."""
+    src = _foundation_source()
+    if src is None:
         return None
     path = os.path.join(tempfile.mkdtemp(prefix="sam_fast_foundation_"), "foundation_attention.py")
     with open(path, "w") as f:
-        f.write(src.stdout)
+        f.write(src)
     spec = importlib.util.spec_from_file_location("foundation_attention", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything a GPU session has to run, in stages that fit the device tool's 10-minute calls:
 #
+#   bash bench/gpu_session.sh prepare # HERE, before the first call: offline wheels + the Foundation kernel
+#                                     # into .whl/ (carry it; the device gets no .git to read history from)
 #   bash bench/gpu_session.sh tests   # build, pytest -m gpu, compute-sanitizer memcheck + racecheck
 #   bash bench/gpu_session.sh tune    # tune the int8 GEMM table for this GPU (kernels/tuned/int8_gemm.json)
 #   bash bench/gpu_session.sh bench [script ...]   # benchmarks (default: all) into $OUT/results
 #
-# Run from the repository root with the offline wheels in .whl/ (carry it), made here with
-#   ../shared/gpu/prepare-wheels.sh scikit-image scipy imageio tifffile lazy_loader networkx
-# (segment-anything and pycocotools come by default; scikit-image gives the tests' sample photos). Each stage builds sam_fast first when the machine is fresh. Output goes to $OUT
+# Run from the repository root with .whl/ carried (made by the prepare stage: segment-anything and
+# pycocotools, scikit-image for the tests' sample photos, and bench_dilated_attention's Foundation
+# kernel from git history). Each stage builds sam_fast first when the machine is fresh. Output goes to $OUT
 # (at most 8 files come back): build.log, pytest_gpu.txt, sanitizer.txt, int8_gemm.json, results/*.csv.
 set -uo pipefail
 OUT=${OUT:-/tmp/sam_fast_out}
@@ -20,6 +22,7 @@ setup() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$PWD/.site" .whl/*.whl
   fi
   export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
+  if [ -f .whl/foundation_attention.py ]; then export SAM_FAST_FOUNDATION_KERNEL="$PWD/.whl/foundation_attention.py"; fi
   if ! python3 -c "import sam_fast._C, torch; assert torch.ops.sam_fast.mask_postprocess" 2>/dev/null; then
     python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
   fi
@@ -28,6 +31,12 @@ setup() {
 }
 
 case "$stage" in
+  prepare)
+    ../shared/gpu/prepare-wheels.sh scikit-image scipy imageio tifffile lazy_loader networkx
+    sha=$(sed -n 's/^FOUNDATION_SHA = "\([0-9a-f]*\)".*/\1/p' bench/bench_dilated_attention.py)
+    git show "$sha:kernels/dilated_attention.py" > .whl/foundation_attention.py
+    du -sh .whl
+    ;;
   tests)
     setup
     python3 -m pytest -m gpu -q -rfE -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
@@ -54,7 +63,7 @@ case "$stage" in
     done
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh tests|tune|bench [script ...]" >&2
+    echo "usage: bash bench/gpu_session.sh prepare|tests|tune|bench [script ...]" >&2
     exit 2
     ;;
 esac
