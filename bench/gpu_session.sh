@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Everything a GPU session has to run, in stages that fit the device tool's 10-minute calls:
+# Everything a GPU session has to run, as stages that several fit into one 10-minute device call.
 #
-#   bash bench/gpu_session.sh prepare # HERE, before the first call: offline wheels + the Foundation kernel
-#                                     # into .whl/ (carry it; the device gets no .git to read history from)
-#   bash bench/gpu_session.sh tests   # build, pytest -m gpu, compute-sanitizer memcheck + racecheck
-#   bash bench/gpu_session.sh tune    # tune the int8 GEMM table for this GPU (kernels/tuned/int8_gemm.json)
-#   bash bench/gpu_session.sh bench [script ...]   # benchmarks (default: all) into $OUT/results
-#
-# Run from the repository root with .whl/ carried (made by the prepare stage: segment-anything and
-# pycocotools, scikit-image for the tests' sample photos, and bench_dilated_attention's Foundation
-# kernel from git history). Each stage builds sam_fast first when the machine is fresh. Output goes to $OUT
-# (at most 8 files come back): build.log, pytest_gpu.txt, sanitizer.txt, int8_gemm.json, results/*.csv.
+# HERE, once per session (CPU machine, in the repository root):
+#   bash bench/gpu_session.sh prepare
+#       offline wheels (segment-anything, pycocotools) and bench_dilated_attention's Foundation kernel
+#       (from git history: the device receives the working tree without .git) into .whl/; carry .whl
+# ON THE DEVICE (command: OUT=$OUT bash bench/gpu_session.sh STAGE [STAGE ...]):
+#   tests        pytest -m gpu on tests/test_gpu.py, 8 workers (Triton compiles in parallel)
+#   sanitize     compute-sanitizer memcheck on every CUDA and Triton op, racecheck on the CUDA ops
+#   tune         the int8 GEMM table for this GPU (kernels/tuned/int8_gemm.json)
+#   bench        every benchmark script; or name scripts one by one: bench_dilated_attention ...
+# Priority when the loan is short: tests, bench_dilated_attention, bench_int8_gemm, sanitize, bench_e2e,
+# bench_decoder, bench_everything, bench_attention, tune.
+# Each stage has its own time limit, so a slow one cannot take the others' results with it. Output: text
+# logs in $OUT and everything else packed into $OUT/session.tgz (the device returns at most 8 files);
+# HERE: tar xzf .../session.tgz -C /tmp/gpu && python bench/merge_results.py /tmp/gpu/results
 set -uo pipefail
 OUT=${OUT:-/tmp/sam_fast_out}
-mkdir -p "$OUT"
-stage=${1:-tests}
-shift || true
+mkdir -p "$OUT/pack/results"
+LIMIT=${STAGE_LIMIT_S:-540}
 
 setup() {
   if [ -d .whl ] && ! python3 -c "import segment_anything, pycocotools" 2>/dev/null; then
@@ -23,47 +26,75 @@ setup() {
   fi
   export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
   if [ -f .whl/foundation_attention.py ]; then export SAM_FAST_FOUNDATION_KERNEL="$PWD/.whl/foundation_attention.py"; fi
-  if ! python3 -c "import sam_fast._C, torch; assert torch.ops.sam_fast.mask_postprocess" 2>/dev/null; then
-    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  if ! python3 -c "import torch, sam_fast._C; assert torch.ops.sam_fast.mask_postprocess" 2>/dev/null; then
+    local t0=$SECONDS
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/pack/build.log" 2>&1 \
+      || { tail -50 "$OUT/pack/build.log"; exit 1; }
+    echo "built sam_fast in $((SECONDS - t0)) s"
   fi
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
 
-case "$stage" in
-  prepare)
-    ../shared/gpu/prepare-wheels.sh scikit-image scipy imageio tifffile lazy_loader networkx
-    sha=$(sed -n 's/^FOUNDATION_SHA = "\([0-9a-f]*\)".*/\1/p' bench/bench_dilated_attention.py)
-    git show "$sha:kernels/dilated_attention.py" > .whl/foundation_attention.py
-    du -sh .whl
-    ;;
-  tests)
-    setup
-    python3 -m pytest -m gpu -q -rfE -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
-    tail -30 "$OUT/pytest_gpu.txt"
-    {
-      for tool in memcheck racecheck; do
-        echo "== compute-sanitizer --tool $tool"
-        compute-sanitizer --tool "$tool" --error-exitcode 9 python3 bench/sanitize_ops.py 2>&1 | tail -15
+pack() {
+  tar czf "$OUT/session.tgz" -C "$OUT/pack" . && echo "packed: $(tar tzf "$OUT/session.tgz" | grep -vc '/$') files"
+}
+
+run_stage() {
+  local stage=$1 t0=$SECONDS
+  echo "== $stage"
+  case "$stage" in
+    tests)
+      local par=()
+      python3 -c "import xdist" 2>/dev/null && par+=(-n 8)
+      python3 -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 400)
+      timeout "$LIMIT" python3 -m pytest -m gpu -q -rfE "${par[@]}" -p no:cacheprovider tests/test_gpu.py \
+        > "$OUT/pytest_gpu.txt" 2>&1
+      echo "exit: $?" >> "$OUT/pytest_gpu.txt"
+      tail -40 "$OUT/pytest_gpu.txt"
+      ;;
+    sanitize)
+      {
+        echo "== compute-sanitizer --tool memcheck (CUDA and Triton ops)"
+        timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py --triton 2>&1 | tail -25
         echo "exit: ${PIPESTATUS[0]}"
+        echo "== compute-sanitizer --tool racecheck (CUDA ops)"
+        timeout "$LIMIT" compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py 2>&1 | tail -15
+        echo "exit: ${PIPESTATUS[0]}"
+      } > "$OUT/sanitizer.txt"
+      cat "$OUT/sanitizer.txt"
+      ;;
+    tune)
+      timeout "$LIMIT" python3 bench/tune_int8_gemm.py && cp kernels/tuned/int8_gemm.json "$OUT/pack/"
+      ;;
+    bench)
+      for s in bench_attention bench_dilated_attention bench_int8_gemm bench_e2e bench_decoder bench_everything; do
+        run_stage "$s"
       done
-    } > "$OUT/sanitizer.txt"
-    cat "$OUT/sanitizer.txt"
-    ;;
-  tune)
-    setup
-    python3 bench/tune_int8_gemm.py && cp kernels/tuned/int8_gemm.json "$OUT/"
-    ;;
-  bench)
-    setup
-    scripts=${*:-"bench_attention bench_dilated_attention bench_int8_gemm bench_e2e bench_decoder bench_everything"}
-    for s in $scripts; do
-      echo "== $s"
-      timeout 540 python3 "bench/$s.py" --out "$OUT/results" 2>&1 | tail -40
-    done
-    ;;
-  *)
-    echo "usage: bash bench/gpu_session.sh prepare|tests|tune|bench [script ...]" >&2
-    exit 2
-    ;;
-esac
+      ;;
+    bench_*)
+      timeout "$LIMIT" python3 "bench/$stage.py" --out "$OUT/pack/results" > "$OUT/pack/$stage.log" 2>&1
+      echo "exit: $?" >> "$OUT/pack/$stage.log"
+      tail -40 "$OUT/pack/$stage.log"
+      ;;
+    *)
+      echo "unknown stage $stage; usage: bash bench/gpu_session.sh prepare | tests|sanitize|tune|bench|bench_<name> ..." >&2
+      return 2
+      ;;
+  esac
+  echo "== $stage took $((SECONDS - t0)) s"
+}
+
+if [ "${1:-}" = prepare ]; then
+  ../shared/gpu/prepare-wheels.sh  # segment-anything, pycocotools; the device image has scikit-image and scipy
+  sha=$(sed -n 's/^FOUNDATION_SHA = "\([0-9a-f]*\)".*/\1/p' bench/bench_dilated_attention.py)
+  git show "$sha:kernels/dilated_attention.py" > .whl/foundation_attention.py
+  du -sh .whl
+  exit 0
+fi
+[ $# -gt 0 ] || set -- tests
+setup
+for stage in "$@"; do
+  run_stage "$stage"
+done
+pack
