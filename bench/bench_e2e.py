@@ -6,6 +6,10 @@ Backends per encoder (same weights, same input batch, one run):
 * ``sam_fast_exact``: ``SamFastConfig(attention="exact")`` - fused attention, bf16 linears;
 * ``sam_fast_exact_int8``: plus ``quantize="int8"`` calibrated on 8 of scikit-image's photos - W8A8
   linears with LayerNorm-fused quantization and the re-quantizing MLP epilogue;
+* with ``--compile`` (ViT encoders): ``sdpa_bias+compile`` - segment-anything-fast's method without its
+  int8 / sparsity steps: segment_anything's blocks with the rel-pos bias handed to SDPA as ``attn_mask``,
+  bf16, ``torch.compile`` of the whole encoder - and ``sam_fast_exact+compile``, sam_fast's fused
+  attention under the same ``torch.compile`` (its ops are opaque custom ops to the compiler);
 * TinyViT (MobileSAM / TinySAM, ``vit_t``): ``segment_anything`` is sam_fast's TinyViT module in bf16
   (the same computation as MobileSAM's code, with SDPA for its biased window attention) and
   ``sam_fast_int8`` its W8A8 swap.
@@ -16,7 +20,7 @@ random weights (no checkpoint can be downloaded here, so the SQNR figures descri
 a trained SAM), batch 8 (1 with
 --quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one.
 
-    python bench/bench_e2e.py [--out bench/results] [--quick]
+    python bench/bench_e2e.py [--out bench/results] [--quick] [--compile] [--models vit_b,vit_h]
 """
 
 from __future__ import annotations
@@ -44,6 +48,43 @@ def _images(n):
         im = getattr(skimage.data, name)()
         out.append(im if im.ndim == 3 else im[..., None].repeat(3, -1))
     return out
+
+
+def _sdpa_bias_forward(self, x):
+    """segment_anything's ``Attention.forward`` with the decomposed rel-pos bias given to SDPA as
+    ``attn_mask`` (segment-anything-fast's attention step), on (B, H, W, C) input."""
+    from sam_fast.bench.bench_attention import _rel_hw
+
+    B, Hg, Wg, _ = x.shape
+    N = Hg * Wg
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).unbind(2)  # (B, N, nH, D)
+    mask = None
+    if self.use_rel_pos:
+        rel_h, rel_w = _rel_hw(q, self.rel_pos_h, self.rel_pos_w, (Hg, Wg))
+        mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.num_heads, N, N).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask, scale=self.scale)
+    return self.proj(out.transpose(1, 2).reshape(B, Hg, Wg, -1))
+
+
+class _SdpaBias:
+    """Context: every segment_anything ``Attention`` of ``enc`` runs :func:`_sdpa_bias_forward`."""
+
+    def __init__(self, enc):
+        from segment_anything.modeling.image_encoder import Attention
+
+        self.attns = [m for m in enc.modules() if isinstance(m, Attention)]
+
+    def __enter__(self):
+        import types
+
+        for a in self.attns:
+            a.forward = types.MethodType(_sdpa_bias_forward, a)
+        return self
+
+    def __exit__(self, *exc):
+        for a in self.attns:
+            del a.forward  # back to the class's forward
 
 
 def _encoders(gpu: bool):
@@ -84,7 +125,7 @@ def _encoders(gpu: bool):
     yield ("vit_t" if not tinyvit else "tiny-tinyvit-256"), enc.eval()
 
 
-def run(out_dir: str, quick: bool = False, device: str = None):
+def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = False, models: str = ""):
     import sam_fast
     from sam_fast import SamFastConfig
     from sam_fast.quantize import calibrate, sqnr_db
@@ -96,7 +137,10 @@ def run(out_dir: str, quick: bool = False, device: str = None):
     batch = (1 if quick else 8) if gpu else 2
     rows = []
     images = _images(8)
+    wanted = [m.strip() for m in models.split(",") if m.strip()]
     for name, enc in _encoders(gpu):
+        if wanted and name not in wanted:
+            continue
         enc = enc.to(device=dev, dtype=dtype)
         x = torch.randn(batch, 3, enc.img_size, enc.img_size, device=dev, generator=torch.Generator(device=dev)
                         .manual_seed(0)).to(dtype)
@@ -104,22 +148,35 @@ def run(out_dir: str, quick: bool = False, device: str = None):
         if hasattr(enc, "blocks"):
             configs = [(BASELINE, None), ("sam_fast_exact", SamFastConfig(attention="exact")),
                        ("sam_fast_exact_int8", SamFastConfig(attention="exact", quantize="int8", calibration=cal))]
+            if compile:
+                configs += [("sdpa_bias+compile", "sdpa"), ("sam_fast_exact+compile", SamFastConfig(attention="exact"))]
         else:  # TinyViT keeps its own window attention (SDPA with its bias table); W8A8 linears only
             configs = [(BASELINE, None), ("sam_fast_int8", SamFastConfig(attention="none", quantize="int8",
                                                                          calibration=cal))]
         ref = None
         for backend, cfg in configs:
-            handle = sam_fast.apply(enc, cfg) if cfg is not None else None
+            if cfg == "sdpa":
+                handle = _SdpaBias(enc)
+                handle.__enter__()
+            else:
+                handle = sam_fast.apply(enc, cfg) if cfg is not None else None
+            fn = enc
+            if backend.endswith("+compile"):
+                torch._dynamo.reset()
+                fn = torch.compile(enc)
             with torch.no_grad():
-                out = enc(x).float()
+                out = fn(x).float()  # the first call compiles
                 ref = out if ref is None else ref
-                m = measure(lambda: enc(x), dev, cpu_reps=3, rep_ms=300)
-            if handle is not None:
+                m = measure(lambda: fn(x), dev, cpu_reps=3, rep_ms=300)
+            if isinstance(handle, _SdpaBias):
+                handle.__exit__(None, None, None)
+            elif handle is not None:
                 handle.undo()
             rows.append(dict(prov, op="image_encoder", case=f"{name} B={batch} {str(dtype)[6:]}", backend=backend,
                              mode="fwd", metric="img_per_s", value=batch / (m["median_ms"] * 1e-3),
                              sqnr_db=sqnr_db(ref, out), **m))
-        rows[-1]["note"] = f"calibration: embedding SQNR {cal.embedding_sqnr_db:.1f} dB, {len(cal.left_float)} float"
+        int8_row = next(r for r in reversed(rows) if "int8" in r["backend"])
+        int8_row["note"] = f"calibration: embedding SQNR {cal.embedding_sqnr_db:.1f} dB, {len(cal.left_float)} float"
     _, png = save_results(out_dir, SCRIPT, rows, BASELINE,
                           f"SAM image encoder img/s vs segment_anything ({prov['device']})", ["sqnr_db"])
     for r in rows:
@@ -128,7 +185,10 @@ def run(out_dir: str, quick: bool = False, device: str = None):
 
 
 def main(argv=None):
-    return bench_main(__doc__, run, BASELINE, argv)
+    return bench_main(__doc__, run, BASELINE, argv, options=[
+        ("--compile", "store_true", "also time torch.compile'd encoders (segment-anything-fast's SDPA + compile, "
+                                    "and sam_fast's)"),
+        ("--models", "store", "comma-separated subset of the encoders, e.g. vit_b,vit_h")])
 
 
 if __name__ == "__main__":

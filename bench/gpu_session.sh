@@ -10,8 +10,9 @@
 #   sanitize     compute-sanitizer memcheck on every CUDA and Triton op, racecheck on the CUDA ops
 #   tune         the int8 GEMM table for this GPU (kernels/tuned/int8_gemm.json)
 #   bench        every benchmark script; or name scripts one by one: bench_dilated_attention ...
+#   bench_e2e_compile  ViT-B/H encoders with torch.compile: segment-anything-fast's method vs sam_fast
 # Priority when the loan is short: tests, bench_dilated_attention, bench_int8_gemm, sanitize, bench_e2e,
-# bench_decoder, bench_everything, bench_attention, tune.
+# bench_decoder, bench_everything, bench_attention, bench_e2e_compile, tune.
 # Each stage has its own time limit, so a slow one cannot take the others' results with it. Output: text
 # logs in $OUT and everything else packed into $OUT/session.tgz (the device returns at most 8 files);
 # HERE: tar xzf .../session.tgz -C /tmp/gpu && python bench/merge_results.py /tmp/gpu/results
@@ -71,6 +72,12 @@ run_stage() {
       for s in bench_attention bench_dilated_attention bench_int8_gemm bench_e2e bench_decoder bench_everything; do
         run_stage "$s"
       done
+      ;;
+    bench_e2e_compile)  # segment-anything-fast's SDPA + torch.compile vs sam_fast (+ compile), ViT-B and ViT-H
+      timeout "$LIMIT" python3 bench/bench_e2e.py --compile --models vit_b,vit_h --out "$OUT/pack/results" \
+        > "$OUT/pack/$stage.log" 2>&1
+      echo "exit: $?" >> "$OUT/pack/$stage.log"
+      tail -40 "$OUT/pack/$stage.log"
       ;;
     bench_*)
       timeout "$LIMIT" python3 "bench/$stage.py" --out "$OUT/pack/results" > "$OUT/pack/$stage.log" 2>&1

@@ -24,15 +24,19 @@ def interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def bench_main(doc: str, run: Callable, baseline: str, argv=None) -> int:
-    """Command line of a bench script: ``--out DIR [--quick]``; runs, prints the table and the plot path."""
+def bench_main(doc: str, run: Callable, baseline: str, argv=None, options=()) -> int:
+    """Command line of a bench script: ``--out DIR [--quick]`` plus the script's own ``options``
+    ((flag, argparse action, help), passed to ``run`` as keywords); runs, prints the table and the plot path."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", default="bench/results", help="results directory (CSV appended, PNG rewritten)")
     p.add_argument("--quick", action="store_true", help="fewer cases (batch 1 only on GPU)")
-    args = p.parse_args(argv)
-    rows, png = run(args.out, quick=args.quick)
+    for flag, action, help_text in options:
+        p.add_argument(flag, action=action, help=help_text, **({} if action == "store_true" else {"default": ""}))
+    args = vars(p.parse_args(argv))
+    out, quick = args.pop("out"), args.pop("quick")
+    rows, png = run(out, quick=quick, **args)
     print(table(rows, baseline))
     if png:
         print(f"\nplot: {png}")
