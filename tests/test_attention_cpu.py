@@ -1,6 +1,7 @@
 """The CPU backend of dilated_attention: undilated single-branch patterns batched over all segments
 (SAM's windows with and without padding, dense, 1-D segments) against the reference's per-segment
-loop - outputs, lse and gradients (q, k, v, rel-pos tables) in float64 and float32."""
+loop - outputs, lse and gradients (q, k, v, rel-pos tables) in float64 and float32; and under no_grad,
+where PyTorch's fused CPU attention runs them, outputs and lse in float64, float32 and bf16."""
 
 import pytest
 import torch
@@ -68,3 +69,43 @@ def test_cpu_backend_runs_the_reference_loop_otherwise():
         assert torch.equal(a, b)
     # 1-D branches with rel-pos need the reference's coordinate mapping
     assert not batches_segments(resolve_pattern(Branch(16), 64, grid), torch.zeros(15, 8))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}-{c[4]}-rel{int(c[5])}-pad{int(c[6])}")
+def test_inference_runs_the_fused_cpu_kernel(case, monkeypatch):
+    """Under no_grad the segments go through PyTorch's fused CPU attention with the bias as its mask;
+    out and lse still match the reference (float64: to rounding; float32 and bf16: by DESIGN's rule)."""
+    import sam_fast.ops.attention_cpu as cpu
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    fused = []
+    real = cpu._fused_ok
+    monkeypatch.setattr(cpu, "_fused_ok", lambda *t: fused.append(real(*t)) or fused[-1])
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            out, lse = _run_no_grad(case, dtype, "cpu")
+            exact_out, exact_lse = _run_no_grad(case, torch.float64, "reference")
+            same_out, same_lse = _run_no_grad(case, dtype, "reference")
+        if dtype == torch.float64:
+            assert float((out - exact_out).abs().max()) <= 1e-12 * float(exact_out.abs().max())
+            assert float((lse - exact_lse).abs().max()) <= 1e-12 * float(exact_lse.abs().max())
+        else:
+            check_against_reference("out", out, exact_out, same_out, dtype, FWD_FACTOR)
+            check_against_reference("lse", lse, exact_lse, same_lse, dtype, FWD_FACTOR)
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert fused == [True, True, True]
+
+
+def _run_no_grad(case, dtype, backend):
+    B, grid, H, D, pattern, rel, pad = case
+    gen = torch.Generator().manual_seed(0)
+    N = grid[0] * grid[1]
+    q, k, v = (torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    kw = dict(grid=grid, return_lse=True)
+    if rel:
+        L = 2 * max(*grid, 8) - 1
+        kw.update(rel_pos_h=torch.randn(L, D, generator=gen, dtype=torch.float64).to(dtype),
+                  rel_pos_w=torch.randn(L, D, generator=gen, dtype=torch.float64).to(dtype))
+    if pad:
+        kw["pad_kv"] = tuple(torch.randn(H, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    return sam_fast.dilated_attention(q, k, v, pattern, backend=backend, **kw)

@@ -6,9 +6,11 @@ matmuls. Here a single branch without dilation - SAM's windows (with or without 
 padding of partial windows), its dense global attention, 1-D segments - runs as one batched matmul over
 all segments: the token grid is padded to whole segments (padded queries are dropped; padded keys are
 masked out, or with ``pad_kv`` carry the virtual keys segment_anything's padding creates) and the
-decomposed rel-pos bias is added per segment, as segment_anything's ``Attention`` does. The numerics
-are the reference's (same operations in the inputs' dtype, lse in float32 / float64), autograd flows
-through plain PyTorch. Dilated and multi-branch patterns run the reference's loop.
+decomposed rel-pos bias is added per segment, as segment_anything's ``Attention`` does. When autograd
+records nothing (inference), the segments go through PyTorch's fused CPU flash-attention kernel with
+the bias as its mask (it returns the lse too; about 2x segment_anything's attention at SAM's 4096
+tokens); otherwise plain PyTorch ops in the inputs' dtype, which autograd differentiates, as the
+reference does (lse in float32 / float64). Dilated and multi-branch patterns run the reference's loop.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ def _segments(t: torch.Tensor, br: ResolvedBranch, full: bool, fill: Optional[to
     return g.reshape(B * ns_y * ns_x, H, sh, sw, D)
 
 
+def _fused_ok(*tensors) -> bool:
+    """Whether PyTorch's fused CPU attention may run: it takes no gradient through its mask (the rel-pos
+    bias depends on q and the tables), so only when autograd records nothing here."""
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def segment_batched_attention(q, k, v, br: ResolvedBranch, rel_pos_h, rel_pos_w, scale: float,
                               pad_kv: Optional[Tuple[torch.Tensor, torch.Tensor]]):
     """One undilated branch over all its segments at once; q, k, v (B, N, H, D). Returns
@@ -68,21 +78,38 @@ def segment_batched_attention(q, k, v, br: ResolvedBranch, rel_pos_h, rel_pos_w,
     ks, vs = _segments(k, br, full, pk), _segments(v, br, full, pv)
     S, sh, sw = qs.shape[0], qs.shape[2], qs.shape[3]
     (ns_y, ns_x) = br.n_seg
-    qf, kf, vf = (t.reshape(S, H, sh * sw, D) for t in (qs, ks, vs))
-    logits = torch.matmul(qf * scale, kf.transpose(-1, -2))  # (S, H, sh*sw, sh*sw)
+    L = sh * sw
+    qf, kf, vf = (t.reshape(S, H, L, D) for t in (qs, ks, vs))
+    rel = None
     if rel_pos_h is not None:
         rel_h = torch.einsum("shyxd,ykd->shyxk", qs, _rel_table(rel_pos_h, sh, q.dtype))
         rel_w = torch.einsum("shyxd,xkd->shyxk", qs, _rel_table(rel_pos_w, sw, q.dtype))
-        logits = (logits.view(S, H, sh, sw, sh, sw) + rel_h[..., :, None] + rel_w[..., None, :]).view_as(logits)
+        rel = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(S, H, L, L)
     pad_y, pad_x = ns_y * sh - br.rows, ns_x * sw - br.cols
+    missing = None
     if (pad_y or pad_x) and pad_kv is None:  # keys past the grid do not exist
         real = torch.zeros(br.rows + pad_y, br.cols + pad_x, dtype=torch.bool, device=q.device)
         real[: br.rows, : br.cols] = True
-        real = real.reshape(ns_y, sh, ns_x, sw).permute(0, 2, 1, 3).reshape(ns_y * ns_x, 1, 1, sh * sw)
-        logits = logits.view(B, ns_y * ns_x, H, sh * sw, sh * sw).masked_fill(~real, float("-inf")).view_as(logits)
+        missing = ~real.reshape(ns_y, sh, ns_x, sw).permute(0, 2, 1, 3).reshape(ns_y * ns_x, 1, 1, L)
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
-    lse = torch.logsumexp(logits.to(lse_dtype), dim=-1)
-    out = torch.matmul(logits.softmax(dim=-1), vf)
+    if _fused_ok(q, k, v, rel_pos_h, rel_pos_w, *(pad_kv or ())):
+        # Inference: one fused CPU kernel (blocked online softmax, lse returned), the bias as its mask.
+        mask = rel
+        if missing is not None:
+            neg = torch.zeros(missing.shape, dtype=q.dtype, device=q.device).masked_fill_(missing, float("-inf"))
+            neg = neg.repeat(B, 1, 1, 1)
+            mask = neg.expand(S, H, L, L) if mask is None else mask + neg
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kf, vf, attn_mask=mask,
+                                                                              scale=scale)[:2]
+        lse = lse.to(lse_dtype)
+    else:
+        logits = torch.matmul(qf * scale, kf.transpose(-1, -2))  # (S, H, L, L)
+        if rel is not None:
+            logits = logits + rel
+        if missing is not None:
+            logits = logits.view(B, ns_y * ns_x, H, L, L).masked_fill(missing, float("-inf")).view_as(logits)
+        lse = torch.logsumexp(logits.to(lse_dtype), dim=-1)
+        out = torch.matmul(logits.softmax(dim=-1), vf)
 
     def unsegment(t):  # (S, H, sh*sw, E) -> (B, N, H, E), padded positions dropped
         E = t.shape[-1]
