@@ -73,12 +73,18 @@ def main(argv=None) -> int:
         tqdm.write(f"M={m} {k}->{n}: {best[0]:.3f} ms, {tops:.0f} TOPS with {best[1]}")
         entries[(K._m_bucket(m), n, k)] = {"m": K._m_bucket(m), "n": n, "k": k, "config": best[1],
                                            "ms": round(best[0], 4), "tops": round(tops, 1)}
-    doc["configs"][arch] = sorted(entries.values(), key=lambda e: (e["k"], e["n"], e["m"]))
-    doc.setdefault("devices", {})[arch] = torch.cuda.get_device_name()
-    with open(args.table, "w") as f:
-        json.dump(doc, f, indent=1)
+        _write(args.table, doc, arch, entries)  # after every shape: a run cut short keeps what it measured
     print(f"wrote {len(entries)} entries for {arch} to {os.path.abspath(args.table)}")
     return 0
+
+
+def _write(path, doc, arch, entries):
+    doc["configs"][arch] = sorted(entries.values(), key=lambda e: (e["k"], e["n"], e["m"]))
+    doc.setdefault("devices", {})[arch] = torch.cuda.get_device_name()
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
