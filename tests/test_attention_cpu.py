@@ -1,7 +1,7 @@
 """The CPU backend of dilated_attention: undilated single-branch patterns batched over all segments
 (SAM's windows with and without padding, dense, 1-D segments) against the reference's per-segment
 loop - outputs, lse and gradients (q, k, v, rel-pos tables) in float64 and float32; and under no_grad,
-where PyTorch's fused CPU attention runs them, outputs and lse in float64, float32 and bf16."""
+where PyTorch's fused CPU attention runs them, outputs and lse in float64, float32, bf16 and fp16."""
 
 import pytest
 import torch
@@ -74,14 +74,14 @@ def test_cpu_backend_runs_the_reference_loop_otherwise():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}-{c[4]}-rel{int(c[5])}-pad{int(c[6])}")
 def test_inference_runs_the_fused_cpu_kernel(case, monkeypatch):
     """Under no_grad the segments go through PyTorch's fused CPU attention with the bias as its mask;
-    out and lse still match the reference (float64: to rounding; float32 and bf16: by DESIGN's rule)."""
+    out and lse still match the reference (float64: to rounding; float32, bf16, fp16: by DESIGN's rule)."""
     import sam_fast.ops.attention_cpu as cpu
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
     fused = []
     real = cpu._fused_ok
     monkeypatch.setattr(cpu, "_fused_ok", lambda *t: fused.append(real(*t)) or fused[-1])
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         with torch.no_grad():
             out, lse = _run_no_grad(case, dtype, "cpu")
             exact_out, exact_lse = _run_no_grad(case, torch.float64, "reference")
@@ -93,7 +93,7 @@ def test_inference_runs_the_fused_cpu_kernel(case, monkeypatch):
             check_against_reference("out", out, exact_out, same_out, dtype, FWD_FACTOR)
             check_against_reference("lse", lse, exact_lse, same_lse, dtype, FWD_FACTOR)
         assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert fused == [True, True, True]
+    assert fused == [True, True, True, True]
 
 
 def _run_no_grad(case, dtype, backend):
