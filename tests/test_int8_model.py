@@ -184,3 +184,30 @@ def test_config_errors(calibrated):
     with sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8")):
         with pytest.raises(ValueError, match="float model"):
             calibrate(enc, IMAGES, progress=False)
+
+
+@pytest.mark.parametrize("attention", ["exact", "none"])
+def test_swapped_encoder_compiles_without_graph_breaks(calibrated, attention):
+    """segment-anything-fast's users compile the whole encoder: the swapped blocks (fused attention and
+    W8A8 modules) trace as one graph, and the traced graph computes what eager does."""
+    enc, cal = calibrated
+    x = _batch(enc, IMAGES[:2])
+    with torch.no_grad(), sam_fast.apply(enc, SamFastConfig(attention=attention, quantize="int8", calibration=cal)):
+        eager = enc(x)
+        torch._dynamo.reset()
+        traced = torch.compile(enc, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(traced, eager)
+
+
+def test_tinyvit_int8_compiles_without_graph_breaks():
+    from sam_fast.models import TinyViT
+
+    enc = TinyViT(img_size=128, embed_dims=(16, 32, 40, 40), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                  window_sizes=(7, 7, 7, 7)).eval()
+    cal = calibrate(enc, IMAGES[:1], num_images=1, progress=False)
+    x = _batch(enc, IMAGES[:2])
+    with torch.no_grad(), sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8", calibration=cal)):
+        eager = enc(x)
+        torch._dynamo.reset()
+        traced = torch.compile(enc, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(traced, eager)
