@@ -110,6 +110,15 @@ def test_batched_decoder_zero_prompts_and_errors(sam):
         dec(emb, one, mask_inputs=torch.zeros(1, 1, 32, 32))
     with pytest.raises(ValueError, match="needs point_coords, boxes or mask_inputs"):
         dec(emb, one)
+    with pytest.raises(ValueError, match=r"image_index must lie in \[0, 2\), got values in \[-1, 0\]"):
+        dec(emb, torch.tensor([0, -1]), pts.expand(2, 1, 2), lab.expand(2, 1))
+    # NaN / inf prompts are named, not decoded into garbage masks
+    with pytest.raises(ValueError, match="point_coords holds NaN"):
+        dec(emb, one, torch.full((1, 1, 2), float("nan")), lab)
+    with pytest.raises(ValueError, match="boxes holds NaN"):
+        dec(emb, one, pts, lab, boxes=torch.tensor([[0.0, 0.0, float("inf"), 5.0]]))
+    with pytest.raises(ValueError, match="mask_inputs holds NaN"):
+        dec(emb, one, mask_inputs=torch.full((1, 1, 64, 64), float("nan")))
 
 
 def test_batched_decoder_loads_sam_weights(sam):
@@ -206,6 +215,11 @@ def test_predict_batch_errors(sam):
     with pytest.raises(ValueError, match="same number of prompts"):
         fast.predict_batch([{"point_coords": np.zeros((2, 1, 2)), "point_labels": np.ones((2, 1)),
                              "boxes": np.zeros((3, 4))}])
+    with pytest.raises(ValueError, match="point_coords holds NaN"):
+        fast.predict_batch([{"point_coords": np.array([[np.nan, 3.0]]), "point_labels": np.array([1])}])
+    fast.set_image(_photo("astronaut"))
+    with pytest.raises(ValueError, match="boxes holds NaN"):
+        fast.predict(box=np.array([0.0, 0.0, np.nan, 10.0]))
 
 
 def test_tiny_and_many_points(sam):

@@ -207,6 +207,8 @@ def test_bad_inputs_name_the_argument():
         (ValueError, "out_scale", dict(out_scale=0.1)),
         (TypeError, "out_dtype", dict(out_dtype=torch.float64)),
         (ValueError, "act_scale must be a positive", dict(act_scale=-1.0)),
+        (ValueError, "act_scale must be a positive finite", dict(act_scale=float("inf"))),
+        (ValueError, "act_scale must be a positive finite", dict(act_scale=float("nan"))),
         (ValueError, "backend", dict(backend="gpu")),
     ]
     for exc, text, kw in cases:
@@ -221,6 +223,8 @@ def test_bad_inputs_name_the_argument():
         sam_fast.layer_norm_quantize(x, torch.ones(31))
     with pytest.raises(ValueError, match="eps"):
         sam_fast.layer_norm_quantize(x, eps=0)
+    with pytest.raises(ValueError, match="weight holds NaN"):
+        sam_fast.quantize.quantize_weight(torch.tensor([[1.0, float("nan")], [0.5, 2.0]]))
 
 
 def test_backend_choice_is_recorded():

@@ -157,6 +157,11 @@ def test_auto_runs_the_cpp_kernel():
         (dict(crop_box=(0, 0, 5, 5)), "crop_box"),
         (dict(crop_box=(5, 5, 25, 25), image_size=(22, 22)), "crop_box .* inside image_size"),
         (dict(mask_threshold="0"), "mask_threshold"),
+        (dict(mask_threshold=float("nan")), "mask_threshold"),
+        (dict(logits=torch.zeros(2, 256, 256).index_put_((torch.tensor([1]),), torch.tensor(float("nan")))),
+         "logits holds NaN"),
+        (dict(logits=torch.full((1, 256, 256), float("-inf"), dtype=torch.bfloat16)), "logits holds NaN or infinite"),
+        (dict(logits=torch.full((1, 256, 256), 60000.0, dtype=torch.float16)), None),  # large but finite: no error
         (dict(backend="cuda"), "refused"),
     ],
 )
@@ -164,6 +169,9 @@ def test_errors_name_the_argument(kwargs, match):
     args = dict(logits=torch.zeros(1, 256, 256), input_size=(1024, 1024), original_size=(20, 20))
     args.update(kwargs)
     logits = args.pop("logits")
+    if match is None:  # a control case: valid input that a careless check might refuse
+        assert mask_postprocess(logits, **args).area.tolist() == [400] * logits.shape[0]
+        return
     with pytest.raises((ValueError, TypeError), match=match):
         mask_postprocess(logits, **args)
 

@@ -114,9 +114,6 @@ class BatchedMaskDecoder(nn.Module):
         if image_index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"image_index must be int64 or int32, got {image_index.dtype}")
         P = image_index.shape[0]
-        if P and (int(image_index.min()) < 0 or int(image_index.max()) >= I):
-            raise ValueError(f"image_index must lie in [0, {I}), got values in "
-                             f"[{int(image_index.min())}, {int(image_index.max())}]")
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         if point_coords is not None:
@@ -134,6 +131,21 @@ class BatchedMaskDecoder(nn.Module):
                 raise ValueError(f"mask_inputs must have shape {want}, got {tuple(mask_inputs.shape)}")
         if point_coords is None and boxes is None and mask_inputs is None and P:
             raise ValueError("each prompt needs point_coords, boxes or mask_inputs; none were given")
+        if P:
+            self._check_values(I, image_index, point_coords, boxes, mask_inputs)
+
+    @staticmethod
+    def _check_values(I, image_index, point_coords, boxes, mask_inputs):
+        """Index range and finite prompts, read back from the device in one synchronisation."""
+        named = [(n, t) for n, t in (("point_coords", point_coords), ("boxes", boxes), ("mask_inputs", mask_inputs))
+                 if t is not None and t.numel()]
+        probes = [image_index.min(), image_index.max()] + [(~torch.isfinite(t)).any() for _, t in named]
+        lo, hi, *nonfinite = torch.stack([v.to(torch.int64) for v in probes]).tolist()
+        if lo < 0 or hi >= I:
+            raise ValueError(f"image_index must lie in [0, {I}), got values in [{lo}, {hi}]")
+        for (name, _), bad in zip(named, nonfinite):
+            if bad:
+                raise ValueError(f"{name} holds NaN or infinite values")
 
     # -- the decoder ------------------------------------------------------------------------------------
 

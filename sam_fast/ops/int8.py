@@ -16,6 +16,7 @@ re-quantizes for the next GEMM.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple
 
@@ -183,8 +184,8 @@ def scalar_scale(s, name: str, device) -> Tensor:
     """A calibrated scale as a 0-d fp32 tensor on ``device`` (from a positive float or a one-element
     float tensor; a tensor's sign is not checked here, which would cost a host sync per call)."""
     if isinstance(s, numbers.Real) and not isinstance(s, bool):
-        if not s > 0:
-            raise ValueError(f"{name} must be a positive scale, got {s!r}")
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"{name} must be a positive finite scale, got {s!r}")
         s = torch.tensor(float(s), device=device)
     _tensor(s, name)
     if not s.is_floating_point():
@@ -366,4 +367,6 @@ def quantize_weight(weight: Tensor) -> Tuple[Tensor, Tensor]:
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
     if weight.dim() != 2 or 0 in weight.shape:
         raise ValueError(f"weight must be a non-empty (out_features, in_features) matrix, got {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):  # once per layer, when quantizing: NaN scales would be silent
+        raise ValueError("weight holds NaN or infinite values; they cannot be quantized")
     return _ref.quantize_weight(weight)
