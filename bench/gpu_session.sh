@@ -49,7 +49,7 @@ run_stage() {
       local par=()
       python3 -c "import xdist" 2>/dev/null && par+=(-n 8)
       python3 -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 400)
-      timeout "$LIMIT" python3 -m pytest -m gpu -q -rfE "${par[@]}" -p no:cacheprovider tests/test_gpu.py \
+      timeout "$LIMIT" python3 -m pytest -m gpu -q -rfE ${par[@]+"${par[@]}"} -p no:cacheprovider tests/test_gpu.py \
         > "$OUT/pytest_gpu.txt" 2>&1
       echo "exit: $?" >> "$OUT/pytest_gpu.txt"
       tail -40 "$OUT/pytest_gpu.txt"
