@@ -270,7 +270,8 @@ class BatchedMaskDecoder(nn.Module):
         """segment_anything's image-to-token Attention: image tokens (rows of image_side, shared by the
         prompts through q_index) attend to each prompt's few tokens (sam_fast::small_key_attention)."""
         out = small_key_attention(attn.q_proj(image_side), q_index, attn.k_proj(token_keys),
-                                  attn.v_proj(token_values), attn.num_heads, backend=self.backend)
+                                  attn.v_proj(token_values), attn.num_heads, backend=self.backend,
+                                  check_index=False)  # built here: an arange, or the validated image groups
         return attn.out_proj(out)
 
     def _block(self, layer, queries, keys, query_pe, key_pe):

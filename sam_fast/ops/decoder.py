@@ -131,7 +131,7 @@ _SKA_TABLE = (
 
 
 def small_key_attention(q: torch.Tensor, q_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        num_heads: int, *, backend: str = "auto") -> torch.Tensor:
+                        num_heads: int, *, backend: str = "auto", check_index: bool = True) -> torch.Tensor:
     """Many queries attending to a few keys, queries shared between prompts through ``q_index``.
 
     Args:
@@ -140,6 +140,8 @@ def small_key_attention(q: torch.Tensor, q_index: torch.Tensor, k: torch.Tensor,
         k, v: (P, T, heads * D) each prompt's keys and values (T small: the kernel holds them all).
         num_heads: heads; D = q.shape[-1] // num_heads, scale 1 / sqrt(D) (segment_anything's Attention).
         backend: "auto" | "triton" | "reference".
+        check_index: verify that q_index lies in [0, G) (one device-to-host read); callers that built
+            q_index themselves, as :class:`sam_fast.nn.BatchedMaskDecoder` does twice per call, skip it.
 
     Returns:
         (P, N, heads * D).
@@ -160,8 +162,10 @@ def small_key_attention(q: torch.Tensor, q_index: torch.Tensor, k: torch.Tensor,
         raise ValueError(f"k and v must have shape (P, T, {q.shape[2]}), got {tuple(k.shape)} and {tuple(v.shape)}")
     if q_index.shape[0] != P:
         raise ValueError(f"q_index must have one entry per prompt ({P}), got {q_index.shape[0]}")
-    if P and (int(q_index.min()) < 0 or int(q_index.max()) >= q.shape[0]):
-        raise ValueError(f"q_index must lie in [0, {q.shape[0]}), got [{int(q_index.min())}, {int(q_index.max())}]")
+    if P and check_index:
+        lo, hi = torch.stack(torch.aminmax(q_index)).tolist()
+        if lo < 0 or hi >= q.shape[0]:
+            raise ValueError(f"q_index must lie in [0, {q.shape[0]}), got [{lo}, {hi}]")
     if k.shape[1] < 1:
         raise ValueError("k must hold at least one key per prompt")
     return dispatch("small_key_attention", _SKA_TABLE, backend, q, q_index, k, v, num_heads)
