@@ -74,7 +74,7 @@ def _upscale_mask_product_kernel(x_ptr, w_ptr, b_ptr, hyper_ptr, out_ptr, HW, W_
                      mask=n_ok[:, None] & (mm[None, :] < M))
 
 
-_MAX_GRID_Y = 65535
+_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's y and z dimensions
 
 
 def _pow2_at_least_16(n: int) -> int:

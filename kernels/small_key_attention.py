@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .dilated_attention import _dot, _precision, _upcast
-from .mask_product import _round_bf16
+from .mask_product import _MAX_GRID_Y, _round_bf16
 
 MAX_KEYS = 128
 MAX_HEAD_DIM = 128
@@ -78,8 +78,8 @@ def small_key_attention(q: torch.Tensor, q_index: torch.Tensor, k: torch.Tensor,
     D_P = max(16, triton.next_power_of_2(D))
     T_P = max(16, triton.next_power_of_2(T))
     BLOCK_Q = 128 if D_P <= 64 else 64
-    for p0 in range(0, P, 65535):  # grid dimension 2 holds at most 65535 prompts
-        p1 = min(P, p0 + 65535)
+    for p0 in range(0, P, _MAX_GRID_Y):  # grid dimensions 1 and 2 hold at most 65535 prompts
+        p1 = min(P, p0 + _MAX_GRID_Y)
         _small_key_attention_kernel[(triton.cdiv(N, BLOCK_Q), num_heads, p1 - p0)](
             q, k[p0:p1], v[p0:p1], q_index[p0:p1], out[p0:p1], N, T, D ** -0.5,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
