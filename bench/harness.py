@@ -106,9 +106,25 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
 
 def append_csv(path: str, rows: List[Dict[str, object]], extra_columns: Sequence[str] = ()) -> None:
     """Append rows to ``path`` (header written when the file is new); a script may add its own columns
-    after the shared ones."""
+    after the shared ones. Rows are written under the file's own header: columns it lacks are added at
+    its end (the file is rewritten once, older rows blank there), so no row lands under the wrong name."""
     columns = COLUMNS + [c for c in extra_columns if c not in COLUMNS]
+    for r in rows:  # columns a row brings beyond the declared ones (e.g. merged from elsewhere)
+        columns += [c for c in r if c not in columns]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            missing = [c for c in columns if c not in header]
+            old = list(reader) if missing else None
+        if missing:
+            header += missing
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=header)
+                w.writeheader()
+                w.writerows(old)
+        columns = header
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

@@ -16,13 +16,14 @@ import os
 import shutil
 import sys
 
+from sam_fast.bench.harness import append_csv
+
 KEY = ("timestamp", "git_sha", "op", "case", "backend", "mode")
 
 
 def _read(path):
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
+        return list(csv.DictReader(f))
 
 
 def merge(src_dir: str, into: str) -> int:
@@ -30,31 +31,11 @@ def merge(src_dir: str, into: str) -> int:
     if not names:
         raise SystemExit(f"merge_results: no .csv files in {src_dir}")
     for name in names:
-        columns, rows = _read(os.path.join(src_dir, name))
+        rows = _read(os.path.join(src_dir, name))
         dst = os.path.join(into, name)
-        seen = set()
-        if os.path.exists(dst):
-            dst_columns, dst_rows = _read(dst)
-            missing = [c for c in columns if c not in dst_columns]
-            if missing:  # rewrite the file with the new columns appended, old rows blank there
-                all_columns = dst_columns + missing
-                with open(dst, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=all_columns)
-                    w.writeheader()
-                    w.writerows(dst_rows)
-                columns_out = all_columns
-            else:
-                columns_out = dst_columns
-            seen = {tuple(r.get(k, "") for k in KEY) for r in dst_rows}
-        else:
-            columns_out = columns
+        seen = {tuple(r.get(k, "") for k in KEY) for r in _read(dst)} if os.path.exists(dst) else set()
         new = [r for r in rows if tuple(r.get(k, "") for k in KEY) not in seen]
-        write_header = not os.path.exists(dst)
-        with open(dst, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns_out, extrasaction="ignore")
-            if write_header:
-                w.writeheader()
-            w.writerows(new)
+        append_csv(dst, new)  # by column name; columns the file lacks are added to it
         png = os.path.join(src_dir, name[:-4] + ".png")
         if os.path.exists(png):
             shutil.copyfile(png, os.path.join(into, os.path.basename(png)))

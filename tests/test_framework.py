@@ -73,3 +73,23 @@ def test_explicit_refusal_and_no_backend_list_reasons():
     with pytest.raises(BackendUnavailableError, match="not implemented for this op"):
         dispatch("demo_op", none, "cuda", 1)
     assert log == []
+
+
+def test_results_csv_keeps_columns_by_name(tmp_path):
+    """bench/results files grow: a run with a column the file lacks, and a merge of another machine's
+    CSV (bench/merge_results.py), must not shift values under the wrong header."""
+    import csv
+
+    from sam_fast.bench.harness import append_csv
+    from sam_fast.bench.merge_results import merge
+
+    path = tmp_path / "into" / "bench_x.csv"
+    append_csv(str(path), [dict(case="a", backend="b", median_ms=1.5)])
+    append_csv(str(path), [dict(case="c", backend="d", median_ms=2.5, sqnr_db=40.0)], ["sqnr_db"])
+    other = tmp_path / "gpu"
+    append_csv(str(other / "bench_x.csv"), [dict(timestamp="t1", case="e", backend="f", gbps=3.0)], ["gbps"])
+    merge(str(other), str(path.parent))
+    merge(str(other), str(path.parent))  # the same rows again: skipped
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["case"], r["backend"], r["median_ms"], r["sqnr_db"], r["gbps"]) for r in rows] == [
+        ("a", "b", "1.5", "", ""), ("c", "d", "2.5", "40", ""), ("e", "f", "", "", "3")]
