@@ -109,8 +109,6 @@ def append_csv(path: str, rows: List[Dict[str, object]], extra_columns: Sequence
     after the shared ones. Rows are written under the file's own header: columns it lacks are added at
     its end (the file is rewritten once, older rows blank there), so no row lands under the wrong name."""
     columns = COLUMNS + [c for c in extra_columns if c not in COLUMNS]
-    for r in rows:  # columns a row brings beyond the declared ones (e.g. merged from elsewhere)
-        columns += [c for c in r if c not in columns]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.exists(path):
         with open(path, newline="") as f:

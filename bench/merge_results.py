@@ -23,7 +23,8 @@ KEY = ("timestamp", "git_sha", "op", "case", "backend", "mode")
 
 def _read(path):
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
 
 
 def merge(src_dir: str, into: str) -> int:
@@ -31,11 +32,11 @@ def merge(src_dir: str, into: str) -> int:
     if not names:
         raise SystemExit(f"merge_results: no .csv files in {src_dir}")
     for name in names:
-        rows = _read(os.path.join(src_dir, name))
+        rows, columns = _read(os.path.join(src_dir, name))
         dst = os.path.join(into, name)
-        seen = {tuple(r.get(k, "") for k in KEY) for r in _read(dst)} if os.path.exists(dst) else set()
+        seen = {tuple(r.get(k, "") for k in KEY) for r in _read(dst)[0]} if os.path.exists(dst) else set()
         new = [r for r in rows if tuple(r.get(k, "") for k in KEY) not in seen]
-        append_csv(dst, new)  # by column name; columns the file lacks are added to it
+        append_csv(dst, new, columns)  # by column name; columns the file lacks are added to it
         png = os.path.join(src_dir, name[:-4] + ".png")
         if os.path.exists(png):
             shutil.copyfile(png, os.path.join(into, os.path.basename(png)))
