@@ -10,7 +10,8 @@ Public API:
   fused quantization and epilogue; :mod:`sam_fast.quantize` calibrates SAM encoders
   (``SamFastConfig(quantize="int8", calibration=...)``).
 * :func:`mask_postprocess` - segment_anything's mask post-processing (resizes, threshold, stability,
-  box, COCO RLE) as one C++ / CUDA op; :class:`SamFastPredictor` and
+  box, COCO RLE) as one C++ / CUDA op; :func:`rles_to_coco` / :func:`coco_to_mask` convert its RLE
+  to pycocotools' strings and back to masks; :class:`SamFastPredictor` and
   :class:`SamFastAutomaticMaskGenerator` - ``SamPredictor`` / ``SamAutomaticMaskGenerator`` drop-ins
   on the batched decoder (:class:`sam_fast.nn.BatchedMaskDecoder`) and that op.
 * :func:`apply` / :class:`SamFastConfig` - swap the kernels into a segment_anything model instance;
@@ -36,6 +37,8 @@ _EXPORTS = {
     "layer_norm_quantize": ".ops.int8",
     "int8_linear": ".ops.int8",
     "mask_postprocess": ".ops.postprocess",
+    "rles_to_coco": ".ops.postprocess",
+    "coco_to_mask": ".ops.postprocess",
     "SamFastPredictor": ".predictor",
     "SamFastAutomaticMaskGenerator": ".everything",
     "Branch": ".pattern",

@@ -129,6 +129,7 @@ def _segment(args) -> int:
     sam.to(device)
     if args.everything:
         from sam_fast import SamFastAutomaticMaskGenerator
+        from sam_fast.ops.postprocess import coco_to_mask
 
         engine = SamFastAutomaticMaskGenerator(sam, points_per_side=args.points_per_side, output_mode="coco_rle",
                                                hierarchical=args.hierarchical)
@@ -147,7 +148,7 @@ def _segment(args) -> int:
         H, W = image.shape[:2]
         if args.everything:
             records = engine.generate(image)
-            masks = [_decode(r["segmentation"]) for r in records]
+            masks = [coco_to_mask(r["segmentation"]) for r in records]
         else:
             engine.set_image(image)
             multimask = len(points) == 1 and box is None
@@ -242,31 +243,6 @@ def _inspect(args) -> int:
 def _xywh(box):
     x0, y0, x1, y1 = box
     return [x0, y0, x1 - x0, y1 - y0]
-
-
-def _decode(seg):
-    from sam_fast.everything import _rle_to_mask
-
-    return _rle_to_mask({"size": seg["size"], "counts": _string_counts(seg["counts"])})
-
-
-def _string_counts(text: str) -> list:
-    """pycocotools' compressed counts back to integers (the inverse of rleToString)."""
-    counts, i = [], 0
-    while i < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(text[i]) - 48
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            i += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
 
 
 def main(argv=None) -> int:

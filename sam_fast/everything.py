@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torchvision.ops.boxes import batched_nms, box_area
 
-from .ops.postprocess import mask_postprocess, rles_to_coco
+from .ops.postprocess import coco_to_mask, mask_postprocess, rles_to_coco
 from .predictor import SamFastPredictor
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -100,13 +100,6 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tup
         if not fill:  # every region is small: keep the largest
             fill = [int(np.argmax(sizes)) + 1]
     return np.isin(regions, fill), True
-
-
-def _rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:
-    h, w = rle["size"]
-    values = np.zeros(len(rle["counts"]), dtype=bool)
-    values[1::2] = True
-    return np.repeat(values, rle["counts"]).reshape(w, h).T
 
 
 class SamFastAutomaticMaskGenerator:
@@ -198,7 +191,7 @@ class SamFastAutomaticMaskGenerator:
         if self.output_mode == "coco_rle":
             segmentations = self._coco(rles)
         elif self.output_mode == "binary_mask":
-            segmentations = [_rle_to_mask(r) for r in rles]
+            segmentations = [coco_to_mask(r) for r in rles]
         else:
             segmentations = rles
         records = []
@@ -356,7 +349,7 @@ class SamFastAutomaticMaskGenerator:
             return data
         masks, scores = [], []
         for rle in data["rles"]:
-            mask = _rle_to_mask(rle)
+            mask = coco_to_mask(rle)
             mask, changed = remove_small_regions(mask, min_area, mode="holes")
             unchanged = not changed
             mask, changed = remove_small_regions(mask, min_area, mode="islands")

@@ -10,7 +10,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from skimage import data
 
-from sam_fast.cli import _string_counts, main
+from sam_fast.cli import main
+from sam_fast.reference.postprocess import coco_counts
 from sam_fast.models import load_sam, tiny_sam
 
 
@@ -38,7 +39,7 @@ def _check_outputs(out, images):
             seg = ann["segmentation"]
             mask = mask_utils.decode(dict(seg, counts=seg["counts"].encode()))
             assert mask.shape == (H, W) and int(mask.sum()) == ann["area"]
-            assert _string_counts(seg["counts"]) == _counts_of(mask)
+            assert coco_counts(seg["counts"]) == _counts_of(mask)
         assert Image.open(out / f"{name}.png").size == (W, H)
     return coco
 

@@ -119,6 +119,52 @@ def test_string_encoding_matches_pycocotools_on_awkward_counts():
     assert ref.coco_string(_uncompressed(mask)) == rle["counts"].decode()
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (1, 7), (5, 1)])
+def test_coco_to_mask_inverts_pycocotools(shape):
+    # Both record forms, str and bytes counts; masks starting with ones, all zeros and all ones.
+    rng = np.random.default_rng(1)
+    cases = [np.zeros(shape, np.uint8), np.ones(shape, np.uint8), (rng.random(shape) < 0.4).astype(np.uint8)]
+    if shape == (300, 200):
+        cases.append(cases[2].copy())
+        cases[3][:, 37] = 1
+    for mask in cases:
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        expect = mask_utils.decode(rle).astype(bool)
+        assert ref.coco_counts(rle["counts"].decode()) == _uncompressed(mask)
+        for record in (rle, dict(rle, counts=rle["counts"].decode()),
+                       {"size": list(shape), "counts": _uncompressed(mask)}):
+            got = sam_fast.coco_to_mask(record)
+            assert got.dtype == np.bool_ and got.shape == shape and np.array_equal(got, expect)
+
+
+def test_coco_to_mask_of_an_empty_frame():
+    assert sam_fast.coco_to_mask({"size": [0, 4], "counts": ""}).shape == (0, 4)
+    assert sam_fast.coco_to_mask({"size": [3, 0], "counts": []}).shape == (3, 0)
+
+
+def test_coco_to_mask_round_trips_the_op():
+    logits = smooth_logits(6, h=64, w=64, seed=5)
+    got = mask_postprocess(logits, input_size=(1024, 1024), original_size=(90, 70), return_masks=True)
+    for record, mask in zip(rles_to_coco(got.rle_counts, got.rle_offsets, (90, 70)), got.masks):
+        assert np.array_equal(sam_fast.coco_to_mask(record), mask.numpy())
+
+
+@pytest.mark.parametrize("record, error, match", [
+    ([1, 2], TypeError, "record"),
+    ({"size": [2, 2]}, TypeError, "record"),
+    ({"size": [2], "counts": [4]}, ValueError, r"record\['size'\]"),
+    ({"size": [2, -1], "counts": []}, ValueError, r"record\['size'\]"),
+    ({"size": [2, 2], "counts": [1, 2]}, ValueError, "cover 3 pixels"),
+    ({"size": [2, 2], "counts": [5, -1]}, ValueError, "non-negative"),
+    ({"size": [2, 2], "counts": 4}, TypeError, r"record\['counts'\]"),
+    ({"size": [2, 2], "counts": "4 "}, ValueError, "not a compressed-RLE character"),
+    ({"size": [2, 2], "counts": "o"}, ValueError, "ends inside a run"),
+])
+def test_coco_to_mask_rejects_malformed_records(record, error, match):
+    with pytest.raises(error, match=match):
+        sam_fast.coco_to_mask(record)
+
+
 def _uncompressed(mask):
     flat = mask.flatten(order="F")
     change = np.flatnonzero(np.diff(flat)) + 1

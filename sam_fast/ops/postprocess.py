@@ -23,7 +23,7 @@ from ..reference import postprocess as _ref
 from ..reference.postprocess import PostprocessedMasks
 from ._ext import cpp_device_refusal, extension_error
 
-__all__ = ["PostprocessedMasks", "mask_postprocess", "rles_to_coco", "rles_to_uncompressed"]
+__all__ = ["PostprocessedMasks", "coco_to_mask", "mask_postprocess", "rles_to_coco", "rles_to_uncompressed"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_MASKS_PER_CALL = 65535  # the CUDA kernel's grid dimension
@@ -222,6 +222,44 @@ def rles_to_coco(counts: torch.Tensor, offsets: torch.Tensor, size: Sequence[int
     counts, offsets = counts.cpu(), offsets.cpu()
     strings = dispatch("rle_to_string", _STRING_TABLE, "auto", counts, offsets)
     return [{"size": [h, w], "counts": s} for s in strings]
+
+
+def coco_to_mask(record: dict):
+    """One RLE record -> its binary mask, a ``(h, w)`` bool numpy array.
+
+    ``record`` is ``{"size": [h, w], "counts": ...}`` with the counts either pycocotools' compressed
+    string (``str`` or ``bytes``, as :func:`rles_to_coco` and ``output_mode="coco_rle"`` write them) or
+    segment_anything's uncompressed list of run lengths (:func:`rles_to_uncompressed`,
+    ``output_mode="uncompressed_rle"``). Runs are column-major and start with a run of zeros, as in
+    pycocotools, so ``coco_to_mask(r)`` equals ``pycocotools.mask.decode(r)`` (which needs the bytes).
+    Malformed records raise ``ValueError`` / ``TypeError`` naming what is wrong.
+    """
+    import numpy as np
+
+    if not isinstance(record, dict) or "size" not in record or "counts" not in record:
+        raise TypeError(f"record: expected a dict with 'size' and 'counts', got {type(record).__name__}")
+    size = record["size"]
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)):
+        raise ValueError(f"record['size']: expected [height, width] of non-negative ints, got {size!r}")
+    h, w = size
+    counts = record["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", errors="replace")
+    if isinstance(counts, str):
+        counts = _ref.coco_counts(counts)
+    elif isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    elif not isinstance(counts, (list, tuple, np.ndarray)):
+        raise TypeError(f"record['counts']: expected str, bytes or a list of ints, got {type(counts).__name__}")
+    runs = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if runs.size and int(runs.min()) < 0:
+        raise ValueError("record['counts']: run lengths must be non-negative")
+    if int(runs.sum()) != h * w:
+        raise ValueError(f"record['counts']: the runs cover {int(runs.sum())} pixels, size {h}x{w} has {h * w}")
+    values = np.zeros(runs.size, dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, runs).reshape(w, h).T
 
 
 def _strings_cpp(counts, offsets):

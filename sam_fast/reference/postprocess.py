@@ -14,7 +14,7 @@ It materialises every full-resolution float mask, which is exactly what the fuse
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +99,28 @@ def coco_string(counts: Sequence[int]) -> str:
             more = value != -1 if group & 0x10 else value != 0
             out.append(chr((group | (0x20 if more else 0)) + 48))
     return "".join(out)
+
+
+def coco_counts(text: str) -> List[int]:
+    """The inverse of :func:`coco_string`: pycocotools' compressed string back to run lengths, plainly."""
+    counts: List[int] = []
+    i = 0
+    while i < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if i == len(text):
+                raise ValueError("counts: the compressed string ends inside a run length")
+            group = ord(text[i]) - 48
+            if not 0 <= group < 64:
+                raise ValueError(f"counts: {text[i]!r} at position {i} is not a compressed-RLE character")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            i += 1
+            shift += 5
+            if not more and group & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
