@@ -122,16 +122,23 @@ def dilated_attention_reference(
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     outs, lses = zip(*(_branch(qt, kt, vt, br, grid, rel_pos_h, rel_pos_w, scale, pad_kv) for br in branches))
-    if len(outs) == 1:
-        out, lse = outs[0], lses[0]
-    else:
-        lse_all = torch.stack(lses)  # (nb, B, H, N)
-        m = lse_all.amax(dim=0)
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        w = torch.exp(lse_all - m_safe)
-        total = w.sum(dim=0)
-        total_safe = torch.where(total > 0, total, torch.ones_like(total))
-        w = w / total_safe
-        out = sum(wi[..., None] * oi.to(w.dtype) for wi, oi in zip(w, outs)).to(q.dtype)
-        lse = torch.where(total > 0, m_safe + torch.log(total_safe), torch.full_like(m, float("-inf")))
+    out, lse = merge_branches(outs, lses)
     return out.transpose(1, 2), lse
+
+
+def merge_branches(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Branch results -> the combined attention: outputs weighted by softmax over the branches of their
+    lse, and the lse of the union. Any layout where each ``out`` is its ``lse`` with a trailing feature
+    dim; a position no branch keeps (every lse -inf) gets output 0 and lse -inf."""
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse_all = torch.stack(lses)  # (nb, ...)
+    m = lse_all.amax(dim=0)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse_all - m_safe)
+    total = w.sum(dim=0)
+    total_safe = torch.where(total > 0, total, torch.ones_like(total))
+    w = w / total_safe
+    out = sum(wi[..., None] * oi.to(w.dtype) for wi, oi in zip(w, outs)).to(outs[0].dtype)
+    lse = torch.where(total > 0, m_safe + torch.log(total_safe), torch.full_like(m, float("-inf")))
+    return out, lse
