@@ -283,9 +283,14 @@ def cases(device, quick):
         return out
     from sam_fast import Branch
 
-    return [("N=256 D=32 B=1", "2d(8,8)r2", [Branch((8, 8), 2)], 1, 4, 32, (16, 16)),
-            ("N=256 D=32 B=1", "longnet{64:1,128:2,256:4}", [Branch(64, 1), Branch(128, 2), Branch(256, 4)],
-             1, 4, 32, (16, 16))]
+    out = [("N=256 D=32 B=1", "2d(8,8)r2", [Branch((8, 8), 2)], 1, 4, 32, (16, 16)),
+           ("N=256 D=32 B=1", "longnet{64:1,128:2,256:4}", [Branch(64, 1), Branch(128, 2), Branch(256, 4)],
+            1, 4, 32, (16, 16))]
+    if not quick:  # SAM's grid with ViT-B's 12 heads: what a CPU user of a dilated encoder runs
+        out += [("N=4096 D=64 B=1 H=12", "2d(32,32)r2", [Branch((32, 32), 2)], 1, 12, 64, (64, 64)),
+                ("N=4096 D=64 B=1 H=12", "longnet{1024:1,2048:2,4096:4}",
+                 [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)], 1, 12, 64, (64, 64))]
+    return out
 
 
 def run_cases(device, dtype, quick, prov, progress=None):
