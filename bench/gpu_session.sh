@@ -16,6 +16,7 @@
 # Each stage has its own time limit, so a slow one cannot take the others' results with it. Output: text
 # logs in $OUT and everything else packed into $OUT/session.tgz (the device returns at most 8 files);
 # HERE: tar xzf .../session.tgz -C /tmp/gpu && python bench/merge_results.py /tmp/gpu/results
+#       python bench/targets.py --detail     (each issue target: met / MISSED / not measured, worst case)
 set -uo pipefail
 OUT=${OUT:-/tmp/sam_fast_out}
 mkdir -p "$OUT/pack/results"
