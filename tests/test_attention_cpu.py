@@ -153,3 +153,35 @@ def test_gradcheck_batched_dilated_branches(pattern, padded):
         return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
     assert torch.autograd.gradcheck(f, (q, k, v, th, tw))
+
+
+def test_missing_keys_known_from_geometry():
+    """Whether a branch masks any key is decided from its geometry in Python (so torch.compile sees no
+    data-dependent branch); it must agree with the key-validity tensor over many layouts."""
+    import itertools
+
+    from sam_fast.ops.attention_cpu import _Layout
+    from sam_fast.pattern import ResolvedBranch
+
+    for rows, cols, sh, sw, dy, dx, H, full in itertools.product((1, 5, 7), (6, 9), (1, 3, 4, 8), (2, 5, 9), (1, 2, 3),
+                                                                (1, 2, 4), (1, 2, 5), (False, True)):
+        if dy <= sh and dx <= sw:
+            lay = _Layout(ResolvedBranch(rows, cols, (sh, sw), (dy, dx), True), full, H, "cpu")
+            assert lay.all_keys == bool(lay.is_key.all()), (rows, cols, sh, sw, dy, dx, H, full)
+
+
+def test_cpu_backend_compiles_without_graph_breaks():
+    """A dilated, partial, two-branch pattern with rel-pos through torch.compile(fullgraph=True): nothing
+    data-dependent in the batched path; same result as eager."""
+    grid, H, D = (5, 6), 3, 8
+    pattern = [Branch((4, 4), 2), Branch((5, 6))]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 30, H, D, generator=gen) for _ in range(3))
+    th, tw = (torch.randn(11, D, generator=gen) for _ in range(2))
+
+    def f(q, k, v):
+        return sam_fast.dilated_attention(q, k, v, pattern, grid=grid, rel_pos_h=th, rel_pos_w=tw, backend="cpu")
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v))

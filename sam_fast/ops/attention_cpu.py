@@ -73,7 +73,13 @@ class _Layout:
         shape = (self.ns_y * self.ns_x, H, self.ay * self.ax)
         self.is_query = (qy[:, None, :, :, None] & qx[None, :, :, None, :]).reshape(shape)
         self.is_key = (ky[:, None, :, :, None] & kx[None, :, :, None, :]).reshape(shape)
-        self.all_keys = bool(self.is_key.all())
+        # whether no key is missing, from the geometry alone (no data-dependent branch under torch.compile):
+        # the furthest index any head reads along an axis must lie in its segment (and, without virtual
+        # keys, in the grid's last segment)
+        ly, lx = br.rows - (self.ns_y - 1) * sh, br.cols - (self.ns_x - 1) * sw
+        far_y = max((h // self.dx) % self.dy for h in range(H)) + (self.ay - 1) * self.dy
+        far_x = max(h % self.dx for h in range(H)) + (self.ax - 1) * self.dx
+        self.all_keys = far_y < (sh if full else min(sh, ly)) and far_x < (sw if full else min(sw, lx))
         self.pad_y, self.pad_x = self.ns_y * sh - br.rows, self.ns_x * sw - br.cols
 
     @staticmethod
