@@ -104,6 +104,13 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "peak_mem_mb": float("nan")}
 
 
+def read_csv(path: str):
+    """A results CSV as ``(rows as dicts, header)``."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
+
+
 def append_csv(path: str, rows: List[Dict[str, object]], extra_columns: Sequence[str] = ()) -> None:
     """Append rows to ``path`` (header written when the file is new); a script may add its own columns
     after the shared ones. Rows are written under the file's own header: columns it lacks are added at

@@ -11,20 +11,13 @@ are not added twice.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import sys
 
-from sam_fast.bench.harness import append_csv
+from sam_fast.bench.harness import append_csv, read_csv
 
 KEY = ("timestamp", "git_sha", "op", "case", "backend", "mode")
-
-
-def _read(path):
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader), list(reader.fieldnames or [])
 
 
 def merge(src_dir: str, into: str) -> int:
@@ -32,9 +25,9 @@ def merge(src_dir: str, into: str) -> int:
     if not names:
         raise SystemExit(f"merge_results: no .csv files in {src_dir}")
     for name in names:
-        rows, columns = _read(os.path.join(src_dir, name))
+        rows, columns = read_csv(os.path.join(src_dir, name))
         dst = os.path.join(into, name)
-        seen = {tuple(r.get(k, "") for k in KEY) for r in _read(dst)[0]} if os.path.exists(dst) else set()
+        seen = {tuple(r.get(k, "") for k in KEY) for r in read_csv(dst)[0]} if os.path.exists(dst) else set()
         new = [r for r in rows if tuple(r.get(k, "") for k in KEY) not in seen]
         append_csv(dst, new, columns)  # by column name; columns the file lacks are added to it
         png = os.path.join(src_dir, name[:-4] + ".png")

@@ -16,13 +16,14 @@ when given. Exit status 0 whatever the verdicts: this reports, it does not gate.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
+
+from sam_fast.bench.harness import read_csv
 
 SINGLE_BRANCH_DILATED = ("2d(32,32)r2", "2d(64,64)r4", "2d(64,64)r2")
 
@@ -126,8 +127,7 @@ def read_results(results_dir: str) -> Dict[str, List[dict]]:
         raise SystemExit(f"targets: no results folder {results_dir}")
     for name in sorted(os.listdir(results_dir)):
         if name.endswith(".csv"):
-            with open(os.path.join(results_dir, name), newline="") as f:
-                out[name[:-4]] = list(csv.DictReader(f))
+            out[name[:-4]] = read_csv(os.path.join(results_dir, name))[0]
     return out
 
 

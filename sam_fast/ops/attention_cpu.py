@@ -62,9 +62,9 @@ class _Layout:
         self.sh, self.sw = sh, sw
         self.ns_y, self.ns_x = -(-br.rows // sh), -(-br.cols // sw)
         self.ay, self.ax = -(-sh // self.dy), -(-sw // self.dx)
-        heads = torch.arange(H, device=device)
-        self.heads = heads
-        self.oy, self.ox = (heads // self.dx) % self.dy, heads % self.dx
+        offsets = [br.offsets(h) for h in range(H)]  # the pattern's per-head offsets (oy, ox)
+        self.heads = torch.arange(H, device=device)
+        self.oy, self.ox = torch.tensor(offsets, dtype=torch.int64, device=device).unbind(1)
         self.dilated = (self.dy, self.dx) != (1, 1)
         # per head and segment, whether each dilated index is a query (a real token of the segment)
         # and whether it is a key (real, or virtual with full)
@@ -77,8 +77,8 @@ class _Layout:
         # the furthest index any head reads along an axis must lie in its segment (and, without virtual
         # keys, in the grid's last segment)
         ly, lx = br.rows - (self.ns_y - 1) * sh, br.cols - (self.ns_x - 1) * sw
-        far_y = max((h // self.dx) % self.dy for h in range(H)) + (self.ay - 1) * self.dy
-        far_x = max(h % self.dx for h in range(H)) + (self.ax - 1) * self.dx
+        far_y = max(oy for oy, _ in offsets) + (self.ay - 1) * self.dy
+        far_x = max(ox for _, ox in offsets) + (self.ax - 1) * self.dx
         self.all_keys = far_y < (sh if full else min(sh, ly)) and far_x < (sw if full else min(sw, lx))
         self.pad_y, self.pad_x = self.ns_y * sh - br.rows, self.ns_x * sw - br.cols
 
