@@ -28,7 +28,7 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import bench_main, measure, provenance, save_results
+from sam_fast.bench.harness import LiveRows, bench_main, measure, provenance, save_results
 
 SCRIPT = "bench_attention"
 BASELINE = "segment_anything"
@@ -153,8 +153,7 @@ def global_cases(device, quick):
     return small + ([] if quick else [("vit_b global N=4096 B=1", 1, 12, 64, (64, 64))])  # ~1 s a call on 2 cores
 
 
-def run_global(device, dtype, quick, prov):
-    rows = []
+def run_global(device, dtype, quick, prov, rows):
     gen = torch.Generator(device=device).manual_seed(0)
     for case, B, H, D, grid in global_cases(device, quick):
         N = grid[0] * grid[1]
@@ -192,13 +191,12 @@ def _no_grad(fn, args):
     return run
 
 
-def run_window(device, dtype, quick, prov):
+def run_window(device, dtype, quick, prov, rows):
     """Whole window-attention modules: segment_anything pad/partition/attn/unpartition vs sam_fast."""
     from segment_anything.modeling.image_encoder import Attention, window_partition, window_unpartition
 
     from sam_fast.nn.attention import sam_attention
 
-    rows = []
     if device.type == "cuda":
         cases = [(f"{m} window 14 grid 64 B={b}", b, c, h, 14, (64, 64))
                  for m, c, h in [("vit_b", 768, 12), ("vit_h", 1280, 16)] for b in ([1] if quick else [1, 8])]
@@ -255,7 +253,9 @@ def run(out_dir: str, quick: bool = False, device: str = None):
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     prov = provenance(dev)
-    rows = run_global(dev, dtype, quick, prov) + run_window(dev, dtype, quick, prov)
+    rows = LiveRows(out_dir, SCRIPT)
+    run_global(dev, dtype, quick, prov, rows)
+    run_window(dev, dtype, quick, prov, rows)
     if dev.type == "cpu":
         rows += check_triton_interpreter(prov)
     return save_results(out_dir, SCRIPT, rows, BASELINE,

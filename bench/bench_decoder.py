@@ -32,7 +32,7 @@ interpreter_without_gpu()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sam_fast.bench.harness import bench_main, measure, provenance, save_results  # noqa: E402
+from sam_fast.bench.harness import LiveRows, bench_main, measure, provenance, save_results  # noqa: E402
 
 SCRIPT = "bench_decoder"
 BASELINE = "segment_anything"
@@ -45,7 +45,7 @@ def _logits(P, device, seed=0):
     return F.interpolate(coarse, (256, 256), mode="bicubic", align_corners=False)[:, 0].contiguous().to(device)
 
 
-def _postprocess_rows(dev, prov, quick):
+def _postprocess_rows(dev, prov, quick, rows):
     from sam_fast.ops.postprocess import mask_postprocess
 
     gpu = dev.type == "cuda"
@@ -53,7 +53,6 @@ def _postprocess_rows(dev, prov, quick):
     geometries = [("1024x1024", (1024, 1024), (1024, 1024))]
     if gpu:
         geometries.append(("1500x2250", (683, 1024), (1500, 2250)))
-    rows = []
     logits = _logits(P, dev)
     for name, input_size, original in geometries:
         kw = dict(input_size=input_size, original_size=original)
@@ -80,7 +79,7 @@ def _postprocess_rows(dev, prov, quick):
     return rows
 
 
-def _decoder_rows(dev, prov, quick):
+def _decoder_rows(dev, prov, quick, rows):
     from sam_fast.models import sam_decoder, tiny_sam
     from sam_fast.nn.decoder import BatchedMaskDecoder
 
@@ -108,7 +107,6 @@ def _decoder_rows(dev, prov, quick):
     def ours():
         return dec(emb, torch.zeros(P, dtype=torch.int64, device=dev), coords, labels, multimask_output=True)
 
-    rows = []
     with torch.no_grad():
         ref = baseline()[0].float()
         err = (ours()[0].float() - ref).abs().max().item()
@@ -123,7 +121,9 @@ def _decoder_rows(dev, prov, quick):
 def run(out_dir: str, quick: bool = False, device: str = None):
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
-    rows = _postprocess_rows(dev, prov, quick) + _decoder_rows(dev, prov, quick)
+    rows = LiveRows(out_dir, SCRIPT)
+    _postprocess_rows(dev, prov, quick, rows)
+    _decoder_rows(dev, prov, quick, rows)
     _, png = save_results(out_dir, SCRIPT, rows, BASELINE,
                           f"SAM decoder side: speedup over segment_anything ({prov['device']})")
     for r in rows:

@@ -42,7 +42,8 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import bench_main, measure, provenance, save_results
+from sam_fast.bench.harness import (LiveRows, bench_main, measure, progress, provenance, raise_recompile_limit,
+                                    save_results)
 
 SCRIPT = "bench_dilated_attention"
 BASELINE = "gather_sdpa_scatter"
@@ -237,9 +238,9 @@ def _sam_fast(pattern, grid, backend):
 
 
 def _peers(pattern_name, pattern, B, N, H, grid, device):
+    """The backends of one case, FlexAttention (slowest to compile) last."""
     peers = [(BASELINE, lambda: GatherSdpaScatter(pattern, B, N, H, grid, device))]
     if device.type == "cuda":
-        peers.append(("flex_attention(mask_mod)", lambda: FlexMasked(pattern, B, N, H, grid, device)))
         peers.append(("sam_fast(triton)", lambda: _sam_fast(pattern, grid, "triton")))
         if pattern_name == "dense":
             mod = _foundation_kernel()
@@ -252,6 +253,7 @@ def _peers(pattern_name, pattern, B, N, H, grid, device):
                 peers.append((f"foundation@{FOUNDATION_SHA}", lambda f=foundation: f))
         else:
             peers.append(("sam_fast_dense", lambda: _sam_fast(None, grid, "triton")))
+        peers.append(("flex_attention(mask_mod)", lambda: FlexMasked(pattern, B, N, H, grid, device)))
     else:
         peers.append(("sam_fast(cpu)", lambda: _sam_fast(pattern, grid, "cpu")))
     return peers
@@ -269,11 +271,13 @@ def machine_rooflines(device):
 
 
 def cases(device, quick):
+    """The cases in the order they run: on a GPU the issue's target cases first (D=64 at batch 8 holds
+    the roofline target), so a run cut short by its stage's time limit has measured what matters."""
     pats = _patterns()
     if device.type == "cuda":
         out = []
         for D in (64, 80):
-            for B in ([1] if quick else [1, 8]):
+            for B in ([1] if quick else [8, 1]):
                 for name in pats:
                     out.append((f"N=4096 D={D} B={B}", name, pats[name], B, 16, D, (64, 64)))
         from sam_fast import Branch
@@ -293,14 +297,18 @@ def cases(device, quick):
     return out
 
 
-def run_cases(device, dtype, quick, prov, progress=None):
-    rows = []
+def run_cases(device, dtype, quick, prov, each=None, rows=None):
+    """Measure every case; rows go to ``rows`` (a :class:`LiveRows` writes each at once) and are returned."""
+    rows = [] if rows is None else rows
     bw = mm = None
     if device.type == "cuda":
         bw, mm = machine_rooflines(device)
+        rows.append(dict(prov, op="machine", case="copy bandwidth / bf16 matmul", backend="torch", mode="-",
+                         metric="GB/s", value=bw / 1e9, note=f"bf16 matmul {mm / 1e12:.0f} TFLOP/s (8192^3)"))
+        raise_recompile_limit()  # FlexAttention: one graph per case and mode
     gen = torch.Generator(device=device).manual_seed(0)
     todo = cases(device, quick)
-    for case, pname, pattern, B, H, D, grid in (progress(todo) if progress else todo):
+    for case, pname, pattern, B, H, D, grid in (each(todo) if each else todo):
         N = grid[0] * grid[1]
         q, k, v = (torch.randn(B, N, H, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
         scale = D**-0.5
@@ -332,9 +340,6 @@ def run_cases(device, dtype, quick, prov, progress=None):
                 except Exception as exc:  # a peer that cannot run a case is reported, not fatal
                     row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
                 rows.append(row)
-    if bw is not None:
-        rows.append(dict(prov, op="machine", case="copy bandwidth / bf16 matmul", backend="torch", mode="-",
-                         metric="GB/s", value=bw / 1e9, note=f"bf16 matmul {mm / 1e12:.0f} TFLOP/s (8192^3)"))
     return rows
 
 
@@ -371,13 +376,14 @@ def check_triton_interpreter(prov):
 
 
 def run(out_dir: str, quick: bool = False, device: str = None):
-    from tqdm import tqdm
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     prov = provenance(dev)
-    progress = (lambda xs: tqdm(xs, desc="dilated attention cases", unit="case")) if sys.stderr.isatty() else None
-    rows = run_cases(dev, dtype, quick, prov, progress)
+
+    def each(todo):
+        return progress(todo, "dilated attention cases", lambda c: f"{c[0]} {c[1]}")
+
+    rows = run_cases(dev, dtype, quick, prov, each, LiveRows(out_dir, SCRIPT, EXTRA_COLUMNS))
     if dev.type == "cpu":
         rows += check_triton_interpreter(prov)
     return save_results(out_dir, SCRIPT, rows, BASELINE, f"dilated attention, {prov['device']}, {prov['git_sha']}",

@@ -33,7 +33,7 @@ interpreter_without_gpu()
 
 import torch  # noqa: E402
 
-from sam_fast.bench.harness import bench_main, measure, provenance, save_results  # noqa: E402
+from sam_fast.bench.harness import LiveRows, bench_main, measure, provenance, save_results  # noqa: E402
 
 SCRIPT = "bench_e2e"
 BASELINE = "segment_anything"
@@ -135,7 +135,7 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
     prov = provenance(dev)
     dtype = torch.bfloat16 if gpu else torch.float32
     batch = (1 if quick else 8) if gpu else 2
-    rows = []
+    rows = LiveRows(out_dir, SCRIPT, ["sqnr_db"])
     images = _images(8)
     wanted = [m.strip() for m in models.split(",") if m.strip()]
     for name, enc in _encoders(gpu):
@@ -172,11 +172,11 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
                 handle.__exit__(None, None, None)
             elif handle is not None:
                 handle.undo()
+            note = (f"calibration: embedding SQNR {cal.embedding_sqnr_db:.1f} dB, {len(cal.left_float)} float"
+                    if "int8" in backend else "")
             rows.append(dict(prov, op="image_encoder", case=f"{name} B={batch} {str(dtype)[6:]}", backend=backend,
                              mode="fwd", metric="img_per_s", value=batch / (m["median_ms"] * 1e-3),
-                             sqnr_db=sqnr_db(ref, out), **m))
-        int8_row = next(r for r in reversed(rows) if "int8" in r["backend"])
-        int8_row["note"] = f"calibration: embedding SQNR {cal.embedding_sqnr_db:.1f} dB, {len(cal.left_float)} float"
+                             sqnr_db=sqnr_db(ref, out), note=note, **m))
     _, png = save_results(out_dir, SCRIPT, rows, BASELINE,
                           f"SAM image encoder img/s vs segment_anything ({prov['device']})", ["sqnr_db"])
     for r in rows:

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sam_fast.bench.harness import bench_main, measure, provenance, save_results  # noqa: E402
+from sam_fast.bench.harness import LiveRows, bench_main, measure, provenance, save_results  # noqa: E402
 
 SCRIPT = "bench_everything"
 BASELINE = "segment_anything"
@@ -55,16 +55,21 @@ class FixedEmbedding(nn.Module):
 
 
 def _agreement(reference, other) -> float:
-    """Mean over ``reference`` masks of the best IoU with any ``other`` mask."""
-    from sam_fast.cli import _decode
+    """Mean over ``reference`` masks of the best IoU with any ``other`` mask (COCO RLE records)."""
+    from sam_fast import coco_to_mask
 
     if not reference or not other:
         return float("nan")
-    a = np.stack([_decode(r["segmentation"]).ravel() for r in reference]).astype(np.float32)
-    b = np.stack([_decode(r["segmentation"]).ravel() for r in other]).astype(np.float32)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def stack(records):  # (masks, pixels) float32: exact counts below 2**24 pixels (TF32 is off by default)
+        return torch.stack([torch.from_numpy(coco_to_mask(r["segmentation"])).ravel() for r in records]).to(
+            dev, torch.float32)
+
+    a, b = stack(reference), stack(other)
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return float((inter / np.maximum(union, 1)).max(axis=1).mean())
+    return float((inter / union.clamp_min(1)).amax(dim=1).mean())
 
 
 def run(out_dir: str, quick: bool = False, device: str = None):
@@ -103,7 +108,7 @@ def run(out_dir: str, quick: bool = False, device: str = None):
     ]
     if fast_model is not sam:
         generators.insert(2, ("sam_fast_fp32", SamFastAutomaticMaskGenerator(sam, **kw)))
-    rows, records = [], {}
+    rows, records = LiveRows(out_dir, SCRIPT), {}
     case = f"{side}x{side} {pps}x{pps} points"
     with torch.no_grad():
         for backend, gen in generators:

@@ -17,10 +17,22 @@
 # logs in $OUT and everything else packed into $OUT/session.tgz (the device returns at most 8 files);
 # HERE: tar xzf .../session.tgz -C /tmp/gpu && python bench/merge_results.py /tmp/gpu/results
 #       python bench/targets.py --detail     (each issue target: met / MISSED / not measured, worst case)
+# Time: one device call may run 600 s. Every stage is given what is left of CALL_LIMIT_S (default 580 s,
+# counted from the script's start, the build included) less a margin for packing, at most STAGE_LIMIT_S;
+# a stage with under a minute left is skipped and says so. The bench scripts write each CSV row as it is
+# measured and run the issues' target cases first, so a stage cut short keeps what it measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/sam_fast_out}
 mkdir -p "$OUT/pack/results"
+T0=$SECONDS
 LIMIT=${STAGE_LIMIT_S:-540}
+CALL_LIMIT=${CALL_LIMIT_S:-580}
+
+left() {  # seconds the next step may run: what remains of the call, less 15 s for packing, at most LIMIT
+  local s=$((CALL_LIMIT - (SECONDS - T0) - 15))
+  s=$((s < LIMIT ? s : LIMIT))
+  echo $((s < 1 ? 1 : s))
+}
 
 setup() {
   if [ -d .whl ] && ! python3 -c "import segment_anything, pycocotools" 2>/dev/null; then
@@ -28,6 +40,7 @@ setup() {
   fi
   export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
   if [ -f .whl/foundation_attention.py ]; then export SAM_FAST_FOUNDATION_KERNEL="$PWD/.whl/foundation_attention.py"; fi
+  if [ -f .whl/GIT_SHA ]; then export SAM_FAST_GIT_SHA="$(cat .whl/GIT_SHA)"; fi
   if ! python3 -c "import torch, sam_fast._C; assert torch.ops.sam_fast.mask_postprocess" 2>/dev/null; then
     local t0=$SECONDS
     python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/pack/build.log" 2>&1 \
@@ -43,14 +56,19 @@ pack() {
 }
 
 run_stage() {
-  local stage=$1 t0=$SECONDS
-  echo "== $stage"
+  local stage=$1 t0=$SECONDS lim
+  lim=$(left)
+  if [ "$lim" -lt 60 ]; then
+    echo "== $stage SKIPPED: ${lim} s left of this call's ${CALL_LIMIT} s; run it in the next call"
+    return 0
+  fi
+  echo "== $stage (limit ${lim} s)"
   case "$stage" in
     tests)
       local par=()
       python3 -c "import xdist" 2>/dev/null && par+=(-n 8)
       python3 -c "import pytest_timeout" 2>/dev/null && par+=(--timeout 400)
-      timeout "$LIMIT" python3 -m pytest -m gpu -q -rfE ${par[@]+"${par[@]}"} -p no:cacheprovider tests/test_gpu.py \
+      timeout -k 10 "$lim" python3 -m pytest -m gpu -q -rfE ${par[@]+"${par[@]}"} -p no:cacheprovider tests/test_gpu.py \
         > "$OUT/pytest_gpu.txt" 2>&1
       echo "exit: $?" >> "$OUT/pytest_gpu.txt"
       tail -40 "$OUT/pytest_gpu.txt"
@@ -58,16 +76,16 @@ run_stage() {
     sanitize)
       {
         echo "== compute-sanitizer --tool memcheck (CUDA and Triton ops)"
-        timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py --triton 2>&1 | tail -25
+        timeout -k 10 "$(left)" compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/sanitize_ops.py --triton 2>&1 | tail -25
         echo "exit: ${PIPESTATUS[0]}"
         echo "== compute-sanitizer --tool racecheck (CUDA ops)"
-        timeout "$LIMIT" compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py 2>&1 | tail -15
+        timeout -k 10 "$(left)" compute-sanitizer --tool racecheck --error-exitcode 9 python3 bench/sanitize_ops.py 2>&1 | tail -15
         echo "exit: ${PIPESTATUS[0]}"
       } > "$OUT/sanitizer.txt"
       cat "$OUT/sanitizer.txt"
       ;;
     tune)
-      timeout "$LIMIT" python3 bench/tune_int8_gemm.py  # writes the table after every shape
+      timeout -k 10 "$lim" python3 bench/tune_int8_gemm.py  # writes the table after every shape
       echo "exit: $?"
       cp kernels/tuned/int8_gemm.json "$OUT/pack/"
       ;;
@@ -77,13 +95,13 @@ run_stage() {
       done
       ;;
     bench_e2e_compile)  # segment-anything-fast's SDPA + torch.compile vs sam_fast (+ compile), ViT-B and ViT-H
-      timeout "$LIMIT" python3 bench/bench_e2e.py --compile --models vit_b,vit_h --out "$OUT/pack/results" \
+      timeout -k 10 "$lim" python3 bench/bench_e2e.py --compile --models vit_b,vit_h --out "$OUT/pack/results" \
         > "$OUT/pack/$stage.log" 2>&1
       echo "exit: $?" >> "$OUT/pack/$stage.log"
       tail -40 "$OUT/pack/$stage.log"
       ;;
     bench_*)
-      timeout "$LIMIT" python3 "bench/$stage.py" --out "$OUT/pack/results" > "$OUT/pack/$stage.log" 2>&1
+      PYTHONUNBUFFERED=1 timeout -k 10 "$lim" python3 "bench/$stage.py" --out "$OUT/pack/results" > "$OUT/pack/$stage.log" 2>&1
       echo "exit: $?" >> "$OUT/pack/$stage.log"
       tail -40 "$OUT/pack/$stage.log"
       ;;
@@ -99,6 +117,10 @@ if [ "${1:-}" = prepare ]; then
   ../shared/gpu/prepare-wheels.sh  # segment-anything, pycocotools; the device image has scikit-image and scipy
   sha=$(sed -n 's/^FOUNDATION_SHA = "\([0-9a-f]*\)".*/\1/p' bench/bench_dilated_attention.py)
   git show "$sha:kernels/dilated_attention.py" > .whl/foundation_attention.py
+  # the commit the device measures (it gets no .git); re-run prepare after committing
+  echo "$(git rev-parse --short=12 HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo -dirty)" \
+    > .whl/GIT_SHA
+  echo "results will be stamped $(cat .whl/GIT_SHA)"
   du -sh .whl
   exit 0
 fi

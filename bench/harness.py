@@ -12,6 +12,7 @@ import datetime
 import os
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -22,6 +23,30 @@ def interpreter_without_gpu() -> None:
     sam_fast's kernels (triton.jit reads TRITON_INTERPRET when it decorates them)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def progress(items, desc: str, label: Callable[[object], str] = str):
+    """Iterate ``items`` with a progress bar on a terminal; elsewhere (a GPU stage's log) one flushed line
+    per item with the seconds so far, so a log cut off by a time limit shows where the run was."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, desc=desc)
+        return
+    items = list(items)
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        print(f"{desc} [{i + 1}/{len(items)}] {label(item)} (at {time.perf_counter() - t0:.0f} s)", flush=True)
+        yield item
+
+
+def raise_recompile_limit(limit: int = 256) -> None:
+    """Let dynamo keep one specialised graph per benchmark case. Past its default limit (8 graphs per
+    function) it silently falls back to eager - for FlexAttention that materialises the whole score
+    matrix - and the peer would be timed on a path no user of it runs."""
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(limit, getattr(torch._dynamo.config, knob)))
 
 
 def bench_main(doc: str, run: Callable, baseline: str, argv=None, options=()) -> int:
@@ -48,6 +73,10 @@ COLUMNS = ["timestamp", "git_sha", "device", "torch", "triton", "cuda", "op", "c
 
 
 def git_sha() -> str:
+    """The commit measured: $SAM_FAST_GIT_SHA (a GPU machine gets the working tree without .git;
+    ``bench/gpu_session.sh prepare`` records the commit for it), else git, else the release version."""
+    if os.environ.get("SAM_FAST_GIT_SHA"):
+        return os.environ["SAM_FAST_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
@@ -166,11 +195,38 @@ def table(rows: List[Dict[str, object]], baseline: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+class LiveRows(list):
+    """A bench script's result rows, each appended to ``out_dir/<script>.csv`` the moment it is added.
+
+    A GPU stage runs under a time limit (``bench/gpu_session.sh``): a script killed half way keeps every
+    row measured before the kill instead of losing them all to a write at the end. Add complete rows:
+    later changes to a row reach the printed table, not the CSV."""
+
+    def __init__(self, out_dir: str, script: str, extra_columns: Sequence[str] = ()):
+        super().__init__()
+        self.path = os.path.join(out_dir, f"{script}.csv")
+        self.extra_columns = list(extra_columns)
+
+    def append(self, row: Dict[str, object]) -> None:
+        append_csv(self.path, [row], self.extra_columns)
+        super().append(row)
+
+    def extend(self, rows) -> None:
+        for r in rows:
+            self.append(r)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+
 def save_results(out_dir: str, script: str, rows: List[Dict[str, object]], baseline: str, title: str,
                  extra_columns: Sequence[str] = (), plot_rows: Optional[List[Dict[str, object]]] = None):
-    """A bench script's ending: append ``rows`` to ``out_dir/<script>.csv`` and draw the speedups over
-    ``baseline`` (of ``plot_rows``, default all rows) to ``out_dir/<script>.png``. Returns (rows, png)."""
-    append_csv(os.path.join(out_dir, f"{script}.csv"), rows, extra_columns)
+    """A bench script's ending: append ``rows`` to ``out_dir/<script>.csv`` (unless they are
+    :class:`LiveRows`, written as they came) and draw the speedups over ``baseline`` (of ``plot_rows``,
+    default all rows) to ``out_dir/<script>.png``. Returns (rows, png)."""
+    if not isinstance(rows, LiveRows):
+        append_csv(os.path.join(out_dir, f"{script}.csv"), rows, extra_columns)
     png = plot_speedups(rows if plot_rows is None else plot_rows, baseline, os.path.join(out_dir, f"{script}.png"),
                         title)
     return rows, png

@@ -93,3 +93,32 @@ def test_results_csv_keeps_columns_by_name(tmp_path):
     rows = list(csv.DictReader(open(path)))
     assert [(r["case"], r["backend"], r["median_ms"], r["sqnr_db"], r["gbps"]) for r in rows] == [
         ("a", "b", "1.5", "", ""), ("c", "d", "2.5", "40", ""), ("e", "f", "", "", "3")]
+
+
+def test_live_rows_reach_the_csv_before_the_script_ends(tmp_path):
+    """A GPU stage killed by its time limit keeps what it measured: LiveRows writes each row when added,
+    and save_results does not write them a second time."""
+    import csv
+
+    from sam_fast.bench.harness import LiveRows, save_results
+
+    rows = LiveRows(str(tmp_path), "bench_x", ["sqnr_db"])
+    rows.append(dict(op="o", case="a", backend="base", mode="fwd", median_ms=2.0))
+    path = tmp_path / "bench_x.csv"
+    assert [r["case"] for r in csv.DictReader(open(path))] == ["a"]
+    rows += [dict(op="o", case="a", backend="ours", mode="fwd", median_ms=1.0, sqnr_db=41.0)]
+    got = list(csv.DictReader(open(path)))
+    assert [(r["backend"], r["sqnr_db"]) for r in got] == [("base", ""), ("ours", "41")]
+    save_results(str(tmp_path), "bench_x", rows, "base", "title")
+    assert len(list(csv.DictReader(open(path)))) == 2
+    assert (tmp_path / "bench_x.png").exists()
+
+
+def test_progress_lines_without_a_terminal(capsys):
+    """In a GPU stage's log (no terminal) progress is one flushed line per item, so a log cut short shows
+    where the run was; the items pass through unchanged."""
+    from sam_fast.bench.harness import progress
+
+    assert list(progress(["x", "y"], "cases", lambda c: c.upper())) == ["x", "y"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cases [1/2] X (at ") and out[1].startswith("cases [2/2] Y (at ")
