@@ -105,7 +105,7 @@ def _encoders(gpu: bool):
     else:
         # random weights at the released geometries: SAM ViT-B / ViT-H and SlimSAM's uniform 50% / 77%
         # (head dim 32 / 14; SlimSAM-77's 4096-token global attention at head dim 14 is its hot spot)
-        geoms = [(name, released_geometry(name)) for name in ("vit_b", "vit_h", "slimsam_50", "slimsam_77")]
+        geoms = [(name, released_geometry(name)) for name in ("vit_h", "vit_b", "slimsam_77", "slimsam_50")]
         tinyvit = {}  # MobileSAM's / TinySAM's TinyViT-5M
     gen = torch.Generator().manual_seed(0)
     for name, geom in geoms:
