@@ -5,14 +5,19 @@
 #   bash bench/gpu_session.sh prepare
 #       offline wheels (segment-anything, pycocotools) and bench_dilated_attention's Foundation kernel
 #       (from git history: the device receives the working tree without .git) into .whl/; carry .whl
-# ON THE DEVICE (command: OUT=$OUT bash bench/gpu_session.sh STAGE [STAGE ...]):
+# ON THE DEVICE (command: OUT=$OUT bash bench/gpu_session.sh STAGE [STAGE ...]); tests+sanitize runs the
+# two side by side (neither times anything), the benchmarks always run alone:
 #   tests        pytest -m gpu on tests/test_gpu.py, 8 workers (Triton compiles in parallel)
 #   sanitize     compute-sanitizer memcheck on every CUDA and Triton op, racecheck on the CUDA ops
 #   tune         the int8 GEMM table for this GPU (kernels/tuned/int8_gemm.json)
 #   bench        every benchmark script; or name scripts one by one: bench_dilated_attention ...
 #   bench_e2e_compile  ViT-B/H encoders with torch.compile: segment-anything-fast's method vs sam_fast
-# Priority when the loan is short: tests, bench_dilated_attention, bench_int8_gemm, sanitize, bench_e2e,
-# bench_decoder, bench_everything, bench_attention, bench_e2e_compile, tune.
+# The plan for a 30-minute loan (device time counts from the asking, start-up included; a machine left
+# idle 30 s is given back, and a fresh one rebuilds sam_fast, so issue the calls back to back):
+#   call 1: tests+sanitize
+#   call 2: bench_dilated_attention bench_int8_gemm
+#   call 3: bench_everything bench_e2e bench_decoder
+#   then, while time is left: bench_attention, bench_e2e_compile, tune
 # Each stage has its own time limit, so a slow one cannot take the others' results with it. Output: text
 # logs in $OUT and everything else packed into $OUT/session.tgz (the device returns at most 8 files);
 # HERE: tar xzf .../session.tgz -C /tmp/gpu && python bench/merge_results.py /tmp/gpu/results
@@ -127,6 +132,16 @@ fi
 [ $# -gt 0 ] || set -- tests
 setup
 for stage in "$@"; do
-  run_stage "$stage"
+  if [[ "$stage" == *+* ]]; then  # a+b: stages that time nothing run side by side (tests+sanitize)
+    IFS=+ read -ra together <<< "$stage"
+    for s in "${together[@]}"; do
+      case "$s" in tests|sanitize) ;; *) echo "only tests and sanitize may run side by side, not $s" >&2; exit 2;; esac
+      run_stage "$s" > "$OUT/pack/$s.stage.log" 2>&1 &
+    done
+    wait
+    for s in "${together[@]}"; do cat "$OUT/pack/$s.stage.log"; done
+  else
+    run_stage "$stage"
+  fi
 done
 pack
