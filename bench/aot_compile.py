@@ -143,6 +143,7 @@ def _attention_cases(quick: bool):
     cases = [
         ("vit_b global", 1, (64, 64), 12, 64, None, True, False),
         ("vit_h window", 1, (64, 64), 16, 80, Branch((14, 14)), True, True),
+        ("vit_h global", 1, (64, 64), 16, 80, None, True, False),
         ("slimsam_77 global", 1, (64, 64), 12, 14, None, True, False),
         ("slimsam_50 window", 1, (64, 64), 12, 32, Branch((14, 14)), True, True),
         ("2-D (32,32) r=2", 8, (64, 64), 16, 64, Branch((32, 32), 2), False, False),

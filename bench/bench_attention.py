@@ -115,10 +115,22 @@ def flash_attn_nobias(q, k, v, rh, rw, grid, scale):
     return flash_attn_func(q, k, v, softmax_scale=scale)
 
 
-def _peers(device):
+def sam_fast_triton_padded_head_dim(q, k, v, rh, rw, grid, scale):
+    """The forward with the head dim padded to a power of two (80 -> 128) instead of split (64 + 16)."""
+    from sam_fast.kernels.dilated_attention import padded_head_dim
+
+    with padded_head_dim():
+        return sam_fast_triton(q, k, v, rh, rw, grid, scale)
+
+
+def _peers(device, head_dim=64, mode="fwd"):
     peers = [(BASELINE, sam_core)]
     if device.type == "cuda":
+        from sam_fast.kernels.dilated_attention import head_dim_split
+
         peers += [("sdpa_mask(efficient)", sdpa_mask), ("flex_attention", flex_relpos), ("sam_fast(triton)", sam_fast_triton)]
+        if mode == "fwd" and head_dim_split(head_dim)[1]:  # same-run measure of the forward's head-dim split
+            peers.append(("sam_fast(triton,padded-D)", sam_fast_triton_padded_head_dim))
         try:
             import flash_attn  # noqa: F401
 
@@ -163,7 +175,7 @@ def run_global(device, dtype, quick, prov, rows):
         exact = sam_core(q.float(), k.float(), v.float(), rh.float(), rw.float(), grid, scale) if B == 1 else None
         pairs = B * H * N * N
         for mode in ("fwd", "fwd+bwd"):
-            for name, fn in _peers(device):
+            for name, fn in _peers(device, D, mode):
                 args = [t.detach().clone().requires_grad_(mode != "fwd") for t in (q, k, v)] + [rh, rw, grid, scale]
                 row = dict(prov, op="attention", case=case, backend=name, mode=mode, metric="tflops")
                 try:

@@ -237,11 +237,29 @@ def _sam_fast(pattern, grid, backend):
     return run
 
 
-def _peers(pattern_name, pattern, B, N, H, grid, device):
+def _sam_fast_padded_head_dim(pattern, grid):
+    """sam_fast's forward with the head dim padded to a power of two (D = 80 -> 128) instead of split
+    into two slices (64 + 16): the same-run measure of what the split buys."""
+    from sam_fast.kernels.dilated_attention import padded_head_dim
+
+    inner = _sam_fast(pattern, grid, "triton")
+
+    def run(q, k, v, scale):
+        with padded_head_dim():
+            return inner(q, k, v, scale)
+
+    return run
+
+
+def _peers(pattern_name, pattern, B, N, H, D, grid, device, mode="fwd"):
     """The backends of one case, FlexAttention (slowest to compile) last."""
     peers = [(BASELINE, lambda: GatherSdpaScatter(pattern, B, N, H, grid, device))]
     if device.type == "cuda":
+        from sam_fast.kernels.dilated_attention import head_dim_split
+
         peers.append(("sam_fast(triton)", lambda: _sam_fast(pattern, grid, "triton")))
+        if mode == "fwd" and head_dim_split(D)[1]:  # only the forward splits the head dim
+            peers.append(("sam_fast(triton,padded-D)", lambda: _sam_fast_padded_head_dim(pattern, grid)))
         if pattern_name == "dense":
             mod = _foundation_kernel()
             if mod is not None:
@@ -316,7 +334,7 @@ def run_cases(device, dtype, quick, prov, each=None, rows=None):
         nbytes = 4 * B * N * H * D * q.element_size()
         exact = _sam_fast(pattern, grid, "reference")(q.float(), k.float(), v.float(), scale)
         for mode in ("fwd", "fwd+bwd") if device.type == "cuda" else ("fwd",):
-            for name, make in _peers(pname, pattern, B, N, H, grid, device):
+            for name, make in _peers(pname, pattern, B, N, H, D, grid, device, mode):
                 if mode != "fwd" and name.startswith("foundation"):
                     continue
                 row = dict(prov, op="dilated_attention", case=f"{case} {pname}", backend=name, mode=mode,

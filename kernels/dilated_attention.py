@@ -31,7 +31,9 @@ How a launch is organised:
 Tensor contract (the launchers check nothing a caller could get wrong; sam_fast.ops validates):
 
 * ``q, k, v``: (B, N, H, D), last dim contiguous, other strides free, fp16/bf16/fp32, D <= 128.
-  D is padded to a power of two inside the kernel by masked loads, never by copies.
+  D is padded to a power of two inside the kernel by masked loads, never by copies; the forward
+  splits a D that is not a power of two into two power-of-two slices when that pads less
+  (:func:`head_dim_split`: ViT-H's 80 runs as 64 + 16, not 128).
 * ``pad_k, pad_v`` (H, D), single 2-D branch only: partial segments are completed to full size with
   virtual keys carrying these vectors (segment_anything pads windows with zero tokens whose k and v
   are the qkv bias). Their gradients are reduced through a compact scratch, no atomics.
@@ -42,6 +44,7 @@ Softmax runs in base 2 (``exp2``) with ``log2(e)`` folded into the scale and bia
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -170,14 +173,21 @@ def _load_key_block(blk, yf, xf, kh, kw, ROWS, COLS, STEP_H, STEP_W, k_base, v_b
                     pad_k, pad_v, BKY: tl.constexpr, BKX: tl.constexpr, PADDED: tl.constexpr):
     """:func:`_key_block` plus its K and V tiles (BLOCK_N, BLOCK_D); SAM's virtual keys get pad_k/pad_v."""
     cy, cx, ky, kx, valid, real = _key_block(blk, yf, xf, kh, kw, ROWS, COLS, STEP_H, STEP_W, BKY, BKX, PADDED)
-    kn = ky * COLS + kx
+    k, v = _load_kv(ky * COLS + kx, real, k_base, v_base, skn, svn, offs_d, dmask, pad_k, pad_v, PADDED)
+    return cy, cx, ky, kx, valid, real, k, v
+
+
+@triton.jit
+def _load_kv(kn, real, k_base, v_base, skn, svn, offs_d, dmask, pad_k, pad_v, PADDED: tl.constexpr):
+    """K and V tiles (BLOCK_N, len(offs_d)) of tokens kn at head-dim columns offs_d; virtual keys
+    (not ``real``) get pad_k / pad_v."""
     kmask = real[:, None] & dmask[None, :]
     k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
     v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
     if PADDED:
         k = tl.where(real[:, None], k, pad_k[None, :])
         v = tl.where(real[:, None], v, pad_v[None, :])
-    return cy, cx, ky, kx, valid, real, k, v
+    return k, v
 
 
 @triton.jit
@@ -205,11 +215,11 @@ def _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
 
 
 @triton.jit
-def _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M: tl.constexpr,
-                  BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr,
-                  PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Base-2 logits (BLOCK_M, BLOCK_N) of a query tile against a key block: scale * q k^T (+ bias)."""
-    s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+def _block_logits(qk, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M: tl.constexpr,
+                  BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr):
+    """Base-2 logits (BLOCK_M, BLOCK_N) of a query tile against a key block from ``qk`` = q k^T:
+    scale * qk (+ bias)."""
+    s = qk * qk_scale
     if HAS_REL:
         s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M, BKY, BKX, SINGLE_KX) * 1.4426950408889634
     return s
@@ -231,12 +241,17 @@ def _branch_keys(ty0, tx0, h, rh_row, rw_row, mrow, ROWS, COLS, SEG_H, SEG_W, DI
 
 
 @triton.jit
-def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, pad_k, pad_v,
-                ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
-                BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr,
+def _fwd_branch(acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask,
+                offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W,
+                RH_OFF, RW_OFF, qk_scale, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr,
                 HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
-    """Continue the online softmax (base 2) of a query tile over the kept keys of one branch."""
+                UPCAST: tl.constexpr, TAIL: tl.constexpr):
+    """Continue the online softmax (base 2) of a query tile over the kept keys of one branch.
+
+    With TAIL the head dim is two column slices, ``offs_d`` (a power of two) and ``offs_t`` (the rest,
+    e.g. 64 + 16 for D = 80): q k^T is the sum of the two slices' products and P V fills ``acc`` and
+    ``acc_t``, so no tensor-core work is spent on the columns a power-of-two pad (128) would add.
+    Without TAIL ``q_t``/``acc_t`` are placeholders that pass through untouched."""
     yf, xf, kh, kw, n_blocks, rh_row, rw_row, rw_tile = _branch_keys(
         ty0, tx0, h, rh_row, rw_row, mrow, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF,
         BLOCK_M, BKY, BKX, HAS_REL, PADDED)
@@ -244,8 +259,13 @@ def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn
         cy, cx, ky, kx, valid, real, k, v = _load_key_block(
             blk, yf, xf, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
             pad_k, pad_v, BKY, BKX, PADDED)
-        s = _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
-                          BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PREC, UPCAST)
+        qk = _dot(q, tl.trans(k), PREC, UPCAST)
+        if TAIL:
+            k_t, v_t = _load_kv(ky * COLS + kx, real, k_base, v_base, skn, svn, offs_t, dmask_t, pad_kt, pad_vt,
+                                PADDED)
+            qk += _dot(q_t, tl.trans(k_t), PREC, UPCAST)
+        s = _block_logits(qk, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
+                          BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -253,8 +273,10 @@ def _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+        if TAIL:
+            acc_t = acc_t * alpha[:, None] + _dot(p.to(v_t.dtype), v_t, PREC, UPCAST)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, acc_t, m_i, l_i
 
 
 @triton.jit
@@ -265,13 +287,15 @@ def _dilated_attention_fwd_kernel(
     H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, qk_scale,
     S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
     HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """One program per (query tile, class tile, batch * head). Runs every branch of the group (NB <= 4,
     geometry ``S*/D*``, rel-pos table column offsets ``H*/W*``) through one online softmax, which is
     exactly the lse-weighted merge of the branches. ACCUMULATE starts from the (out, lse) already in
-    O/LSE (an earlier group of the same pattern) instead of from nothing."""
+    O/LSE (an earlier group of the same pattern) instead of from nothing. With TAIL the head dim is
+    columns [0, BLOCK_D) plus [BLOCK_D, BLOCK_D + BLOCK_DT) (see :func:`_fwd_branch`)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
@@ -285,45 +309,67 @@ def _dilated_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qmask = mrow[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
+    q_rows = Q + b * sqb + h * sqh + qn[:, None] * sqn
+    q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     pad_k, pad_v = _pad_vectors(PADK, PADV, h, D, offs_d, dmask, Q.dtype.element_ty, BLOCK_D, PADDED)
     rh_row = RH + b * srb + h * srh + qn * srn
     rw_row = RW + b * swb + h * swh + qn * swn
-    o_ptr = O + b * sob + h * soh + qn[:, None] * son + offs_d[None, :]
+    o_rows = O + b * sob + h * soh + qn[:, None] * son
+    o_ptr = o_rows + offs_d[None, :]
     l_ptr = LSE + b * slb + h * slh + qn
+    # The tail slice (placeholders when not TAIL: never loaded, stored or multiplied).
+    offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+    dmask_t = offs_t < D
+    qmask_t = mrow[:, None] & dmask_t[None, :]
+    if TAIL:
+        q_t = tl.load(q_rows + offs_t[None, :], mask=qmask_t, other=0.0)
+        pad_kt, pad_vt = _pad_vectors(PADK, PADV, h, D, offs_t, dmask_t, Q.dtype.element_ty, BLOCK_DT, PADDED)
+    else:
+        q_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=Q.dtype.element_ty)
+        pad_kt = tl.zeros((BLOCK_DT,), dtype=Q.dtype.element_ty)
+        pad_vt = pad_kt
+    acc_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=tl.float32)
     if ACCUMULATE:
         l_old = tl.load(l_ptr, mask=mrow, other=float("-inf"))
         m_i = l_old * 1.4426950408889634
         l_i = tl.where(l_old == float("-inf"), 0.0, 1.0)
         acc = tl.load(o_ptr, mask=qmask, other=0.0).to(tl.float32)
+        if TAIL:
+            acc_t = tl.load(o_rows + offs_t[None, :], mask=qmask_t, other=0.0).to(tl.float32)
     else:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask,
-                                pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale,
-                                BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+    acc, acc_t, m_i, l_i = _fwd_branch(
+        acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
+        dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale,
+        BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
     if NB > 1:
-        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d,
-                                    dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1,
-                                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+        acc, acc_t, m_i, l_i = _fwd_branch(
+            acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
+            dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale,
+            BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
     if NB > 2:
-        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d,
-                                    dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2,
-                                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+        acc, acc_t, m_i, l_i = _fwd_branch(
+            acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
+            dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale,
+            BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
     if NB > 3:
-        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d,
-                                    dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3,
-                                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST)
+        acc, acc_t, m_i, l_i = _fwd_branch(
+            acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
+            dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale,
+            BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
 
     # Positions kept by no branch have l_i = 0: out 0, lse -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=qmask)
+    if TAIL:
+        tl.store(o_rows + offs_t[None, :], (acc_t / l_safe[:, None]).to(O.dtype.element_ty), mask=qmask_t)
     tl.store(l_ptr, lse, mask=mrow)
 
 
@@ -350,9 +396,10 @@ def _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELT
         do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + b * slb + h * slh + qn, mask=mrow, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
-        s = _block_logits(q, k, qk_scale, RH + b * srb + h * srh + qn * srn + RH_OFF,
-                          RW + b * swb + h * swh + qn * swn + RW_OFF, mrow, cy, cx, kh, kw, no_rw,
-                          BLOCK_M, BKY, BKX, HAS_REL, False, PREC, UPCAST)
+        s = _block_logits(_dot(q, tl.trans(k), PREC, UPCAST), qk_scale,
+                          RH + b * srb + h * srh + qn * srn + RH_OFF, RW + b * swb + h * swh + qn * swn + RW_OFF,
+                          mrow, cy, cx, kh, kw, no_rw,
+                          BLOCK_M, BKY, BKX, HAS_REL, False)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
@@ -457,8 +504,8 @@ def _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_
         cy, cx, ky, kx, valid, real, k, v = _load_key_block(
             blk, yf, xf, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
             pad_k, pad_v, BKY, BKX, PADDED)
-        s = _block_logits(q, k, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
-                          BLOCK_M, BKY, BKX, HAS_REL, True, PREC, UPCAST)
+        s = _block_logits(_dot(q, tl.trans(k), PREC, UPCAST), qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw,
+                          rw_tile, BLOCK_M, BKY, BKX, HAS_REL, True)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), PREC, UPCAST)
@@ -776,10 +823,40 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
         block_m = 16 if head_dim > 64 else 32
     else:
         block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
-    block_d = max(16, _pow2(head_dim))
+    block_d, block_dt = head_dim_split(head_dim) if not backward else (max(16, _pow2(head_dim)), 0)
     num_warps = 4 if block_m == 64 else 8
     return dict(BLOCK_M=block_m, BKY=bky, BKX=bkx, KBY=kby, KBX=kbx, BLOCK_D=block_d,
-                SINGLE_KX=kwp <= bkx, num_warps=num_warps)
+                BLOCK_DT=max(block_dt, 16), TAIL=block_dt > 0, SINGLE_KX=kwp <= bkx, num_warps=num_warps)
+
+
+# The forward splits a head dim that is not a power of two into two power-of-two column slices when
+# that saves tensor-core work (set False to pad to the next power of two instead, e.g. to compare).
+SPLIT_HEAD_DIM = True
+
+
+@contextlib.contextmanager
+def padded_head_dim():
+    """Within this block the forward pads the head dim to a power of two instead of splitting it (the
+    benchmarks' same-run measure of what the split buys; results agree to rounding)."""
+    global SPLIT_HEAD_DIM
+    saved, SPLIT_HEAD_DIM = SPLIT_HEAD_DIM, False
+    try:
+        yield
+    finally:
+        SPLIT_HEAD_DIM = saved
+
+
+def head_dim_split(head_dim: int) -> Tuple[int, int]:
+    """(main, tail) column slices the forward uses for ``head_dim``: tail 0 means one slice padded to a
+    power of two. tl.dot needs slices of at least 16, so D = 80 (ViT-H) becomes 64 + 16 (80 columns of
+    MMA work instead of 128), D = 96 becomes 64 + 32, D = 40 becomes 32 + 16; D = 112 stays 128
+    (64 + 64 saves nothing)."""
+    padded = max(16, _pow2(head_dim))
+    if not SPLIT_HEAD_DIM or head_dim <= 16 or padded == head_dim:
+        return padded, 0
+    main = padded // 2
+    tail = max(16, _pow2(head_dim - main))
+    return (main, tail) if main + tail < padded else (padded, 0)
 
 
 def _precision(dtype):
@@ -831,7 +908,8 @@ def dilated_attention_fwd(
             H, D, group.rows, group.cols, group.base[0], group.base[1], group.step[0], group.step[1],
             group.n_seg[1], scale * LOG2E, *_branch_args(group, rel_offs),
             NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BKY=cfg["BKY"], BKX=cfg["BKX"],
-            BLOCK_D=cfg["BLOCK_D"], HAS_REL=has_rel, SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
+            BLOCK_D=cfg["BLOCK_D"], BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
+            SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
             PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
             num_warps=cfg["num_warps"], num_stages=2,
         )

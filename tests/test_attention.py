@@ -199,3 +199,35 @@ def test_torch_compile_fullgraph_no_graph_break():
     torch._dynamo.reset()
     compiled = torch.compile(Tiny(), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), Tiny()(q, k, v))
+
+
+@pytest.mark.parametrize("D,window,pad", [(80, (4, 4), True), (96, None, False), (40, (3, 5), True)])
+def test_forward_splits_head_dim_that_is_not_a_power_of_two(D, window, pad, monkeypatch):
+    """D = 80 (ViT-H), 96 and 40 run the forward as two power-of-two column slices (64+16, 64+32, 32+16)
+    rather than padding to 128 / 64; with SAM's window padding and rel-pos, the result matches the
+    reference (forward and the gradients, whose kernels keep one padded slice) and the padded forward."""
+    import sam_fast.kernels.dilated_attention as k
+
+    configs = []
+    original = k._launch_config
+
+    def spy(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        configs.append((kwargs.get("backward", False), cfg))
+        return cfg
+
+    monkeypatch.setattr(k, "_launch_config", spy)
+    qkv, pattern, kw = make_case(1, (9, 10), 2, D, torch.float32, window, True, pad, layout="qkv")
+    check_kernel_vs_reference(qkv, pattern, kw, torch.float32)
+    main, tail = k.head_dim_split(D)
+    forward = [cfg for bwd, cfg in configs if not bwd]
+    assert forward and all(c["TAIL"] and (c["BLOCK_D"], c["BLOCK_DT"]) == (main, tail) for c in forward)
+    assert main + tail < 2 * main and main + tail >= D
+    assert all(not c["TAIL"] for bwd, c in configs if bwd)
+
+    split = sam_fast.dilated_attention(*qkv, pattern, backend="triton", **kw)
+    with k.padded_head_dim():
+        padded = sam_fast.dilated_attention(*qkv, pattern, backend="triton", **kw)
+    assert k.SPLIT_HEAD_DIM
+    assert not configs[-1][1]["TAIL"] and configs[-1][1]["BLOCK_D"] == 2 * main
+    torch.testing.assert_close(split, padded, atol=2e-6, rtol=2e-6)

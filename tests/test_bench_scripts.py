@@ -90,3 +90,30 @@ def test_segmenting_decoder_learns_the_scene():
     trained = train_segmenting_decoder(tiny_sam(), n_regions=8, steps=200, points_per_step=32)
     assert trained["embedding"].shape == (1, 32, 16, 16) and trained["labels"].shape == (64, 64)
     assert untrained["mean_iou"] < 0.25 < 0.5 < trained["mean_iou"], (untrained["mean_iou"], trained["mean_iou"])
+
+
+def test_padded_head_dim_peer_is_timed_where_the_forward_splits():
+    """On a GPU, forward cases whose head dim the kernel splits (ViT-H's 80 = 64 + 16) also time the
+    padded forward (80 -> 128) in the same run; the peer computes the same attention."""
+    import torch
+
+    from sam_fast import Branch
+    from sam_fast.bench import bench_attention, bench_dilated_attention
+
+    cuda = torch.device("cuda")
+    names = lambda peers: [p[0] for p in peers]  # noqa: E731
+    pattern = [Branch((4, 4), 2)]
+    assert "sam_fast(triton,padded-D)" in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 80, (8, 8), cuda))
+    for D, mode in ((64, "fwd"), (80, "fwd+bwd")):
+        assert "sam_fast(triton,padded-D)" not in names(
+            bench_dilated_attention._peers("p", pattern, 1, 64, 2, D, (8, 8), cuda, mode))
+    assert "sam_fast(triton,padded-D)" in names(bench_attention._peers(cuda, 80, "fwd"))
+    assert "sam_fast(triton,padded-D)" not in names(bench_attention._peers(cuda, 64, "fwd"))
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 80, generator=g) for _ in range(3))
+    split = bench_dilated_attention._sam_fast(pattern, (8, 8), "triton")(q, k, v, 0.1)
+    padded = bench_dilated_attention._sam_fast_padded_head_dim(pattern, (8, 8))(q, k, v, 0.1)
+    torch.testing.assert_close(split, padded, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(bench_attention.sam_fast_triton_padded_head_dim(q, k, v, None, None, (8, 8), 0.1),
+                               bench_attention.sam_fast_triton(q, k, v, None, None, (8, 8), 0.1), atol=2e-6, rtol=2e-6)

@@ -47,6 +47,22 @@ def _call(qkv, rh, rw, pk, pv, window, grid, dtype, backend):
     return [t for t in leaves if t is not None], out, lse
 
 
+@pytest.mark.parametrize("window", [None, (14, 14)], ids=["global", "window"])
+def test_head_dim_split_matches_padded_forward_vit_h(window):
+    """ViT-H (D=80): the forward's 64 + 16 column split and the padded (128) forward give the same out
+    and lse up to summation order, in bf16 with rel-pos and window padding."""
+    from sam_fast.kernels.dilated_attention import head_dim_split, padded_head_dim
+
+    assert head_dim_split(80) == (64, 16)
+    qkv, rh, rw, pk, pv = _case(1, (64, 64), 16, 80, window, window is not None, torch.bfloat16)
+    with torch.no_grad():
+        _, out_s, lse_s = _call(qkv, rh, rw, pk, pv, window, (64, 64), torch.bfloat16, "triton")
+        with padded_head_dim():
+            _, out_p, lse_p = _call(qkv, rh, rw, pk, pv, window, (64, 64), torch.bfloat16, "triton")
+    torch.testing.assert_close(lse_s, lse_p, atol=1e-4, rtol=1e-5)
+    assert (out_s.float() - out_p.float()).abs().max() <= 2 * out_p.float().abs().max() * 2**-8
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_vs_reference_real_shapes(shape, dtype):
