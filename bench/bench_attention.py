@@ -28,7 +28,8 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import LiveRows, bench_main, measure, provenance, raise_recompile_limit, save_results
+from sam_fast.bench.harness import (PADDED_D, LiveRows, bench_main, measure, padded_head_dim_for, provenance,
+                                    raise_recompile_limit, save_results)
 
 SCRIPT = "bench_attention"
 BASELINE = "segment_anything"
@@ -115,22 +116,14 @@ def flash_attn_nobias(q, k, v, rh, rw, grid, scale):
     return flash_attn_func(q, k, v, softmax_scale=scale)
 
 
-def sam_fast_triton_padded_head_dim(q, k, v, rh, rw, grid, scale):
-    """The forward with the head dim padded to a power of two (80 -> 128) instead of split (64 + 16)."""
-    from sam_fast.kernels.dilated_attention import padded_head_dim
-
-    with padded_head_dim():
-        return sam_fast_triton(q, k, v, rh, rw, grid, scale)
-
-
 def _peers(device, head_dim=64, mode="fwd"):
     peers = [(BASELINE, sam_core)]
     if device.type == "cuda":
         from sam_fast.kernels.dilated_attention import head_dim_split
 
         peers += [("sdpa_mask(efficient)", sdpa_mask), ("flex_attention", flex_relpos), ("sam_fast(triton)", sam_fast_triton)]
-        if mode == "fwd" and head_dim_split(head_dim)[1]:  # same-run measure of the forward's head-dim split
-            peers.append(("sam_fast(triton,padded-D)", sam_fast_triton_padded_head_dim))
+        if head_dim_split(head_dim)[1]:  # same-run measure of what the head-dim split buys
+            peers.append((PADDED_D, sam_fast_triton))
         try:
             import flash_attn  # noqa: F401
 
@@ -179,11 +172,12 @@ def run_global(device, dtype, quick, prov, rows):
                 args = [t.detach().clone().requires_grad_(mode != "fwd") for t in (q, k, v)] + [rh, rw, grid, scale]
                 row = dict(prov, op="attention", case=case, backend=name, mode=mode, metric="tflops")
                 try:
-                    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                    with torch.no_grad() if mode == "fwd" else torch.enable_grad(), padded_head_dim_for(name):
                         out = fn(*args)
                     if exact is not None and mode == "fwd":
                         row["max_err"] = float((out.float() - exact).abs().max())
-                    m = measure(_timed_fn(fn, args, mode) if mode != "fwd" else _no_grad(fn, args), device)
+                    with padded_head_dim_for(name):
+                        m = measure(_timed_fn(fn, args, mode) if mode != "fwd" else _no_grad(fn, args), device)
                     row.update(m)
                     flops = 4 * D * pairs * (3.5 if mode != "fwd" else 1.0)
                     row["value"] = flops / (m["median_ms"] * 1e-3) / 1e12

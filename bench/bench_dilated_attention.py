@@ -42,8 +42,8 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import (LiveRows, bench_main, measure, progress, provenance, raise_recompile_limit,
-                                    save_results)
+from sam_fast.bench.harness import (PADDED_D, LiveRows, bench_main, measure, padded_head_dim_for, progress,
+                                    provenance, raise_recompile_limit, save_results)
 
 SCRIPT = "bench_dilated_attention"
 BASELINE = "gather_sdpa_scatter"
@@ -237,20 +237,6 @@ def _sam_fast(pattern, grid, backend):
     return run
 
 
-def _sam_fast_padded_head_dim(pattern, grid):
-    """sam_fast's forward with the head dim padded to a power of two (D = 80 -> 128) instead of split
-    into two slices (64 + 16): the same-run measure of what the split buys."""
-    from sam_fast.kernels.dilated_attention import padded_head_dim
-
-    inner = _sam_fast(pattern, grid, "triton")
-
-    def run(q, k, v, scale):
-        with padded_head_dim():
-            return inner(q, k, v, scale)
-
-    return run
-
-
 def _peers(pattern_name, pattern, B, N, H, D, grid, device, mode="fwd"):
     """The backends of one case, FlexAttention (slowest to compile) last."""
     peers = [(BASELINE, lambda: GatherSdpaScatter(pattern, B, N, H, grid, device))]
@@ -258,8 +244,8 @@ def _peers(pattern_name, pattern, B, N, H, D, grid, device, mode="fwd"):
         from sam_fast.kernels.dilated_attention import head_dim_split
 
         peers.append(("sam_fast(triton)", lambda: _sam_fast(pattern, grid, "triton")))
-        if mode == "fwd" and head_dim_split(D)[1]:  # only the forward splits the head dim
-            peers.append(("sam_fast(triton,padded-D)", lambda: _sam_fast_padded_head_dim(pattern, grid)))
+        if head_dim_split(D)[1]:
+            peers.append((PADDED_D, lambda: _sam_fast(pattern, grid, "triton")))
         if pattern_name == "dense":
             mod = _foundation_kernel()
             if mod is not None:
@@ -342,11 +328,12 @@ def run_cases(device, dtype, quick, prov, each=None, rows=None):
                 try:
                     fn = make()
                     args = [t.detach().clone().requires_grad_(mode != "fwd") for t in (q, k, v)]
-                    with torch.no_grad():
+                    with torch.no_grad(), padded_head_dim_for(name):
                         out = fn(*args, scale)
                     if mode == "fwd":
                         row["max_err"] = float((out.float() - exact).abs().max())
-                    row.update(measure(_timed(fn, args, scale, mode), device))
+                    with padded_head_dim_for(name):
+                        row.update(measure(_timed(fn, args, scale, mode), device))
                     t = row["median_ms"] * 1e-3
                     flops = 4 * D * pairs * (3.5 if mode != "fwd" else 1.0)
                     row["value"] = flops / t / 1e12

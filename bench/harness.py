@@ -49,6 +49,22 @@ def raise_recompile_limit(limit: int = 256) -> None:
             setattr(torch._dynamo.config, knob, max(limit, getattr(torch._dynamo.config, knob)))
 
 
+# The peer that runs sam_fast's attention kernels with the head dim padded to a power of two (80 -> 128)
+# instead of split into two slices (64 + 16): the same-run measure of what the split buys.
+PADDED_D = "sam_fast(triton,padded-D)"
+
+
+def padded_head_dim_for(backend: str):
+    """The context a peer's calls and timing run in: padded head dim for :data:`PADDED_D`, else nothing."""
+    import contextlib
+
+    if backend != PADDED_D:
+        return contextlib.nullcontext()
+    from sam_fast.kernels.dilated_attention import padded_head_dim
+
+    return padded_head_dim()
+
+
 def bench_main(doc: str, run: Callable, baseline: str, argv=None, options=()) -> int:
     """Command line of a bench script: ``--out DIR [--quick]`` plus the script's own ``options``
     ((flag, argparse action, help), passed to ``run`` as keywords); runs, prints the table and the plot path."""

@@ -31,8 +31,8 @@ How a launch is organised:
 Tensor contract (the launchers check nothing a caller could get wrong; sam_fast.ops validates):
 
 * ``q, k, v``: (B, N, H, D), last dim contiguous, other strides free, fp16/bf16/fp32, D <= 128.
-  D is padded to a power of two inside the kernel by masked loads, never by copies; the forward
-  splits a D that is not a power of two into two power-of-two slices when that pads less
+  D is padded to a power of two inside the kernel by masked loads, never by copies; a D that is not
+  a power of two runs as two power-of-two column slices when that pads less
   (:func:`head_dim_split`: ViT-H's 80 runs as 64 + 16, not 128).
 * ``pad_k, pad_v`` (H, D), single 2-D branch only: partial segments are completed to full size with
   virtual keys carrying these vectors (segment_anything pads windows with zero tokens whose k and v
@@ -374,15 +374,16 @@ def _dilated_attention_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+def _dkdv_branch(dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
                  sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask,
-                 ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
+                 offs_t, dmask_t, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
                  BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr,
-                 PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr):
     """Accumulate into dK/dV of a key block the contributions of one branch's queries.
 
     ``kyv`` (BKY,) / ``kxv`` (BKX,) are the block's key rows / columns on the grid; their indices in the
-    branch's kept lattice address the rel-pos tables of the branch's queries.
+    branch's kept lattice address the rel-pos tables of the branch's queries. With TAIL the head-dim
+    columns ``offs_t`` run beside ``offs_d`` as in the forward (``k_t``/``v_t`` in, ``dk_t``/``dv_t`` out).
     """
     y0, x0, oy, ox, qh, qw, kh, kw = _branch_segment(ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, PADDED)
     nq = qh * qw
@@ -392,21 +393,58 @@ def _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELT
     for t0 in range(0, nq, BLOCK_M):
         qn, mrow = _query_rows(t0, nq, qw, y0 + oy, x0 + ox, COLS, DIL_H, DIL_W, BLOCK_M)
         qmask = mrow[:, None] & dmask[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
+        q_rows = Q + b * sqb + h * sqh + qn[:, None] * sqn
+        do_rows = DO + b * sdob + h * sdoh + qn[:, None] * sdon
+        q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(do_rows + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + b * slb + h * slh + qn, mask=mrow, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
-        s = _block_logits(_dot(q, tl.trans(k), PREC, UPCAST), qk_scale,
-                          RH + b * srb + h * srh + qn * srn + RH_OFF, RW + b * swb + h * swh + qn * swn + RW_OFF,
-                          mrow, cy, cx, kh, kw, no_rw,
+        qk = _dot(q, tl.trans(k), PREC, UPCAST)
+        if TAIL:
+            qmask_t = mrow[:, None] & dmask_t[None, :]
+            q_t = tl.load(q_rows + offs_t[None, :], mask=qmask_t, other=0.0)
+            do_t = tl.load(do_rows + offs_t[None, :], mask=qmask_t, other=0.0)
+            qk += _dot(q_t, tl.trans(k_t), PREC, UPCAST)
+        s = _block_logits(qk, qk_scale, RH + b * srb + h * srh + qn * srn + RH_OFF,
+                          RW + b * swb + h * swh + qn * swn + RW_OFF, mrow, cy, cx, kh, kw, no_rw,
                           BLOCK_M, BKY, BKX, HAS_REL, False)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
         dp = _dot(do, tl.trans(v), PREC, UPCAST)
+        if TAIL:
+            dv_t += _dot(tl.trans(p.to(do_t.dtype)), do_t, PREC, UPCAST)
+            dp += _dot(do_t, tl.trans(v_t), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
-    return dk, dv
+        if TAIL:
+            dk_t += _dot(tl.trans(ds.to(q_t.dtype)), q_t, PREC, UPCAST)
+    return dk, dv, dk_t, dv_t
+
+
+@triton.jit
+def _store_key_grads(DK, DV, DPADK, DPADV, dk, dv, b, h, kn, ky, kx, valid, real, offs, cols_mask,
+                     sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, spb, sph, spn, ROWS, COLS, PAD_ROWS, PAD_COLS,
+                     PADDED: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write (ACCUMULATE: add to) a key block's dK / dV at head-dim columns ``offs``. SAM's virtual keys
+    of the completed segments go to the pad scratch: a compact index over the padded grid's margin (rows
+    below the grid first, then the columns right of it), each written exactly once."""
+    kmask = real[:, None] & cols_mask[None, :]
+    dk_ptr = DK + b * sdkb + h * sdkh + kn[:, None] * sdkn + offs[None, :]
+    dv_ptr = DV + b * sdvb + h * sdvh + kn[:, None] * sdvn + offs[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptr, mask=kmask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptr, mask=kmask, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask)
+    if PADDED:
+        is_pad = valid & (~real)
+        below = ky >= ROWS
+        pidx = tl.where(below, (ky - ROWS) * PAD_COLS + kx,
+                        (PAD_ROWS - ROWS) * PAD_COLS + ky * (PAD_COLS - COLS) + (kx - COLS))
+        pmask = is_pad[:, None] & cols_mask[None, :]
+        tl.store(DPADK + b * spb + h * sph + pidx[:, None] * spn + offs[None, :], dk, mask=pmask)
+        tl.store(DPADV + b * spb + h * sph + pidx[:, None] * spn + offs[None, :], dv, mask=pmask)
 
 
 @triton.jit
@@ -418,11 +456,13 @@ def _dilated_attention_bwd_dkdv_kernel(
     H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, PAD_ROWS, PAD_COLS, qk_scale, sm_scale,
     S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
     HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
     """One program per key block of a class tile: loops over the queries of every branch that keeps the
-    block, accumulates dK and dV, writes them once (ACCUMULATE: adds to an earlier group's)."""
+    block, accumulates dK and dV, writes them once (ACCUMULATE: adds to an earlier group's). With TAIL
+    the head dim is columns [0, BLOCK_D) plus [BLOCK_D, BLOCK_D + BLOCK_DT)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
@@ -434,66 +474,71 @@ def _dilated_attention_bwd_dkdv_kernel(
         return
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
     pad_k, pad_v = _pad_vectors(PADK, PADV, h, D, offs_d, dmask, Q.dtype.element_ty, BLOCK_D, PADDED)
     cy, cx, ky, kx, valid, real, k, v = _load_key_block(
-        pid_n, ty0, tx0, kh, kw, ROWS, COLS, RY, RX, K + b * skb + h * skh, V + b * svb + h * svh, skn, svn,
+        pid_n, ty0, tx0, kh, kw, ROWS, COLS, RY, RX, k_base, v_base, skn, svn,
         offs_d, dmask, pad_k, pad_v, BKY, BKX, PADDED)
     kyv = ty0 + cy * RY
     kxv = tx0 + cx * RX
     kn = ky * COLS + kx
-    kmask = real[:, None] & dmask[None, :]
+    offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+    dmask_t = offs_t < D
+    if TAIL:
+        pad_kt, pad_vt = _pad_vectors(PADK, PADV, h, D, offs_t, dmask_t, Q.dtype.element_ty, BLOCK_DT, PADDED)
+        k_t, v_t = _load_kv(kn, real, k_base, v_base, skn, svn, offs_t, dmask_t, pad_kt, pad_vt, PADDED)
+    else:  # placeholders nothing reads
+        k_t = tl.zeros((BKY * BKX, BLOCK_DT), dtype=Q.dtype.element_ty)
+        v_t = k_t
 
     dk = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
-    dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-                          sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask,
-                          ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale,
-                          BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    dk_t = tl.zeros((BKY * BKX, BLOCK_DT), dtype=tl.float32)
+    dv_t = tl.zeros((BKY * BKX, BLOCK_DT), dtype=tl.float32)
+    dk, dv, dk_t, dv_t = _dkdv_branch(
+        dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+        sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t, dmask_t,
+        ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
     if NB > 1:
-        dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-                              sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d,
-                              dmask, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale,
-                              BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+        dk, dv, dk_t, dv_t = _dkdv_branch(
+            dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+            sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
+            dmask_t, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC,
+            UPCAST, TAIL)
     if NB > 2:
-        dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-                              sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d,
-                              dmask, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale,
-                              BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+        dk, dv, dk_t, dv_t = _dkdv_branch(
+            dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+            sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
+            dmask_t, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC,
+            UPCAST, TAIL)
     if NB > 3:
-        dk, dv = _dkdv_branch(dk, dv, k, v, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-                              sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d,
-                              dmask, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale,
-                              BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
-    dk = dk * sm_scale
-    dk_ptr = DK + b * sdkb + h * sdkh + kn[:, None] * sdkn + offs_d[None, :]
-    dv_ptr = DV + b * sdvb + h * sdvh + kn[:, None] * sdvn + offs_d[None, :]
-    if ACCUMULATE:
-        dk += tl.load(dk_ptr, mask=kmask, other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptr, mask=kmask, other=0.0).to(tl.float32)
-    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask)
-    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask)
-    if PADDED:
-        # Virtual keys of the completed segments: compact index over the padded-grid margin
-        # (rows below the grid first, then the columns right of it), each written exactly once.
-        is_pad = valid & (~real)
-        below = ky >= ROWS
-        pidx = tl.where(below, (ky - ROWS) * PAD_COLS + kx,
-                        (PAD_ROWS - ROWS) * PAD_COLS + ky * (PAD_COLS - COLS) + (kx - COLS))
-        pmask = is_pad[:, None] & dmask[None, :]
-        tl.store(DPADK + b * spb + h * sph + pidx[:, None] * spn + offs_d[None, :], dk, mask=pmask)
-        tl.store(DPADV + b * spb + h * sph + pidx[:, None] * spn + offs_d[None, :], dv, mask=pmask)
+        dk, dv, dk_t, dv_t = _dkdv_branch(
+            dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
+            sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
+            dmask_t, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC,
+            UPCAST, TAIL)
+    _store_key_grads(DK, DV, DPADK, DPADV, dk * sm_scale, dv, b, h, kn, ky, kx, valid, real, offs_d, dmask,
+                     sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, spb, sph, spn, ROWS, COLS, PAD_ROWS, PAD_COLS,
+                     PADDED, ACCUMULATE)
+    if TAIL:
+        _store_key_grads(DK, DV, DPADK, DPADV, dk_t * sm_scale, dv_t, b, h, kn, ky, kx, valid, real, offs_t,
+                         dmask_t, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, spb, sph, spn, ROWS, COLS, PAD_ROWS,
+                         PAD_COLS, PADDED, ACCUMULATE)
 
 
 @triton.jit
-def _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
-               offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF,
-               qk_scale, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr,
-               PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_branch(dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base,
+               skn, svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
+               SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale, BLOCK_M: tl.constexpr, BKY: tl.constexpr,
+               BKX: tl.constexpr, HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr, TAIL: tl.constexpr):
     """Accumulate dQ of a query tile over one branch's keys; write the branch's dRH / dRW columns.
 
     ``dRH[i, ky] = sum_kx dS[i, (ky, kx)]`` and ``dRW[i, kx] = sum_ky dS[i, (ky, kx)]``; with the bias
     one key block spans the kept width (SINGLE_KX), so every dRH column is written by exactly one
-    iteration and dRW stays in registers until the branch ends.
+    iteration and dRW stays in registers until the branch ends. With TAIL the head-dim columns
+    ``offs_t`` run beside ``offs_d`` (``q_t``, ``do_t`` in, ``dq_t`` out).
     """
     yf, xf, kh, kw, n_blocks, rh_row, rw_row, rw_tile = _branch_keys(
         ty0, tx0, h, rh_row, rw_row, mrow, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF,
@@ -504,13 +549,21 @@ def _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_
         cy, cx, ky, kx, valid, real, k, v = _load_key_block(
             blk, yf, xf, kh, kw, ROWS, COLS, DIL_H, DIL_W, k_base, v_base, skn, svn, offs_d, dmask,
             pad_k, pad_v, BKY, BKX, PADDED)
-        s = _block_logits(_dot(q, tl.trans(k), PREC, UPCAST), qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw,
-                          rw_tile, BLOCK_M, BKY, BKX, HAS_REL, True)
+        qk = _dot(q, tl.trans(k), PREC, UPCAST)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
+        if TAIL:
+            k_t, v_t = _load_kv(ky * COLS + kx, real, k_base, v_base, skn, svn, offs_t, dmask_t, pad_kt, pad_vt,
+                                PADDED)
+            qk += _dot(q_t, tl.trans(k_t), PREC, UPCAST)
+            dp += _dot(do_t, tl.trans(v_t), PREC, UPCAST)
+        s = _block_logits(qk, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
+                          BLOCK_M, BKY, BKX, HAS_REL, True)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
+        if TAIL:
+            dq_t += _dot(ds.to(k_t.dtype), k_t, PREC, UPCAST)
         if HAS_REL:
             ds3 = tl.reshape(ds, (BLOCK_M, BKY, BKX))
             tl.store(drh_row[:, None] + RH_OFF + cy[None, :], tl.sum(ds3, axis=2),
@@ -518,7 +571,7 @@ def _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_
             drw += tl.sum(ds3, axis=1)
     if HAS_REL:
         tl.store(drw_row[:, None] + RW_OFF + cx0[None, :], drw, mask=mrow[:, None] & (cx0 < kw)[None, :])
-    return dq
+    return dq, dq_t
 
 
 @triton.jit
@@ -529,10 +582,12 @@ def _dilated_attention_bwd_dq_kernel(
     H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, qk_scale, sm_scale,
     S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
     HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
-    """One program per (query tile, class tile, batch * head): dQ over every branch of the group."""
+    """One program per (query tile, class tile, batch * head): dQ over every branch of the group. With
+    TAIL the head dim is columns [0, BLOCK_D) plus [BLOCK_D, BLOCK_D + BLOCK_DT)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
@@ -546,38 +601,63 @@ def _dilated_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     qmask = mrow[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + qn[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + qn[:, None] * sdon + offs_d[None, :], mask=qmask, other=0.0)
+    q_rows = Q + b * sqb + h * sqh + qn[:, None] * sqn
+    do_rows = DO + b * sdob + h * sdoh + qn[:, None] * sdon
+    q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(do_rows + offs_d[None, :], mask=qmask, other=0.0)
     lse = tl.load(LSE + b * slb + h * slh + qn, mask=mrow, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + b * slb + h * slh + qn, mask=mrow, other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     pad_k, pad_v = _pad_vectors(PADK, PADV, h, D, offs_d, dmask, Q.dtype.element_ty, BLOCK_D, PADDED)
+    offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+    dmask_t = offs_t < D
+    qmask_t = mrow[:, None] & dmask_t[None, :]
+    if TAIL:
+        q_t = tl.load(q_rows + offs_t[None, :], mask=qmask_t, other=0.0)
+        do_t = tl.load(do_rows + offs_t[None, :], mask=qmask_t, other=0.0)
+        pad_kt, pad_vt = _pad_vectors(PADK, PADV, h, D, offs_t, dmask_t, Q.dtype.element_ty, BLOCK_DT, PADDED)
+    else:  # placeholders nothing reads
+        q_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=Q.dtype.element_ty)
+        do_t = q_t
+        pad_kt = tl.zeros((BLOCK_DT,), dtype=Q.dtype.element_ty)
+        pad_vt = pad_kt
     rh_row = RH + b * srb + h * srh + qn * srn
     rw_row = RW + b * swb + h * swh + qn * swn
     drh_row = DRH + b * srb + h * srh + qn * srn
     drw_row = DRW + b * swb + h * swh + qn * swn
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
-                    offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0,
-                    qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+    dq_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=tl.float32)
+    dq, dq_t = _dq_branch(
+        dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
+        offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
+        S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
     if NB > 1:
-        dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
-                        offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1,
-                        qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+        dq, dq_t = _dq_branch(
+            dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
+            svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
+            S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
     if NB > 2:
-        dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
-                        offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2,
-                        qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
+        dq, dq_t = _dq_branch(
+            dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
+            svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
+            S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
     if NB > 3:
-        dq = _dq_branch(dq, q, do, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
-                        offs_d, dmask, pad_k, pad_v, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3,
-                        qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST)
-    dq = dq * sm_scale
+        dq, dq_t = _dq_branch(
+            dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
+            svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
+            S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
     dq_ptr = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn + offs_d[None, :]
+    dq = dq * sm_scale
     if ACCUMULATE:
         dq += tl.load(dq_ptr, mask=qmask, other=0.0).to(tl.float32)
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=qmask)
+    if TAIL:
+        dq_t_ptr = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn + offs_t[None, :]
+        dq_t = dq_t * sm_scale
+        if ACCUMULATE:
+            dq_t += tl.load(dq_t_ptr, mask=qmask_t, other=0.0).to(tl.float32)
+        tl.store(dq_t_ptr, dq_t.to(DQ.dtype.element_ty), mask=qmask_t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,20 +903,20 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
         block_m = 16 if head_dim > 64 else 32
     else:
         block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
-    block_d, block_dt = head_dim_split(head_dim) if not backward else (max(16, _pow2(head_dim)), 0)
+    block_d, block_dt = head_dim_split(head_dim)
     num_warps = 4 if block_m == 64 else 8
     return dict(BLOCK_M=block_m, BKY=bky, BKX=bkx, KBY=kby, KBX=kbx, BLOCK_D=block_d,
                 BLOCK_DT=max(block_dt, 16), TAIL=block_dt > 0, SINGLE_KX=kwp <= bkx, num_warps=num_warps)
 
 
-# The forward splits a head dim that is not a power of two into two power-of-two column slices when
-# that saves tensor-core work (set False to pad to the next power of two instead, e.g. to compare).
+# Forward and backward split a head dim that is not a power of two into two power-of-two column slices
+# when that saves tensor-core work (set False to pad to the next power of two instead, e.g. to compare).
 SPLIT_HEAD_DIM = True
 
 
 @contextlib.contextmanager
 def padded_head_dim():
-    """Within this block the forward pads the head dim to a power of two instead of splitting it (the
+    """Within this block the kernels pad the head dim to a power of two instead of splitting it (the
     benchmarks' same-run measure of what the split buys; results agree to rounding)."""
     global SPLIT_HEAD_DIM
     saved, SPLIT_HEAD_DIM = SPLIT_HEAD_DIM, False
@@ -847,7 +927,7 @@ def padded_head_dim():
 
 
 def head_dim_split(head_dim: int) -> Tuple[int, int]:
-    """(main, tail) column slices the forward uses for ``head_dim``: tail 0 means one slice padded to a
+    """(main, tail) column slices the kernels use for ``head_dim``: tail 0 means one slice padded to a
     power of two. tl.dot needs slices of at least 16, so D = 80 (ViT-H) becomes 64 + 16 (80 columns of
     MMA work instead of 128), D = 96 becomes 64 + 32, D = 40 becomes 32 + 16; D = 112 stays 128
     (64 + 64 saves nothing)."""
@@ -975,7 +1055,8 @@ def dilated_attention_bwd(
         else:
             rh = rw = drh = drw = q.new_empty((1, 1, 1, 1))
             rel_offs = None
-        common = dict(NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], HAS_REL=has_rel,
+        common = dict(NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+                      BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
                       PADDED=padded, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
                       num_warps=4, num_stages=1)
         bargs = _branch_args(group, rel_offs)

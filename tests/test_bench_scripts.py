@@ -92,28 +92,51 @@ def test_segmenting_decoder_learns_the_scene():
     assert untrained["mean_iou"] < 0.25 < 0.5 < trained["mean_iou"], (untrained["mean_iou"], trained["mean_iou"])
 
 
-def test_padded_head_dim_peer_is_timed_where_the_forward_splits():
-    """On a GPU, forward cases whose head dim the kernel splits (ViT-H's 80 = 64 + 16) also time the
-    padded forward (80 -> 128) in the same run; the peer computes the same attention."""
+def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
+    """On a GPU, cases whose head dim the kernels split (ViT-H's 80 = 64 + 16) also time sam_fast with
+    the head dim padded (80 -> 128) in the same run, forward and backward: its calls and its timing run
+    inside ``padded_head_dim_for``, which pads exactly for that peer."""
     import torch
 
+    import sam_fast.kernels.dilated_attention as kernel
     from sam_fast import Branch
     from sam_fast.bench import bench_attention, bench_dilated_attention
+    from sam_fast.bench.harness import PADDED_D, padded_head_dim_for
 
     cuda = torch.device("cuda")
     names = lambda peers: [p[0] for p in peers]  # noqa: E731
     pattern = [Branch((4, 4), 2)]
-    assert "sam_fast(triton,padded-D)" in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 80, (8, 8), cuda))
-    for D, mode in ((64, "fwd"), (80, "fwd+bwd")):
-        assert "sam_fast(triton,padded-D)" not in names(
-            bench_dilated_attention._peers("p", pattern, 1, 64, 2, D, (8, 8), cuda, mode))
-    assert "sam_fast(triton,padded-D)" in names(bench_attention._peers(cuda, 80, "fwd"))
-    assert "sam_fast(triton,padded-D)" not in names(bench_attention._peers(cuda, 64, "fwd"))
+    for mode in ("fwd", "fwd+bwd"):
+        assert PADDED_D in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 80, (8, 8), cuda, mode))
+        assert PADDED_D in names(bench_attention._peers(cuda, 80, mode))
+    assert PADDED_D not in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 64, (8, 8), cuda))
+    assert PADDED_D not in names(bench_attention._peers(cuda, 64))
 
+    seen = []
+    original = kernel._launch_config
+
+    def spy(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        seen.append(cfg["TAIL"])
+        return cfg
+
+    monkeypatch.setattr(kernel, "_launch_config", spy)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 64, 2, 80, generator=g) for _ in range(3))
-    split = bench_dilated_attention._sam_fast(pattern, (8, 8), "triton")(q, k, v, 0.1)
-    padded = bench_dilated_attention._sam_fast_padded_head_dim(pattern, (8, 8))(q, k, v, 0.1)
+    q, k, v = (torch.randn(1, 64, 2, 80, generator=g).requires_grad_() for _ in range(3))
+    fn = bench_dilated_attention._sam_fast(pattern, (8, 8), "triton")
+    split = fn(q, k, v, 0.1)
+    split.sum().backward()
+    assert seen and all(seen)  # forward, dK/dV and dQ launches all split
+    grads = [t.grad.clone() for t in (q, k, v)]
+    seen.clear()
+    for t in (q, k, v):
+        t.grad = None
+    with padded_head_dim_for(PADDED_D):
+        padded = fn(q, k, v, 0.1)
+        padded.sum().backward()
+    assert seen and not any(seen)
+    with padded_head_dim_for("sam_fast(triton)"):
+        assert kernel.SPLIT_HEAD_DIM
     torch.testing.assert_close(split, padded, atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(bench_attention.sam_fast_triton_padded_head_dim(q, k, v, None, None, (8, 8), 0.1),
-                               bench_attention.sam_fast_triton(q, k, v, None, None, (8, 8), 0.1), atol=2e-6, rtol=2e-6)
+    for g_split, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g_split, t.grad, atol=1e-5, rtol=1e-5)
