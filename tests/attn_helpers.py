@@ -51,3 +51,19 @@ def check_kernel_vs_reference(qkv, pattern, kw, dtype, backend="triton"):
     for name, gk, gr, gx in zip(names, *grads):
         check_against_reference(name, gk, gx, gr, dtype, BWD_FACTOR)
     return lse_k
+
+
+def record_launch_configs(monkeypatch):
+    """The launch configurations the attention kernels pick from now on (a list that fills as they run)."""
+    import sam_fast.kernels.dilated_attention as kernel
+
+    configs = []
+    original = kernel._launch_config
+
+    def spy(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        configs.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(kernel, "_launch_config", spy)
+    return configs

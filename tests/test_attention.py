@@ -12,7 +12,7 @@ from sam_fast.pattern import resolve_pattern
 from sam_fast.reference.attention import dilated_attention_reference
 from sam_fast.testing import FWD_FACTOR, check_against_reference
 
-from attn_helpers import check_kernel_vs_reference, run_op
+from attn_helpers import check_kernel_vs_reference, record_launch_configs, run_op
 
 
 def make_case(B, grid, H, D, dtype, window=None, rel=False, pad=False, seed=0, layout="contiguous"):
@@ -209,15 +209,7 @@ def test_kernels_split_head_dim_that_is_not_a_power_of_two(D, window, pad, monke
     gradient match the reference, and match the padded kernels to rounding."""
     import sam_fast.kernels.dilated_attention as k
 
-    configs = []
-    original = k._launch_config
-
-    def spy(*args, **kwargs):
-        cfg = original(*args, **kwargs)
-        configs.append(cfg)
-        return cfg
-
-    monkeypatch.setattr(k, "_launch_config", spy)
+    configs = record_launch_configs(monkeypatch)
     qkv, pattern, kw = make_case(1, (9, 10), 2, D, torch.float32, window, True, pad, layout="qkv")
     check_kernel_vs_reference(qkv, pattern, kw, torch.float32)
     main, tail = k.head_dim_split(D)

@@ -112,29 +112,23 @@ def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
     assert PADDED_D not in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 64, (8, 8), cuda))
     assert PADDED_D not in names(bench_attention._peers(cuda, 64))
 
-    seen = []
-    original = kernel._launch_config
+    from attn_helpers import record_launch_configs
 
-    def spy(*args, **kwargs):
-        cfg = original(*args, **kwargs)
-        seen.append(cfg["TAIL"])
-        return cfg
-
-    monkeypatch.setattr(kernel, "_launch_config", spy)
+    configs = record_launch_configs(monkeypatch)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 64, 2, 80, generator=g).requires_grad_() for _ in range(3))
     fn = bench_dilated_attention._sam_fast(pattern, (8, 8), "triton")
     split = fn(q, k, v, 0.1)
     split.sum().backward()
-    assert seen and all(seen)  # forward, dK/dV and dQ launches all split
+    assert configs and all(c["TAIL"] for c in configs)  # forward, dK/dV and dQ launches all split
     grads = [t.grad.clone() for t in (q, k, v)]
-    seen.clear()
+    configs.clear()
     for t in (q, k, v):
         t.grad = None
     with padded_head_dim_for(PADDED_D):
         padded = fn(q, k, v, 0.1)
         padded.sum().backward()
-    assert seen and not any(seen)
+    assert configs and not any(c["TAIL"] for c in configs)
     with padded_head_dim_for("sam_fast(triton)"):
         assert kernel.SPLIT_HEAD_DIM
     torch.testing.assert_close(split, padded, atol=2e-6, rtol=2e-6)

@@ -9,7 +9,7 @@ from sam_fast.kernels.dilated_attention import Geometry, plan_groups
 from sam_fast.pattern import resolve_pattern
 from sam_fast.reference.attention import dilated_attention_reference
 
-from attn_helpers import check_kernel_vs_reference
+from attn_helpers import check_kernel_vs_reference, record_launch_configs
 
 # (B, N or grid, H, D, pattern, rel). Covers 1-D and 2-D, one and several branches, r in {1, 2, 3, 4},
 # partial segments, N off every block size, head dims 14/32/64/80, batch 1, heads fewer than r
@@ -273,15 +273,7 @@ def test_gpu_fp32_blocks_match_reference(case, monkeypatch):
     does not spill) run here too: the interpreter otherwise picks its own larger blocks."""
     import sam_fast.kernels.dilated_attention as k
 
-    chosen = []
-    original = k._launch_config
-
-    def spy(*args, **kwargs):
-        cfg = original(*args, **kwargs)
-        chosen.append(cfg)
-        return cfg
-
     monkeypatch.setattr(k, "_interpreting", lambda: False)
-    monkeypatch.setattr(k, "_launch_config", spy)
+    chosen = record_launch_configs(monkeypatch)
     _check_case(case, torch.float32)
     assert chosen and all(c["BLOCK_M"] == (16 if case[3] > 64 else 32) for c in chosen)
