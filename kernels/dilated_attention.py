@@ -899,11 +899,15 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     _, cw = group.class_extent(padded)
     kbx = min(_pow2(cw), block_n)
     kby = max(1, block_n // kbx)
+    block_d, block_dt = head_dim_split(head_dim)
     if fp32:
         block_m = 16 if head_dim > 64 else 32
     else:
-        block_m = 64 if (_interpreting() or backward or head_dim > 64) else 128
-    block_d, block_dt = head_dim_split(head_dim)
+        # 128-query forward tiles (each K/V block serves twice the queries) while the columns the
+        # kernel computes stay at most 80: D = 64, and ViT-H's 80 once split into 64 + 16 (on sm_90:
+        # 185-220 registers, no spills, 56-60 KiB shared, as D = 64); wider ones take 64.
+        width = block_d + (block_dt if block_dt else 0)
+        block_m = 64 if (_interpreting() or backward or width > 80) else 128
     if backward:
         # fp32 backward: 8 warps. With 4, the sm_90 compile of most cases sat at 255 registers and spilled
         # 260-560 bytes per thread (dK/dV and dQ of the dilated and rel-pos patterns); with 8, one case in

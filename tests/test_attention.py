@@ -227,3 +227,21 @@ def test_kernels_split_head_dim_that_is_not_a_power_of_two(D, window, pad, monke
     assert k.SPLIT_HEAD_DIM
     for a, b in zip(*results):  # fp32: the two differ only in summation order
         torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("window,pad", [(None, False), ((4, 4), True)], ids=["global", "window"])
+def test_gpu_forward_blocks_for_split_head_dim(window, pad, monkeypatch):
+    """The forward a GPU runs for ViT-H's head dim (128-query tiles over 64 + 16 columns; the interpreter
+    otherwise picks 64-query tiles) matches the reference; fp16, whose tl.dot the interpreter gets right."""
+    import sam_fast.kernels.dilated_attention as k
+
+    monkeypatch.setattr(k, "_interpreting", lambda: False)
+    configs = record_launch_configs(monkeypatch)
+    qkv, pattern, kw = make_case(1, (12, 13), 2, 80, torch.float16, window, True, pad, layout="qkv")
+    with torch.no_grad():
+        _, out_k, lse_k = run_op("triton", qkv, pattern, kw)
+        _, out_r, lse_r = run_op("reference", qkv, pattern, kw)
+        _, out_x, lse_x = run_op("reference", qkv, pattern, kw, cast=torch.float64)
+    assert [(c["BLOCK_M"], c["BLOCK_D"], c["BLOCK_DT"], c["TAIL"]) for c in configs] == [(128, 64, 16, True)]
+    check_against_reference("out", out_k, out_x, out_r, torch.float16, FWD_FACTOR)
+    check_against_reference("lse", lse_k, lse_x, lse_r, torch.float16, FWD_FACTOR)
