@@ -9,7 +9,7 @@
 # two side by side (neither times anything), the benchmarks always run alone:
 #   tests        pytest -m gpu on tests/test_gpu.py, 8 workers (Triton compiles in parallel)
 #   sanitize     compute-sanitizer memcheck on every CUDA and Triton op, racecheck on the CUDA ops
-#   tune         the int8 GEMM table for this GPU (kernels/tuned/int8_gemm.json)
+#   tune         the int8 GEMM and attention tables for this GPU (kernels/tuned/int8_gemm.json, attention.json)
 #   bench        every benchmark script; or name scripts one by one: bench_dilated_attention ...
 #   bench_e2e_compile  ViT-B/H encoders with torch.compile: segment-anything-fast's method vs sam_fast
 # The plan for a 30-minute loan (device time counts from the asking, start-up included; a machine left
@@ -89,10 +89,13 @@ run_stage() {
       } > "$OUT/sanitizer.txt"
       cat "$OUT/sanitizer.txt"
       ;;
-    tune)
-      timeout -k 10 "$lim" python3 bench/tune_int8_gemm.py  # writes the table after every shape
+    tune)  # both tuners write their table after every shape / case, so a cut-off run keeps what it measured
+      timeout -k 10 "$(( lim / 2 ))" python3 bench/tune_int8_gemm.py
       echo "exit: $?"
       cp kernels/tuned/int8_gemm.json "$OUT/pack/"
+      timeout -k 10 "$(left)" python3 bench/tune_attention.py
+      echo "exit: $?"
+      cp kernels/tuned/attention.json "$OUT/pack/"
       ;;
     bench)
       for s in bench_attention bench_dilated_attention bench_int8_gemm bench_e2e bench_decoder bench_everything; do

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 from typing import Optional, Sequence, Tuple
@@ -53,6 +54,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._arch import device_arch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -877,7 +880,7 @@ def _interpreting() -> bool:
 
 
 def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, backward: bool = False,
-                   fp32: bool = False):
+                   fp32: bool = False, choice: Optional[dict] = None):
     """Block shapes for one group.
 
     Forward / dQ visit each branch's kept keys in BKY x BKX blocks, BKX a power of two covering the
@@ -886,7 +889,10 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     fp32 inputs (``tl.dot`` in IEEE fp32 runs on FMA units, its tiles held in registers) take blocks
     of 32 keys and 32 queries (16 above head dim 64): at 64 the sm_90 compile spilled up to 20 KB per
     thread to local memory (``bench/aot_compile.py`` reports registers and stack).
+    ``choice`` (a tuned entry's config, see :func:`tuned_choice`) overrides the query tile, warps,
+    pipeline stages and the head-dim split; the key blocks are structural and stay.
     """
+    choice = choice or {}
     kh, kw = group.kept_extent(padded)
     kwp = _pow2(kw)
     block_n = 32 if fp32 else 64
@@ -899,7 +905,7 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     _, cw = group.class_extent(padded)
     kbx = min(_pow2(cw), block_n)
     kby = max(1, block_n // kbx)
-    block_d, block_dt = head_dim_split(head_dim)
+    block_d, block_dt = head_dim_split(head_dim, choice.get("split", True))
     if fp32:
         block_m = 16 if head_dim > 64 else 32
     else:
@@ -915,8 +921,11 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
         num_warps = 8 if fp32 else 4
     else:
         num_warps = 4 if block_m == 64 else 8
+    if not _interpreting():  # the interpreter keeps its own (small) query tiles
+        block_m = choice.get("BLOCK_M", block_m)
     return dict(BLOCK_M=block_m, BKY=bky, BKX=bkx, KBY=kby, KBX=kbx, BLOCK_D=block_d,
-                BLOCK_DT=max(block_dt, 16), TAIL=block_dt > 0, SINGLE_KX=kwp <= bkx, num_warps=num_warps)
+                BLOCK_DT=max(block_dt, 16), TAIL=block_dt > 0, SINGLE_KX=kwp <= bkx,
+                num_warps=choice.get("num_warps", num_warps), num_stages=choice.get("num_stages", 1 if backward else 2))
 
 
 # Forward and backward split a head dim that is not a power of two into two power-of-two column slices
@@ -926,8 +935,9 @@ SPLIT_HEAD_DIM = True
 
 @contextlib.contextmanager
 def padded_head_dim():
-    """Within this block the kernels pad the head dim to a power of two instead of splitting it (the
-    benchmarks' same-run measure of what the split buys; results agree to rounding)."""
+    """Within this block the kernels pad the head dim to a power of two instead of splitting it, and
+    ignore the tuned table: the configuration before the split (the benchmarks' same-run measure of
+    what it buys; results agree to rounding)."""
     global SPLIT_HEAD_DIM
     saved, SPLIT_HEAD_DIM = SPLIT_HEAD_DIM, False
     try:
@@ -936,17 +946,84 @@ def padded_head_dim():
         SPLIT_HEAD_DIM = saved
 
 
-def head_dim_split(head_dim: int) -> Tuple[int, int]:
+def head_dim_split(head_dim: int, split: bool = True) -> Tuple[int, int]:
     """(main, tail) column slices the kernels use for ``head_dim``: tail 0 means one slice padded to a
     power of two. tl.dot needs slices of at least 16, so D = 80 (ViT-H) becomes 64 + 16 (80 columns of
     MMA work instead of 128), D = 96 becomes 64 + 32, D = 40 becomes 32 + 16; D = 112 stays 128
-    (64 + 64 saves nothing)."""
+    (64 + 64 saves nothing). ``split=False`` (or :func:`padded_head_dim`) always pads."""
     padded = max(16, _pow2(head_dim))
-    if not SPLIT_HEAD_DIM or head_dim <= 16 or padded == head_dim:
+    if not (split and SPLIT_HEAD_DIM) or head_dim <= 16 or padded == head_dim:
         return padded, 0
     main = padded // 2
     tail = max(16, _pow2(head_dim - main))
     return (main, tail) if main + tail < padded else (padded, 0)
+
+
+# ---- tuned table: kernels/tuned/attention.json, written on a GPU by bench/tune_attention.py ----
+
+_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned", "attention.json")
+TUNABLE = ("BLOCK_M", "num_warps", "num_stages", "split")
+_FORCED: Optional[dict] = None
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table() -> dict:
+    """{arch: [{"key": {...}, "config": {...}}, ...]} from ``tuned/attention.json`` (checked in per GPU
+    architecture; empty until a GPU has tuned it). A config may set only :data:`TUNABLE` fields."""
+    if not os.path.exists(_TABLE_PATH):
+        return {}
+    with open(_TABLE_PATH) as f:
+        table = json.load(f).get("configs", {})
+    for arch, entries in table.items():
+        for e in entries:
+            unknown = set(e.get("config", {})) - set(TUNABLE)
+            if "key" not in e or "config" not in e or unknown:
+                raise ValueError(f"{_TABLE_PATH}: entry for {arch} {e.get('key')} is malformed (needs 'key' and "
+                                 f"'config' with fields among {TUNABLE}; unknown {sorted(unknown)})")
+    return table
+
+
+def tune_key(group: Group, padded: bool, has_rel: bool, head_dim: int, dtype: torch.dtype, backward: bool) -> dict:
+    """What a tuned entry is keyed by: direction, head dim, 16- or 32-bit inputs, rel-pos, window padding,
+    branches in the group, the kept key extent and the class step (the batch and head count are not)."""
+    kh, kw = group.kept_extent(padded)
+    return {"dir": "bwd" if backward else "fwd", "d": int(head_dim), "bits": 32 if dtype == torch.float32 else 16,
+            "rel": bool(has_rel), "pad": bool(padded), "nb": len(group.branches), "kept": [int(kh), int(kw)],
+            "step": [int(s) for s in group.step]}
+
+
+def tuned_choice(key: dict, device: torch.device) -> Optional[dict]:
+    """The config forced by :func:`forced_config`, else the tuned entry for this key on this GPU's
+    architecture, else None (the heuristics of :func:`_launch_config`). :func:`padded_head_dim` skips
+    the table."""
+    if _FORCED is not None:
+        return _FORCED
+    if not SPLIT_HEAD_DIM or device.type != "cuda":
+        return None
+    for e in tuned_table().get(device_arch(device), []):
+        if e["key"] == key:
+            return e["config"]
+    return None
+
+
+@contextlib.contextmanager
+def forced_config(config: dict):
+    """Within this block every launch uses ``config`` (TUNABLE fields): how the tuner times candidates."""
+    global _FORCED
+    unknown = set(config) - set(TUNABLE)
+    if unknown:
+        raise ValueError(f"forced_config: unknown fields {sorted(unknown)}; tunable: {TUNABLE}")
+    saved, _FORCED = _FORCED, dict(config)
+    try:
+        yield
+    finally:
+        _FORCED = saved
+
+
+def _config_for(group: Group, padded: bool, has_rel: bool, q: torch.Tensor, backward: bool) -> dict:
+    fp32 = q.dtype == torch.float32 and not _interpreting()
+    choice = tuned_choice(tune_key(group, padded, has_rel, q.shape[-1], q.dtype, backward), q.device)
+    return _launch_config(group, padded, has_rel, q.shape[-1], backward=backward, fp32=fp32, choice=choice)
 
 
 def _precision(dtype):
@@ -981,7 +1058,7 @@ def dilated_attention_fwd(
     pk = pad_k.contiguous() if padded else q.new_empty(1)
     pv = pad_v.contiguous() if padded else q.new_empty(1)
     for gi, group in enumerate(groups):
-        cfg = _launch_config(group, padded, has_rel, D, fp32=q.dtype == torch.float32 and not _interpreting())
+        cfg = _config_for(group, padded, has_rel, q, backward=False)
         if has_rel:
             rh, rw, rel_offs, _ = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
         else:
@@ -1001,7 +1078,7 @@ def dilated_attention_fwd(
             BLOCK_D=cfg["BLOCK_D"], BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
             SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
             PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
-            num_warps=cfg["num_warps"], num_stages=2,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out.to(q.dtype), lse
 
@@ -1056,8 +1133,7 @@ def dilated_attention_bwd(
         pk = pv = q.new_empty(1)
     drel_h = drel_w = None
     for gi, group in enumerate(groups):
-        cfg = _launch_config(group, padded, has_rel, D, backward=True,
-                             fp32=q.dtype == torch.float32 and not _interpreting())
+        cfg = _config_for(group, padded, has_rel, q, backward=True)
         if has_rel:
             rh, rw, rel_offs, tables = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
             drh = torch.zeros(rh.shape, dtype=torch.float32, device=q.device)
@@ -1068,7 +1144,7 @@ def dilated_attention_bwd(
         common = dict(NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
                       BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
                       PADDED=padded, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
-                      num_warps=cfg["num_warps"], num_stages=1)
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         bargs = _branch_args(group, rel_offs)
         geo = (H, D, group.rows, group.cols, group.base[0], group.base[1], group.step[0], group.step[1],
                group.n_seg[1])

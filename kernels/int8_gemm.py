@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._arch import device_arch
+
 QMAX = 127
 ACTIVATIONS = {None: 0, "gelu": 1}
 _OUT_FLOAT, _OUT_INT8, _OUT_INT32 = 0, 1, 2
@@ -195,13 +197,6 @@ def tuned_table() -> dict:
         return {}
     with open(_TABLE_PATH) as f:
         return json.load(f).get("configs", {})
-
-
-def device_arch(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
 
 
 def _m_bucket(m: int) -> int:
