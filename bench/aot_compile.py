@@ -213,7 +213,31 @@ def compile_decoder(rec, quick, dtypes):
             small_key_attention(q, torch.arange(P) * 3 // P, kv, kv, 8, backend="triton")
 
 
-def run(arch: int = 90, quick: bool = False, progress: bool = False):
+def compile_tune_candidates(rec, quick, dtypes):
+    """Every candidate ``bench/tune_attention.py`` would time on a GPU, for its cases in bf16: which fit the
+    architecture's shared memory, and their registers and spills (cases named ``tune <case> <dir> <config>``)."""
+    import sam_fast
+    from sam_fast.bench import tune_attention as T
+    from sam_fast.kernels.dilated_attention import forced_config
+
+    gen = torch.Generator().manual_seed(0)
+    for case in T.CASES[:4] if quick else T.CASES:
+        args, kw = T.make_inputs(case, 1, torch.bfloat16, torch.device("cpu"), gen)
+        rec.case = f"tune {case[0]} forward of the backward candidates (default configuration)"
+        out = sam_fast.dilated_attention(*args, backend="triton", **kw)
+        for backward in (False, True):
+            for cfg in T.candidates(case[3], backward):
+                rec.case = f"tune {case[0]} {'bwd' if backward else 'fwd'} " + \
+                    " ".join(f"{k}={v}" for k, v in cfg.items())
+                with forced_config(cfg):
+                    if backward:
+                        torch.autograd.grad(out, args[:3], torch.zeros_like(out), retain_graph=True)
+                    else:
+                        with torch.no_grad():
+                            sam_fast.dilated_attention(*args, backend="triton", **kw)
+
+
+def run(arch: int = 90, quick: bool = False, progress: bool = False, tune_candidates: bool = False):
     import triton
 
     from sam_fast import _dispatch
@@ -222,8 +246,9 @@ def run(arch: int = 90, quick: bool = False, progress: bool = False):
     _dispatch.triton_device_refusal = lambda t, explicit: None  # CPU tensors stand in for the GPU's
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     failures = []
+    parts = (compile_tune_candidates,) if tune_candidates else (compile_attention, compile_int8, compile_decoder)
     with CompileRecorder(progress) as rec:
-        for part in (compile_attention, compile_int8, compile_decoder):
+        for part in parts:
             try:
                 part(rec, quick, dtypes)
             except Exception as exc:  # keep going: report every part that fails
@@ -241,9 +266,17 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100, 80: A100)")
     parser.add_argument("--quick", action="store_true", help="bf16 and a few shapes only")
     parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
+    parser.add_argument("--tune-candidates", action="store_true",
+                        help="compile bench/tune_attention.py's candidates instead (aot_tune_candidates_sm<arch>.csv); "
+                             "a candidate over the shared-memory limit is reported, not a failure")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    rows, failures = run(args.arch, args.quick, progress=sys.stderr.isatty())
+    rows, failures = run(args.arch, args.quick, progress=sys.stderr.isatty(), tune_candidates=args.tune_candidates)
+    if args.tune_candidates:
+        too_big = [f for f in failures if "shared memory" in f[1]]
+        failures = [f for f in failures if f not in too_big]
+        for case, why in too_big:
+            print(f"does not fit: {case}: {why}")
     seen = {}
     for r in rows:  # one line per distinct compiled specialization
         key = (r["kernel"], r["shared"], r["num_warps"], r["num_stages"], r["regs"], r["stack"], r["mma"])
@@ -262,7 +295,8 @@ def main(argv=None):
         per_case = dict.fromkeys((r["kernel"], r["case"], r["shared"], r["num_warps"], r["num_stages"], r["regs"],
                                   r["stack"], r["mma"]) for r in rows)
         prov = provenance(torch.device("cpu"))
-        append_csv(os.path.join(args.out, f"aot_compile_sm{args.arch}.csv"),
+        name = "aot_tune_candidates" if args.tune_candidates else "aot_compile"
+        append_csv(os.path.join(args.out, f"{name}_sm{args.arch}.csv"),
                    [dict(prov, op=kernel, case=case, backend="triton", mode="compile", metric="shared_bytes",
                          value=shared, num_warps=warps, num_stages=stages, regs=regs, stack_bytes=stack, mma=mma,
                          note=f"compiled for sm_{args.arch}")

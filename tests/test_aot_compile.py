@@ -27,3 +27,28 @@ def test_all_triton_kernels_compile(arch):
     compiled = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("_")}
     assert compiled == set(KERNELS), f"compiled {sorted(compiled)}"
     assert f"compiled for sm_{arch}" in proc.stdout
+
+
+def test_tuner_candidates_compile(tmp_path):
+    """``--tune-candidates`` compiles what bench/tune_attention.py would time (here: one small case) and
+    writes one row per kernel and candidate."""
+    import csv
+
+    script = (
+        "import sys\n"
+        "from sam_fast.bench import tune_attention as T, aot_compile as A\n"
+        "T.CASES = [('small D=80 window', (16, 16), 2, 80, (8, 8), True, True)]\n"
+        f"sys.exit(A.main(['--tune-candidates', '--out', {str(tmp_path)!r}]))\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from sam_fast.bench import tune_attention as T
+
+    rows = list(csv.DictReader(open(tmp_path / "aot_tune_candidates_sm90.csv")))
+    for backward, kernels in ((False, {"_dilated_attention_fwd_kernel"}),
+                              (True, {"_dilated_attention_bwd_dq_kernel", "_dilated_attention_bwd_dkdv_kernel"})):
+        for cfg in T.candidates(80, backward):
+            case = f"tune small D=80 window {'bwd' if backward else 'fwd'} " + " ".join(f"{k}={v}" for k, v in cfg.items())
+            got = {r["op"] for r in rows if r["case"] == case}
+            assert got == kernels, (case, got)
+            assert all(int(r["num_warps"]) == cfg["num_warps"] for r in rows if r["case"] == case)
