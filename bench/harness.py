@@ -7,6 +7,7 @@ median and 20th/80th percentiles); on CPU from ``time.perf_counter`` over repeat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
@@ -56,8 +57,6 @@ PADDED_D = "sam_fast(triton,padded-D)"
 
 def padded_head_dim_for(backend: str):
     """The context a peer's calls and timing run in: padded head dim for :data:`PADDED_D`, else nothing."""
-    import contextlib
-
     if backend != PADDED_D:
         return contextlib.nullcontext()
     from sam_fast.kernels.dilated_attention import padded_head_dim

@@ -426,6 +426,15 @@ def _dkdv_branch(dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, 
 
 
 @triton.jit
+def _store_tile(ptr, val, mask, ACCUMULATE: tl.constexpr):
+    """Store the fp32 tile ``val`` at ``ptr`` in its dtype; ACCUMULATE adds what an earlier launch group
+    left there."""
+    if ACCUMULATE:
+        val += tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_key_grads(DK, DV, DPADK, DPADV, dk, dv, b, h, kn, ky, kx, valid, real, offs, cols_mask,
                      sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, spb, sph, spn, ROWS, COLS, PAD_ROWS, PAD_COLS,
                      PADDED: tl.constexpr, ACCUMULATE: tl.constexpr):
@@ -433,13 +442,8 @@ def _store_key_grads(DK, DV, DPADK, DPADV, dk, dv, b, h, kn, ky, kx, valid, real
     of the completed segments go to the pad scratch: a compact index over the padded grid's margin (rows
     below the grid first, then the columns right of it), each written exactly once."""
     kmask = real[:, None] & cols_mask[None, :]
-    dk_ptr = DK + b * sdkb + h * sdkh + kn[:, None] * sdkn + offs[None, :]
-    dv_ptr = DV + b * sdvb + h * sdvh + kn[:, None] * sdvn + offs[None, :]
-    if ACCUMULATE:
-        dk += tl.load(dk_ptr, mask=kmask, other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptr, mask=kmask, other=0.0).to(tl.float32)
-    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask)
-    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask)
+    _store_tile(DK + b * sdkb + h * sdkh + kn[:, None] * sdkn + offs[None, :], dk, kmask, ACCUMULATE)
+    _store_tile(DV + b * sdvb + h * sdvh + kn[:, None] * sdvn + offs[None, :], dv, kmask, ACCUMULATE)
     if PADDED:
         is_pad = valid & (~real)
         below = ky >= ROWS
@@ -650,17 +654,10 @@ def _dilated_attention_bwd_dq_kernel(
             dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
             svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
             S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
-    dq_ptr = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn + offs_d[None, :]
-    dq = dq * sm_scale
-    if ACCUMULATE:
-        dq += tl.load(dq_ptr, mask=qmask, other=0.0).to(tl.float32)
-    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=qmask)
+    dq_rows = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn
+    _store_tile(dq_rows + offs_d[None, :], dq * sm_scale, qmask, ACCUMULATE)
     if TAIL:
-        dq_t_ptr = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn + offs_t[None, :]
-        dq_t = dq_t * sm_scale
-        if ACCUMULATE:
-            dq_t += tl.load(dq_t_ptr, mask=qmask_t, other=0.0).to(tl.float32)
-        tl.store(dq_t_ptr, dq_t.to(DQ.dtype.element_ty), mask=qmask_t)
+        _store_tile(dq_rows + offs_t[None, :], dq_t * sm_scale, qmask_t, ACCUMULATE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,8 +909,7 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
         # 128-query forward tiles (each K/V block serves twice the queries) while the columns the
         # kernel computes stay at most 80: D = 64, and ViT-H's 80 once split into 64 + 16 (on sm_90:
         # 185-220 registers, no spills, 56-60 KiB shared, as D = 64); wider ones take 64.
-        width = block_d + (block_dt if block_dt else 0)
-        block_m = 64 if (_interpreting() or backward or width > 80) else 128
+        block_m = 64 if (_interpreting() or backward or block_d + block_dt > 80) else 128
     if backward:
         # fp32 backward: 8 warps. With 4, the sm_90 compile of most cases sat at 255 registers and spilled
         # 260-560 bytes per thread (dK/dV and dQ of the dilated and rel-pos patterns); with 8, one case in
