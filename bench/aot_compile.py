@@ -117,7 +117,8 @@ class CompileRecorder:
             regs, stack, mma = resource_usage(kernel)
             recorder.rows.append(dict(kernel=fn.fn.__name__, case=recorder.case, shared=int(md.shared),
                                       num_warps=int(md.num_warps), num_stages=int(md.num_stages),
-                                      regs=regs, stack=stack, mma=mma))
+                                      regs=regs, stack=stack, mma=mma,
+                                      fp_fusion_stated="enable_fp_fusion" in kwargs))
             recorder.bar.set_postfix_str(recorder.case, refresh=False)
             recorder.bar.update(1)
             return kernel
@@ -256,6 +257,8 @@ def run(arch: int = 90, quick: bool = False, progress: bool = False, tune_candid
                 traceback.print_exc()
     limit = SHARED_LIMIT.get(arch)
     for r in rec.rows:
+        if not r["fp_fusion_stated"]:  # its arithmetic would change with the Triton version (kernels/_arch.py)
+            failures.append((r["case"], f"{r['kernel']} is launched without COMPILE_OPTIONS (enable_fp_fusion)"))
         if limit is not None and r["shared"] > limit:
             failures.append((r["case"], f"{r['kernel']} needs {r['shared']} B of shared memory, sm_{arch} has {limit}"))
     return rec.rows, failures

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._arch import device_arch
+from ._arch import COMPILE_OPTIONS, device_arch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1074,7 +1074,7 @@ def dilated_attention_fwd(
             BLOCK_D=cfg["BLOCK_D"], BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
             SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
             PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS,
         )
     return out.to(q.dtype), lse
 
@@ -1140,7 +1140,7 @@ def dilated_attention_bwd(
         common = dict(NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
                       BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
                       PADDED=padded, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS)
         bargs = _branch_args(group, rel_offs)
         geo = (H, D, group.rows, group.cols, group.base[0], group.base[1], group.step[0], group.step[1],
                group.n_seg[1])

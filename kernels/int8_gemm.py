@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._arch import device_arch
+from ._arch import COMPILE_OPTIONS, device_arch
 
 QMAX = 127
 ACTIVATIONS = {None: 0, "gelu": 1}
@@ -248,7 +248,8 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
     scale = static_scale if static else torch.empty(M, device=x.device, dtype=torch.float32)
     rows, block_k, warps = _rows_config(K)
     _quantize_rows_kernel[(triton.cdiv(M, rows),)](x, q, scale, M, K, x.stride(0), q.stride(0),
-                                                   STATIC=static, ROWS=rows, BLOCK_K=block_k, num_warps=warps)
+                                                   STATIC=static, ROWS=rows, BLOCK_K=block_k, num_warps=warps,
+                                                   **COMPILE_OPTIONS)
     return q, scale
 
 
@@ -262,7 +263,7 @@ def layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
     _layer_norm_quantize_kernel[(triton.cdiv(M, rows),)](
         x, weight if weight is not None else x, bias if bias is not None else x, q, scale, M, K,
         x.stride(0), q.stride(0), float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
-        ROWS=rows, BLOCK_K=block_k, num_warps=warps)
+        ROWS=rows, BLOCK_K=block_k, num_warps=warps, **COMPILE_OPTIONS)
     return q, scale
 
 
@@ -288,5 +289,5 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         out_scale if out_scale is not None else w_scale,
         M, N, K, a.stride(0), w.stride(0), c.stride(0),
         A_PER_ROW=a_scale.dim() == 1, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
-        OUT_MODE=out_mode, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+        OUT_MODE=out_mode, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg, **COMPILE_OPTIONS)
     return c

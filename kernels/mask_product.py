@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._arch import COMPILE_OPTIONS
 from .dilated_attention import _dot, _interpreting, _precision, _upcast
 
 
@@ -101,5 +102,5 @@ def upscale_mask_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         _upscale_mask_product_kernel[(triton.cdiv(HW, BLOCK_N), p1 - p0)](
             x[p0:p1], weight, bias, hyper[p0:p1], out[p0:p1], HW, w, M, CIN=CIN, COUT=COUT, CIN_P=CIN_P,
             COUT_P=COUT_P, BLOCK_N=BLOCK_N, BLOCK_M=_pow2_at_least_16(M), PREC=_precision(x.dtype),
-            UPCAST=_upcast(x.dtype), num_warps=4)
+            UPCAST=_upcast(x.dtype), num_warps=4, **COMPILE_OPTIONS)
     return out

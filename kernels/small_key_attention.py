@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._arch import COMPILE_OPTIONS
 from .dilated_attention import _dot, _precision, _upcast
 from .mask_product import _MAX_GRID_Y, _round_bf16
 
@@ -85,5 +86,5 @@ def small_key_attention(q: torch.Tensor, q_index: torch.Tensor, k: torch.Tensor,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             D=D, D_P=D_P, T_P=T_P, BLOCK_Q=BLOCK_Q, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            num_warps=4)
+            num_warps=4, **COMPILE_OPTIONS)
     return out
