@@ -21,7 +21,7 @@ Public API:
 Importing sam_fast initialises no CUDA context and queries no GPU.
 """
 
-import importlib
+import importlib as _importlib
 
 # Public names resolve lazily (PEP 562): importing a submodule such as sam_fast.cli does not import
 # the Triton kernels, so the CLI can choose TRITON_INTERPRET before they are decorated.
@@ -53,16 +53,17 @@ _SUBMODULES = ("everything", "models", "nn", "pattern", "predictor", "quantize",
 
 def __getattr__(name):
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return _importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        value = getattr(_importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'sam_fast' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS) + list(_SUBMODULES))
+    private = {n for n in globals() if n.startswith("_") and not n.startswith("__")}  # the lazy-import plumbing
+    return sorted((set(globals()) - private) | set(_EXPORTS) | set(_SUBMODULES))
 
 
 __version__ = "0.1.0"
@@ -77,6 +78,7 @@ __all__ = [
     "SamFastHandle",
     "SamFastPredictor",
     "apply",
+    "coco_to_mask",
     "dilated_attention",
     "dilated_attn_func",
     "int8_linear",
@@ -85,4 +87,5 @@ __all__ = [
     "quantize_per_token",
     "record_backends",
     "resize_rel_pos",
+    "rles_to_coco",
 ]

@@ -18,6 +18,20 @@ def test_import_initialises_no_cuda():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_public_names_resolve_and_are_all_exported():
+    """Every lazily exported name resolves and is in ``__all__`` (``from sam_fast import *`` gets it);
+    ``dir()`` lists them and the submodules, and no helper of the package's own plumbing."""
+    assert set(sam_fast.__all__) == set(sam_fast._EXPORTS)
+    for name in sam_fast.__all__:
+        assert getattr(sam_fast, name) is not None
+    listed = set(dir(sam_fast))
+    assert set(sam_fast._EXPORTS) | set(sam_fast._SUBMODULES) <= listed
+    assert not {n for n in listed if n.startswith("_") and not n.startswith("__")}
+    assert "importlib" not in listed and "__version__" in listed
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sam_fast.nope
+
+
 def test_kernels_are_a_subpackage_not_a_top_level_module():
     import sam_fast.kernels
 
