@@ -20,7 +20,9 @@ Numerics, shared bit for bit with :mod:`sam_fast.reference.int8` (the CPU backen
 * quantization is ``q = clamp(round_half_even(x / scale), -127, 127)`` with an IEEE division
   (``div_rn``; Triton's default fp32 ``/`` is approximate on GPUs) and rounding by adding and
   subtracting 1.5 * 2**23, which rounds ties to even exactly like ``torch.round`` for |x / scale| < 2**22.
-  A row of zeros gets scale 1 (so it quantizes to zeros, not NaN).
+  A row of zeros gets scale 1 (so it quantizes to zeros, not NaN). int8 holds no NaN: a NaN quantizes
+  to 0 and +-inf saturates to +-127; a row holding either gets a NaN per-token scale, so its output row
+  is NaN as a float linear's would be (``tl.max`` alone drops NaN, which left such rows finite).
 * the epilogue is ``((float(acc) * a_scale) * w_scale) + bias`` in fp32, then GELU, then the cast or the
   re-quantization. On a GPU the compiler may contract the last multiply and add into an FMA, so
   dequantized outputs agree with the reference to rounding level; the int32 accumulator is exact.
@@ -63,18 +65,22 @@ def _round_half_even(y):
 
 @triton.jit
 def _quantize(y, scale):
-    """int8 values of fp32 ``y`` with fp32 ``scale`` (broadcastable): clamp(round(y / scale))."""
+    """int8 values of fp32 ``y`` with fp32 ``scale`` (broadcastable): clamp(round(y / scale)); NaN -> 0."""
     q = _round_half_even(tl.math.div_rn(y, scale))
+    q = tl.where(q == q, q, 0.0)
     return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
 @triton.jit
 def _row_scale(y):
-    """Per-row symmetric scale of a (ROWS, BLOCK_K) fp32 tile whose padding is 0: max|y| / 127, or 1
-    for an all-zero row."""
-    amax = tl.max(tl.abs(y), axis=1)
+    """Per-row symmetric scale of a (ROWS, BLOCK_K) fp32 tile whose padding is 0: max|y| / 127, 1 for an
+    all-zero row, NaN for a row holding NaN or +-inf."""
+    a = tl.abs(y)
+    amax = tl.max(a, axis=1)
+    non_finite = tl.max(tl.where(a < float("inf"), 0, 1), axis=1)  # NaN < inf is false
     scale = tl.math.div_rn(amax, 127.0)
-    return tl.where(scale == 0.0, 1.0, scale)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    return tl.where(non_finite > 0, float("nan"), scale)
 
 
 @triton.jit

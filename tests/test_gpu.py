@@ -211,6 +211,26 @@ def test_int8_gemm_real_shapes(m, k, n):
     assert int((h8.int() - h8r.int()).abs().max()) <= 1 and float((h8 != h8r).float().mean()) < 1e-3
 
 
+def test_int8_non_finite_rows_are_nan_on_cuda():
+    """The GPU's max reduction and min / max instructions drop NaN: rows holding NaN or +-inf must still
+    come out NaN (both quantizers) and NaN must quantize to 0 with a static scale, as on the CPU."""
+    from sam_fast.kernels import int8_gemm as K
+    from sam_fast.reference import int8 as R
+
+    x = torch.randn(256, 1280, device="cuda").bfloat16()
+    x[7, 100] = float("nan")
+    x[9, 0] = float("inf")
+    x[200, 1279] = -float("inf")
+    bad, clean = [7, 9, 200], [i for i in range(256) if i not in (7, 9, 200)]
+    wq, ws = sam_fast.quantize.quantize_weight(torch.randn(512, 1280, device="cuda") / 1280**0.5)
+    out = sam_fast.int8_linear(x, wq, ws, activation="gelu")
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[clean]).all()
+    assert torch.isnan(sam_fast.layer_norm_quantize(x, None, None, 1e-6)[1][bad]).all()
+    scale = torch.tensor(0.02, device="cuda")
+    q = K.quantize_rows(x, scale)[0]
+    assert torch.equal(q, R.quantize_static(x, scale)) and q[7, 100] == 0 and q[9, 0] == 127
+
+
 def test_layer_norm_quantize_real_shape():
     from sam_fast.reference import int8 as R
 

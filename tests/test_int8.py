@@ -73,6 +73,38 @@ def test_static_quantize_exact():
     assert int(q.max()) == 127 and int(q.min()) == -127
 
 
+def test_non_finite_rows_come_out_nan_on_both_backends():
+    """A NaN or +-inf anywhere in a row makes that row's output NaN, as a float linear's would be, on both
+    backends (Triton's max reduction alone drops NaN, which left such rows finite); the other rows are
+    untouched. int8 holds no NaN: a NaN quantizes to 0 and +-inf saturates, with a static scale too."""
+    x = _activations(6, 48, seed=21)
+    x[1, 5] = float("nan")
+    x[3, 0] = float("inf")
+    x[4, 47] = -float("inf")
+    w, b = _weights(24, 48, seed=22)
+    wq, ws = R.quantize_weight(w)
+    clean = [0, 2, 5]
+    for backend in ("triton", "reference"):
+        q, s = sam_fast.quantize_per_token(x, backend=backend)
+        assert torch.isnan(s[[1, 3, 4]]).all() and torch.isfinite(s[clean]).all()
+        assert not q[[1, 3, 4]].any()
+        out = sam_fast.int8_linear(x, wq, ws, b, activation="gelu", backend=backend)
+        assert torch.isnan(out[[1, 3, 4]]).all()
+        ok = sam_fast.int8_linear(x[clean], wq, ws, b, activation="gelu", backend=backend)
+        assert torch.equal(out[clean], ok)
+        ql, sl = sam_fast.layer_norm_quantize(x, None, None, 1e-6, backend=backend)
+        assert torch.isnan(sl[[1, 3, 4]]).all() and torch.isfinite(sl[clean]).all()
+    scale = torch.tensor(0.05)
+    q = K.quantize_rows(x, scale)[0]
+    assert torch.equal(q, R.quantize_static(x, scale))
+    assert q[1, 5] == 0 and q[3, 0] == 127 and q[4, 47] == -127
+    # the re-quantizing epilogue: a NaN output (the NaN row) quantizes to 0 on both backends
+    a, sa = R.quantize_per_token(x)
+    got = K.int8_gemm(a, sa, wq, ws, b, out_dtype=torch.int8, out_scale=scale)
+    assert torch.equal(got, R.int8_gemm(a, sa, wq, ws, b, out_dtype=torch.int8, out_scale=scale))
+    assert not got[[1, 3, 4]].any()
+
+
 def test_round_half_even_like_torch():
     x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 0.49999997, 3.0, -126.5, 127.49, 0.0]])
     q = K.quantize_rows(x, torch.tensor(1.0))[0]

@@ -5,6 +5,9 @@ operation, so results match across backends:
 
 * ``quantize``: ``clamp(round(x / scale), -127, 127)`` in fp32 (IEEE division, ties to even);
   per-token scale ``max|x| / 127`` (1 for an all-zero row).
+* non-finite inputs: int8 holds no NaN, so a NaN quantizes to 0 and +-inf saturates to +-127; a row
+  holding either gets a NaN per-token scale, so its output row is NaN, as a float linear's would be,
+  rather than finite numbers computed from the rest of the row.
 * int8 matmul: exact, ``torch._int_mm`` (int32 accumulation; on the CPU for any shape) or, for shapes
   it refuses on CUDA, a float64 matmul: every product of two int8 values and every partial sum up to
   ``K * 127**2 < 2**53`` is an exact float64 integer, so the result equals the int32 accumulator for
@@ -25,17 +28,20 @@ MAX_K = (2**31 - 1) // (QMAX * QMAX)  # larger K could overflow the int32 accumu
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 ``clamp(round(x / scale))`` in fp32; ``scale`` broadcasts against ``x``."""
-    return torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    """int8 ``clamp(round(x / scale))`` in fp32; ``scale`` broadcasts against ``x``. NaN -> 0, +-inf -> +-127."""
+    y = torch.round(x.float() / scale)
+    return torch.nan_to_num_(y, nan=0.0, posinf=QMAX, neginf=-QMAX).clamp_(-QMAX, QMAX).to(torch.int8)
 
 
 def row_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-row (last dim) symmetric scale ``max|x| / 127`` in fp32; 1 for an all-zero row."""
+    """Per-row (last dim) symmetric scale ``max|x| / 127`` in fp32; 1 for an all-zero row, NaN for a row
+    holding NaN or +-inf (its output row is then NaN)."""
     amax = x.float().abs().amax(dim=-1)
     # a tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, which
     # rounds differently from the kernels' IEEE division
     scale = amax / amax.new_tensor(float(QMAX))
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
 def quantize_per_token(x: torch.Tensor):
