@@ -366,10 +366,12 @@ def _dilated_attention_fwd_kernel(
             dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale,
             BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
 
-    # Positions kept by no branch have l_i = 0: out 0, lse -inf.
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    # Positions kept by no branch have l_i = 0: out 0, lse -inf. Non-finite inputs give what the reference
+    # gives: a NaN logit leaves l_i NaN (out and lse NaN), a +inf logit lse +inf (out NaN).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=qmask)
     if TAIL:
         tl.store(o_rows + offs_t[None, :], (acc_t / l_safe[:, None]).to(O.dtype.element_ty), mask=qmask_t)

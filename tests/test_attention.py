@@ -245,3 +245,23 @@ def test_gpu_forward_blocks_for_split_head_dim(window, pad, monkeypatch):
     assert [(c["BLOCK_M"], c["BLOCK_D"], c["BLOCK_DT"], c["TAIL"]) for c in configs] == [(128, 64, 16, True)]
     check_against_reference("out", out_k, out_x, out_r, torch.float16, FWD_FACTOR)
     check_against_reference("lse", lse_k, lse_x, lse_r, torch.float16, FWD_FACTOR)
+
+
+@pytest.mark.parametrize("where", ["q nan", "k nan", "k inf", "v nan"])
+@pytest.mark.parametrize("pattern", [None, [Branch(16, 1), Branch(32, 2)]], ids=["dense", "two-branch"])
+def test_non_finite_inputs_give_what_the_reference_gives(where, pattern):
+    """A NaN or inf input makes the same rows NaN / inf, in out and in lse, as the reference (the GPU's max
+    drops NaN, so the kernel cannot leave it to the running max); every other value still matches."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 64, 2, 16, generator=g) for _ in range(3))
+    t, val = {"q": q, "k": k, "v": v}[where[0]], float(where[2:])
+    t[0, 5, 0, 3] = val
+    ref = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="reference")
+    assert torch.isnan(ref[0]).any()  # the case does reach the output
+    for backend in ("triton", "cpu"):
+        got = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend=backend)
+        for name, a, b in zip(("out", "lse"), got, ref):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), (backend, name)
+            assert torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0)), (backend, name)
+            fin = torch.isfinite(b)
+            torch.testing.assert_close(a[fin], b[fin], atol=1e-5, rtol=1e-5)

@@ -63,6 +63,24 @@ def test_head_dim_split_matches_padded_forward_vit_h(window):
     assert (out_s.float() - out_p.float()).abs().max() <= 2 * out_p.float().abs().max() * 2**-8
 
 
+@pytest.mark.parametrize("pattern", [None, [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)]],
+                         ids=["dense", "LongNet mix"])
+def test_non_finite_rows_match_the_reference_on_cuda(pattern):
+    """The GPU's max drops NaN: a NaN query, a NaN key and an inf key must still leave NaN / +inf in the
+    same rows of out and lse as the reference (ViT-H shape, bf16; also through the multi-group merge)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 4096, 16, 80, device="cuda", generator=g).bfloat16() for _ in range(3))
+    q[0, 100, 0, 7] = float("nan")
+    k[0, 2000, 1, 0] = float("nan")
+    k[0, 3000, 2, 5] = float("inf")
+    got = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="triton")
+    ref = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="reference")
+    for name, a, b in zip(("out", "lse"), got, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0)), name
+    assert torch.isnan(got[0]).any()
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_vs_reference_real_shapes(shape, dtype):

@@ -137,8 +137,9 @@ def merge_branches(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(lse_all - m_safe)
     total = w.sum(dim=0)
-    total_safe = torch.where(total > 0, total, torch.ones_like(total))
+    total_safe = torch.where(total == 0, torch.ones_like(total), total)
     w = w / total_safe
     out = sum(wi[..., None] * oi.to(w.dtype) for wi, oi in zip(w, outs)).to(outs[0].dtype)
-    lse = torch.where(total > 0, m_safe + torch.log(total_safe), torch.full_like(m, float("-inf")))
+    # total is NaN where a branch's lse is: lse stays NaN there (as out does), not -inf
+    lse = torch.where(total == 0, torch.full_like(m, float("-inf")), m_safe + torch.log(total_safe))
     return out, lse
