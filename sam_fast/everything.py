@@ -143,6 +143,25 @@ class SamFastAutomaticMaskGenerator:
             raise ValueError(f"output_mode must be one of {_OUTPUT_MODES}, got {output_mode!r}")
         if points_per_batch is not None and (not isinstance(points_per_batch, int) or points_per_batch < 1):
             raise ValueError(f"points_per_batch must be a positive int or None, got {points_per_batch!r}")
+        if points_per_side is not None and (not isinstance(points_per_side, int) or points_per_side < 1):
+            raise ValueError(f"points_per_side must be a positive int, got {points_per_side!r}")
+        for name, value, least in (("crop_n_layers", crop_n_layers, 0),
+                                   ("crop_n_points_downscale_factor", crop_n_points_downscale_factor, 1),
+                                   ("min_mask_region_area", min_mask_region_area, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if not 0 <= crop_overlap_ratio < 1:
+            raise ValueError(f"crop_overlap_ratio must lie in [0, 1), got {crop_overlap_ratio!r}")
+        if point_grids is not None:
+            if len(point_grids) != crop_n_layers + 1:
+                raise ValueError(f"point_grids must hold one grid per crop layer ({crop_n_layers + 1}), "
+                                 f"got {len(point_grids)}")
+            for i, grid in enumerate(point_grids):
+                grid = np.asarray(grid)
+                if grid.ndim != 2 or grid.shape[1] != 2 or not (np.isfinite(grid).all() and (grid >= 0).all()
+                                                                and (grid <= 1).all()):
+                    raise ValueError(f"point_grids[{i}] must be an (n, 2) array of points in [0, 1], got "
+                                     f"shape {grid.shape}")
         if hierarchical and points_per_side is None:
             raise ValueError("hierarchical=True builds its sparse grid from points_per_side; got point_grids")
         if points_per_side is not None:

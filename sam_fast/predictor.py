@@ -45,6 +45,46 @@ class SamFastPredictor(SamPredictor):
 
     # -- single image: segment_anything's API -----------------------------------------------------------
 
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """As ``SamPredictor.set_image`` (an HxWx3 array, pixel values in [0, 255]), with named errors
+        where segment_anything fails inside (a grey image) or asserts (an unknown format)."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be an HxWx3 array, got {getattr(image, 'shape', type(image).__name__)}")
+        super().set_image(image, image_format)
+
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As ``SamPredictor.predict``: one prompt given by ``point_coords`` (N, 2) with ``point_labels``
+        (N,) in original-image pixels, and/or ``box`` (4,) XYXY, and/or ``mask_input`` (1, 256, 256)
+        -> (masks (C, H, W), scores (C,), low-res logits (C, 256, 256)) as numpy arrays. Shapes are
+        checked here with named errors (segment_anything asserts or fails inside)."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        if point_coords is not None:
+            coords, labels = np.asarray(point_coords), np.asarray(point_labels)
+            if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != coords.shape[:1]:
+                raise ValueError(f"point_coords must be (N, 2) with point_labels (N,), got {coords.shape} and "
+                                 f"{labels.shape}")
+        if box is not None and np.asarray(box).shape not in ((4,), (1, 4)):
+            raise ValueError(f"box must be (4,) XYXY, got {np.asarray(box).shape}")
+        if mask_input is not None:
+            side = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
+            if np.asarray(mask_input).shape != (1,) + side:
+                raise ValueError(f"mask_input must be (1, {side[0]}, {side[1]}) low-res logits, got "
+                                 f"{np.asarray(mask_input).shape}")
+        return super().predict(point_coords, point_labels, box, mask_input, multimask_output, return_logits)
+
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
         """As ``SamPredictor.set_torch_image``; the normalised image is cast to the encoder's dtype, so a

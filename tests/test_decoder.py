@@ -119,6 +119,10 @@ def test_batched_decoder_zero_prompts_and_errors(sam):
         dec(emb, one, pts, lab, boxes=torch.tensor([[0.0, 0.0, float("inf"), 5.0]]))
     with pytest.raises(ValueError, match="mask_inputs holds NaN"):
         dec(emb, one, mask_inputs=torch.full((1, 1, 64, 64), float("nan")))
+    # a label SAM's prompt encoder does not embed would silently decode as an unlabelled point
+    with pytest.raises(ValueError, match=r"point_labels must be 1 \(foreground\).*got values in \[0, 7\]"):
+        dec(emb, torch.tensor([0, 1]), pts.expand(2, 1, 2), torch.tensor([[0], [7]]))
+    dec(emb, torch.tensor([0, 1]), torch.zeros(2, 2, 2), torch.tensor([[1, -1], [0, 1]]))  # -1 pads
 
 
 def test_batched_decoder_loads_sam_weights(sam):
@@ -220,6 +224,24 @@ def test_predict_batch_errors(sam):
     fast.set_image(_photo("astronaut"))
     with pytest.raises(ValueError, match="boxes holds NaN"):
         fast.predict(box=np.array([0.0, 0.0, np.nan, 10.0]))
+    # where segment_anything asserts, or fails deep inside, SamFastPredictor names the argument
+    one, lab = np.array([[5.0, 5.0]]), np.array([1])
+    with pytest.raises(ValueError, match="point_coords and point_labels must be given together"):
+        fast.predict(point_coords=one)
+    with pytest.raises(ValueError, match=r"point_coords must be \(N, 2\) with point_labels \(N,\), got \(2,\)"):
+        fast.predict(point_coords=np.array([5.0, 5.0]), point_labels=lab)
+    with pytest.raises(ValueError, match="point_labels"):
+        fast.predict(point_coords=np.zeros((2, 2)), point_labels=lab)
+    with pytest.raises(ValueError, match="point_labels must be 1"):
+        fast.predict(point_coords=one, point_labels=np.array([3]))
+    with pytest.raises(ValueError, match=r"box must be \(4,\)"):
+        fast.predict(box=np.zeros(3))
+    with pytest.raises(ValueError, match=r"mask_input must be \(1, 64, 64\)"):
+        fast.predict(point_coords=one, point_labels=lab, mask_input=np.zeros((1, 10, 10)))
+    with pytest.raises(ValueError, match="image must be an HxWx3 array"):
+        fast.set_image(np.zeros((10, 10), dtype=np.uint8))
+    with pytest.raises(ValueError, match="image_format"):
+        fast.set_image(_photo("astronaut"), image_format="XYZ")
 
 
 def test_tiny_and_many_points(sam):
@@ -378,6 +400,14 @@ def test_everything_errors(sam):
         SamFastAutomaticMaskGenerator(sam, points_per_batch=0)
     with pytest.raises(ValueError, match="image must be"):
         SamFastAutomaticMaskGenerator(sam).generate(np.zeros((10, 10), dtype=np.uint8))
+    for kwargs, name in (({"points_per_side": 0}, "points_per_side"), ({"crop_n_layers": -1}, "crop_n_layers"),
+                         ({"crop_n_points_downscale_factor": 0}, "crop_n_points_downscale_factor"),
+                         ({"min_mask_region_area": -5}, "min_mask_region_area"),
+                         ({"crop_overlap_ratio": 1.0}, "crop_overlap_ratio"),
+                         ({"points_per_side": None, "point_grids": [np.zeros((4, 2))] * 2}, "one grid per crop layer"),
+                         ({"points_per_side": None, "point_grids": [np.full((4, 2), 2.0)]}, r"point_grids\[0\]")):
+        with pytest.raises(ValueError, match=name):
+            SamFastAutomaticMaskGenerator(sam, **kwargs)
 
 
 def test_bf16_model_end_to_end(sam):

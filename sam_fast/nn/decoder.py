@@ -132,17 +132,25 @@ class BatchedMaskDecoder(nn.Module):
         if point_coords is None and boxes is None and mask_inputs is None and P:
             raise ValueError("each prompt needs point_coords, boxes or mask_inputs; none were given")
         if P:
-            self._check_values(I, image_index, point_coords, boxes, mask_inputs)
+            self._check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs)
 
     @staticmethod
-    def _check_values(I, image_index, point_coords, boxes, mask_inputs):
-        """Index range and finite prompts, read back from the device in one synchronisation."""
+    def _check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs):
+        """Index range, point labels and finite prompts, read back from the device in one synchronisation."""
         named = [(n, t) for n, t in (("point_coords", point_coords), ("boxes", boxes), ("mask_inputs", mask_inputs))
                  if t is not None and t.numel()]
         probes = [image_index.min(), image_index.max()] + [(~torch.isfinite(t)).any() for _, t in named]
-        lo, hi, *nonfinite = torch.stack([v.to(torch.int64) for v in probes]).tolist()
+        has_labels = point_labels is not None and point_labels.numel() > 0
+        if has_labels:
+            probes += [point_labels.min(), point_labels.max()]
+        lo, hi, *rest = torch.stack([v.to(torch.int64) for v in probes]).tolist()
+        nonfinite = rest[:len(named)]
         if lo < 0 or hi >= I:
             raise ValueError(f"image_index must lie in [0, {I}), got values in [{lo}, {hi}]")
+        if has_labels and (rest[-2] < -1 or rest[-1] > 1):
+            # SAM's prompt encoder embeds these three; any other label would get no label embedding at all
+            raise ValueError("point_labels must be 1 (foreground), 0 (background) or -1 (padding), got values in "
+                             f"[{rest[-2]}, {rest[-1]}]")
         for (name, _), bad in zip(named, nonfinite):
             if bad:
                 raise ValueError(f"{name} holds NaN or infinite values")
