@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from segment_anything import SamPredictor
 
+from ._dispatch import check_backend_name
 from .nn.decoder import BatchedMaskDecoder
 from .ops.postprocess import mask_postprocess
 from .reference.postprocess import upsample_logits
@@ -35,7 +36,7 @@ class SamFastPredictor(SamPredictor):
     def __init__(self, sam_model, backend: str = "auto") -> None:
         super().__init__(sam_model)
         self.decoder = BatchedMaskDecoder.from_sam(sam_model)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self._batch: Optional[dict] = None
 
     @property

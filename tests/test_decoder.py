@@ -242,6 +242,8 @@ def test_predict_batch_errors(sam):
         fast.set_image(np.zeros((10, 10), dtype=np.uint8))
     with pytest.raises(ValueError, match="image_format"):
         fast.set_image(_photo("astronaut"), image_format="XYZ")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SamFastPredictor(sam, backend="gpu")
 
 
 def test_tiny_and_many_points(sam):

@@ -131,3 +131,7 @@ def test_dilated_config_errors_name_the_argument():
     assert not any(isinstance(b, SamFastBlock) for b in enc.blocks)  # nothing half-applied
     with pytest.raises(ValueError, match="dim must be a positive multiple of num_heads"):
         DilatedAttention(30, num_heads=4)
+    with pytest.raises(ValueError, match="backend must be one of"):  # at construction, not at the first forward
+        DilatedAttention(32, num_heads=4, backend="gpu")
+    with pytest.raises(ValueError, match=r"C = dim = 32, got shape \(1, 4, 4, 16\)"):
+        DilatedAttention(32, num_heads=4)(torch.randn(1, 4, 4, 16))

@@ -165,6 +165,8 @@ def test_config_errors(calibrated):
     enc, cal = calibrated
     with pytest.raises(ValueError, match="quantize"):
         SamFastConfig(quantize="int4")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Int8Linear(8, 4, backend="gpu")
     with pytest.raises(ValueError, match="calibration needs quantize"):
         SamFastConfig(calibration=cal)
     with pytest.raises(TypeError, match="calibration"):

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .._dispatch import check_backend_name
 from ..ops.attention import _needed_rel_rows, dilated_attention
 from ..ops.relpos import resize_rel_pos
 from ..pattern import Branch, check_pattern, resolve_pattern
@@ -153,7 +154,7 @@ class DilatedAttention(nn.Module):
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
         self.pattern = check_pattern(pattern, "pattern")
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     @classmethod
     def from_attention(cls, attn: nn.Module, pattern=None, backend: str = "auto") -> "DilatedAttention":
@@ -166,12 +167,13 @@ class DilatedAttention(nn.Module):
         if new.use_rel_pos:
             new.rel_pos_h, new.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
         new.pattern = check_pattern(pattern, "pattern")
-        new.backend = backend
+        new.backend = check_backend_name(backend)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"x must be (B, Hg, Wg, C), got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[-1] != self.qkv.in_features:
+            raise ValueError(f"x must be (B, Hg, Wg, C) with C = dim = {self.qkv.in_features}, got shape "
+                             f"{tuple(x.shape)}")
         pattern = self.pattern if self.pattern is not None else Branch((x.shape[1], x.shape[2]))  # dense
         return sam_attention(self, x, 0, self.backend, pattern)
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._dispatch import check_backend_name
 from ..ops.int8 import int8_linear, layer_norm_quantize, quantize_weight, scalar_scale
 
 _SCALES = ("weight_scale", "act_scale")
@@ -63,7 +64,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self.register_buffer("act_scale", _static_scale(act_scale, device))
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act_scale=None, backend: str = "auto") -> "Int8Linear":
