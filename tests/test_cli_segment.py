@@ -88,8 +88,12 @@ def test_load_sam_errors(files, tmp_path):
     root, ckpt, images = files
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pth could not be read"):
+    with pytest.raises(ValueError, match=r"bad.pth is not a PyTorch checkpoint \(neither .* it starts with b'no'\)"):
         load_sam(str(bad), "tiny")
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x80\x02 truncated pickle")
+    with pytest.raises(ValueError, match="broken.pth could not be read as a PyTorch state_dict"):
+        load_sam(str(broken), "tiny")
     partial = tmp_path / "partial.pth"
     state = tiny_sam().state_dict()
     state.pop("mask_decoder.iou_token.weight")

@@ -11,6 +11,8 @@ head dim and MLP width, and DC-ViT's, whose compressed blocks have no attention.
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 from typing import Optional
 
 import torch
@@ -70,11 +72,19 @@ def _read_state(checkpoint, model_type):
     if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!s} does not exist (expected a SAM {model_type} "
                                 "state_dict, e.g. sam_vit_b_01ec64.pth)")
+    with open(checkpoint, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(checkpoint) and head[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
+        raise ValueError(f"checkpoint {checkpoint} is not a PyTorch checkpoint (neither torch.save's zip format nor "
+                         f"a pickle; it starts with {head!r}); expected a SAM {model_type} state_dict, e.g. "
+                         "sam_vit_b_01ec64.pth")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's message: many lines, terminal bold
+        first_line = text.splitlines()[0] if text else ""
         raise ValueError(f"checkpoint {checkpoint} could not be read as a PyTorch state_dict "
-                         f"({type(exc).__name__}: {exc}). A pickled whole model (SlimSAM's SlimSAM-50.pth / "
+                         f"({type(exc).__name__}: {first_line}). A pickled whole model (SlimSAM's SlimSAM-50.pth / "
                          "SlimSAM-77.pth are) must be re-saved as its state_dict where its classes import: "
                          "torch.save(torch.load(path, weights_only=False).state_dict(), new_path)") from exc
     for wrapper in ("model", "state_dict"):  # training checkpoints (TinySAM's, MobileSAM's) nest it
