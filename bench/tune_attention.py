@@ -21,7 +21,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -125,6 +125,24 @@ def agrees(got: List[torch.Tensor], want: List[torch.Tensor], dtype) -> Optional
     return None
 
 
+def fastest(cands: Iterable[dict], trial: Callable[[dict], float], log=print) -> Optional[Tuple[float, dict]]:
+    """(ms, config) of the fastest candidate, None when none ran. ``trial(cfg) -> ms`` checks a candidate's
+    result (raising :class:`Disagreement`, which stops the run) and times it; any other error means the
+    candidate does not fit this GPU (shared memory, registers) and it is skipped, saying so."""
+    best = None
+    for cfg in cands:
+        try:
+            ms = trial(cfg)
+        except Disagreement:
+            raise
+        except Exception as exc:
+            log(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    return best
+
+
 def tune_case(case, batch: int, dtype, device, backward: bool, bench: Callable[[Callable], float],
               log=print) -> Optional[dict]:
     """Time every candidate of one case and direction; returns the table entry of the fastest (None when
@@ -147,24 +165,17 @@ def tune_case(case, batch: int, dtype, device, backward: bool, bench: Callable[[
     key = keys[0]
     if len({json.dumps(k, sort_keys=True) for k in keys}) > 1:
         log(f"  {case[0]}: several launch groups; tuning their common choice under the first key")
-    best = None
     fp32 = dtype == torch.float32 and not K._interpreting()  # as the launchers decide it
-    for cfg in candidates(case[3], backward, fp32):
-        try:
-            with K.forced_config(cfg):
-                got = run()
-                why = agrees(got, want, dtype)
-                if why is not None:
-                    raise Disagreement(f"{case[0]} {'bwd' if backward else 'fwd'} with {cfg} disagrees with the "
-                                       f"heuristic configuration: {why}")
-                ms = bench(run)
-        except Disagreement:
-            raise
-        except Exception as exc:  # out of shared memory / registers on this GPU: not a candidate here
-            log(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
-            continue
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
+
+    def trial(cfg):
+        with K.forced_config(cfg):
+            why = agrees(run(), want, dtype)
+            if why is not None:
+                raise Disagreement(f"{case[0]} {'bwd' if backward else 'fwd'} with {cfg} disagrees with the "
+                                   f"heuristic configuration: {why}")
+            return bench(run)
+
+    best = fastest(candidates(case[3], backward, fp32), trial, log)
     if best is None:
         return None
     base_ms = bench(run)  # the heuristic configuration, for the record

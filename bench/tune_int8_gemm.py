@@ -17,7 +17,11 @@ import json
 import os
 import sys
 
+from typing import Callable, Iterable, Optional
+
 import torch
+
+from sam_fast.bench.tune_attention import Disagreement, fastest, write_table
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)]
 M_VALUES = (4096, 32768, 131072)
@@ -35,6 +39,51 @@ def candidates():
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
+def tune_shape(m: int, k: int, n: int, device, bench: Callable[[Callable], float], log=print,
+               cands: Optional[Iterable[dict]] = None) -> Optional[dict]:
+    """Time every candidate on one GEMM shape; returns the table entry of the fastest (None when nothing
+    ran). Each candidate must reproduce the heuristic configuration's int32 accumulator exactly and its bf16
+    output to rounding, or the run stops (:class:`Disagreement`): a wrong kernel must not win on speed.
+    ``bench(fn) -> ms`` times a callable (``triton.testing.do_bench`` on a GPU)."""
+    from sam_fast.kernels import int8_gemm as K
+
+    g = torch.Generator(device=device).manual_seed(m + k + n)
+    a = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8, generator=g)
+    sa = torch.rand(m, device=device, generator=g) * 1e-3
+    sw = torch.rand(n, device=device, generator=g) * 1e-3
+    bias = torch.randn(n, device=device, generator=g).to(torch.bfloat16)
+
+    def timed(cfg):
+        return lambda: K.int8_gemm(a, sa, w, sw, bias, None, torch.bfloat16, None, cfg)
+
+    want_acc = K.int8_gemm(a, sa, w, sw, out_dtype=torch.int32)  # the heuristic configuration
+    want = timed(None)()
+
+    def trial(cfg):
+        acc = K.int8_gemm(a, sa, w, sw, out_dtype=torch.int32, config=cfg)
+        if not torch.equal(acc, want_acc):
+            raise Disagreement(f"M={m} {k}->{n} with {cfg}: the int32 accumulator differs from the heuristic "
+                               f"configuration's in {int((acc != want_acc).sum())} places")
+        if not torch.allclose(timed(cfg)().float(), want.float(), rtol=2**-7, atol=0):
+            raise Disagreement(f"M={m} {k}->{n} with {cfg}: the bf16 output differs from the heuristic "
+                               "configuration's by more than one rounding")
+        return bench(timed(cfg))
+
+    best = fastest(candidates() if cands is None else cands, trial, log)
+    if best is None:
+        return None
+    base_ms = bench(timed(None))
+    tops = 2 * m * n * k / (best[0] * 1e-3) / 1e12
+    return {"m": K._m_bucket(m), "n": n, "k": k, "config": best[1], "ms": round(best[0], 4),
+            "heuristic_ms": round(base_ms, 4), "tops": round(tops, 1)}
+
+
+def _entry_key(e: dict) -> str:
+    """Sorts the table by K, N, then M."""
+    return f"{e['k']:06d} {e['n']:06d} {e['m']:07d}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "int8_gemm.json"))
@@ -48,43 +97,28 @@ def main(argv=None) -> int:
 
     from sam_fast.kernels import int8_gemm as K
 
-    arch = K.device_arch(torch.device("cuda"))
+    device = torch.device("cuda")
+    arch = K.device_arch(device)
     with open(args.table) as f:
         doc = json.load(f)
-    entries = {(e["m"], e["n"], e["k"]): e for e in doc["configs"].get(arch, [])}
+    entries = {_entry_key(e): e for e in doc.get("configs", {}).get(arch, [])}
     cands = list(candidates())
     todo = [(m, k, n) for m in (M_VALUES[:1] if args.quick else M_VALUES) for k, n in SHAPES]
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=10, rep=40)
+
     for m, k, n in tqdm(todo, desc=f"tuning int8 GEMM ({arch})"):
-        a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
-        w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
-        sa, sw = torch.rand(m, device="cuda"), torch.rand(n, device="cuda")
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        best = None
-        for cfg in cands:
-            try:
-                ms = triton.testing.do_bench(lambda: K.int8_gemm(a, sa, w, sw, bias, None, torch.bfloat16, None, cfg),
-                                             warmup=10, rep=40)
-            except Exception as exc:  # out of shared memory / registers for this GPU: not a candidate here
-                tqdm.write(f"  skip {cfg}: {type(exc).__name__}")
-                continue
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        tops = 2 * m * n * k / (best[0] * 1e-3) / 1e12
-        tqdm.write(f"M={m} {k}->{n}: {best[0]:.3f} ms, {tops:.0f} TOPS with {best[1]}")
-        entries[(K._m_bucket(m), n, k)] = {"m": K._m_bucket(m), "n": n, "k": k, "config": best[1],
-                                           "ms": round(best[0], 4), "tops": round(tops, 1)}
-        _write(args.table, doc, arch, entries)  # after every shape: a run cut short keeps what it measured
+        entry = tune_shape(m, k, n, device, bench, log=tqdm.write, cands=cands)
+        if entry is None:
+            tqdm.write(f"M={m} {k}->{n}: no candidate ran")
+            continue
+        tqdm.write(f"M={m} {k}->{n}: {entry['ms']:.3f} ms, {entry['tops']:.0f} TOPS (heuristic "
+                   f"{entry['heuristic_ms']:.3f} ms) with {entry['config']}")
+        entries[_entry_key(entry)] = entry
+        write_table(args.table, doc, arch, entries, torch.cuda.get_device_name())  # a cut-short run keeps these
     print(f"wrote {len(entries)} entries for {arch} to {os.path.abspath(args.table)}")
     return 0
-
-
-def _write(path, doc, arch, entries):
-    doc["configs"][arch] = sorted(entries.values(), key=lambda e: (e["k"], e["n"], e["m"]))
-    doc.setdefault("devices", {})[arch] = torch.cuda.get_device_name()
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
