@@ -238,6 +238,21 @@ def compile_tune_candidates(rec, quick, dtypes):
                             sam_fast.dilated_attention(*args, backend="triton", **kw)
 
 
+def compile_int8_tune_candidates(rec, quick, dtypes):
+    """Every block configuration ``bench/tune_int8_gemm.py`` would time, on the ViT-H MLP shapes at M = 4096
+    (the timed call: bf16 out, bias, per-token scales; cases named ``tune int8 <K>-><N> <config>``)."""
+    from sam_fast.bench import tune_int8_gemm as T8
+    from sam_fast.kernels.int8_gemm import int8_gemm
+
+    shapes = [(1280, 5120)] if quick else [(1280, 5120), (5120, 1280)]
+    for k, n in shapes:
+        a, w = torch.zeros(4096, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+        sa, sw, bias = torch.ones(4096), torch.ones(n), torch.zeros(n, dtype=torch.bfloat16)
+        for cfg in T8.candidates():
+            rec.case = f"tune int8 {k}->{n} " + " ".join(f"{key}={v}" for key, v in cfg.items())
+            int8_gemm(a, sa, w, sw, bias, None, torch.bfloat16, None, cfg)
+
+
 def run(arch: int = 90, quick: bool = False, progress: bool = False, tune_candidates: bool = False):
     import triton
 
@@ -247,7 +262,8 @@ def run(arch: int = 90, quick: bool = False, progress: bool = False, tune_candid
     _dispatch.triton_device_refusal = lambda t, explicit: None  # CPU tensors stand in for the GPU's
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     failures = []
-    parts = (compile_tune_candidates,) if tune_candidates else (compile_attention, compile_int8, compile_decoder)
+    parts = (compile_tune_candidates, compile_int8_tune_candidates) if tune_candidates else \
+        (compile_attention, compile_int8, compile_decoder)
     with CompileRecorder(progress) as rec:
         for part in parts:
             try:
@@ -270,7 +286,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="bf16 and a few shapes only")
     parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
     parser.add_argument("--tune-candidates", action="store_true",
-                        help="compile bench/tune_attention.py's candidates instead (aot_tune_candidates_sm<arch>.csv); "
+                        help="compile the candidates of bench/tune_attention.py and bench/tune_int8_gemm.py instead (aot_tune_candidates_sm<arch>.csv); "
                              "a candidate over the shared-memory limit is reported, not a failure")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

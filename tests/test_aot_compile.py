@@ -30,14 +30,16 @@ def test_all_triton_kernels_compile(arch):
 
 
 def test_tuner_candidates_compile(tmp_path):
-    """``--tune-candidates`` compiles what bench/tune_attention.py would time (here: one small case) and
-    writes one row per kernel and candidate."""
+    """``--tune-candidates`` compiles what bench/tune_attention.py (here: one small case) and
+    bench/tune_int8_gemm.py (here: two candidates) would time, and writes one row per kernel and candidate."""
     import csv
 
     script = (
         "import sys\n"
-        "from sam_fast.bench import tune_attention as T, aot_compile as A\n"
+        "from sam_fast.bench import tune_attention as T, tune_int8_gemm as T8, aot_compile as A\n"
         "T.CASES = [('small D=80 window', (16, 16), 2, 80, (8, 8), True, True)]\n"
+        "T8.candidates = lambda: iter([dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),"
+        " dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)])\n"
         f"sys.exit(A.main(['--tune-candidates', '--out', {str(tmp_path)!r}]))\n")
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
@@ -52,3 +54,7 @@ def test_tuner_candidates_compile(tmp_path):
             got = {r["op"] for r in rows if r["case"] == case}
             assert got == kernels, (case, got)
             assert all(int(r["num_warps"]) == cfg["num_warps"] for r in rows if r["case"] == case)
+    int8 = [r for r in rows if r["case"].startswith("tune int8 ")]
+    assert {r["op"] for r in int8} == {"_int8_gemm_kernel"}
+    assert {r["case"].split()[2] for r in int8} == {"1280->5120", "5120->1280"} and len(int8) == 4
+    assert sorted(int(r["num_stages"]) for r in int8) == [3, 3, 4, 4]
