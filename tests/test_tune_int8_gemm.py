@@ -23,6 +23,15 @@ def test_candidates_are_valid_configs():
         assert 128 * 64 <= c["BLOCK_M"] * c["BLOCK_N"] <= 256 * 128
 
 
+def test_target_shapes_are_tuned_first():
+    order = T.work_order()
+    assert len(order) == len(set(order)) == len(T.SHAPES) * len(T.M_VALUES)
+    assert order[:4] == [(32768, 1280, 5120), (32768, 5120, 1280), (131072, 1280, 5120), (131072, 5120, 1280)]
+    vit_b = [i for i, (m, k, n) in enumerate(order) if 1280 not in (k, n)]
+    assert min(vit_b) == len(order) - len(vit_b)  # ViT-B's shapes come after every ViT-H one
+    assert T.work_order(quick=True) == [s for s in order if s[0] == 4096]
+
+
 def test_tune_shape_picks_the_fastest_agreeing_candidate():
     timed = []
 
