@@ -302,7 +302,7 @@ def _dilated_attention_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # b * batch stride passes 2**31 in big batches (strides under it are int32)
     h = bh % H
     ty0, tx0, qh, qw, _kh, _kw = _tile_geometry(pid_s, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, False)
     nq = qh * qw
@@ -475,7 +475,7 @@ def _dilated_attention_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # b * batch stride passes 2**31 in big batches (strides under it are int32)
     h = bh % H
     ty0, tx0, _qh, _qw, kh, kw = _tile_geometry(pid_s, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, PADDED)
     n_blocks = ((kh + BKY - 1) // BKY) * ((kw + BKX - 1) // BKX)
@@ -600,7 +600,7 @@ def _dilated_attention_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # b * batch stride passes 2**31 in big batches (strides under it are int32)
     h = bh % H
     ty0, tx0, qh, qw, _kh, _kw = _tile_geometry(pid_s, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, False)
     nq = qh * qw

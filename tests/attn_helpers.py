@@ -1,6 +1,7 @@
 """Shared by the attention tests: run an attention call on fresh leaves and check a kernel's forward
 and gradients against the reference by DESIGN.md's tolerance rule."""
 
+import pytest
 import torch
 
 import sam_fast
@@ -67,3 +68,36 @@ def record_launch_configs(monkeypatch):
 
     monkeypatch.setattr(kernel, "_launch_config", spy)
     return configs
+
+
+def far_apart_batches(device, dtype):
+    """q, k, v (3, 64, 2, 16) whose batch stride (2**30 + 2**20 elements) is below 2**31 while the last
+    batch starts past it: views into one 4.3 GB allocation of which only the used rows are ever touched."""
+    stride = 2**30 + 2**20
+    per = 64 * 2 * 16
+    try:
+        store = torch.empty(2 * stride + 3 * per, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:  # pragma: no cover - a machine that cannot even map it
+        pytest.skip(f"cannot allocate the 4.3 GB view storage: {exc}")
+    g = torch.Generator().manual_seed(9)
+    views = []
+    for i in range(3):
+        t = store.as_strided((3, 64, 2, 16), (stride, 32, 16, 1), i * per)
+        for b in range(3):
+            t[b].copy_(torch.randn(64, 2, 16, generator=g).to(dtype))
+        views.append(t)
+    return views
+
+
+def check_far_apart_batches(device, dtype, atol_out, atol_grad):
+    """Forward and gradients of the Triton kernels on :func:`far_apart_batches` vs the float64 reference."""
+    q, k, v = (t.detach().requires_grad_() for t in far_apart_batches(device, dtype))
+    assert q.stride(0) < 2**31 <= 2 * q.stride(0)
+    out = sam_fast.dilated_attention(q, k, v, backend="triton")
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    ref_in = [t.detach().contiguous().double().requires_grad_() for t in (q, k, v)]
+    ref = sam_fast.dilated_attention(*ref_in, backend="reference")
+    ref_grads = torch.autograd.grad(ref.sum(), ref_in)
+    torch.testing.assert_close(out.double(), ref, atol=atol_out, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=atol_grad, rtol=0)
