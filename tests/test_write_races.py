@@ -1,0 +1,107 @@
+"""No two programs of one launch store to the same global address, in every Triton kernel (interpreter).
+
+The interpreter runs a launch's programs in order, so such a race would pass every numerical test here
+and make GPU results depend on scheduling; compute-sanitizer's racecheck covers shared memory only.
+:func:`race_helpers.write_races` records the stores of each launch by program."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import sam_fast
+from sam_fast import Branch
+
+from race_helpers import write_races
+
+
+@triton.jit
+def _store_block(out, n, OVERLAP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK) + (0 if OVERLAP else tl.program_id(0) * BLOCK)
+    tl.store(out + offs, tl.program_id(0) + offs * 0, mask=offs < n)
+
+
+def test_detector_sees_a_race_and_only_a_race():
+    out = torch.zeros(64, dtype=torch.int32)
+    with write_races() as w:
+        _store_block[(4,)](out, 64, OVERLAP=False, BLOCK=16)
+    assert w.races == [] and w.launches == [("_store_block", 64)] and out.tolist() == [i // 16 for i in range(64)]
+    with write_races() as w:
+        _store_block[(4,)](out, 10, OVERLAP=True, BLOCK=16)  # every program writes out[0:10]
+    assert w.races == [("_store_block", 1, 10)]
+
+
+def _qkv(B, N, H, D, g, dtype=torch.float32):
+    return [torch.randn(B, N, H, D, generator=g, dtype=torch.float32).to(dtype).requires_grad_() for _ in range(3)]
+
+
+# (name, B, grid, H, D, pattern, rel, pad): dense, SAM windows with padding and rel-pos, D split 64 + 16,
+# 1-D and 2-D dilation with per-head offsets, a nested LongNet mix (one launch), a non-nested pair (two
+# launches through the running lse), heads fewer than offsets.
+ATTENTION = [
+    ("dense rel", 1, (6, 7), 2, 16, None, True, False),
+    ("window pad rel D=80", 2, (6, 7), 2, 80, Branch((4, 4)), True, True),
+    ("2-D r=2 rel", 1, (8, 8), 3, 16, Branch((4, 4), 2), True, False),
+    ("LongNet mix", 1, (1, 64), 4, 32, [Branch(16, 1), Branch(32, 2), Branch(64, 4)], False, False),
+    ("non-nested", 1, (1, 17), 2, 16, [Branch(3, 1), Branch(5, 2)], False, False),
+    ("2-D non-nested rel", 1, (9, 10), 2, 16, [Branch((3, 3), 1), Branch((4, 4), (2, 2))], True, False),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION, ids=[c[0] for c in ATTENTION])
+def test_attention_kernels_forward_and_backward(case):
+    _, B, grid, H, D, pattern, rel, pad = case
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(B, grid[0] * grid[1], H, D, g)
+    kw = {"grid": grid}
+    leaves = [q, k, v]
+    if rel:
+        seg = pattern.segment if pad else grid  # SAM's window tables, else absolute grid coordinates
+        kw["rel_pos_h"] = (torch.randn(2 * seg[0] - 1, D, generator=g) * 0.3).requires_grad_()
+        kw["rel_pos_w"] = (torch.randn(2 * seg[1] - 1, D, generator=g) * 0.3).requires_grad_()
+        leaves += [kw["rel_pos_h"], kw["rel_pos_w"]]
+    if pad:
+        kw["pad_kv"] = tuple(torch.randn(H, D, generator=g).requires_grad_() for _ in range(2))
+        leaves += list(kw["pad_kv"])
+    with write_races() as w, sam_fast.record_backends() as rec:
+        out, lse = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="triton", **kw)
+        torch.autograd.grad(out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), leaves)
+    assert rec.backends() == {"triton"}
+    assert w.races == []
+    launched = {name for name, stored in w.launches if stored > 0}
+    assert launched == {"_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dkdv_kernel",
+                        "_dilated_attention_bwd_dq_kernel"}
+
+
+def test_int8_kernels():
+    from sam_fast.kernels import int8_gemm as K
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(70, 136, generator=g)
+    w8 = torch.randint(-127, 128, (90, 136), dtype=torch.int8, generator=g)
+    ws = torch.rand(90, generator=g)
+    with write_races() as w:
+        a, sa = K.quantize_rows(x)
+        K.quantize_rows(x, torch.tensor(0.05))
+        K.layer_norm_quantize(x, torch.ones(136), torch.zeros(136), 1e-6)
+        for cfg in (None, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2)):
+            K.int8_gemm(a, sa, w8, ws, torch.zeros(90), "gelu", torch.float32, None, cfg)
+            K.int8_gemm(a, sa, w8, ws, None, None, torch.int8, torch.tensor(0.1), cfg)
+    assert w.races == []
+    assert [name for name, stored in w.launches if stored > 0] == \
+        ["_quantize_rows_kernel"] * 2 + ["_layer_norm_quantize_kernel"] + ["_int8_gemm_kernel"] * 4
+
+
+def test_decoder_kernels():
+    from sam_fast.ops.decoder import small_key_attention, upscale_mask_product
+
+    g = torch.Generator().manual_seed(2)
+    with write_races() as w:
+        q = torch.randn(2, 64, 32, generator=g)
+        kv = torch.randn(3, 5, 32, generator=g)
+        small_key_attention(q, torch.tensor([0, 1, 1]), kv, kv, 2, backend="triton")
+        upscale_mask_product(torch.randn(3, 16, 8, 8, generator=g), torch.randn(16, 8, 2, 2, generator=g),
+                             torch.randn(8, generator=g), torch.randn(3, 2, 8, generator=g), backend="triton")
+    assert w.races == []
+    assert [name for name, stored in w.launches if stored > 0] == ["_small_key_attention_kernel",
+                                                                    "_upscale_mask_product_kernel"]
