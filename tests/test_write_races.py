@@ -1,8 +1,9 @@
-"""No two programs of one launch store to the same global address, in every Triton kernel (interpreter).
+"""No two programs of one launch store to the same global address, and none loads what another stores,
+in every Triton kernel (interpreter).
 
 The interpreter runs a launch's programs in order, so such a race would pass every numerical test here
 and make GPU results depend on scheduling; compute-sanitizer's racecheck covers shared memory only.
-:func:`race_helpers.write_races` records the stores of each launch by program."""
+:func:`race_helpers.write_races` records the stores and loads of each launch by program."""
 
 import pytest
 import torch
@@ -21,6 +22,15 @@ def _store_block(out, n, OVERLAP: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(out + offs, tl.program_id(0) + offs * 0, mask=offs < n)
 
 
+@triton.jit
+def _shift_add(out, NEIGHBOUR: tl.constexpr, BLOCK: tl.constexpr):
+    """Each program adds 1 to its block; with NEIGHBOUR it first reads the next program's block."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    src = (offs + BLOCK) % (tl.num_programs(0) * BLOCK) if NEIGHBOUR else offs
+    tl.store(out + offs, tl.load(out + src) + 1)
+
+
 def test_detector_sees_a_race_and_only_a_race():
     out = torch.zeros(64, dtype=torch.int32)
     with write_races() as w:
@@ -28,7 +38,13 @@ def test_detector_sees_a_race_and_only_a_race():
     assert w.races == [] and w.launches == [("_store_block", 64)] and out.tolist() == [i // 16 for i in range(64)]
     with write_races() as w:
         _store_block[(4,)](out, 10, OVERLAP=True, BLOCK=16)  # every program writes out[0:10]
-    assert w.races == [("_store_block", 1, 10)]
+    assert w.races == [("_store_block", 1, 10)] and w.read_races == []
+    with write_races() as w:
+        _shift_add[(4,)](out, NEIGHBOUR=False, BLOCK=16)  # read-modify-write of its own block: fine
+    assert w.races == [] and w.read_races == []
+    with write_races() as w:
+        _shift_add[(4,)](out, NEIGHBOUR=True, BLOCK=16)  # reads what the next program writes
+    assert w.races == [] and w.read_races == [("_shift_add", 1, 64)]
 
 
 def _qkv(B, N, H, D, g, dtype=torch.float32):
@@ -67,7 +83,7 @@ def test_attention_kernels_forward_and_backward(case):
         out, lse = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="triton", **kw)
         torch.autograd.grad(out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), leaves)
     assert rec.backends() == {"triton"}
-    assert w.races == []
+    assert w.races == [] and w.read_races == []
     launched = {name for name, stored in w.launches if stored > 0}
     assert launched == {"_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dkdv_kernel",
                         "_dilated_attention_bwd_dq_kernel"}
@@ -87,7 +103,7 @@ def test_int8_kernels():
         for cfg in (None, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2)):
             K.int8_gemm(a, sa, w8, ws, torch.zeros(90), "gelu", torch.float32, None, cfg)
             K.int8_gemm(a, sa, w8, ws, None, None, torch.int8, torch.tensor(0.1), cfg)
-    assert w.races == []
+    assert w.races == [] and w.read_races == []
     assert [name for name, stored in w.launches if stored > 0] == \
         ["_quantize_rows_kernel"] * 2 + ["_layer_norm_quantize_kernel"] + ["_int8_gemm_kernel"] * 4
 
@@ -102,6 +118,6 @@ def test_decoder_kernels():
         small_key_attention(q, torch.tensor([0, 1, 1]), kv, kv, 2, backend="triton")
         upscale_mask_product(torch.randn(3, 16, 8, 8, generator=g), torch.randn(16, 8, 2, 2, generator=g),
                              torch.randn(8, generator=g), torch.randn(3, 2, 8, generator=g), backend="triton")
-    assert w.races == []
+    assert w.races == [] and w.read_races == []
     assert [name for name, stored in w.launches if stored > 0] == ["_small_key_attention_kernel",
                                                                     "_upscale_mask_product_kernel"]
