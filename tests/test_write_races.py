@@ -13,6 +13,7 @@ import triton.language as tl
 import sam_fast
 from sam_fast import Branch
 
+from attn_helpers import record_launch_configs
 from race_helpers import write_races
 
 
@@ -64,29 +65,40 @@ ATTENTION = [
 ]
 
 
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu fp16", "gpu fp32"])
 @pytest.mark.parametrize("case", ATTENTION, ids=[c[0] for c in ATTENTION])
-def test_attention_kernels_forward_and_backward(case):
+def test_attention_kernels_forward_and_backward(case, tiles, monkeypatch):
+    """Also with the block shapes a GPU picks (128-query forward tiles in fp16; 16 / 32-query tiles over
+    32-key blocks in fp32), which the interpreter otherwise replaces with its own."""
+    import sam_fast.kernels.dilated_attention as kernels
+
     _, B, grid, H, D, pattern, rel, pad = case
+    dtype = torch.float16 if tiles == "gpu fp16" else torch.float32
+    if tiles != "interpreter":
+        monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    configs = record_launch_configs(monkeypatch)
     g = torch.Generator().manual_seed(0)
-    q, k, v = _qkv(B, grid[0] * grid[1], H, D, g)
+    q, k, v = _qkv(B, grid[0] * grid[1], H, D, g, dtype)
     kw = {"grid": grid}
     leaves = [q, k, v]
     if rel:
         seg = pattern.segment if pad else grid  # SAM's window tables, else absolute grid coordinates
-        kw["rel_pos_h"] = (torch.randn(2 * seg[0] - 1, D, generator=g) * 0.3).requires_grad_()
-        kw["rel_pos_w"] = (torch.randn(2 * seg[1] - 1, D, generator=g) * 0.3).requires_grad_()
+        kw["rel_pos_h"] = (torch.randn(2 * seg[0] - 1, D, generator=g) * 0.3).to(dtype).requires_grad_()
+        kw["rel_pos_w"] = (torch.randn(2 * seg[1] - 1, D, generator=g) * 0.3).to(dtype).requires_grad_()
         leaves += [kw["rel_pos_h"], kw["rel_pos_w"]]
     if pad:
-        kw["pad_kv"] = tuple(torch.randn(H, D, generator=g).requires_grad_() for _ in range(2))
+        kw["pad_kv"] = tuple(torch.randn(H, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
         leaves += list(kw["pad_kv"])
     with write_races() as w, sam_fast.record_backends() as rec:
         out, lse = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="triton", **kw)
-        torch.autograd.grad(out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), leaves)
+        torch.autograd.grad(out.float().sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), leaves)
     assert rec.backends() == {"triton"}
     assert w.races == [] and w.read_races == []
     launched = {name for name, stored in w.launches if stored > 0}
     assert launched == {"_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dkdv_kernel",
                         "_dilated_attention_bwd_dq_kernel"}
+    query_tiles = {c["BLOCK_M"] for c in configs}
+    assert query_tiles == {"interpreter": {64}, "gpu fp16": {64, 128}, "gpu fp32": {16 if D > 64 else 32}}[tiles]
 
 
 def test_int8_kernels():
