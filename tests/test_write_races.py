@@ -120,9 +120,14 @@ def test_int8_kernels():
         ["_quantize_rows_kernel"] * 2 + ["_layer_norm_quantize_kernel"] + ["_int8_gemm_kernel"] * 4
 
 
-def test_decoder_kernels():
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu"])
+def test_decoder_kernels(tiles, monkeypatch):
+    """Also with the mask product's fp32 GPU block (16 pixels; the interpreter takes 64)."""
+    import sam_fast.kernels.mask_product as mp
     from sam_fast.ops.decoder import small_key_attention, upscale_mask_product
 
+    if tiles == "gpu":
+        monkeypatch.setattr(mp, "_interpreting", lambda: False)
     g = torch.Generator().manual_seed(2)
     with write_races() as w:
         q = torch.randn(2, 64, 32, generator=g)
