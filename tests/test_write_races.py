@@ -120,13 +120,13 @@ def test_int8_kernels():
         ["_quantize_rows_kernel"] * 2 + ["_layer_norm_quantize_kernel"] + ["_int8_gemm_kernel"] * 4
 
 
-@pytest.mark.parametrize("tiles", ["interpreter", "gpu"])
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu fp32"])
 def test_decoder_kernels(tiles, monkeypatch):
     """Also with the mask product's fp32 GPU block (16 pixels; the interpreter takes 64)."""
     import sam_fast.kernels.mask_product as mp
     from sam_fast.ops.decoder import small_key_attention, upscale_mask_product
 
-    if tiles == "gpu":
+    if tiles == "gpu fp32":
         monkeypatch.setattr(mp, "_interpreting", lambda: False)
     g = torch.Generator().manual_seed(2)
     with write_races() as w:
