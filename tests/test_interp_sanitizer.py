@@ -3,7 +3,8 @@ in every Triton kernel (interpreter).
 
 The interpreter runs a launch's programs in order, so such a race would pass every numerical test here
 and make GPU results depend on scheduling; compute-sanitizer's racecheck covers shared memory only.
-:func:`race_helpers.write_races` records the stores and loads of each launch by program."""
+:func:`interp_sanitizer.interpreter_sanitizer` records the stores and loads of each launch by program, and
+also checks every access against the launch's tensor arguments (out of bounds)."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import sam_fast
 from sam_fast import Branch
 
 from attn_helpers import record_launch_configs
-from race_helpers import write_races
+from interp_sanitizer import interpreter_sanitizer
 
 
 @triton.jit
@@ -34,18 +35,40 @@ def _shift_add(out, NEIGHBOUR: tl.constexpr, BLOCK: tl.constexpr):
 
 def test_detector_sees_a_race_and_only_a_race():
     out = torch.zeros(64, dtype=torch.int32)
-    with write_races() as w:
+    with interpreter_sanitizer() as w:
         _store_block[(4,)](out, 64, OVERLAP=False, BLOCK=16)
-    assert w.races == [] and w.launches == [("_store_block", 64)] and out.tolist() == [i // 16 for i in range(64)]
-    with write_races() as w:
+    assert w.findings() == [] and w.launches == [("_store_block", 64)] and out.tolist() == [i // 16 for i in range(64)]
+    with interpreter_sanitizer() as w:
         _store_block[(4,)](out, 10, OVERLAP=True, BLOCK=16)  # every program writes out[0:10]
     assert w.races == [("_store_block", 1, 10)] and w.read_races == []
-    with write_races() as w:
+    with interpreter_sanitizer() as w:
         _shift_add[(4,)](out, NEIGHBOUR=False, BLOCK=16)  # read-modify-write of its own block: fine
-    assert w.races == [] and w.read_races == []
-    with write_races() as w:
+    assert w.findings() == []
+    with interpreter_sanitizer() as w:
         _shift_add[(4,)](out, NEIGHBOUR=True, BLOCK=16)  # reads what the next program writes
     assert w.races == [] and w.read_races == [("_shift_add", 1, 64)]
+
+
+@triton.jit
+def _copy(src, dst, n, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    if MASKED:
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+    else:
+        tl.store(dst + offs, tl.load(src + offs))
+
+
+def test_detector_sees_out_of_bounds_access():
+    """A view of 10 elements of a 64-element tensor: the masked copy stays inside, the unmasked one reads
+    and writes 6 elements past both views (inside the allocation, so nothing crashes and nothing else
+    would notice)."""
+    src, dst = torch.arange(64, dtype=torch.float32), torch.zeros(64)
+    with interpreter_sanitizer() as w:
+        _copy[(1,)](src[:10], dst[:10], 10, MASKED=True, BLOCK=16)
+    assert w.findings() == [] and torch.equal(dst[:10], src[:10])
+    with interpreter_sanitizer() as w:
+        _copy[(1,)](src[:10], dst[:10], 10, MASKED=False, BLOCK=16)
+    assert w.out_of_bounds == [("_copy", 1, "load", 6), ("_copy", 1, "store", 6)]
 
 
 def _qkv(B, N, H, D, g, dtype=torch.float32):
@@ -89,11 +112,11 @@ def test_attention_kernels_forward_and_backward(case, tiles, monkeypatch):
     if pad:
         kw["pad_kv"] = tuple(torch.randn(H, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
         leaves += list(kw["pad_kv"])
-    with write_races() as w, sam_fast.record_backends() as rec:
+    with interpreter_sanitizer() as w, sam_fast.record_backends() as rec:
         out, lse = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="triton", **kw)
         torch.autograd.grad(out.float().sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), leaves)
     assert rec.backends() == {"triton"}
-    assert w.races == [] and w.read_races == []
+    assert w.findings() == []
     launched = {name for name, stored in w.launches if stored > 0}
     assert launched == {"_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dkdv_kernel",
                         "_dilated_attention_bwd_dq_kernel"}
@@ -108,14 +131,14 @@ def test_int8_kernels():
     x = torch.randn(70, 136, generator=g)
     w8 = torch.randint(-127, 128, (90, 136), dtype=torch.int8, generator=g)
     ws = torch.rand(90, generator=g)
-    with write_races() as w:
+    with interpreter_sanitizer() as w:
         a, sa = K.quantize_rows(x)
         K.quantize_rows(x, torch.tensor(0.05))
         K.layer_norm_quantize(x, torch.ones(136), torch.zeros(136), 1e-6)
         for cfg in (None, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=2)):
             K.int8_gemm(a, sa, w8, ws, torch.zeros(90), "gelu", torch.float32, None, cfg)
             K.int8_gemm(a, sa, w8, ws, None, None, torch.int8, torch.tensor(0.1), cfg)
-    assert w.races == [] and w.read_races == []
+    assert w.findings() == []
     assert [name for name, stored in w.launches if stored > 0] == \
         ["_quantize_rows_kernel"] * 2 + ["_layer_norm_quantize_kernel"] + ["_int8_gemm_kernel"] * 4
 
@@ -129,12 +152,12 @@ def test_decoder_kernels(tiles, monkeypatch):
     if tiles == "gpu fp32":
         monkeypatch.setattr(mp, "_interpreting", lambda: False)
     g = torch.Generator().manual_seed(2)
-    with write_races() as w:
+    with interpreter_sanitizer() as w:
         q = torch.randn(2, 64, 32, generator=g)
         kv = torch.randn(3, 5, 32, generator=g)
         small_key_attention(q, torch.tensor([0, 1, 1]), kv, kv, 2, backend="triton")
         upscale_mask_product(torch.randn(3, 16, 8, 8, generator=g), torch.randn(16, 8, 2, 2, generator=g),
                              torch.randn(8, generator=g), torch.randn(3, 2, 8, generator=g), backend="triton")
-    assert w.races == [] and w.read_races == []
+    assert w.findings() == []
     assert [name for name, stored in w.launches if stored > 0] == ["_small_key_attention_kernel",
                                                                     "_upscale_mask_product_kernel"]
