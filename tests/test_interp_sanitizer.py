@@ -33,6 +33,7 @@ def _shift_add(out, NEIGHBOUR: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(out + offs, tl.load(out + src) + 1)
 
 
+@pytest.mark.no_sanitizer  # races on purpose (conftest runs every other test inside a sanitizer)
 def test_detector_sees_a_race_and_only_a_race():
     out = torch.zeros(64, dtype=torch.int32)
     with interpreter_sanitizer() as w:
@@ -58,6 +59,7 @@ def _copy(src, dst, n, MASKED: tl.constexpr, BLOCK: tl.constexpr):
         tl.store(dst + offs, tl.load(src + offs))
 
 
+@pytest.mark.no_sanitizer  # reads out of bounds on purpose
 def test_detector_sees_out_of_bounds_access():
     """A view of 10 elements of a 64-element tensor: the masked copy stays inside, the unmasked one reads
     and writes 6 elements past both views (inside the allocation, so nothing crashes and nothing else
