@@ -38,3 +38,34 @@ def _interpreter_sanitizer(request):
     with interpreter_sanitizer() as accesses:
         yield
     assert accesses.findings() == [], f"Triton launches with races or out-of-bounds accesses: {accesses.findings()}"
+
+
+_POISON_LIMIT = 1 << 26  # elements; larger allocations (the 4.3 GB lazily mapped views) stay unfilled
+
+
+def _poison(t):
+    """Fill a fresh ``torch.empty`` result with values no kernel should ever read back: NaN for floats,
+    a recognisable non-zero pattern for integers (booleans stay as they are)."""
+    # plain tensors only: fake / meta tensors (opcheck, torch.compile tracing) have no data, maybe no fixed size
+    if type(t) is torch.Tensor and t.device.type == "cpu" and 0 < t.numel() <= _POISON_LIMIT and t.dtype != torch.bool:
+        with torch.no_grad():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif not t.is_complex():
+                t.fill_(-77 if t.dtype.is_signed else 177)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_empty(monkeypatch, request):
+    """On the CPU, fresh pages from torch.empty are usually zeros, so a kernel or launcher that reads
+    memory it never wrote passes here and returns garbage on a GPU (whose caching allocator hands back
+    used memory). Every test runs with torch.empty, empty_like and new_empty filled with poison."""
+    if torch.cuda.is_available() or request.node.get_closest_marker("gpu"):
+        yield
+        return
+    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(real_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(real_new(self, *a, **k)))
+    yield
