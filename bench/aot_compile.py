@@ -150,6 +150,8 @@ def _attention_cases(quick: bool):
         ("2-D (32,32) r=2", 8, (64, 64), 16, 64, Branch((32, 32), 2), False, False),
         ("LongNet mix", 1, (64, 64), 16, 64, [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)], False, False),
         ("rel-pos, two 2-D branches", 1, (64, 64), 12, 64, [Branch((14, 14)), Branch((32, 32), 2)], True, False),
+        ("rel-pos, LongNet mix on SAM's grid", 1, (64, 64), 16, 64,
+         [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)], True, False),
         ("non-nested, odd grid", 1, (33, 47), 5, 32, [Branch((16, 16), 2), Branch((33, 47), 4)], False, False),
         ("D=128", 1, (32, 32), 4, 128, None, False, False),
     ]

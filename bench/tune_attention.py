@@ -153,9 +153,9 @@ def tune_case(case, batch: int, dtype, device, backward: bool, bench: Callable[[
     keys = []
     real_config = K._config_for
 
-    def spy(group, padded, has_rel, q, backward):  # records the keys the launches look up
+    def spy(group, padded, has_rel, q, backward, **kw):  # records the keys the launches look up
         keys.append(K.tune_key(group, padded, has_rel, q.shape[-1], q.dtype, backward))
-        return real_config(group, padded, has_rel, q, backward=backward)
+        return real_config(group, padded, has_rel, q, backward=backward, **kw)
 
     K._config_for = spy
     try:

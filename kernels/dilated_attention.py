@@ -26,7 +26,10 @@ How a launch is organised:
 * Keys are visited in 2-D blocks of ``BKY x BKX`` kept positions so that the rel-pos bias of a block is
   ``RH[i, ky] + RW[i, kx]``: column slices of two small per-query tables (one pair per branch, side by
   side) instead of a gather per score. The tables are made by :func:`relpos_tables` with tensor-core
-  einsums (segment_anything computes the same ``rel_h``/``rel_w``).
+  einsums (segment_anything computes the same ``rel_h``/``rel_w``). A 1-D branch over a 2-D grid has no
+  such decomposition (its segments wrap around grid rows): its bias is one per-query table over the
+  kept keys (:func:`relpos_table_1d`, memory B * H * N * kept, like a bias mask), read per key block
+  (REL_ROWS off). A pattern mixing 1-D and 2-D branches runs each kind in its own launch group.
 
 Tensor contract (the launchers check nothing a caller could get wrong; sam_fast.ops validates):
 
@@ -205,26 +208,36 @@ def _rw_columns(rw_row, mrow, kw, BLOCK_M: tl.constexpr, BKX: tl.constexpr, LOAD
 
 
 @triton.jit
-def _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
-              BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, SINGLE_KX: tl.constexpr):
-    """Bias tile (BLOCK_M, BKY * BKX) = RH[i, cy] + RW[i, cx] for kept key rows cy (BKY,) and columns
-    cx (BKX,) of a branch; with SINGLE_KX the RW columns are the preloaded ``rw_tile``."""
-    rh = tl.load(rh_row[:, None] + cy[None, :], mask=mrow[:, None] & (cy < kh)[None, :], other=0.0).to(tl.float32)
+def _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M: tl.constexpr, BKY: tl.constexpr,
+              BKX: tl.constexpr, REL_ROWS: tl.constexpr, SINGLE_KX: tl.constexpr):
+    """Bias tile (BLOCK_M, BKY * BKX) of a key block with kept rows cy (BKY,) and columns cx (BKX,).
+
+    REL_ROWS (2-D branches): RH[i, cy] + RW[i, cx], SAM's decomposed bias. Otherwise (1-D branches, one
+    lattice row) RW[i, cx] alone: a per-query table over the branch's kept keys (:func:`relpos_table_1d`).
+    With SINGLE_KX the RW columns are the preloaded ``rw_tile``."""
     if SINGLE_KX:
         rw = rw_tile
     else:
         rw = tl.load(rw_row[:, None] + cx[None, :], mask=mrow[:, None] & (cx < kw)[None, :], other=0.0).to(tl.float32)
-    return tl.reshape(rh[:, :, None] + rw[:, None, :], (BLOCK_M, BKY * BKX))
+    if REL_ROWS:
+        rh = tl.load(rh_row[:, None] + cy[None, :], mask=mrow[:, None] & (cy < kh)[None, :],
+                     other=0.0).to(tl.float32)
+        bias = rh[:, :, None] + rw[:, None, :]
+    else:
+        bias = tl.broadcast_to(rw[:, None, :], (BLOCK_M, BKY, BKX))
+    return tl.reshape(bias, (BLOCK_M, BKY * BKX))
 
 
 @triton.jit
 def _block_logits(qk, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M: tl.constexpr,
-                  BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr):
+                  BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr,
+                  SINGLE_KX: tl.constexpr):
     """Base-2 logits (BLOCK_M, BLOCK_N) of a query tile against a key block from ``qk`` = q k^T:
     scale * qk (+ bias)."""
     s = qk * qk_scale
     if HAS_REL:
-        s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M, BKY, BKX, SINGLE_KX) * 1.4426950408889634
+        s += _rel_bias(rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile, BLOCK_M, BKY, BKX, REL_ROWS,
+                       SINGLE_KX) * 1.4426950408889634
     return s
 
 
@@ -247,7 +260,8 @@ def _branch_keys(ty0, tx0, h, rh_row, rw_row, mrow, ROWS, COLS, SEG_H, SEG_W, DI
 def _fwd_branch(acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask,
                 offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W,
                 RH_OFF, RW_OFF, qk_scale, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr,
-                HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+                HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr,
+                PREC: tl.constexpr,
                 UPCAST: tl.constexpr, TAIL: tl.constexpr):
     """Continue the online softmax (base 2) of a query tile over the kept keys of one branch.
 
@@ -268,7 +282,7 @@ def _fwd_branch(acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_ba
                                 PADDED)
             qk += _dot(q_t, tl.trans(k_t), PREC, UPCAST)
         s = _block_logits(qk, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
-                          BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX)
+                          BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -291,7 +305,7 @@ def _dilated_attention_fwd_kernel(
     S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
-    HAS_REL: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """One program per (query tile, class tile, batch * head). Runs every branch of the group (NB <= 4,
@@ -349,22 +363,22 @@ def _dilated_attention_fwd_kernel(
     acc, acc_t, m_i, l_i = _fwd_branch(
         acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
         dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale,
-        BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
+        BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
     if NB > 1:
         acc, acc_t, m_i, l_i = _fwd_branch(
             acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
             dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale,
-            BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
+            BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
     if NB > 2:
         acc, acc_t, m_i, l_i = _fwd_branch(
             acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
             dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale,
-            BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
+            BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
     if NB > 3:
         acc, acc_t, m_i, l_i = _fwd_branch(
             acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
             dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale,
-            BLOCK_M, BKY, BKX, HAS_REL, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
+            BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
 
     # Positions kept by no branch have l_i = 0: out 0, lse -inf. Non-finite inputs give what the reference
     # gives: a NaN logit leaves l_i NaN (out and lse NaN), a +inf logit lse +inf (out NaN).
@@ -383,6 +397,7 @@ def _dkdv_branch(dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, 
                  sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask,
                  offs_t, dmask_t, ROWS, COLS, SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale,
                  BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, HAS_REL: tl.constexpr,
+                 REL_ROWS: tl.constexpr,
                  PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr):
     """Accumulate into dK/dV of a key block the contributions of one branch's queries.
 
@@ -412,7 +427,7 @@ def _dkdv_branch(dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, 
             qk += _dot(q_t, tl.trans(k_t), PREC, UPCAST)
         s = _block_logits(qk, qk_scale, RH + b * srb + h * srh + qn * srn + RH_OFF,
                           RW + b * swb + h * swh + qn * swn + RW_OFF, mrow, cy, cx, kh, kw, no_rw,
-                          BLOCK_M, BKY, BKX, HAS_REL, False)
+                          BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, False)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
@@ -466,7 +481,7 @@ def _dilated_attention_bwd_dkdv_kernel(
     S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
-    HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
     """One program per key block of a class tile: loops over the queries of every branch that keeps the
@@ -508,25 +523,26 @@ def _dilated_attention_bwd_dkdv_kernel(
     dk, dv, dk_t, dv_t = _dkdv_branch(
         dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
         sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t, dmask_t,
-        ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
+        ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST,
+        TAIL)
     if NB > 1:
         dk, dv, dk_t, dv_t = _dkdv_branch(
             dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
             sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
-            dmask_t, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC,
-            UPCAST, TAIL)
+            dmask_t, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS,
+            PADDED, PREC, UPCAST, TAIL)
     if NB > 2:
         dk, dv, dk_t, dv_t = _dkdv_branch(
             dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
             sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
-            dmask_t, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC,
-            UPCAST, TAIL)
+            dmask_t, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS,
+            PADDED, PREC, UPCAST, TAIL)
     if NB > 3:
         dk, dv, dk_t, dv_t = _dkdv_branch(
             dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
             sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
-            dmask_t, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC,
-            UPCAST, TAIL)
+            dmask_t, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS,
+            PADDED, PREC, UPCAST, TAIL)
     _store_key_grads(DK, DV, DPADK, DPADV, dk * sm_scale, dv, b, h, kn, ky, kx, valid, real, offs_d, dmask,
                      sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, spb, sph, spn, ROWS, COLS, PAD_ROWS, PAD_COLS,
                      PADDED, ACCUMULATE)
@@ -540,7 +556,8 @@ def _dilated_attention_bwd_dkdv_kernel(
 def _dq_branch(dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base,
                skn, svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
                SEG_H, SEG_W, DIL_H, DIL_W, RH_OFF, RW_OFF, qk_scale, BLOCK_M: tl.constexpr, BKY: tl.constexpr,
-               BKX: tl.constexpr, HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
+               BKX: tl.constexpr, HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, PADDED: tl.constexpr,
+               PREC: tl.constexpr,
                UPCAST: tl.constexpr, TAIL: tl.constexpr):
     """Accumulate dQ of a query tile over one branch's keys; write the branch's dRH / dRW columns.
 
@@ -566,7 +583,7 @@ def _dq_branch(dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh
             qk += _dot(q_t, tl.trans(k_t), PREC, UPCAST)
             dp += _dot(do_t, tl.trans(v_t), PREC, UPCAST)
         s = _block_logits(qk, qk_scale, rh_row, rw_row, mrow, cy, cx, kh, kw, rw_tile,
-                          BLOCK_M, BKY, BKX, HAS_REL, True)
+                          BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, REL_ROWS)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mrow[:, None] & valid[None, :], p, 0.0)
         ds = p * (dp - delta[:, None])
@@ -575,10 +592,14 @@ def _dq_branch(dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh
             dq_t += _dot(ds.to(k_t.dtype), k_t, PREC, UPCAST)
         if HAS_REL:
             ds3 = tl.reshape(ds, (BLOCK_M, BKY, BKX))
-            tl.store(drh_row[:, None] + RH_OFF + cy[None, :], tl.sum(ds3, axis=2),
-                     mask=mrow[:, None] & (cy < kh)[None, :])
-            drw += tl.sum(ds3, axis=1)
-    if HAS_REL:
+            if REL_ROWS:
+                tl.store(drh_row[:, None] + RH_OFF + cy[None, :], tl.sum(ds3, axis=2),
+                         mask=mrow[:, None] & (cy < kh)[None, :])
+                drw += tl.sum(ds3, axis=1)
+            else:  # one lattice row: each block owns its columns of the per-key table
+                tl.store(drw_row[:, None] + RW_OFF + cx[None, :], tl.sum(ds3, axis=1),
+                         mask=mrow[:, None] & (cx < kw)[None, :])
+    if HAS_REL and REL_ROWS:
         tl.store(drw_row[:, None] + RW_OFF + cx0[None, :], drw, mask=mrow[:, None] & (cx0 < kw)[None, :])
     return dq, dq_t
 
@@ -592,7 +613,7 @@ def _dilated_attention_bwd_dq_kernel(
     S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
-    HAS_REL: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
     """One program per (query tile, class tile, batch * head): dQ over every branch of the group. With
@@ -640,22 +661,22 @@ def _dilated_attention_bwd_dq_kernel(
     dq, dq_t = _dq_branch(
         dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
         offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-        S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
+        S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
     if NB > 1:
         dq, dq_t = _dq_branch(
             dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
             svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-            S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
+            S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
     if NB > 2:
         dq, dq_t = _dq_branch(
             dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
             svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-            S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
+            S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
     if NB > 3:
         dq, dq_t = _dq_branch(
             dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
             svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-            S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, PADDED, PREC, UPCAST, TAIL)
+            S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
     dq_rows = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn
     _store_tile(dq_rows + offs_d[None, :], dq * sm_scale, qmask, ACCUMULATE)
     if TAIL:
@@ -706,19 +727,29 @@ class Geometry(tuple):
 
 
 def encode_pattern(rows: int, cols: int, branches) -> list:
-    """Flat int list ``[rows, cols, seg_h, seg_w, dil_h, dil_w, ...]`` (the custom ops' ``geometry``)."""
+    """Flat int list (the custom ops' ``geometry``): the token grid ``[rows, cols]`` (``[1, N]`` without
+    one), then ``[b_rows, b_cols, seg_h, seg_w, dil_h, dil_w]`` per branch, each branch on its own
+    addressing grid: a 2-D branch on the token grid, a 1-D branch on ``(1, N)``."""
     out = [int(rows), int(cols)]
-    for seg_h, seg_w, dil_h, dil_w in branches:
-        out += [int(seg_h), int(seg_w), int(dil_h), int(dil_w)]
+    for branch in branches:
+        if len(branch) != 6:
+            raise ValueError(f"each branch must be (rows, cols, seg_h, seg_w, dil_h, dil_w), got {tuple(branch)}")
+        out += [int(x) for x in branch]
     return out
 
 
-def decode_pattern(geometry) -> Tuple[Geometry, ...]:
-    rows, cols = int(geometry[0]), int(geometry[1])
-    rest = list(geometry[2:])
-    if not rest or len(rest) % 4:
-        raise ValueError(f"geometry must be [rows, cols] + 4 ints per branch, got {list(geometry)}")
-    return tuple(Geometry(rows, cols, *rest[i:i + 4]) for i in range(0, len(rest), 4))
+def decode_pattern(geometry) -> Tuple[Tuple[int, int], Tuple[Geometry, ...]]:
+    """(token grid, branch geometries) of an :func:`encode_pattern` list."""
+    geometry = [int(x) for x in geometry]
+    rest = geometry[2:]
+    if len(geometry) < 8 or len(rest) % 6:
+        raise ValueError(f"geometry must be [rows, cols] + 6 ints per branch, got {geometry}")
+    rows, cols = geometry[0], geometry[1]
+    branches = tuple(Geometry(*rest[i:i + 6]) for i in range(0, len(rest), 6))
+    for b in branches:
+        if b.rows * b.cols != rows * cols:
+            raise ValueError(f"branch grid {b.rows}x{b.cols} does not hold the {rows}x{cols} tokens: {geometry}")
+    return (rows, cols), branches
 
 
 class Group:
@@ -847,9 +878,102 @@ def relpos_backward(q, drh, drw, tables, rel_pos_h, rel_pos_w):
     return dq.reshape(B, N, H, D), dtab_h, dtab_w
 
 
-def _group_tables(q, group: Group, rel_pos_h, rel_pos_w, padded: bool):
-    """Every branch's RH / RW tables side by side (branch j's columns start at offs[j]) + backward data."""
-    parts = [relpos_tables(q, b, rel_pos_h, rel_pos_w, padded) for b in group.branches]
+@functools.lru_cache(maxsize=64)
+def _rel_index_1d(n: int, grid: Tuple[int, int], seg: int, dil: int, kwp: int, heads: int, lh: int, lw: int,
+                  device: torch.device):
+    """Indices of :func:`relpos_table_1d` for N = ``n`` tokens on ``grid``, cached per geometry and device:
+    ``idx_y`` (N, Hg) / ``idx_x`` (N, Wg) the table rows of offsets from query i to key row / column
+    yk / xk, clamped; ``key_y`` / ``key_x`` (H, S, KWP) the grid row / column of the u-th kept key of
+    segment s for head h (clamped into the sequence past the segment's end, where the kernel masks)."""
+    hg, wg = grid
+    i = torch.arange(n)
+    yq, xq = i // wg, i % wg
+    idx_y = (yq[:, None] - torch.arange(hg)[None, :] + (lh - 1) // 2).clamp(0, lh - 1)
+    idx_x = (xq[:, None] - torch.arange(wg)[None, :] + (lw - 1) // 2).clamp(0, lw - 1)
+    s = torch.arange(-(-n // seg))
+    offs = torch.arange(heads) % dil
+    key = (s[None, :, None] * seg + offs[:, None, None] + torch.arange(kwp)[None, None, :] * dil).clamp(max=n - 1)
+    return tuple(t.to(device) for t in (idx_y, idx_x, key // wg, key % wg))
+
+
+def relpos_table_1d(q: torch.Tensor, geom: Geometry, grid: Tuple[int, int], rel_pos_h, rel_pos_w):
+    """Per-query bias over the kept keys of a 1-D branch on a 2-D token grid (B, H, N, KWP), fp32 (fp64 for
+    fp64 q):
+    ``T[b, h, i, u] = q_i . rel_pos_h[y_i - y_k + (L_h - 1) / 2] + q_i . rel_pos_w[x_i - x_k + (L_w - 1) / 2]``
+    for the u-th kept key k of query i's segment (head h's offset), with absolute coordinates
+    ``y = idx // Wg``, ``x = idx % Wg``.
+
+    A 1-D segment wraps around grid rows, so no row x column decomposition of its keys exists: the table
+    holds every kept key (memory B * H * N * KWP, as a bias mask would), made from q's projections on
+    both tables re-indexed by absolute key row / column (B, H, N, Hg + Wg), then gathered per segment.
+    """
+    B, N, H, D = q.shape
+    seg, dil = geom[3], geom[5]
+    kwp = _pow2(geom.kept_extent(False)[1])
+    a, c, idx = _rel_abs_projections(q, grid, seg, dil, kwp, rel_pos_h, rel_pos_w)
+    idx_y, idx_x, key_y, key_x = idx
+    S = key_y.shape[1]
+    pad = S * seg - N
+    a = torch.nn.functional.pad(a, (0, 0, 0, pad)).view(B, H, S, seg, grid[0])
+    c = torch.nn.functional.pad(c, (0, 0, 0, pad)).view(B, H, S, seg, grid[1])
+    t = a.gather(4, key_y[None, :, :, None, :].expand(B, H, S, seg, kwp))
+    t += c.gather(4, key_x[None, :, :, None, :].expand(B, H, S, seg, kwp))
+    return t.view(B, H, S * seg, kwp)[:, :, :N]
+
+
+def _rel_abs_projections(q, grid, seg, dil, kwp, rel_pos_h, rel_pos_w):
+    """q's projections on both rel-pos tables, re-indexed by absolute key row / column: (B, H, N, Hg) and
+    (B, H, N, Wg) in fp32 (or fp64), and the :func:`_rel_index_1d` indices."""
+    B, N, H, D = q.shape
+    lh, lw = rel_pos_h.shape[0], rel_pos_w.shape[0]
+    idx = _rel_index_1d(N, tuple(grid), seg, dil, kwp, H, lh, lw, q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(acc)
+    a = torch.einsum("bnhd,ld->bhnl", qf, rel_pos_h.to(acc)).gather(3, idx[0].expand(B, H, N, grid[0]))
+    c = torch.einsum("bnhd,ld->bhnl", qf, rel_pos_w.to(acc)).gather(3, idx[1].expand(B, H, N, grid[1]))
+    return a, c, idx
+
+
+def relpos_backward_1d(q, dt, geom: Geometry, grid, rel_pos_h, rel_pos_w):
+    """Chain rule of :func:`relpos_table_1d`: from dT (B, H, N, KWP) to dq (B, N, H, D) and the two
+    tables' gradients, in fp32 (fp64 for fp64 q)."""
+    B, N, H, D = q.shape
+    seg, dil = geom[3], geom[5]
+    kwp = dt.shape[-1]
+    lh, lw = rel_pos_h.shape[0], rel_pos_w.shape[0]
+    idx_y, idx_x, key_y, key_x = _rel_index_1d(N, tuple(grid), seg, dil, kwp, H, lh, lw, q.device)
+    S = key_y.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dt5 = torch.nn.functional.pad(dt.to(acc), (0, 0, 0, S * seg - N)).view(B, H, S, seg, kwp)
+    qf = q.to(acc)
+    dq = torch.zeros((B, N, H, D), dtype=acc, device=q.device)
+    grads = []
+    for key, idx, extent, table in ((key_y, idx_y, grid[0], rel_pos_h), (key_x, idx_x, grid[1], rel_pos_w)):
+        d_abs = torch.zeros((B, H, S, seg, extent), dtype=acc, device=q.device)
+        d_abs.scatter_add_(4, key[None, :, :, None, :].expand(B, H, S, seg, kwp), dt5)
+        d_abs = d_abs.view(B, H, S * seg, extent)[:, :, :N]
+        d_proj = torch.zeros((B, H, N, table.shape[0]), dtype=acc, device=q.device)
+        d_proj.scatter_add_(3, idx.expand(B, H, N, extent), d_abs)
+        dq += torch.einsum("bhnl,ld->bnhd", d_proj, table.to(acc))
+        grads.append(torch.einsum("bhnl,bnhd->ld", d_proj, qf))
+    return dq, grads[0], grads[1]
+
+
+def _rel_rows(group: "Group", grid: Tuple[int, int]) -> bool:
+    """Whether a group takes SAM's decomposed (row + column) tables: its branches address the token grid
+    (2-D branches). 1-D branches over a 2-D grid take per-key tables (:func:`relpos_table_1d`)."""
+    return (group.rows, group.cols) == tuple(grid)
+
+
+def _group_tables(q, group: Group, grid, rel_pos_h, rel_pos_w, padded: bool):
+    """Every branch's RH / RW tables side by side (branch j's columns start at offs[j]) + backward data.
+    1-D groups on a 2-D grid: per-key tables in RW (RH a placeholder no kernel reads)."""
+    if _rel_rows(group, grid):
+        parts = [relpos_tables(q, b, rel_pos_h, rel_pos_w, padded) for b in group.branches]
+    else:
+        empty = q.new_empty((1, 1, 1, 1))
+        parts = [(empty, relpos_table_1d(q, b, grid, rel_pos_h, rel_pos_w).to(q.dtype), None)
+                 for b in group.branches]
     rh = torch.cat([p[0] for p in parts], dim=-1).contiguous()  # the kernels share strides with dRH/dRW
     rw = torch.cat([p[1] for p in parts], dim=-1).contiguous()
     offs_h = [0]
@@ -879,7 +1003,7 @@ def _interpreting() -> bool:
 
 
 def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, backward: bool = False,
-                   fp32: bool = False, choice: Optional[dict] = None):
+                   fp32: bool = False, choice: Optional[dict] = None, rel_rows: bool = True):
     """Block shapes for one group.
 
     Forward / dQ visit each branch's kept keys in BKY x BKX blocks, BKX a power of two covering the
@@ -895,7 +1019,7 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     kh, kw = group.kept_extent(padded)
     kwp = _pow2(kw)
     block_n = 32 if fp32 else 64
-    if has_rel:  # one key block spans the kept width: the kernels rely on it (SINGLE_KX)
+    if has_rel and rel_rows:  # one key block spans the kept width: the 2-D bias relies on it (SINGLE_KX)
         block_n = max(block_n, kwp)
         bkx = kwp
     else:
@@ -1018,10 +1142,14 @@ def forced_config(config: dict):
         _FORCED = saved
 
 
-def _config_for(group: Group, padded: bool, has_rel: bool, q: torch.Tensor, backward: bool) -> dict:
+def _config_for(group: Group, padded: bool, has_rel: bool, q: torch.Tensor, backward: bool,
+                rel_rows: bool = True) -> dict:
     fp32 = q.dtype == torch.float32 and not _interpreting()
     choice = tuned_choice(tune_key(group, padded, has_rel, q.shape[-1], q.dtype, backward), q.device)
-    return _launch_config(group, padded, has_rel, q.shape[-1], backward=backward, fp32=fp32, choice=choice)
+    cfg = _launch_config(group, padded, has_rel, q.shape[-1], backward=backward, fp32=fp32, choice=choice,
+                         rel_rows=rel_rows)
+    cfg["REL_ROWS"] = rel_rows
+    return cfg
 
 
 def _precision(dtype):
@@ -1046,7 +1174,8 @@ def dilated_attention_fwd(
     """Forward of a whole pattern (``geometry`` from :func:`encode_pattern`).
     Returns (out (B, N, H, D), lse (B, H, N) fp32, natural log)."""
     B, N, H, D = q.shape
-    groups = plan_groups(decode_pattern(geometry))
+    tokens, branches = decode_pattern(geometry)
+    groups = plan_groups(branches)
     padded = pad_k is not None
     has_rel = rel_pos_h is not None
     # Every position belongs to exactly one class tile of each group, so nothing needs zero-filling.
@@ -1056,9 +1185,9 @@ def dilated_attention_fwd(
     pk = pad_k.contiguous() if padded else q.new_empty(1)
     pv = pad_v.contiguous() if padded else q.new_empty(1)
     for gi, group in enumerate(groups):
-        cfg = _config_for(group, padded, has_rel, q, backward=False)
+        cfg = _config_for(group, padded, has_rel, q, backward=False, rel_rows=_rel_rows(group, tokens))
         if has_rel:
-            rh, rw, rel_offs, _ = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
+            rh, rw, rel_offs, _ = _group_tables(q, group, tokens, rel_pos_h, rel_pos_w, padded)
         else:
             rh = rw = q.new_empty((1, 1, 1, 1))
             rel_offs = None
@@ -1074,7 +1203,7 @@ def dilated_attention_fwd(
             group.n_seg[1], scale * LOG2E, *_branch_args(group, rel_offs),
             NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BKY=cfg["BKY"], BKX=cfg["BKX"],
             BLOCK_D=cfg["BLOCK_D"], BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
-            SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
+            REL_ROWS=cfg["REL_ROWS"], SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
             PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS,
         )
@@ -1104,7 +1233,8 @@ def dilated_attention_bwd(
     ``delta = rowsum(dO * O) - dlse``, and the gradient through the merge weights needs no extra term.
     """
     B, N, H, D = q.shape
-    groups = plan_groups(decode_pattern(geometry))
+    tokens, branches = decode_pattern(geometry)
+    groups = plan_groups(branches)
     padded = pad_k is not None
     has_rel = rel_pos_h is not None
     if dout.stride(-1) != 1:  # autograd may hand in expanded (stride-0) gradients
@@ -1131,9 +1261,9 @@ def dilated_attention_bwd(
         pk = pv = q.new_empty(1)
     drel_h = drel_w = None
     for gi, group in enumerate(groups):
-        cfg = _config_for(group, padded, has_rel, q, backward=True)
+        cfg = _config_for(group, padded, has_rel, q, backward=True, rel_rows=_rel_rows(group, tokens))
         if has_rel:
-            rh, rw, rel_offs, tables = _group_tables(q, group, rel_pos_h, rel_pos_w, padded)
+            rh, rw, rel_offs, tables = _group_tables(q, group, tokens, rel_pos_h, rel_pos_w, padded)
             drh = torch.zeros(rh.shape, dtype=torch.float32, device=q.device)
             drw = torch.zeros(rw.shape, dtype=torch.float32, device=q.device)
         else:
@@ -1141,7 +1271,8 @@ def dilated_attention_bwd(
             rel_offs = None
         common = dict(NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
                       BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
-                      PADDED=padded, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype), ACCUMULATE=gi > 0,
+                      REL_ROWS=cfg["REL_ROWS"], PADDED=padded, PREC=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+                      ACCUMULATE=gi > 0,
                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS)
         bargs = _branch_args(group, rel_offs)
         geo = (H, D, group.rows, group.cols, group.base[0], group.base[1], group.step[0], group.step[1],
@@ -1168,10 +1299,16 @@ def dilated_attention_bwd(
             *geo, scale * LOG2E, scale, *bargs, BKY=cfg["BKY"], BKX=cfg["BKX"], **common,
         )
         if has_rel:
+            ends = [o[1] for o in rel_offs[1:]] + [rw.shape[-1]]
             for j, tabs in enumerate(tables):
-                (oh, ow), kh_p, kw_p = rel_offs[j], tabs[0].shape[2], tabs[2].shape[2]
-                dq_rel, dth, dtw = relpos_backward(q, drh[..., oh:oh + kh_p], drw[..., ow:ow + kw_p], tabs,
-                                                   rel_pos_h, rel_pos_w)
+                (oh, ow) = rel_offs[j]
+                if tabs is None:  # a 1-D branch's per-key table
+                    dq_rel, dth, dtw = relpos_backward_1d(q, drw[..., ow:ends[j]], group.branches[j], tokens,
+                                                          rel_pos_h, rel_pos_w)
+                else:
+                    kh_p, kw_p = tabs[0].shape[2], tabs[2].shape[2]
+                    dq_rel, dth, dtw = relpos_backward(q, drh[..., oh:oh + kh_p], drw[..., ow:ow + kw_p], tabs,
+                                                       rel_pos_h, rel_pos_w)
                 dq += dq_rel
                 drel_h = dth if drel_h is None else drel_h + dth
                 drel_w = dtw if drel_w is None else drel_w + dtw

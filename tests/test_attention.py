@@ -182,12 +182,12 @@ def test_opcheck_fwd_and_bwd_ops():
 
     for layout, rel in itertools.product(["contiguous", "qkv", "bhnd"], [False, True]):
         (q, k, v), _, kw = make_case(1, (3, 4), 2, 16, torch.float32, None, rel, layout=layout)
-        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), [3, 4, 3, 4, 1, 1],
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), [3, 4, 3, 4, 3, 4, 1, 1],
                 kw.get("rel_pos_h"), kw.get("rel_pos_w"), None, None, 0.25)
         torch.library.opcheck(torch.ops.sam_fast.dilated_attention_fwd.default, args)
-    # Multi-branch geometry [rows, cols, (seg_h, seg_w, dil_h, dil_w) per branch]: 1-D, two branches.
+    # Multi-branch geometry [rows, cols, (rows, cols, seg_h, seg_w, dil_h, dil_w) per branch]: 1-D, two branches.
     q, k, v = (torch.randn(1, 12, 2, 16, requires_grad=True) for _ in range(3))
-    args = (q, k, v, [1, 12, 1, 4, 1, 1, 1, 12, 1, 2], None, None, None, None, 0.25)
+    args = (q, k, v, [1, 12, 1, 12, 1, 4, 1, 1, 1, 12, 1, 12, 1, 2], None, None, None, None, 0.25)
     torch.library.opcheck(torch.ops.sam_fast.dilated_attention_fwd.default, args)
 
 

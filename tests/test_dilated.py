@@ -27,6 +27,11 @@ CASES = [
     (1, (4, 6), 3, 32, [Branch((2, 3), 1), Branch((4, 6), (2, 3))], False),     # 2-D nested, r=(2,3)
     (1, (9, 10), 2, 64, [Branch((3, 3), 1), Branch((4, 4), (2, 2))], True),     # 2-D non-nested + rel
     (1, (8, 8), 3, 80, [Branch((4, 8), 1), Branch((8, 8), (2, 4))], True),      # 2-D nested, r=4, rel
+    (1, (4, 6), 3, 16, [Branch(10, 2)], True),                                  # 1-D over a 2-D grid + rel
+    (1, (10, 15), 2, 16, [Branch(150, 1)], True),                               # 1-D + rel, 3 key blocks a row
+    (1, (6, 8), 4, 32, [Branch(12, 1), Branch(24, 2), Branch(48, 4)], True),    # LongNet + rel, per-key tables
+    (1, (4, 5), 2, 16, [Branch((2, 2)), Branch(10, 2)], True),                  # 2-D and 1-D mixed (two grids)
+    (1, (4, 5), 2, 16, [Branch(10, 2), Branch((2, 2))], False),                 # ... in the other order
 ]
 
 
@@ -102,6 +107,7 @@ def test_launch_groups():
     assert groups([Branch((32, 32), 2)], 4096, (64, 64)) == [1]
     assert groups([Branch(w, 1) for w in (64, 128, 256, 512, 1024)], 1024) == [4, 1]   # 4 per launch
     assert groups([Branch(8, 1), Branch((2, 2), 1)], 16, (4, 4)) == [1, 1]              # 1-D with 2-D
+    assert groups([Branch((2, 2), 1), Branch(4, 1)], 16, (4, 4)) == [1, 1]              # each on its grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,11 +249,75 @@ def test_bad_patterns_raise_value_error_naming_the_argument():
         sam_fast.dilated_attention(q, q, q, [Branch((2, 2)), Branch((3, 4))], grid=(3, 4), pad_kv=(z, z))
 
 
-def test_rel_pos_with_1d_branch_falls_back_loudly():
-    q = torch.randn(1, 12, 2, 16)
-    rh, rw = torch.randn(5, 16), torch.randn(7, 16)
-    with pytest.raises(ValueError, match="rel-pos bias to 2-D branches only"):
-        sam_fast.dilated_attention(q, q, q, Branch(6, 2), grid=(3, 4), rel_pos_h=rh, rel_pos_w=rw, backend="triton")
+def test_per_key_rel_table_of_1d_branch_matches_definition():
+    """The Triton path's bias for a 1-D branch over a 2-D grid: table[i, u] is q_i . (rel_pos_h[dy] +
+    rel_pos_w[dx]) for the u-th kept key of i's segment, with absolute grid coordinates (row = idx // W,
+    col = idx % W); its hand-written backward matches autograd through the same table."""
+    from sam_fast.kernels.dilated_attention import relpos_backward_1d, relpos_table_1d
+
+    g = torch.Generator().manual_seed(5)
+    grid, H, D, seg, dil = (5, 7), 3, 8, 13, 3
+    N = grid[0] * grid[1]
+    q = torch.randn(2, N, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    rh = torch.randn(2 * grid[0] - 1, D, generator=g, dtype=torch.float64, requires_grad=True)
+    rw = torch.randn(2 * grid[1] - 1, D, generator=g, dtype=torch.float64, requires_grad=True)
+    geom = Geometry(1, N, 1, seg, 1, dil)
+    table = relpos_table_1d(q, geom, grid, rh, rw)
+    kept = -(-seg // dil)
+    assert table.shape == (2, H, N, 8)
+    for i in (0, 12, 13, 30, 34):
+        for h in range(H):
+            origin = (i // seg) * seg
+            for u in range(kept):
+                key = origin + h % dil + u * dil
+                if key >= min(origin + seg, N):
+                    continue
+                dy = i // grid[1] - key // grid[1] + grid[0] - 1
+                dx = i % grid[1] - key % grid[1] + grid[1] - 1
+                want = q[:, i, h].double() @ (rh[dy] + rw[dx])
+                torch.testing.assert_close(table[:, h, i, u].double(), want)
+    dt = torch.randn(table.shape, generator=g, dtype=torch.float64)
+    valid = torch.zeros_like(dt, dtype=torch.bool)  # entries past a segment's end are never read
+    for i in range(N):
+        origin = (i // seg) * seg
+        for h in range(H):
+            n_keys = len(range(origin + h % dil, min(origin + seg, N), dil))
+            valid[:, h, i, :n_keys] = True
+    dt = torch.where(valid, dt, torch.zeros_like(dt))
+    want = torch.autograd.grad((table * dt).sum(), (q, rh, rw))
+    got = relpos_backward_1d(q.detach(), dt, geom, grid, rh.detach(), rw.detach())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b)
+
+
+def test_random_patterns_mixing_1d_and_2d_branches():
+    """Seeded random patterns of one to three branches, 1-D and 2-D mixed in any order, with and without
+    the rel-pos bias, on odd grids: the Triton kernel (forward and every gradient) against the reference."""
+    import random
+
+    rnd = random.Random(2026)
+    for trial in range(6):
+        grid = (rnd.randint(2, 6), rnd.randint(2, 6))
+        N = grid[0] * grid[1]
+        pattern = []
+        for _ in range(rnd.randint(1, 3)):
+            if rnd.random() < 0.5:
+                seg = rnd.randint(1, N + 3)
+                pattern.append(Branch(seg, rnd.randint(1, min(seg, 3))))
+            else:
+                seg = (rnd.randint(1, grid[0] + 1), rnd.randint(1, grid[1] + 1))
+                pattern.append(Branch(seg, (rnd.randint(1, min(seg[0], 2)), rnd.randint(1, min(seg[1], 2)))))
+        rel = rnd.random() < 0.6
+        H = rnd.randint(1, 4)
+        qkv, kw = _case(1, grid, H, 16, pattern, rel, torch.float32, seed=trial)
+        if rel:  # long enough for any branch's offsets
+            g = torch.Generator().manual_seed(trial)
+            kw["rel_pos_h"] = torch.randn(2 * grid[0] + 1, 16, generator=g) * 0.3
+            kw["rel_pos_w"] = torch.randn(2 * grid[1] + 1, 16, generator=g) * 0.3
+        try:
+            check_kernel_vs_reference(qkv, pattern, kw, torch.float32)
+        except AssertionError as exc:
+            raise AssertionError(f"grid {grid}, H={H}, rel={rel}, pattern {pattern}: {exc}") from exc
 
 
 def test_benchmark_peers_compute_the_same_attention():

@@ -102,12 +102,10 @@ def _triton_supports(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_k
     D = q.shape[-1]
     if D > _k.MAX_HEAD_DIM:
         return Refusal(f"the Triton kernel supports head dim D <= {_k.MAX_HEAD_DIM}, got head dim D={D}")
-    if rel_pos_h is not None:
-        if not all(br.is_2d for br in branches):
-            return Refusal("the Triton kernel applies the rel-pos bias to 2-D branches only (the pattern has a "
-                           "1-D branch)")
+    if rel_pos_h is not None and any(br.is_2d for br in branches):
+        # 1-D branches take per-key tables of any width; 2-D ones keep a kept row in one key block
         kw = max(_k.Geometry(br.rows, br.cols, *br.seg, *br.dil).kept_extent(pad_kv is not None)[1]
-                 for br in branches)
+                 for br in branches if br.is_2d)
         if kw > _k.MAX_REL_WIDTH:
             return Refusal(f"with the rel-pos bias the Triton kernel supports kept segment widths up to "
                            f"{_k.MAX_REL_WIDTH}, got {kw}")
@@ -115,7 +113,8 @@ def _triton_supports(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_k
 
 
 def _triton_run(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv):
-    geometry = _k.encode_pattern(branches[0].rows, branches[0].cols, [(*br.seg, *br.dil) for br in branches])
+    tokens = grid if grid is not None else (1, q.shape[1])
+    geometry = _k.encode_pattern(*tokens, [(br.rows, br.cols, *br.seg, *br.dil) for br in branches])
     pad_k, pad_v = pad_kv if pad_kv is not None else (None, None)
     return _fwd_op(q, k, v, geometry, rel_pos_h, rel_pos_w, pad_k, pad_v, float(scale))
 
