@@ -17,7 +17,7 @@ Logits are smooth random fields (bicubic upsampling of 12 x 12 noise), about as 
 as real SAM masks of cluttered scenes; ``max_err`` is 0 when every mask's area, box and RLE equal the
 baseline's.
 
-    python bench/bench_decoder.py [--out bench/results] [--quick]
+    python bench/bench_decoder.py [--out bench/results] [--quick | --targets]
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def _logits(P, device, seed=0):
     return F.interpolate(coarse, (256, 256), mode="bicubic", align_corners=False)[:, 0].contiguous().to(device)
 
 
-def _postprocess_rows(dev, prov, quick, rows):
+def _postprocess_rows(dev, prov, quick, rows, targets=False):
     from sam_fast.ops.postprocess import mask_postprocess
 
     gpu = dev.type == "cuda"
     P = 256 if quick else 1024
     geometries = [("1024x1024", (1024, 1024), (1024, 1024))]
-    if gpu:
+    if gpu and not targets:
         geometries.append(("1500x2250", (683, 1024), (1500, 2250)))
     logits = _logits(P, dev)
     for name, input_size, original in geometries:
@@ -118,12 +118,22 @@ def _decoder_rows(dev, prov, quick, rows):
     return rows
 
 
-def run(out_dir: str, quick: bool = False, device: str = None):
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def planned_rows(targets=True):
+    """The (op, case, backend, mode, on_cpu) rows a targets run writes, without running it: the CPU target,
+    1024 masks of a 1024 x 1024 image post-processed on the CPU (whatever machine runs it)."""
+    return [dict(op="mask_postprocess", case="P=1024 256->1024x1024", backend=b, mode="fwd", on_cpu=True)
+            for b in (BASELINE, "sam_fast_cpu")]
+
+
+def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = False):
+    """``targets``: only what the performance targets read, the CPU post-processing case (on the CPU of
+    whatever machine runs it, also a GPU machine)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not targets else "cpu"))
     prov = provenance(dev)
     rows = LiveRows(out_dir, SCRIPT)
-    _postprocess_rows(dev, prov, quick, rows)
-    _decoder_rows(dev, prov, quick, rows)
+    _postprocess_rows(dev, prov, quick, rows, targets)
+    if not targets:
+        _decoder_rows(dev, prov, quick, rows)
     _, png = save_results(out_dir, SCRIPT, rows, BASELINE,
                           f"SAM decoder side: speedup over segment_anything ({prov['device']})")
     for r in rows:

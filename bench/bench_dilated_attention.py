@@ -23,7 +23,7 @@ max(bytes / copy bandwidth, FLOPs / measured bf16 matmul FLOP/s) over the measur
 On a CPU-only machine: small shapes, the CPU backend and the gather peer timed, the Triton kernel
 checked for correctness under the interpreter (not timed).
 
-    python bench/bench_dilated_attention.py [--out bench/results] [--quick]
+    python bench/bench_dilated_attention.py [--out bench/results] [--quick | --targets]
 """
 
 from __future__ import annotations
@@ -274,10 +274,20 @@ def machine_rooflines(device):
     return bw, 2 * 8192**3 / t
 
 
-def cases(device, quick):
-    """The cases in the order they run: on a GPU the issue's target cases first (D=64 at batch 8 holds
-    the roofline target), so a run cut short by its stage's time limit has measured what matters."""
+# What the performance targets read (bench/targets.py): the single-branch 2-D r=2 pattern at batch 8 (speedups
+# over the gather and FlexAttention peers, forward and forward+backward, and the roofline fraction) and the
+# dense pattern against the first kernel of the project.
+TARGET_PATTERNS = ("2d(32,32)r2", "dense")
+TARGET_PEERS = (BASELINE, "sam_fast(triton)", "flex_attention(mask_mod)")
+
+
+def cases(device, quick, targets=False):
+    """The cases in the order they run: on a GPU the target cases first (D=64 at batch 8 holds the
+    roofline target), so a run cut short by its stage's time limit has measured what matters; with
+    ``targets`` only those."""
     pats = _patterns()
+    if targets:
+        return [("N=4096 D=64 B=8", name, pats[name], 8, 16, 64, (64, 64)) for name in TARGET_PATTERNS]
     if device.type == "cuda":
         out = []
         for D in (64, 80):
@@ -301,7 +311,37 @@ def cases(device, quick):
     return out
 
 
-def run_cases(device, dtype, quick, prov, each=None, rows=None):
+def _modes(device, pname, targets):
+    if device.type != "cuda" or (targets and pname == "dense"):
+        return ("fwd",)
+    return ("fwd", "fwd+bwd")
+
+
+def _case_peers(pname, pattern, B, N, H, D, grid, device, mode, targets):
+    """The peers timed on one case and mode: all of them, or those the targets read."""
+    out = []
+    for name, make in _peers(pname, pattern, B, N, H, D, grid, device, mode):
+        if mode != "fwd" and name.startswith("foundation"):
+            continue
+        if targets and name not in TARGET_PEERS and not name.startswith("foundation"):
+            continue
+        out.append((name, make))
+    return out
+
+
+def planned_rows(targets=True):
+    """The (op, case, backend, mode, pattern) rows a GPU run writes, without running it."""
+    dev = torch.device("cuda")
+    rows = []
+    for case, pname, pattern, B, H, D, grid in cases(dev, False, targets):
+        N = grid[0] * grid[1]
+        for mode in _modes(dev, pname, targets):
+            rows += [dict(op="dilated_attention", case=f"{case} {pname}", backend=name, mode=mode, pattern=pname)
+                     for name, _ in _case_peers(pname, pattern, B, N, H, D, grid, dev, mode, targets)]
+    return rows
+
+
+def run_cases(device, dtype, quick, prov, each=None, rows=None, targets=False):
     """Measure every case; rows go to ``rows`` (a :class:`LiveRows` writes each at once) and are returned."""
     rows = [] if rows is None else rows
     bw = mm = None
@@ -311,7 +351,7 @@ def run_cases(device, dtype, quick, prov, each=None, rows=None):
                          metric="GB/s", value=bw / 1e9, note=f"bf16 matmul {mm / 1e12:.0f} TFLOP/s (8192^3)"))
         raise_recompile_limit()  # FlexAttention: one graph per case and mode
     gen = torch.Generator(device=device).manual_seed(0)
-    todo = cases(device, quick)
+    todo = cases(device, quick, targets)
     for case, pname, pattern, B, H, D, grid in (each(todo) if each else todo):
         N = grid[0] * grid[1]
         q, k, v = (torch.randn(B, N, H, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
@@ -319,10 +359,8 @@ def run_cases(device, dtype, quick, prov, each=None, rows=None):
         pairs = kept_pairs(pattern, B, N, H, grid)
         nbytes = 4 * B * N * H * D * q.element_size()
         exact = _sam_fast(pattern, grid, "reference")(q.float(), k.float(), v.float(), scale)
-        for mode in ("fwd", "fwd+bwd") if device.type == "cuda" else ("fwd",):
-            for name, make in _peers(pname, pattern, B, N, H, D, grid, device, mode):
-                if mode != "fwd" and name.startswith("foundation"):
-                    continue
+        for mode in _modes(device, pname, targets):
+            for name, make in _case_peers(pname, pattern, B, N, H, D, grid, device, mode, targets):
                 row = dict(prov, op="dilated_attention", case=f"{case} {pname}", backend=name, mode=mode,
                            metric="tflops", pattern=pname, kept_pairs=pairs)
                 try:
@@ -380,7 +418,7 @@ def check_triton_interpreter(prov):
                  note="checked under TRITON_INTERPRET, not timed: timing needs a GPU")]
 
 
-def run(out_dir: str, quick: bool = False, device: str = None):
+def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = False):
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     prov = provenance(dev)
@@ -388,8 +426,8 @@ def run(out_dir: str, quick: bool = False, device: str = None):
     def each(todo):
         return progress(todo, "dilated attention cases", lambda c: f"{c[0]} {c[1]}")
 
-    rows = run_cases(dev, dtype, quick, prov, each, LiveRows(out_dir, SCRIPT, EXTRA_COLUMNS))
-    if dev.type == "cpu":
+    rows = run_cases(dev, dtype, quick, prov, each, LiveRows(out_dir, SCRIPT, EXTRA_COLUMNS), targets)
+    if dev.type == "cpu" and not targets:
         rows += check_triton_interpreter(prov)
     return save_results(out_dir, SCRIPT, rows, BASELINE, f"dilated attention, {prov['device']}, {prov['git_sha']}",
                         EXTRA_COLUMNS, plot_rows=[r for r in rows if r["op"] == "dilated_attention"])

@@ -20,7 +20,7 @@ random weights (no checkpoint can be downloaded here, so the SQNR figures descri
 a trained SAM), batch 8 (1 with
 --quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one.
 
-    python bench/bench_e2e.py [--out bench/results] [--quick] [--compile] [--models vit_b,vit_h]
+    python bench/bench_e2e.py [--out bench/results] [--quick | --targets] [--compile] [--models vit_b,vit_h]
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class _SdpaBias:
             del a.forward  # back to the class's forward
 
 
-def _encoders(gpu: bool):
+def _encoders(gpu: bool, wanted=()):
+    """(name, encoder) pairs, built one at a time; with ``wanted`` only those names are built."""
     from sam_fast.models import BlockGeometry, EncoderGeometry, build_image_encoder, released_geometry
 
     if not gpu:
@@ -109,12 +110,16 @@ def _encoders(gpu: bool):
         tinyvit = {}  # MobileSAM's / TinySAM's TinyViT-5M
     gen = torch.Generator().manual_seed(0)
     for name, geom in geoms:
+        if wanted and name not in wanted:
+            continue
         enc = build_image_encoder(geom)
         with torch.no_grad():
             for pname, p in enc.named_parameters():
                 if "rel_pos" in pname or "pos_embed" in pname:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         yield name, enc.eval()
+    if wanted and ("vit_t" if not tinyvit else "tiny-tinyvit-256") not in wanted:
+        return
     from sam_fast.models import TinyViT
 
     enc = TinyViT(**tinyvit)
@@ -125,7 +130,21 @@ def _encoders(gpu: bool):
     yield ("vit_t" if not tinyvit else "tiny-tinyvit-256"), enc.eval()
 
 
-def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = False, models: str = ""):
+# What the performance targets read (bench/targets.py): ViT-H at batch 8, W8A8 + fused attention against
+# fused attention alone (segment_anything's encoder beside them for the SQNR reference).
+TARGET_MODELS = ("vit_h",)
+TARGET_BACKENDS = (BASELINE, "sam_fast_exact", "sam_fast_exact_int8")
+
+
+def planned_rows(targets=True):
+    """The (op, case, backend, mode) rows a GPU run of the ViT encoders writes, without running it."""
+    models = TARGET_MODELS if targets else ("vit_h", "vit_b", "slimsam_77", "slimsam_50")
+    return [dict(op="image_encoder", case=f"{name} B=8 bfloat16", backend=backend, mode="fwd")
+            for name in models for backend in TARGET_BACKENDS]
+
+
+def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = False, models: str = "",
+        targets: bool = False):
     import sam_fast
     from sam_fast import SamFastConfig
     from sam_fast.quantize import calibrate, sqnr_db
@@ -137,10 +156,8 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
     batch = (1 if quick else 8) if gpu else 2
     rows = LiveRows(out_dir, SCRIPT, ["sqnr_db"])
     images = _images(8)
-    wanted = [m.strip() for m in models.split(",") if m.strip()]
-    for name, enc in _encoders(gpu):
-        if wanted and name not in wanted:
-            continue
+    wanted = [m.strip() for m in models.split(",") if m.strip()] or (list(TARGET_MODELS) if targets else [])
+    for name, enc in _encoders(gpu, wanted):
         enc = enc.to(device=dev, dtype=dtype)
         x = torch.randn(batch, 3, enc.img_size, enc.img_size, device=dev, generator=torch.Generator(device=dev)
                         .manual_seed(0)).to(dtype)

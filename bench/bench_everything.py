@@ -28,7 +28,7 @@ sam_fast runs in bf16 and, for the same-precision comparison, in float32 (``sam_
 256 x 256 image, 16 x 16 points. Thresholds are lowered (``pred_iou_thresh`` off,
 ``stability_score_thresh`` 0) so every backend post-processes every mask: the same work for all.
 
-    python bench/bench_everything.py [--out bench/results] [--quick] [--decoder trained|random]
+    python bench/bench_everything.py [--out bench/results] [--quick | --targets] [--decoder trained|random]
 """
 
 from __future__ import annotations
@@ -81,7 +81,21 @@ def _agreement(reference, other) -> float:
     return float((inter / union.clamp_min(1)).amax(dim=1).mean())
 
 
-def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "trained"):
+# The performance targets (bench/targets.py) read every generator but the fp32 one.
+TARGET_BACKENDS = (BASELINE, "segment_anything_b256", "sam_fast", "sam_fast_hierarchical")
+
+
+def _case(side, pps, decoder):
+    return f"{side}x{side} {pps}x{pps} points, {decoder} decoder"
+
+
+def planned_rows(targets=True):
+    """The (op, case, backend, mode) rows a GPU run writes, without running it."""
+    names = TARGET_BACKENDS if targets else TARGET_BACKENDS[:2] + ("sam_fast_fp32",) + TARGET_BACKENDS[2:]
+    return [dict(op="everything", case=_case(1024, 32, "trained"), backend=b, mode="fwd") for b in names]
+
+
+def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "trained", targets: bool = False):
     from segment_anything import SamAutomaticMaskGenerator
     from skimage import data
 
@@ -129,10 +143,10 @@ def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "t
         ("sam_fast", SamFastAutomaticMaskGenerator(fast_model, **kw)),
         ("sam_fast_hierarchical", SamFastAutomaticMaskGenerator(fast_model, hierarchical=True, **kw)),
     ]
-    if fast_model is not sam:
+    if fast_model is not sam and not targets:
         generators.insert(2, ("sam_fast_fp32", SamFastAutomaticMaskGenerator(sam, **kw)))
     rows, records = LiveRows(out_dir, SCRIPT), {}
-    case = f"{side}x{side} {pps}x{pps} points, {decoder} decoder"
+    case = _case(side, pps, decoder)
     with torch.no_grad():
         for backend, gen in generators:
             records[backend] = gen.generate(image)

@@ -18,7 +18,7 @@ backend's output against the fp32 ``F.linear`` of the same float weights beside 
 On a CPU-only machine the CPU backends run on small M and the Triton kernels are checked for
 correctness under the interpreter (not timed).
 
-    python bench/bench_int8_gemm.py [--out bench/results] [--quick]
+    python bench/bench_int8_gemm.py [--out bench/results] [--quick | --targets]
 """
 
 from __future__ import annotations
@@ -55,57 +55,86 @@ def _sqnr(ref, y):
     return sqnr_db(ref, y.float())
 
 
-def run(out_dir: str, quick: bool = False, device: str = None):
+# What the performance targets read (bench/targets.py): the ViT-H MLP pair at batch 8 against cuBLAS and
+# _int_mm + separate kernels, and the largest shape (ViT-H MLP at batch 32) for its TOPS.
+TARGET_CASES = [(8, "vit_h", 1280, 5120), (8, "vit_h", 5120, 1280), (32, "vit_h", 1280, 5120)]
+TARGET_PEERS = ("cublas_bf16", "int_mm+separate", "sam_fast")
+
+
+def cases(gpu: bool, quick: bool = False, targets: bool = False):
+    """(B, model, K, N) in the order they run: on a GPU the targets' cases first (ViT-H at B=8, then the
+    largest M), so a stage cut short by its time limit has measured what the targets read."""
+    if targets:
+        return list(TARGET_CASES)
+    batches = ((1,) if quick else (8, 32, 1)) if gpu else (None,)
+    shapes = ([("vit_h", kn) for kn in VIT_H] if gpu else []) + [("vit_b", kn) for kn in VIT_B]
+    return [(B, model, K, N) for B in batches for model, (K, N) in shapes]
+
+
+def peer_names(gpu: bool, targets: bool = False):
+    if targets:
+        return list(TARGET_PEERS)
+    if gpu:
+        return ["cublas_bf16", "int_mm+separate", "int_mm+compile", "sam_fast", "sam_fast_gemm_only"]
+    return ["torch_fp32", "int_mm+separate", "sam_fast(cpu)"]
+
+
+def _case_name(model, M, K, N):
+    return f"{model} M={M} {K}->{N}"
+
+
+def planned_rows(targets: bool = True):
+    """The (op, case, backend, mode) rows a GPU run writes, without running it."""
+    return [dict(op="int8_linear", case=_case_name(model, B * 4096, K, N), backend=name, mode="fwd")
+            for B, model, K, N in cases(True, targets=targets) for name in peer_names(True, targets)]
+
+
+def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = False):
     import sam_fast
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
     gpu = dev.type == "cuda"
-    # the targets' cases first (ViT-H at B=8, then the largest M), so a stage cut short by its time limit
-    # has measured what the issue asks about
-    batches = ((1,) if quick else (8, 32, 1)) if gpu else (None,)
-    shapes = ([("vit_h", kn) for kn in VIT_H] if gpu else []) + [("vit_b", kn) for kn in VIT_B]
+    names = peer_names(gpu, targets)
     compiled = None
-    if gpu:
+    if "int_mm+compile" in names:
         raise_recompile_limit()  # one specialised graph per shape (24 shapes)
         compiled = torch.compile(int_mm_separate, dynamic=False)
     rows = LiveRows(out_dir, SCRIPT, ["sqnr_db"])
     g = torch.Generator(device=dev).manual_seed(0)
-    for B in batches:
+    for B, model, K, N in cases(gpu, quick, targets):
         M = B * 4096 if gpu else 256
-        for model, (K, N) in shapes:
-            x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16 if gpu else torch.float32)
-            w = torch.randn(N, K, device=dev, generator=g) / K**0.5
-            b = torch.randn(N, device=dev, generator=g) * 0.1
-            wq, ws = sam_fast.quantize.quantize_weight(w)
-            wq_t = wq.t()  # (K, N) view of the K-major weight: the layout _int_mm wants for its B operand
-            ref = F.linear(x.float(), w, b)
-            xq, xs = sam_fast.quantize_per_token(x)
-            wl, bl = w.to(x.dtype), b.to(x.dtype)
-            peers = [
-                (BASELINE, lambda: F.linear(x, wl, bl)),
-                ("int_mm+separate", lambda: int_mm_separate(x, wq_t, ws, b)),
-            ]
-            if gpu:
-                peers.append(("int_mm+compile", lambda: compiled(x, wq_t, ws, b)))
-                peers.append(("sam_fast", lambda: sam_fast.int8_linear(x, wq, ws, b)))
-                peers.append(("sam_fast_gemm_only", lambda: sam_fast.int8_linear(xq, wq, ws, b, act_scale=xs,
-                                                                                out_dtype=x.dtype)))
-            else:
-                peers.append(("sam_fast(cpu)", lambda: sam_fast.int8_linear(x, wq, ws, b, backend="cpu")))
-            case = f"{model} M={M} {K}->{N}"
-            for name, fn in peers:
-                m = measure(fn, dev, cpu_reps=5)
-                tops, sqnr = 2 * M * N * K / (m["median_ms"] * 1e-3) / 1e12, _sqnr(ref, fn())
-                note = f"{tops:.0f} TOPS, SQNR {sqnr:.1f} dB" if gpu else f"SQNR {sqnr:.1f} dB"
-                rows.append(dict(prov, op="int8_linear", case=case, backend=name, mode="fwd", metric="tops",
-                                 value=tops, sqnr_db=sqnr, note=note, **m))
-            if not gpu:  # the Triton kernels, for correctness only (interpreter timings mean nothing)
-                y = sam_fast.int8_linear(x[:64], wq, ws, b, backend="triton")
-                y_ref = sam_fast.int8_linear(x[:64], wq, ws, b, backend="reference")
-                rows.append(dict(prov, op="int8_linear", case=case, backend="sam_fast(triton-interp)", mode="fwd",
-                                 max_err=float((y - y_ref).abs().max()), sqnr_db=_sqnr(ref[:64], y),
-                                 note="interpreter: correctness only, not timed"))
+        x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16 if gpu else torch.float32)
+        w = torch.randn(N, K, device=dev, generator=g) / K**0.5
+        b = torch.randn(N, device=dev, generator=g) * 0.1
+        wq, ws = sam_fast.quantize.quantize_weight(w)
+        wq_t = wq.t()  # (K, N) view of the K-major weight: the layout _int_mm wants for its B operand
+        ref = F.linear(x.float(), w, b)
+        xq, xs = sam_fast.quantize_per_token(x)
+        wl, bl = w.to(x.dtype), b.to(x.dtype)
+        make = {
+            "cublas_bf16": lambda: F.linear(x, wl, bl),
+            "torch_fp32": lambda: F.linear(x, wl, bl),
+            "int_mm+separate": lambda: int_mm_separate(x, wq_t, ws, b),
+            "int_mm+compile": lambda: compiled(x, wq_t, ws, b),
+            "sam_fast": lambda: sam_fast.int8_linear(x, wq, ws, b),
+            "sam_fast_gemm_only": lambda: sam_fast.int8_linear(xq, wq, ws, b, act_scale=xs, out_dtype=x.dtype),
+            "sam_fast(cpu)": lambda: sam_fast.int8_linear(x, wq, ws, b, backend="cpu"),
+        }
+        case = _case_name(model, M, K, N)
+        for name in names:
+            fn = make[name]
+            m = measure(fn, dev, cpu_reps=5)
+            tops, sqnr = 2 * M * N * K / (m["median_ms"] * 1e-3) / 1e12, _sqnr(ref, fn())
+            note = f"{tops:.0f} TOPS, SQNR {sqnr:.1f} dB" if gpu else f"SQNR {sqnr:.1f} dB"
+            rows.append(dict(prov, op="int8_linear", case=case, backend=name, mode="fwd", metric="tops",
+                             value=tops, sqnr_db=sqnr, note=note, **m))
+        if not gpu:  # the Triton kernels, for correctness only (interpreter timings mean nothing)
+            y = sam_fast.int8_linear(x[:64], wq, ws, b, backend="triton")
+            y_ref = sam_fast.int8_linear(x[:64], wq, ws, b, backend="reference")
+            rows.append(dict(prov, op="int8_linear", case=case, backend="sam_fast(triton-interp)", mode="fwd",
+                             max_err=float((y - y_ref).abs().max()), sqnr_db=_sqnr(ref[:64], y),
+                             note="interpreter: correctness only, not timed"))
     return save_results(out_dir, SCRIPT, rows, BASELINE, f"W8A8 linear vs {BASELINE} ({prov['device']})",
                         ["sqnr_db"])
 

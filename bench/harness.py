@@ -72,6 +72,12 @@ def bench_main(doc: str, run: Callable, baseline: str, argv=None, options=()) ->
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", default="bench/results", help="results directory (CSV appended, PNG rewritten)")
     p.add_argument("--quick", action="store_true", help="fewer cases (batch 1 only on GPU)")
+    import inspect
+
+    if "targets" in inspect.signature(run).parameters:
+        p.add_argument("--targets", action="store_true",
+                       help="only the cases and peers the performance targets read (bench/targets.py), for a "
+                            "short GPU check; the script's planned_rows() lists them")
     for flag, action, help_text in options:
         p.add_argument(flag, action=action, help=help_text, **({} if action == "store_true" else {"default": ""}))
     args = vars(p.parse_args(argv))

@@ -1,6 +1,6 @@
 """Merge benchmark CSVs written elsewhere (a GPU session's ``--out``) into ``bench/results/``.
 
-    python bench/merge_results.py DIR [--into bench/results]
+    python bench/merge_results.py DIR|session.tgz [--into bench/results]
 
 Each ``DIR/<script>.csv`` has its rows appended to ``<into>/<script>.csv`` (columns matched by name, so
 a script that gained a column merges into an older file), and its plot ``DIR/<script>.png``, drawn from
@@ -37,11 +37,40 @@ def merge(src_dir: str, into: str) -> int:
     return 0
 
 
+def merge_session(tgz: str, into: str) -> int:
+    """A GPU call's ``session.tgz`` (bench/gpu_verify.py): merge its results/ and print its verdict table."""
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(tgz) as tar:
+            tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+        results = os.path.join(tmp, "results")
+        if os.path.isdir(results) and any(n.endswith(".csv") for n in os.listdir(results)):
+            merge(results, into)
+        else:
+            print("merge_results: the session wrote no benchmark rows")
+        tuned = os.path.join(tmp, "tuned")
+        if os.path.isdir(tuned):  # the tuners ran: their tables replace the checked-in ones, for review
+            dst = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "tuned")
+            for name in sorted(os.listdir(tuned)):
+                shutil.copyfile(os.path.join(tuned, name), os.path.join(dst, name))
+                print(f"kernels/tuned/{name} replaced by the session's (review: git diff kernels/tuned)")
+        for name in ("targets.md",):
+            path = os.path.join(tmp, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    print("\n" + f.read())
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="folder holding <script>.csv files")
+    ap.add_argument("src", help="folder holding <script>.csv files, or a GPU call's session.tgz")
     ap.add_argument("--into", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    if args.src.endswith((".tgz", ".tar.gz")):
+        return merge_session(args.src, args.into)
     return merge(args.src, args.into)
 
 

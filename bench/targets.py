@@ -1,6 +1,6 @@
 """The issues' performance targets, checked against the benchmark CSVs.
 
-    python bench/targets.py [--results bench/results] [--out FILE.md] [--detail]
+    python bench/targets.py [--results bench/results] [--out FILE.md] [--detail] [--json FILE]
     sam-fast targets [...]                     (the same, from an install)
 
 Each target compares backends *within one run* of a benchmark script (same timestamp and device: peers
@@ -189,13 +189,32 @@ def report(results: Dict[str, List[dict]], detail: bool = False) -> str:
     return "\n".join(lines)
 
 
+def records(results: Dict[str, List[dict]]) -> List[dict]:
+    """The verdicts as plain records (``--json``): target text, threshold, status, worst figure and case."""
+    out = []
+    for t in TARGETS:
+        v = evaluate(t, results.get(t.script, []))
+        worst = f"{_fmt(v.worst, t.unit)} ({v.worst_case})" if v.cases else "-"
+        out.append(dict(issue=t.issue, text=t.text, script=t.script, need=_fmt(t.threshold, t.unit), status=v.status,
+                        worst=None if math.isnan(v.worst) else v.worst, worst_case=v.worst_case, worst_text=worst,
+                        best=None if math.isnan(v.best) else v.best, run=v.run))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default="bench/results", help="folder of <script>.csv files")
     ap.add_argument("--out", default="", help="also write the table to this Markdown file")
     ap.add_argument("--detail", action="store_true", help="list every case behind each target")
+    ap.add_argument("--json", default="", help="also write the verdicts as a JSON list to this file")
     args = ap.parse_args(argv)
-    text = report(read_results(args.results), args.detail)
+    results = read_results(args.results)
+    text = report(results, args.detail)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(records(results), f, indent=1)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -10,14 +10,17 @@ from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
 from attn_helpers import check_far_apart_batches, check_kernel_vs_reference
 
 pytestmark = pytest.mark.gpu
+# The smoke subset (`pytest -m "gpu and smoke"`, the first stage of bench/gpu_verify.py): each Triton kernel
+# and CUDA op once at SAM's shapes against its reference, within about two minutes on 8 workers.
+SMOKE = pytest.mark.smoke
 
 # (B, grid, H, D, window, pad): ViT-B/H global and window blocks, SlimSAM head dims, batch 1 and 2,
 # sizes just off block multiples, a non-square grid.
 SHAPES = [
-    (1, (64, 64), 12, 64, None, False),
+    pytest.param((1, (64, 64), 12, 64, None, False), marks=SMOKE),
     (1, (64, 64), 16, 80, None, False),
     (2, (64, 64), 12, 64, (14, 14), True),
-    (1, (64, 64), 16, 80, (14, 14), True),
+    pytest.param((1, (64, 64), 16, 80, (14, 14), True), marks=SMOKE),
     (1, (64, 64), 12, 32, None, False),
     (1, (64, 64), 12, 14, None, False),
     (1, (33, 47), 4, 64, None, False),
@@ -123,6 +126,7 @@ def test_compile_inductor_fullgraph():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
 
 
+@SMOKE
 def test_resize_rel_pos_cuda_matches_cpu():
     t = torch.randn(27, 80)
     with sam_fast.record_backends() as rec:
@@ -156,10 +160,13 @@ def _check_fused_bf16_encoder(enc, x):
 
 # (B, grid, H, D, pattern, rel): the benchmark's patterns at SAM's grid, a non-nested pattern (two
 # launches), rel-pos under dilation, an odd grid, and N = 16384 (a 2048^2 image).
+LONGNET = [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)]
 DILATED = [
-    (1, (64, 64), 16, 64, [Branch((32, 32), 2)], False),
+    pytest.param((1, (64, 64), 16, 64, [Branch((32, 32), 2)], False), marks=SMOKE),
     (2, (64, 64), 16, 80, [Branch((64, 64), 4)], False),
-    (1, (64, 64), 16, 64, [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)], False),
+    pytest.param((1, (64, 64), 16, 64, LONGNET, False), marks=SMOKE),
+    pytest.param((1, (64, 64), 16, 64, LONGNET, True), marks=SMOKE),  # 1-D branches' per-key rel-pos tables
+    (1, (64, 64), 16, 64, [Branch((2, 2)), Branch(100, 2)], True),  # 2-D and 1-D mixed: two launch groups
     (1, (64, 64), 12, 64, [Branch((14, 14), 1), Branch((32, 32), (2, 2))], True),
     (1, (64, 64), 16, 80, [Branch((32, 32), 2)], True),
     (1, (33, 47), 5, 32, [Branch((16, 16), (2, 2)), Branch((33, 47), (4, 4))], False),
@@ -205,8 +212,8 @@ def test_swapped_vit_b_shaped_encoder_dilated_on_gpu():
 # ------------------------------------------------------------------------------------------------
 
 INT8_SHAPES = [(4096, 768, 2304), (4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768),
-               (8192, 1280, 3840), (4096, 1280, 5120), (4096, 5120, 1280), (4097, 1280, 1280), (1, 768, 768),
-               (333, 40, 50)]
+               (8192, 1280, 3840), pytest.param(4096, 1280, 5120, marks=SMOKE), (4096, 5120, 1280),
+               (4097, 1280, 1280), (1, 768, 768), pytest.param(333, 40, 50, marks=SMOKE)]
 
 
 @pytest.mark.parametrize("m,k,n", INT8_SHAPES, ids=str)
@@ -255,6 +262,7 @@ def test_int8_non_finite_rows_are_nan_on_cuda():
     assert torch.equal(q, R.quantize_static(x, scale)) and q[7, 100] == 0 and q[9, 0] == 127
 
 
+@SMOKE
 def test_layer_norm_quantize_real_shape():
     from sam_fast.reference import int8 as R
 
@@ -360,7 +368,7 @@ def test_vit_t_w8a8_on_gpu():
 POSTPROCESS_GEOMETRIES = [
     ((1024, 683), (1500, 1000), None, None),  # SAM's resize of a portrait photo
     ((768, 1024), (1200, 1600), (0, 0, 1600, 1200), None),
-    ((1024, 1024), (400, 400), (37, 500, 437, 900), (1200, 800)),  # a crop inside a frame
+    pytest.param(((1024, 1024), (400, 400), (37, 500, 437, 900), (1200, 800)), marks=SMOKE),  # crop in a frame
     ((1024, 1024), (1024, 1024), None, None),
 ]
 
@@ -458,7 +466,7 @@ def test_everything_on_cuda_matches_segment_anything():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=SMOKE), torch.float16, torch.float32])
 @pytest.mark.parametrize("P,M", [(64, 3), (257, 1)])
 def test_upscale_mask_product_sam_shapes(dtype, P, M):
     from sam_fast.ops.decoder import upscale_mask_product
@@ -480,7 +488,7 @@ def test_upscale_mask_product_sam_shapes(dtype, P, M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=SMOKE), torch.float16, torch.float32])
 @pytest.mark.parametrize("shared", [True, False])
 def test_small_key_attention_sam_shapes(dtype, shared):
     from sam_fast.ops.decoder import small_key_attention
