@@ -8,7 +8,7 @@ operation, so results match across backends:
 * non-finite inputs: int8 holds no NaN, so a NaN quantizes to 0 and +-inf saturates to +-127; a row
   holding either gets a NaN per-token scale, so its output row is NaN, as a float linear's would be,
   rather than finite numbers computed from the rest of the row.
-* int8 matmul: exact, ``torch._int_mm`` (int32 accumulation; on the CPU for any shape) or, for shapes
+* int8 matmul: exact, ``torch._int_mm`` (int32 accumulation; on the CPU for K >= 2) or, for shapes
   it refuses on CUDA, a float64 matmul: every product of two int8 values and every partial sum up to
   ``K * 127**2 < 2**53`` is an exact float64 integer, so the result equals the int32 accumulator for
   any K below ``MAX_K`` (where int32 itself would overflow).
@@ -71,11 +71,12 @@ def layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
 def int8_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact ``a (M, K) int8 @ w (N, K) int8 ^T`` as int32 (K <= MAX_K).
 
-    ``torch._int_mm`` (int32 accumulation) where it accepts the shapes - any shape on the CPU; on CUDA
-    M > 16 and K, N multiples of 8 - else a float64 matmul, exact as well."""
+    ``torch._int_mm`` (int32 accumulation) where it is right for the shapes - on the CPU any K >= 2 (with
+    K = 1 and N >= 2 it returns memory it never wrote), on CUDA M > 16 and K, N multiples of 8 - else a
+    float64 matmul, exact as well (products and sums of int8 stay far below 2**53)."""
     M, K = a.shape
     N = w.shape[0]
-    if a.device.type == "cpu" or (a.device.type == "cuda" and M > 16 and K % 8 == 0 and N % 8 == 0):
+    if (a.device.type == "cpu" and K >= 2) or (a.device.type == "cuda" and M > 16 and K % 8 == 0 and N % 8 == 0):
         return torch._int_mm(a, w.t())
     return (a.double() @ w.double().t()).to(torch.int32)
 
