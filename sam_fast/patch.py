@@ -153,8 +153,15 @@ class SamFastHandle:
         return [names.get(id(new), f"<detached {type(new).__name__}>") for _, _, _, new in self._swaps]
 
     def undo(self) -> None:
+        """Put the original modules back. An int8 layer whose weights changed since :func:`apply` (a
+        ``load_state_dict`` into the swapped model) hands its dequantized weights and its bias to the float
+        linear it replaced, so the restored model is the loaded one, not a mix of two; one moved or cast
+        with the model (``.to()``) moves its float linear along. Otherwise the original linears come
+        back bit for bit."""
         for parent, name, original, new in reversed(self._swaps):
             if parent._modules.get(name) is new:
+                if isinstance(new, Int8Linear) and isinstance(original, nn.Linear):
+                    _sync_float_linear(original, new)
                 parent._modules[name] = original
         for block, backend, pattern in reversed(self._updates):
             block.backend, block.pattern = backend, pattern
@@ -171,8 +178,38 @@ class SamFastHandle:
         return f"SamFastHandle({len(self._swaps)} swapped modules)"
 
 
+def _sync_float_linear(lin: nn.Linear, q: Int8Linear) -> None:
+    """Make ``lin`` (the float linear ``q`` replaced) what ``q`` holds now: same device and bias dtype, and
+    ``q``'s dequantized weight and bias if ``q`` no longer is ``lin`` quantized (it was loaded since)."""
+    import torch
+
+    from .ops.int8 import quantize_weight
+
+    with torch.no_grad():
+        dev = q.weight.device
+        w = lin.weight.detach().to(dev)
+        wq, ws = quantize_weight(w.float())
+        same = torch.equal(wq, q.weight) and torch.equal(ws, q.weight_scale)
+        if lin.bias is not None and q.bias is not None:
+            same = same and torch.equal(lin.bias.detach().to(dev, q.bias.dtype), q.bias)
+        elif (lin.bias is None) != (q.bias is None):
+            same = False
+        dtype = q.bias.dtype if q.bias is not None else lin.weight.dtype
+        lin.to(device=dev, dtype=dtype)
+        if not same:
+            lin.weight.copy_(q.dequantized_weight().to(dtype))
+            if lin.bias is not None:
+                if q.bias is not None:
+                    lin.bias.copy_(q.bias)
+                else:
+                    lin.bias.zero_()
+
+
 def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
-    """Swap sam_fast modules into ``model`` in place; returns a handle whose ``undo()`` reverts it."""
+    """Swap sam_fast modules into ``model`` in place; returns a handle whose ``undo()`` reverts it.
+
+    All or nothing: if anything fails (an invalid calibration entry, a weight that cannot be quantized),
+    what was already swapped is put back before the error propagates, so the model is as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config is None:
@@ -180,9 +217,13 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
     if not isinstance(config, SamFastConfig):
         raise TypeError(f"config must be a sam_fast.SamFastConfig, got {type(config).__name__}")
     swaps, updates = [], []
-    if config.attention in ("exact", "dilated"):
-        _swap_blocks(model, config, swaps, updates)
-    left_float = _quantize_linears(model, config, swaps) if config.quantize == "int8" else {}
+    try:
+        if config.attention in ("exact", "dilated"):
+            _swap_blocks(model, config, swaps, updates)
+        left_float = _quantize_linears(model, config, swaps) if config.quantize == "int8" else {}
+    except BaseException:
+        SamFastHandle(model, swaps, updates).undo()
+        raise
     return SamFastHandle(model, swaps, updates, left_float)
 
 
@@ -222,21 +263,25 @@ def _quantize_linears(model, config, swaps) -> Dict[str, str]:
             raise ValueError(f"the calibration has no entry for {unknown[:3]}{' ...' if len(unknown) > 3 else ''}: "
                              f"it was made on another model (it knows {len(cal.layers)} layers)")
     left_float, planned = {}, []
-    for slot in slots:  # decide everything before changing anything
+    for slot in slots:  # decide and build everything before changing anything
         lin = slot.module
         if isinstance(lin, Int8Linear):
             continue
         entry = cal.layers[slot.key] if cal is not None else None
+        if entry is not None:
+            entry.check()  # entries are mutable: checked again here
         reason = entry.reason if entry is not None and entry.mode == "float" else too_narrow(lin)
         if reason:
             left_float[slot.key] = reason
             continue
         scale = entry.static_scale if entry is not None and entry.mode == "static" else None
-        planned.append((slot, scale))
-    for slot, scale in planned:
-        lin = slot.module
-        new = Int8Linear.from_float(lin, act_scale=scale, backend=config.backend)
+        try:
+            new = Int8Linear.from_float(lin, act_scale=scale, backend=config.backend)
+        except ValueError as exc:
+            raise ValueError(f"{slot.key}: {exc}") from None
         new.train(lin.training)
+        planned.append((slot, lin, new))
+    for slot, lin, new in planned:
         slot.parent._modules[slot.name] = new
         swaps.append((slot.parent, slot.name, lin, new))
     return left_float

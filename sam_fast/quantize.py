@@ -43,6 +43,10 @@ ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
 TINYVIT_ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
 STATIC_ROLES = (("mlp", "lin2"), ("mlp", "fc2"))  # inputs whose static scale removes a quantization pass
 MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 tensor cores to pay
+LAYER_MODES = ("dynamic", "static", "float")
+# A static scale may clip the calibrated absmax (percentile-style calibration does) but not by more than this
+# factor; calibrate() itself clips nothing (scale = absmax / 127).
+MAX_STATIC_CLIP = 16.0
 DEFAULT_MIN_SQNR_DB = 20.0
 _PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
 _PIXEL_STD = (58.395, 57.12, 57.375)
@@ -131,6 +135,28 @@ class LayerCalibration:
     def sqnr_db(self) -> float:
         return self.sqnr_static_db if self.mode == "static" else self.sqnr_dynamic_db
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """ValueError naming the layer when the entry cannot describe a working layer: an unknown mode, or a
+        static scale that is not positive and finite or that clips the calibrated input range (its
+        absmax ``act_amax``) by more than :data:`MAX_STATIC_CLIP` (int8 would saturate almost everything).
+        Run at construction and again by ``sam_fast.apply`` (entries are mutable)."""
+        if self.mode not in LAYER_MODES:
+            raise ValueError(f"calibration entry {self.key}: mode must be one of {LAYER_MODES}, got {self.mode!r}")
+        if self.mode != "static":
+            return
+        s, amax = self.static_scale, self.act_amax
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
+            raise ValueError(f"calibration entry {self.key}: static_scale must be a positive finite number, got {s!r}")
+        if not (isinstance(amax, (int, float)) and math.isfinite(amax) and amax >= 0):
+            raise ValueError(f"calibration entry {self.key}: act_amax must be a finite number >= 0, got {amax!r}")
+        if s * QMAX * MAX_STATIC_CLIP < amax:
+            raise ValueError(f"calibration entry {self.key}: static_scale {s:g} covers only +-{s * QMAX:.3g}, but the "
+                             f"calibrated inputs reach {amax:.3g}: int8 would saturate them (calibrate() sets "
+                             f"act_amax / {QMAX})")
+
 
 @dataclasses.dataclass
 class Calibration:
@@ -168,6 +194,11 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
+        fields = {f.name for f in dataclasses.fields(LayerCalibration)}
+        for e in d["layers"]:
+            unknown = sorted(set(e) - fields)
+            if unknown:
+                raise ValueError(f"calibration entry {e.get('key', '?')}: unknown fields {unknown}")
         layers = {e["key"]: LayerCalibration(**e) for e in d["layers"]}
         return cls(layers, d["num_images"], d["min_sqnr_db"], d.get("embedding_sqnr_db"))
 

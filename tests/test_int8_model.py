@@ -213,3 +213,130 @@ def test_tinyvit_int8_compiles_without_graph_breaks():
         torch._dynamo.reset()
         traced = torch.compile(enc, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(traced, eager)
+
+
+# ---- consistency of apply / undo / load_state_dict, and scale checks ----
+
+def _linears(enc):
+    return {s.key: s.module for s in sam_fast.quantize.eligible_linears(enc)}
+
+
+def test_undo_after_loading_int8_weights_gives_the_loaded_model():
+    """apply(int8) -> load another model's int8 state_dict -> undo(): the float linears come back holding the
+    loaded (dequantized) weights, consistent with the loaded norms and embeddings, not the pre-load ones."""
+    a, b = tiny_image_encoder(seed=0), tiny_image_encoder(seed=7)
+    x = _batch(a, IMAGES[:1])
+    with torch.no_grad():
+        want = b(x)
+    cfg = SamFastConfig(attention="none", quantize="int8", backend="reference")
+    with sam_fast.apply(b, cfg):
+        sd_b = b.state_dict()
+        deq = {k: (m.dequantized_weight(), m.bias.clone()) for k, m in _linears(b).items()}
+    handle = sam_fast.apply(a, cfg)
+    a.load_state_dict(sd_b)
+    handle.undo()
+    for key, lin in _linears(a).items():
+        assert isinstance(lin, nn.Linear)
+        assert torch.equal(lin.weight, deq[key][0]) and torch.equal(lin.bias, deq[key][1]), key
+    with torch.no_grad():
+        assert sqnr_db(want, a(x)) >= INT8_EMBEDDING_MIN_SQNR_DB  # was ~0 dB: a hybrid of two models
+
+
+def test_undo_follows_a_device_or_dtype_move_and_is_exact_otherwise():
+    enc = tiny_image_encoder(seed=1)
+    before = {k: m.weight.detach().clone() for k, m in _linears(enc).items()}
+    handle = sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8"))
+    handle.undo()
+    assert all(torch.equal(m.weight, before[k]) for k, m in _linears(enc).items())  # bit for bit
+    handle = sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8"))
+    enc.to(torch.bfloat16)
+    handle.undo()
+    for k, m in _linears(enc).items():  # as if the float model had been cast
+        assert m.weight.dtype == torch.bfloat16 and torch.equal(m.weight, before[k].bfloat16()), k
+
+
+def test_float_state_dict_is_not_cast_into_int8_buffers():
+    enc = tiny_image_encoder(seed=2)
+    float_sd = {k: v.clone() for k, v in enc.state_dict().items()}
+    with sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8")):
+        int8_before = {k: v.clone() for k, v in enc.state_dict().items() if v.dtype == torch.int8}
+        with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv\.weight: the state_dict holds a torch\.float32 "
+                                               r"weight.*load float checkpoints before sam_fast\.apply"):
+            enc.load_state_dict(float_sd, strict=False)
+        after = enc.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in int8_before.items())
+
+
+def _ids(model):
+    return [(name, id(m)) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("trigger", ["nan static scale", "nan weight in block 2"])
+def test_failed_apply_leaves_the_model_unchanged(calibrated, trigger):
+    import copy
+
+    enc, cal = calibrated
+    cal = copy.deepcopy(cal)
+    model = copy.deepcopy(enc)
+    if trigger == "nan static scale":
+        cal.layers["blocks.2.mlp.lin2"].static_scale = float("nan")  # entries are mutable
+        match = r"blocks\.2\.mlp\.lin2: static_scale must be a positive finite number"
+    else:
+        with torch.no_grad():
+            model.blocks[2].mlp.lin1.weight[0, 0] = float("nan")
+        match = r"blocks\.2\.mlp\.lin1: weight holds NaN"
+    before = _ids(model)
+    with pytest.raises(ValueError, match=match):
+        sam_fast.apply(model, SamFastConfig(attention="exact", quantize="int8", calibration=cal))
+    assert _ids(model) == before  # blocks 0-1 were swapped before the error: put back
+    assert not any(isinstance(m, (sam_fast.nn.SamFastBlock, Int8Linear)) for m in model.modules())
+
+
+def test_tensor_scales_are_checked_like_float_ones(calibrated):
+    import copy
+
+    from sam_fast.quantize import LayerCalibration
+
+    lin = nn.Linear(32, 24)
+    wq, ws = sam_fast.quantize.quantize_weight(lin.weight.detach())
+    x = torch.randn(5, 32)
+    for bad in (torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        with pytest.raises(ValueError, match="act_scale must be a positive finite scale"):
+            sam_fast.int8_linear(x, wq, ws, act_scale=bad)
+        with pytest.raises(ValueError, match="out_scale must be a positive finite scale"):
+            sam_fast.int8_linear(x, wq, ws, out_dtype=torch.int8, out_scale=bad)
+        with pytest.raises(ValueError, match="act_scale must be a positive finite scale"):
+            Int8Linear.from_float(lin, act_scale=bad)
+    xq, xs = sam_fast.quantize_per_token(x)
+    xs[2] = 0.0
+    with pytest.raises(ValueError, match=r"act_scale \(per token\) must be positive"):
+        sam_fast.int8_linear(xq, wq, ws, act_scale=xs)
+    # a state_dict with a negative act_scale (or weight scale) is refused, naming the key
+    q = Int8Linear.from_float(lin, act_scale=0.05)
+    sd = q.state_dict()
+    sd["act_scale"] = torch.tensor(-0.05)
+    with pytest.raises(RuntimeError, match=r"act_scale: 1 of 1 values are not positive and finite"):
+        q.load_state_dict(sd)
+    sd = q.state_dict()
+    sd["weight_scale"] = sd["weight_scale"].clone()
+    sd["weight_scale"][3] = 0.0
+    with pytest.raises(RuntimeError, match=r"weight_scale: 1 of 24 values"):
+        q.load_state_dict(sd)
+    assert float(q.act_scale) == pytest.approx(0.05)  # nothing was loaded
+    # calibration entries: a scale that saturates the calibrated range, an unknown mode
+    enc, cal = calibrated
+    cal = copy.deepcopy(cal)
+    entry = cal.layers["blocks.1.mlp.lin2"]
+    with pytest.raises(ValueError, match="static_scale 1e-30 covers only"):
+        LayerCalibration(**{**entry.__dict__, "static_scale": 1e-30})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        LayerCalibration(**{**entry.__dict__, "mode": "int4"})
+    d = cal.to_dict()
+    d["layers"][0]["mode"] = "int4"
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: mode must be one of"):
+        Calibration.from_dict(d)
+    entry.static_scale = 1e-30
+    model = copy.deepcopy(enc)
+    with pytest.raises(ValueError, match="would saturate"):
+        sam_fast.apply(model, SamFastConfig(quantize="int8", calibration=cal))
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())

@@ -23,21 +23,30 @@ import torch
 from torch import nn
 
 from .._dispatch import check_backend_name
-from ..ops.int8 import int8_linear, layer_norm_quantize, quantize_weight, scalar_scale
+from ..ops.int8 import _int8_linear, layer_norm_quantize, quantize_weight, scalar_scale
 
 _SCALES = ("weight_scale", "act_scale")
 
 
 def _static_scale(act_scale, device) -> Optional[torch.Tensor]:
-    """The module's own copy of a calibrated scale (checked positive once, here, not per forward)."""
+    """The module's own copy of a calibrated scale (checked positive and finite once, here, not per forward)."""
     if act_scale is None:
         return None
     if isinstance(act_scale, torch.Tensor):
         act_scale = act_scale.detach().to(device)
     scale = scalar_scale(act_scale, "act_scale", device if device is not None else "cpu").clone()
-    if not float(scale) > 0:
-        raise ValueError(f"act_scale must be positive, got {float(scale)}")
+    why = _bad_scales(scale)  # on any device: once, here
+    if why:
+        raise ValueError(f"act_scale must be a positive finite scale: {why}")
     return scale
+
+
+def _bad_scales(t: torch.Tensor) -> Optional[str]:
+    """Why a scale tensor cannot be used (one device sync), or None: every element positive and finite."""
+    bad = ~(torch.isfinite(t) & (t > 0))
+    if bool(bad.any()):
+        return f"{int(bad.sum())} of {t.numel()} values are not positive and finite (e.g. {float(t[bad][0])})"
+    return None
 
 
 class Int8Linear(nn.Module):
@@ -90,15 +99,17 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.weight_scale, self.bias, act_scale=self.act_scale,
-                           backend=self.backend)
+        # the module's scales were checked at construction / load: no per-call value check (device sync)
+        return _int8_linear(x, self.weight, self.weight_scale, self.bias, act_scale=self.act_scale,
+                            backend=self.backend, check_scale_values=False)
 
     def forward_int8(self, x_int8: torch.Tensor, x_scale: torch.Tensor, *, activation: Optional[str] = None,
                      out_dtype: Optional[torch.dtype] = None, out_scale=None) -> torch.Tensor:
         """The GEMM on already quantized input (per-token or per-tensor ``x_scale``), with the fused
         epilogue: optional GELU, a float ``out_dtype`` or ``torch.int8`` with ``out_scale``."""
-        return int8_linear(x_int8, self.weight, self.weight_scale, self.bias, act_scale=x_scale,
-                           activation=activation, out_dtype=out_dtype, out_scale=out_scale, backend=self.backend)
+        return _int8_linear(x_int8, self.weight, self.weight_scale, self.bias, act_scale=x_scale,
+                            activation=activation, out_dtype=out_dtype, out_scale=out_scale, backend=self.backend,
+                            check_scale_values=False)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() cast every float buffer; the scales must stay float32.
@@ -112,6 +123,21 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # A float checkpoint's weight would be cast into the int8 buffer (truncated): refuse, naming the fix.
+        w = state_dict.get(prefix + "weight")
+        if isinstance(w, torch.Tensor) and w.dtype != torch.int8:
+            error_msgs.append(
+                f"{prefix}weight: the state_dict holds a {w.dtype} weight, but this layer is an Int8Linear (int8 "
+                f"weight + weight_scale): load float checkpoints before sam_fast.apply(), or quantize them with "
+                f"Int8Linear.from_float")
+            return
+        for name in _SCALES:  # checked once here, so forward needs no device sync
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor):
+                why = _bad_scales(t.detach()) if t.is_floating_point() else f"it is {t.dtype}, not float"
+                if why:
+                    error_msgs.append(f"{prefix}{name}: {why}")
+                    return
         # Static or dynamic is part of the saved layer: follow the state_dict.
         key = prefix + "act_scale"
         if key in state_dict and self.act_scale is None:

@@ -180,9 +180,11 @@ def _same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
-def scalar_scale(s, name: str, device) -> Tensor:
-    """A calibrated scale as a 0-d fp32 tensor on ``device`` (from a positive float or a one-element
-    float tensor; a tensor's sign is not checked here, which would cost a host sync per call)."""
+def scalar_scale(s, name: str, device, check_value: bool = True) -> Tensor:
+    """A calibrated scale as a 0-d fp32 tensor on ``device``, from a positive finite float or a one-element
+    float tensor. ``check_value``: a CPU tensor's value is checked positive and finite too (on a GPU that
+    would be a device sync per call: :class:`sam_fast.nn.Int8Linear` checks its scales once, at
+    construction and load)."""
     if isinstance(s, numbers.Real) and not isinstance(s, bool):
         if not (s > 0 and math.isfinite(s)):
             raise ValueError(f"{name} must be a positive finite scale, got {s!r}")
@@ -194,6 +196,10 @@ def scalar_scale(s, name: str, device) -> Tensor:
         raise ValueError(f"{name} must be a single (per-tensor) scale, got shape {tuple(s.shape)}")
     if s.device != torch.device(device):
         raise ValueError(f"{name} must be on {device}, got {s.device}")
+    if check_value and s.device.type == "cpu":
+        v = float(s)
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a positive finite scale, got {v!r}")
     return s.reshape(()).float()
 
 
@@ -304,9 +310,19 @@ def int8_linear(
         out_scale: the calibrated per-tensor scale of the output, with ``out_dtype=torch.int8`` only.
         backend: ``"auto" | "triton" | "cpu" | "reference"``; every backend gives the same numerics.
 
+    Scales are checked positive and finite: floats always, tensors on the CPU (per-token int8 scales may be
+    NaN, marking rows that held NaN / inf). CUDA tensors are not read back per call (a device sync):
+    :class:`sam_fast.nn.Int8Linear` checks its scales once, at construction and load.
+
     Returns:
         (..., N) in ``out_dtype``. Any M, K, N >= 1 (block edges are masked, nothing is padded).
     """
+    return _int8_linear(x, weight_int8, weight_scale, bias, act_scale=act_scale, activation=activation,
+                        out_dtype=out_dtype, out_scale=out_scale, backend=backend, check_scale_values=True)
+
+
+def _int8_linear(x, weight_int8, weight_scale, bias=None, *, act_scale=None, activation=None, out_dtype=None,
+                 out_scale=None, backend="auto", check_scale_values=True) -> Tensor:
     N, K = _check_weight(weight_int8, weight_scale, bias)
     _tensor(x, "x")
     if x.dtype != torch.int8:
@@ -328,13 +344,19 @@ def int8_linear(
         _same_device(act_scale, "act_scale", x, "x")
         if act_scale.numel() == 1 and tuple(act_scale.shape) != tuple(lead):
             x_scale = act_scale.reshape(())
+            if check_scale_values:
+                scalar_scale(x_scale, "act_scale", x.device)
         elif tuple(act_scale.shape) == tuple(lead):
             x_scale = act_scale.reshape(M).contiguous()
+            if check_scale_values and x_scale.device.type == "cpu" and bool((x_scale <= 0).any()
+                                                                          | torch.isinf(x_scale).any()):
+                raise ValueError("act_scale (per token) must be positive and finite (NaN marks a row that held "
+                                 "NaN or inf), got a zero, negative or infinite value")
         else:
             raise ValueError(f"act_scale must have one element (per tensor) or shape {tuple(lead)} (per token), "
                              f"got {tuple(act_scale.shape)}")
     else:
-        x_scale = None if act_scale is None else scalar_scale(act_scale, "act_scale", x.device)
+        x_scale = None if act_scale is None else scalar_scale(act_scale, "act_scale", x.device, check_scale_values)
 
     if activation not in _k.ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
@@ -345,7 +367,7 @@ def int8_linear(
     if out_dtype == torch.int8:
         if out_scale is None:
             raise ValueError("out_dtype=torch.int8 re-quantizes the output and needs its calibrated out_scale")
-        out_scale = scalar_scale(out_scale, "out_scale", x.device)
+        out_scale = scalar_scale(out_scale, "out_scale", x.device, check_scale_values)
     elif out_scale is not None:
         raise ValueError(f"out_scale is used only with out_dtype=torch.int8, got out_dtype={out_dtype}")
     if out_dtype == torch.int32 and (bias is not None or activation is not None):
