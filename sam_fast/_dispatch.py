@@ -90,6 +90,8 @@ def record_backends():
     [('dilated_attention', 'triton')]
 
     Calls are recorded when the Python dispatch runs (eagerly, or once while torch.compile traces).
+    Recording is per thread: a ``with`` block sees the op calls of the thread that entered it, not those
+    other threads make meanwhile.
     """
     rec = BackendRecord()
     stack = _recorders()

@@ -13,6 +13,7 @@ of every image in as few decoder calls as there are prompt structures.
 
 from __future__ import annotations
 
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,19 +26,67 @@ from .ops.postprocess import mask_postprocess
 from .reference.postprocess import upsample_logits
 
 
+class _PerThread:
+    """An attribute kept per thread: the image state of a predictor that several threads share."""
+
+    def __init__(self, default=None):
+        self.default = default
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return getattr(obj._thread_state(), self.name, self.default)
+
+    def __set__(self, obj, value):
+        setattr(obj._thread_state(), self.name, value)
+
+
 class SamFastPredictor(SamPredictor):
     """Drop-in for ``segment_anything.SamPredictor(sam)``.
 
     Args:
         sam_model: a segment_anything ``Sam`` (possibly patched with :func:`sam_fast.apply`).
         backend: backend of the post-processing op ("auto", "cuda", "cpu", "reference").
+
+    The model is read at call time: replacing ``sam.mask_decoder`` or ``sam.prompt_encoder`` (or the
+    predictor's ``model``) after construction takes effect at the next call, as in segment_anything.
+
+    Threads: the image state (what :meth:`set_image` / :meth:`set_images` computed) is kept per thread,
+    so threads sharing one predictor each get the masks of the image they set (segment_anything's
+    predictor gives whichever image was set last); an image set in one thread is not visible in another.
+    The model's weights are shared. :func:`sam_fast.record_backends` records the calling thread only.
     """
 
+    # per-thread image state (segment_anything's attributes and the batch of set_images)
+    features = _PerThread()
+    original_size = _PerThread()
+    input_size = _PerThread()
+    is_image_set = _PerThread(False)
+    orig_h = _PerThread()
+    orig_w = _PerThread()
+    input_h = _PerThread()
+    input_w = _PerThread()
+    _batch = _PerThread()
+
     def __init__(self, sam_model, backend: str = "auto") -> None:
-        super().__init__(sam_model)
-        self.decoder = BatchedMaskDecoder.from_sam(sam_model)
         self.backend = check_backend_name(backend)
-        self._batch: Optional[dict] = None
+        self._decoder: Optional[BatchedMaskDecoder] = None
+        super().__init__(sam_model)
+
+    def _thread_state(self) -> threading.local:
+        return self.__dict__.setdefault("_tls", threading.local())
+
+    @property
+    def decoder(self) -> BatchedMaskDecoder:
+        """The batched decoder over the model's current prompt encoder and mask decoder (rebuilt, sharing
+        their weights, when either module was replaced)."""
+        d, m = self._decoder, self.model
+        if d is None or d.prompt_encoder is not m.prompt_encoder or d.mask_decoder is not m.mask_decoder:
+            self._decoder = d = BatchedMaskDecoder.from_sam(m)
+        return d
 
     @property
     def _padded_size(self) -> Tuple[int, int]:

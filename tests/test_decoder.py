@@ -177,6 +177,64 @@ def test_predictor_matches_sam_predictor(sam, photo, multimask):
     assert ("mask_postprocess", "cpu") in rec.calls
 
 
+def test_predictor_sees_the_model_as_it_is_at_call_time():
+    """Replacing sam.mask_decoder after the predictor was made: segment_anything's predictor uses the new
+    decoder, and so must ours (it used the one captured at construction)."""
+    model = tiny_sam(seed=1)
+    image = _photo("astronaut")
+    sa, fast = SamPredictor(model), SamFastPredictor(model)
+    sa.set_image(image)
+    fast.set_image(image)
+    kw = dict(point_coords=np.array([[100.0, 80.0]]), point_labels=np.array([1]))
+    before = fast.predict(**kw)[1]
+    model.mask_decoder = tiny_sam(seed=9).mask_decoder
+    want, got = sa.predict(**kw)[1], fast.predict(**kw)[1]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(got, before, atol=1e-3)
+
+
+def test_threads_sharing_a_predictor_get_their_own_image():
+    """Two threads set different images on one predictor, then both predict: each gets its own image's
+    masks (the image state is per thread), as a predictor per thread would give."""
+    import threading
+
+    model = tiny_sam(seed=2)
+    images = [_photo("astronaut"), _photo("coffee")]
+    kw = dict(point_coords=np.array([[60.0, 50.0]]), point_labels=np.array([1]))
+    want = []
+    for image in images:
+        p = SamFastPredictor(model)
+        p.set_image(image)
+        with sam_fast.record_backends() as one_call:
+            want.append(p.predict(**kw))
+    shared = SamFastPredictor(model)
+    both_set = threading.Barrier(2)
+    got, errors = [None, None], []
+
+    def work(i):
+        try:
+            shared.set_image(images[i])
+            both_set.wait(timeout=60)  # both images set before either predicts
+            with sam_fast.record_backends() as rec:
+                got[i] = shared.predict(**kw)
+            assert rec.calls == one_call.calls  # this thread's op calls only
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i in range(2):
+        for a, b in zip(got[i], want[i]):
+            np.testing.assert_array_equal(a, b)
+    assert not shared.is_image_set  # the main thread set nothing
+    with pytest.raises(RuntimeError, match="An image must be set"):
+        shared.predict(**kw)
+
+
 def test_predict_batch_matches_per_image(sam):
     images = [_photo("astronaut"), _photo("chelsea", (3, 2)), _photo("rocket", (4, 4))]
     fast = SamFastPredictor(sam)
