@@ -111,6 +111,18 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _kernels_built_for_gpu() -> bool:
+    """Whether a loaded sam_fast Triton kernel was defined without the interpreter (``triton.jit`` reads
+    TRITON_INTERPRET when it decorates, so setting it after the import does not reach those kernels)."""
+    import sys
+
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and name.startswith("sam_fast.kernels."):
+            if any(type(v).__name__ == "JITFunction" for v in list(vars(mod).values())):
+                return True
+    return False
+
+
 def triton_device_refusal(t: torch.Tensor, explicit: bool) -> Optional[Refusal]:
     """Why a Triton backend cannot take tensor ``t`` on its device, or None.
 
@@ -121,6 +133,11 @@ def triton_device_refusal(t: torch.Tensor, explicit: bool) -> Optional[Refusal]:
     if t.device.type == "cuda":
         return None
     if t.device.type == "cpu" and triton_interpreter():
+        if _kernels_built_for_gpu():
+            return Refusal("TRITON_INTERPRET=1 was set after sam_fast's Triton kernels were loaded, so they were "
+                           "built for a GPU (Triton decides when a kernel is defined, and without a GPU launching "
+                           "them fails with '0 active drivers'); set TRITON_INTERPRET=1 before importing sam_fast, "
+                           "e.g. in the shell", wrong_device=True)
         if explicit:
             return None
         return Refusal("on CPU the Triton kernels run only under TRITON_INTERPRET=1 with backend='triton' "

@@ -3,7 +3,7 @@
     sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything] [--out DIR] [--quick]
     sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|slimsam_50|slimsam_77|vit_t|auto|tiny
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
-                     [--points-per-side N] [--device cpu|cuda] --out DIR
+                     [--points-per-side N] [--device cpu|cuda] --out DIR [--overwrite]
     sam-fast inspect CHECKPOINT [--model-type auto] [--decoder-heads N]
     sam-fast targets [--results DIR] [--out FILE.md] [--detail]
 
@@ -14,7 +14,9 @@ are timed and the Triton kernels are checked for correctness under the interpret
 
 ``segment`` writes, per image, ``DIR/<name>.json`` (COCO-style annotations with compressed RLE, area,
 bbox, predicted IoU, stability score) and ``DIR/<name>.png`` (the masks over the image), with a
-progress bar over images. Prompts (``--points`` / ``--box``) are in the image's pixel coordinates;
+progress bar over images. Before any work it checks that no output would overwrite an input and that
+no output exists yet (``--overwrite`` replaces them); inputs sharing a name get distinct outputs
+(``photo_png``, ``photo_jpg``; then ``_2``, ``_3``); each file is written whole or not at all. Prompts (``--points`` / ``--box``) are in the image's pixel coordinates;
 ``--everything`` runs :class:`sam_fast.SamFastAutomaticMaskGenerator` (``--hierarchical``: TinySAM's
 two-round mode).
 
@@ -31,6 +33,7 @@ has not measured it (``bench/targets.py``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -88,6 +91,19 @@ def _numbers(text: str, count, what: str) -> list:
         raise SystemExit(f"sam-fast segment: {what} must be comma-separated numbers, got {text!r}")
     if len(values) not in count:
         raise SystemExit(f"sam-fast segment: {what} needs {' or '.join(map(str, count))} numbers, got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise SystemExit(f"sam-fast segment: {what} must be finite numbers, got {text!r}")
+    return values
+
+
+def _point(text: str) -> list:
+    """x,y[,label]: label 1 (foreground, the default) or 0 (background)."""
+    values = _numbers(text, (2, 3), "--points")
+    if len(values) == 3:
+        if values[2] not in (0.0, 1.0):
+            raise SystemExit(f"sam-fast segment: a --points label must be 1 (foreground) or 0 (background), "
+                             f"got {text!r}")
+        values[2] = int(values[2])
     return values
 
 
@@ -102,6 +118,78 @@ def _overlay(image, masks):
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _output_names(images) -> list:
+    """One output stem per input, distinct: the file's stem, its extension added when two inputs share a
+    stem (photo.png, photo.jpg -> photo_png, photo_jpg), then a number (a/photo.png, b/photo.png)."""
+    stems = [os.path.splitext(os.path.basename(p)) for p in images]
+    count = {}
+    for stem, _ in stems:
+        count[stem] = count.get(stem, 0) + 1
+    names = [stem if count[stem] == 1 else f"{stem}_{ext.lstrip('.') or 'noext'}" for stem, ext in stems]
+    seen, out = {}, []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+def _plan_outputs(images, out_dir: str, overwrite: bool):
+    """[(image, json path, overlay path)] checked before any work: no output may be an input, and existing
+    outputs are replaced only with --overwrite. SystemExit naming the files otherwise."""
+    plan = [(img, os.path.join(out_dir, f"{n}.json"), os.path.join(out_dir, f"{n}.png"))
+            for img, n in zip(images, _output_names(images))]
+    inputs = {os.path.realpath(p): p for p in images}
+    for img, *outs in plan:
+        for o in outs:
+            if os.path.realpath(o) in inputs:
+                raise SystemExit(f"sam-fast segment: the output {o} would overwrite the input "
+                                 f"{inputs[os.path.realpath(o)]}; choose another --out")
+    existing = [o for _, *outs in plan for o in outs if os.path.exists(o)]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise SystemExit(f"sam-fast segment: {', '.join(existing[:3])}{more} already exist; pass --overwrite to "
+                         "replace them, or choose another --out")
+    return plan
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a reader never sees half a file, an error leaves
+    nothing behind."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sam-fast-",
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_rgb(path: str):
+    """An image file as HxWx3 uint8 RGB; 16-bit images are scaled to 8 bits, not clipped at 255."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I") or (im.mode == "I" and im.getextrema()[1] > 255):
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+            rgb = np.repeat(np.round(a / top * 255.0).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(im)
+            if arr.dtype == np.uint16:  # 16-bit RGB(A) loaded by a newer Pillow
+                arr = np.round(arr[..., :3] / 65535.0 * 255.0).astype(np.uint8)
+                rgb = arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
+            else:
+                rgb = np.asarray(im.convert("RGB"))
+    return np.ascontiguousarray(rgb)
+
+
 def _segment(args) -> int:
     import json
 
@@ -111,6 +199,7 @@ def _segment(args) -> int:
     from tqdm import tqdm
 
     from sam_fast.models import load_sam
+    from sam_fast.predictor import check_image_size
 
     prompts = bool(args.points or args.box)
     if args.everything == prompts:
@@ -119,16 +208,42 @@ def _segment(args) -> int:
     if args.hierarchical and not args.everything:
         print("sam-fast segment: --hierarchical needs --everything", file=sys.stderr)
         return 2
+    if args.points_per_side < 1:
+        print(f"sam-fast segment: --points-per-side must be at least 1, got {args.points_per_side}", file=sys.stderr)
+        return 2
     for path in args.images:
+        if os.path.isdir(path):
+            print(f"sam-fast segment: image {path} is a directory; give image files", file=sys.stderr)
+            return 2
         if not os.path.isfile(path):
             print(f"sam-fast segment: image {path} does not exist", file=sys.stderr)
             return 2
-    points = [_numbers(p, (2, 3), "--points") for p in args.points or []]
-    box = _numbers(args.box, (4,), "--box") if args.box else None
     try:
-        sam = load_sam(args.checkpoint, args.model_type)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"sam-fast segment: {exc}", file=sys.stderr)
+        points = [_point(p) for p in args.points or []]
+        box = _numbers(args.box, (4,), "--box") if args.box else None
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sam-fast segment: --device cuda, but this machine has no CUDA GPU that torch can use "
+              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu",
+              file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to {args.out}")
+        plan = _plan_outputs(args.images, args.out, args.overwrite)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sam-fast segment: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        sam = load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads)
+    except Exception as exc:  # every load failure is a message, never a traceback
+        print(f"sam-fast segment: {_load_error(exc)}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sam.to(device)
@@ -143,14 +258,21 @@ def _segment(args) -> int:
         from sam_fast.ops.postprocess import mask_postprocess, rles_to_coco
 
         engine = SamFastPredictor(sam)
-    os.makedirs(args.out, exist_ok=True)
-    for path in tqdm(args.images, desc="sam-fast segment", unit="image"):
+    written, failed = 0, []
+    for path, json_path, png_path in tqdm(plan, desc="sam-fast segment", unit="image"):
         try:
-            image = np.asarray(Image.open(path).convert("RGB"))
+            image = _read_rgb(path)
         except Exception as exc:
+            failed.append(path)
             print(f"sam-fast segment: cannot read image {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
-            return 2
+            continue
         H, W = image.shape[:2]
+        try:
+            check_image_size((H, W), sam.image_encoder.img_size)
+        except ValueError as exc:
+            failed.append(path)
+            print(f"sam-fast segment: cannot segment {path}: {exc}", file=sys.stderr)
+            continue
         if args.everything:
             records = engine.generate(image)
             masks = [coco_to_mask(r["segmentation"]) for r in records]
@@ -162,7 +284,7 @@ def _segment(args) -> int:
             if points:
                 xy = engine.transform.apply_coords(np.array([p[:2] for p in points]), (H, W))
                 coords = torch.as_tensor(xy, dtype=torch.float, device=dev)[None]
-                labels = torch.tensor([[int(p[2]) if len(p) == 3 else 1 for p in points]], device=dev)
+                labels = torch.tensor([[p[2] if len(p) == 3 else 1 for p in points]], device=dev)
             if box is not None:
                 boxes = torch.as_tensor(engine.transform.apply_boxes(np.array([box]), (H, W)), dtype=torch.float,
                                         device=dev)
@@ -179,14 +301,37 @@ def _segment(args) -> int:
                         "stability_score": float(post.stability_score[i]), "crop_box": [0.0, 0.0, float(W), float(H)]}
                        for i, seg in enumerate(segs)]
             masks = list(post.masks.cpu().numpy())
-        name = os.path.splitext(os.path.basename(path))[0]
         annotations = [dict(r, id=i + 1, image_id=1) for i, r in enumerate(records)]
-        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-            json.dump({"images": [{"id": 1, "file_name": os.path.basename(path), "height": H, "width": W}],
-                       "annotations": annotations}, f)
-        Image.fromarray(_overlay(image, masks)).save(os.path.join(args.out, f"{name}.png"))
-    print(f"wrote {len(args.images)} image(s) to {os.path.abspath(args.out)}")
-    return 0
+        coco = {"images": [{"id": 1, "file_name": os.path.basename(path), "height": H, "width": W}],
+                "annotations": annotations}
+
+        def write_json(tmp, coco=coco):
+            with open(tmp, "w") as f:
+                json.dump(coco, f)
+
+        try:
+            _write_atomic(json_path, write_json)
+            _write_atomic(png_path, lambda tmp, o=_overlay(image, masks): Image.fromarray(o).save(tmp, format="PNG"))
+        except OSError as exc:
+            print(f"sam-fast segment: cannot write {json_path} ({exc.strerror or exc})", file=sys.stderr)
+            return 2
+        written += 1
+    renamed = [(p, os.path.basename(j)) for p, j, _ in plan
+               if os.path.splitext(os.path.basename(p))[0] != os.path.splitext(os.path.basename(j))[0]]
+    for src, name in renamed:
+        print(f"{src} -> {name} (another input has the same name)")
+    print(f"wrote {written} of {len(plan)} image(s) to {os.path.abspath(args.out)}"
+          + (f"; {len(failed)} failed: {', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}" if failed else ""))
+    return 0 if not failed else 1
+
+
+def _load_error(exc: BaseException) -> str:
+    """One line for a failed load_sam: its own messages as they are, anything else with its type."""
+    if isinstance(exc, (ValueError, OSError)) and str(exc):
+        text = str(exc)
+    else:
+        text = f"loading the checkpoint failed ({type(exc).__name__}: {exc})"
+    return text
 
 
 def _inspect(args) -> int:
@@ -198,8 +343,8 @@ def _inspect(args) -> int:
 
     try:
         sam = load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"sam-fast inspect: {exc}", file=sys.stderr)
+    except Exception as exc:  # every load failure is a message, never a traceback
+        print(f"sam-fast inspect: {_load_error(exc)}", file=sys.stderr)
         return 2
     enc = sam.image_encoder
 
@@ -272,7 +417,10 @@ def main(argv=None) -> int:
     s.add_argument("--hierarchical", action="store_true", help="TinySAM's two-round everything mode")
     s.add_argument("--points-per-side", type=int, default=32, help="everything mode grid (default 32)")
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--decoder-heads", type=int, default=None,
+                   help="mask decoder heads, for a decoder narrower or wider than SAM's 256 (auto only)")
+    s.add_argument("--out", required=True, help="output directory (<name>.json and <name>.png per image)")
+    s.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in --out")
     i = sub.add_parser("inspect", help="what a checkpoint holds: model family, per-block geometry, what sam_fast "
                                        "swaps into it")
     i.add_argument("checkpoint")

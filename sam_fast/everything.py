@@ -17,6 +17,9 @@ Same constructor arguments and output records as ``segment_anything.SamAutomatic
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -24,7 +27,7 @@ import torch
 from torchvision.ops.boxes import batched_nms, box_area
 
 from .ops.postprocess import coco_to_mask, mask_postprocess, rles_to_coco
-from .predictor import SamFastPredictor
+from .predictor import SamFastPredictor, check_image_size
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -152,6 +155,17 @@ class SamFastAutomaticMaskGenerator:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if not 0 <= crop_overlap_ratio < 1:
             raise ValueError(f"crop_overlap_ratio must lie in [0, 1), got {crop_overlap_ratio!r}")
+        for name, value in (("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh),
+                            ("stability_score_offset", stability_score_offset),
+                            ("hierarchical_iou_thresh", hierarchical_iou_thresh),
+                            ("hierarchical_stability_thresh", hierarchical_stability_thresh),
+                            ("hierarchical_logit_thresh", hierarchical_logit_thresh)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name, value in (("box_nms_thresh", box_nms_thresh), ("crop_nms_thresh", crop_nms_thresh)):
+            # NaN compares false with every IoU: NMS would silently keep every mask
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be an IoU threshold in [0, 1], got {value!r}")
         if point_grids is not None:
             if len(point_grids) != crop_n_layers + 1:
                 raise ValueError(f"point_grids must hold one grid per crop layer ({crop_n_layers + 1}), "
@@ -201,6 +215,7 @@ class SamFastAutomaticMaskGenerator:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be an HxWx3 uint8 array, got "
                              f"{getattr(image, 'shape', type(image).__name__)} {getattr(image, 'dtype', '')}")
+        check_image_size(image.shape[:2], self.predictor.model.image_encoder.img_size)
         self.last_stats = {"points_decoded": 0, "points_skipped": 0, "decoder_calls": 0}
         data = self._generate_masks(image)
         if self.min_mask_region_area > 0:

@@ -165,10 +165,16 @@ def resolve_pattern(pattern, n_tokens: int, grid: Optional[Tuple[int, int]]) -> 
         if b.is_2d:
             if grid is None:
                 raise ValueError(f"pattern[{i}] is a 2-D branch {b} but no grid=(Hg, Wg) was given")
+            if b.dilation[0] > grid[0] or b.dilation[1] > grid[1]:
+                raise ValueError(f"pattern[{i}] has dilation {b.dilation}, larger than the {grid[0]}x{grid[1]} grid: "
+                                 "every head would keep at most one row or column of it; use a dilation within the grid")
             # Not clipped to the grid: with pad_kv a segment larger than the grid is completed with
             # virtual keys, as segment_anything pads an 8x8 grid to one 14x14 window.
             out.append(ResolvedBranch(grid[0], grid[1], b.segment, b.dilation, True))
         else:
+            if b.dilation > n_tokens:  # the segment is clipped to N; its work would grow with the dilation
+                raise ValueError(f"pattern[{i}] has dilation {b.dilation}, larger than the N={n_tokens} tokens: every "
+                                 "head would keep at most one token; use a dilation of at most N")
             out.append(ResolvedBranch(1, n_tokens, (1, min(b.segment, n_tokens)), (1, b.dilation), False))
     return tuple(out)
 

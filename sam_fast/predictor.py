@@ -26,6 +26,34 @@ from .ops.postprocess import mask_postprocess
 from .reference.postprocess import upsample_logits
 
 
+POSTPROCESS_BACKENDS = ("auto", "cuda", "cpu", "reference")  # sam_fast::mask_postprocess's
+
+
+def check_image_size(hw, img_size: int, name: str = "image") -> None:
+    """ValueError unless SAM can resize an (H, W) image: both sides at least 1 pixel after its long side
+    is scaled to ``img_size`` (a 1-pixel side of a long image rounds to 0)."""
+    h, w = int(hw[0]), int(hw[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} is empty ({h}x{w} pixels)")
+    if int(min(h, w) * img_size / max(h, w) + 0.5) < 1:
+        raise ValueError(f"{name} is {w}x{h} pixels: resized to SAM's {img_size} on its long side, its short side "
+                         "becomes 0 pixels")
+
+
+def _integer_labels(labels, name: str) -> np.ndarray:
+    """Point labels as ints: 1 foreground, 0 background, -1 padding; floats must be whole numbers
+    (segment_anything truncates 0.5 to 0, background)."""
+    arr = np.asarray(labels)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise ValueError(f"{name} must be whole numbers (1 foreground, 0 background, -1 padding), got "
+                             f"{arr.ravel()[:6].tolist()}")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iub":
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    return arr
+
+
 class _PerThread:
     """An attribute kept per thread: the image state of a predictor that several threads share."""
 
@@ -73,6 +101,9 @@ class SamFastPredictor(SamPredictor):
 
     def __init__(self, sam_model, backend: str = "auto") -> None:
         self.backend = check_backend_name(backend)
+        if self.backend not in POSTPROCESS_BACKENDS:
+            raise ValueError(f"backend is the mask post-processing's: one of {POSTPROCESS_BACKENDS}, got {backend!r} "
+                             "(the decoder's Triton kernels are chosen by 'auto')")
         self._decoder: Optional[BatchedMaskDecoder] = None
         super().__init__(sam_model)
 
@@ -102,6 +133,7 @@ class SamFastPredictor(SamPredictor):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be an HxWx3 array, got {getattr(image, 'shape', type(image).__name__)}")
+        check_image_size(image.shape[:2], self.model.image_encoder.img_size)
         super().set_image(image, image_format)
 
     def predict(
@@ -122,10 +154,11 @@ class SamFastPredictor(SamPredictor):
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         if point_coords is not None:
-            coords, labels = np.asarray(point_coords), np.asarray(point_labels)
+            coords, labels = np.asarray(point_coords), _integer_labels(point_labels, "point_labels")
             if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != coords.shape[:1]:
                 raise ValueError(f"point_coords must be (N, 2) with point_labels (N,), got {coords.shape} and "
                                  f"{labels.shape}")
+            point_labels = labels
         if box is not None and np.asarray(box).shape not in ((4,), (1, 4)):
             raise ValueError(f"box must be (4,) XYXY, got {np.asarray(box).shape}")
         if mask_input is not None:
@@ -204,6 +237,7 @@ class SamFastPredictor(SamPredictor):
             if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"images[{i}] must be an HxWx3 uint8 array, got "
                                  f"{getattr(image, 'shape', type(image).__name__)} {getattr(image, 'dtype', '')}")
+            check_image_size(image.shape[:2], self.model.image_encoder.img_size, f"images[{i}]")
             if image_format != self.model.image_format:
                 image = image[..., ::-1]
             x = torch.as_tensor(self.transform.apply_image(image), device=self.device).permute(2, 0, 1)
@@ -291,7 +325,7 @@ class SamFastPredictor(SamPredictor):
             raise ValueError(f"prompts[{i}]: point_coords and point_labels must be given together")
         if coords is not None:
             coords = np.asarray(coords, dtype=np.float64)
-            labels = np.asarray(labels)
+            labels = _integer_labels(labels, f"prompts[{i}] point_labels")
             if coords.ndim == 2:
                 coords, labels = coords[None], labels[None]
             if coords.ndim != 3 or coords.shape[-1] != 2 or labels.shape != coords.shape[:2]:

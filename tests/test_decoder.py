@@ -470,6 +470,41 @@ def test_everything_errors(sam):
             SamFastAutomaticMaskGenerator(sam, **kwargs)
 
 
+def test_inputs_segment_anything_gets_wrong_are_named(sam):
+    """Each of these failed deep inside (ZeroDivisionError, 'height and width must be > 0'), disabled NMS
+    silently, truncated a label, or accepted a backend that fails only in generate()."""
+    from sam_fast.predictor import check_image_size
+
+    with pytest.raises(ValueError, match=r"image is empty \(0x0 pixels\)"):
+        SamFastPredictor(sam).set_image(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image is empty"):
+        SamFastAutomaticMaskGenerator(sam).generate(np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"image is 5000x1 pixels: resized to SAM's 1024 .* becomes 0 pixels"):
+        check_image_size((1, 5000), 1024)
+    check_image_size((1, 1500), 1024)  # rounds to a 1-pixel side: fine
+    with pytest.raises(ValueError, match=r"images\[1\] is empty"):
+        SamFastPredictor(sam).set_images([_photo("coffee"), np.zeros((3, 0, 3), np.uint8)])
+    for value in (float("nan"), 1.5, -0.1):
+        with pytest.raises(ValueError, match="box_nms_thresh must be an IoU threshold in"):
+            SamFastAutomaticMaskGenerator(sam, box_nms_thresh=value)
+    with pytest.raises(ValueError, match="crop_nms_thresh"):
+        SamFastAutomaticMaskGenerator(sam, crop_nms_thresh=float("nan"))
+    with pytest.raises(ValueError, match="pred_iou_thresh must be a finite number"):
+        SamFastAutomaticMaskGenerator(sam, pred_iou_thresh=float("inf"))
+    with pytest.raises(ValueError, match="backend is the mask post-processing's"):
+        SamFastAutomaticMaskGenerator(sam, backend="triton")
+    predictor = SamFastPredictor(sam)
+    predictor.set_image(_photo("astronaut"))
+    with pytest.raises(ValueError, match="point_labels must be whole numbers"):
+        predictor.predict(point_coords=np.array([[10.0, 20.0]]), point_labels=np.array([0.5]))
+    ok = predictor.predict(point_coords=np.array([[10.0, 20.0]]), point_labels=np.array([1.0]))  # whole floats
+    np.testing.assert_array_equal(ok[1], predictor.predict(point_coords=np.array([[10.0, 20.0]]),
+                                                           point_labels=np.array([1]))[1])
+    predictor.set_images([_photo("astronaut")])
+    with pytest.raises(ValueError, match=r"prompts\[0\] point_labels must be whole numbers"):
+        predictor.predict_batch([{"point_coords": np.array([[[1.0, 2.0]]]), "point_labels": np.array([[0.7]])}])
+
+
 def test_bf16_model_end_to_end(sam):
     # segment_anything's own prompt encoder and predictor fail on a bf16 model; ours run it, with the
     # positional encoding in float32, and stay close to the float64 decoder.

@@ -1,5 +1,7 @@
 """Dilated and multi-branch attention: kernel vs reference, reference vs the definition, errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -247,6 +249,41 @@ def test_bad_patterns_raise_value_error_naming_the_argument():
     with pytest.raises(ValueError, match="pad_kv completes the partial segments of one 2-D branch"):
         z = torch.zeros(2, 16)
         sam_fast.dilated_attention(q, q, q, [Branch((2, 2)), Branch((3, 4))], grid=(3, 4), pad_kv=(z, z))
+
+
+def test_dilation_beyond_the_tokens_is_refused():
+    """A dilation larger than the (clipped) segment's tokens keeps at most one token per head, and its
+    cost grows with the dilation (one program per residue; gigabytes on the CPU backend): refused."""
+    q = torch.randn(1, 100, 2, 16)
+    for backend in ("cpu", "reference", "triton"):
+        with pytest.raises(ValueError, match=r"pattern\[0\] has dilation 16777216, larger than the N=100 tokens"):
+            sam_fast.dilated_attention(q, q, q, Branch(2**24, 2**24), backend=backend)
+    with pytest.raises(ValueError, match=r"pattern\[1\] has dilation \(1, 16\), larger than the 10x10 grid"):
+        sam_fast.dilated_attention(q, q, q, [Branch(10), Branch((64, 64), (1, 16))], grid=(10, 10))
+    out = sam_fast.dilated_attention(q, q, q, Branch(2**24, 100), backend="cpu")  # within N: fine
+    assert torch.isfinite(out).all()
+
+
+def test_triton_interpret_set_after_import_is_explained():
+    """Triton decides at definition time whether a kernel runs under the interpreter: setting
+    TRITON_INTERPRET=1 after sam_fast loaded its kernels gave '0 active drivers' from inside Triton."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch\n"
+            "os.environ.pop('TRITON_INTERPRET', None)\n"
+            "import sam_fast\n"
+            "import sam_fast.kernels.dilated_attention\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "q = torch.randn(1, 8, 1, 16)\n"
+            "try:\n"
+            "    sam_fast.dilated_attention(q, q, q, backend='triton')\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert "TRITON_INTERPRET=1 was set after sam_fast's Triton kernels were loaded" in res.stdout, res.stdout + res.stderr
+    assert "before importing sam_fast" in res.stdout
 
 
 def test_per_key_rel_table_of_1d_branch_matches_definition():

@@ -69,31 +69,71 @@ def build_sam(model_type: str):
 
 
 def _read_state(checkpoint, model_type):
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
+        raise IsADirectoryError(f"checkpoint {checkpoint!s} is a directory; expected a SAM {model_type} state_dict "
+                                "file, e.g. sam_vit_b_01ec64.pth")
     if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!s} does not exist (expected a SAM {model_type} "
                                 "state_dict, e.g. sam_vit_b_01ec64.pth)")
     with open(checkpoint, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(checkpoint) and head[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
+        head = f.read(4)
+    is_zip = zipfile.is_zipfile(checkpoint)
+    if not is_zip and head[:2] == b"PK":
+        raise ValueError(f"checkpoint {checkpoint} is a damaged or truncated zip archive (torch.save's format, "
+                         f"{os.path.getsize(checkpoint)} bytes, no end record): the download or copy is probably "
+                         "incomplete")
+    if not is_zip and head[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
         raise ValueError(f"checkpoint {checkpoint} is not a PyTorch checkpoint (neither torch.save's zip format nor "
-                         f"a pickle; it starts with {head!r}); expected a SAM {model_type} state_dict, e.g. "
+                         f"a pickle; it starts with {head[:2]!r}); expected a SAM {model_type} state_dict, e.g. "
                          "sam_vit_b_01ec64.pth")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's message: many lines, terminal bold
-        first_line = text.splitlines()[0] if text else ""
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # torch's own reason, past its preamble
+        first_line = detail.group(1).strip() if detail else (text.splitlines()[0] if text else "")
+        if "Unsupported global" in text:
+            raise ValueError(
+                f"checkpoint {checkpoint} holds pickled Python objects, not only tensors, so it was not loaded: "
+                "unpickling them runs code from the file. It is probably a whole pickled model (SlimSAM's "
+                "SlimSAM-50.pth / SlimSAM-77.pth are). Safest: use a state_dict release of the same model where "
+                "one exists. Only for a file you trust, re-save its state_dict once where the model's classes "
+                "import: torch.save(torch.load(path, weights_only=False).state_dict(), new_path) - "
+                "weights_only=False executes whatever the file contains.") from exc
         raise ValueError(f"checkpoint {checkpoint} could not be read as a PyTorch state_dict "
-                         f"({type(exc).__name__}: {first_line}). A pickled whole model (SlimSAM's SlimSAM-50.pth / "
-                         "SlimSAM-77.pth are) must be re-saved as its state_dict where its classes import: "
-                         "torch.save(torch.load(path, weights_only=False).state_dict(), new_path)") from exc
+                         f"({type(exc).__name__}: {first_line})") from exc
     for wrapper in ("model", "state_dict"):  # training checkpoints (TinySAM's, MobileSAM's) nest it
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and \
                 not any(isinstance(v, torch.Tensor) for v in state.values()):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {checkpoint} is not a state_dict of tensors (got {type(state).__name__})")
+    _check_stored_bytes(checkpoint, state)
     return normalize_state_dict(state)
+
+
+def _check_stored_bytes(checkpoint, state) -> None:
+    """Refuse tensors that claim more elements than the file stores for them: the model's geometry is
+    read from shapes, and a stride-0 (expanded) or overlapping view can claim any shape, so a 1 MB file
+    could make the loader build a model of many gigabytes."""
+    storages, claimed = {}, 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if t.numel() and (any(st == 0 for st, n in zip(t.stride(), t.shape) if n > 1)
+                          or (t.storage_offset() + 1) * t.element_size() + sum(
+                              (n - 1) * st * t.element_size() for n, st in zip(t.shape, t.stride())) > storage.nbytes()
+                          or nbytes > storage.nbytes()):
+            raise ValueError(f"checkpoint {checkpoint}: tensor {key} claims shape {tuple(t.shape)} "
+                             f"({nbytes} bytes) but the file stores {storage.nbytes()} bytes for it (a broadcast or "
+                             "overlapping view, not a saved weight); refusing to build a model from it")
+        storages[storage.data_ptr()] = storage.nbytes()
+        claimed += nbytes
+    stored = sum(storages.values())
+    if claimed > 2 * stored + 2**20:
+        raise ValueError(f"checkpoint {checkpoint}: its tensors claim {claimed / 2**20:.0f} MiB but share "
+                         f"{stored / 2**20:.0f} MiB of stored data (views of the same bytes); refusing to build a "
+                         "model from it")
 
 
 def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Optional[int] = None):
@@ -131,8 +171,12 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
         if decoder_heads is None:
             if width != 256:
                 raise ValueError(f"checkpoint {checkpoint} has a {width}-wide mask decoder, not SAM's 256: pass "
-                                 "decoder_heads (a state_dict does not record the head count)")
+                                 "decoder_heads (sam-fast: --decoder-heads N); a state_dict does not record the "
+                                 "head count")
             decoder_heads = 8
+        if width % decoder_heads or (width // 2) % decoder_heads:
+            raise ValueError(f"decoder_heads={decoder_heads} does not divide the checkpoint's {width}-wide mask "
+                             f"decoder (its attention layers are {width} and {width // 2} wide)")
         if tinyvit:
             from .tiny import _sam_around
 
