@@ -8,11 +8,20 @@ Same constructor arguments and output records as ``segment_anything.SamAutomatic
 * thresholding, stability score, box and uncropped COCO RLE of every mask in one
   ``sam_fast::mask_postprocess`` call per batch (no full-resolution float masks, no per-mask loop);
 * box NMS on the device (torchvision's ``batched_nms``);
-* ``hierarchical=True``: TinySAM's two-round strategy. Round 1 decodes a sparse grid (a quarter of the
-  points per side); its confident masks (predicted IoU > ``hierarchical_iou_thresh``, stability >=
-  ``hierarchical_stability_thresh``) mark their pixels with logit > ``hierarchical_logit_thresh`` as
-  done; round 2 decodes only the dense-grid points outside done pixels; both rounds' masks then go
-  through the usual filtering and NMS together.
+* ``hierarchical=True`` (or ``"tinysam"``): TinySAM's two-round strategy, as its authors' code runs it
+  (their speed and mIoU figures were measured with it). Round 1 decodes a sparse grid of
+  ``points_per_side // 4`` points per side. Its confident masks - those passing the round's own
+  ``pred_iou_thresh`` and ``stability_score_thresh`` filters (``hierarchical_iou_thresh`` /
+  ``hierarchical_stability_thresh`` override them) - mark the pixels where their upsampled logits exceed
+  ``hierarchical_logit_thresh`` (8.5) as done. Round 2 takes, around each round-1 point ``(x, y)``, the
+  eight points ``(x + a * ws, y + b * hs)`` for a, b in {-1, 0, 1} other than the point itself, plus the
+  ``+2`` column ``(x + 2 ws, y + b hs)`` and row ``(x + a ws, y + 2 hs)`` and their corner where they stay
+  inside the image, with strides ``ws = W // points_per_side``, ``hs = H // points_per_side`` in pixels;
+  it decodes those not on a done pixel. For 512 x 512 at 32 points per side that is 897 candidates at
+  16, 32, ..., 496 - not the dense grid. Both rounds' masks then go through NMS together. The done-mask
+  is read at row ``y``, column ``x`` (TinySAM's code permutes its (H, W) mask to (W, H) and reads it at
+  ``[x, y]``: the same pixel). ``hierarchical="dense"`` is this package's earlier variant: round 2
+  decodes the dense ``points_per_side`` grid minus its done points.
 """
 
 from __future__ import annotations
@@ -82,6 +91,26 @@ def points_inside(low_res: torch.Tensor, points: np.ndarray, threshold: float, p
     return (values > threshold).any(dim=0).cpu().numpy()
 
 
+HIERARCHICAL_MODES = (False, True, "tinysam", "dense")
+
+
+def tinysam_second_round_points(sparse: np.ndarray, im_size, points_per_side: int) -> np.ndarray:
+    """TinySAM's round-2 candidate points (K', 2) XY for round-1 points ``sparse`` (K, 2) XY pixels on an
+    image of ``im_size`` (H, W) with ``points_per_side``: around each round-1 point, in TinySAM's order,
+    its 8 neighbours at one stride, then the +2-stride column and row and their corner where they stay
+    inside the image (strides ``W // points_per_side``, ``H // points_per_side``, whole pixels)."""
+    ih, iw = int(im_size[0]), int(im_size[1])
+    ws, hs = iw // points_per_side, ih // points_per_side
+    ring = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
+    out = []
+    for x, y in np.asarray(sparse, dtype=np.float64).reshape(-1, 2):
+        right, below = x + 2 * ws < iw, y + 2 * hs < ih
+        offsets = ring + ([(2, b) for b in (-1, 0, 1)] if right else []) \
+            + ([(a, 2) for a in (-1, 0, 1)] if below else []) + ([(2, 2)] if right and below else [])
+        out += [(x + a * ws, y + b * hs) for a, b in offsets]
+    return np.asarray(out, dtype=np.float64).reshape(-1, 2)
+
+
 def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
     """segment_anything's ``remove_small_regions`` (8-connected components) without OpenCV: scipy."""
     try:
@@ -129,9 +158,9 @@ class SamFastAutomaticMaskGenerator:
         point_grids: Optional[List[np.ndarray]] = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
-        hierarchical: bool = False,
-        hierarchical_iou_thresh: float = 0.88,
-        hierarchical_stability_thresh: float = 0.95,
+        hierarchical=False,
+        hierarchical_iou_thresh: Optional[float] = None,
+        hierarchical_stability_thresh: Optional[float] = None,
         hierarchical_logit_thresh: float = 8.5,
         backend: str = "auto",
         progress: bool = False,
@@ -155,6 +184,11 @@ class SamFastAutomaticMaskGenerator:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if not 0 <= crop_overlap_ratio < 1:
             raise ValueError(f"crop_overlap_ratio must lie in [0, 1), got {crop_overlap_ratio!r}")
+        if hierarchical not in HIERARCHICAL_MODES:
+            raise ValueError(f"hierarchical must be one of {HIERARCHICAL_MODES}, got {hierarchical!r}")
+        hierarchical_iou_thresh = pred_iou_thresh if hierarchical_iou_thresh is None else hierarchical_iou_thresh
+        hierarchical_stability_thresh = (stability_score_thresh if hierarchical_stability_thresh is None
+                                         else hierarchical_stability_thresh)
         for name, value in (("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh),
                             ("stability_score_offset", stability_score_offset),
                             ("hierarchical_iou_thresh", hierarchical_iou_thresh),
@@ -177,13 +211,14 @@ class SamFastAutomaticMaskGenerator:
                     raise ValueError(f"point_grids[{i}] must be an (n, 2) array of points in [0, 1], got "
                                      f"shape {grid.shape}")
         if hierarchical and points_per_side is None:
-            raise ValueError("hierarchical=True builds its sparse grid from points_per_side; got point_grids")
+            raise ValueError("hierarchical mode builds its sparse grid from points_per_side; got point_grids")
         if points_per_side is not None:
             self.point_grids = build_all_layer_point_grids(points_per_side, crop_n_layers,
                                                            crop_n_points_downscale_factor)
-            sparse_side = [max(1, int(points_per_side / (crop_n_points_downscale_factor ** i)) // 4)
-                           for i in range(crop_n_layers + 1)]
-            self.sparse_grids = [build_all_layer_point_grids(s, 0, 1)[0] for s in sparse_side]
+            # per crop layer: its points per side, and round 1's sparse grid (a quarter of them per side)
+            self.layer_sides = [int(points_per_side / (crop_n_points_downscale_factor ** i))
+                                for i in range(crop_n_layers + 1)]
+            self.sparse_grids = [build_all_layer_point_grids(max(1, s // 4), 0, 1)[0] for s in self.layer_sides]
         else:
             self.point_grids = point_grids
         self.predictor = SamFastPredictor(model, backend=backend)
@@ -198,7 +233,7 @@ class SamFastAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
-        self.hierarchical = hierarchical
+        self.hierarchical = {True: "tinysam", False: None}.get(hierarchical, hierarchical)
         self.hierarchical_iou_thresh = hierarchical_iou_thresh
         self.hierarchical_stability_thresh = hierarchical_stability_thresh
         self.hierarchical_logit_thresh = hierarchical_logit_thresh
@@ -285,10 +320,14 @@ class SamFastAutomaticMaskGenerator:
         if self.hierarchical:
             sparse = self.sparse_grids[layer_idx] * scale
             first, confident = self._process_points(sparse, im_size, crop_box, orig_size, keep_confident=True)
-            done = points_inside(confident, dense, self.hierarchical_logit_thresh, self.predictor._padded_size,
+            if self.hierarchical == "tinysam":
+                candidates = tinysam_second_round_points(sparse, im_size, self.layer_sides[layer_idx])
+            else:
+                candidates = dense
+            done = points_inside(confident, candidates, self.hierarchical_logit_thresh, self.predictor._padded_size,
                                  self.predictor.input_size, im_size)
             self.last_stats["points_skipped"] += int(done.sum())
-            second, _ = self._process_points(dense[~done], im_size, crop_box, orig_size)
+            second, _ = self._process_points(candidates[~done], im_size, crop_box, orig_size)
             data = _cat([first, second])
         else:
             data, _ = self._process_points(dense, im_size, crop_box, orig_size)
@@ -351,8 +390,12 @@ class SamFastAutomaticMaskGenerator:
             keep = torch.ones(len(iou), dtype=torch.bool, device=iou.device)
             if self.stability_score_thresh > 0.0:
                 keep &= post.stability_score >= self.stability_score_thresh
-            if keep_confident:
-                sure = (iou > self.hierarchical_iou_thresh) & (post.stability_score >= self.hierarchical_stability_thresh)
+            if keep_confident:  # round 1's filters, as TinySAM applies them (a threshold <= 0 filters nothing)
+                sure = torch.ones_like(keep)
+                if self.hierarchical_iou_thresh > 0.0:
+                    sure &= iou > self.hierarchical_iou_thresh
+                if self.hierarchical_stability_thresh > 0.0:
+                    sure &= post.stability_score >= self.hierarchical_stability_thresh
                 confident.append(low[sure])
             boxes = post.boxes
             keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])

@@ -433,22 +433,85 @@ def test_hierarchical_skips_points_inside_confident_masks():
     assert not points_inside(low[:0], points, 8.5, (256, 256), input_size, original).any()
 
 
-def test_hierarchical_mode_runs_two_rounds(sam):
+def _tinysam_rule(sparse_xy, done_hw, im_size, points_per_side):
+    """TinySAM's round-2 point rule restated as plain loops (from the description of its
+    hierarchical_generate): around each round-1 point, the 3x3 neighbourhood at one stride without the
+    point, the +2 column and row where inside, and their corner; a point on a done pixel is dropped. Its
+    done-mask is (W, H) and read at [x, y], i.e. (H, W) at [y, x]."""
+    ih, iw = im_size
+    hs, ws = ih // points_per_side, iw // points_per_side
+    keep, all_points = [], []
+    for x, y in sparse_xy:
+        cands = []
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                if (a, b) != (0, 0):
+                    cands.append((x + ws * a, y + hs * b))
+        if x + ws * 2 < iw:
+            cands += [(x + ws * 2, y + hs * b) for b in (-1, 0, 1)]
+        if y + hs * 2 < ih:
+            cands += [(x + ws * a, y + hs * 2) for a in (-1, 0, 1)]
+        if x + ws * 2 < iw and y + hs * 2 < ih:
+            cands.append((x + ws * 2, y + hs * 2))
+        for cx, cy in cands:
+            all_points.append((cx, cy))
+            if not done_hw[int(cy), int(cx)]:
+                keep.append((cx, cy))
+    return np.array(all_points), np.array(keep)
+
+
+def test_tinysam_second_round_points_follow_their_rule():
+    from segment_anything.utils.amg import build_all_layer_point_grids
+
+    from sam_fast.everything import tinysam_second_round_points
+
+    # the count and positions TinySAM decodes on a 512 x 512 image at 32 points per side
+    sparse = build_all_layer_point_grids(8, 0, 1)[0] * 512
+    pts = tinysam_second_round_points(sparse, (512, 512), 32)
+    assert len(pts) == 897 and len({tuple(p) for p in pts}) == 897
+    assert sorted(set(pts[:, 0])) == list(range(16, 497, 16))
+    assert not set(map(tuple, pts)) & set(map(tuple, sparse))
+    # non-square images, odd sizes: same points in the same order, and the same points survive a done-mask
+    rng = np.random.default_rng(0)
+    for (ih, iw), pps in (((480, 640), 32), ((333, 517), 16), ((256, 200), 24)):
+        sparse = build_all_layer_point_grids(pps // 4, 0, 1)[0] * np.array([[iw, ih]])
+        done = np.zeros((ih, iw), dtype=bool)
+        done[rng.integers(0, ih // 2):, : rng.integers(iw // 3, iw)] = True  # not symmetric: a transpose shows
+        want_all, want_keep = _tinysam_rule(sparse, done, (ih, iw), pps)
+        got = tinysam_second_round_points(sparse, (ih, iw), pps)
+        np.testing.assert_array_equal(got, want_all)
+        low = torch.where(torch.as_tensor(done), 20.0, -20.0)[None]  # a logit map at full resolution
+        inside = points_inside(low, got, 8.5, (ih, iw), (ih, iw), (ih, iw))
+        np.testing.assert_array_equal(got[~inside], want_keep)
+
+
+@pytest.mark.parametrize("mode", ["tinysam", "dense"])
+def test_hierarchical_mode_runs_two_rounds(sam, mode):
+    from sam_fast.everything import tinysam_second_round_points
+
     image = _photo("astronaut")
     kw = dict(AMG_KW, points_per_side=16, output_mode="coco_rle")
-    # Confidence thresholds low enough for the random model's masks to mark pixels done.
-    fast = SamFastAutomaticMaskGenerator(sam, hierarchical=True, hierarchical_iou_thresh=-1.0,
+    sparse = SamFastAutomaticMaskGenerator(sam, hierarchical=mode, **kw).sparse_grids[0]
+    assert len(sparse) == 16  # 16 // 4 points per side
+    candidates = 256 if mode == "dense" else len(tinysam_second_round_points(
+        sparse * np.array([image.shape[1::-1]]), image.shape[:2], 16))
+    # Thresholds low enough for the random model's masks to mark pixels done.
+    fast = SamFastAutomaticMaskGenerator(sam, hierarchical=mode, hierarchical_iou_thresh=-1.0,
                                          hierarchical_stability_thresh=0.0, hierarchical_logit_thresh=0.5, **kw)
     got = fast.generate(image)
     stats = fast.last_stats
     assert stats["decoder_calls"] == 2
     assert stats["points_skipped"] > 0
-    assert stats["points_decoded"] == 4 * 4 + 16 * 16 - stats["points_skipped"]
+    assert stats["points_decoded"] == 16 + candidates - stats["points_skipped"]
     assert len(got) > 0 and all(isinstance(r["segmentation"]["counts"], str) for r in got)
-    # With nothing confident, round 2 decodes the whole dense grid.
-    none = SamFastAutomaticMaskGenerator(sam, hierarchical=True, hierarchical_iou_thresh=2.0, **kw)
+    # With nothing confident, round 2 decodes every candidate.
+    none = SamFastAutomaticMaskGenerator(sam, hierarchical=mode, hierarchical_iou_thresh=2.0, **kw)
     none.generate(image)
-    assert none.last_stats["points_skipped"] == 0 and none.last_stats["points_decoded"] == 16 + 256
+    assert none.last_stats["points_skipped"] == 0 and none.last_stats["points_decoded"] == 16 + candidates
+    # hierarchical=True is TinySAM's rule
+    assert SamFastAutomaticMaskGenerator(sam, hierarchical=True, **kw).hierarchical == "tinysam"
+    with pytest.raises(ValueError, match="hierarchical must be one of"):
+        SamFastAutomaticMaskGenerator(sam, hierarchical="sparse", **kw)
 
 
 def test_everything_errors(sam):
