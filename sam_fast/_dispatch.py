@@ -116,6 +116,8 @@ def _kernels_built_for_gpu() -> bool:
     TRITON_INTERPRET when it decorates, so setting it after the import does not reach those kernels)."""
     import sys
 
+    if torch.compiler.is_compiling():  # tracing: the eager call before it already decided
+        return False
     for name, mod in list(sys.modules.items()):
         if mod is not None and name.startswith("sam_fast.kernels."):
             if any(type(v).__name__ == "JITFunction" for v in list(vars(mod).values())):

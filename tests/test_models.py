@@ -237,7 +237,7 @@ def test_loader_errors(pruned, tmp_path):
         load_sam(str(headless), "auto")
     pickled = tmp_path / "whole_model.pth"
     torch.save(sam, pickled)
-    with pytest.raises(ValueError, match="pickled whole model .* state_dict"):
+    with pytest.raises(ValueError, match="whole pickled model .* state_dict"):
         load_sam(str(pickled), "auto")
     with pytest.raises(ValueError, match="auto needs a checkpoint"):
         build_sam("auto")
