@@ -208,9 +208,9 @@ def install(session: Session, timeout: float) -> Result:
         notes.append(f"{len(wheels)} wheels" + ("" if code.returncode == 0 else " (pip FAILED)"))
     paths = [site] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    for var, path in (("SAM_FAST_FOUNDATION_KERNEL", os.path.join(CARRY, "foundation_attention.py")),):
-        if os.path.isfile(path):
-            env[var] = path
+    first_kernel = os.path.join(CARRY, "foundation_attention.py")  # the dense-pattern peer (no .git there)
+    if os.path.isfile(first_kernel):
+        env["SAM_FAST_FOUNDATION_KERNEL"] = first_kernel
     sha = os.path.join(CARRY, "GIT_SHA")
     if os.path.isfile(sha):
         with open(sha) as f:
