@@ -1,15 +1,17 @@
 """The ``sam-fast`` command.
 
-    sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything] [--out DIR] [--quick]
+    sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything] [--out DIR] [--full]
     sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|slimsam_50|slimsam_77|vit_t|auto|tiny
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
                      [--points-per-side N] [--device cpu|cuda] --out DIR [--overwrite]
     sam-fast inspect CHECKPOINT [--model-type auto] [--decoder-heads N]
     sam-fast targets [--results DIR] [--out FILE.md] [--detail]
 
-``bench`` runs the op benchmarks this machine can run against their references and peers, prints a table
-(op, case, backend, median time, speedup over the bench's baseline, max error), appends results with
-provenance to ``DIR/<script>.csv`` and draws ``DIR/<script>.png``. On a CPU-only machine CPU backends
+``bench`` runs the op benchmarks this machine can run against their references and peers (their quick
+cases, about a minute on a 2-core CPU; ``--full`` for every case), appends results with provenance to
+``DIR/<script>.csv``, draws ``DIR/<script>.png``, writes every table (op, case, backend, median time,
+speedup over the bench's baseline, max error) to ``DIR/bench_tables.txt`` and ends with a one-screen
+summary. On a CPU-only machine CPU backends
 are timed and the Triton kernels are checked for correctness under the interpreter (not timed).
 
 ``segment`` writes, per image, ``DIR/<name>.json`` (COCO-style annotations with compressed RLE, area,
@@ -53,6 +55,8 @@ def _interpreter_for_bench(argv) -> None:
 
 
 def _bench(args) -> int:
+    import time
+
     import torch
 
     gpu = torch.cuda.is_available()
@@ -67,21 +71,68 @@ def _bench(args) -> int:
     if unknown:
         print(f"sam-fast bench: unknown op(s) {unknown}; choose from {sorted(BENCHES)}", file=sys.stderr)
         return 2
+    quick = not args.full
     if not gpu:
-        print("No CUDA GPU: timing CPU backends on small shapes; Triton kernels are checked under the "
-              "interpreter, not timed. GPU figures need a CUDA machine.\n")
-    tables, plots = [], []
+        print("No CUDA GPU: timing the CPU backends on small shapes; the Triton kernels are\n"
+              "checked under the interpreter, not timed.\n")
+    t0 = time.perf_counter()
+    tables, plots, results = [], [], []
     for op in tqdm(ops, desc="benchmarks", unit="op", disable=not sys.stderr.isatty()):
         mod = importlib.import_module(f"sam_fast.bench.{BENCHES[op]}")
-        rows, png = mod.run(args.out, quick=args.quick)
+        rows, png = mod.run(args.out, quick=quick)
         tables.append(f"{op}: speedup over {mod.BASELINE}\n" + table(rows, mod.BASELINE))
+        results.append((op, mod.BASELINE, rows))
         if png:
             plots.append(png)
-    print("\n\n".join(tables))
-    print(f"\nresults appended to {os.path.abspath(args.out)}/<script>.csv")
-    for p in plots:
-        print(f"plot: {p}")
+    os.makedirs(args.out, exist_ok=True)
+    tables_path = os.path.join(args.out, "bench_tables.txt")
+    with open(tables_path, "w") as f:
+        f.write("\n\n".join(tables) + "\n")
+    print(bench_summary(results, time.perf_counter() - t0, os.path.abspath(args.out), tables_path, plots, quick))
     return 0
+
+
+def bench_summary(results, seconds: float, out_dir: str, tables_path: str, plots, quick: bool) -> str:
+    """One screen, 80 columns: per op, sam_fast's speedup over the script's baseline (median and range over
+    the cases, best sam_fast backend per case), the kernels checked but not timed, where the files are."""
+    import statistics
+
+    lines = [f"sam-fast bench: {len(results)} benchmark(s) in {seconds:.0f} s", "",
+             f"{'op':<12}{'sam_fast vs':<24}{'speedup, median':>16}{'range':>16}{'cases':>7}"]
+    checked, worst_err = 0, 0.0
+    for op, baseline, rows in results:
+        base = {(r["op"], r["case"], r["mode"]): float(r["median_ms"]) for r in rows
+                if r.get("backend") == baseline and _timed(r)}
+        best = {}
+        for r in rows:
+            key = (r["op"], r["case"], r["mode"])
+            if str(r.get("backend", "")).startswith("sam_fast") and _timed(r) and key in base:
+                best[key] = max(best.get(key, 0.0), base[key] / float(r["median_ms"]))
+            elif str(r.get("backend", "")).startswith("sam_fast") and not _timed(r) and r.get("max_err") not in ("", None):
+                checked += 1
+                worst_err = max(worst_err, float(r["max_err"]))
+        if best:
+            v = sorted(best.values())
+            lines.append(f"{op:<12}{baseline[:23]:<24}{statistics.median(v):>15.2f}x"
+                         f"{f'{v[0]:.2f}-{v[-1]:.2f}x':>16}{len(v):>7}")
+        else:
+            lines.append(f"{op:<12}{baseline[:23]:<24}{'-':>16}{'':>16}{0:>7}")
+    if checked:
+        lines += ["", f"{checked} kernel check(s) under the Triton interpreter (correctness, not timed):",
+                  f"  largest error against the reference {worst_err:.1e}"]
+    lines += ["", "CSVs (appended, with provenance), PNG plots and every table are in", f"  {out_dir}",
+              f"  ({len(plots)} plot(s); the tables: {os.path.basename(tables_path)})"]
+    if quick:
+        lines.append("every case: sam-fast bench --full")
+    return "\n".join(lines)
+
+
+def _timed(row) -> bool:
+    med = row.get("median_ms")
+    try:
+        return med not in ("", None) and math.isfinite(float(med)) and float(med) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _numbers(text: str, count, what: str) -> list:
@@ -402,7 +453,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="benchmark the ops against their references and peers")
     b.add_argument("--ops", default=",".join(BENCHES), help=f"comma-separated subset of {sorted(BENCHES)}")
     b.add_argument("--out", default="sam_fast_results", help="results directory (default: ./sam_fast_results)")
-    b.add_argument("--quick", action="store_true", help="fewer cases (batch 1 only on GPU)")
+    b.add_argument("--full", action="store_true",
+                   help="every case of every script (minutes on a CPU); default: the quick cases")
+    b.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
     from sam_fast.models.sam import MODEL_TYPES
 
     s = sub.add_parser("segment", help="segment images with a SAM checkpoint (prompts or everything mode)")
