@@ -61,7 +61,6 @@ import triton.language as tl
 from ._arch import COMPILE_OPTIONS, device_arch
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit

@@ -49,10 +49,8 @@ import triton.language as tl
 
 from ._arch import COMPILE_OPTIONS, device_arch
 
-QMAX = 127
 ACTIVATIONS = {None: 0, "gelu": 1}
 _OUT_FLOAT, _OUT_INT8, _OUT_INT32 = 0, 1, 2
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
 
 
 @triton.jit

@@ -68,24 +68,4 @@ def __dir__():
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BACKENDS",
-    "BackendUnavailableError",
-    "Branch",
-    "SamFastAutomaticMaskGenerator",
-    "SamFastConfig",
-    "SamFastFallbackWarning",
-    "SamFastHandle",
-    "SamFastPredictor",
-    "apply",
-    "coco_to_mask",
-    "dilated_attention",
-    "dilated_attn_func",
-    "int8_linear",
-    "layer_norm_quantize",
-    "mask_postprocess",
-    "quantize_per_token",
-    "record_backends",
-    "resize_rel_pos",
-    "rles_to_coco",
-]
+__all__ = sorted(_EXPORTS)  # one list: every lazy export is public

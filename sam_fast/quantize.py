@@ -34,7 +34,7 @@ from torch import nn
 from .nn.attention import SamFastBlock, is_sam_vit_block
 from .nn.quantized import Int8Linear
 from .ops.int8 import int8_linear, quantize_weight
-from .reference.int8 import QMAX, sqnr_db
+from .reference.int8 import QMAX, ratio_db, sqnr_db
 
 __all__ = ["Calibration", "LayerCalibration", "calibrate", "eligible_linears", "quantize_weight", "sqnr_db",
            "MIN_FEATURES", "DEFAULT_MIN_SQNR_DB"]
@@ -267,12 +267,6 @@ class _Stats:
         self.amax, self.signal, self.noise_dyn, self.noise_static = 0.0, 0.0, 0.0, 0.0
 
 
-def _db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
 @torch.no_grad()
 def calibrate(model: nn.Module, images: Sequence, num_images: int = 8, *,
               min_sqnr_db: float = DEFAULT_MIN_SQNR_DB, backend: str = "auto", progress: bool = True) -> Calibration:
@@ -360,9 +354,9 @@ def calibrate(model: nn.Module, images: Sequence, num_images: int = 8, *,
     layers = {}
     for s in slots:
         st, lin = stats[s.key], s.module
-        e = LayerCalibration(s.key, lin.in_features, lin.out_features, st.amax, _db(st.signal, st.noise_dyn))
+        e = LayerCalibration(s.key, lin.in_features, lin.out_features, st.amax, ratio_db(st.signal, st.noise_dyn))
         if s.key in static_keys:
-            e.sqnr_static_db = _db(st.signal, st.noise_static)
+            e.sqnr_static_db = ratio_db(st.signal, st.noise_static)
         narrow = too_narrow(lin)
         if narrow:
             e.mode, e.reason = "float", narrow
@@ -383,7 +377,7 @@ def calibrate(model: nn.Module, images: Sequence, num_images: int = 8, *,
             signal += float(ref.double().pow(2).sum())
             noise += float((out - ref.double()).pow(2).sum())
             bar.update(1)
-        cal.embedding_sqnr_db = _db(signal, noise)
+        cal.embedding_sqnr_db = ratio_db(signal, noise)
     finally:
         handle.undo()
         bar.close()

@@ -123,12 +123,6 @@ def _reference_run(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv)
     return dilated_attention_reference(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv)
 
 
-def _cuda_supports(q, *args, explicit, **kwargs):
-    if q.device.type != "cuda":
-        return Refusal(f"the CUDA backend needs CUDA tensors, got {q.device}", wrong_device=True)
-    return Refusal("no hand-written CUDA kernel for dilated_attention; its GPU path is the Triton kernel")
-
-
 def _cpu_supports(q, *args, explicit, **kwargs):
     if q.device.type != "cpu":
         return Refusal(f"the CPU backend needs CPU tensors, got {q.device}", wrong_device=True)
@@ -137,7 +131,6 @@ def _cpu_supports(q, *args, explicit, **kwargs):
 
 _TABLE = (
     Backend("triton", _triton_supports, _triton_run),
-    Backend("cuda", _cuda_supports, None),
     Backend("cpu", _cpu_supports, cpu_dilated_attention),
     Backend("reference", lambda *a, explicit, **kw: None, _reference_run),
 )
