@@ -28,7 +28,7 @@ M_VALUES = (4096, 32768, 131072)
 
 
 def work_order(quick: bool = False) -> list:
-    """(M, K, N) to tune, issue 4's target shapes first so a run cut short by the GPU's time limit has tuned
+    """(M, K, N) to tune, the int8 performance targets' shapes first so a run cut short by the GPU's time limit has tuned
     what the targets measure: the ViT-H MLP linears at B = 8 (M = 32768), then at the largest M, then the
     other ViT-H linears, then ViT-B's; smaller M before larger within each."""
     todo = [(m, k, n) for m in (M_VALUES[:1] if quick else M_VALUES) for k, n in SHAPES]

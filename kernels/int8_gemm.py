@@ -1,6 +1,6 @@
 """W8A8 int8 GEMM with fused quantization and epilogue (Triton).
 
-TinySAM (seeds/002) quantizes SAM's encoder to W8A8 but only simulates int8 in floating point;
+TinySAM quantizes SAM's encoder to W8A8 but only simulates int8 in floating point;
 segment-anything-fast runs ``torch._int_mm`` with the activation quantization and the dequantization as
 separate passes over memory. Here the passes that touch the activations are fused:
 

@@ -8,7 +8,7 @@ pick a backend (``auto | triton | cpu | reference``) and run it. The plain-PyTor
 is also the CPU backend and shares the kernels' numerics operation for operation, is
 :mod:`sam_fast.reference.int8`.
 
-Quantization scheme (DESIGN.md "Fused int8 GEMM"): weights int8 symmetric per output channel;
+Quantization scheme (docs/design.md, "W8A8 linear"): weights int8 symmetric per output channel;
 activations int8 symmetric per token (dynamic; the default) or per tensor with a calibrated scale
 (static); int32 accumulation; the epilogue dequantizes, adds the bias, applies GELU and casts or
 re-quantizes for the next GEMM.
