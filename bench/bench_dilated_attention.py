@@ -12,8 +12,8 @@ Peers in the same run:
 * ``flex_attention`` - FlexAttention with the dilation as a ``mask_mod`` on the original layout
   (block mask built once, outside the timing); several branches merged with its returned lse;
 * ``sam_fast_dense`` - the dense fused kernel (pattern None) at the same N, for scale;
-* ``foundation@<sha>`` - for the dense pattern: the Foundation issue's kernel, loaded from git history
-  (or from $SAM_FAST_FOUNDATION_KERNEL where there is no .git), so "no regression from generality" is measured in the same run.
+* ``dense_v1@<sha>`` - for the dense pattern: the project's first dense kernel, loaded from git history
+  (or from $SAM_FAST_DENSE_V1_KERNEL where there is no .git), so "no regression from generality" is measured in the same run.
 
 Metrics per row: median time; achieved TFLOP/s over kept (query, key) pairs only (4 * D per pair,
 x3.5 for forward+backward); achieved GB/s counting Q, K, V read once and O written once, and that as
@@ -48,7 +48,7 @@ from sam_fast.bench.harness import (PADDED_D, LiveRows, bench_main, measure, pad
 SCRIPT = "bench_dilated_attention"
 BASELINE = "gather_sdpa_scatter"
 EXTRA_COLUMNS = ["pattern", "kept_pairs", "gbps", "bw_frac", "roofline_frac"]
-FOUNDATION_SHA = "26dab31"  # last commit of the Foundation issue's kernel
+DENSE_V1_SHA = "26dab31"  # last commit of the project's first dense kernel
 
 
 def _patterns():
@@ -190,39 +190,39 @@ class FlexMasked:
         return sum(wi[..., None].to(o.dtype) * o for wi, o in zip(w, outs)).transpose(1, 2)
 
 
-FOUNDATION_ENV = "SAM_FAST_FOUNDATION_KERNEL"
+DENSE_V1_ENV = "SAM_FAST_DENSE_V1_KERNEL"
 
 
-def _foundation_source():
-    """The Foundation kernel's source text: from git history, else from the file named by
-    $SAM_FAST_FOUNDATION_KERNEL (a GPU machine receives the working tree without .git; ``bash
-    bench/gpu_session.sh prepare`` writes that file). None, with the reason on stderr, if neither works."""
+def _dense_v1_source():
+    """The first dense kernel's source text: from git history, else from the file named by
+    $SAM_FAST_DENSE_V1_KERNEL (a GPU machine receives the working tree without .git; ``bash
+    tools/gpu_session.sh prepare`` writes that file). None, with the reason on stderr, if neither works."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        src = subprocess.run(["git", "show", f"{FOUNDATION_SHA}:kernels/dilated_attention.py"], cwd=root,
+        src = subprocess.run(["git", "show", f"{DENSE_V1_SHA}:kernels/dilated_attention.py"], cwd=root,
                              capture_output=True, text=True, timeout=20)
         if src.returncode == 0:
             return src.stdout
     except (OSError, subprocess.SubprocessError):
         pass
-    path = os.environ.get(FOUNDATION_ENV)
+    path = os.environ.get(DENSE_V1_ENV)
     if path and os.path.isfile(path):
         with open(path) as f:
             return f.read()
-    print(f"bench_dilated_attention: no foundation@{FOUNDATION_SHA} row - not a git checkout and "
-          f"${FOUNDATION_ENV} names no file", file=sys.stderr)
+    print(f"bench_dilated_attention: no dense_v1@{DENSE_V1_SHA} row - not a git checkout and "
+          f"${DENSE_V1_ENV} names no file", file=sys.stderr)
     return None
 
 
-def _foundation_kernel():
-    """The Foundation issue's attention launcher as a module (None when its source is unavailable)."""
-    src = _foundation_source()
+def _dense_v1_kernel():
+    """The project's first dense kernel's attention launcher as a module (None when its source is unavailable)."""
+    src = _dense_v1_source()
     if src is None:
         return None
-    path = os.path.join(tempfile.mkdtemp(prefix="sam_fast_foundation_"), "foundation_attention.py")
+    path = os.path.join(tempfile.mkdtemp(prefix="sam_fast_dense_v1_"), "dense_v1_attention.py")
     with open(path, "w") as f:
         f.write(src)
-    spec = importlib.util.spec_from_file_location("foundation_attention", path)
+    spec = importlib.util.spec_from_file_location("dense_v1_attention", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -247,14 +247,14 @@ def _peers(pattern_name, pattern, B, N, H, D, grid, device, mode="fwd"):
         if head_dim_split(D)[1]:
             peers.append((PADDED_D, lambda: _sam_fast(pattern, grid, "triton")))
         if pattern_name == "dense":
-            mod = _foundation_kernel()
+            mod = _dense_v1_kernel()
             if mod is not None:
                 geom = mod.Geometry(grid[0], grid[1], grid[0], grid[1], 1, 1)
 
-                def foundation(q, k, v, scale, mod=mod, geom=geom):
+                def dense_v1(q, k, v, scale, mod=mod, geom=geom):
                     return mod.dilated_attention_fwd(q, k, v, geom, None, None, None, None, scale)[0]
 
-                peers.append((f"foundation@{FOUNDATION_SHA}", lambda f=foundation: f))
+                peers.append((f"dense_v1@{DENSE_V1_SHA}", lambda f=dense_v1: f))
         else:
             peers.append(("sam_fast_dense", lambda: _sam_fast(None, grid, "triton")))
         peers.append(("flex_attention(mask_mod)", lambda: FlexMasked(pattern, B, N, H, grid, device)))
@@ -274,7 +274,7 @@ def machine_rooflines(device):
     return bw, 2 * 8192**3 / t
 
 
-# What the performance targets read (bench/targets.py): the single-branch 2-D r=2 pattern at batch 8 (speedups
+# What the performance targets read (tools/targets.py): the single-branch 2-D r=2 pattern at batch 8 (speedups
 # over the gather and FlexAttention peers, forward and forward+backward, and the roofline fraction) and the
 # dense pattern against the first kernel of the project.
 TARGET_PATTERNS = ("2d(32,32)r2", "dense")
@@ -321,9 +321,9 @@ def _case_peers(pname, pattern, B, N, H, D, grid, device, mode, targets):
     """The peers timed on one case and mode: all of them, or those the targets read."""
     out = []
     for name, make in _peers(pname, pattern, B, N, H, D, grid, device, mode):
-        if mode != "fwd" and name.startswith("foundation"):
+        if mode != "fwd" and name.startswith("dense_v1@"):
             continue
-        if targets and name not in TARGET_PEERS and not name.startswith("foundation"):
+        if targets and name not in TARGET_PEERS and not name.startswith("dense_v1@"):
             continue
         if targets and pname == "dense" and name.startswith("flex"):  # no target reads it; its compile is slow
             continue

@@ -130,7 +130,7 @@ def _encoders(gpu: bool, wanted=()):
     yield ("vit_t" if not tinyvit else "tiny-tinyvit-256"), enc.eval()
 
 
-# What the performance targets read (bench/targets.py): ViT-H at batch 8, W8A8 + fused attention against
+# What the performance targets read (tools/targets.py): ViT-H at batch 8, W8A8 + fused attention against
 # fused attention alone (segment_anything's encoder beside them for the SQNR reference).
 TARGET_MODELS = ("vit_h",)
 TARGET_BACKENDS = (BASELINE, "sam_fast_exact", "sam_fast_exact_int8")

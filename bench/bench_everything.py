@@ -81,7 +81,7 @@ def _agreement(reference, other) -> float:
     return float((inter / union.clamp_min(1)).amax(dim=1).mean())
 
 
-# The performance targets (bench/targets.py) read every generator but the fp32 one.
+# The performance targets (tools/targets.py) read every generator but the fp32 one.
 TARGET_BACKENDS = (BASELINE, "segment_anything_b256", "sam_fast", "sam_fast_hierarchical")
 
 

@@ -55,7 +55,7 @@ def _sqnr(ref, y):
     return sqnr_db(ref, y.float())
 
 
-# What the performance targets read (bench/targets.py): the ViT-H MLP pair at batch 8 against cuBLAS and
+# What the performance targets read (tools/targets.py): the ViT-H MLP pair at batch 8 against cuBLAS and
 # _int_mm + separate kernels, and the largest shape (ViT-H MLP at batch 32) for its TOPS.
 TARGET_CASES = [(8, "vit_h", 1280, 5120), (8, "vit_h", 5120, 1280), (32, "vit_h", 1280, 5120)]
 TARGET_PEERS = ("cublas_bf16", "int_mm+separate", "sam_fast")

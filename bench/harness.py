@@ -76,7 +76,7 @@ def bench_main(doc: str, run: Callable, baseline: str, argv=None, options=()) ->
 
     if "targets" in inspect.signature(run).parameters:
         p.add_argument("--targets", action="store_true",
-                       help="only the cases and peers the performance targets read (bench/targets.py), for a "
+                       help="only the cases and peers the performance targets read (tools/targets.py), for a "
                             "short GPU check; the script's planned_rows() lists them")
     for flag, action, help_text in options:
         p.add_argument(flag, action=action, help=help_text, **({} if action == "store_true" else {"default": ""}))
@@ -95,7 +95,7 @@ COLUMNS = ["timestamp", "git_sha", "device", "torch", "triton", "cuda", "op", "c
 
 def git_sha() -> str:
     """The commit measured: $SAM_FAST_GIT_SHA (a GPU machine gets the working tree without .git;
-    ``bench/gpu_session.sh prepare`` records the commit for it), else git, else the release version."""
+    ``tools/gpu_session.sh prepare`` records the commit for it), else git, else the release version."""
     if os.environ.get("SAM_FAST_GIT_SHA"):
         return os.environ["SAM_FAST_GIT_SHA"]
     try:
@@ -219,7 +219,7 @@ def table(rows: List[Dict[str, object]], baseline: Optional[str] = None) -> str:
 class LiveRows(list):
     """A bench script's result rows, each appended to ``out_dir/<script>.csv`` the moment it is added.
 
-    A GPU stage runs under a time limit (``bench/gpu_session.sh``): a script killed half way keeps every
+    A GPU stage runs under a time limit (``tools/gpu_session.sh``): a script killed half way keeps every
     row measured before the kill instead of losing them all to a write at the end. Add complete rows:
     later changes to a row reach the printed table, not the CSV."""
 

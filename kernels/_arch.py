@@ -6,7 +6,7 @@ import torch
 # Whether the compiler may contract a * b + c into one FMA ("FP fusion"). Triton up to 3.8 always did by
 # default; 3.9 warns that its default turns to off in 3.10. Every launch states it, so each Triton version
 # compiles the same arithmetic (faster, and one rounding instead of two): the test tolerances, the tuned
-# tables and the int8 epilogue's notes all assume it. bench/aot_compile.py fails a launch that omits it.
+# tables and the int8 epilogue's notes all assume it. tools/aot_compile.py fails a launch that omits it.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 

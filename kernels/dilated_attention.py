@@ -1010,7 +1010,7 @@ def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, bac
     dK/dV kernel's key blocks (KBY x KBX) tile the class lattice of the base segment.
     fp32 inputs (``tl.dot`` in IEEE fp32 runs on FMA units, its tiles held in registers) take blocks
     of 32 keys and 32 queries (16 above head dim 64): at 64 the sm_90 compile spilled up to 20 KB per
-    thread to local memory (``bench/aot_compile.py`` reports registers and stack).
+    thread to local memory (``tools/aot_compile.py`` reports registers and stack).
     ``choice`` (a tuned entry's config, see :func:`tuned_choice`) overrides the query tile, warps,
     pipeline stages and the head-dim split; the key blocks are structural and stay.
     """
@@ -1080,7 +1080,7 @@ def head_dim_split(head_dim: int, split: bool = True) -> Tuple[int, int]:
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
-# ---- tuned table: kernels/tuned/attention.json, written on a GPU by bench/tune_attention.py ----
+# ---- tuned table: kernels/tuned/attention.json, written on a GPU by tools/tune_attention.py ----
 
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned", "attention.json")
 TUNABLE = ("BLOCK_M", "num_warps", "num_stages", "split")

@@ -33,7 +33,7 @@ contiguous last dim (nn.Linear's layout, K-major, which is what int8 tensor-core
 operands); scales fp32; any M, N, K >= 1 (edges are masked; no padding copies).
 
 Block sizes come from a checked-in table per GPU architecture (``tuned/int8_gemm.json``, written by
-``bench/tune_int8_gemm.py`` on that GPU) and a heuristic where the table has no entry.
+``tools/tune_int8_gemm.py`` on that GPU) and a heuristic where the table has no entry.
 """
 
 from __future__ import annotations

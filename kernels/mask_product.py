@@ -95,7 +95,7 @@ def upscale_mask_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     CIN_P, COUT_P = _pow2_at_least_16(CIN), _pow2_at_least_16(COUT)
     # 64 input pixels -> 256 outputs per mask per program; the x tile (64 x CIN_P) and one weight tap
     # (CIN_P x COUT_P) stay in registers. fp32 (IEEE dots on FMA units) takes 16 pixels: at 64 the
-    # sm_90 compile spills about 8 KB per thread (bench/aot_compile.py).
+    # sm_90 compile spills about 8 KB per thread (tools/aot_compile.py).
     BLOCK_N = 16 if x.dtype == torch.float32 and not _interpreting() else 64 if CIN_P <= 64 else 32
     for p0 in range(0, P, _MAX_GRID_Y):  # the grid's second dimension holds at most 65535 prompts
         p1 = min(P, p0 + _MAX_GRID_Y)

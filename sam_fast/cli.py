@@ -5,7 +5,6 @@
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
                      [--points-per-side N] [--device cpu|cuda] --out DIR [--overwrite]
     sam-fast inspect CHECKPOINT [--model-type auto] [--decoder-heads N]
-    sam-fast targets [--results DIR] [--out FILE.md] [--detail]
 
 ``bench`` runs the op benchmarks this machine can run against their references and peers (their quick
 cases, about a minute on a 2-core CPU; ``--full`` for every case), appends results with provenance to
@@ -26,10 +25,6 @@ two-round mode).
 counts, model family (SAM ViT-B/L/H, SlimSAM uniform or per-block pruned, DC-ViT-compressed, TinyViT),
 the per-block geometry (attention kind, heads, head dim, MLP width) and what ``sam_fast.apply`` would
 swap into it.
-
-``targets`` reads the benchmark CSVs of ``DIR`` (default ``bench/results``) and says, per performance
-target of the issues, whether the newest run that measured it met it (worst case named), missed it, or
-has not measured it (``bench/targets.py``).
 """
 
 from __future__ import annotations
@@ -480,15 +475,7 @@ def main(argv=None) -> int:
     i.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="default: auto (read from the file)")
     i.add_argument("--decoder-heads", type=int, default=None,
                    help="mask decoder heads, for a decoder narrower or wider than SAM's 256 (auto only)")
-    t = sub.add_parser("targets", help="the issues' performance targets against the benchmark CSVs")
-    t.add_argument("--results", default="bench/results", help="folder of <script>.csv files")
-    t.add_argument("--out", default="", help="also write the table to this Markdown file")
-    t.add_argument("--detail", action="store_true", help="list every case behind each target")
     args = parser.parse_args(argv)
-    if args.command == "targets":
-        from sam_fast.bench import targets
-
-        return targets.main(["--results", args.results, "--out", args.out] + (["--detail"] if args.detail else []))
     if args.command == "bench":
         return _bench(args)
     if args.command == "segment":

@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for the H100 (sm_90), and the A100 (sm_80), with the launch
 configuration a GPU run uses.
 
-Runs ``python -m sam_fast.bench.aot_compile --quick`` in a subprocess (it must not run under the
+Runs ``python -m tools.aot_compile --quick`` in a subprocess (it must not run under the
 interpreter this test session uses): Triton's compiler and its bundled ptxas build the cubins on this
 CPU machine; nothing is launched. Catches lowering and ptxas errors and shared-memory overflows that
 the interpreter cannot; numerics stay with the interpreter tests and ``pytest -m gpu``.
@@ -21,7 +21,7 @@ KERNELS = ("_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dq_kernel", 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_all_triton_kernels_compile(arch):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "sam_fast.bench.aot_compile", "--quick", "--arch", str(arch)],
+    proc = subprocess.run([sys.executable, "-m", "tools.aot_compile", "--quick", "--arch", str(arch)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     compiled = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("_")}
@@ -30,13 +30,13 @@ def test_all_triton_kernels_compile(arch):
 
 
 def test_tuner_candidates_compile(tmp_path):
-    """``--tune-candidates`` compiles what bench/tune_attention.py (here: one small case) and
-    bench/tune_int8_gemm.py (here: two candidates) would time, and writes one row per kernel and candidate."""
+    """``--tune-candidates`` compiles what tools/tune_attention.py (here: one small case) and
+    tools/tune_int8_gemm.py (here: two candidates) would time, and writes one row per kernel and candidate."""
     import csv
 
     script = (
         "import sys\n"
-        "from sam_fast.bench import tune_attention as T, tune_int8_gemm as T8, aot_compile as A\n"
+        "from tools import tune_attention as T, tune_int8_gemm as T8, aot_compile as A\n"
         "T.CASES = [('small D=80 window', (16, 16), 2, 80, (8, 8), True, True)]\n"
         "T8.candidates = lambda: iter([dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),"
         " dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)])\n"
@@ -44,7 +44,7 @@ def test_tuner_candidates_compile(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from sam_fast.bench import tune_attention as T
+    from tools import tune_attention as T
 
     rows = list(csv.DictReader(open(tmp_path / "aot_tune_candidates_sm90.csv")))
     for backward, kernels in ((False, {"_dilated_attention_fwd_kernel"}),

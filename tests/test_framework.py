@@ -91,11 +91,11 @@ def test_explicit_refusal_and_no_backend_list_reasons():
 
 def test_results_csv_keeps_columns_by_name(tmp_path):
     """bench/results files grow: a run with a column the file lacks, and a merge of another machine's
-    CSV (bench/merge_results.py), must not shift values under the wrong header."""
+    CSV (tools/merge_results.py), must not shift values under the wrong header."""
     import csv
 
     from sam_fast.bench.harness import append_csv
-    from sam_fast.bench.merge_results import merge
+    from tools.merge_results import merge
 
     path = tmp_path / "into" / "bench_x.csv"
     append_csv(str(path), [dict(case="a", backend="b", median_ms=1.5)])

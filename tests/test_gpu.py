@@ -10,7 +10,7 @@ from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
 from attn_helpers import check_far_apart_batches, check_kernel_vs_reference
 
 pytestmark = pytest.mark.gpu
-# The smoke subset (`pytest -m "gpu and smoke"`, the first stage of bench/gpu_verify.py): each Triton kernel
+# The smoke subset (`pytest -m "gpu and smoke"`, the first stage of tools/gpu_verify.py): each Triton kernel
 # and CUDA op once at SAM's shapes against its reference, within about two minutes on 8 workers.
 SMOKE = pytest.mark.smoke
 

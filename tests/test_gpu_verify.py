@@ -1,4 +1,4 @@
-"""bench/gpu_verify.py, the one-call GPU check, tested without a GPU: its plan fits 480 s, every performance
+"""tools/gpu_verify.py, the one-call GPU check, tested without a GPU: its plan fits 480 s, every performance
 target has a stage that writes the rows it reads, every kernel has a smoke test, and its limits, install
 staging and verdict parsing work."""
 
@@ -12,15 +12,15 @@ import time
 
 import pytest
 
-from sam_fast.bench import gpu_verify as gv
-from sam_fast.bench import targets
+from tools import gpu_verify as gv
+from tools import targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_dry_run_plans_every_stage_within_480_s_and_runs_nothing(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "bench/gpu_verify.py", "verify", "--dry-run", "--out", str(out)],
+    res = subprocess.run([sys.executable, "tools/gpu_verify.py", "verify", "--dry-run", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     stages = gv.verify_stages(str(out / "pack"))
@@ -38,12 +38,12 @@ def test_dry_run_plans_every_stage_within_480_s_and_runs_nothing(tmp_path):
 
 
 def test_full_mode_plans_and_rejects_unknown_stages(tmp_path):
-    res = subprocess.run([sys.executable, "bench/gpu_verify.py", "full", "tests", "tune_int8", "--dry-run"],
+    res = subprocess.run([sys.executable, "tools/gpu_verify.py", "full", "tests", "tune_int8", "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     planned = re.findall(r"^(\S+)\s+\d+s", res.stdout, re.M)
     assert planned == ["install", "tests", "tune_int8", "report", "total"]
-    bad = subprocess.run([sys.executable, "bench/gpu_verify.py", "full", "no_such_stage", "--dry-run"],
+    bad = subprocess.run([sys.executable, "tools/gpu_verify.py", "full", "no_such_stage", "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown stages ['no_such_stage']" in bad.stderr
 
@@ -253,19 +253,19 @@ def test_main_leaves_the_table_log_and_session_archive_in_out(tmp_path, monkeypa
 def test_merge_results_takes_the_session_archive(tmp_path, capsys):
     import tarfile
 
-    from sam_fast.bench import merge_results
+    from tools import merge_results
     from sam_fast.bench.harness import append_csv
 
     pack = tmp_path / "pack"
     append_csv(str(pack / "results" / "bench_decoder.csv"),
                [dict(timestamp="t", git_sha="abc", op="mask_postprocess", case="c", backend="b", mode="fwd",
                      median_ms=1.0)])
-    (pack / "targets.md").write_text("| issue | target | verdict |")
+    (pack / "targets.md").write_text("| op | target | verdict |")
     with tarfile.open(tmp_path / "session.tgz", "w:gz") as tar:
         tar.add(pack, arcname=".")
     into = tmp_path / "into"
     into.mkdir()
     assert merge_results.main([str(tmp_path / "session.tgz"), "--into", str(into)]) == 0
     printed = capsys.readouterr().out
-    assert "bench_decoder.csv: 1 rows added" in printed and "| issue | target | verdict |" in printed
+    assert "bench_decoder.csv: 1 rows added" in printed and "| op | target | verdict |" in printed
     assert (into / "bench_decoder.csv").read_text().count("mask_postprocess") == 1

@@ -1,4 +1,4 @@
-"""The attention kernels' tuned table (kernels/tuned/attention.json) and its tuner, bench/tune_attention.py:
+"""The attention kernels' tuned table (kernels/tuned/attention.json) and its tuner, tools/tune_attention.py:
 lookup, validation, forced configs, and a whole tuning pass on a tiny case under the interpreter with a
 stand-in timer (real timings need the GPU the table is for)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sam_fast.kernels.dilated_attention as K
-from sam_fast.bench import tune_attention as T
+from tools import tune_attention as T
 
 from attn_helpers import record_launch_configs
 

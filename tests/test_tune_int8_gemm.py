@@ -1,4 +1,4 @@
-"""bench/tune_int8_gemm.py: a whole tuning pass on a tiny GEMM under the interpreter with a stand-in timer
+"""tools/tune_int8_gemm.py: a whole tuning pass on a tiny GEMM under the interpreter with a stand-in timer
 (real timings need the GPU the table is for), the agreement check that keeps a wrong kernel from winning,
 and the table it writes."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sam_fast.kernels.int8_gemm as K
-from sam_fast.bench import tune_int8_gemm as T
+from tools import tune_int8_gemm as T
 
 CANDS = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -78,7 +78,7 @@ def test_a_candidate_that_fails_to_run_is_skipped_and_logged(monkeypatch):
 
 def test_written_table_is_what_the_kernel_reads(tmp_path, monkeypatch):
     """The tuner's entries, written with the shared writer, are found by gemm_config for that architecture."""
-    from sam_fast.bench.tune_attention import write_table
+    from tools.tune_attention import write_table
 
     entry = T.tune_shape(40, 64, 48, torch.device("cpu"), lambda fn: 1.0, log=lambda *a: None, cands=CANDS[1:2])
     path = tmp_path / "int8_gemm.json"

@@ -1,6 +1,6 @@
-"""The issues' performance targets, checked against the benchmark CSVs.
+"""The project's performance targets, checked against the benchmark CSVs.
 
-    python bench/targets.py [--results bench/results] [--out FILE.md] [--detail] [--json FILE]
+    python -m tools.targets [--results bench/results] [--out FILE.md] [--detail] [--json FILE]
     sam-fast targets [...]                     (the same, from an install)
 
 Each target compares backends *within one run* of a benchmark script (same timestamp and device: peers
@@ -30,7 +30,7 @@ SINGLE_BRANCH_DILATED = ("2d(32,32)r2", "2d(64,64)r4", "2d(64,64)r2")
 
 @dataclass(frozen=True)
 class Target:
-    issue: int
+    op: str  # the op or pipeline the target is about
     text: str
     script: str
     gpu: bool  # GPU rows (device not "cpu ...") or CPU rows
@@ -73,37 +73,37 @@ def _vit_h_mlp_b8(case: str) -> bool:
 
 
 TARGETS: Sequence[Target] = (
-    Target(3, "forward >= 3x gather->flash->scatter, single-branch r >= 2", "bench_dilated_attention", True,
+    Target("dilated_attention", "forward >= 3x gather->flash->scatter, single-branch r >= 2", "bench_dilated_attention", True,
            _is("dilated_attention", "sam_fast(triton)", pattern=SINGLE_BRANCH_DILATED), 3.0,
            peer=_is("dilated_attention", "gather_sdpa_scatter")),
-    Target(3, "forward >= 5x FlexAttention with mask_mod, single-branch r >= 2", "bench_dilated_attention", True,
+    Target("dilated_attention", "forward >= 5x FlexAttention with mask_mod, single-branch r >= 2", "bench_dilated_attention", True,
            _is("dilated_attention", "sam_fast(triton)", pattern=SINGLE_BRANCH_DILATED), 5.0,
            peer=_is("dilated_attention", "flex_attention(mask_mod)")),
-    Target(3, "forward+backward >= 2x gather->flash->scatter, single-branch r >= 2", "bench_dilated_attention", True,
+    Target("dilated_attention", "forward+backward >= 2x gather->flash->scatter, single-branch r >= 2", "bench_dilated_attention", True,
            _is("dilated_attention", "sam_fast(triton)", mode="fwd+bwd", pattern=SINGLE_BRANCH_DILATED), 2.0,
            peer=_is("dilated_attention", "gather_sdpa_scatter", mode="fwd+bwd")),
-    Target(3, "2-D r=2 at batch 8 within 1/0.6 of roofline (roofline_frac >= 0.6)", "bench_dilated_attention", True,
+    Target("dilated_attention", "2-D r=2 at batch 8 within 1/0.6 of roofline (roofline_frac >= 0.6)", "bench_dilated_attention", True,
            _is("dilated_attention", "sam_fast(triton)", case=lambda c: " B=8 " in c, pattern=("2d(32,32)r2",)), 0.6,
            figure=lambda r: _num(r.get("roofline_frac")), unit=""),
-    Target(3, "dense pattern within 5% of the Foundation kernel (its time / ours >= 0.95)", "bench_dilated_attention",
+    Target("dilated_attention", "dense pattern within 5% of the first dense kernel (dense_v1) (its time / ours >= 0.95)", "bench_dilated_attention",
            True, _is("dilated_attention", "sam_fast(triton)", pattern=("dense",)), 1 / 1.05,
-           peer=_is("dilated_attention", lambda b: b.startswith("foundation@"))),
-    Target(4, ">= 1.6x bf16 cuBLAS on the ViT-H MLP linears at B=8, quantization included", "bench_int8_gemm", True,
+           peer=_is("dilated_attention", lambda b: b.startswith("dense_v1@"))),
+    Target("int8_linear", ">= 1.6x bf16 cuBLAS on the ViT-H MLP linears at B=8, quantization included", "bench_int8_gemm", True,
            _is("int8_linear", "sam_fast", case=_vit_h_mlp_b8), 1.6, peer=_is("int8_linear", "cublas_bf16")),
-    Target(4, ">= 1.25x torch._int_mm + separate kernels on every shape", "bench_int8_gemm", True,
+    Target("int8_linear", ">= 1.25x torch._int_mm + separate kernels on every shape", "bench_int8_gemm", True,
            _is("int8_linear", "sam_fast"), 1.25, peer=_is("int8_linear", "int_mm+separate")),
-    Target(4, ">= 900 TOPS on the largest shape", "bench_int8_gemm", True, _is("int8_linear", "sam_fast"), 900.0,
+    Target("int8_linear", ">= 900 TOPS on the largest shape", "bench_int8_gemm", True, _is("int8_linear", "sam_fast"), 900.0,
            unit=" TOPS", largest_only=True),
-    Target(4, "ViT-H encoder B=8: int8 + exact attention >= 1.3x the img/s of bf16 + exact", "bench_e2e", True,
+    Target("image_encoder", "ViT-H encoder B=8: int8 + exact attention >= 1.3x the img/s of bf16 + exact", "bench_e2e", True,
            _is("image_encoder", "sam_fast_exact_int8", case=lambda c: c.startswith("vit_h B=8 ")), 1.3,
            peer=_is("image_encoder", "sam_fast_exact")),
-    Target(5, "segment everything (decoder side) >= 10x SamAutomaticMaskGenerator", "bench_everything", True,
+    Target("everything", "segment everything (decoder side) >= 10x SamAutomaticMaskGenerator", "bench_everything", True,
            _is("everything", "sam_fast"), 10.0, peer=_is("everything", "segment_anything")),
-    Target(5, ">= 3x predict_torch in batches of 256 + torchvision NMS", "bench_everything", True,
+    Target("everything", ">= 3x predict_torch in batches of 256 + torchvision NMS", "bench_everything", True,
            _is("everything", "sam_fast"), 3.0, peer=_is("everything", "segment_anything_b256")),
-    Target(5, "hierarchical >= 1.8x non-hierarchical", "bench_everything", True,
+    Target("everything", "hierarchical >= 1.8x non-hierarchical", "bench_everything", True,
            _is("everything", "sam_fast_hierarchical"), 1.8, peer=_is("everything", "sam_fast")),
-    Target(5, "CPU: fused post-processing >= 5x segment_anything's, 1024 masks of a 1024x1024 image",
+    Target("mask_postprocess", "CPU: fused post-processing >= 5x segment_anything's, 1024 masks of a 1024x1024 image",
            "bench_decoder", False,
            _is("mask_postprocess", "sam_fast_cpu", case=lambda c: c.startswith("P=1024 ") and "1024x1024" in c), 5.0,
            peer=_is("mask_postprocess", "segment_anything")),
@@ -173,18 +173,18 @@ def _fmt(value: float, unit: str) -> str:
 
 
 def report(results: Dict[str, List[dict]], detail: bool = False) -> str:
-    lines = ["| issue | target | verdict | worst (case) | best | run |", "|---|---|---|---|---|---|"]
+    lines = ["| op | target | verdict | worst (case) | best | run |", "|---|---|---|---|---|---|"]
     verdicts = [evaluate(t, results.get(t.script, [])) for t in TARGETS]
     for v in verdicts:
         t = v.target
         need = _fmt(t.threshold, t.unit)
         worst = f"{_fmt(v.worst, t.unit)} ({v.worst_case})" if v.cases else "-"
-        lines.append(f"| {t.issue} | {t.text} (need {need}) | {v.status} | {worst} | {_fmt(v.best, t.unit)} | "
+        lines.append(f"| {t.op} | {t.text} (need {need}) | {v.status} | {worst} | {_fmt(v.best, t.unit)} | "
                      f"{v.run or '-'} |")
     if detail:
         for v in verdicts:
             if v.cases:
-                lines += ["", f"issue {v.target.issue}: {v.target.text}"]
+                lines += ["", f"{v.target.op}: {v.target.text}"]
                 lines += [f"    {case} [{mode}]: {_fmt(fig, v.target.unit)}" for case, mode, fig in v.cases]
     return "\n".join(lines)
 
@@ -195,7 +195,7 @@ def records(results: Dict[str, List[dict]]) -> List[dict]:
     for t in TARGETS:
         v = evaluate(t, results.get(t.script, []))
         worst = f"{_fmt(v.worst, t.unit)} ({v.worst_case})" if v.cases else "-"
-        out.append(dict(issue=t.issue, text=t.text, script=t.script, need=_fmt(t.threshold, t.unit), status=v.status,
+        out.append(dict(op=t.op, text=t.text, script=t.script, need=_fmt(t.threshold, t.unit), status=v.status,
                         worst=None if math.isnan(v.worst) else v.worst, worst_case=v.worst_case, worst_text=worst,
                         best=None if math.isnan(v.best) else v.best, run=v.run))
     return out

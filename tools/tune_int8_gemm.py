@@ -6,7 +6,7 @@ per-token scales) and the fastest is stored under this GPU's architecture (e.g. 
 ``kernels/tuned/int8_gemm.json``. The file is reviewed and committed like code; nothing is written into
 an installed package at run time.
 
-    python bench/tune_int8_gemm.py [--table kernels/tuned/int8_gemm.json] [--quick]
+    python -m tools.tune_int8_gemm [--table kernels/tuned/int8_gemm.json] [--quick]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from sam_fast.bench.tune_attention import Disagreement, fastest, write_table
+from tools.tune_attention import Disagreement, fastest, write_table
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)]
 M_VALUES = (4096, 32768, 131072)

@@ -11,7 +11,7 @@ architecture in ``kernels/tuned/attention.json``, keyed by
 :func:`~sam_fast.kernels.dilated_attention.tune_key`, after every case (a run cut short keeps what it
 measured). The file is reviewed and committed like code; nothing is written into an installed package.
 
-    python bench/tune_attention.py [--table kernels/tuned/attention.json] [--batch 8] [--quick]
+    python -m tools.tune_attention [--table kernels/tuned/attention.json] [--batch 8] [--quick]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def pattern_of(spec):
 def candidates(head_dim: int, backward: bool, fp32: bool = False) -> Iterator[dict]:
     """The grid: query tiles of 64 / 128 (16 / 32 for fp32), 4 or 8 warps, 1-3 pipeline stages (1-2
     backward), split or padded head dim where :func:`head_dim_split` would split it. 128-query tiles on
-    4 warps are left out: compiled for sm_90 (``bench/aot_compile.py --tune-candidates``, Triton 3.6)
+    4 warps are left out: compiled for sm_90 (``tools/aot_compile.py --tune-candidates``, Triton 3.6)
     44 of their 84 backward kernels and 18 of 42 forward ones spilled, up to 1.2 KB per thread; of the
     252 kernels with 8 warps, 9 spilled (at most 40 bytes)."""
     from sam_fast.kernels.dilated_attention import head_dim_split

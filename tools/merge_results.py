@@ -1,6 +1,6 @@
 """Merge benchmark CSVs written elsewhere (a GPU session's ``--out``) into ``bench/results/``.
 
-    python bench/merge_results.py DIR|session.tgz [--into bench/results]
+    python -m tools.merge_results DIR|session.tgz [--into bench/results]
 
 Each ``DIR/<script>.csv`` has its rows appended to ``<into>/<script>.csv`` (columns matched by name, so
 a script that gained a column merges into an older file), and its plot ``DIR/<script>.png``, drawn from
@@ -38,7 +38,7 @@ def merge(src_dir: str, into: str) -> int:
 
 
 def merge_session(tgz: str, into: str) -> int:
-    """A GPU call's ``session.tgz`` (bench/gpu_verify.py): merge its results/ and print its verdict table."""
+    """A GPU call's ``session.tgz`` (tools/gpu_verify.py): merge its results/ and print its verdict table."""
     import tarfile
     import tempfile
 

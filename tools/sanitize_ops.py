@@ -1,7 +1,7 @@
 """Run every C++/CUDA op of sam_fast once on small CUDA inputs, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python bench/sanitize_ops.py [--triton]
-    compute-sanitizer --tool racecheck python bench/sanitize_ops.py
+    compute-sanitizer --tool memcheck python -m tools.sanitize_ops [--triton]
+    compute-sanitizer --tool racecheck python -m tools.sanitize_ops
 
 Each op runs on shapes that hit its edges (partial warps and blocks, a crop inside a frame, masks
 that are empty, full and ragged) and its result is checked against the CPU kernel, so a run that

@@ -1,11 +1,11 @@
 """Verify sam_fast on a GPU in one short device call: build, smoke-test every kernel, measure every
 performance target once, run compute-sanitizer, and print one verdict table.
 
-Run through ``bench/gpu_session.sh`` (whose header has the five commands a session needs):
+Run through ``tools/gpu_session.sh`` (whose header has the five commands a session needs):
 
-    python3 bench/gpu_verify.py prepare              on the CPU machine: wheels, prebuilt extension -> .whl/
-    python3 bench/gpu_verify.py verify [--dry-run]   on the GPU machine: <= 480 s, stages below
-    python3 bench/gpu_verify.py full [STAGE ...]     on the GPU machine: the long stages, <= 580 s
+    python -m tools.gpu_verify prepare              on the CPU machine: wheels, prebuilt extension -> .whl/
+    python -m tools.gpu_verify verify [--dry-run]   on the GPU machine: <= 480 s, stages below
+    python -m tools.gpu_verify full [STAGE ...]     on the GPU machine: the long stages, <= 580 s
 
 ``verify`` runs its stages in order of value, each bounded by its own budget (time a stage leaves unused
 passes to the next ones) and the whole by its own clock, so a run cut short keeps the most important
@@ -16,7 +16,7 @@ peers, the sanitizer. Output: progress lines, then the verdict table as the last
 table, tuned tables) - three files, under the device's eight.
 
 ``--dry-run`` plans every stage, prints its budget and command and executes nothing (the CPU test suite
-checks that the budgets add up to at most 480 s and that every target of ``bench/targets.py`` has a stage
+checks that the budgets add up to at most 480 s and that every target of ``tools/targets.py`` has a stage
 that writes the rows it reads).
 
 This file imports only the standard library, so it runs before sam_fast is installed.
@@ -81,7 +81,7 @@ class Stage:
     what: str
     command: Optional[List[str]] = None  # a subprocess (timeout = budget + time saved earlier)
     action: Optional[Callable[["Session", float], Result]] = None  # or an in-process step
-    measures: Sequence[str] = ()  # bench scripts whose rows (for bench/targets.py) it writes
+    measures: Sequence[str] = ()  # bench scripts whose rows (for tools/targets.py) it writes
     log: str = ""
 
 
@@ -208,9 +208,9 @@ def install(session: Session, timeout: float) -> Result:
         notes.append(f"{len(wheels)} wheels" + ("" if code.returncode == 0 else " (pip FAILED)"))
     paths = [site] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    first_kernel = os.path.join(CARRY, "foundation_attention.py")  # the dense-pattern peer (no .git there)
+    first_kernel = os.path.join(CARRY, "dense_v1_attention.py")  # the dense-pattern peer (no .git there)
     if os.path.isfile(first_kernel):
-        env["SAM_FAST_FOUNDATION_KERNEL"] = first_kernel
+        env["SAM_FAST_DENSE_V1_KERNEL"] = first_kernel
     sha = os.path.join(CARRY, "GIT_SHA")
     if os.path.isfile(sha):
         with open(sha) as f:
@@ -221,8 +221,8 @@ def install(session: Session, timeout: float) -> Result:
         so = [f for f in os.listdir(PREBUILT) if f.startswith("_C") and f.endswith(".so")][0]
         _stage_package(os.path.join(PREBUILT, so))
         # PYTHONSAFEPATH: no cwd or script folder ahead of the stage (the repository root's sam_fast/ has neither
-        # kernels/ nor the extension inside it)
-        staged = dict(env, PYTHONPATH=os.pathsep.join([STAGE_DIR, env["PYTHONPATH"]]), PYTHONSAFEPATH="1")
+        # kernels/ nor the extension inside it); the root itself comes last, for `python -m tools.<name>`
+        staged = dict(env, PYTHONPATH=os.pathsep.join([STAGE_DIR, env["PYTHONPATH"], ROOT]), PYTHONSAFEPATH="1")
         check = subprocess.run([PY, "-c", _LOAD_CHECK], env=staged, capture_output=True, text=True)
         if check.returncode == 0:
             session.env = staged
@@ -248,7 +248,7 @@ def install(session: Session, timeout: float) -> Result:
 def _prebuilt_refusal(env: dict) -> Optional[str]:
     info_path = os.path.join(PREBUILT, "BUILD_INFO.json")
     if not os.path.isfile(info_path):
-        return "none prepared (bash bench/gpu_session.sh prepare)"
+        return "none prepared (bash tools/gpu_session.sh prepare)"
     with open(info_path) as f:
         info = json.load(f)
     if info.get("source_sha256") != source_hash():
@@ -293,7 +293,7 @@ def verify_stages(pack: str) -> List[Stage]:
     stages += [
         Stage("sanitize", 60, "compute-sanitizer memcheck: every CUDA op and Triton kernel on small ragged inputs",
               command=["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", PY,
-                       "bench/sanitize_ops.py", "--triton"]),
+                       "-m", "tools.sanitize_ops", "--triton"]),
         Stage("report", 10, "the targets' verdicts from this run's rows, and the table", action=None),
     ]
     return stages
@@ -305,7 +305,7 @@ def full_stages(pack: str) -> List[Stage]:
                     command=_pytest("gpu", os.path.join(pack, "tests.xml"), 300)),
               Stage("racecheck", 90, "compute-sanitizer racecheck on the CUDA ops",
                     command=["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "9", PY,
-                             "bench/sanitize_ops.py"])]
+                             "-m", "tools.sanitize_ops"])]
     for script, budget in (("bench_dilated_attention", 200), ("bench_int8_gemm", 120), ("bench_attention", 150),
                            ("bench_e2e", 150), ("bench_everything", 100), ("bench_decoder", 60)):
         stages.append(Stage(script, budget, f"every case of {script}",
@@ -314,9 +314,9 @@ def full_stages(pack: str) -> List[Stage]:
         Stage("bench_e2e_compile", 200, "ViT-B/H encoders under torch.compile: SDPA+bias vs sam_fast",
               command=[PY, "bench/bench_e2e.py", "--compile", "--models", "vit_b,vit_h", "--out", results]),
         Stage("tune_int8", 200, "tune the int8 GEMM table (kernels/tuned/int8_gemm.json)",
-              command=[PY, "bench/tune_int8_gemm.py"]),
+              command=[PY, "-m", "tools.tune_int8_gemm"]),
         Stage("tune_attention", 250, "tune the attention table (kernels/tuned/attention.json)",
-              command=[PY, "bench/tune_attention.py"]),
+              command=[PY, "-m", "tools.tune_attention"]),
         Stage("report", 10, "the targets' verdicts from this run's rows, and the table", action=None),
     ]
     return stages
@@ -354,9 +354,9 @@ def smoke_verdicts(junit: str) -> Dict[str, str]:
 
 
 def target_verdicts(session: Session) -> List[dict]:
-    """bench/targets.py over this run's CSVs (in a subprocess: it needs sam_fast)."""
+    """tools/targets.py over this run's CSVs (in a subprocess: it needs sam_fast)."""
     path = os.path.join(session.pack, "targets.json")
-    subprocess.run([PY, "bench/targets.py", "--results", session.results, "--json", path, "--detail",
+    subprocess.run([PY, "-m", "tools.targets", "--results", session.results, "--json", path, "--detail",
                     "--out", os.path.join(session.pack, "targets.md")],
                    cwd=ROOT, env=session.env, capture_output=True, text=True, timeout=60)
     if not os.path.isfile(path):
@@ -524,9 +524,9 @@ def prepare() -> int:
     import re
 
     with open(os.path.join(ROOT, "bench", "bench_dilated_attention.py")) as f:
-        first = re.search(r'^FOUNDATION_SHA = "([0-9a-f]+)"', f.read(), re.M).group(1)
+        first = re.search(r'^DENSE_V1_SHA = "([0-9a-f]+)"', f.read(), re.M).group(1)
     src = _run(["git", "show", f"{first}:kernels/dilated_attention.py"], cwd=ROOT, capture_output=True).stdout
-    with open(os.path.join(CARRY, "foundation_attention.py"), "wb") as f:
+    with open(os.path.join(CARRY, "dense_v1_attention.py"), "wb") as f:
         f.write(src)
     print("prebuilt extension:", build_prebuilt())
     size = sum(os.path.getsize(os.path.join(b, n)) for b, _, ns in os.walk(CARRY) for n in ns)

@@ -18,7 +18,7 @@ Triton versions other than the one imported (the H100 machine has Triton 3.6; pu
 installed one with ``pip install --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``). ``pytest -m gpu``
 on a GPU remains the verification.
 
-    python bench/aot_compile.py [--arch 90] [--quick] [--out DIR]
+    python -m tools.aot_compile [--arch 90] [--quick] [--out DIR]
 
 Prints one row per distinct compiled kernel configuration (kernel, shared bytes, warps, stages,
 registers, stack bytes, first case), writes ``DIR/aot_compile_sm<arch>.csv`` with provenance (one row
@@ -217,10 +217,10 @@ def compile_decoder(rec, quick, dtypes):
 
 
 def compile_tune_candidates(rec, quick, dtypes):
-    """Every candidate ``bench/tune_attention.py`` would time on a GPU, for its cases in bf16: which fit the
+    """Every candidate ``tools/tune_attention.py`` would time on a GPU, for its cases in bf16: which fit the
     architecture's shared memory, and their registers and spills (cases named ``tune <case> <dir> <config>``)."""
     import sam_fast
-    from sam_fast.bench import tune_attention as T
+    from tools import tune_attention as T
     from sam_fast.kernels.dilated_attention import forced_config
 
     gen = torch.Generator().manual_seed(0)
@@ -241,9 +241,9 @@ def compile_tune_candidates(rec, quick, dtypes):
 
 
 def compile_int8_tune_candidates(rec, quick, dtypes):
-    """Every block configuration ``bench/tune_int8_gemm.py`` would time, on the ViT-H MLP shapes at M = 4096
+    """Every block configuration ``tools/tune_int8_gemm.py`` would time, on the ViT-H MLP shapes at M = 4096
     (the timed call: bf16 out, bias, per-token scales; cases named ``tune int8 <K>-><N> <config>``)."""
-    from sam_fast.bench import tune_int8_gemm as T8
+    from tools import tune_int8_gemm as T8
     from sam_fast.kernels.int8_gemm import int8_gemm
 
     shapes = [(1280, 5120)] if quick else [(1280, 5120), (5120, 1280)]
@@ -288,7 +288,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="bf16 and a few shapes only")
     parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
     parser.add_argument("--tune-candidates", action="store_true",
-                        help="compile the candidates of bench/tune_attention.py and bench/tune_int8_gemm.py instead (aot_tune_candidates_sm<arch>.csv); "
+                        help="compile the candidates of tools/tune_attention.py and tools/tune_int8_gemm.py instead (aot_tune_candidates_sm<arch>.csv); "
                              "a candidate over the shared-memory limit is reported, not a failure")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
