@@ -34,10 +34,10 @@ import subprocess
 import sys
 import tempfile
 
-from sam_fast.bench.harness import interpreter_without_gpu
+from sam_fast.kernels._interpreter import use_interpreter_without_gpu
 
 if __name__ == "__main__":
-    interpreter_without_gpu()  # before triton decorates sam_fast's kernels
+    use_interpreter_without_gpu()  # before triton decorates sam_fast's kernels
 
 import torch
 import torch.nn.functional as F

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import sys
 
-from sam_fast.bench.harness import interpreter_without_gpu
+from sam_fast.kernels._interpreter import use_interpreter_without_gpu
 
-interpreter_without_gpu()
+use_interpreter_without_gpu()
 
 import torch  # noqa: E402
 

@@ -37,9 +37,9 @@ import copy
 import sys
 import time
 
-from sam_fast.bench.harness import interpreter_without_gpu
+from sam_fast.kernels._interpreter import use_interpreter_without_gpu
 
-interpreter_without_gpu()
+use_interpreter_without_gpu()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -19,11 +19,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-def interpreter_without_gpu() -> None:
-    """Run Triton kernels under the interpreter on a machine without CUDA. Call before anything imports
-    sam_fast's kernels (triton.jit reads TRITON_INTERPRET when it decorates them)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def progress(items, desc: str, label: Callable[[object], str] = str):

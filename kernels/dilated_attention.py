@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from ._arch import COMPILE_OPTIONS, device_arch
+from ._interpreter import interpreting as _interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -995,10 +996,6 @@ def _branch_args(group: Group, rel_offsets=None) -> list:
             vals = [1, 1, 1, 1] + ([0, 0] if j else [])
         out += vals
     return out
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _launch_config(group: Group, padded: bool, has_rel: bool, head_dim: int, backward: bool = False,

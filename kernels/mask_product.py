@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._arch import COMPILE_OPTIONS
-from .dilated_attention import _dot, _interpreting, _precision, _upcast
+from ._interpreter import interpreting as _interpreting
+from .dilated_attention import _dot, _precision, _upcast
 
 
 @triton.jit

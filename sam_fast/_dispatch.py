@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from .kernels._interpreter import interpreting, kernels_defined_for_gpu
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
@@ -106,23 +107,10 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def triton_interpreter() -> bool:
-    """True when Triton kernels run under ``TRITON_INTERPRET=1`` (on CPU tensors, slowly)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _kernels_built_for_gpu() -> bool:
-    """Whether a loaded sam_fast Triton kernel was defined without the interpreter (``triton.jit`` reads
-    TRITON_INTERPRET when it decorates, so setting it after the import does not reach those kernels)."""
-    import sys
-
     if torch.compiler.is_compiling():  # tracing: the eager call before it already decided
         return False
-    for name, mod in list(sys.modules.items()):
-        if mod is not None and name.startswith("sam_fast.kernels."):
-            if any(type(v).__name__ == "JITFunction" for v in list(vars(mod).values())):
-                return True
-    return False
+    return kernels_defined_for_gpu()
 
 
 def triton_device_refusal(t: torch.Tensor, explicit: bool) -> Optional[Refusal]:
@@ -134,7 +122,7 @@ def triton_device_refusal(t: torch.Tensor, explicit: bool) -> Optional[Refusal]:
     """
     if t.device.type == "cuda":
         return None
-    if t.device.type == "cpu" and triton_interpreter():
+    if t.device.type == "cpu" and interpreting():
         if _kernels_built_for_gpu():
             return Refusal("TRITON_INTERPRET=1 was set after sam_fast's Triton kernels were loaded, so they were "
                            "built for a GPU (Triton decides when a kernel is defined, and without a GPU launching "

@@ -4,13 +4,13 @@ TRITON_INTERPRET must be set before triton.jit decorates the kernels, i.e. befor
 GPU tests carry ``@pytest.mark.gpu`` and run with ``pytest -m gpu``.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from sam_fast.kernels._interpreter import interpreting, use_interpreter_without_gpu  # noqa: E402
+
+use_interpreter_without_gpu()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,7 +30,7 @@ def _interpreter_sanitizer(request):
     """Every test's Triton launches under the interpreter run inside :func:`interp_sanitizer.interpreter_sanitizer`:
     a global-memory race or an access outside the launch's tensors fails the test (at teardown), which the
     interpreter's in-order, unchecked execution would otherwise hide."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or request.node.get_closest_marker("no_sanitizer"):
+    if not interpreting() or request.node.get_closest_marker("no_sanitizer"):
         yield
         return
     from interp_sanitizer import interpreter_sanitizer

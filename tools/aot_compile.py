@@ -33,7 +33,9 @@ import sys
 import time
 import traceback
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU, not the interpreter: before sam_fast loads
+from sam_fast.kernels._interpreter import compile_for_gpu  # noqa: E402
+
+compile_for_gpu()  # compile for the GPU, not the interpreter: before any kernel module loads
 
 import torch  # noqa: E402
 
