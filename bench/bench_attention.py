@@ -28,8 +28,16 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import (PADDED_D, LiveRows, bench_main, measure, padded_head_dim_for, provenance,
-                                    raise_recompile_limit, save_results)
+from sam_fast.bench.harness import (
+    PADDED_D,
+    LiveRows,
+    bench_main,
+    measure,
+    padded_head_dim_for,
+    provenance,
+    raise_recompile_limit,
+    save_results,
+)
 
 SCRIPT = "bench_attention"
 BASELINE = "segment_anything"
@@ -121,7 +129,8 @@ def _peers(device, head_dim=64, mode="fwd"):
     if device.type == "cuda":
         from sam_fast.kernels.dilated_attention import head_dim_split
 
-        peers += [("sdpa_mask(efficient)", sdpa_mask), ("flex_attention", flex_relpos), ("sam_fast(triton)", sam_fast_triton)]
+        peers += [("sdpa_mask(efficient)", sdpa_mask), ("flex_attention", flex_relpos),
+                  ("sam_fast(triton)", sam_fast_triton)]
         if head_dim_split(head_dim)[1]:  # same-run measure of what the head-dim split buys
             peers.append((PADDED_D, sam_fast_triton))
         try:

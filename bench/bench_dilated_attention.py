@@ -13,7 +13,8 @@ Peers in the same run:
   (block mask built once, outside the timing); several branches merged with its returned lse;
 * ``sam_fast_dense`` - the dense fused kernel (pattern None) at the same N, for scale;
 * ``dense_v1@<sha>`` - for the dense pattern: the project's first dense kernel, loaded from git history
-  (or from $SAM_FAST_DENSE_V1_KERNEL where there is no .git), so "no regression from generality" is measured in the same run.
+  (or from $SAM_FAST_DENSE_V1_KERNEL where there is no .git), so "no regression from generality" is measured
+  in the same run.
 
 Metrics per row: median time; achieved TFLOP/s over kept (query, key) pairs only (4 * D per pair,
 x3.5 for forward+backward); achieved GB/s counting Q, K, V read once and O written once, and that as
@@ -42,8 +43,17 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from sam_fast.bench.harness import (PADDED_D, LiveRows, bench_main, measure, padded_head_dim_for, progress,
-                                    provenance, raise_recompile_limit, save_results)
+from sam_fast.bench.harness import (
+    PADDED_D,
+    LiveRows,
+    bench_main,
+    measure,
+    padded_head_dim_for,
+    progress,
+    provenance,
+    raise_recompile_limit,
+    save_results,
+)
 
 SCRIPT = "bench_dilated_attention"
 BASELINE = "gather_sdpa_scatter"
@@ -430,7 +440,8 @@ def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = F
     prov = provenance(dev)
 
     def each(todo):
-        return progress(todo, "dilated attention cases", lambda c: f"{c[0][0]} {c[0][1]}" + (f" {c[1]}" if c[1] else ""))
+        return progress(todo, "dilated attention cases",
+                        lambda c: f"{c[0][0]} {c[0][1]}" + (f" {c[1]}" if c[1] else ""))
 
     rows = run_cases(dev, dtype, quick, prov, each, LiveRows(out_dir, SCRIPT, EXTRA_COLUMNS), targets)
     if dev.type == "cpu" and not targets:

@@ -32,8 +32,7 @@ use_interpreter_without_gpu()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sam_fast.bench.harness import (LiveRows, bench_main, measure, provenance, raise_recompile_limit,  # noqa: E402
-                                    save_results)
+from sam_fast.bench.harness import LiveRows, bench_main, measure, provenance, raise_recompile_limit, save_results  # noqa: E402
 
 SCRIPT = "bench_int8_gemm"
 BASELINE = "cublas_bf16" if torch.cuda.is_available() else "torch_fp32"

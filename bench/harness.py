@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 
-
 def progress(items, desc: str, label: Callable[[object], str] = str):
     """Iterate ``items`` with a progress bar on a terminal; elsewhere (a GPU stage's log) one flushed line
     per item with the seconds so far, so a log cut off by a time limit shows where the run was."""

@@ -17,7 +17,8 @@ are timed and the Triton kernels are checked for correctness under the interpret
 bbox, predicted IoU, stability score) and ``DIR/<name>.png`` (the masks over the image), with a
 progress bar over images. Before any work it checks that no output would overwrite an input and that
 no output exists yet (``--overwrite`` replaces them); inputs sharing a name get distinct outputs
-(``photo_png``, ``photo_jpg``; then ``_2``, ``_3``); each file is written whole or not at all. Prompts (``--points`` / ``--box``) are in the image's pixel coordinates;
+(``photo_png``, ``photo_jpg``; then ``_2``, ``_3``); each file is written whole or not at all. Prompts
+(``--points`` / ``--box``) are in the image's pixel coordinates;
 ``--everything`` runs :class:`sam_fast.SamFastAutomaticMaskGenerator` (``--hierarchical``: TinySAM's
 two-round mode).
 
@@ -102,7 +103,8 @@ def bench_summary(results, seconds: float, out_dir: str, tables_path: str, plots
             key = (r["op"], r["case"], r["mode"])
             if str(r.get("backend", "")).startswith("sam_fast") and _timed(r) and key in base:
                 best[key] = max(best.get(key, 0.0), base[key] / float(r["median_ms"]))
-            elif str(r.get("backend", "")).startswith("sam_fast") and not _timed(r) and r.get("max_err") not in ("", None):
+            elif (str(r.get("backend", "")).startswith("sam_fast") and not _timed(r)
+                  and r.get("max_err") not in ("", None)):
                 checked += 1
                 worst_err = max(worst_err, float(r["max_err"]))
         if best:
@@ -413,7 +415,8 @@ def _inspect(args) -> int:
         known = known_model_type(geom)
         family = known or ("DC-ViT-compressed SAM ViT (blocks without attention)"
                            if any(not b.has_attention for b in geom.blocks) else
-                           "per-block pruned SAM ViT (SlimSAM-style)" if not geom.uniform else "SAM ViT (custom widths)")
+                           "per-block pruned SAM ViT (SlimSAM-style)" if not geom.uniform
+                           else "SAM ViT (custom widths)")
         print(f"family: {family}, input {geom.img_size} x {geom.img_size}, patch {geom.patch_size}, "
               f"embed {geom.embed_dim}, {len(geom.blocks)} blocks")
         print(f"{'block':>5} {'attention':>16} {'heads':>5} {'head dim':>8} {'MLP':>6}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import numbers
-
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np

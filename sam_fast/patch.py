@@ -97,7 +97,8 @@ class SamFastConfig:
         if blocks is None or blocks in BLOCK_CHOICES:
             return
         if isinstance(blocks, str):
-            raise ValueError(f"dilated_blocks must be one of {BLOCK_CHOICES} or a list of block indices, got {blocks!r}")
+            raise ValueError(f"dilated_blocks must be one of {BLOCK_CHOICES} or a list of block indices, "
+                             f"got {blocks!r}")
         if not isinstance(blocks, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                             and i >= 0 for i in blocks):
             raise TypeError(f"dilated_blocks must be 'global', 'all' or a list of block indices, got {blocks!r}")

@@ -167,7 +167,8 @@ def resolve_pattern(pattern, n_tokens: int, grid: Optional[Tuple[int, int]]) -> 
                 raise ValueError(f"pattern[{i}] is a 2-D branch {b} but no grid=(Hg, Wg) was given")
             if b.dilation[0] > grid[0] or b.dilation[1] > grid[1]:
                 raise ValueError(f"pattern[{i}] has dilation {b.dilation}, larger than the {grid[0]}x{grid[1]} grid: "
-                                 "every head would keep at most one row or column of it; use a dilation within the grid")
+                                 "every head would keep at most one row or column of it; use a dilation "
+                                 "within the grid")
             # Not clipped to the grid: with pad_kv a segment larger than the grid is completed with
             # virtual keys, as segment_anything pads an 8x8 grid to one 14x14 window.
             out.append(ResolvedBranch(grid[0], grid[1], b.segment, b.dilation, True))
@@ -191,6 +192,7 @@ def pattern_from_lists(segment_lengths: Sequence[int], dilation_rates: Sequence[
         try:
             w, r = operator.index(w), operator.index(r)
         except TypeError:
-            raise TypeError(f"segment_lengths[{i}] and dilation_rates[{i}] must be integers, got {w!r} and {r!r}") from None
+            raise TypeError(f"segment_lengths[{i}] and dilation_rates[{i}] must be integers, "
+                            f"got {w!r} and {r!r}") from None
         out.append(Branch(w, r))
     return out

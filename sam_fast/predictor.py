@@ -25,7 +25,6 @@ from .nn.decoder import BatchedMaskDecoder
 from .ops.postprocess import mask_postprocess
 from .reference.postprocess import upsample_logits
 
-
 POSTPROCESS_BACKENDS = ("auto", "cuda", "cpu", "reference")  # sam_fast::mask_postprocess's
 
 
@@ -284,7 +283,8 @@ class SamFastPredictor(SamPredictor):
             if item["count"]:
                 groups.setdefault(item["key"], []).append(i)
         M = self.model.mask_decoder.num_mask_tokens - 1 if multimask_output else 1
-        side = 4 * self.model.prompt_encoder.image_embedding_size[0], 4 * self.model.prompt_encoder.image_embedding_size[1]
+        emb_h, emb_w = self.model.prompt_encoder.image_embedding_size
+        side = 4 * emb_h, 4 * emb_w
         low = [None] * len(parsed)
         iou = [None] * len(parsed)
         for key, members in groups.items():

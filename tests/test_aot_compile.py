@@ -38,7 +38,8 @@ def test_tuner_candidates_compile(tmp_path):
         "import sys\n"
         "from tools import tune_attention as T, tune_int8_gemm as T8, aot_compile as A\n"
         "T.CASES = [('small D=80 window', (16, 16), 2, 80, (8, 8), True, True)]\n"
-        "T8.candidates = lambda: iter([dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),"
+        "T8.candidates = lambda: iter(["
+        "dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),"
         " dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)])\n"
         f"sys.exit(A.main(['--tune-candidates', '--out', {str(tmp_path)!r}]))\n")
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -50,7 +51,8 @@ def test_tuner_candidates_compile(tmp_path):
     for backward, kernels in ((False, {"_dilated_attention_fwd_kernel"}),
                               (True, {"_dilated_attention_bwd_dq_kernel", "_dilated_attention_bwd_dkdv_kernel"})):
         for cfg in T.candidates(80, backward):
-            case = f"tune small D=80 window {'bwd' if backward else 'fwd'} " + " ".join(f"{k}={v}" for k, v in cfg.items())
+            case = (f"tune small D=80 window {'bwd' if backward else 'fwd'} "
+                    + " ".join(f"{k}={v}" for k, v in cfg.items()))
             got = {r["op"] for r in rows if r["case"] == case}
             assert got == kernels, (case, got)
             assert all(int(r["num_warps"]) == cfg["num_warps"] for r in rows if r["case"] == case)

@@ -5,14 +5,13 @@ import itertools
 
 import pytest
 import torch
+from attn_helpers import check_far_apart_batches, check_kernel_vs_reference, record_launch_configs, run_op
 
 import sam_fast
 from sam_fast import Branch
 from sam_fast.pattern import resolve_pattern
 from sam_fast.reference.attention import dilated_attention_reference
 from sam_fast.testing import FWD_FACTOR, check_against_reference
-
-from attn_helpers import check_far_apart_batches, check_kernel_vs_reference, record_launch_configs, run_op
 
 
 def make_case(B, grid, H, D, dtype, window=None, rel=False, pad=False, seed=0, layout="contiguous"):
@@ -48,7 +47,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-g{c[1][0]}x{c[1][1]}-H{c[2]}-D{c[3]}-w{c[4]}-rel{int(c[5])}-pad{int(c[6])}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-g{c[1][0]}x{c[1][1]}-H{c[2]}-D{c[3]}-w{c[4]}"
+                                                     f"-rel{int(c[5])}-pad{int(c[6])}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference(case, dtype):
     B, grid, H, D, window, rel, pad = case
@@ -158,7 +158,8 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="needs grid"):
         sam_fast.dilated_attention(q, q, q, rel_pos_h=torch.zeros(5, 16), rel_pos_w=torch.zeros(7, 16))
     with pytest.raises(ValueError, match=r"pad_kv\[0\] must have shape"):
-        sam_fast.dilated_attention(q, q, q, Branch((2, 2)), grid=(3, 4), pad_kv=(torch.zeros(3, 16), torch.zeros(2, 16)))
+        sam_fast.dilated_attention(q, q, q, Branch((2, 2)), grid=(3, 4),
+                                   pad_kv=(torch.zeros(3, 16), torch.zeros(2, 16)))
     with pytest.raises(ValueError, match="2-D branch"):
         sam_fast.dilated_attention(q, q, q, Branch((2, 2)))
     with pytest.raises(ValueError, match="backend must be one of"):

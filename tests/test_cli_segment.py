@@ -11,8 +11,8 @@ from pycocotools import mask as mask_utils
 from skimage import data
 
 from sam_fast.cli import main
-from sam_fast.reference.postprocess import coco_counts
 from sam_fast.models import load_sam, tiny_sam
+from sam_fast.reference.postprocess import coco_counts
 
 
 @pytest.fixture(scope="module")

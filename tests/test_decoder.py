@@ -9,7 +9,12 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from skimage import data
 
 import sam_fast
-from sam_fast.everything import SamFastAutomaticMaskGenerator, points_inside, remove_small_regions, sample_upsampled_logits
+from sam_fast.everything import (
+    SamFastAutomaticMaskGenerator,
+    points_inside,
+    remove_small_regions,
+    sample_upsampled_logits,
+)
 from sam_fast.models import tiny_sam
 from sam_fast.nn.decoder import BatchedMaskDecoder
 from sam_fast.predictor import SamFastPredictor
@@ -253,7 +258,8 @@ def test_predict_batch_matches_per_image(sam):
         single.set_image(images[i])
         coords = single.transform.apply_coords(prompts[i]["point_coords"], images[i].shape[:2])
         boxes = prompts[i].get("boxes")
-        boxes = None if boxes is None else torch.as_tensor(single.transform.apply_boxes(boxes, images[i].shape[:2])).float()
+        if boxes is not None:
+            boxes = torch.as_tensor(single.transform.apply_boxes(boxes, images[i].shape[:2])).float()
         m, iou, low = single.predict_torch(torch.as_tensor(coords).float(),
                                            torch.as_tensor(prompts[i]["point_labels"]).int(), boxes)
         torch.testing.assert_close(out[i]["low_res_logits"], low, atol=1e-4, rtol=0)

@@ -4,14 +4,13 @@ import os
 
 import pytest
 import torch
+from attn_helpers import check_kernel_vs_reference, record_launch_configs
 
 import sam_fast
 from sam_fast import Branch
 from sam_fast.kernels.dilated_attention import Geometry, plan_groups
 from sam_fast.pattern import resolve_pattern
 from sam_fast.reference.attention import dilated_attention_reference
-
-from attn_helpers import check_kernel_vs_reference, record_launch_configs
 
 # (B, N or grid, H, D, pattern, rel). Covers 1-D and 2-D, one and several branches, r in {1, 2, 3, 4},
 # partial segments, N off every block size, head dims 14/32/64/80, batch 1, heads fewer than r
@@ -282,7 +281,8 @@ def test_triton_interpret_set_after_import_is_explained():
             "    print(type(exc).__name__, exc)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert "TRITON_INTERPRET=1 was set after sam_fast's Triton kernels were loaded" in res.stdout, res.stdout + res.stderr
+    expected = "TRITON_INTERPRET=1 was set after sam_fast's Triton kernels were loaded"
+    assert expected in res.stdout, res.stdout + res.stderr
     assert "before importing sam_fast" in res.stdout
 
 

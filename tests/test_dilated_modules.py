@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from test_patch import _image
 
 import sam_fast
 from sam_fast import Branch
 from sam_fast.models import tiny_image_encoder
 from sam_fast.nn import DilatedAttention, SamFastBlock
 from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
-
-from test_patch import _image
 
 
 def _sam_attention(dim=32, heads=2, input_size=(6, 6), seed=0):

@@ -142,4 +142,5 @@ def test_fresh_empty_tensors_are_poisoned_in_cpu_tests():
     """conftest fills torch.empty / empty_like / new_empty with NaN or -77 / 177, so a kernel or launcher
     reading memory it never wrote fails here as it would on a GPU (where recycled memory is garbage)."""
     assert torch.empty(4).isnan().all() and torch.empty_like(torch.ones(2, dtype=torch.bfloat16)).isnan().all()
-    assert (torch.empty(3, dtype=torch.int8) == -77).all() and (torch.ones(1).new_empty(2, dtype=torch.uint8) == 177).all()
+    assert (torch.empty(3, dtype=torch.int8) == -77).all()
+    assert (torch.ones(1).new_empty(2, dtype=torch.uint8) == 177).all()

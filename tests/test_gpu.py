@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from attn_helpers import check_far_apart_batches, check_kernel_vs_reference
 
 import sam_fast
 from sam_fast import Branch
 from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
-
-from attn_helpers import check_far_apart_batches, check_kernel_vs_reference
 
 pytestmark = pytest.mark.gpu
 # The smoke subset (`pytest -m "gpu and smoke"`, the first stage of tools/gpu_verify.py): each Triton kernel
@@ -432,7 +431,8 @@ def test_batched_decoder_sam_shapes_bf16():
         lows = []
         for p in range(5):
             sparse, dense = sam.prompt_encoder(points=(coords[p:p + 1], labels[p:p + 1]), boxes=None, masks=None)
-            lows.append(model.mask_decoder(emb[index[p]:index[p] + 1].to(dtype), sam.prompt_encoder.get_dense_pe().to(dtype),
+            dense_pe = sam.prompt_encoder.get_dense_pe().to(dtype)
+            lows.append(model.mask_decoder(emb[index[p]:index[p] + 1].to(dtype), dense_pe,
                                            sparse.to(dtype), dense.to(dtype), True)[0])
         return torch.cat(lows).float()
 

@@ -253,8 +253,8 @@ def test_main_leaves_the_table_log_and_session_archive_in_out(tmp_path, monkeypa
 def test_merge_results_takes_the_session_archive(tmp_path, capsys):
     import tarfile
 
-    from tools import merge_results
     from sam_fast.bench.harness import append_csv
+    from tools import merge_results
 
     pack = tmp_path / "pack"
     append_csv(str(pack / "results" / "bench_decoder.csv"),

@@ -327,7 +327,8 @@ def test_tuned_table_lookup(monkeypatch):
     assert K.gemm_config(3000, 64, 40, cpu) == K.heuristic_config(3000, 64, 40)
     x = _activations(37, 40, seed=19)
     wq, ws = R.quantize_weight(torch.randn(50, 40))
-    assert torch.equal(sam_fast.int8_linear(x, wq, ws, backend="triton"), sam_fast.int8_linear(x, wq, ws, backend="cpu"))
+    assert torch.equal(sam_fast.int8_linear(x, wq, ws, backend="triton"),
+                       sam_fast.int8_linear(x, wq, ws, backend="cpu"))
 
 
 def test_bench_int_mm_peer_matches_the_scheme():

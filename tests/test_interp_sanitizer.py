@@ -10,12 +10,11 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from attn_helpers import record_launch_configs
+from interp_sanitizer import interpreter_sanitizer
 
 import sam_fast
 from sam_fast import Branch
-
-from attn_helpers import record_launch_configs
-from interp_sanitizer import interpreter_sanitizer
 
 
 @triton.jit

@@ -10,8 +10,15 @@ import sam_fast
 from sam_fast import SamFastConfig
 from sam_fast.models import build_sam, load_sam
 from sam_fast.models.sam import known_model_type
-from sam_fast.models.vit import (BlockGeometry, EncoderGeometry, MlpBlock, build_sam_from_geometry, encoder_geometry,
-                                 normalize_state_dict, slimsam_uniform_geometry)
+from sam_fast.models.vit import (
+    BlockGeometry,
+    EncoderGeometry,
+    MlpBlock,
+    build_sam_from_geometry,
+    encoder_geometry,
+    normalize_state_dict,
+    slimsam_uniform_geometry,
+)
 from sam_fast.quantize import calibrate, prepare_image, sqnr_db
 from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB, check_against_reference
 

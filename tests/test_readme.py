@@ -76,5 +76,6 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert isinstance(env["fast"], list)
     out = env["out"]
     assert [o["masks"].shape[:2] for o in out] == [(2, 3), (1, 3)]
-    assert out[0]["masks"].shape[2:] == env["image_a"].shape[:2] and out[1]["masks"].shape[2:] == env["image_b"].shape[:2]
+    assert out[0]["masks"].shape[2:] == env["image_a"].shape[:2]
+    assert out[1]["masks"].shape[2:] == env["image_b"].shape[:2]
 

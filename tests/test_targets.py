@@ -2,8 +2,8 @@
 
 import pytest
 
-from tools import targets
 from sam_fast.bench.harness import append_csv
+from tools import targets
 
 H100 = "NVIDIA H100 80GB HBM3"
 CPU = "cpu (x86_64, 2 cores)"
@@ -20,22 +20,25 @@ def _verdicts(results):
 
 def _dilated(ts, speed, dense_v1_ms=1.0, ours_dense_ms=1.0, roofline="0.7"):
     rows = []
-    for case, pattern in (("N=4096 D=64 B=8 2d(32,32)r2", "2d(32,32)r2"), ("N=4096 D=80 B=1 2d(64,64)r4", "2d(64,64)r4")):
+    for case, pattern in (("N=4096 D=64 B=8 2d(32,32)r2", "2d(32,32)r2"),
+                          ("N=4096 D=80 B=1 2d(64,64)r4", "2d(64,64)r4")):
         for mode in ("fwd", "fwd+bwd"):
             rows += [_row(ts, H100, "dilated_attention", case, "gather_sdpa_scatter", 10.0, mode, pattern=pattern),
                      _row(ts, H100, "dilated_attention", case, "flex_attention(mask_mod)", 20.0, mode, pattern=pattern),
                      _row(ts, H100, "dilated_attention", case, "sam_fast(triton)", 10.0 / speed[case], mode,
                           pattern=pattern, roofline_frac=roofline)]
-    rows += [_row(ts, H100, "dilated_attention", "N=4096 D=64 B=1 dense", "dense_v1@1234", dense_v1_ms, pattern="dense"),
-             _row(ts, H100, "dilated_attention", "N=4096 D=64 B=1 dense", "sam_fast(triton)", ours_dense_ms, pattern="dense"),
+    dense = "N=4096 D=64 B=1 dense"
+    rows += [_row(ts, H100, "dilated_attention", dense, "dense_v1@1234", dense_v1_ms, pattern="dense"),
+             _row(ts, H100, "dilated_attention", dense, "sam_fast(triton)", ours_dense_ms, pattern="dense"),
              # a CPU run, newer: must not stand in for the GPU
-             _row("2099-01-01T00:00:00+00:00", CPU, "dilated_attention", "N=256 D=32 B=1 2d(8,8)r2", "sam_fast(cpu)", 1.0,
-                  pattern="2d(8,8)r2")]
+             _row("2099-01-01T00:00:00+00:00", CPU, "dilated_attention", "N=256 D=32 B=1 2d(8,8)r2", "sam_fast(cpu)",
+                  1.0, pattern="2d(8,8)r2")]
     return rows
 
 
 def test_speedups_worst_case_decides_and_names_it(tmp_path):
-    rows = _dilated("2026-12-01T00:00:00+00:00", {"N=4096 D=64 B=8 2d(32,32)r2": 4.0, "N=4096 D=80 B=1 2d(64,64)r4": 2.5})
+    rows = _dilated("2026-12-01T00:00:00+00:00",
+                    {"N=4096 D=64 B=8 2d(32,32)r2": 4.0, "N=4096 D=80 B=1 2d(64,64)r4": 2.5})
     append_csv(str(tmp_path / "bench_dilated_attention.csv"), rows, ["pattern", "roofline_frac"])
     v = _verdicts(targets.read_results(str(tmp_path)))
     gather = v["forward >= 3x gather->flash->scatter, single-branch r >= 2"]
@@ -47,15 +50,17 @@ def test_speedups_worst_case_decides_and_names_it(tmp_path):
     assert both.status == "met" and all(mode == "fwd+bwd" for _, mode, _ in both.cases)
     roof = v["2-D r=2 at batch 8 within 1/0.6 of roofline (roofline_frac >= 0.6)"]
     assert roof.status == "met" and [c[0] for c in roof.cases] == ["N=4096 D=64 B=8 2d(32,32)r2"]
-    dense = v["dense pattern within 5% of the first dense kernel (dense_v1) (its time / ours >= 0.95)"]
+    dense = v["dense pattern within 5% of dense_v1, the first dense kernel (its time / ours >= 0.95)"]
     assert dense.status == "met" and dense.worst == pytest.approx(1.0)
     # nothing else was measured, and a target without rows is never met
     assert v[">= 1.6x bf16 cuBLAS on the ViT-H MLP linears at B=8, quantization included"].status == "not measured"
 
 
 def test_newest_run_decides_and_peers_come_from_the_same_run(tmp_path):
-    old = _dilated("2026-12-01T00:00:00+00:00", {"N=4096 D=64 B=8 2d(32,32)r2": 9.0, "N=4096 D=80 B=1 2d(64,64)r4": 9.0})
-    new = _dilated("2026-12-02T00:00:00+00:00", {"N=4096 D=64 B=8 2d(32,32)r2": 3.5, "N=4096 D=80 B=1 2d(64,64)r4": 3.5},
+    old = _dilated("2026-12-01T00:00:00+00:00",
+                   {"N=4096 D=64 B=8 2d(32,32)r2": 9.0, "N=4096 D=80 B=1 2d(64,64)r4": 9.0})
+    new = _dilated("2026-12-02T00:00:00+00:00",
+                   {"N=4096 D=64 B=8 2d(32,32)r2": 3.5, "N=4096 D=80 B=1 2d(64,64)r4": 3.5},
                    dense_v1_ms=1.0, ours_dense_ms=1.2)
     # the new run's gather peer is missing for one case: that case is skipped, not paired with the old run's peer
     new = [r for r in new if not (r["backend"] == "gather_sdpa_scatter" and "D=80" in r["case"] and r["mode"] == "fwd")]
@@ -64,7 +69,7 @@ def test_newest_run_decides_and_peers_come_from_the_same_run(tmp_path):
     v = _verdicts(targets.read_results(str(tmp_path)))
     gather = v["forward >= 3x gather->flash->scatter, single-branch r >= 2"]
     assert gather.run.startswith("2026-12-02") and [c[0] for c in gather.cases] == ["N=4096 D=64 B=8 2d(32,32)r2"]
-    dense = v["dense pattern within 5% of the first dense kernel (dense_v1) (its time / ours >= 0.95)"]
+    dense = v["dense pattern within 5% of dense_v1, the first dense kernel (its time / ours >= 0.95)"]
     assert dense.status == "MISSED" and dense.worst == pytest.approx(1 / 1.2)
 
 

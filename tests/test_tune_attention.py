@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from attn_helpers import record_launch_configs
 
 import sam_fast.kernels.dilated_attention as K
 from tools import tune_attention as T
-
-from attn_helpers import record_launch_configs
 
 TINY = ("tiny D=80 window", (6, 7), 2, 80, (4, 4), True, True)
 

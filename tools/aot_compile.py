@@ -222,8 +222,8 @@ def compile_tune_candidates(rec, quick, dtypes):
     """Every candidate ``tools/tune_attention.py`` would time on a GPU, for its cases in bf16: which fit the
     architecture's shared memory, and their registers and spills (cases named ``tune <case> <dir> <config>``)."""
     import sam_fast
-    from tools import tune_attention as T
     from sam_fast.kernels.dilated_attention import forced_config
+    from tools import tune_attention as T
 
     gen = torch.Generator().manual_seed(0)
     for case in T.CASES[:4] if quick else T.CASES:
@@ -245,8 +245,8 @@ def compile_tune_candidates(rec, quick, dtypes):
 def compile_int8_tune_candidates(rec, quick, dtypes):
     """Every block configuration ``tools/tune_int8_gemm.py`` would time, on the ViT-H MLP shapes at M = 4096
     (the timed call: bf16 out, bias, per-token scales; cases named ``tune int8 <K>-><N> <config>``)."""
-    from tools import tune_int8_gemm as T8
     from sam_fast.kernels.int8_gemm import int8_gemm
+    from tools import tune_int8_gemm as T8
 
     shapes = [(1280, 5120)] if quick else [(1280, 5120), (5120, 1280)]
     for k, n in shapes:
@@ -290,7 +290,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="bf16 and a few shapes only")
     parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
     parser.add_argument("--tune-candidates", action="store_true",
-                        help="compile the candidates of tools/tune_attention.py and tools/tune_int8_gemm.py instead (aot_tune_candidates_sm<arch>.csv); "
+                        help="compile the candidates of tools/tune_attention.py and tools/tune_int8_gemm.py instead "
+                             "(aot_tune_candidates_sm<arch>.csv); "
                              "a candidate over the shared-memory limit is reported, not a failure")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

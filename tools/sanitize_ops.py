@@ -127,7 +127,8 @@ def _triton_ops() -> None:
                               randn(8, dtype=dtype, scale=0.1), randn(3, 2, 8, dtype=dtype))
         got = upscale_mask_product(xs, w, bias, hyper, backend="triton")
         check_against_reference("upscale_mask_product", got,
-                                ref_decoder.upscale_mask_product(xs.double(), w.double(), bias.double(), hyper.double()),
+                                ref_decoder.upscale_mask_product(xs.double(), w.double(), bias.double(),
+                                                                 hyper.double()),
                                 ref_decoder.upscale_mask_product(xs, w, bias, hyper), dtype, FWD_FACTOR)
 
 

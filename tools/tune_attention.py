@@ -194,7 +194,8 @@ def write_table(path: str, doc: dict, arch: str, entries: Dict[str, dict], devic
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--table", default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "attention.json"))
+    p.add_argument("--table",
+                   default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "attention.json"))
     p.add_argument("--batch", type=int, default=8, help="images per timed call (the tuned entries ignore batch)")
     p.add_argument("--quick", action="store_true", help="the ViT-H and ViT-B cases only")
     args = p.parse_args(argv)
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
         if entry is None:
             tqdm.write(f"{case[0]} {'bwd' if backward else 'fwd'}: no candidate ran")
             continue
-        tqdm.write(f"{entry['case']} {entry['key']['dir']}: {entry['ms']:.3f} ms (heuristic {entry['heuristic_ms']:.3f}) "
+        tqdm.write(f"{entry['case']} {entry['key']['dir']}: {entry['ms']:.3f} ms "
+                   f"(heuristic {entry['heuristic_ms']:.3f}) "
                    f"with {entry['config']}")
         entries[json.dumps(entry["key"], sort_keys=True)] = entry
         write_table(args.table, doc, arch, entries, torch.cuda.get_device_name())

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import sys
-
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -28,7 +27,8 @@ M_VALUES = (4096, 32768, 131072)
 
 
 def work_order(quick: bool = False) -> list:
-    """(M, K, N) to tune, the int8 performance targets' shapes first so a run cut short by the GPU's time limit has tuned
+    """(M, K, N) to tune, the int8 performance targets' shapes first so a run cut short by the GPU's time limit
+    has tuned
     what the targets measure: the ViT-H MLP linears at B = 8 (M = 32768), then at the largest M, then the
     other ViT-H linears, then ViT-B's; smaller M before larger within each."""
     todo = [(m, k, n) for m in (M_VALUES[:1] if quick else M_VALUES) for k, n in SHAPES]
@@ -100,7 +100,8 @@ def _entry_key(e: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--table", default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "int8_gemm.json"))
+    p.add_argument("--table",
+                   default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "int8_gemm.json"))
     p.add_argument("--quick", action="store_true", help="M = 4096 only")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -3,8 +3,15 @@
 from .sam import MODEL_TYPES, build_sam, known_model_type, load_sam, released_geometry
 from .tiny import sam_decoder, tiny_image_encoder, tiny_sam
 from .tinyvit import TinyViT, build_vit_t, tinyvit_config
-from .vit import (BlockGeometry, EncoderGeometry, MlpBlock, build_image_encoder, build_sam_from_geometry,
-                  encoder_geometry, slimsam_uniform_geometry)
+from .vit import (
+                  BlockGeometry,
+                  EncoderGeometry,
+                  MlpBlock,
+                  build_image_encoder,
+                  build_sam_from_geometry,
+                  encoder_geometry,
+                  slimsam_uniform_geometry,
+)
 
 __all__ = ["MODEL_TYPES", "BlockGeometry", "EncoderGeometry", "MlpBlock", "TinyViT", "build_image_encoder",
            "build_sam", "build_sam_from_geometry", "build_vit_t", "encoder_geometry", "known_model_type",

@@ -18,8 +18,16 @@ from typing import Optional
 import torch
 
 from .tinyvit import TinyViT, build_vit_t, is_tinyvit_state, tinyvit_config
-from .vit import (SLIMSAM_UNIFORM, BlockGeometry, EncoderGeometry, build_sam_from_geometry, decoder_geometry,
-                  encoder_geometry, normalize_state_dict, slimsam_uniform_geometry)
+from .vit import (
+    SLIMSAM_UNIFORM,
+    BlockGeometry,
+    EncoderGeometry,
+    build_sam_from_geometry,
+    decoder_geometry,
+    encoder_geometry,
+    normalize_state_dict,
+    slimsam_uniform_geometry,
+)
 
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "slimsam_50", "slimsam_77", "vit_t", "tiny", "auto")
 

@@ -23,15 +23,15 @@ From the first block's output on the keys differ per prompt and the decoder runs
 with ``scaled_dot_product_attention``; only the mask tokens asked for (one, or the three multimask
 ones) go through the hypernetwork product, and on CUDA that product is fused with the last upscaling
 convolution and its GELU (``sam_fast::upscale_mask_product``, a Triton kernel), so the largest tensor
-of the decoder, the (C/8, 4h, 4w) upscaled embedding per prompt, is never written. Parameters are the wrapped segment_anything modules'
+of the decoder, the (C/8, 4h, 4w) upscaled embedding per prompt, is never written. Parameters are the wrapped
+segment_anything modules'
 (``from_sam`` shares them), so state_dict keys are Sam's ``prompt_encoder.*`` / ``mask_decoder.*``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -268,7 +268,8 @@ class BatchedMaskDecoder(nn.Module):
             parts.append(emb)
         if boxes is not None:
             corners = self._fourier((boxes.float() + 0.5).reshape(-1, 2, 2) / scale)
-            corners = corners + torch.stack([enc.point_embeddings[2].weight[0], enc.point_embeddings[3].weight[0]]).float()
+            corner_pe = [enc.point_embeddings[2].weight[0], enc.point_embeddings[3].weight[0]]
+            corners = corners + torch.stack(corner_pe).float()
             parts.append(corners)
         sparse = torch.cat(parts, dim=1) if parts else scale.new_zeros((P, 0, enc.embed_dim))
         dense = enc.mask_downscaling(masks.to(enc.no_mask_embed.weight.dtype)) if masks is not None else None

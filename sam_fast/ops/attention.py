@@ -266,7 +266,8 @@ def dilated_attention(
     if softmax_scale is None:
         scale = D ** -0.5
     else:
-        if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or not math.isfinite(softmax_scale):
+        if (not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool)
+                or not math.isfinite(softmax_scale)):
             raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
         scale = float(softmax_scale)
     out, lse = dispatch("dilated_attention", _TABLE, backend, q, k, v, branches, grid, rel_pos_h, rel_pos_w,

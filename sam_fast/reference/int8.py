@@ -19,7 +19,6 @@ operation, so results match across backends:
 from __future__ import annotations
 
 import math
-
 from typing import Optional
 
 import torch
