@@ -46,7 +46,7 @@ def _logits(P, device, seed=0):
 
 
 def _postprocess_rows(dev, prov, quick, rows, targets=False):
-    from sam_fast.ops.postprocess import mask_postprocess
+    from sam_fast.ops.mask_postprocess import mask_postprocess
 
     gpu = dev.type == "cuda"
     P = 256 if quick else 1024

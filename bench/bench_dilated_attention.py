@@ -87,7 +87,7 @@ def _head_groups(br, H):
 
 def _gather_index(br, oy, ox):
     """(n_seg, kept) token indices of one offset group of one branch (segments must keep equally many)."""
-    from sam_fast.reference.attention import _segment_tokens
+    from sam_fast.reference.dilated_attention import _segment_tokens
 
     rows = []
     nsy, nsx = br.n_seg
@@ -103,7 +103,7 @@ def _gather_index(br, oy, ox):
 
 def kept_pairs(pattern, B, N, H, grid) -> int:
     """Attended (query, key) pairs of the pattern, summed over branches, heads and batch."""
-    from sam_fast.reference.attention import _segment_tokens
+    from sam_fast.reference.dilated_attention import _segment_tokens
 
     total = 0
     for br in _resolved(pattern, N, grid):

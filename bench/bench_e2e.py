@@ -53,7 +53,7 @@ def _images(n):
 def _sdpa_bias_forward(self, x):
     """segment_anything's ``Attention.forward`` with the decomposed rel-pos bias given to SDPA as
     ``attn_mask`` (segment-anything-fast's attention step), on (B, H, W, C) input."""
-    from sam_fast.bench.bench_attention import _rel_hw
+    from sam_fast.bench.bench_dilated_attention_sam import _rel_hw
 
     B, Hg, Wg, _ = x.shape
     N = Hg * Wg

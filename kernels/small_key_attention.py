@@ -16,7 +16,7 @@ so the first block's image-level queries (one set per image) serve all of that i
 without being copied. Heads are column slices of the (…, heads * D) layout of the projections, so no
 head transposes are needed either.
 
-Tensor contract (validated by :mod:`sam_fast.ops.decoder`): q (G, N, H*D), k and v (P, T, H*D), all
+Tensor contract (validated by :mod:`sam_fast.ops.small_key_attention`): q (G, N, H*D), k and v (P, T, H*D), all
 with a contiguous last dim and one float dtype; q_index (P,) int64 in [0, G); out (P, N, H*D).
 """
 
@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._arch import COMPILE_OPTIONS
 from .dilated_attention import _dot, _precision, _upcast
-from .mask_product import _MAX_GRID_Y, _round_bf16
+from .upscale_mask_product import _MAX_GRID_Y, _round_bf16
 
 MAX_KEYS = 128
 MAX_HEAD_DIM = 128

@@ -35,8 +35,9 @@ import math
 import os
 import sys
 
-BENCHES = {"attention": "bench_attention", "dilated": "bench_dilated_attention", "relpos": "bench_relpos",
-           "int8": "bench_int8_gemm", "e2e": "bench_e2e", "decoder": "bench_decoder",
+BENCHES = {"attention": "bench_dilated_attention_sam", "dilated": "bench_dilated_attention",
+           "relpos": "bench_resize_rel_pos",
+           "int8": "bench_int8_linear", "e2e": "bench_e2e", "decoder": "bench_decoder",
            "everything": "bench_everything"}
 
 
@@ -296,13 +297,13 @@ def _segment(args) -> int:
     sam.to(device)
     if args.everything:
         from sam_fast import SamFastAutomaticMaskGenerator
-        from sam_fast.ops.postprocess import coco_to_mask
+        from sam_fast.ops.mask_postprocess import coco_to_mask
 
         engine = SamFastAutomaticMaskGenerator(sam, points_per_side=args.points_per_side, output_mode="coco_rle",
                                                hierarchical=args.hierarchical)
     else:
         from sam_fast import SamFastPredictor
-        from sam_fast.ops.postprocess import mask_postprocess, rles_to_coco
+        from sam_fast.ops.mask_postprocess import mask_postprocess, rles_to_coco
 
         engine = SamFastPredictor(sam)
     written, failed = 0, []

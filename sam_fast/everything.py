@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torchvision.ops.boxes import batched_nms, box_area
 
-from .ops.postprocess import coco_to_mask, mask_postprocess, rles_to_coco
+from .ops.mask_postprocess import coco_to_mask, mask_postprocess, rles_to_coco
 from .predictor import SamFastPredictor, check_image_size
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")

@@ -184,7 +184,7 @@ def _sync_float_linear(lin: nn.Linear, q: Int8Linear) -> None:
     ``q``'s dequantized weight and bias if ``q`` no longer is ``lin`` quantized (it was loaded since)."""
     import torch
 
-    from .ops.int8 import quantize_weight
+    from .ops.int8_linear import quantize_weight
 
     with torch.no_grad():
         dev = q.weight.device

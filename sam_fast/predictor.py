@@ -22,8 +22,8 @@ from segment_anything import SamPredictor
 
 from ._dispatch import check_backend_name
 from .nn.decoder import BatchedMaskDecoder
-from .ops.postprocess import mask_postprocess
-from .reference.postprocess import upsample_logits
+from .ops.mask_postprocess import mask_postprocess
+from .reference.mask_postprocess import upsample_logits
 
 POSTPROCESS_BACKENDS = ("auto", "cuda", "cpu", "reference")  # sam_fast::mask_postprocess's
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from .nn.attention import SamFastBlock, is_sam_vit_block
 from .nn.quantized import Int8Linear
-from .ops.int8 import int8_linear, quantize_weight
-from .reference.int8 import QMAX, ratio_db, sqnr_db
+from .ops.int8_linear import int8_linear, quantize_weight
+from .reference.int8_linear import QMAX, ratio_db, sqnr_db
 
 __all__ = ["Calibration", "LayerCalibration", "calibrate", "eligible_linears", "quantize_weight", "sqnr_db",
            "MIN_FEATURES", "DEFAULT_MIN_SQNR_DB"]

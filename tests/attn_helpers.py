@@ -1,5 +1,5 @@
 """Shared by the attention tests: run an attention call on fresh leaves and check a kernel's forward
-and gradients against the reference by DESIGN.md's tolerance rule."""
+and gradients against the reference by the tolerance rule of docs/design.md."""
 
 import pytest
 import torch
@@ -101,3 +101,18 @@ def check_far_apart_batches(device, dtype, atol_out, atol_grad):
     torch.testing.assert_close(out.double(), ref, atol=atol_out, rtol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, atol=atol_grad, rtol=0)
+
+
+def check_fused_bf16_encoder(enc, x):
+    """Cast ``enc`` to bf16 and check its fused-attention embedding against the fp32 one by the bf16 rule
+    (segment_anything's own bf16 error as the yardstick). Returns the fused bf16 embedding."""
+    with torch.no_grad():
+        exact = enc(x)
+        enc_bf = enc.to(torch.bfloat16)
+        expected = enc_bf(x.bfloat16())
+        with sam_fast.apply(enc_bf, sam_fast.SamFastConfig()):
+            with sam_fast.record_backends() as rec:
+                got = enc_bf(x.bfloat16())
+    assert rec.backends("dilated_attention") == {"triton"}
+    check_against_reference("embedding", got, exact, expected, torch.bfloat16, FWD_FACTOR)
+    return got

@@ -1,12 +1,14 @@
 """Test setup: on a machine without a CUDA GPU, Triton kernels run under the interpreter.
 
 TRITON_INTERPRET must be set before triton.jit decorates the kernels, i.e. before sam_fast is imported.
-GPU tests carry ``@pytest.mark.gpu`` and run with ``pytest -m gpu``.
+GPU tests carry ``@pytest.mark.gpu`` (or take the ``device`` fixture, whose CUDA parameter does) and run with
+``pytest -m gpu``; see devices.py.
 """
 
 
 import pytest
 import torch
+from devices import DEVICES
 
 from sam_fast.kernels._interpreter import interpreting, use_interpreter_without_gpu  # noqa: E402
 
@@ -19,6 +21,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device a test runs on: ``cpu`` always, ``cuda`` under ``-m gpu`` (devices.DEVICES)."""
+    return torch.device(request.param)
 
 
 def pytest_configure(config):

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-SCRIPTS = ["bench_dilated_attention", "bench_int8_gemm", "bench_e2e", "bench_decoder", "bench_everything",
-           "bench_relpos"]  # bench_attention: tests/test_cli_bench.py runs it through `sam-fast bench`
+SCRIPTS = ["bench_dilated_attention", "bench_int8_linear", "bench_e2e", "bench_decoder", "bench_everything",
+           "bench_resize_rel_pos"]  # bench_dilated_attention_sam: tests/test_cli_bench.py runs it via `sam-fast bench`
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -100,7 +100,7 @@ def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
 
     import sam_fast.kernels.dilated_attention as kernel
     from sam_fast import Branch
-    from sam_fast.bench import bench_attention, bench_dilated_attention
+    from sam_fast.bench import bench_dilated_attention, bench_dilated_attention_sam
     from sam_fast.bench.harness import PADDED_D, padded_head_dim_for
 
     cuda = torch.device("cuda")
@@ -108,9 +108,9 @@ def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
     pattern = [Branch((4, 4), 2)]
     for mode in ("fwd", "fwd+bwd"):
         assert PADDED_D in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 80, (8, 8), cuda, mode))
-        assert PADDED_D in names(bench_attention._peers(cuda, 80, mode))
+        assert PADDED_D in names(bench_dilated_attention_sam._peers(cuda, 80, mode))
     assert PADDED_D not in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 64, (8, 8), cuda))
-    assert PADDED_D not in names(bench_attention._peers(cuda, 64))
+    assert PADDED_D not in names(bench_dilated_attention_sam._peers(cuda, 64))
 
     from attn_helpers import record_launch_configs
 

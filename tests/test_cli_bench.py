@@ -15,7 +15,8 @@ def test_bench_command_checks_triton_under_the_interpreter(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     tables = (tmp_path / "bench_tables.txt").read_text()
     assert "triton" in tables and "speedup over" in tables
-    assert (tmp_path / "bench_attention.csv").exists() and (tmp_path / "bench_attention.png").exists()
+    assert (tmp_path / "bench_dilated_attention_sam.csv").exists()
+    assert (tmp_path / "bench_dilated_attention_sam.png").exists()
     # the run ends with a one-screen summary that fits an 80-column terminal
     summary = proc.stdout[proc.stdout.index("sam-fast bench: 1 benchmark(s)"):].splitlines()
     assert len(summary) <= 24 and all(len(line) <= 80 for line in summary if str(tmp_path) not in line)

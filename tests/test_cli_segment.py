@@ -12,7 +12,7 @@ from skimage import data
 
 from sam_fast.cli import main
 from sam_fast.models import load_sam, tiny_sam
-from sam_fast.reference.postprocess import coco_counts
+from sam_fast.reference.mask_postprocess import coco_counts
 
 
 @pytest.fixture(scope="module")

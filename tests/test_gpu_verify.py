@@ -68,7 +68,7 @@ def test_every_target_has_a_stage_that_writes_its_rows(target):
 
 
 def test_targets_mode_is_smaller_than_the_full_run():
-    for script in ("bench_int8_gemm", "bench_dilated_attention", "bench_e2e", "bench_everything"):
+    for script in ("bench_int8_linear", "bench_dilated_attention", "bench_e2e", "bench_everything"):
         mod = importlib.import_module(f"sam_fast.bench.{script}")
         assert 0 < len(mod.planned_rows(targets=True)) < len(mod.planned_rows(targets=False)), script
 
@@ -86,7 +86,7 @@ def test_smoke_subset_covers_every_kernel():
     assert len(triton_kernels) >= 8 and cuda_ops == {"mask_postprocess", "resize_rel_pos"}
     assert set(gv.SMOKE_KERNELS) == {f"triton {k}" for k in triton_kernels} | {f"cuda {o}" for o in cuda_ops}
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu and smoke", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True,
+                          "-p", "no:cacheprovider", "tests"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     collected = [line.split("::")[1] for line in res.stdout.splitlines() if "::" in line]
     names = {c.split("[")[0] for c in collected}
@@ -103,7 +103,7 @@ def _junit(path, cases):
     body = []
     for name, outcome in cases:
         inner = {"passed": "", "failed": "<failure message='x'/>", "skipped": "<skipped/>"}[outcome]
-        body.append(f'<testcase classname="tests.test_gpu" name="{name}" time="1">{inner}</testcase>')
+        body.append(f'<testcase classname="tests.test_int8_linear" name="{name}" time="1">{inner}</testcase>')
     path.write_text(f'<testsuites><testsuite name="pytest">{"".join(body)}</testsuite></testsuites>')
 
 

@@ -126,7 +126,7 @@ def test_attention_kernels_forward_and_backward(case, tiles, monkeypatch):
 
 
 def test_int8_kernels():
-    from sam_fast.kernels import int8_gemm as K
+    from sam_fast.kernels import int8_linear as K
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(70, 136, generator=g)
@@ -147,8 +147,9 @@ def test_int8_kernels():
 @pytest.mark.parametrize("tiles", ["interpreter", "gpu fp32"])
 def test_decoder_kernels(tiles, monkeypatch):
     """Also with the mask product's fp32 GPU block (16 pixels; the interpreter takes 64)."""
-    import sam_fast.kernels.mask_product as mp
-    from sam_fast.ops.decoder import small_key_attention, upscale_mask_product
+    import sam_fast.kernels.upscale_mask_product as mp
+    from sam_fast.ops.small_key_attention import small_key_attention
+    from sam_fast.ops.upscale_mask_product import upscale_mask_product
 
     if tiles == "gpu fp32":
         monkeypatch.setattr(mp, "_interpreting", lambda: False)

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from devices import gpu, smoke
 
 import sam_fast
-from sam_fast.ops.decoder import small_key_attention
-from sam_fast.reference import decoder as reference
+from sam_fast.ops.small_key_attention import small_key_attention
+from sam_fast.reference import small_key_attention as reference
 from sam_fast.testing import FWD_FACTOR, check_against_reference
 
 
@@ -45,8 +46,8 @@ def test_reference_matches_the_definition():
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(case, dtype):
-    q, idx, k, v = _inputs(*case, dtype)
+def test_kernel_matches_reference(case, dtype, device):
+    q, idx, k, v = (t.to(device) for t in _inputs(*case, dtype))
     heads = case[4]
     with sam_fast.record_backends() as rec:
         got = small_key_attention(q, idx, k, v, heads, backend="triton")
@@ -87,7 +88,33 @@ def test_errors_name_the_argument(change, match):
 
 
 def test_opcheck():
-    from sam_fast.ops.decoder import _small_key_attention_op
+    from sam_fast.ops.small_key_attention import _small_key_attention_op
 
     q, idx, k, v = _inputs(2, 3, 40, 5, 2, 16, True, torch.float32)
     torch.library.opcheck(_small_key_attention_op, (q, idx, k, v, 2), test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=smoke), torch.float16, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+def test_small_key_attention_sam_shapes(dtype, shared):
+    from sam_fast.ops.small_key_attention import small_key_attention
+    from sam_fast.reference import small_key_attention as reference
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    P, T, G = 300, 7, 3
+    q = torch.randn(G if shared else P, 4096, 128, device="cuda", generator=g).to(dtype)
+    k = torch.randn(P, T, 128, device="cuda", generator=g).to(dtype)
+    v = torch.randn(P, T, 128, device="cuda", generator=g).to(dtype)
+    idx = (torch.arange(P, device="cuda") * G // P) if shared else torch.arange(P, device="cuda")
+    with sam_fast.record_backends() as rec:
+        got = small_key_attention(q, idx, k, v, 8)
+    assert rec.calls == [("small_key_attention", "triton")]
+    exact = reference.small_key_attention(q.double(), idx, k.double(), v.double(), 8)
+    same = reference.small_key_attention(q, idx, k, v, 8)
+    check_against_reference("small_key_attention", got, exact, same, dtype, FWD_FACTOR)

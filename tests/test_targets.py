@@ -84,7 +84,7 @@ def test_int8_absolute_target_reads_only_the_largest_shape(tmp_path):
              _row(ts, H100, "int8_linear", "vit_h M=32768 1280->5120", "cublas_bf16", 1.7),
              _row(ts, H100, "int8_linear", "vit_h M=32768 1280->3840", "cublas_bf16", 1.0),
              _row(ts, H100, "int8_linear", "vit_h M=32768 1280->3840", "sam_fast", 1.0)]
-    append_csv(str(tmp_path / "bench_int8_gemm.csv"), rows)
+    append_csv(str(tmp_path / "bench_int8_linear.csv"), rows)
     v = _verdicts(targets.read_results(str(tmp_path)))
     tops = v[">= 900 TOPS on the largest shape"]
     assert tops.status == "MISSED" and tops.worst == 880.0 and tops.best == 950.0

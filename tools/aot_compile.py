@@ -204,7 +204,8 @@ def compile_int8(rec, quick, dtypes):
 
 
 def compile_decoder(rec, quick, dtypes):
-    from sam_fast.ops.decoder import small_key_attention, upscale_mask_product
+    from sam_fast.ops.small_key_attention import small_key_attention
+    from sam_fast.ops.upscale_mask_product import upscale_mask_product
 
     for dtype in dtypes:
         for P, M in ((1, 1), (256, 3)) if not quick else ((256, 3),):
@@ -243,10 +244,10 @@ def compile_tune_candidates(rec, quick, dtypes):
 
 
 def compile_int8_tune_candidates(rec, quick, dtypes):
-    """Every block configuration ``tools/tune_int8_gemm.py`` would time, on the ViT-H MLP shapes at M = 4096
+    """Every block configuration ``tools/tune_int8_linear.py`` would time, on the ViT-H MLP shapes at M = 4096
     (the timed call: bf16 out, bias, per-token scales; cases named ``tune int8 <K>-><N> <config>``)."""
-    from sam_fast.kernels.int8_gemm import int8_gemm
-    from tools import tune_int8_gemm as T8
+    from sam_fast.kernels.int8_linear import int8_gemm
+    from tools import tune_int8_linear as T8
 
     shapes = [(1280, 5120)] if quick else [(1280, 5120), (5120, 1280)]
     for k, n in shapes:
@@ -290,7 +291,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="bf16 and a few shapes only")
     parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
     parser.add_argument("--tune-candidates", action="store_true",
-                        help="compile the candidates of tools/tune_attention.py and tools/tune_int8_gemm.py instead "
+                        help="compile the candidates of tools/tune_attention.py and tools/tune_int8_linear.py instead "
                              "(aot_tune_candidates_sm<arch>.csv); "
                              "a candidate over the shared-memory limit is reported, not a failure")
     args = parser.parse_args(argv)

@@ -48,7 +48,7 @@ CARRY = os.path.join(ROOT, ".whl")  # what prepare writes and the device call ca
 PREBUILT = os.path.join(CARRY, "prebuilt")
 STAGE_DIR = os.path.join(ROOT, ".stage")  # sam_fast assembled from the working tree + the prebuilt _C
 
-# Each kernel of the package and the smoke tests (test functions of tests/test_gpu.py, the parametrizations
+# Each kernel of the package and the smoke tests (test functions in the op test files, the parametrizations
 # marked ``smoke``) that run it on a GPU against its reference. The CPU test suite checks that every Triton
 # kernel in kernels/ and every CUDA op in csrc/ is listed, and that every test named here is collected by
 # ``-m "gpu and smoke"``.
@@ -267,7 +267,7 @@ def _prebuilt_refusal(env: dict) -> Optional[str]:
 # Per-script budgets of the targets stage (seconds), in order of value: int8 and dilated attention carry
 # most targets; the CPU post-processing target runs on the GPU machine's CPU (segment_anything's path takes
 # 25 s a call on 2 cores for its 1024 masks; measured with one warm-up and one timed call).
-TARGET_SCRIPTS = (("bench_int8_gemm", 35), ("bench_dilated_attention", 90), ("bench_e2e", 40),
+TARGET_SCRIPTS = (("bench_int8_linear", 35), ("bench_dilated_attention", 90), ("bench_e2e", 40),
                   ("bench_everything", 30), ("bench_decoder", 25))
 
 
@@ -306,15 +306,16 @@ def full_stages(pack: str) -> List[Stage]:
               Stage("racecheck", 90, "compute-sanitizer racecheck on the CUDA ops",
                     command=["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "9", PY,
                              "-m", "tools.sanitize_ops"])]
-    for script, budget in (("bench_dilated_attention", 200), ("bench_int8_gemm", 120), ("bench_attention", 150),
-                           ("bench_e2e", 150), ("bench_everything", 100), ("bench_decoder", 60)):
+    for script, budget in (("bench_dilated_attention", 200), ("bench_int8_linear", 120),
+                           ("bench_dilated_attention_sam", 150), ("bench_e2e", 150), ("bench_everything", 100),
+                           ("bench_decoder", 60)):
         stages.append(Stage(script, budget, f"every case of {script}",
                             command=[PY, f"bench/{script}.py", "--out", results], measures=(script,)))
     stages += [
         Stage("bench_e2e_compile", 200, "ViT-B/H encoders under torch.compile: SDPA+bias vs sam_fast",
               command=[PY, "bench/bench_e2e.py", "--compile", "--models", "vit_b,vit_h", "--out", results]),
-        Stage("tune_int8", 200, "tune the int8 GEMM table (kernels/tuned/int8_gemm.json)",
-              command=[PY, "-m", "tools.tune_int8_gemm"]),
+        Stage("tune_int8", 200, "tune the int8 GEMM table (kernels/tuned/int8_linear.json)",
+              command=[PY, "-m", "tools.tune_int8_linear"]),
         Stage("tune_attention", 250, "tune the attention table (kernels/tuned/attention.json)",
               command=[PY, "-m", "tools.tune_attention"]),
         Stage("report", 10, "the targets' verdicts from this run's rows, and the table", action=None),
@@ -607,7 +608,7 @@ def pack(session: Session) -> None:
     """session.tgz in $OUT: the pack folder, plus the tuned tables when a tuner ran."""
     if any(name.startswith("tune") for name, _ in session.outcomes):
         os.makedirs(os.path.join(session.pack, "tuned"), exist_ok=True)
-        for name in ("attention.json", "int8_gemm.json"):
+        for name in ("attention.json", "int8_linear.json"):
             src = os.path.join(ROOT, "kernels", "tuned", name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(session.pack, "tuned", name))

@@ -24,7 +24,7 @@ def main() -> int:
         print("sanitize_ops: needs a CUDA GPU", file=sys.stderr)
         return 2
     import sam_fast
-    from sam_fast.ops.postprocess import mask_postprocess
+    from sam_fast.ops.mask_postprocess import mask_postprocess
 
     table = torch.randn(27, 40)
     torch.testing.assert_close(sam_fast.resize_rel_pos(table.cuda(), 63, backend="cuda").cpu(),
@@ -53,9 +53,11 @@ def main() -> int:
 def _triton_ops() -> None:
     import sam_fast
     from sam_fast import Branch
-    from sam_fast.ops.decoder import small_key_attention, upscale_mask_product
-    from sam_fast.reference import decoder as ref_decoder
-    from sam_fast.reference import int8 as ref_int8
+    from sam_fast.ops.small_key_attention import small_key_attention
+    from sam_fast.ops.upscale_mask_product import upscale_mask_product
+    from sam_fast.reference import int8_linear as ref_int8
+    from sam_fast.reference import small_key_attention as ref_ska
+    from sam_fast.reference import upscale_mask_product as ref_ump
     from sam_fast.testing import FWD_FACTOR, check_against_reference, check_rounding_level
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -121,15 +123,15 @@ def _triton_ops() -> None:
         kd, vd = randn(P, T, C, dtype=dtype), randn(P, T, C, dtype=dtype)
         got = small_key_attention(qd, idx, kd, vd, 3, backend="triton")
         check_against_reference("small_key_attention", got,
-                                ref_decoder.small_key_attention(qd.double(), idx, kd.double(), vd.double(), 3),
-                                ref_decoder.small_key_attention(qd, idx, kd, vd, 3), dtype, FWD_FACTOR)
+                                ref_ska.small_key_attention(qd.double(), idx, kd.double(), vd.double(), 3),
+                                ref_ska.small_key_attention(qd, idx, kd, vd, 3), dtype, FWD_FACTOR)
         xs, w, bias, hyper = (randn(3, 24, 9, 11, dtype=dtype), randn(24, 8, 2, 2, dtype=dtype, scale=0.2),
                               randn(8, dtype=dtype, scale=0.1), randn(3, 2, 8, dtype=dtype))
         got = upscale_mask_product(xs, w, bias, hyper, backend="triton")
         check_against_reference("upscale_mask_product", got,
-                                ref_decoder.upscale_mask_product(xs.double(), w.double(), bias.double(),
+                                ref_ump.upscale_mask_product(xs.double(), w.double(), bias.double(),
                                                                  hyper.double()),
-                                ref_decoder.upscale_mask_product(xs, w, bias, hyper), dtype, FWD_FACTOR)
+                                ref_ump.upscale_mask_product(xs, w, bias, hyper), dtype, FWD_FACTOR)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .._dispatch import check_backend_name
-from ..ops.attention import _needed_rel_rows, dilated_attention
-from ..ops.relpos import resize_rel_pos
+from ..ops.dilated_attention import _needed_rel_rows, dilated_attention
+from ..ops.resize_rel_pos import resize_rel_pos
 from ..pattern import Branch, check_pattern, resolve_pattern
 from .quantized import Int8Linear, int8_mlp, norm_int8_linear
 

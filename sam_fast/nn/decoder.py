@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import check_backend_name
-from ..ops.decoder import small_key_attention, upscale_mask_product
+from ..ops.small_key_attention import small_key_attention
+from ..ops.upscale_mask_product import upscale_mask_product
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

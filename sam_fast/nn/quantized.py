@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._dispatch import check_backend_name
-from ..ops.int8 import _int8_linear, layer_norm_quantize, quantize_weight, scalar_scale
+from ..ops.int8_linear import _int8_linear, layer_norm_quantize, quantize_weight, scalar_scale
 
 _SCALES = ("weight_scale", "act_scale")
 

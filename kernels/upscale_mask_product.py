@@ -15,7 +15,7 @@ a program takes BLOCK_N input pixels of one prompt, and for each of the kernel's
                                                                       (as the unfused bf16 model does)
 
 and stores o at output pixels (2i + a, 2j + b). Tensor contract (validated by
-:mod:`sam_fast.ops.decoder`): x (P, CIN, h, w) contiguous; weight (CIN, COUT, 2, 2) contiguous (the
+:mod:`sam_fast.ops.upscale_mask_product`): x (P, CIN, h, w) contiguous; weight (CIN, COUT, 2, 2) contiguous (the
 ConvTranspose2d layout); bias (COUT,); hyper (P, M, COUT) contiguous; out (P, M, 2h, 2w) contiguous,
 float32/float16/bfloat16, all one dtype except fp32 bias handling inside.
 """

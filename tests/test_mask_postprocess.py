@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import gpu, smoke
 from pycocotools import mask as mask_utils
 
 import sam_fast
-from sam_fast.ops.postprocess import mask_postprocess, rles_to_coco, rles_to_uncompressed
-from sam_fast.reference import postprocess as ref
+from sam_fast.ops.mask_postprocess import mask_postprocess, rles_to_coco, rles_to_uncompressed
+from sam_fast.reference import mask_postprocess as ref
 
 # A logit this close to a threshold may binarise differently: the fused op rounds differently.
 NEAR = 1e-4
@@ -223,7 +224,7 @@ def test_errors_name_the_argument(kwargs, match):
 
 
 def test_cpp_checks_its_own_arguments():
-    from sam_fast.ops.postprocess import _ensure_registered
+    from sam_fast.ops.mask_postprocess import _ensure_registered
 
     _ensure_registered()
     with pytest.raises(RuntimeError, match="do not fit the RLE frame"):
@@ -232,7 +233,7 @@ def test_cpp_checks_its_own_arguments():
 
 
 def test_opcheck():
-    from sam_fast.ops.postprocess import _ensure_registered
+    from sam_fast.ops.mask_postprocess import _ensure_registered
 
     _ensure_registered()
     logits = smooth_logits(3, 32, 32)
@@ -245,7 +246,7 @@ def test_opcheck():
 
 
 def test_large_batches_are_joined_from_chunks(monkeypatch):
-    from sam_fast.ops import postprocess as pp
+    from sam_fast.ops import mask_postprocess as pp
 
     monkeypatch.setattr(pp, "_MAX_MASKS_PER_CALL", 4)
     logits = smooth_logits(10, 32, 32)
@@ -256,3 +257,56 @@ def test_large_batches_are_joined_from_chunks(monkeypatch):
     for a, b in zip(got, want):
         assert torch.equal(a.nan_to_num(-1) if a.is_floating_point() else a,
                            b.nan_to_num(-1) if b.is_floating_point() else b)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+# --- on a GPU ---
+
+POSTPROCESS_GEOMETRIES = [
+    ((1024, 683), (1500, 1000), None, None),  # SAM's resize of a portrait photo
+    ((768, 1024), (1200, 1600), (0, 0, 1600, 1200), None),
+    pytest.param(((1024, 1024), (400, 400), (37, 500, 437, 900), (1200, 800)), marks=smoke),  # crop in a frame
+    ((1024, 1024), (1024, 1024), None, None),
+]
+
+
+@gpu
+@pytest.mark.parametrize("geometry", POSTPROCESS_GEOMETRIES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_postprocess_cuda_matches_cpu(geometry, dtype):
+    import torch.nn.functional as F
+
+    from sam_fast.ops.mask_postprocess import mask_postprocess
+    from sam_fast.reference.mask_postprocess import upsample_logits
+
+    input_size, original_size, crop_box, image_size = geometry
+    g = torch.Generator().manual_seed(0)
+    logits = F.interpolate(torch.randn(67, 1, 12, 12, generator=g) * 8, (256, 256), mode="bicubic")[:, 0]
+    logits[0] = -3.0
+    logits[1] = 3.0
+    logits = logits.to(dtype)
+    kw = dict(input_size=input_size, original_size=original_size, crop_box=crop_box, image_size=image_size,
+              return_masks=True)
+    cpu = mask_postprocess(logits, backend="cpu", **kw)
+    with sam_fast.record_backends() as rec:
+        cuda = mask_postprocess(logits.cuda(), **kw)
+    assert rec.calls == [("mask_postprocess", "cuda")]
+    up = upsample_logits(logits, (1024, 1024), input_size, original_size)
+    near = torch.zeros_like(up, dtype=torch.bool)
+    for t in (0.0, 1.0, -1.0):
+        near |= (up - t).abs() < 1e-4
+    assert torch.equal(cuda.masks.cpu() & ~near, cpu.masks & ~near)
+    clean = ~near.flatten(1).any(1)
+    assert torch.equal(cuda.area.cpu()[clean], cpu.area[clean])
+    assert torch.equal(cuda.boxes.cpu()[clean], cpu.boxes[clean])
+    assert torch.equal(cuda.stability_score.cpu()[clean].nan_to_num(-1), cpu.stability_score[clean].nan_to_num(-1))
+    # RLE of every clean mask identical to the CPU kernel's (itself checked against pycocotools).
+    co, go = cpu.rle_offsets.tolist(), cuda.rle_offsets.cpu().tolist()
+    cc, gc = cpu.rle_counts.tolist(), cuda.rle_counts.cpu().tolist()
+    for i in torch.nonzero(clean).flatten().tolist():
+        assert gc[go[i]:go[i + 1]] == cc[co[i]:co[i + 1]]
+    no_rle = mask_postprocess(logits.cuda(), return_rle=False, **kw)
+    assert torch.equal(no_rle.area, cuda.area)

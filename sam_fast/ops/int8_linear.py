@@ -1,12 +1,12 @@
 """W8A8 ops: ``sam_fast.quantize_per_token``, ``sam_fast.layer_norm_quantize``, ``sam_fast.int8_linear``.
 
-Layers: the Triton launchers in :mod:`sam_fast.kernels.int8_gemm` are registered here once as
+Layers: the Triton launchers in :mod:`sam_fast.kernels.int8_linear` are registered here once as
 ``sam_fast::quantize_per_token``, ``sam_fast::quantize_static``, ``sam_fast::layer_norm_quantize`` and
-``sam_fast::int8_gemm`` custom ops with fakes (inference ops: no autograd; a backward through them
+``sam_fast::int8_linear`` custom ops with fakes (inference ops: no autograd; a backward through them
 raises PyTorch's "no autograd formula" error). The public functions validate, flatten leading dims,
 pick a backend (``auto | triton | cpu | reference``) and run it. The plain-PyTorch reference, which
 is also the CPU backend and shares the kernels' numerics operation for operation, is
-:mod:`sam_fast.reference.int8`.
+:mod:`sam_fast.reference.int8_linear`.
 
 Quantization scheme (docs/design.md, "W8A8 linear"): weights int8 symmetric per output channel;
 activations int8 symmetric per token (dynamic; the default) or per tensor with a calibrated scale
@@ -23,8 +23,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
-from ..kernels import int8_gemm as _k
-from ..reference import int8 as _ref
+from ..kernels import int8_linear as _k
+from ..reference import int8_linear as _ref
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -68,7 +68,7 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("sam_fast::int8_gemm", mutates_args=())
+@torch.library.custom_op("sam_fast::int8_linear", mutates_args=())
 def _int8_gemm_op(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                   activation: Optional[str], out_dtype: torch.dtype, out_scale: Optional[Tensor]) -> Tensor:
     return _k.int8_gemm(a, a_scale, w, w_scale, bias, activation, out_dtype, out_scale)

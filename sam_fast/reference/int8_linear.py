@@ -1,6 +1,6 @@
 """Plain-PyTorch W8A8 quantization and int8 GEMM: the CPU backend, the test oracle, the bench baseline.
 
-The numerics are those of the Triton kernels in :mod:`sam_fast.kernels.int8_gemm`, operation for
+The numerics are those of the Triton kernels in :mod:`sam_fast.kernels.int8_linear`, operation for
 operation, so results match across backends:
 
 * ``quantize``: ``clamp(round(x / scale), -127, 127)`` in fp32 (IEEE division, ties to even);
@@ -85,7 +85,7 @@ def int8_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
               out_dtype: torch.dtype = torch.float32, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The kernel's contract (see :func:`sam_fast.kernels.int8_gemm.int8_gemm`) in plain PyTorch."""
+    """The kernel's contract (see :func:`sam_fast.kernels.int8_linear.int8_gemm`) in plain PyTorch."""
     acc = int8_mm(a, w)
     if out_dtype == torch.int32:
         return acc

@@ -3,10 +3,10 @@
 For every ViT-B / ViT-H linear (K, N) and M in {4096, 32768, 131072} (1, 8, 32 images of 64x64 tokens)
 each configuration of a small pruned grid is timed with ``triton.testing.do_bench`` (bf16 output, bias,
 per-token scales) and the fastest is stored under this GPU's architecture (e.g. ``sm_90``) in
-``kernels/tuned/int8_gemm.json``. The file is reviewed and committed like code; nothing is written into
+``kernels/tuned/int8_linear.json``. The file is reviewed and committed like code; nothing is written into
 an installed package at run time.
 
-    python -m tools.tune_int8_gemm [--table kernels/tuned/int8_gemm.json] [--quick]
+    python -m tools.tune_int8_linear [--table kernels/tuned/int8_linear.json] [--quick]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def tune_shape(m: int, k: int, n: int, device, bench: Callable[[Callable], float
     ran). Each candidate must reproduce the heuristic configuration's int32 accumulator exactly and its bf16
     output to rounding, or the run stops (:class:`Disagreement`): a wrong kernel must not win on speed.
     ``bench(fn) -> ms`` times a callable (``triton.testing.do_bench`` on a GPU)."""
-    from sam_fast.kernels import int8_gemm as K
+    from sam_fast.kernels import int8_linear as K
 
     g = torch.Generator(device=device).manual_seed(m + k + n)
     a = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8, generator=g)
@@ -101,16 +101,16 @@ def _entry_key(e: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table",
-                   default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "int8_gemm.json"))
+                   default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "int8_linear.json"))
     p.add_argument("--quick", action="store_true", help="M = 4096 only")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("tune_int8_gemm: needs a CUDA GPU (the table is per GPU architecture)", file=sys.stderr)
+        print("tune_int8_linear: needs a CUDA GPU (the table is per GPU architecture)", file=sys.stderr)
         return 2
     import triton.testing
     from tqdm import tqdm
 
-    from sam_fast.kernels import int8_gemm as K
+    from sam_fast.kernels import int8_linear as K
 
     device = torch.device("cuda")
     arch = K.device_arch(device)

@@ -5,13 +5,20 @@ import itertools
 
 import pytest
 import torch
-from attn_helpers import check_far_apart_batches, check_kernel_vs_reference, record_launch_configs, run_op
+from attn_helpers import (
+    check_far_apart_batches,
+    check_fused_bf16_encoder,
+    check_kernel_vs_reference,
+    record_launch_configs,
+    run_op,
+)
+from devices import gpu, smoke
 
 import sam_fast
 from sam_fast import Branch
 from sam_fast.pattern import resolve_pattern
-from sam_fast.reference.attention import dilated_attention_reference
-from sam_fast.testing import FWD_FACTOR, check_against_reference
+from sam_fast.reference.dilated_attention import dilated_attention_reference
+from sam_fast.testing import BWD_FACTOR, FWD_FACTOR, check_against_reference
 
 
 def make_case(B, grid, H, D, dtype, window=None, rel=False, pad=False, seed=0, layout="contiguous"):
@@ -179,7 +186,7 @@ def test_auto_on_cpu_uses_cpu_backend_without_warning(recwarn):
 
 
 def test_opcheck_fwd_and_bwd_ops():
-    import sam_fast.ops.attention  # noqa: F401  (registers the custom ops; sam_fast's exports are lazy)
+    import sam_fast.ops.dilated_attention  # noqa: F401  (registers the custom ops; sam_fast's exports are lazy)
 
     for layout, rel in itertools.product(["contiguous", "qkv", "bhnd"], [False, True]):
         (q, k, v), _, kw = make_case(1, (3, 4), 2, 16, torch.float32, None, rel, layout=layout)
@@ -272,3 +279,134 @@ def test_batch_offsets_past_2_31_elements():
     """The kernels' batch offset (batch index x batch stride) is 64-bit: in int32 the last batch here
     wrapped to a negative address (the interpreter crashed; a GPU would read wrong memory)."""
     check_far_apart_batches("cpu", torch.float16, atol_out=3e-3, atol_grad=5e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+# (B, grid, H, D, window, pad): ViT-B/H global and window blocks, SlimSAM head dims, batch 1 and 2,
+# sizes just off block multiples, a non-square grid.
+SHAPES = [
+    pytest.param((1, (64, 64), 12, 64, None, False), marks=smoke),
+    (1, (64, 64), 16, 80, None, False),
+    (2, (64, 64), 12, 64, (14, 14), True),
+    pytest.param((1, (64, 64), 16, 80, (14, 14), True), marks=smoke),
+    (1, (64, 64), 12, 32, None, False),
+    (1, (64, 64), 12, 14, None, False),
+    (1, (33, 47), 4, 64, None, False),
+    (1, (33, 47), 4, 64, (14, 14), True),
+]
+
+
+def _case(B, grid, H, D, window, pad, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    N = grid[0] * grid[1]
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=g)
+    seg = window or grid
+    rh = torch.randn(2 * seg[0] - 1, D, device="cuda", generator=g) * 0.2
+    rw = torch.randn(2 * seg[1] - 1, D, device="cuda", generator=g) * 0.2
+    pk = torch.randn(H, D, device="cuda", generator=g) if pad else None
+    pv = torch.randn(H, D, device="cuda", generator=g) if pad else None
+    return qkv, rh, rw, pk, pv
+
+
+def _call(qkv, rh, rw, pk, pv, window, grid, dtype, backend):
+    leaves = [t.to(dtype).detach().requires_grad_() if t is not None else None for t in (qkv, rh, rw, pk, pv)]
+    q, k, v = leaves[0].unbind(2)
+    pad = (leaves[3], leaves[4]) if leaves[3] is not None else None
+    out, lse = sam_fast.dilated_attention(q, k, v, Branch(window) if window else None, grid=grid,
+                                          rel_pos_h=leaves[1], rel_pos_w=leaves[2], pad_kv=pad,
+                                          return_lse=True, backend=backend)
+    return [t for t in leaves if t is not None], out, lse
+
+
+@gpu
+@pytest.mark.parametrize("window", [None, (14, 14)], ids=["global", "window"])
+def test_head_dim_split_matches_padded_forward_vit_h(window):
+    """ViT-H (D=80): the forward's 64 + 16 column split and the padded (128) forward give the same out
+    and lse up to summation order, in bf16 with rel-pos and window padding."""
+    from sam_fast.kernels.dilated_attention import head_dim_split, padded_head_dim
+
+    assert head_dim_split(80) == (64, 16)
+    qkv, rh, rw, pk, pv = _case(1, (64, 64), 16, 80, window, window is not None, torch.bfloat16)
+    with torch.no_grad():
+        _, out_s, lse_s = _call(qkv, rh, rw, pk, pv, window, (64, 64), torch.bfloat16, "triton")
+        with padded_head_dim():
+            _, out_p, lse_p = _call(qkv, rh, rw, pk, pv, window, (64, 64), torch.bfloat16, "triton")
+    torch.testing.assert_close(lse_s, lse_p, atol=1e-4, rtol=1e-5)
+    assert (out_s.float() - out_p.float()).abs().max() <= 2 * out_p.float().abs().max() * 2**-8
+
+
+@gpu
+@pytest.mark.parametrize("pattern", [None, [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)]],
+                         ids=["dense", "LongNet mix"])
+@gpu
+def test_non_finite_rows_match_the_reference_on_cuda(pattern):
+    """The GPU's max drops NaN: a NaN query, a NaN key and an inf key must still leave NaN / +inf in the
+    same rows of out and lse as the reference (ViT-H shape, bf16; also through the multi-group merge)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 4096, 16, 80, device="cuda", generator=g).bfloat16() for _ in range(3))
+    q[0, 100, 0, 7] = float("nan")
+    k[0, 2000, 1, 0] = float("nan")
+    k[0, 3000, 2, 5] = float("inf")
+    got = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="triton")
+    ref = sam_fast.dilated_attention(q, k, v, pattern, return_lse=True, backend="reference")
+    for name, a, b in zip(("out", "lse"), got, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0)), name
+    assert torch.isnan(got[0]).any()
+
+
+@gpu
+def test_batch_offsets_past_2_31_elements_on_cuda():
+    """A batch stride under 2**31 elements whose last batch starts past it (4.3 GB of bf16 views): the
+    kernels' 64-bit batch offset reads the right rows, forward and backward."""
+    check_far_apart_batches("cuda", torch.bfloat16, atol_out=2e-2, atol_grad=3e-2)
+
+
+@gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_vs_reference_real_shapes(shape, dtype):
+    B, grid, H, D, window, pad = shape
+    data = _case(*shape, dtype)
+    with sam_fast.record_backends() as rec:
+        res_k = _call(*data, window, grid, dtype, "triton")
+    assert rec.backends() == {"triton"}
+    res_r = _call(*data, window, grid, dtype, "reference")
+    res_x = _call(*data, window, grid, torch.float32, "reference")
+    check_against_reference("out", res_k[1], res_x[1], res_r[1], dtype, FWD_FACTOR)
+    check_against_reference("lse", res_k[2], res_x[2], res_r[2], dtype, FWD_FACTOR)
+    dout = torch.randn_like(res_x[1])
+    grads = [torch.autograd.grad((o.float() * dout).sum(), ins) for ins, o, _ in (res_k, res_r, res_x)]
+    for i, (gk, gr, gx) in enumerate(zip(*grads)):
+        check_against_reference(f"grad[{i}]", gk, gx, gr, dtype, BWD_FACTOR)
+
+
+@gpu
+def test_auto_picks_triton_on_cuda_and_falls_back_loudly():
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with sam_fast.record_backends() as rec:
+        sam_fast.dilated_attention(q, q, q)
+    assert rec.calls == [("dilated_attention", "triton")]
+    big = torch.randn(1, 64, 2, 160, device="cuda", dtype=torch.bfloat16)
+    with sam_fast.record_backends() as rec, pytest.warns(sam_fast.SamFastFallbackWarning, match="head dim"):
+        sam_fast.dilated_attention(big, big, big)
+    assert rec.calls == [("dilated_attention", "reference")]
+
+
+@gpu
+def test_compile_inductor_fullgraph():
+    q, k, v = (torch.randn(1, 4096, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    f = lambda q, k, v: sam_fast.dilated_attention(q, k, v, grid=(64, 64)) * 2  # noqa: E731
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+@gpu
+def test_patched_vit_b_shaped_encoder_on_gpu():
+    from sam_fast.models import tiny_image_encoder
+
+    enc = tiny_image_encoder(img_size=1024, embed_dim=768, num_heads=12, depth=4, window_size=14,
+                             global_attn_indexes=(1, 3), out_chans=256).cuda()
+    check_fused_bf16_encoder(enc, torch.randn(1, 3, 1024, 1024, device="cuda"))

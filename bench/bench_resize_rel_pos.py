@@ -4,7 +4,7 @@ SAM resizes a rel-pos table whenever the image size differs from the one it was 
 are ViT-H head dim 80 tables going 27 -> 127 rows (window table used globally) and 127 -> 191 rows
 (1024 px -> 1536 px input).
 
-    python bench/bench_relpos.py [--out bench/results]
+    python bench/bench_resize_rel_pos.py [--out bench/results]
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 
 from sam_fast.bench.harness import append_csv, bench_main, measure, provenance
 
-SCRIPT = "bench_relpos"
+SCRIPT = "bench_resize_rel_pos"
 BASELINE = "segment_anything"
 
 
 def run(out_dir: str, quick: bool = False, device: str = None):
     import sam_fast
-    from sam_fast.ops.relpos import resize_rel_pos_reference
+    from sam_fast.ops.resize_rel_pos import resize_rel_pos_reference
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)

@@ -7,11 +7,12 @@ equal to rounding level; accuracy against float is stated as SQNR in dB.
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import gpu, smoke
 
 import sam_fast
-from sam_fast.kernels import int8_gemm as K
-from sam_fast.ops import int8 as ops
-from sam_fast.reference import int8 as R
+from sam_fast.kernels import int8_linear as K
+from sam_fast.ops import int8_linear as ops
+from sam_fast.reference import int8_linear as R
 from sam_fast.testing import INT8_LINEAR_MIN_SQNR_DB, check_rounding_level
 
 # (M, K, N): SAM ViT-B / ViT-H linears with few tokens, M = 1, M off every block size, K and N not
@@ -332,10 +333,85 @@ def test_tuned_table_lookup(monkeypatch):
 
 
 def test_bench_int_mm_peer_matches_the_scheme():
-    from sam_fast.bench.bench_int8_gemm import int_mm_separate
+    from sam_fast.bench.bench_int8_linear import int_mm_separate
 
     x = _activations(40, 64, seed=20)
     w, b = _weights(32, 64, seed=21)
     wq, ws = R.quantize_weight(w)
     y = int_mm_separate(x, wq.t(), ws, b)
     check_rounding_level("int_mm peer", y, sam_fast.int8_linear(x, wq, ws, b, backend="reference"))
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------------
+# W8A8: SAM's real linear shapes (M = tokens of one or two images)
+# ------------------------------------------------------------------------------------------------
+
+INT8_SHAPES = [(4096, 768, 2304), (4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768),
+               (8192, 1280, 3840), pytest.param(4096, 1280, 5120, marks=smoke), (4096, 5120, 1280),
+               (4097, 1280, 1280), (1, 768, 768), pytest.param(333, 40, 50, marks=smoke)]
+
+
+@gpu
+@pytest.mark.parametrize("m,k,n", INT8_SHAPES, ids=str)
+def test_int8_gemm_real_shapes(m, k, n):
+    from sam_fast.kernels import int8_linear as K
+    from sam_fast.reference import int8_linear as R
+    from sam_fast.testing import check_rounding_level
+
+    g = torch.Generator(device="cuda").manual_seed(m + k + n)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = torch.randn(n, k, device="cuda", generator=g) / k**0.5
+    b = torch.randn(n, device="cuda", generator=g).bfloat16()
+    q, s = sam_fast.quantize_per_token(x)
+    qr, sr = R.quantize_per_token(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    acc = K.int8_gemm(q, s, wq, ws, out_dtype=torch.int32)
+    assert torch.equal(acc, R.int8_mm(q, wq))
+    for act in (None, "gelu"):
+        y = sam_fast.int8_linear(x, wq, ws, b, activation=act, out_dtype=torch.float32)
+        check_rounding_level("int8_linear", y, sam_fast.int8_linear(x, wq, ws, b, activation=act,
+                                                                    out_dtype=torch.float32, backend="reference"))
+    h8 = sam_fast.int8_linear(x, wq, ws, b, activation="gelu", out_dtype=torch.int8, out_scale=0.02)
+    h8r = sam_fast.int8_linear(x, wq, ws, b, activation="gelu", out_dtype=torch.int8, out_scale=0.02,
+                               backend="reference")
+    assert int((h8.int() - h8r.int()).abs().max()) <= 1 and float((h8 != h8r).float().mean()) < 1e-3
+
+
+@gpu
+def test_int8_non_finite_rows_are_nan_on_cuda():
+    """The GPU's max reduction and min / max instructions drop NaN: rows holding NaN or +-inf must still
+    come out NaN (both quantizers) and NaN must quantize to 0 with a static scale, as on the CPU."""
+    from sam_fast.kernels import int8_linear as K
+    from sam_fast.reference import int8_linear as R
+
+    x = torch.randn(256, 1280, device="cuda").bfloat16()
+    x[7, 100] = float("nan")
+    x[9, 0] = float("inf")
+    x[200, 1279] = -float("inf")
+    bad, clean = [7, 9, 200], [i for i in range(256) if i not in (7, 9, 200)]
+    wq, ws = sam_fast.quantize.quantize_weight(torch.randn(512, 1280, device="cuda") / 1280**0.5)
+    out = sam_fast.int8_linear(x, wq, ws, activation="gelu")
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[clean]).all()
+    assert torch.isnan(sam_fast.layer_norm_quantize(x, None, None, 1e-6)[1][bad]).all()
+    scale = torch.tensor(0.02, device="cuda")
+    q = K.quantize_rows(x, scale)[0]
+    assert torch.equal(q, R.quantize_static(x, scale)) and q[7, 100] == 0 and q[9, 0] == 127
+
+
+@gpu
+@smoke
+def test_layer_norm_quantize_real_shape():
+    from sam_fast.reference import int8_linear as R
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 64, 64, 1280, device="cuda", generator=g).bfloat16()
+    w, b = torch.randn(1280, device="cuda", generator=g), torch.randn(1280, device="cuda", generator=g)
+    q, s = sam_fast.layer_norm_quantize(x, w, b, 1e-6)
+    qr, sr = R.layer_norm_quantize(x, w, b, 1e-6)
+    assert int((q.int() - qr.int()).abs().max()) <= 1 and float((q != qr).float().mean()) < 1e-3
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)

@@ -3,6 +3,8 @@
 import pytest
 import skimage.data
 import torch
+from attn_helpers import check_fused_bf16_encoder
+from devices import gpu
 from torch import nn
 
 import sam_fast
@@ -340,3 +342,98 @@ def test_tensor_scales_are_checked_like_float_ones(calibrated):
     with pytest.raises(ValueError, match="would saturate"):
         sam_fast.apply(model, SamFastConfig(quantize="int8", calibration=cal))
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+@gpu
+def test_w8a8_vit_b_shaped_encoder_on_gpu():
+    import skimage.data
+
+    from sam_fast.models import tiny_image_encoder
+    from sam_fast.quantize import calibrate, sqnr_db
+    from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
+
+    enc = tiny_image_encoder(img_size=1024, embed_dim=768, num_heads=12, depth=4, window_size=14,
+                             global_attn_indexes=(1, 3), out_chans=256).cuda().to(torch.bfloat16)
+    images = [skimage.data.astronaut(), skimage.data.coffee()]
+    cal = calibrate(enc, images, progress=False)
+    assert cal.embedding_sqnr_db >= INT8_EMBEDDING_MIN_SQNR_DB
+    x = torch.randn(2, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact")):
+            ref = enc(x)
+        with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal)):
+            with sam_fast.record_backends() as rec:
+                out = enc(x)
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    assert sqnr_db(ref.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+@gpu
+def test_slimsam_pruned_encoder_on_gpu():
+    """A SlimSAM-77-shaped encoder with per-block pruned widths (head dims 14, 10 and 8 at 4096 tokens)
+    loaded from a checkpoint: fused attention within the bf16 rule, then W8A8 on top."""
+    import dataclasses
+
+    import skimage.data
+
+    from sam_fast.models import build_image_encoder, encoder_geometry, released_geometry
+    from sam_fast.quantize import calibrate, sqnr_db
+    from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
+
+    geom = released_geometry("slimsam_77")
+    blocks = list(geom.blocks)
+    for i, (heads, head_dim, mlp) in {0: (12, 10, 520), 2: (8, 14, 696), 5: (12, 8, 300), 11: (6, 14, 400)}.items():
+        blocks[i] = dataclasses.replace(blocks[i], num_heads=heads, head_dim=head_dim, mlp_dim=mlp)
+    geom = dataclasses.replace(geom, blocks=tuple(blocks))
+    enc = build_image_encoder(geom)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, 0.2)
+    assert encoder_geometry(enc.state_dict(), prefix="") == geom
+    enc = enc.cuda().eval()
+    x = torch.randn(1, 3, 1024, 1024, device="cuda")
+    got = check_fused_bf16_encoder(enc, x)  # enc is bf16 from here on
+    cal = calibrate(enc, [skimage.data.astronaut(), skimage.data.coffee()], progress=False)
+    with torch.no_grad():
+        with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact", quantize="int8", calibration=cal)):
+            with sam_fast.record_backends() as rec:
+                out = enc(x.bfloat16())
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    assert sqnr_db(got.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+@gpu
+def test_vit_t_w8a8_on_gpu():
+    """MobileSAM's TinyViT at 1024 x 1024 in bf16 on CUDA (SDPA with its bias table), then W8A8 with
+    the LayerNorms fused, all int8 work on the Triton kernels."""
+    import skimage.data
+
+    from sam_fast.models import build_vit_t
+    from sam_fast.quantize import calibrate, sqnr_db
+    from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
+
+    sam = build_vit_t()
+    with torch.no_grad():
+        for name, p in sam.image_encoder.named_parameters():
+            if "attention_biases" in name:
+                p.normal_(0, 1)
+    enc = sam.image_encoder.cuda().eval()
+    x = torch.randn(2, 3, 1024, 1024, device="cuda")
+    with torch.no_grad():
+        exact = enc(x)
+        enc.to(torch.bfloat16)
+        ref = enc(x.bfloat16())
+    assert ref.shape == (2, 256, 64, 64)
+    assert sqnr_db(exact, ref.float()) >= 30  # bf16 TinyViT vs fp32: bf16 rounding only
+    cal = calibrate(enc, [skimage.data.astronaut(), skimage.data.coffee()], progress=False)
+    with torch.no_grad(), sam_fast.apply(enc, sam_fast.SamFastConfig(attention="none", quantize="int8",
+                                                                     calibration=cal)):
+        with sam_fast.record_backends() as rec:
+            out = enc(x.bfloat16())
+    assert rec.backends() == {"triton"} and not rec.fallbacks
+    assert sqnr_db(ref.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB

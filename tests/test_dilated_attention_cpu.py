@@ -10,7 +10,7 @@ import torch
 
 import sam_fast
 from sam_fast import Branch
-from sam_fast.ops.attention_cpu import batches_segments
+from sam_fast.ops.dilated_attention_cpu import batches_segments
 from sam_fast.pattern import resolve_pattern
 from sam_fast.testing import max_err
 
@@ -74,7 +74,7 @@ def test_cpu_backend_matches_reference(case):
 def test_one_dimensional_branch_with_rel_pos_runs_the_reference_loop():
     """A 1-D branch's rel-pos coordinates wrap at grid rows: that branch runs the reference's loop, the
     pattern's other branches stay batched, and the mix equals the reference (gradients included)."""
-    import sam_fast.ops.attention_cpu as cpu
+    import sam_fast.ops.dilated_attention_cpu as cpu
 
     grid, H, D = (5, 6), 3, 8
     pattern = [Branch(7, 3), Branch((3, 3), 2)]
@@ -98,8 +98,8 @@ def test_one_dimensional_branch_with_rel_pos_runs_the_reference_loop():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}-{c[4]}-rel{int(c[5])}-pad{int(c[6])}")
 def test_inference_runs_the_fused_cpu_kernel(case, monkeypatch):
     """Under no_grad the segments go through PyTorch's fused CPU attention with the bias as its mask;
-    out and lse still match the reference (float64: to rounding; float32, bf16, fp16: by DESIGN's rule)."""
-    import sam_fast.ops.attention_cpu as cpu
+    out and lse still match the reference (float64: to rounding; float32, bf16, fp16: by the tolerance rule)."""
+    import sam_fast.ops.dilated_attention_cpu as cpu
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
     fused = []
@@ -160,7 +160,7 @@ def test_missing_keys_known_from_geometry():
     data-dependent branch); it must agree with the key-validity tensor over many layouts."""
     import itertools
 
-    from sam_fast.ops.attention_cpu import _Layout
+    from sam_fast.ops.dilated_attention_cpu import _Layout
     from sam_fast.pattern import ResolvedBranch
 
     for rows, cols, sh, sw, dy, dx, H, full in itertools.product((1, 5, 7), (6, 9), (1, 3, 4, 8), (2, 5, 9), (1, 2, 3),

@@ -18,7 +18,7 @@ backend's output against the fp32 ``F.linear`` of the same float weights beside 
 On a CPU-only machine the CPU backends run on small M and the Triton kernels are checked for
 correctness under the interpreter (not timed).
 
-    python bench/bench_int8_gemm.py [--out bench/results] [--quick | --targets]
+    python bench/bench_int8_linear.py [--out bench/results] [--quick | --targets]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from sam_fast.bench.harness import LiveRows, bench_main, measure, provenance, raise_recompile_limit, save_results  # noqa: E402
 
-SCRIPT = "bench_int8_gemm"
+SCRIPT = "bench_int8_linear"
 BASELINE = "cublas_bf16" if torch.cuda.is_available() else "torch_fp32"
 VIT_B = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 VIT_H = [(1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)]
@@ -49,7 +49,7 @@ def int_mm_separate(x, wq_t, ws, bias):
 
 
 def _sqnr(ref, y):
-    from sam_fast.reference.int8 import sqnr_db
+    from sam_fast.reference.int8_linear import sqnr_db
 
     return sqnr_db(ref, y.float())
 

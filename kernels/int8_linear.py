@@ -15,7 +15,7 @@ separate passes over memory. Here the passes that touch the activations are fuse
   the next GEMM reads int8 directly. ``out_dtype=torch.int32`` stores the raw accumulator (tests prove
   the integer arithmetic exact with it).
 
-Numerics, shared bit for bit with :mod:`sam_fast.reference.int8` (the CPU backend):
+Numerics, shared bit for bit with :mod:`sam_fast.reference.int8_linear` (the CPU backend):
 
 * quantization is ``q = clamp(round_half_even(x / scale), -127, 127)`` with an IEEE division
   (``div_rn``; Triton's default fp32 ``/`` is approximate on GPUs) and rounding by adding and
@@ -27,13 +27,13 @@ Numerics, shared bit for bit with :mod:`sam_fast.reference.int8` (the CPU backen
   re-quantization. On a GPU the compiler may contract the last multiply and add into an FMA, so
   dequantized outputs agree with the reference to rounding level; the int32 accumulator is exact.
 
-Tensor contract (the launchers check nothing a caller could get wrong; :mod:`sam_fast.ops.int8`
+Tensor contract (the launchers check nothing a caller could get wrong; :mod:`sam_fast.ops.int8_linear`
 validates): ``x``/``a`` 2-D with a contiguous last dim (row stride free); ``w`` (N, K) int8 with a
 contiguous last dim (nn.Linear's layout, K-major, which is what int8 tensor-core MMAs want for both
 operands); scales fp32; any M, N, K >= 1 (edges are masked; no padding copies).
 
-Block sizes come from a checked-in table per GPU architecture (``tuned/int8_gemm.json``, written by
-``tools/tune_int8_gemm.py`` on that GPU) and a heuristic where the table has no entry.
+Block sizes come from a checked-in table per GPU architecture (``tuned/int8_linear.json``, written by
+``tools/tune_int8_linear.py`` on that GPU) and a heuristic where the table has no entry.
 """
 
 from __future__ import annotations
@@ -191,12 +191,12 @@ def _int8_gemm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, o
 # Launch configuration
 # ------------------------------------------------------------------------------------------------
 
-_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned", "int8_gemm.json")
+_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned", "int8_linear.json")
 
 
 @functools.lru_cache(maxsize=None)
 def tuned_table() -> dict:
-    """{arch: [{"m": .., "n": .., "k": .., "config": {...}}, ...]} from ``tuned/int8_gemm.json``."""
+    """{arch: [{"m": .., "n": .., "k": .., "config": {...}}, ...]} from ``tuned/int8_linear.json``."""
     if not os.path.exists(_TABLE_PATH):
         return {}
     with open(_TABLE_PATH) as f:

@@ -13,7 +13,7 @@ ceiling only). Achieved TFLOP/s use 4 * B * H * D * (attended pairs), x3.5 for f
 On a CPU-only machine: small shapes, CPU backends timed, the Triton kernel checked for correctness
 under the interpreter and not timed.
 
-    python bench/bench_attention.py [--out bench/results] [--quick]
+    python bench/bench_dilated_attention_sam.py [--out bench/results] [--quick]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sam_fast.bench.harness import (
     save_results,
 )
 
-SCRIPT = "bench_attention"
+SCRIPT = "bench_dilated_attention_sam"
 BASELINE = "segment_anything"
 
 

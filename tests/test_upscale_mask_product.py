@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from devices import gpu, smoke
 
 import sam_fast
 from sam_fast.models import tiny_sam
 from sam_fast.nn.decoder import BatchedMaskDecoder
-from sam_fast.ops.decoder import upscale_mask_product
-from sam_fast.reference import decoder as reference
+from sam_fast.ops.upscale_mask_product import upscale_mask_product
+from sam_fast.reference import upscale_mask_product as reference
 from sam_fast.testing import FWD_FACTOR, check_against_reference
 
 # (P, CIN, COUT, h, w, M): SAM's channels (64 -> 32) on a small grid, the tiny model's (8 -> 4),
@@ -26,8 +27,8 @@ def _inputs(P, CIN, COUT, h, w, M, dtype, seed=0):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(case, dtype):
-    args = _inputs(*case, dtype)
+def test_kernel_matches_reference(case, dtype, device):
+    args = [t.to(device) for t in _inputs(*case, dtype)]
     with sam_fast.record_backends() as rec:
         got = upscale_mask_product(*args, backend="triton")
     assert rec.calls == [("upscale_mask_product", "triton")]
@@ -77,7 +78,7 @@ def test_errors_name_the_argument(change, match):
 
 def test_opcheck():
     args = _inputs(2, 8, 4, 3, 5, 3, torch.float32)
-    from sam_fast.ops.decoder import _upscale_mask_product_op
+    from sam_fast.ops.upscale_mask_product import _upscale_mask_product_op
 
     torch.library.opcheck(_upscale_mask_product_op, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -85,7 +86,7 @@ def test_opcheck():
 @pytest.mark.parametrize("case", CASES[:2], ids=str)
 def test_gpu_fp32_block_matches_reference(case, monkeypatch):
     """fp32 on a GPU takes 16-pixel blocks (no spills on sm_90); the interpreter runs them here too."""
-    import sam_fast.kernels.mask_product as k
+    import sam_fast.kernels.upscale_mask_product as k
 
     launches = []
     kernel = k._upscale_mask_product_kernel
@@ -105,3 +106,29 @@ def test_gpu_fp32_block_matches_reference(case, monkeypatch):
     exact = reference.upscale_mask_product(*[a.double() for a in args])
     same_precision = upscale_mask_product(*args, backend="reference")
     check_against_reference("upscale_mask_product", got, exact, same_precision, torch.float32, FWD_FACTOR)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=smoke), torch.float16, torch.float32])
+@pytest.mark.parametrize("P,M", [(64, 3), (257, 1)])
+def test_upscale_mask_product_sam_shapes(dtype, P, M):
+    from sam_fast.ops.upscale_mask_product import upscale_mask_product
+    from sam_fast.reference import upscale_mask_product as reference
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(P, 64, 128, 128, device="cuda", generator=g)
+    weight = torch.randn(64, 32, 2, 2, device="cuda", generator=g) / 8
+    bias = torch.randn(32, device="cuda", generator=g) * 0.1
+    hyper = torch.randn(P, M, 32, device="cuda", generator=g)
+    args = [t.to(dtype) for t in (x, weight, bias, hyper)]
+    with sam_fast.record_backends() as rec:
+        got = upscale_mask_product(*args)
+    assert rec.calls == [("upscale_mask_product", "triton")]
+    exact = reference.upscale_mask_product(*[a.double() for a in args])
+    same = reference.upscale_mask_product(*args)
+    check_against_reference("upscale_mask_product", got, exact, same, dtype, FWD_FACTOR)

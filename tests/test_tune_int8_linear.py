@@ -1,4 +1,4 @@
-"""tools/tune_int8_gemm.py: a whole tuning pass on a tiny GEMM under the interpreter with a stand-in timer
+"""tools/tune_int8_linear.py: a whole tuning pass on a tiny GEMM under the interpreter with a stand-in timer
 (real timings need the GPU the table is for), the agreement check that keeps a wrong kernel from winning,
 and the table it writes."""
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-import sam_fast.kernels.int8_gemm as K
-from tools import tune_int8_gemm as T
+import sam_fast.kernels.int8_linear as K
+from tools import tune_int8_linear as T
 
 CANDS = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -81,7 +81,7 @@ def test_written_table_is_what_the_kernel_reads(tmp_path, monkeypatch):
     from tools.tune_attention import write_table
 
     entry = T.tune_shape(40, 64, 48, torch.device("cpu"), lambda fn: 1.0, log=lambda *a: None, cands=CANDS[1:2])
-    path = tmp_path / "int8_gemm.json"
+    path = tmp_path / "int8_linear.json"
     doc = {"note": "test", "configs": {}}
     write_table(str(path), doc, "sm_90", {T._entry_key(entry): entry}, "NVIDIA H100")
     monkeypatch.setattr(K, "_TABLE_PATH", str(path))

@@ -2,18 +2,19 @@
 
 import pytest
 import torch
+from devices import gpu, smoke
 
 import sam_fast
-from sam_fast.ops.relpos import resize_rel_pos_reference
+from sam_fast.ops.resize_rel_pos import resize_rel_pos_reference
 
 
 @pytest.mark.parametrize("L,length", [(27, 55), (27, 13), (127, 127 * 2 + 1), (5, 1), (1, 9), (63, 127)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_matches_interpolate(L, length, dtype):
+def test_matches_interpolate(L, length, dtype, device):
     t = torch.randn(L, 24, dtype=dtype)
     with sam_fast.record_backends() as rec:
-        got = sam_fast.resize_rel_pos(t, length)
-    assert rec.calls == [("resize_rel_pos", "cpu")]
+        got = sam_fast.resize_rel_pos(t.to(device), length).cpu()
+    assert rec.calls == [("resize_rel_pos", device.type)]
     ref = resize_rel_pos_reference(t, length)
     assert got.shape == (length, 24) and got.dtype == dtype
     if dtype == torch.float64:
@@ -43,3 +44,17 @@ def test_errors():
         sam_fast.resize_rel_pos(torch.zeros(3, 2), 5, backend="cuda")
     with pytest.raises(RuntimeError, match="sam_fast::resize_rel_pos: expected length >= 1"):
         torch.ops.sam_fast.resize_rel_pos(torch.zeros(3, 2), 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+@gpu
+@smoke
+def test_resize_rel_pos_cuda_matches_cpu():
+    t = torch.randn(27, 80)
+    with sam_fast.record_backends() as rec:
+        got = sam_fast.resize_rel_pos(t.cuda(), 127)
+    assert rec.calls == [("resize_rel_pos", "cuda")]
+    torch.testing.assert_close(got.cpu(), sam_fast.resize_rel_pos(t, 127), atol=1e-6, rtol=0)

@@ -5,12 +5,13 @@ import os
 import pytest
 import torch
 from attn_helpers import check_kernel_vs_reference, record_launch_configs
+from devices import gpu, smoke
 
 import sam_fast
 from sam_fast import Branch
 from sam_fast.kernels.dilated_attention import Geometry, plan_groups
 from sam_fast.pattern import resolve_pattern
-from sam_fast.reference.attention import dilated_attention_reference
+from sam_fast.reference.dilated_attention import dilated_attention_reference
 
 # (B, N or grid, H, D, pattern, rel). Covers 1-D and 2-D, one and several branches, r in {1, 2, 3, 4},
 # partial segments, N off every block size, head dims 14/32/64/80, batch 1, heads fewer than r
@@ -116,7 +117,7 @@ def test_launch_groups():
 # ---------------------------------------------------------------------------------------------
 
 def _definition(q, k, v, pattern, grid, scale, rel_pos_h=None, rel_pos_w=None):
-    """DESIGN.md's semantics from scratch: for each head and branch an explicit N x N mask (same
+    """The op contract of docs/design.md from scratch: for each head and branch an explicit N x N mask (same
     segment, both positions at the head's offset modulo the dilation); the branches' masked logits
     concatenated along the key axis and soft-maxed together, which is the lse-weighted merge."""
     B, N, H, D = q.shape
@@ -384,3 +385,58 @@ def test_gpu_fp32_blocks_match_reference(case, monkeypatch):
     chosen = record_launch_configs(monkeypatch)
     _check_case(case, torch.float32)
     assert chosen and all(c["BLOCK_M"] == (16 if case[3] > 64 else 32) for c in chosen)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA at SAM's real shapes (pytest -m gpu)
+# ------------------------------------------------------------------------------------------------
+
+# (B, grid, H, D, pattern, rel): the benchmark's patterns at SAM's grid, a non-nested pattern (two
+# launches), rel-pos under dilation, an odd grid, and N = 16384 (a 2048^2 image).
+LONGNET = [Branch(1024, 1), Branch(2048, 2), Branch(4096, 4)]
+DILATED = [
+    pytest.param((1, (64, 64), 16, 64, [Branch((32, 32), 2)], False), marks=smoke),
+    (2, (64, 64), 16, 80, [Branch((64, 64), 4)], False),
+    pytest.param((1, (64, 64), 16, 64, LONGNET, False), marks=smoke),
+    pytest.param((1, (64, 64), 16, 64, LONGNET, True), marks=smoke),  # 1-D branches' per-key rel-pos tables
+    (1, (64, 64), 16, 64, [Branch((2, 2)), Branch(100, 2)], True),  # 2-D and 1-D mixed: two launch groups
+    (1, (64, 64), 12, 64, [Branch((14, 14), 1), Branch((32, 32), (2, 2))], True),
+    (1, (64, 64), 16, 80, [Branch((32, 32), 2)], True),
+    (1, (33, 47), 5, 32, [Branch((16, 16), (2, 2)), Branch((33, 47), (4, 4))], False),
+    (1, (128, 128), 16, 64, [Branch((64, 64), 2)], False),
+]
+
+
+@gpu
+@pytest.mark.parametrize("case", DILATED, ids=lambda c: f"B{c[0]}-{c[1]}-H{c[2]}-D{c[3]}-{len(c[4])}br-rel{int(c[5])}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dilated_kernel_vs_reference_real_shapes(case, dtype):
+    B, grid, H, D, pattern, rel = case
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N = grid[0] * grid[1]
+    qkv = [t.to(dtype) for t in torch.randn(B, N, 3, H, D, device="cuda", generator=g).unbind(2)]
+    kw = {"grid": grid}
+    if rel:
+        kw["rel_pos_h"] = (torch.randn(2 * grid[0] - 1, D, device="cuda", generator=g) * 0.2).to(dtype)
+        kw["rel_pos_w"] = (torch.randn(2 * grid[1] - 1, D, device="cuda", generator=g) * 0.2).to(dtype)
+    check_kernel_vs_reference(qkv, pattern, kw, dtype)
+
+
+@gpu
+def test_swapped_vit_b_shaped_encoder_dilated_on_gpu():
+    from sam_fast.models import tiny_image_encoder
+
+    enc = tiny_image_encoder(img_size=1024, embed_dim=768, num_heads=12, depth=4, window_size=14,
+                             global_attn_indexes=(1, 3), out_chans=256).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    cfg = sam_fast.SamFastConfig(attention="dilated", dilated_pattern=Branch((32, 32), 2))
+    with sam_fast.apply(enc, cfg):
+        with sam_fast.record_backends() as rec:
+            y = enc(x)
+            y.float().square().mean().backward()
+        assert rec.backends("dilated_attention") == {"triton"} and not rec.fallbacks
+        for blk in enc.blocks:
+            blk.backend = "reference"
+        y_ref = enc(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=5e-2, rtol=5e-2)

@@ -1,6 +1,6 @@
 """The CPU backend of ``sam_fast.dilated_attention``.
 
-The reference (:mod:`sam_fast.reference.attention`) walks the pattern one branch, offset group and
+The reference (:mod:`sam_fast.reference.dilated_attention`) walks the pattern one branch, offset group and
 segment at a time in Python: clear, but a SAM window block (hundreds of 14 x 14 windows) becomes hundreds
 of small matmuls, and a LongNet mix over 4096 tokens dozens. Here each branch runs as one batched
 attention over all its segments and heads at once:
@@ -13,7 +13,7 @@ attention over all its segments and heads at once:
 * the decomposed rel-pos bias is added per segment with the dilated coordinate differences, as
   segment_anything's ``Attention`` adds it;
 * the results are scattered back (positions a head keeps in no segment: output 0, lse -inf) and
-  several branches are mixed by :func:`~sam_fast.reference.attention.merge_branches`.
+  several branches are mixed by :func:`~sam_fast.reference.dilated_attention.merge_branches`.
 
 When autograd records nothing (inference), the segments go through PyTorch's fused CPU flash-attention
 kernel with the bias and key mask as its mask (it returns the lse too; about 2x segment_anything's
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..pattern import ResolvedBranch
-from ..reference.attention import _branch as reference_branch
-from ..reference.attention import merge_branches
+from ..reference.dilated_attention import _branch as reference_branch
+from ..reference.dilated_attention import merge_branches
 
 
 def batches_segments(branches, rel_pos_h) -> bool:

@@ -3,7 +3,7 @@
 Layers: the Triton launchers in :mod:`sam_fast.kernels.dilated_attention` are registered here once as
 ``sam_fast::dilated_attention_fwd`` / ``sam_fast::dilated_attention_bwd`` custom ops with fakes and
 autograd; :func:`dilated_attention` validates, picks a backend (``auto | triton | cuda | cpu |
-reference``) and runs it. The plain-PyTorch reference is :mod:`sam_fast.reference.attention`.
+reference``) and runs it. The plain-PyTorch reference is :mod:`sam_fast.reference.dilated_attention`.
 
 The ops are ``torch.library.custom_op``s (opaque to torch.compile) rather than ``triton_op``s: a
 ``triton_op`` is traced into by AOTAutograd, which cannot run a kernel under ``TRITON_INTERPRET=1``,
@@ -21,8 +21,8 @@ import torch
 from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..kernels import dilated_attention as _k
 from ..pattern import ResolvedBranch, check_grid, resolve_pattern
-from ..reference.attention import dilated_attention_reference
-from .attention_cpu import cpu_dilated_attention
+from ..reference.dilated_attention import dilated_attention_reference
+from .dilated_attention_cpu import cpu_dilated_attention
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)

@@ -4,7 +4,7 @@ From low-resolution mask logits (P, 256, 256) to what the automatic mask generat
 need at the original image size - stability score, area, box, COCO RLE, and binary masks only when
 asked - without materialising any full-resolution float mask (csrc/mask_postprocess.h explains the
 composite resize; csrc/cpu and csrc/cuda hold the kernels). The reference
-(:mod:`sam_fast.reference.postprocess`) runs segment_anything's own functions.
+(:mod:`sam_fast.reference.mask_postprocess`) runs segment_anything's own functions.
 
 Results agree with the reference except where an upsampled logit lies within float rounding
 (about 1e-6) of ``mask_threshold`` or ``mask_threshold +- stability_offset``: the fused op combines the
@@ -19,8 +19,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from .._dispatch import Backend, Refusal, dispatch
-from ..reference import postprocess as _ref
-from ..reference.postprocess import PostprocessedMasks
+from ..reference import mask_postprocess as _ref
+from ..reference.mask_postprocess import PostprocessedMasks
 from ._ext import cpp_device_refusal, extension_error
 
 __all__ = ["PostprocessedMasks", "coco_to_mask", "mask_postprocess", "rles_to_coco", "rles_to_uncompressed"]
