@@ -45,21 +45,40 @@ def _logits(P, device, seed=0):
     return F.interpolate(coarse, (256, 256), mode="bicubic", align_corners=False)[:, 0].contiguous().to(device)
 
 
+def postprocess_geometries(gpu, targets=False):
+    """(name, input_size, original_size): a square image, and on a GPU a portrait photo's resize."""
+    out = [("1024x1024", (1024, 1024), (1024, 1024))]
+    if gpu and not targets:
+        out.append(("1500x2250", (683, 1024), (1500, 2250)))
+    return out
+
+
+def postprocess_workload(P, geometry, dev):
+    """One case: (case name, logits, kwargs, {peer: callable}) - the definition this script times and
+    bench/test_microbench.py benchmarks. The baseline is segment_anything's path, in its batches of 192."""
+    from sam_fast.ops.mask_postprocess import mask_postprocess
+
+    name, input_size, original = geometry
+    logits = _logits(P, dev)
+    kw = dict(input_size=input_size, original_size=original)
+    ours_backend = "cuda" if dev.type == "cuda" else "cpu"
+
+    def baseline():
+        return [mask_postprocess(logits[i:i + CHUNK], backend="reference", **kw) for i in range(0, P, CHUNK)]
+
+    return f"P={P} 256->{name}", logits, kw, {
+        BASELINE: baseline,
+        f"sam_fast_{ours_backend}": lambda: mask_postprocess(logits, backend=ours_backend, **kw)}
+
+
 def _postprocess_rows(dev, prov, quick, rows, targets=False):
     from sam_fast.ops.mask_postprocess import mask_postprocess
 
     gpu = dev.type == "cuda"
     P = 256 if quick else 1024
-    geometries = [("1024x1024", (1024, 1024), (1024, 1024))]
-    if gpu and not targets:
-        geometries.append(("1500x2250", (683, 1024), (1500, 2250)))
-    logits = _logits(P, dev)
-    for name, input_size, original in geometries:
-        kw = dict(input_size=input_size, original_size=original)
-
-        def baseline():
-            return [mask_postprocess(logits[i:i + CHUNK], backend="reference", **kw) for i in range(0, P, CHUNK)]
-
+    for geometry in postprocess_geometries(gpu, targets):
+        case, logits, kw, peers = postprocess_workload(P, geometry, dev)
+        baseline = peers[BASELINE]
         ours_backend = "cuda" if gpu else "cpu"
         ours = mask_postprocess(logits, backend=ours_backend, **kw)
         ref = baseline()
@@ -69,9 +88,7 @@ def _postprocess_rows(dev, prov, quick, rows, targets=False):
         same = (torch.equal(ref_area, ours.area) and torch.equal(ref_boxes, ours.boxes)
                 and torch.equal(ref_counts, ours.rle_counts))
         mismatched = int((ref_area != ours.area).sum())
-        case = f"P={P} 256->{name}"
-        for backend, fn in ((BASELINE, baseline), (f"sam_fast_{ours_backend}",
-                                                  lambda: mask_postprocess(logits, backend=ours_backend, **kw))):
+        for backend, fn in peers.items():
             m = measure(fn, dev, cpu_reps=3 if backend != BASELINE else 1, rep_ms=500)
             rows.append(dict(prov, op="mask_postprocess", case=case, backend=backend, mode="fwd",
                              metric="masks_per_s", value=P / (m["median_ms"] * 1e-3),

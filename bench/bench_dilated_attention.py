@@ -327,7 +327,7 @@ def _modes(device, pname, targets):
     return ("fwd", "fwd+bwd")
 
 
-def _case_peers(pname, pattern, B, N, H, D, grid, device, mode, targets):
+def case_peers(pname, pattern, B, N, H, D, grid, device, mode, targets):
     """The peers timed on one case and mode: all of them, or those the targets read."""
     out = []
     for name, make in _peers(pname, pattern, B, N, H, D, grid, device, mode):
@@ -349,7 +349,7 @@ def planned_rows(targets=True):
         N = grid[0] * grid[1]
         for mode in _modes(dev, pname, targets):
             rows += [dict(op="dilated_attention", case=f"{case} {pname}", backend=name, mode=mode, pattern=pname)
-                     for name, _ in _case_peers(pname, pattern, B, N, H, D, grid, dev, mode, targets)]
+                     for name, _ in case_peers(pname, pattern, B, N, H, D, grid, dev, mode, targets)]
     return rows
 
 
@@ -376,7 +376,7 @@ def run_cases(device, dtype, quick, prov, each=None, rows=None, targets=False):
         nbytes = 4 * B * N * H * D * q.element_size()
         exact = _sam_fast(pattern, grid, "reference")(q.float(), k.float(), v.float(), scale)
         for mode in [m for m in _modes(device, pname, targets) if only in (None, m)]:
-            for name, make in _case_peers(pname, pattern, B, N, H, D, grid, device, mode, targets):
+            for name, make in case_peers(pname, pattern, B, N, H, D, grid, device, mode, targets):
                 row = dict(prov, op="dilated_attention", case=f"{case} {pname}", backend=name, mode=mode,
                            metric="tflops", pattern=pname, kept_pairs=pairs)
                 try:
@@ -387,7 +387,7 @@ def run_cases(device, dtype, quick, prov, each=None, rows=None, targets=False):
                     if mode == "fwd":
                         row["max_err"] = float((out.float() - exact).abs().max())
                     with padded_head_dim_for(name):
-                        row.update(measure(_timed(fn, args, scale, mode), device))
+                        row.update(measure(timed(fn, args, scale, mode), device))
                     t = row["median_ms"] * 1e-3
                     flops = 4 * D * pairs * (3.5 if mode != "fwd" else 1.0)
                     row["value"] = flops / t / 1e12
@@ -402,7 +402,7 @@ def run_cases(device, dtype, quick, prov, each=None, rows=None, targets=False):
     return rows
 
 
-def _timed(fn, args, scale, mode):
+def timed(fn, args, scale, mode):
     if mode == "fwd":
         def run():
             with torch.no_grad():

@@ -43,7 +43,7 @@ SCRIPT = "bench_dilated_attention_sam"
 BASELINE = "segment_anything"
 
 
-def _rel_tables(B, H, D, grid, device, dtype, gen):
+def rel_tables(B, H, D, grid, device, dtype, gen):
     rh = torch.randn(2 * grid[0] - 1, D, device=device, dtype=dtype, generator=gen) * 0.2
     rw = torch.randn(2 * grid[1] - 1, D, device=device, dtype=dtype, generator=gen) * 0.2
     return rh, rw
@@ -124,7 +124,7 @@ def flash_attn_nobias(q, k, v, rh, rw, grid, scale):
     return flash_attn_func(q, k, v, softmax_scale=scale)
 
 
-def _peers(device, head_dim=64, mode="fwd"):
+def peers(device, head_dim=64, mode="fwd"):
     peers = [(BASELINE, sam_core)]
     if device.type == "cuda":
         from sam_fast.kernels.dilated_attention import head_dim_split
@@ -172,12 +172,12 @@ def run_global(device, dtype, quick, prov, rows):
     for case, B, H, D, grid in global_cases(device, quick):
         N = grid[0] * grid[1]
         q, k, v = (torch.randn(B, N, H, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
-        rh, rw = _rel_tables(B, H, D, grid, device, dtype, gen)
+        rh, rw = rel_tables(B, H, D, grid, device, dtype, gen)
         scale = D ** -0.5
         exact = sam_core(q.float(), k.float(), v.float(), rh.float(), rw.float(), grid, scale) if B == 1 else None
         pairs = B * H * N * N
         for mode in ("fwd", "fwd+bwd"):
-            for name, fn in _peers(device, D, mode):
+            for name, fn in peers(device, D, mode):
                 args = [t.detach().clone().requires_grad_(mode != "fwd") for t in (q, k, v)] + [rh, rw, grid, scale]
                 row = dict(prov, op="attention", case=case, backend=name, mode=mode, metric="tflops")
                 try:
@@ -186,7 +186,7 @@ def run_global(device, dtype, quick, prov, rows):
                     if exact is not None and mode == "fwd":
                         row["max_err"] = float((out.float() - exact).abs().max())
                     with padded_head_dim_for(name):
-                        m = measure(_timed_fn(fn, args, mode) if mode != "fwd" else _no_grad(fn, args), device)
+                        m = measure(_timed_fn(fn, args, mode) if mode != "fwd" else no_grad_call(fn, args), device)
                     row.update(m)
                     flops = 4 * D * pairs * (3.5 if mode != "fwd" else 1.0)
                     row["value"] = flops / (m["median_ms"] * 1e-3) / 1e12
@@ -198,7 +198,7 @@ def run_global(device, dtype, quick, prov, rows):
     return rows
 
 
-def _no_grad(fn, args):
+def no_grad_call(fn, args):
     def run():
         with torch.no_grad():
             return fn(*args)

@@ -88,6 +88,31 @@ def planned_rows(targets: bool = True):
             for B, model, K, N in cases(True, targets=targets) for name in peer_names(True, targets)]
 
 
+def workload(B, model, K, N, dev, g, names, compiled=None):
+    """One case: (case name, M, x, w, b, ref, {peer: callable}) for the peers ``names`` - the definition
+    this script times and bench/test_microbench.py benchmarks."""
+    import sam_fast
+
+    M = B * 4096 if dev.type == "cuda" else 256
+    x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    w = torch.randn(N, K, device=dev, generator=g) / K**0.5
+    b = torch.randn(N, device=dev, generator=g) * 0.1
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    wq_t = wq.t()  # (K, N) view of the K-major weight: the layout _int_mm wants for its B operand
+    xq, xs = sam_fast.quantize_per_token(x)
+    wl, bl = w.to(x.dtype), b.to(x.dtype)
+    make = {
+        "cublas_bf16": lambda: F.linear(x, wl, bl),
+        "torch_fp32": lambda: F.linear(x, wl, bl),
+        "int_mm+separate": lambda: int_mm_separate(x, wq_t, ws, b),
+        "int_mm+compile": lambda: compiled(x, wq_t, ws, b),
+        "sam_fast": lambda: sam_fast.int8_linear(x, wq, ws, b),
+        "sam_fast_gemm_only": lambda: sam_fast.int8_linear(xq, wq, ws, b, act_scale=xs, out_dtype=x.dtype),
+        "sam_fast(cpu)": lambda: sam_fast.int8_linear(x, wq, ws, b, backend="cpu"),
+    }
+    return _case_name(model, M, K, N), M, (x, w, b, wq, ws), {name: make[name] for name in names}
+
+
 def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = False):
     import sam_fast
 
@@ -102,27 +127,9 @@ def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = F
     rows = LiveRows(out_dir, SCRIPT, ["sqnr_db"])
     g = torch.Generator(device=dev).manual_seed(0)
     for B, model, K, N in cases(gpu, quick, targets):
-        M = B * 4096 if gpu else 256
-        x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16 if gpu else torch.float32)
-        w = torch.randn(N, K, device=dev, generator=g) / K**0.5
-        b = torch.randn(N, device=dev, generator=g) * 0.1
-        wq, ws = sam_fast.quantize.quantize_weight(w)
-        wq_t = wq.t()  # (K, N) view of the K-major weight: the layout _int_mm wants for its B operand
+        case, M, (x, w, b, wq, ws), peers = workload(B, model, K, N, dev, g, names, compiled)
         ref = F.linear(x.float(), w, b)
-        xq, xs = sam_fast.quantize_per_token(x)
-        wl, bl = w.to(x.dtype), b.to(x.dtype)
-        make = {
-            "cublas_bf16": lambda: F.linear(x, wl, bl),
-            "torch_fp32": lambda: F.linear(x, wl, bl),
-            "int_mm+separate": lambda: int_mm_separate(x, wq_t, ws, b),
-            "int_mm+compile": lambda: compiled(x, wq_t, ws, b),
-            "sam_fast": lambda: sam_fast.int8_linear(x, wq, ws, b),
-            "sam_fast_gemm_only": lambda: sam_fast.int8_linear(xq, wq, ws, b, act_scale=xs, out_dtype=x.dtype),
-            "sam_fast(cpu)": lambda: sam_fast.int8_linear(x, wq, ws, b, backend="cpu"),
-        }
-        case = _case_name(model, M, K, N)
-        for name in names:
-            fn = make[name]
+        for name, fn in peers.items():
             m = measure(fn, dev, cpu_reps=5)
             tops, sqnr = 2 * M * N * K / (m["median_ms"] * 1e-3) / 1e12, _sqnr(ref, fn())
             note = f"{tops:.0f} TOPS, SQNR {sqnr:.1f} dB" if gpu else f"SQNR {sqnr:.1f} dB"

@@ -20,20 +20,33 @@ SCRIPT = "bench_resize_rel_pos"
 BASELINE = "segment_anything"
 
 
-def run(out_dir: str, quick: bool = False, device: str = None):
+CASES = ((27, 127), (127, 191))  # (table length, resized length): ViT-B/H window tables to the global grid
+
+
+def workload(L, length, dev):
+    """One case: (case name, table, {peer: callable}) - the definition this script times and
+    bench/test_microbench.py benchmarks."""
     import sam_fast
-    from sam_fast.ops.resize_rel_pos import resize_rel_pos_reference
+    from sam_fast.reference.resize_rel_pos import resize_rel_pos as resize_rel_pos_reference
+
+    t = torch.randn(L, 80, device=dev)
+    return f"{L}->{length} x80", t, {
+        BASELINE: lambda: resize_rel_pos_reference(t, length),
+        f"sam_fast({dev.type})": lambda: sam_fast.resize_rel_pos(t, length, backend=dev.type)}
+
+
+def run(out_dir: str, quick: bool = False, device: str = None):
+    from sam_fast.reference.resize_rel_pos import resize_rel_pos as resize_rel_pos_reference
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(dev)
     rows = []
-    for L, length in ((27, 127), (127, 191)):
-        t = torch.randn(L, 80, device=dev)
+    for L, length in CASES:
+        case, t, peers = workload(L, length, dev)
         ref = resize_rel_pos_reference(t.double(), length)
-        for name, fn in ((BASELINE, lambda: resize_rel_pos_reference(t, length)),
-                         (f"sam_fast({dev.type})", lambda: sam_fast.resize_rel_pos(t, length, backend=dev.type))):
+        for name, fn in peers.items():
             m = measure(fn, dev, cpu_reps=50)
-            rows.append(dict(prov, op="resize_rel_pos", case=f"{L}->{length} x80", backend=name, mode="fwd",
+            rows.append(dict(prov, op="resize_rel_pos", case=case, backend=name, mode="fwd",
                              metric="gbps", value=(L + length) * 80 * 4 / (m["median_ms"] * 1e-3) / 1e9,
                              max_err=float((fn().double() - ref).abs().max()), **m))
     append_csv(os.path.join(out_dir, f"{SCRIPT}.csv"), rows)

@@ -4,6 +4,7 @@ not there (bench_everything once imported a helper the CLI no longer had)."""
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -108,9 +109,9 @@ def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
     pattern = [Branch((4, 4), 2)]
     for mode in ("fwd", "fwd+bwd"):
         assert PADDED_D in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 80, (8, 8), cuda, mode))
-        assert PADDED_D in names(bench_dilated_attention_sam._peers(cuda, 80, mode))
+        assert PADDED_D in names(bench_dilated_attention_sam.peers(cuda, 80, mode))
     assert PADDED_D not in names(bench_dilated_attention._peers("p", pattern, 1, 64, 2, 64, (8, 8), cuda))
-    assert PADDED_D not in names(bench_dilated_attention_sam._peers(cuda, 64))
+    assert PADDED_D not in names(bench_dilated_attention_sam.peers(cuda, 64))
 
     from attn_helpers import record_launch_configs
 
@@ -134,3 +135,16 @@ def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
     torch.testing.assert_close(split, padded, atol=2e-6, rtol=2e-6)
     for g_split, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(g_split, t.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_microbenchmark_suite_collects_and_runs(tmp_path):
+    """bench/test_microbench.py (pytest-benchmark) runs every case once with timing disabled, and the default
+    test run does not collect it."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_microbench.py", "--benchmark-disable", "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = re.search(r"(\d+) passed", proc.stdout)
+    assert ran and int(ran.group(1)) >= 20, proc.stdout[-2000:]
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "bench/test_microbench.py" not in listed.stdout and "tests/" in listed.stdout

@@ -5,7 +5,7 @@ import torch
 from devices import gpu, smoke
 
 import sam_fast
-from sam_fast.ops.resize_rel_pos import resize_rel_pos_reference
+from sam_fast.reference.resize_rel_pos import resize_rel_pos as resize_rel_pos_reference
 
 
 @pytest.mark.parametrize("L,length", [(27, 55), (27, 13), (127, 127 * 2 + 1), (5, 1), (1, 9), (63, 127)])

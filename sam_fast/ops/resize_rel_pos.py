@@ -8,17 +8,10 @@ device where the table lives.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._dispatch import Backend, dispatch
+from ..reference.resize_rel_pos import resize_rel_pos as resize_rel_pos_reference
 from ._ext import cpp_device_refusal, extension_error
-
-
-def resize_rel_pos_reference(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
-    """(L, C) -> (length, C), exactly segment_anything's resize."""
-    L = rel_pos.shape[0]
-    return F.interpolate(rel_pos.reshape(1, L, -1).permute(0, 2, 1), size=length, mode="linear").reshape(
-        -1, length).permute(1, 0)
 
 
 def _ensure_registered():
