@@ -387,7 +387,7 @@ def _inspect(args) -> int:
     from sam_fast.models.sam import known_model_type
     from sam_fast.models.tinyvit import TinyViT
     from sam_fast.models.vit import encoder_geometry
-    from sam_fast.quantize import eligible_linears, too_narrow, vit_blocks
+    from sam_fast.surgery import eligible_linears, too_narrow, vit_blocks
 
     try:
         sam = load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads)

@@ -8,7 +8,9 @@ With ``attention="dilated"`` the chosen blocks (``dilated_blocks``: ``"global"``
 of block indices; or the keys of a per-block ``dilated_pattern`` dict) run dilated attention over the
 whole token grid with their own weights; every other block keeps exact fused attention.
 With ``quantize="int8"`` the linears of every ViT block become :class:`sam_fast.nn.Int8Linear`
-(W8A8; see :mod:`sam_fast.quantize`), composing with either attention mode.
+(W8A8; see :mod:`sam_fast.quantize`), composing with either attention mode, and the modules whose LayerNorm
+fuses into an int8 GEMM are swapped for their fused forms. Which modules qualify is decided in
+:mod:`sam_fast.surgery`.
 Applying again is harmless: already swapped blocks take the new backend and pattern, and the new
 handle's ``undo()`` gives them back their previous ones; ``handle.undo()`` puts the original block
 objects back.
@@ -25,7 +27,8 @@ from ._dispatch import check_backend_name
 from .nn.attention import SamFastBlock
 from .nn.quantized import Int8Linear
 from .pattern import check_pattern
-from .quantize import Calibration, eligible_linears, too_narrow, vit_blocks
+from .quantize import Calibration
+from .surgery import eligible_linears, fusable_modules, too_narrow, vit_blocks
 
 ATTENTION_MODES = ("exact", "dilated", "none")
 QUANTIZE_MODES = (None, "int8")
@@ -221,7 +224,10 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
     try:
         if config.attention in ("exact", "dilated"):
             _swap_blocks(model, config, swaps, updates)
-        left_float = _quantize_linears(model, config, swaps) if config.quantize == "int8" else {}
+        left_float = {}
+        if config.quantize == "int8":
+            left_float = _quantize_linears(model, config, swaps)
+            _fuse_int8_modules(model, swaps)
     except BaseException:
         SamFastHandle(model, swaps, updates).undo()
         raise
@@ -286,3 +292,13 @@ def _quantize_linears(model, config, swaps) -> Dict[str, str]:
         slot.parent._modules[slot.name] = new
         swaps.append((slot.parent, slot.name, lin, new))
     return left_float
+
+
+def _fuse_int8_modules(model, swaps) -> None:
+    """Swap in the fused forms of the modules whose LayerNorm fuses into an int8 GEMM (DC-ViT's attention-free
+    blocks, TinyViT's attention and MLP; SAM's ViT blocks fuse inside SamFastBlock). A fused module shares
+    the original's parameters; where its linears stayed float it runs the original forward."""
+    for parent, name, child, fused_class in fusable_modules(model):
+        new = fused_class(child)
+        parent._modules[name] = new
+        swaps.append((parent, name, child, new))

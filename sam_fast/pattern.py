@@ -117,6 +117,14 @@ class ResolvedBranch:
     def n_seg(self) -> Tuple[int, int]:
         return (-(-self.rows // self.seg[0]), -(-self.cols // self.seg[1]))
 
+    def kept_extent(self, padded: bool) -> Tuple[int, int]:
+        """Largest number of kept key rows / columns in any segment, over all head offsets (``padded``:
+        segments cut from a grid padded to whole segments, as SAM's window padding does)."""
+        (sh, sw), (dy, dx) = self.seg, self.dil
+        if padded:
+            return -(-sh // dy), -(-sw // dx)
+        return -(-min(sh, self.rows) // dy), -(-min(sw, self.cols) // dx)
+
     def offsets(self, head: int) -> Tuple[int, int]:
         dy, dx = self.dil
         return ((head // dx) % dy, head % dx)

@@ -25,95 +25,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .nn.attention import SamFastBlock, is_sam_vit_block
 from .nn.quantized import Int8Linear
 from .ops.int8_linear import int8_linear, quantize_weight
 from .reference.int8_linear import QMAX, ratio_db, sqnr_db
+from .surgery import MIN_FEATURES, eligible_linears, find_encoder, too_narrow
 
 __all__ = ["Calibration", "LayerCalibration", "calibrate", "eligible_linears", "quantize_weight", "sqnr_db",
            "MIN_FEATURES", "DEFAULT_MIN_SQNR_DB"]
 
-ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
-TINYVIT_ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
-STATIC_ROLES = (("mlp", "lin2"), ("mlp", "fc2"))  # inputs whose static scale removes a quantization pass
-MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 tensor cores to pay
 LAYER_MODES = ("dynamic", "static", "float")
 # A static scale may clip the calibrated absmax (percentile-style calibration does) but not by more than this
 # factor; calibrate() itself clips nothing (scale = absmax / 127).
 MAX_STATIC_CLIP = 16.0
 DEFAULT_MIN_SQNR_DB = 20.0
-_PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
-_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-@dataclasses.dataclass
-class LinearSlot:
-    """An eligible linear: ``key`` (``blocks.<i>.<attn|mlp>.<name>``; in a TinyViT encoder the block's
-    name in the encoder, ``layers.<l>.blocks.<i>.<attn|mlp>.<name>``), its parent module and attribute."""
-
-    key: str
-    parent: nn.Module
-    name: str
-    static_role: bool
-
-    @property
-    def module(self) -> nn.Module:
-        return self.parent._modules[self.name]
-
-
-def vit_blocks(model: nn.Module):
-    """(parent, name, block, index) of every segment_anything ViT block in ``model`` (swapped or not);
-    ``index`` is the block's position in its ``blocks`` list (-1 if its name is not a number)."""
-    found = []
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is not None and (isinstance(child, SamFastBlock) or is_sam_vit_block(child)):
-                found.append((parent, name, child, int(name) if name.isdigit() else -1))
-    return found
-
-
-def attention_free_blocks(encoder: nn.Module):
-    """(index, block) of the encoder's ``blocks`` whose attention DC-ViT removed: ``norm2`` and an ``mlp``
-    with ``lin1`` / ``lin2``, no ``attn`` (see :class:`sam_fast.models.vit.MlpBlock`)."""
-    found = []
-    for index, block in enumerate(getattr(encoder, "blocks", None) or []):
-        mlp = getattr(block, "mlp", None)
-        if getattr(block, "attn", None) is None and isinstance(getattr(block, "norm2", None), nn.Module) and \
-                all(isinstance(getattr(mlp, n, None), (nn.Linear, Int8Linear)) for n in ("lin1", "lin2")):
-            found.append((index, block))
-    return found
-
-
-def eligible_linears(model: nn.Module) -> List[LinearSlot]:
-    """The linears of the image encoder's ViT blocks (or TinyViT blocks) that W8A8 replaces, float or
-    already quantized."""
-    from .models.tinyvit import tinyvit_blocks
-
-    enc = getattr(model, "image_encoder", model)
-    blocks = [(f"blocks.{index}", block, ROLES) for _, _, block, index in vit_blocks(model)]
-    blocks += [(f"blocks.{index}", block, ROLES[2:]) for index, block in attention_free_blocks(enc)]
-    blocks.sort(key=lambda b: int(b[0].split(".")[1]))
-    blocks += [(name, block, TINYVIT_ROLES) for name, block in tinyvit_blocks(enc)]
-    slots = []
-    for prefix, block, roles in blocks:
-        for owner, name in roles:
-            parent = getattr(block, owner, None)
-            lin = getattr(parent, name, None) if parent is not None else None
-            if isinstance(lin, (nn.Linear, Int8Linear)):
-                slots.append(LinearSlot(f"{prefix}.{owner}.{name}", parent, name, (owner, name) in STATIC_ROLES))
-    return slots
-
-
-def too_narrow(lin: nn.Module) -> Optional[str]:
-    if min(lin.in_features, lin.out_features) < MIN_FEATURES:
-        return (f"too few channels ({lin.in_features} -> {lin.out_features}, < {MIN_FEATURES}) for int8 to pay")
-    return None
 
 
 @dataclasses.dataclass
@@ -217,21 +147,6 @@ class Calibration:
 # ------------------------------------------------------------------------------------------------
 
 
-def _find_encoder(model: nn.Module):
-    """(encoder, pixel_mean, pixel_std) for a segment_anything ``Sam`` or a bare image encoder
-    (``ImageEncoderViT`` or a TinyViT)."""
-    enc = getattr(model, "image_encoder", model)
-    if not (hasattr(enc, "img_size") and hasattr(enc, "patch_embed") and
-            (hasattr(enc, "blocks") or hasattr(enc, "layers"))):
-        raise TypeError(f"model must be a segment_anything Sam or an image encoder (ImageEncoderViT, TinyViT), got "
-                        f"{type(model).__name__}")
-    mean = getattr(model, "pixel_mean", None)
-    std = getattr(model, "pixel_std", None)
-    mean = mean.flatten().tolist() if isinstance(mean, torch.Tensor) else list(_PIXEL_MEAN)
-    std = std.flatten().tolist() if isinstance(std, torch.Tensor) else list(_PIXEL_STD)
-    return enc, mean, std
-
-
 def prepare_image(image, img_size: int, mean, std, device, dtype) -> torch.Tensor:
     """SamPredictor's preprocessing of one image: an HxWx3 uint8 array (or (3, H, W) uint8 tensor) is
     resized so its longest side is ``img_size``, normalised and zero-padded to a square; a float
@@ -288,13 +203,11 @@ def calibrate(model: nn.Module, images: Sequence, num_images: int = 8, *,
     """
     from tqdm.auto import tqdm
 
-    from .patch import SamFastConfig, apply
-
     if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
         raise ValueError(f"num_images must be a positive int, got {num_images!r}")
     if not isinstance(min_sqnr_db, (int, float)) or isinstance(min_sqnr_db, bool):
         raise TypeError(f"min_sqnr_db must be a number of dB, got {min_sqnr_db!r}")
-    enc, mean, std = _find_encoder(model)
+    enc, mean, std = find_encoder(model)
     images = list(images)[:num_images]
     if not images:
         raise ValueError("images is empty: calibration needs at least one image")
@@ -369,16 +282,24 @@ def calibrate(model: nn.Module, images: Sequence, num_images: int = 8, *,
         layers[s.key] = e
     cal = Calibration(layers, len(batch), float(min_sqnr_db))
 
-    handle = apply(enc, SamFastConfig(attention="none", quantize="int8", calibration=cal, backend=backend))
+    # The embedding of the encoder with every linear replaced by what W8A8 makes of it (forward hooks that
+    # swap each output for the int8 one: no module of the model changes, so nothing needs undoing)
+    def quantized_output(slot):
+        entry, (wq, ws), bias = layers[slot.key], weights[slot.key], slot.module.bias
+
+        def hook(mod, inputs, output):
+            if entry.mode == "float":
+                return None
+            scale = entry.static_scale if entry.mode == "static" else None
+            return int8_linear(inputs[0], wq, ws, bias, act_scale=scale, backend=backend).to(output.dtype)
+        return hook
+
     try:
         signal = noise = 0.0
-        for x, ref in zip(batch, float_embeddings):
-            out = enc(x).double()
+        for out, ref in zip(run(quantized_output, set(stats)), float_embeddings):
             signal += float(ref.double().pow(2).sum())
-            noise += float((out - ref.double()).pow(2).sum())
-            bar.update(1)
+            noise += float((out.double() - ref.double()).pow(2).sum())
         cal.embedding_sqnr_db = ratio_db(signal, noise)
     finally:
-        handle.undo()
         bar.close()
     return cal

@@ -104,9 +104,9 @@ def _pruned_encoder_reference(state, geom, x):
 
 
 def _images(enc, images):
-    from sam_fast.quantize import _PIXEL_MEAN, _PIXEL_STD
+    from sam_fast.surgery import PIXEL_MEAN, PIXEL_STD
 
-    return torch.cat([prepare_image(im, enc.img_size, _PIXEL_MEAN, _PIXEL_STD, "cpu", torch.float32)
+    return torch.cat([prepare_image(im, enc.img_size, PIXEL_MEAN, PIXEL_STD, "cpu", torch.float32)
                       for im in images])
 
 

@@ -25,9 +25,9 @@ def calibrated():
 
 
 def _batch(enc, images=IMAGES):
-    from sam_fast.quantize import _PIXEL_MEAN, _PIXEL_STD
+    from sam_fast.surgery import PIXEL_MEAN, PIXEL_STD
 
-    return torch.cat([prepare_image(im, enc.img_size, _PIXEL_MEAN, _PIXEL_STD, "cpu", torch.float32)
+    return torch.cat([prepare_image(im, enc.img_size, PIXEL_MEAN, PIXEL_STD, "cpu", torch.float32)
                       for im in images])
 
 

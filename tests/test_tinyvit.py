@@ -11,7 +11,7 @@ from segment_anything import SamPredictor
 import sam_fast
 from sam_fast import SamFastConfig, SamFastPredictor
 from sam_fast.models import TinyViT, build_vit_t, load_sam, tinyvit_config
-from sam_fast.models.tiny import _sam_around
+from sam_fast.models.tiny import sam_around
 from sam_fast.quantize import calibrate, prepare_image, sqnr_db
 from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB
 
@@ -41,7 +41,7 @@ def _randomize(module, seed=0):
 def _small_sam(seed=0):
     torch.manual_seed(seed)
     enc = _randomize(TinyViT(**SMALL), seed)
-    return _sam_around(enc, SMALL["img_size"], 32, 2, 64, 32).eval()
+    return sam_around(enc, SMALL["img_size"], 32, 2, 64, 32).eval()
 
 
 # ---- TinyViT written out from its definition, reading the state_dict directly ----
@@ -116,9 +116,9 @@ def _tinyvit_reference(s, x, cfg):
 
 
 def _images(enc, images):
-    from sam_fast.quantize import _PIXEL_MEAN, _PIXEL_STD
+    from sam_fast.surgery import PIXEL_MEAN, PIXEL_STD
 
-    return torch.cat([prepare_image(im, enc.img_size, _PIXEL_MEAN, _PIXEL_STD, "cpu", torch.float32)
+    return torch.cat([prepare_image(im, enc.img_size, PIXEL_MEAN, PIXEL_STD, "cpu", torch.float32)
                       for im in images])
 
 
@@ -186,13 +186,21 @@ def test_tinyvit_int8(small, tmp_path):
     assert all(cal.layers[f"{b}.mlp.fc2"].mode == "static" for b in blocks) and not cal.left_float
     assert "layers.2.blocks.1.mlp.fc2" in str(cal)
     cfg = SamFastConfig(attention="none", quantize="int8", calibration=cal, backend="triton")
+    originals = {name: m for name, m in enc.named_modules() if name.endswith((".attn", ".mlp"))}
     with torch.no_grad():
         ref = enc(x)
         handle = sam_fast.apply(small, cfg)
+        # the fusions are swaps: fused forms sharing the original's parameters, the model classes untouched
+        fused = {name: type(m).__name__ for name, m in enc.named_modules() if name in originals}
+        assert set(fused.values()) == {"FusedInt8NormAttention", "FusedInt8NormMlp"}
+        for n, m in originals.items():  # same parameters under the same keys (attention_biases included)
+            got, want = enc.get_submodule(n).state_dict(), m.state_dict()
+            assert list(got) == list(want) and all(got[k].data_ptr() == want[k].data_ptr() for k in want)
         with sam_fast.record_backends() as rec:
             out = enc(x)
         torch.save(small.state_dict(), tmp_path / "w8a8.pt")
         handle.undo()
+        assert all(enc.get_submodule(n) is m for n, m in originals.items())
         assert torch.equal(enc(x), ref)
         fresh = _small_sam(seed=5)
         fresh_handle = sam_fast.apply(fresh, SamFastConfig(attention="none", quantize="int8", backend="triton"))
@@ -204,6 +212,17 @@ def test_tinyvit_int8(small, tmp_path):
     assert sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * len(blocks)
     assert sum(op == "int8_linear" for op, _ in rec.calls) == 4 * len(blocks)
     assert sqnr_db(ref, out) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+def test_model_classes_are_plain_pytorch():
+    """The W8A8 fusions are swaps done by sam_fast.apply: the model modules never refer to int8."""
+    import inspect
+
+    from sam_fast.models import tinyvit, vit
+
+    for mod in (tinyvit, vit):
+        src = inspect.getsource(mod)
+        assert "Int8Linear" not in src.replace("sam_fast.nn.Int8Linear", "") and "quantized import" not in src
 
 
 def test_predictor_on_tinyvit(small):

@@ -186,9 +186,9 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
             raise ValueError(f"decoder_heads={decoder_heads} does not divide the checkpoint's {width}-wide mask "
                              f"decoder (its attention layers are {width} and {width // 2} wide)")
         if tinyvit:
-            from .tiny import _sam_around
+            from .tiny import sam_around
 
-            sam = _sam_around(TinyViT(**tinyvit_kwargs), tinyvit_kwargs["img_size"], width, decoder_heads, mlp_dim,
+            sam = sam_around(TinyViT(**tinyvit_kwargs), tinyvit_kwargs["img_size"], width, decoder_heads, mlp_dim,
                               iou_hidden).eval()
         else:
             sam = build_sam_from_geometry(geom, width, decoder_heads, mlp_dim, iou_hidden)

@@ -52,7 +52,7 @@ def tiny_image_encoder(
     return enc.eval()
 
 
-def _sam_around(encoder: nn.Module, img_size: int, dim: int, heads: int, mlp_dim: int, iou_hidden: int,
+def sam_around(encoder: nn.Module, img_size: int, dim: int, heads: int, mlp_dim: int, iou_hidden: int,
                 patch_size: int = 16) -> nn.Module:
     """segment_anything's ``Sam`` with its real PromptEncoder / MaskDecoder classes at width ``dim``
     around ``encoder`` (the image embedding is img_size / patch_size on a side)."""
@@ -89,7 +89,7 @@ def tiny_sam(
     width ``decoder_dim`` (SAM: 256, 8 heads, MLP 2048). Low-resolution masks are img_size / 4."""
     torch.manual_seed(seed)
     encoder = tiny_image_encoder(img_size=img_size, out_chans=decoder_dim, embed_dim=encoder_dim, seed=seed)
-    sam = _sam_around(encoder, img_size, decoder_dim, decoder_heads, decoder_mlp_dim, decoder_mlp_dim)
+    sam = sam_around(encoder, img_size, decoder_dim, decoder_heads, decoder_mlp_dim, decoder_mlp_dim)
     with torch.no_grad():
         # A trained SAM's mask logits span about +-10; random ones would hug 0. Scale the
         # hypernetworks' last layer so thresholds and stability offsets mean something.
@@ -105,4 +105,4 @@ def sam_decoder(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     encoder = tiny_image_encoder(img_size=1024, out_chans=256, embed_dim=64, depth=2, window_size=8,
                                  global_attn_indexes=(1,), seed=seed)
-    return _sam_around(encoder, 1024, 256, 8, 2048, 256).eval()
+    return sam_around(encoder, 1024, 256, 8, 2048, 256).eval()

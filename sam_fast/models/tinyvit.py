@@ -23,9 +23,10 @@ mask decoder always returns the three multimask outputs (TinySAM drops the singl
 ``multimask_output`` says): with TinySAM weights ask for ``multimask_output=True``.
 
 W8A8 (``sam_fast.apply(..., SamFastConfig(attention="none", quantize="int8"))``) swaps ``attn.qkv``,
-``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` for :class:`sam_fast.nn.Int8Linear`; these modules then fuse
-their LayerNorms into the int8 GEMMs' input quantization and, with a calibrated ``fc2``, write fc1's GELU
-output in int8 - the same fusions as a SAM ViT block.
+``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` for :class:`sam_fast.nn.Int8Linear`, then the attention and MLP
+modules for their fused forms (:mod:`sam_fast.nn.quantized`), which fuse the LayerNorms into the int8 GEMMs'
+input quantization and, with a calibrated ``fc2``, write fc1's GELU output in int8 - the same fusions as a
+SAM ViT block. These classes stay plain PyTorch.
 """
 
 from __future__ import annotations
@@ -118,12 +119,11 @@ class TinyViTAttention(nn.Module):
         return self.attention_biases[:, self.attention_bias_idxs]
 
     def forward(self, x):
-        from ..nn.quantized import norm_int8_linear  # not at import: it loads the Triton kernels
+        return self.attend(self.qkv(self.norm(x)))
 
-        B, N, C = x.shape
-        qkv = norm_int8_linear(self.norm, self.qkv, x)
-        if qkv is None:
-            qkv = self.qkv(self.norm(x))
+    def attend(self, qkv):
+        """Attention and projection from the (B, N, 3 * C) ``qkv`` of a window's tokens."""
+        B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(B, N, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().to(q.dtype), scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -140,10 +140,7 @@ class TinyViTMlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x):
-        from ..nn.quantized import int8_norm_mlp
-
-        y = int8_norm_mlp(self.norm, self.fc1, self.act, self.fc2, x)
-        return y if y is not None else self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
 class TinyViTBlock(nn.Module):
@@ -266,10 +263,10 @@ def tinyvit_blocks(model: nn.Module):
 
 def build_vit_t(img_size: int = VIT_T["img_size"], **tinyvit_kwargs) -> nn.Module:
     """segment_anything's ``Sam`` with MobileSAM's / TinySAM's TinyViT encoder (uninitialised weights)."""
-    from .tiny import _sam_around
+    from .tiny import sam_around
 
     encoder = TinyViT(img_size=img_size, **tinyvit_kwargs)
-    return _sam_around(encoder, img_size, 256, 8, 2048, 256).eval()
+    return sam_around(encoder, img_size, 256, 8, 2048, 256).eval()
 
 
 def is_tinyvit_state(state, prefix: str = "image_encoder.") -> bool:
@@ -281,10 +278,10 @@ def tinyvit_config(state, prefix: str = "image_encoder.", img_size: int = VIT_T[
     """:class:`TinyViT` constructor arguments read from a state_dict's shapes (the input size is not
     stored in one: ``img_size``, 1024 for MobileSAM and TinySAM). Raises ``ValueError`` naming the key
     that is missing or inconsistent."""
-    from .vit import _shape
+    from .vit import state_shape
 
     def shape(key, dims=2):
-        return _shape(state, prefix + key, dims, "a TinyViT encoder")
+        return state_shape(state, prefix + key, dims, "a TinyViT encoder")
 
     blocks = {}  # stage -> number of blocks, from the keys ``layers.<stage>.blocks.<block>.``
     for key in state:

@@ -72,10 +72,7 @@ class MlpBlock(nn.Module):
         self.mlp = MLPBlock(dim, mlp_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..nn.quantized import int8_mlp
-
-        y = int8_mlp(self.norm2, self.mlp, x)  # W8A8: norm fused into lin1's quantization
-        return x + (y if y is not None else self.mlp(self.norm2(x)))
+        return x + self.mlp(self.norm2(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +139,7 @@ def normalize_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
     return out
 
 
-def _shape(state, key, dims, what):
+def state_shape(state, key, dims, what):
     t = state.get(key)
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"state_dict has no {key} ({what})")
@@ -158,13 +155,13 @@ def encoder_geometry(state: Mapping[str, torch.Tensor], prefix: str = "image_enc
     encoder). Heads are ``qkv width / 3 / head dim`` with the head dim from the rel-pos tables; a model
     without rel-pos tables needs ``num_heads``. Raises ``ValueError`` naming the key that is missing or
     inconsistent."""
-    embed, chans, ph, pw = _shape(state, prefix + "patch_embed.proj.weight", 4, "the patch embedding")
+    embed, chans, ph, pw = state_shape(state, prefix + "patch_embed.proj.weight", 4, "the patch embedding")
     if chans != 3 or ph != pw:
         raise ValueError(f"{prefix}patch_embed.proj.weight: expected (embed, 3, p, p), got {(embed, chans, ph, pw)}")
-    _, gh, gw, pos_dim = _shape(state, prefix + "pos_embed", 4, "the absolute position embedding")
+    _, gh, gw, pos_dim = state_shape(state, prefix + "pos_embed", 4, "the absolute position embedding")
     if gh != gw or pos_dim != embed:
         raise ValueError(f"{prefix}pos_embed has shape {(1, gh, gw, pos_dim)}, expected (1, G, G, {embed})")
-    out_chans = _shape(state, prefix + "neck.0.weight", 4, "the neck")[0]
+    out_chans = state_shape(state, prefix + "neck.0.weight", 4, "the neck")[0]
     depth = 0
     while f"{prefix}blocks.{depth}.norm2.weight" in state:
         depth += 1
@@ -175,19 +172,19 @@ def encoder_geometry(state: Mapping[str, torch.Tensor], prefix: str = "image_enc
     blocks = []
     for i in range(depth):
         b = f"{prefix}blocks.{i}."
-        mlp_dim, mlp_in = _shape(state, b + "mlp.lin1.weight", 2, "the MLP's first linear")
+        mlp_dim, mlp_in = state_shape(state, b + "mlp.lin1.weight", 2, "the MLP's first linear")
         if i not in attn_blocks and not any(k.startswith((b + "attn.", b + "norm1.")) for k in state):
             if mlp_in != embed:
                 raise ValueError(f"{b}mlp.lin1.weight {(mlp_dim, mlp_in)} does not fit embed dim {embed}")
             blocks.append(BlockGeometry(0, 0, mlp_dim, 0))  # DC-ViT: attention removed
             continue
-        width3, in_dim = _shape(state, b + "attn.qkv.weight", 2, "the attention's qkv linear")
+        width3, in_dim = state_shape(state, b + "attn.qkv.weight", 2, "the attention's qkv linear")
         if in_dim != embed or mlp_in != embed or width3 % 3:
             raise ValueError(f"{b}attn.qkv.weight {(width3, in_dim)} / mlp.lin1.weight {(mlp_dim, mlp_in)} do not "
                              f"fit embed dim {embed} (qkv rows must be 3 x heads x head_dim)")
         width = width3 // 3
         if use_rel_pos:
-            rows, head_dim = _shape(state, b + "attn.rel_pos_h", 2, "the rel-pos table")
+            rows, head_dim = state_shape(state, b + "attn.rel_pos_h", 2, "the rel-pos table")
             if width % head_dim:
                 raise ValueError(f"{b}attn.rel_pos_h head dim {head_dim} does not divide the qkv width {width}")
             heads = width // head_dim
@@ -254,10 +251,10 @@ def build_image_encoder(geom: EncoderGeometry) -> nn.Module:
 def decoder_geometry(state: Mapping[str, torch.Tensor]) -> Tuple[int, int, int]:
     """(width, two-way transformer MLP width, IoU head hidden width) of a ``Sam`` state_dict's prompt
     encoder and mask decoder: (256, 2048, 256) for every released SAM family."""
-    gauss = _shape(state, "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", 2,
+    gauss = state_shape(state, "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", 2,
                    "the prompt encoder's positional encoding")
-    mlp = _shape(state, "mask_decoder.transformer.layers.0.mlp.lin1.weight", 2, "the two-way transformer's MLP")
-    iou = _shape(state, "mask_decoder.iou_prediction_head.layers.0.weight", 2, "the IoU head")
+    mlp = state_shape(state, "mask_decoder.transformer.layers.0.mlp.lin1.weight", 2, "the two-way transformer's MLP")
+    iou = state_shape(state, "mask_decoder.iou_prediction_head.layers.0.weight", 2, "the IoU head")
     return 2 * gauss[1], mlp[0], iou[0]
 
 
@@ -265,9 +262,9 @@ def build_sam_from_geometry(geom: EncoderGeometry, decoder_dim: int = 256, decod
                             decoder_mlp_dim: int = 2048, iou_hidden: int = 256) -> nn.Module:
     """A whole segment_anything ``Sam`` around :func:`build_image_encoder`, with segment_anything's
     ``PromptEncoder`` and ``MaskDecoder`` (SAM's: width 256, 8 heads, MLP 2048, by default)."""
-    from .tiny import _sam_around
+    from .tiny import sam_around
 
     if geom.out_chans != decoder_dim:
         raise ValueError(f"the encoder's neck gives {geom.out_chans} channels but the decoder width is {decoder_dim}")
-    return _sam_around(build_image_encoder(geom), geom.img_size, decoder_dim, decoder_heads, decoder_mlp_dim,
+    return sam_around(build_image_encoder(geom), geom.img_size, decoder_dim, decoder_heads, decoder_mlp_dim,
                        iou_hidden, patch_size=geom.patch_size)

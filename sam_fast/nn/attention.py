@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._dispatch import check_backend_name
-from ..ops.dilated_attention import _needed_rel_rows, dilated_attention
+from ..ops.dilated_attention import dilated_attention, needed_rel_rows
 from ..ops.resize_rel_pos import resize_rel_pos
 from ..pattern import Branch, check_pattern, resolve_pattern
 from .quantized import Int8Linear, int8_mlp, norm_int8_linear
@@ -39,7 +39,7 @@ def _pattern_rel_sizes(pattern, grid, base):
     further (the table is then resized as get_rel_pos would for that size)."""
     need_h, need_w = 2 * base[0] - 1, 2 * base[1] - 1
     for br in resolve_pattern(pattern, grid[0] * grid[1], grid):
-        lh, lw = _needed_rel_rows(br, grid, padded=False)
+        lh, lw = needed_rel_rows(br, grid, padded=False)
         need_h, need_w = max(need_h, lh), max(need_w, lw)
     return (need_h + 1) // 2, (need_w + 1) // 2
 

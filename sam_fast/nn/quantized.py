@@ -7,12 +7,14 @@ state_dict keys are ``weight`` (int8), ``weight_scale``, ``bias`` and ``act_scal
 decides whether the layer is static (it has ``act_scale``) or dynamic. ``model.to(torch.bfloat16)``
 casts the bias with the model but keeps the scales in float32.
 
-:func:`norm_int8_linear` and :func:`int8_mlp` are what :class:`sam_fast.nn.SamFastBlock` (and DC-ViT's
-attention-free ``MlpBlock``) runs when its linears are quantized; :func:`int8_norm_mlp` is the same MLP
-fusion for other module names (TinyViT's ``fc1`` / ``fc2``). ``norm1 -> qkv`` and ``norm2 -> lin1``
-become one LayerNorm-quantize pass plus one GEMM, and with a calibrated ``lin2`` the first MLP GEMM
-re-quantizes its GELU output to int8 in the epilogue, so the 4x-wide hidden activation is written once,
-in int8, and never quantized separately.
+:func:`norm_int8_linear` and :func:`int8_mlp` are what :class:`sam_fast.nn.SamFastBlock` runs when its
+linears are quantized; :func:`int8_norm_mlp` is the same MLP fusion for other module names (TinyViT's ``fc1`` /
+``fc2``). The fused forms of DC-ViT's attention-free block and of TinyViT's attention and MLP
+(:class:`FusedInt8MlpBlock`, :class:`FusedInt8NormAttention`, :class:`FusedInt8NormMlp`) are swapped in by
+``sam_fast.apply`` and share the original module's parameters, so the model classes stay plain PyTorch.
+``norm1 -> qkv`` and ``norm2 -> lin1`` become one LayerNorm-quantize pass plus one GEMM, and with a calibrated
+``lin2`` the first MLP GEMM re-quantizes its GELU output to int8 in the epilogue, so the 4x-wide hidden
+activation is written once, in int8, and never quantized separately.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .._dispatch import check_backend_name
-from ..ops.int8_linear import _int8_linear, layer_norm_quantize, quantize_weight, scalar_scale
+from ..ops.int8_linear import int8_linear_op, layer_norm_quantize, quantize_weight, scalar_scale
 
 _SCALES = ("weight_scale", "act_scale")
 
@@ -100,14 +102,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the module's scales were checked at construction / load: no per-call value check (device sync)
-        return _int8_linear(x, self.weight, self.weight_scale, self.bias, act_scale=self.act_scale,
+        return int8_linear_op(x, self.weight, self.weight_scale, self.bias, act_scale=self.act_scale,
                             backend=self.backend, check_scale_values=False)
 
     def forward_int8(self, x_int8: torch.Tensor, x_scale: torch.Tensor, *, activation: Optional[str] = None,
                      out_dtype: Optional[torch.dtype] = None, out_scale=None) -> torch.Tensor:
         """The GEMM on already quantized input (per-token or per-tensor ``x_scale``), with the fused
         epilogue: optional GELU, a float ``out_dtype`` or ``torch.int8`` with ``out_scale``."""
-        return _int8_linear(x_int8, self.weight, self.weight_scale, self.bias, act_scale=x_scale,
+        return int8_linear_op(x_int8, self.weight, self.weight_scale, self.bias, act_scale=x_scale,
                             activation=activation, out_dtype=out_dtype, out_scale=out_scale, backend=self.backend,
                             check_scale_values=False)
 
@@ -193,3 +195,70 @@ def int8_norm_mlp(norm: nn.Module, lin1: nn.Module, act: nn.Module, lin2: nn.Mod
 def int8_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """segment_anything ``MLPBlock`` on ``norm(x)`` through :func:`int8_norm_mlp` (None when it does not fuse)."""
     return int8_norm_mlp(norm, getattr(mlp, "lin1", None), getattr(mlp, "act", None), getattr(mlp, "lin2", None), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused forms of model modules, swapped in by sam_fast.apply once their linears are int8
+# ------------------------------------------------------------------------------------------------
+
+
+class _SharedModule(nn.Module):
+    """A module holding another's parameters, buffers, submodules and plain attributes (the same objects), so
+    its state_dict keys and values are the original's; ``float_forward`` is the original class's forward."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        for key, value in vars(original).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                getattr(self, key).update(value)
+            elif key == "_non_persistent_buffers_set":
+                self._non_persistent_buffers_set = set(value)
+            elif key == "training" or not key.startswith("_"):
+                self.__dict__[key] = value
+        self.__dict__["_original_class"] = type(original)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            attr = getattr(self.__dict__["_original_class"], name, None)  # the original's methods (TinyViT's bias())
+            if callable(attr) and not name.startswith("__"):
+                return attr.__get__(self)
+            raise
+
+    def float_forward(self, *args, **kwargs):
+        return self._original_class.forward(self, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"fused int8 form of {self._original_class.__name__}"
+
+
+class FusedInt8MlpBlock(_SharedModule):
+    """A DC-ViT attention-free block (``x + mlp(norm2(x))``) with ``norm2`` fused into ``lin1``'s input
+    quantization and the GELU into its epilogue (:func:`int8_mlp`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_mlp(self.norm2, self.mlp, x)
+        return self.float_forward(x) if y is None else x + y
+
+
+class FusedInt8NormAttention(_SharedModule):
+    """TinyViT attention (``attend(qkv(norm(x)))``) with the LayerNorm fused into the qkv GEMM's input
+    quantization (:func:`norm_int8_linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = norm_int8_linear(self.norm, self.qkv, x)
+        return self.float_forward(x) if qkv is None else self._original_class.attend(self, qkv)
+
+
+class FusedInt8NormMlp(_SharedModule):
+    """TinyViT's MLP (``fc2(act(fc1(norm(x))))``) through :func:`int8_norm_mlp`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_norm_mlp(self.norm, self.fc1, self.act, self.fc2, x)
+        return self.float_forward(x) if y is None else y
+
+
+#: which fused form each fusable model class gets (see :func:`sam_fast.surgery.fusable_modules`)
+FUSED_INT8_MODULES = {"MlpBlock": FusedInt8MlpBlock, "TinyViTAttention": FusedInt8NormAttention,
+                      "TinyViTMlp": FusedInt8NormMlp}

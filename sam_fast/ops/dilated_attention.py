@@ -104,7 +104,7 @@ def _triton_supports(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_k
         return Refusal(f"the Triton kernel supports head dim D <= {_k.MAX_HEAD_DIM}, got head dim D={D}")
     if rel_pos_h is not None and any(br.is_2d for br in branches):
         # 1-D branches take per-key tables of any width; 2-D ones keep a kept row in one key block
-        kw = max(_k.Geometry(br.rows, br.cols, *br.seg, *br.dil).kept_extent(pad_kv is not None)[1]
+        kw = max(br.kept_extent(pad_kv is not None)[1]
                  for br in branches if br.is_2d)
         if kw > _k.MAX_REL_WIDTH:
             return Refusal(f"with the rel-pos bias the Triton kernel supports kept segment widths up to "
@@ -162,7 +162,7 @@ def _check_qkv(q, k, v):
         raise ValueError(f"q, k and v must be on the same device, got q {q.device}, k {k.device}, v {v.device}")
 
 
-def _needed_rel_rows(br: ResolvedBranch, grid, padded: bool) -> Tuple[int, int]:
+def needed_rel_rows(br: ResolvedBranch, grid, padded: bool) -> Tuple[int, int]:
     """Smallest odd table lengths covering every coordinate offset the branch produces."""
     if br.is_2d:
         sh, sw = br.seg if padded else (min(br.seg[0], br.rows), min(br.seg[1], br.cols))
@@ -195,7 +195,7 @@ def _check_rel_pos(rel_pos_h, rel_pos_w, q, grid, branches, padded):
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     for i, br in enumerate(branches):
-        need_h, need_w = _needed_rel_rows(br, grid, padded)
+        need_h, need_w = needed_rel_rows(br, grid, padded)
         for name, t, need in (("rel_pos_h", rel_pos_h, need_h), ("rel_pos_w", rel_pos_w, need_w)):
             if t.shape[0] < need:
                 raise ValueError(

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..pattern import ResolvedBranch
-from ..reference.dilated_attention import _branch as reference_branch
+from ..reference.dilated_attention import branch_attention as reference_branch
 from ..reference.dilated_attention import merge_branches
 
 

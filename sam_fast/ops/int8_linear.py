@@ -317,12 +317,14 @@ def int8_linear(
     Returns:
         (..., N) in ``out_dtype``. Any M, K, N >= 1 (block edges are masked, nothing is padded).
     """
-    return _int8_linear(x, weight_int8, weight_scale, bias, act_scale=act_scale, activation=activation,
-                        out_dtype=out_dtype, out_scale=out_scale, backend=backend, check_scale_values=True)
+    return int8_linear_op(x, weight_int8, weight_scale, bias, act_scale=act_scale, activation=activation,
+                          out_dtype=out_dtype, out_scale=out_scale, backend=backend, check_scale_values=True)
 
 
-def _int8_linear(x, weight_int8, weight_scale, bias=None, *, act_scale=None, activation=None, out_dtype=None,
-                 out_scale=None, backend="auto", check_scale_values=True) -> Tensor:
+def int8_linear_op(x, weight_int8, weight_scale, bias=None, *, act_scale=None, activation=None, out_dtype=None,
+                   out_scale=None, backend="auto", check_scale_values=True) -> Tensor:
+    """:func:`int8_linear` with the check of the scales' values optional: ``check_scale_values=False`` is for
+    :class:`sam_fast.nn.Int8Linear`, which checks its scales once (reading CUDA scales back is a device sync)."""
     N, K = _check_weight(weight_int8, weight_scale, bias)
     _tensor(x, "x")
     if x.dtype != torch.int8:

@@ -57,7 +57,7 @@ def _rel_bias(q_sel, table, cq, ck):
     return torch.gather(proj, -1, idx)
 
 
-def _branch(q, k, v, br: ResolvedBranch, grid, rel_pos_h, rel_pos_w, scale, pad_kv):
+def branch_attention(q, k, v, br: ResolvedBranch, grid, rel_pos_h, rel_pos_w, scale, pad_kv):
     """One branch: output (B, H, N, D) in q's dtype and lse (B, H, N) in float32 (-inf where not kept)."""
     B, H, N, D = q.shape
     out = q.new_zeros(B, H, N, D)
@@ -122,7 +122,7 @@ def dilated_attention_reference(
     D = q.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    outs, lses = zip(*(_branch(qt, kt, vt, br, grid, rel_pos_h, rel_pos_w, scale, pad_kv) for br in branches))
+    outs, lses = zip(*(branch_attention(qt, kt, vt, br, grid, rel_pos_h, rel_pos_w, scale, pad_kv) for br in branches))
     out, lse = merge_branches(outs, lses)
     return out.transpose(1, 2), lse
 

@@ -1,0 +1,128 @@
+"""The walk over a model's blocks: which modules :func:`sam_fast.apply` swaps and calibration measures.
+
+Everything that recognises parts of a model lives here, by structure rather than by class, so models built
+by segment_anything, by ``sam_fast.models`` or by a user's own code are treated alike:
+
+* :func:`vit_blocks` - segment_anything ViT blocks (fused attention goes there);
+* :func:`attention_free_blocks` - DC-ViT blocks whose attention was removed (``norm2`` + ``mlp``);
+* :func:`eligible_linears` - the block linears W8A8 replaces, with the keys calibration reports them by;
+* :func:`fusable_modules` - modules whose LayerNorm (and GELU) fuse into the int8 GEMM after it, once
+  their linears are int8;
+* :func:`find_encoder` - the image encoder of a ``Sam`` or a bare encoder, with its pixel statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .nn.attention import SamFastBlock, is_sam_vit_block
+from .nn.quantized import FUSED_INT8_MODULES, Int8Linear
+
+ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
+TINYVIT_ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
+STATIC_ROLES = (("mlp", "lin2"), ("mlp", "fc2"))  # inputs whose static scale removes a quantization pass
+MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 tensor cores to pay
+PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass
+class LinearSlot:
+    """An eligible linear: ``key`` (``blocks.<i>.<attn|mlp>.<name>``; in a TinyViT encoder the block's
+    name in the encoder, ``layers.<l>.blocks.<i>.<attn|mlp>.<name>``), its parent module and attribute."""
+
+    key: str
+    parent: nn.Module
+    name: str
+    static_role: bool
+
+    @property
+    def module(self) -> nn.Module:
+        return self.parent._modules[self.name]
+
+
+def vit_blocks(model: nn.Module):
+    """(parent, name, block, index) of every segment_anything ViT block in ``model`` (swapped or not);
+    ``index`` is the block's position in its ``blocks`` list (-1 if its name is not a number)."""
+    found = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and (isinstance(child, SamFastBlock) or is_sam_vit_block(child)):
+                found.append((parent, name, child, int(name) if name.isdigit() else -1))
+    return found
+
+
+def attention_free_blocks(encoder: nn.Module):
+    """(index, block) of the encoder's ``blocks`` whose attention DC-ViT removed: ``norm2`` and an ``mlp``
+    with ``lin1`` / ``lin2``, no ``attn`` (see :class:`sam_fast.models.vit.MlpBlock`)."""
+    found = []
+    for index, block in enumerate(getattr(encoder, "blocks", None) or []):
+        mlp = getattr(block, "mlp", None)
+        if getattr(block, "attn", None) is None and isinstance(getattr(block, "norm2", None), nn.Module) and \
+                all(isinstance(getattr(mlp, n, None), (nn.Linear, Int8Linear)) for n in ("lin1", "lin2")):
+            found.append((index, block))
+    return found
+
+
+def eligible_linears(model: nn.Module) -> List[LinearSlot]:
+    """The linears of the image encoder's ViT blocks (or TinyViT blocks) that W8A8 replaces, float or
+    already quantized."""
+    from .models.tinyvit import tinyvit_blocks
+
+    enc = getattr(model, "image_encoder", model)
+    blocks = [(f"blocks.{index}", block, ROLES) for _, _, block, index in vit_blocks(model)]
+    blocks += [(f"blocks.{index}", block, ROLES[2:]) for index, block in attention_free_blocks(enc)]
+    blocks.sort(key=lambda b: int(b[0].split(".")[1]))
+    blocks += [(name, block, TINYVIT_ROLES) for name, block in tinyvit_blocks(enc)]
+    slots = []
+    for prefix, block, roles in blocks:
+        for owner, name in roles:
+            parent = getattr(block, owner, None)
+            lin = getattr(parent, name, None) if parent is not None else None
+            if isinstance(lin, (nn.Linear, Int8Linear)):
+                slots.append(LinearSlot(f"{prefix}.{owner}.{name}", parent, name, (owner, name) in STATIC_ROLES))
+    return slots
+
+
+def too_narrow(lin: nn.Module) -> Optional[str]:
+    """Why ``lin`` stays in float under W8A8, or None."""
+    if min(lin.in_features, lin.out_features) < MIN_FEATURES:
+        return (f"too few channels ({lin.in_features} -> {lin.out_features}, < {MIN_FEATURES}) for int8 to pay")
+    return None
+
+
+def fusable_modules(model: nn.Module):
+    """(parent, name, module, fused class) of every module of ``model`` whose LayerNorm fuses into the int8
+    GEMM after it: DC-ViT's attention-free blocks and TinyViT's attention and MLP (``sam_fast.models``
+    classes; their swapped, fused forms are :mod:`sam_fast.nn.quantized`'s ``FUSED_INT8_MODULES``).
+    Modules already fused are not listed."""
+    from .models.tinyvit import TinyViTAttention, TinyViTMlp
+    from .models.vit import MlpBlock
+
+    fused = {MlpBlock: "MlpBlock", TinyViTAttention: "TinyViTAttention", TinyViTMlp: "TinyViTMlp"}
+    found = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            kind = fused.get(type(child))
+            if kind is not None:
+                found.append((parent, name, child, FUSED_INT8_MODULES[kind]))
+    return found
+
+
+def find_encoder(model: nn.Module):
+    """(encoder, pixel_mean, pixel_std) for a segment_anything ``Sam`` or a bare image encoder
+    (``ImageEncoderViT`` or a TinyViT)."""
+    enc = getattr(model, "image_encoder", model)
+    if not (hasattr(enc, "img_size") and hasattr(enc, "patch_embed") and
+            (hasattr(enc, "blocks") or hasattr(enc, "layers"))):
+        raise TypeError(f"model must be a segment_anything Sam or an image encoder (ImageEncoderViT, TinyViT), got "
+                        f"{type(model).__name__}")
+    mean = getattr(model, "pixel_mean", None)
+    std = getattr(model, "pixel_std", None)
+    mean = mean.flatten().tolist() if isinstance(mean, torch.Tensor) else list(PIXEL_MEAN)
+    std = std.flatten().tolist() if isinstance(std, torch.Tensor) else list(PIXEL_STD)
+    return enc, mean, std
