@@ -14,8 +14,8 @@ Public API:
   to pycocotools' strings and back to masks; :class:`SamFastPredictor` and
   :class:`SamFastAutomaticMaskGenerator` - ``SamPredictor`` / ``SamAutomaticMaskGenerator`` drop-ins
   on the batched decoder (:class:`sam_fast.nn.BatchedMaskDecoder`) and that op.
-* :func:`apply` / :class:`SamFastConfig` - swap the kernels into a segment_anything model instance;
-  ``handle.undo()`` restores it.
+* :func:`apply` / :class:`SamFastConfig` (with :class:`Dilated` / :class:`Int8`) - swap the kernels into a
+  segment_anything model instance; ``handle.undo()`` restores it.
 * :func:`record_backends` - which backend every op call ran on.
 
 Importing sam_fast initialises no CUDA context and queries no GPU.
@@ -43,6 +43,8 @@ _EXPORTS = {
     "SamFastAutomaticMaskGenerator": ".everything",
     "Branch": ".pattern",
     "SamFastConfig": ".patch",
+    "Dilated": ".patch",
+    "Int8": ".patch",
     "SamFastHandle": ".patch",
     "apply": ".patch",
 }

@@ -36,12 +36,56 @@ BLOCK_CHOICES = ("global", "all")
 
 
 @dataclasses.dataclass(frozen=True)
+class Dilated:
+    """``SamFastConfig(attention=Dilated(pattern, blocks))``: dilated attention in the chosen blocks, exact
+    fused attention in the others.
+
+    Args:
+        pattern: a :class:`sam_fast.Branch` or list of them used by every chosen block, or a dict
+            ``{block_index: pattern}`` giving each chosen block its own.
+        blocks: ``"global"`` (SAM's global-attention blocks; the default), ``"all"``, or a list of block
+            indices; with a dict pattern the default is the dict's keys.
+    """
+
+    pattern: Any
+    blocks: Any = None
+
+    def __post_init__(self):
+        if self.pattern is None:
+            raise ValueError("Dilated needs a pattern: a Branch, a list of Branch, or a dict {block_index: pattern}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8:
+    """``SamFastConfig(quantize=Int8(calibration))``: W8A8 for the linears of every ViT block.
+
+    Args:
+        calibration: a :class:`sam_fast.quantize.Calibration` from :func:`sam_fast.quantize.calibrate`
+            (static scales where it chose them; layers it kept in float stay float), or None (dynamic
+            per-token activations everywhere).
+    """
+
+    calibration: Any = None
+
+    def __post_init__(self):
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            raise TypeError(f"Int8 calibration must be a sam_fast.quantize.Calibration (from calibrate()), got "
+                            f"{type(self.calibration).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SamFastConfig:
     """What :func:`apply` swaps.
 
+    The nested forms say each choice once: ``SamFastConfig(attention=Dilated(pattern, blocks),
+    quantize=Int8(calibration))``. The flat forms (``attention="dilated", dilated_pattern=...,
+    dilated_blocks=...``, ``quantize="int8", calibration=...``) mean the same and stay accepted; a nested
+    form is stored as the flat one, so both compare equal.
+
     Args:
         attention: ``"exact"`` - fused flash attention with SAM's rel-pos bias in every ViT block
-            (global and windowed), numerically the original model; ``"none"`` - leave attention alone.
+            (global and windowed), numerically the original model; ``"none"`` - leave attention alone;
+            a :class:`Dilated` (or ``"dilated"`` with ``dilated_pattern``).
         backend: handed to every op the swapped modules call (``"auto"``, ``"triton"``, ``"cuda"``,
             ``"cpu"``, ``"reference"``); e.g. ``"triton"`` forces the kernel (under TRITON_INTERPRET=1
             on a CPU).
@@ -50,7 +94,7 @@ class SamFastConfig:
         dilated_blocks: which blocks (indices into the encoder's ``blocks``) get the dilated pattern:
             ``"global"`` (SAM's global-attention blocks; the default), ``"all"``, or a list of indices.
             With a dict pattern the default is the dict's keys.
-        quantize: None, or ``"int8"``: W8A8 for the linears of every ViT block (qkv, proj, MLP) with
+        quantize: None, an :class:`Int8`, or ``"int8"``: W8A8 for the linears of every ViT block (qkv, proj, MLP) with
             :class:`sam_fast.nn.Int8Linear`; with ``attention="exact"``/``"dilated"`` the LayerNorms fuse
             into the int8 GEMMs' input quantization (see :mod:`sam_fast.quantize`).
         calibration: with ``quantize="int8"``: a :class:`sam_fast.quantize.Calibration` from
@@ -67,6 +111,24 @@ class SamFastConfig:
     calibration: Any = None
 
     def __post_init__(self):
+        if isinstance(self.attention, Dilated):
+            if self.dilated_pattern is not None or self.dilated_blocks is not None:
+                raise ValueError("attention=Dilated(...) already holds the pattern and blocks: leave "
+                                 "dilated_pattern / dilated_blocks unset")
+            object.__setattr__(self, "dilated_pattern", self.attention.pattern)
+            object.__setattr__(self, "dilated_blocks", self.attention.blocks)
+            object.__setattr__(self, "attention", "dilated")
+        if isinstance(self.quantize, Int8):
+            if self.calibration is not None:
+                raise ValueError("quantize=Int8(...) already holds the calibration: leave calibration unset")
+            object.__setattr__(self, "calibration", self.quantize.calibration)
+            object.__setattr__(self, "quantize", "int8")
+        if not isinstance(self.attention, str):
+            raise TypeError(f"SamFastConfig attention must be one of {ATTENTION_MODES} or a sam_fast.Dilated, got "
+                            f"{type(self.attention).__name__}")
+        if self.quantize is not None and not isinstance(self.quantize, str):
+            raise TypeError(f"SamFastConfig quantize must be None, 'int8' or a sam_fast.Int8, got "
+                            f"{type(self.quantize).__name__}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"SamFastConfig attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         check_backend_name(self.backend)

@@ -88,3 +88,35 @@ def test_rel_pos_tables_are_resized_like_segment_anything():
                 got = enc(x)
     assert ("resize_rel_pos", "cpu") in rec.calls
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_nested_config_forms_say_each_choice_once():
+    """SamFastConfig(attention=Dilated(pattern, blocks), quantize=Int8(cal)) equals the flat form, swaps the
+    same modules, and cannot be combined with the flat fields it replaces."""
+    from sam_fast import Branch, Dilated, Int8, SamFastConfig
+
+    pat = {1: Branch((4, 4), 2)}
+    nested = SamFastConfig(attention=Dilated(pat), quantize=Int8(), backend="reference")
+    flat = SamFastConfig(attention="dilated", dilated_pattern=pat, quantize="int8", backend="reference")
+    assert nested == flat and nested.chosen_blocks() == [1]
+    enc = tiny_image_encoder(img_size=128, embed_dim=32, num_heads=2, depth=4, window_size=3,
+                             global_attn_indexes=(1, 3))
+    x = _image(128)
+    with torch.no_grad():
+        with sam_fast.apply(enc, nested) as h:
+            got, swapped = enc(x), h.swapped
+        with sam_fast.apply(enc, flat) as h:
+            assert torch.equal(enc(x), got) and h.swapped == swapped
+    assert [b.pattern for b in enc.blocks if isinstance(b, SamFastBlock)] == []  # undone
+    with pytest.raises(ValueError, match="already holds the pattern"):
+        SamFastConfig(attention=Dilated(pat), dilated_pattern=pat)
+    with pytest.raises(ValueError, match="already holds the calibration"):
+        SamFastConfig(quantize=Int8(), calibration=object())
+    with pytest.raises(ValueError, match="Dilated needs a pattern"):
+        Dilated(None)
+    with pytest.raises(TypeError, match="Int8 calibration must be a sam_fast.quantize.Calibration"):
+        Int8("cal.json")
+    with pytest.raises(TypeError, match="attention must be one of"):
+        SamFastConfig(attention=Branch((4, 4), 2))
+    with pytest.raises(TypeError, match="quantize must be None, 'int8' or a sam_fast.Int8"):
+        SamFastConfig(quantize=8)
