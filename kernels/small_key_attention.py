@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 from ._arch import COMPILE_OPTIONS
-from .dilated_attention import _dot, _precision, _upcast
+from ._tl import dot as _dot
+from ._tl import precision as _precision
+from ._tl import upcast as _upcast
 from .upscale_mask_product import _MAX_GRID_Y, _round_bf16
 
 MAX_KEYS = 128

@@ -28,7 +28,9 @@ import triton.language as tl
 
 from ._arch import COMPILE_OPTIONS
 from ._interpreter import interpreting as _interpreting
-from .dilated_attention import _dot, _precision, _upcast
+from ._tl import dot as _dot
+from ._tl import precision as _precision
+from ._tl import upcast as _upcast
 
 
 @triton.jit

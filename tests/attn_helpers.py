@@ -56,17 +56,17 @@ def check_kernel_vs_reference(qkv, pattern, kw, dtype, backend="triton"):
 
 def record_launch_configs(monkeypatch):
     """The launch configurations the attention kernels pick from now on (a list that fills as they run)."""
-    import sam_fast.kernels.dilated_attention as kernel
+    from sam_fast.kernels.dilated_attention import tuning as kernel
 
     configs = []
-    original = kernel._launch_config
+    original = kernel.launch_config
 
     def spy(*args, **kwargs):
         cfg = original(*args, **kwargs)
         configs.append(cfg)
         return cfg
 
-    monkeypatch.setattr(kernel, "_launch_config", spy)
+    monkeypatch.setattr(kernel, "launch_config", spy)
     return configs
 
 

@@ -30,13 +30,13 @@ def test_all_triton_kernels_compile(arch):
 
 
 def test_tuner_candidates_compile(tmp_path):
-    """``--tune-candidates`` compiles what tools/tune_attention.py (here: one small case) and
+    """``--tune-candidates`` compiles what tools/tune_dilated_attention.py (here: one small case) and
     tools/tune_int8_linear.py (here: two candidates) would time, and writes one row per kernel and candidate."""
     import csv
 
     script = (
         "import sys\n"
-        "from tools import tune_attention as T, tune_int8_linear as T8, aot_compile as A\n"
+        "from tools import tune_dilated_attention as T, tune_int8_linear as T8, aot_compile as A\n"
         "T.CASES = [('small D=80 window', (16, 16), 2, 80, (8, 8), True, True)]\n"
         "T8.candidates = lambda: iter(["
         "dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),"
@@ -45,7 +45,7 @@ def test_tuner_candidates_compile(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from tools import tune_attention as T
+    from tools import tune_dilated_attention as T
 
     rows = list(csv.DictReader(open(tmp_path / "aot_tune_candidates_sm90.csv")))
     for backward, kernels in ((False, {"_dilated_attention_fwd_kernel"}),

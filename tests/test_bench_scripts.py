@@ -99,10 +99,10 @@ def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
     inside ``padded_head_dim_for``, which pads exactly for that peer."""
     import torch
 
-    import sam_fast.kernels.dilated_attention as kernel
     from sam_fast import Branch
     from sam_fast.bench import bench_dilated_attention, bench_dilated_attention_sam
     from sam_fast.bench.harness import PADDED_D, padded_head_dim_for
+    from sam_fast.kernels.dilated_attention import tuning as kernel
 
     cuda = torch.device("cuda")
     names = lambda peers: [p[0] for p in peers]  # noqa: E731

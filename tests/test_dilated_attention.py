@@ -41,9 +41,9 @@ CASES = [
 def grouping(request, monkeypatch):
     """Nested multi-branch patterns run as one launch ("fused": tile-size rule off) and as one launch per
     branch merged through the running lse ("per-branch")."""
-    import sam_fast.kernels.dilated_attention as k
+    from sam_fast.kernels.dilated_attention import plan
 
-    monkeypatch.setattr(k, "MIN_FUSED_TILE", 1 if request.param == "fused" else 10**9)
+    monkeypatch.setattr(plan, "MIN_FUSED_TILE", 1 if request.param == "fused" else 10**9)
     return request.param
 
 
@@ -379,9 +379,9 @@ def test_benchmark_peers_compute_the_same_attention():
 def test_gpu_fp32_blocks_match_reference(case, monkeypatch):
     """The block shapes a GPU gives fp32 inputs (32 keys, 32 or 16 queries, chosen so the sm_90 compile
     does not spill) run here too: the interpreter otherwise picks its own larger blocks."""
-    import sam_fast.kernels.dilated_attention as k
+    from sam_fast.kernels.dilated_attention import tuning
 
-    monkeypatch.setattr(k, "_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
     chosen = record_launch_configs(monkeypatch)
     _check_case(case, torch.float32)
     assert chosen and all(c["BLOCK_M"] == (16 if case[3] > 64 else 32) for c in chosen)

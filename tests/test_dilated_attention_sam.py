@@ -215,7 +215,7 @@ def test_kernels_split_head_dim_that_is_not_a_power_of_two(D, window, pad, monke
     """D = 80 (ViT-H), 96 and 40 run forward and backward as two power-of-two column slices (64+16, 64+32,
     32+16) rather than padded to 128 / 64; with SAM's window padding and rel-pos, out, lse and every
     gradient match the reference, and match the padded kernels to rounding."""
-    import sam_fast.kernels.dilated_attention as k
+    from sam_fast.kernels.dilated_attention import tuning as k
 
     configs = record_launch_configs(monkeypatch)
     qkv, pattern, kw = make_case(1, (9, 10), 2, D, torch.float32, window, True, pad, layout="qkv")
@@ -241,9 +241,9 @@ def test_kernels_split_head_dim_that_is_not_a_power_of_two(D, window, pad, monke
 def test_gpu_forward_blocks_for_split_head_dim(window, pad, monkeypatch):
     """The forward a GPU runs for ViT-H's head dim (128-query tiles over 64 + 16 columns; the interpreter
     otherwise picks 64-query tiles) matches the reference; fp16, whose tl.dot the interpreter gets right."""
-    import sam_fast.kernels.dilated_attention as k
+    from sam_fast.kernels.dilated_attention import tuning
 
-    monkeypatch.setattr(k, "_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
     configs = record_launch_configs(monkeypatch)
     qkv, pattern, kw = make_case(1, (12, 13), 2, 80, torch.float16, window, True, pad, layout="qkv")
     with torch.no_grad():

@@ -77,7 +77,7 @@ def test_smoke_subset_covers_every_kernel():
     """Every Triton kernel in kernels/ and every CUDA op in csrc/ has an entry, and every test an entry
     names is collected by -m 'gpu and smoke'."""
     triton_kernels, cuda_ops = set(), set()
-    for path in glob.glob(os.path.join(ROOT, "kernels", "*.py")):
+    for path in glob.glob(os.path.join(ROOT, "kernels", "**", "*.py"), recursive=True):
         with open(path) as f:
             triton_kernels |= set(re.findall(r"@triton\.jit\s*\ndef (_\w+_kernel)\(", f.read()))
     for path in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):

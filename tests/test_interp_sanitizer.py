@@ -94,12 +94,12 @@ ATTENTION = [
 def test_attention_kernels_forward_and_backward(case, tiles, monkeypatch):
     """Also with the block shapes a GPU picks (128-query forward tiles in fp16; 16 / 32-query tiles over
     32-key blocks in fp32), which the interpreter otherwise replaces with its own."""
-    import sam_fast.kernels.dilated_attention as kernels
+    from sam_fast.kernels.dilated_attention import tuning
 
     _, B, grid, H, D, pattern, rel, pad = case
     dtype = torch.float16 if tiles == "gpu fp16" else torch.float32
     if tiles != "interpreter":
-        monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+        monkeypatch.setattr(tuning, "_interpreting", lambda: False)
     configs = record_launch_configs(monkeypatch)
     g = torch.Generator().manual_seed(0)
     q, k, v = _qkv(B, grid[0] * grid[1], H, D, g, dtype)

@@ -78,7 +78,7 @@ def test_a_candidate_that_fails_to_run_is_skipped_and_logged(monkeypatch):
 
 def test_written_table_is_what_the_kernel_reads(tmp_path, monkeypatch):
     """The tuner's entries, written with the shared writer, are found by gemm_config for that architecture."""
-    from tools.tune_attention import write_table
+    from tools.tune_dilated_attention import write_table
 
     entry = T.tune_shape(40, 64, 48, torch.device("cpu"), lambda fn: 1.0, log=lambda *a: None, cands=CANDS[1:2])
     path = tmp_path / "int8_linear.json"

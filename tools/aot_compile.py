@@ -220,11 +220,11 @@ def compile_decoder(rec, quick, dtypes):
 
 
 def compile_tune_candidates(rec, quick, dtypes):
-    """Every candidate ``tools/tune_attention.py`` would time on a GPU, for its cases in bf16: which fit the
+    """Every candidate ``tools/tune_dilated_attention.py`` would time on a GPU, for its cases in bf16: which fit the
     architecture's shared memory, and their registers and spills (cases named ``tune <case> <dir> <config>``)."""
     import sam_fast
     from sam_fast.kernels.dilated_attention import forced_config
-    from tools import tune_attention as T
+    from tools import tune_dilated_attention as T
 
     gen = torch.Generator().manual_seed(0)
     for case in T.CASES[:4] if quick else T.CASES:
@@ -291,8 +291,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="bf16 and a few shapes only")
     parser.add_argument("--out", default=None, help="write aot_compile_sm<arch>.csv here")
     parser.add_argument("--tune-candidates", action="store_true",
-                        help="compile the candidates of tools/tune_attention.py and tools/tune_int8_linear.py instead "
-                             "(aot_tune_candidates_sm<arch>.csv); "
+                        help="compile the candidates of tools/tune_dilated_attention.py and tools/tune_int8_linear.py "
+                             "instead (aot_tune_candidates_sm<arch>.csv); "
                              "a candidate over the shared-memory limit is reported, not a failure")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

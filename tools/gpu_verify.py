@@ -316,8 +316,8 @@ def full_stages(pack: str) -> List[Stage]:
               command=[PY, "bench/bench_e2e.py", "--compile", "--models", "vit_b,vit_h", "--out", results]),
         Stage("tune_int8", 200, "tune the int8 GEMM table (kernels/tuned/int8_linear.json)",
               command=[PY, "-m", "tools.tune_int8_linear"]),
-        Stage("tune_attention", 250, "tune the attention table (kernels/tuned/attention.json)",
-              command=[PY, "-m", "tools.tune_attention"]),
+        Stage("tune_dilated_attention", 250, "tune the attention table (kernels/tuned/dilated_attention.json)",
+              command=[PY, "-m", "tools.tune_dilated_attention"]),
         Stage("report", 10, "the targets' verdicts from this run's rows, and the table", action=None),
     ]
     return stages
@@ -608,7 +608,7 @@ def pack(session: Session) -> None:
     """session.tgz in $OUT: the pack folder, plus the tuned tables when a tuner ran."""
     if any(name.startswith("tune") for name, _ in session.outcomes):
         os.makedirs(os.path.join(session.pack, "tuned"), exist_ok=True)
-        for name in ("attention.json", "int8_linear.json"):
+        for name in ("dilated_attention.json", "int8_linear.json"):
             src = os.path.join(ROOT, "kernels", "tuned", name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(session.pack, "tuned", name))

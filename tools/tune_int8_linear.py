@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from tools.tune_attention import Disagreement, fastest, write_table
+from tools.tune_dilated_attention import Disagreement, fastest, write_table
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)]
 M_VALUES = (4096, 32768, 131072)

@@ -7,11 +7,11 @@ padded - is timed with ``triton.testing.do_bench`` under
 :func:`sam_fast.kernels.dilated_attention.forced_config`. A candidate must agree with the heuristic
 configuration's result (to the input dtype's rounding) or the run stops with an error; one that does
 not compile here (shared memory, registers) is skipped. The fastest is stored under this GPU's
-architecture in ``kernels/tuned/attention.json``, keyed by
+architecture in ``kernels/tuned/dilated_attention.json``, keyed by
 :func:`~sam_fast.kernels.dilated_attention.tune_key`, after every case (a run cut short keeps what it
 measured). The file is reviewed and committed like code; nothing is written into an installed package.
 
-    python -m tools.tune_attention [--table kernels/tuned/attention.json] [--batch 8] [--quick]
+    python -m tools.tune_dilated_attention [--table kernels/tuned/dilated_attention.json] [--batch 8] [--quick]
 """
 
 from __future__ import annotations
@@ -147,21 +147,21 @@ def tune_case(case, batch: int, dtype, device, backward: bool, bench: Callable[[
               log=print) -> Optional[dict]:
     """Time every candidate of one case and direction; returns the table entry of the fastest (None when
     nothing ran). ``bench(fn) -> ms`` times a callable (``triton.testing.do_bench`` on a GPU)."""
-    import sam_fast.kernels.dilated_attention as K
+    from sam_fast.kernels.dilated_attention import tuning as K
 
     run = case_runner(case, batch, dtype, device, backward)  # (a backward's forward runs here, unrecorded)
     keys = []
-    real_config = K._config_for
+    real_config = K.config_for
 
     def spy(group, padded, has_rel, q, backward, **kw):  # records the keys the launches look up
         keys.append(K.tune_key(group, padded, has_rel, q.shape[-1], q.dtype, backward))
         return real_config(group, padded, has_rel, q, backward=backward, **kw)
 
-    K._config_for = spy
+    K.config_for = spy
     try:
         want = run()  # the heuristic configuration: the reference every candidate must agree with
     finally:
-        K._config_for = real_config
+        K.config_for = real_config
     key = keys[0]
     if len({json.dumps(k, sort_keys=True) for k in keys}) > 1:
         log(f"  {case[0]}: several launch groups; tuning their common choice under the first key")
@@ -195,20 +195,20 @@ def write_table(path: str, doc: dict, arch: str, entries: Dict[str, dict], devic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table",
-                   default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "attention.json"))
+                   default=os.path.join(os.path.dirname(__file__), "..", "kernels", "tuned", "dilated_attention.json"))
     p.add_argument("--batch", type=int, default=8, help="images per timed call (the tuned entries ignore batch)")
     p.add_argument("--quick", action="store_true", help="the ViT-H and ViT-B cases only")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("tune_attention: needs a CUDA GPU (the table is per GPU architecture)", file=sys.stderr)
+        print("tune_dilated_attention: needs a CUDA GPU (the table is per GPU architecture)", file=sys.stderr)
         return 2
     import triton.testing
     from tqdm import tqdm
 
-    from sam_fast.kernels import dilated_attention as K
+    from sam_fast.kernels._arch import device_arch
 
     device = torch.device("cuda")
-    arch = K.device_arch(device)
+    arch = device_arch(device)
     with open(args.table) as f:
         doc = json.load(f)
     entries = {json.dumps(e["key"], sort_keys=True): e for e in doc.get("configs", {}).get(arch, [])}

@@ -1,6 +1,6 @@
-"""The attention kernels' tuned table (kernels/tuned/attention.json) and its tuner, tools/tune_attention.py:
-lookup, validation, forced configs, and a whole tuning pass on a tiny case under the interpreter with a
-stand-in timer (real timings need the GPU the table is for)."""
+"""The attention kernels' tuned table (kernels/tuned/dilated_attention.json) and its tuner,
+tools/tune_dilated_attention.py: lookup, validation, forced configs, and a whole tuning pass on a tiny case under
+the interpreter with a stand-in timer (real timings need the GPU the table is for)."""
 
 import json
 
@@ -9,7 +9,8 @@ import torch
 from attn_helpers import record_launch_configs
 
 import sam_fast.kernels.dilated_attention as K
-from tools import tune_attention as T
+from sam_fast.kernels.dilated_attention import tuning
+from tools import tune_dilated_attention as T
 
 TINY = ("tiny D=80 window", (6, 7), 2, 80, (4, 4), True, True)
 
@@ -17,8 +18,8 @@ TINY = ("tiny D=80 window", (6, 7), 2, 80, (4, 4), True, True)
 @pytest.fixture
 def table(tmp_path, monkeypatch):
     """Point the kernels at a table file of the test's own; returns a writer for its entries."""
-    path = tmp_path / "attention.json"
-    monkeypatch.setattr(K, "_TABLE_PATH", str(path))
+    path = tmp_path / "dilated_attention.json"
+    monkeypatch.setattr(tuning, "_TABLE_PATH", str(path))
     K.tuned_table.cache_clear()
 
     def write(configs):
@@ -44,13 +45,13 @@ def test_lookup_by_key_and_architecture(table, monkeypatch):
     cfg = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "split": False}
     table({"sm_90": [{"key": _key(), "config": cfg}]})
     cuda = torch.device("cuda")
-    monkeypatch.setattr(K, "device_arch", lambda device: "sm_90")
+    monkeypatch.setattr(tuning, "device_arch", lambda device: "sm_90")
     assert K.tuned_choice(_key(), cuda) == cfg
     assert K.tuned_choice(_key(backward=True), cuda) is None         # another key
     assert K.tuned_choice(_key(), torch.device("cpu")) is None        # the CPU has no table
-    monkeypatch.setattr(K, "device_arch", lambda device: "sm_80")
+    monkeypatch.setattr(tuning, "device_arch", lambda device: "sm_80")
     assert K.tuned_choice(_key(), cuda) is None                       # another architecture
-    monkeypatch.setattr(K, "device_arch", lambda device: "sm_90")
+    monkeypatch.setattr(tuning, "device_arch", lambda device: "sm_90")
     with K.padded_head_dim():                                         # the pre-split reference ignores it
         assert K.tuned_choice(_key(), cuda) is None
     forced = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2, "split": True}
@@ -69,11 +70,11 @@ def test_malformed_table_and_forced_fields_are_named(table):
 
 
 def test_choice_sets_tile_warps_stages_and_split(monkeypatch):
-    monkeypatch.setattr(K, "_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
     group = K.plan_groups([K.Geometry(64, 64, 64, 64, 1, 1)])[0]
-    default = K._launch_config(group, False, True, 80)
+    default = tuning.launch_config(group, False, True, 80)
     assert (default["BLOCK_M"], default["num_warps"], default["num_stages"], default["TAIL"]) == (128, 8, 2, True)
-    chosen = K._launch_config(group, False, True, 80, choice={"BLOCK_M": 64, "num_warps": 4, "num_stages": 3,
+    chosen = tuning.launch_config(group, False, True, 80, choice={"BLOCK_M": 64, "num_warps": 4, "num_stages": 3,
                                                                "split": False})
     assert (chosen["BLOCK_M"], chosen["num_warps"], chosen["num_stages"]) == (64, 4, 3)
     assert (chosen["BLOCK_D"], chosen["TAIL"]) == (128, False)
@@ -81,7 +82,7 @@ def test_choice_sets_tile_warps_stages_and_split(monkeypatch):
                                                           "BLOCK_DT", "TAIL")} == \
         {k: v for k, v in default.items() if k not in ("BLOCK_M", "num_warps", "num_stages", "BLOCK_D",
                                                         "BLOCK_DT", "TAIL")}  # key blocks are structural
-    assert K._launch_config(group, False, True, 80, backward=True)["num_stages"] == 1
+    assert tuning.launch_config(group, False, True, 80, backward=True)["num_stages"] == 1
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
@@ -96,7 +97,7 @@ def test_tune_case_picks_the_fastest_agreeing_candidate(backward, monkeypatch):
     timed = []
 
     def bench(fn):
-        cfg = dict(K._FORCED) if K._FORCED is not None else None
+        cfg = dict(tuning._FORCED) if tuning._FORCED is not None else None
         timed.append(cfg)
         return 1.0 if cfg == favourite else 2.0
 
@@ -131,7 +132,7 @@ def test_written_table_is_what_the_kernels_read(table, tmp_path, monkeypatch):
     doc = json.loads(path.read_text())
     T.write_table(str(path), doc, "sm_90", {json.dumps(entry["key"], sort_keys=True): entry}, "H100")
     K.tuned_table.cache_clear()
-    monkeypatch.setattr(K, "device_arch", lambda device: "sm_90")
+    monkeypatch.setattr(tuning, "device_arch", lambda device: "sm_90")
     assert K.tuned_choice(_key(), torch.device("cuda")) == entry["config"]
     assert json.loads(path.read_text())["devices"] == {"sm_90": "H100"}
 
