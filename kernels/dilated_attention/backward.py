@@ -105,7 +105,7 @@ def _dilated_attention_bwd_dkdv_kernel(
     sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
     slb, slh, srb, srh, srn, swb, swh, swn, spb, sph, spn,
     H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, PAD_ROWS, PAD_COLS, qk_scale, sm_scale,
-    S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
+    BRANCHES,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -147,28 +147,18 @@ def _dilated_attention_bwd_dkdv_kernel(
     dv = tl.zeros((BKY * BKX, BLOCK_D), dtype=tl.float32)
     dk_t = tl.zeros((BKY * BKX, BLOCK_DT), dtype=tl.float32)
     dv_t = tl.zeros((BKY * BKX, BLOCK_DT), dtype=tl.float32)
-    dk, dv, dk_t, dv_t = _dkdv_branch(
-        dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-        sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t, dmask_t,
-        ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST,
-        TAIL)
-    if NB > 1:
+    for j in tl.static_range(NB):  # the group's branches, unrolled at compile time
+        BR = BRANCHES[j]  # (seg_h, seg_w, dil_h, dil_w, rel-pos column offsets h, w)
+        if j == 0:  # branch 0's tables start at column 0: a compile-time 0, as in the unrolled form
+            rel_h: tl.constexpr = 0
+            rel_w: tl.constexpr = 0
+        else:
+            rel_h = BR[4]
+            rel_w = BR[5]
         dk, dv, dk_t, dv_t = _dkdv_branch(
             dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-            sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
-            dmask_t, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS,
-            PADDED, PREC, UPCAST, TAIL)
-    if NB > 2:
-        dk, dv, dk_t, dv_t = _dkdv_branch(
-            dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-            sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
-            dmask_t, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS,
-            PADDED, PREC, UPCAST, TAIL)
-    if NB > 3:
-        dk, dv, dk_t, dv_t = _dkdv_branch(
-            dk, dv, dk_t, dv_t, k, v, k_t, v_t, kyv, kxv, valid, ty0, tx0, b, h, Q, DO, LSE, DELTA, RH, RW,
-            sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t,
-            dmask_t, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS,
+            sqb, sqn, sqh, sdob, sdon, sdoh, slb, slh, srb, srh, srn, swb, swh, swn, offs_d, dmask, offs_t, dmask_t,
+            ROWS, COLS, BR[0], BR[1], BR[2], BR[3], rel_h, rel_w, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS,
             PADDED, PREC, UPCAST, TAIL)
     _store_key_grads(DK, DV, DPADK, DPADV, dk * sm_scale, dv, b, h, kn, ky, kx, valid, real, offs_d, dmask,
                      sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, spb, sph, spn, ROWS, COLS, PAD_ROWS, PAD_COLS,
@@ -237,7 +227,7 @@ def _dilated_attention_bwd_dq_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh, sdqb, sdqn, sdqh,
     slb, slh, srb, srh, srn, swb, swh, swn,
     H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, qk_scale, sm_scale,
-    S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
+    BRANCHES,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -285,25 +275,19 @@ def _dilated_attention_bwd_dq_kernel(
     drw_row = DRW + b * swb + h * swh + qn * swn
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=tl.float32)
-    dq, dq_t = _dq_branch(
-        dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
-        offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-        S0H, S0W, D0H, D0W, 0, 0, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
-    if NB > 1:
+    for j in tl.static_range(NB):  # the group's branches, unrolled at compile time
+        BR = BRANCHES[j]  # (seg_h, seg_w, dil_h, dil_w, rel-pos column offsets h, w)
+        if j == 0:  # branch 0's tables start at column 0: a compile-time 0, as in the unrolled form
+            rel_h: tl.constexpr = 0
+            rel_w: tl.constexpr = 0
+        else:
+            rel_h = BR[4]
+            rel_w = BR[5]
         dq, dq_t = _dq_branch(
-            dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
-            svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-            S1H, S1W, D1H, D1W, H1, W1, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
-    if NB > 2:
-        dq, dq_t = _dq_branch(
-            dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
-            svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-            S2H, S2W, D2H, D2W, H2, W2, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
-    if NB > 3:
-        dq, dq_t = _dq_branch(
-            dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn,
-            svn, offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
-            S3H, S3W, D3H, D3W, H3, W3, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC, UPCAST, TAIL)
+            dq, dq_t, q, q_t, do, do_t, lse, delta, mrow, rh_row, rw_row, drh_row, drw_row, k_base, v_base, skn, svn,
+            offs_d, dmask, offs_t, dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS,
+            BR[0], BR[1], BR[2], BR[3], rel_h, rel_w, qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, PADDED, PREC,
+            UPCAST, TAIL)
     dq_rows = DQ + b * sdqb + h * sdqh + qn[:, None] * sdqn
     _store_tile(dq_rows + offs_d[None, :], dq * sm_scale, qmask, ACCUMULATE)
     if TAIL:

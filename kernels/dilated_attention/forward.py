@@ -55,14 +55,14 @@ def _dilated_attention_fwd_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
     slb, slh, srb, srh, srn, swb, swh, swn,
     H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, qk_scale,
-    S0H, S0W, D0H, D0W, S1H, S1W, D1H, D1W, H1, W1, S2H, S2W, D2H, D2W, H2, W2, S3H, S3W, D3H, D3W, H3, W3,
+    BRANCHES,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """One program per (query tile, class tile, batch * head). Runs every branch of the group (NB <= 4,
-    geometry ``S*/D*``, rel-pos table column offsets ``H*/W*``) through one online softmax, which is
+    """One program per (query tile, class tile, batch * head). Runs every branch of the group (NB <= 4;
+    ``BRANCHES[j]`` = (seg_h, seg_w, dil_h, dil_w, rel-pos table column offsets)) through one online softmax, which is
     exactly the lse-weighted merge of the branches. ACCUMULATE starts from the (out, lse) already in
     O/LSE (an earlier group of the same pattern) instead of from nothing. With TAIL the head dim is
     columns [0, BLOCK_D) plus [BLOCK_D, BLOCK_D + BLOCK_DT) (see :func:`_fwd_branch`)."""
@@ -113,25 +113,18 @@ def _dilated_attention_fwd_kernel(
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    acc, acc_t, m_i, l_i = _fwd_branch(
-        acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
-        dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S0H, S0W, D0H, D0W, 0, 0, qk_scale,
-        BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
-    if NB > 1:
+    for j in tl.static_range(NB):  # the group's branches, unrolled at compile time
+        BR = BRANCHES[j]  # (seg_h, seg_w, dil_h, dil_w, rel-pos column offsets h, w)
+        if j == 0:  # branch 0's tables start at column 0: a compile-time 0, as in the unrolled form
+            rel_h: tl.constexpr = 0
+            rel_w: tl.constexpr = 0
+        else:
+            rel_h = BR[4]
+            rel_w = BR[5]
         acc, acc_t, m_i, l_i = _fwd_branch(
             acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
-            dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S1H, S1W, D1H, D1W, H1, W1, qk_scale,
-            BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
-    if NB > 2:
-        acc, acc_t, m_i, l_i = _fwd_branch(
-            acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
-            dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S2H, S2W, D2H, D2W, H2, W2, qk_scale,
-            BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
-    if NB > 3:
-        acc, acc_t, m_i, l_i = _fwd_branch(
-            acc, acc_t, m_i, l_i, q, q_t, mrow, rh_row, rw_row, k_base, v_base, skn, svn, offs_d, dmask, offs_t,
-            dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, S3H, S3W, D3H, D3W, H3, W3, qk_scale,
-            BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
+            dmask_t, pad_k, pad_v, pad_kt, pad_vt, ty0, tx0, h, ROWS, COLS, BR[0], BR[1], BR[2], BR[3], rel_h, rel_w,
+            qk_scale, BLOCK_M, BKY, BKX, HAS_REL, REL_ROWS, SINGLE_KX, PADDED, PREC, UPCAST, TAIL)
 
     # Positions kept by no branch have l_i = 0: out 0, lse -inf. Non-finite inputs give what the reference
     # gives: a NaN logit leaves l_i NaN (out and lse NaN), a +inf logit lse +inf (out NaN).

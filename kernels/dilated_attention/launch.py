@@ -13,24 +13,17 @@ from .._tl import upcast as _upcast
 from . import tuning as _tuning  # by module: the tuner spies on tuning.config_for
 from .backward import _dilated_attention_bwd_dkdv_kernel, _dilated_attention_bwd_dq_kernel
 from .forward import _dilated_attention_fwd_kernel
-from .plan import MAX_GROUP_BRANCHES, Group, decode_pattern, plan_groups
+from .plan import Group, decode_pattern, plan_groups
 from .relpos import _group_tables, _rel_rows, relpos_backward, relpos_backward_1d
 
 LOG2E = 1.4426950408889634
 
 
-def _branch_args(group: Group, rel_offsets=None) -> list:
-    """The kernels' 22 branch scalars: branch 0 (seg, dil), branches 1-3 (seg, dil, rel offsets)."""
+def _branch_args(group: Group, rel_offsets=None) -> tuple:
+    """The kernels' ``BRANCHES``: per branch of the group, (seg_h, seg_w, dil_h, dil_w, rel-pos table column
+    offsets h, w)."""
     offs = rel_offsets or [(0, 0)] * len(group.branches)
-    out = []
-    for j in range(MAX_GROUP_BRANCHES):
-        if j < len(group.branches):
-            b = group.branches[j]
-            vals = [b[2], b[3], b[4], b[5]] + ([offs[j][0], offs[j][1]] if j else [])
-        else:
-            vals = [1, 1, 1, 1] + ([0, 0] if j else [])
-        out += vals
-    return out
+    return tuple((b[2], b[3], b[4], b[5], offs[j][0], offs[j][1]) for j, b in enumerate(group.branches))
 
 
 def dilated_attention_fwd(
@@ -73,7 +66,7 @@ def dilated_attention_fwd(
             lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
             rw.stride(0), rw.stride(1), rw.stride(2),
             H, D, group.rows, group.cols, group.base[0], group.base[1], group.step[0], group.step[1],
-            group.n_seg[1], scale * LOG2E, *_branch_args(group, rel_offs),
+            group.n_seg[1], scale * LOG2E, _branch_args(group, rel_offs),
             NB=len(group.branches), BLOCK_M=cfg["BLOCK_M"], BKY=cfg["BKY"], BKX=cfg["BKX"],
             BLOCK_D=cfg["BLOCK_D"], BLOCK_DT=cfg["BLOCK_DT"], TAIL=cfg["TAIL"], HAS_REL=has_rel,
             REL_ROWS=cfg["REL_ROWS"], SINGLE_KX=cfg["SINGLE_KX"], PADDED=padded,
@@ -159,7 +152,7 @@ def dilated_attention_bwd(
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
             rw.stride(0), rw.stride(1), rw.stride(2), dpk.stride(0), dpk.stride(1), dpk.stride(2),
-            *geo, pr, pc, scale * LOG2E, scale, *bargs, BKY=cfg["KBY"], BKX=cfg["KBX"], **common,
+            *geo, pr, pc, scale * LOG2E, scale, bargs, BKY=cfg["KBY"], BKX=cfg["KBX"], **common,
         )
         qh, qw = group.class_extent(False)
         _dilated_attention_bwd_dq_kernel[(triton.cdiv(qh * qw, cfg["BLOCK_M"]), group.n_class_tiles(), B * H)](
@@ -169,7 +162,7 @@ def dilated_attention_bwd(
             dq.stride(0), dq.stride(1), dq.stride(2),
             lse.stride(0), lse.stride(1), rh.stride(0), rh.stride(1), rh.stride(2),
             rw.stride(0), rw.stride(1), rw.stride(2),
-            *geo, scale * LOG2E, scale, *bargs, BKY=cfg["BKY"], BKX=cfg["BKX"], **common,
+            *geo, scale * LOG2E, scale, bargs, BKY=cfg["BKY"], BKX=cfg["BKX"], **common,
         )
         if has_rel:
             ends = [o[1] for o in rel_offs[1:]] + [rw.shape[-1]]
