@@ -6,9 +6,19 @@ GPU tests carry ``@pytest.mark.gpu`` (or take the ``device`` fixture, whose CUDA
 """
 
 
+import os
+import sys
+
 import pytest
 import torch
 from devices import DEVICES
+
+# Tests import the project tooling as tools.<name> from the repository root. The root goes *last* on the path:
+# a staged or installed sam_fast must win over the root's own sam_fast/ (which lacks kernels/ and the
+# extension), as on the GPU machine, where the tests run with PYTHONSAFEPATH=1 against a staged package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 from sam_fast.kernels._interpreter import interpreting, use_interpreter_without_gpu  # noqa: E402
 

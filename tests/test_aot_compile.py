@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is imported from here
+
 KERNELS = ("_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dq_kernel", "_dilated_attention_bwd_dkdv_kernel",
            "_quantize_rows_kernel", "_layer_norm_quantize_kernel", "_int8_gemm_kernel",
            "_small_key_attention_kernel", "_upscale_mask_product_kernel")
@@ -22,7 +24,7 @@ KERNELS = ("_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dq_kernel", 
 def test_all_triton_kernels_compile(arch):
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-m", "tools.aot_compile", "--quick", "--arch", str(arch)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     compiled = {line.split()[0] for line in proc.stdout.splitlines() if line.startswith("_")}
     assert compiled == set(KERNELS), f"compiled {sorted(compiled)}"
@@ -43,7 +45,8 @@ def test_tuner_candidates_compile(tmp_path):
         " dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)])\n"
         f"sys.exit(A.main(['--tune-candidates', '--out', {str(tmp_path)!r}]))\n")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from tools import tune_dilated_attention as T
 
