@@ -102,6 +102,7 @@ setup(
         "sam_fast.reference",
         "sam_fast.nn",
         "sam_fast.models",
+        "sam_fast.distill",
         "sam_fast.kernels",
         "sam_fast.kernels.dilated_attention",
         "sam_fast.bench",

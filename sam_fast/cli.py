@@ -5,6 +5,10 @@
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
                      [--points-per-side N] [--device cpu|cuda] --out DIR [--overwrite]
     sam-fast inspect CHECKPOINT [--model-type auto] [--decoder-heads N]
+    sam-fast distill --teacher CKPT --student dilated|CKPT [--pattern 64x64:2x2] [--blocks global|all|i,j,...]
+                     --images DIR --out DIR [--method dld|embedding|full_stage] [--steps N] [--decoder-steps N]
+                     [--batch-size N] [--lr LR] [--no-resume] ...
+    sam-fast distill-eval --teacher CKPT --student CKPT --images DIR [--prompts points,boxes] [--out DIR]
 
 ``bench`` runs the op benchmarks this machine can run against their references and peers (their quick
 cases, about a minute on a 2-core CPU; ``--full`` for every case), appends results with provenance to
@@ -24,8 +28,16 @@ two-round mode).
 
 ``inspect`` loads a checkpoint (by default reading its geometry from the file) and prints its parameter
 counts, model family (SAM ViT-B/L/H, SlimSAM uniform or per-block pruned, DC-ViT-compressed, TinyViT),
-the per-block geometry (attention kind, heads, head dim, MLP width) and what ``sam_fast.apply`` would
-swap into it.
+the per-block geometry (attention kind, heads, head dim, MLP width), the dilated pattern a distilled
+student was trained for, and what ``sam_fast.apply`` would swap into it.
+
+``distill`` trains a student to reproduce a teacher on a folder of images (:func:`sam_fast.distill.distill`):
+``--student dilated`` is the teacher with ``--pattern`` in ``--blocks``; a checkpoint path is any other
+student. It writes ``OUT/student.pt`` (which ``segment``, ``inspect`` and ``load_sam`` read, pattern
+included), ``OUT/train_log.csv`` and checkpoints; rerunning the same command resumes. Under
+``torchrun --nproc_per_node N sam-fast distill ...`` it trains on N processes (DistributedDataParallel).
+``distill-eval`` prints the student's mask mIoU against the teacher, embedding SQNR and encoder speed
+(:func:`sam_fast.distill.evaluate`) and writes ``OUT/eval.json`` and ``OUT/eval.png``.
 """
 
 from __future__ import annotations
@@ -217,27 +229,6 @@ def _write_atomic(path: str, write) -> None:
         raise
 
 
-def _read_rgb(path: str):
-    """An image file as HxWx3 uint8 RGB; 16-bit images are scaled to 8 bits, not clipped at 255."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I") or (im.mode == "I" and im.getextrema()[1] > 255):
-            a = np.asarray(im, dtype=np.float64)
-            top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
-            rgb = np.repeat(np.round(a / top * 255.0).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
-        else:
-            arr = np.asarray(im)
-            if arr.dtype == np.uint16:  # 16-bit RGB(A) loaded by a newer Pillow
-                arr = np.round(arr[..., :3] / 65535.0 * 255.0).astype(np.uint8)
-                rgb = arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
-            else:
-                rgb = np.asarray(im.convert("RGB"))
-    return np.ascontiguousarray(rgb)
-
-
 def _segment(args) -> int:
     import json
 
@@ -246,6 +237,7 @@ def _segment(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from sam_fast.images import read_rgb
     from sam_fast.models import load_sam
     from sam_fast.predictor import check_image_size
 
@@ -295,6 +287,9 @@ def _segment(args) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sam.to(device)
+    if getattr(sam, "sam_fast_config", None) is not None:
+        print(f"{args.checkpoint}: a distilled student; running the dilated attention it was trained for in blocks "
+              f"{sam.sam_fast_config.chosen_blocks()}")
     if args.everything:
         from sam_fast import SamFastAutomaticMaskGenerator
         from sam_fast.ops.mask_postprocess import coco_to_mask
@@ -309,7 +304,7 @@ def _segment(args) -> int:
     written, failed = 0, []
     for path, json_path, png_path in tqdm(plan, desc="sam-fast segment", unit="image"):
         try:
-            image = _read_rgb(path)
+            image = read_rgb(path)
         except Exception as exc:
             failed.append(path)
             print(f"sam-fast segment: cannot read image {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -425,6 +420,11 @@ def _inspect(args) -> int:
             kind = ("none (DC-ViT)" if not b.has_attention else
                     "global" if b.window_size == 0 else f"window {b.window_size}")
             print(f"{n:>5} {kind:>16} {b.num_heads:>5} {b.head_dim:>8} {b.mlp_dim:>6}")
+    recorded = getattr(sam, "sam_fast_config", None)
+    if recorded is not None:
+        print("distilled student: trained for dilated attention (load_sam applies it):")
+        for index, pattern in sorted(recorded.dilated_pattern.items()):
+            print(f"  block {index}: " + ", ".join(f"segment {b.segment} dilation {b.dilation}" for b in pattern))
     blocks = vit_blocks(sam)
     slots = eligible_linears(sam)
     narrow = [s.key for s in slots if too_narrow(s.module)]
@@ -436,6 +436,97 @@ def _inspect(args) -> int:
     print(f'sam_fast: quantize="int8" swaps {len(slots) - len(narrow)} of {len(slots)} linears for W8A8'
           + (f"; {len(narrow)} stay float as too narrow" if narrow else "")
           + "; calibrate(...) may keep outlier-heavy ones float too")
+    return 0
+
+
+def _parse_blocks(text: str):
+    if text in ("global", "all"):
+        return text
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--blocks must be 'global', 'all' or block indices like 2,5,8,11, got {text!r}") from None
+
+
+def _load_for(path: str, args):
+    from sam_fast.models import load_sam
+
+    return load_sam(path, args.model_type, decoder_heads=args.decoder_heads)
+
+
+def _distill(args) -> int:
+    import warnings
+
+    from sam_fast.distill import distill
+    from sam_fast.distill.students import dilated_student
+    from sam_fast.pattern import parse_pattern
+
+    try:
+        teacher = _load_for(args.teacher, args)
+    except Exception as exc:
+        print(f"sam-fast distill: --teacher: {_load_error(exc)}", file=sys.stderr)
+        return 2
+    try:
+        if args.student == "dilated":
+            if not args.pattern:
+                raise ValueError("--student dilated needs --pattern (e.g. 64x64:2x2)")
+            student = dilated_student(teacher, parse_pattern(args.pattern), _parse_blocks(args.blocks))
+        else:
+            if args.pattern:
+                raise ValueError("--pattern applies to --student dilated only (a student checkpoint records its own)")
+            student = _load_for(args.student, args)
+    except Exception as exc:
+        print(f"sam-fast distill: {_load_error(exc)}", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        try:
+            result = distill(teacher, student, args.images, out_dir=args.out, method=args.method, steps=args.steps,
+                             decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr,
+                             accumulate=args.accumulate, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                             resume=not args.no_resume, device=args.device, precision=args.precision,
+                             activation_checkpointing=args.activation_checkpointing,
+                             prompts_per_image=args.prompts_per_image)
+        except (ValueError, TypeError, OSError) as exc:
+            print(f"sam-fast distill: {exc}", file=sys.stderr)
+            return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        where = f" (resumed at step {result.resumed_from})" if result.resumed_from is not None else ""
+        print(f"trained {result.steps} steps{where} on {result.images} images; final loss "
+              f"{result.losses.get('loss', float('nan')):.4g}\nstudent: {result.checkpoint}\nlog: {result.log}")
+    return 0
+
+
+def _distill_eval(args) -> int:
+    import json
+
+    from sam_fast.distill import evaluate, plot_results
+
+    try:
+        teacher = _load_for(args.teacher, args)
+        student = _load_for(args.student, args)
+    except Exception as exc:
+        print(f"sam-fast distill-eval: {_load_error(exc)}", file=sys.stderr)
+        return 2
+    prompts = tuple(p.strip() for p in args.prompts.split(",") if p.strip())
+    try:
+        result = evaluate(student, teacher, args.images, prompts=prompts, prompts_per_image=args.prompts_per_image,
+                          device=args.device)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"sam-fast distill-eval: {exc}", file=sys.stderr)
+        return 2
+    print(result.table())
+    out = args.out or os.path.dirname(os.path.abspath(args.student))
+    os.makedirs(out, exist_ok=True)
+    data = dict(result.as_dict(), teacher=os.path.abspath(args.teacher), student=os.path.abspath(args.student))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+
+    _write_atomic(os.path.join(out, "eval.json"), write)
+    png = plot_results({os.path.basename(args.student): result}, os.path.join(out, "eval.png"),
+                       title=f"{os.path.basename(args.student)} vs {os.path.basename(args.teacher)}")
+    print(f"wrote {os.path.join(out, 'eval.json')} and {png}")
     return 0
 
 
@@ -478,7 +569,44 @@ def main(argv=None) -> int:
     i.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="default: auto (read from the file)")
     i.add_argument("--decoder-heads", type=int, default=None,
                    help="mask decoder heads, for a decoder narrower or wider than SAM's 256 (auto only)")
+    d = sub.add_parser("distill", help="train a faster student (dilated, pruned, TinyViT) to reproduce a teacher")
+    d.add_argument("--teacher", required=True, help="teacher checkpoint")
+    d.add_argument("--student", required=True, help="'dilated' (the teacher with --pattern) or a student checkpoint")
+    d.add_argument("--pattern", help="dilated pattern: branches SEG[:DIL], 2-D sizes as HxW, e.g. 64x64:2x2 or "
+                                     "14x14,64x64:2x2")
+    d.add_argument("--blocks", default="global", help="blocks that get the pattern: global (default), all, or 2,5,8")
+    d.add_argument("--images", required=True, help="folder of JPEG / PNG images (searched recursively)")
+    d.add_argument("--out", required=True, help="run directory (cache, log, checkpoints, student.pt)")
+    d.add_argument("--method", default="dld", choices=("dld", "embedding", "full_stage"))
+    d.add_argument("--steps", type=int, default=1000, help="encoder distillation steps (default 1000)")
+    d.add_argument("--decoder-steps", type=int, default=0, help="decoder alignment steps afterwards (default 0)")
+    d.add_argument("--batch-size", type=int, default=8, help="images per step over all processes (default 8)")
+    d.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    d.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (default 1)")
+    d.add_argument("--prompts-per-image", type=int, default=4, help="objects per image for the prompt losses")
+    d.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    d.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    d.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a run")
+    d.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    e = sub.add_parser("distill-eval", help="a student's mask mIoU against its teacher, embedding SQNR, speed")
+    e.add_argument("--teacher", required=True)
+    e.add_argument("--student", required=True)
+    e.add_argument("--images", required=True, help="folder of held-out images")
+    e.add_argument("--prompts", default="points,boxes", help="points, boxes or both (default)")
+    e.add_argument("--prompts-per-image", type=int, default=8)
+    e.add_argument("--out", help="where eval.json / eval.png go (default: the student's folder)")
+    e.add_argument("--device", help="default: cuda when available")
+    for p in (d, e):
+        p.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="both checkpoints' model type")
+        p.add_argument("--decoder-heads", type=int, default=None,
+                       help="mask decoder heads of a decoder narrower or wider than SAM's 256 (auto only)")
     args = parser.parse_args(argv)
+    if args.command == "distill":
+        return _distill(args)
+    if args.command == "distill-eval":
+        return _distill_eval(args)
     if args.command == "bench":
         return _bench(args)
     if args.command == "segment":

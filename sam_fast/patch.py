@@ -278,10 +278,15 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
     what was already swapped is put back before the error propagates, so the model is as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    recorded = getattr(model, "sam_fast_config", None)
+    if not isinstance(recorded, SamFastConfig):
+        recorded = None
     if config is None:
-        config = SamFastConfig()
+        config = recorded if recorded is not None else SamFastConfig()
     if not isinstance(config, SamFastConfig):
         raise TypeError(f"config must be a sam_fast.SamFastConfig, got {type(config).__name__}")
+    if recorded is not None and recorded.attention == "dilated":
+        _warn_if_pattern_dropped(model, config, recorded)
     swaps, updates = [], []
     try:
         if config.attention in ("exact", "dilated"):
@@ -294,6 +299,21 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         SamFastHandle(model, swaps, updates).undo()
         raise
     return SamFastHandle(model, swaps, updates, left_float)
+
+
+def _warn_if_pattern_dropped(model, config, recorded) -> None:
+    """A distilled student (``model.sam_fast_config``, set by sam_fast.distill and load_sam) was trained for
+    its dilated pattern; a config that runs other attention in those blocks computes another function."""
+    import warnings
+
+    changed = [index for *_, block, index in vit_blocks(model)
+               if recorded.pattern_for(index, block) is not None and config.attention != "none"
+               and config.pattern_for(index, block) != recorded.pattern_for(index, block)]
+    if changed:
+        warnings.warn(f"this model was trained for dilated attention in blocks {changed} (model.sam_fast_config), but "
+                      f"the config runs {config.attention!r} attention there, which is not the function its weights "
+                      "learned; pass dataclasses.replace(model.sam_fast_config, ...) or no config to keep it",
+                      UserWarning, stacklevel=3)
 
 
 def _swap_blocks(model, config, swaps, updates) -> None:

@@ -204,3 +204,29 @@ def pattern_from_lists(segment_lengths: Sequence[int], dilation_rates: Sequence[
                             f"got {w!r} and {r!r}") from None
         out.append(Branch(w, r))
     return out
+
+
+def parse_pattern(text: str, name: str = "--pattern") -> list:
+    """A pattern from text (the command line's form): branches separated by commas, each
+    ``SEGMENT[:DILATION]`` where a 2-D size is ``HxW`` and a 1-D one an int, e.g. ``"64x64:2x2"``,
+    ``"14x14,64x64:2x2"``, ``"256:2"``. ``ValueError`` naming ``name`` for anything else."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{name} must be branches like '64x64:2x2' or '14x14,64x64:2x2', got {text!r}")
+
+    def size(part: str):
+        dims = part.strip().lower().split("x")
+        if len(dims) not in (1, 2) or not all(d.strip().isdigit() for d in dims):
+            raise ValueError(f"{name}: {part.strip()!r} is not a size (an int, or HxW)")
+        vals = tuple(int(d) for d in dims)
+        return vals[0] if len(vals) == 1 else vals
+
+    out = []
+    for item in text.split(","):
+        seg, _, dil = item.partition(":")
+        segment = size(seg)
+        dilation = size(dil) if dil.strip() else (1 if isinstance(segment, int) else (1, 1))
+        try:
+            out.append(Branch(segment, dilation))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: {item.strip()!r}: {exc}") from None
+    return out

@@ -196,7 +196,7 @@ def test_segment_environment_errors_are_messages(files, tmp_path, capsys):
 
 
 def test_segment_reads_16_bit_images_without_saturating(tmp_path):
-    from sam_fast.cli import _read_rgb
+    from sam_fast.images import read_rgb as _read_rgb
 
     ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
     Image.fromarray(ramp).save(tmp_path / "deep.png")

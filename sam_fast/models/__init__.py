@@ -1,6 +1,6 @@
 """Model builders and checkpoint loaders."""
 
-from .sam import MODEL_TYPES, build_sam, known_model_type, load_sam, released_geometry
+from .sam import MODEL_TYPES, build_sam, known_model_type, load_sam, released_geometry, save_sam
 from .tiny import sam_decoder, tiny_image_encoder, tiny_sam
 from .tinyvit import TinyViT, build_vit_t, tinyvit_config
 from .vit import (
@@ -15,5 +15,5 @@ from .vit import (
 
 __all__ = ["MODEL_TYPES", "BlockGeometry", "EncoderGeometry", "MlpBlock", "TinyViT", "build_image_encoder",
            "build_sam", "build_sam_from_geometry", "build_vit_t", "encoder_geometry", "known_model_type",
-           "load_sam", "released_geometry", "sam_decoder", "slimsam_uniform_geometry", "tiny_image_encoder",
+           "load_sam", "released_geometry", "sam_decoder", "save_sam", "slimsam_uniform_geometry", "tiny_image_encoder",
            "tiny_sam", "tinyvit_config"]

@@ -110,14 +110,16 @@ def _read_state(checkpoint, model_type):
                 "weights_only=False executes whatever the file contains.") from exc
         raise ValueError(f"checkpoint {checkpoint} could not be read as a PyTorch state_dict "
                          f"({type(exc).__name__}: {first_line})") from exc
-    for wrapper in ("model", "state_dict"):  # training checkpoints (TinySAM's, MobileSAM's) nest it
+    meta = None
+    for wrapper in ("model", "state_dict"):  # training checkpoints (TinySAM's, MobileSAM's, save_sam's) nest it
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and \
                 not any(isinstance(v, torch.Tensor) for v in state.values()):
+            meta = state.get("sam_fast") if wrapper == "model" else None
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {checkpoint} is not a state_dict of tensors (got {type(state).__name__})")
     _check_stored_bytes(checkpoint, state)
-    return normalize_state_dict(state)
+    return normalize_state_dict(state), meta
 
 
 def _check_stored_bytes(checkpoint, state) -> None:
@@ -162,7 +164,10 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
         raise ValueError(f"decoder_heads must be a positive int, got {decoder_heads!r}")
     if decoder_heads is not None and model_type != "auto":
         raise ValueError(f"decoder_heads applies to model_type='auto' only; {model_type} has its own decoder")
-    state = _read_state(checkpoint, model_type)
+    state, meta = _read_state(checkpoint, model_type)
+    if decoder_heads is None and model_type == "auto" and isinstance(meta, dict) and \
+            isinstance(meta.get("decoder_heads"), int) and meta["decoder_heads"] > 0:
+        decoder_heads = meta["decoder_heads"]  # save_sam records it
     tinyvit = is_tinyvit_state(state)
     try:
         geom = None if tinyvit else encoder_geometry(state)
@@ -219,4 +224,94 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
         raise ValueError(f"checkpoint {checkpoint} does not match model type {model_type}: "
                          + ", ".join(parts) + hint)
     sam.load_state_dict(state)
-    return sam.eval()
+    sam.eval()
+    if meta is not None:
+        _restore_pattern(sam, meta, checkpoint)
+    return sam
+
+
+# ------------------------------------------------------------------------------------------------
+# sam_fast's own checkpoint: the official state_dict plus what the weights were trained for
+# ------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+
+
+def _pattern_to_json(pattern):
+    return [{"segment": list(b.segment) if b.is_2d else b.segment,
+             "dilation": list(b.dilation) if b.is_2d else b.dilation} for b in pattern]
+
+
+def _pattern_from_json(items, where: str):
+    from ..pattern import Branch
+
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{where}: a dilated pattern must be a non-empty list of branches, got {items!r}")
+    out = []
+    for b in items:
+        if not isinstance(b, dict) or set(b) != {"segment", "dilation"}:
+            raise ValueError(f"{where}: each branch must be {{'segment': ..., 'dilation': ...}}, got {b!r}")
+        seg, dil = b["segment"], b["dilation"]
+        out.append(Branch(tuple(seg) if isinstance(seg, list) else seg, tuple(dil) if isinstance(dil, list) else dil))
+    return out
+
+
+def save_sam(sam, path: str) -> None:
+    """Write ``sam`` (a segment_anything ``Sam``, patched or not) to ``path`` atomically.
+
+    A model without dilated blocks and with SAM's 8-head mask decoder is written as a plain state_dict with
+    the official keys (what segment_anything's builders load). A model whose blocks run dilated attention (a
+    distilled student), or whose decoder has another head count (which a state_dict cannot show), is written
+    as ``{"model": state_dict, "sam_fast": {"format": 1, "dilated": {block: [branch, ...]},
+    "decoder_heads": n}}``: :func:`load_sam` reads it back with its pattern applied; plain segment_anything
+    code reads ``torch.load(path)["model"]`` (the weights, without the pattern they were trained for).
+    A model with int8 layers is refused: save the float model (``handle.undo()`` first)."""
+    from ..nn.quantized import Int8Linear
+    from ..surgery import vit_blocks
+
+    if any(isinstance(m, Int8Linear) for m in sam.modules()):
+        raise ValueError("sam has int8 layers (quantize='int8'): save the float model - undo() the handle first - "
+                         "and quantize after loading")
+    state = {k: v.detach().cpu() for k, v in sam.state_dict().items()}
+    dilated = {str(i): _pattern_to_json(b.pattern) for *_, b, i in vit_blocks(sam)
+               if getattr(b, "pattern", None) is not None}
+    heads = getattr(getattr(getattr(sam, "mask_decoder", None), "transformer", None), "num_heads", None)
+    meta = {"format": CHECKPOINT_FORMAT, "dilated": dilated}
+    if isinstance(heads, int):
+        meta["decoder_heads"] = heads
+    obj = {"model": state, "sam_fast": meta} if dilated or heads not in (None, 8) else state
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _restore_pattern(sam, meta, checkpoint) -> None:
+    """Apply the dilated pattern a sam_fast checkpoint records (the student's attention) and record it as
+    ``sam.sam_fast_config``, which :func:`sam_fast.apply` uses when no config is given."""
+    from ..patch import Dilated, SamFastConfig, apply
+
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("dilated"),
+                                                                                                 dict):
+        raise ValueError(f"checkpoint {checkpoint}: its 'sam_fast' entry is not one this version writes (format "
+                         f"{CHECKPOINT_FORMAT} with a 'dilated' dict), got {str(meta)[:80]}")
+    patterns = {}
+    for key, items in meta["dilated"].items():
+        if not str(key).isdigit():
+            raise ValueError(f"checkpoint {checkpoint}: dilated pattern key {key!r} is not a block index")
+        patterns[int(key)] = _pattern_from_json(items, f"checkpoint {checkpoint}, block {key}")
+    if not patterns:
+        return
+    config = SamFastConfig(attention=Dilated(patterns))
+    try:
+        apply(sam, config)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {checkpoint}: its recorded dilated pattern does not fit the model: "
+                         f"{exc}") from exc
+    sam.sam_fast_config = config

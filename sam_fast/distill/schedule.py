@@ -1,0 +1,132 @@
+"""Time-varying weights: the dynamic layer-wise distillation (DLD) schedule and the learning rate.
+
+DLD weights
+-----------
+A student with the teacher's depth ``L`` is distilled block by block: the loss of block ``i`` is the
+normalised squared error between the student's and the teacher's block outputs (see
+:mod:`sam_fast.distill.losses`), weighted by ``w_i(p)`` where ``p = step / total_steps`` in [0, 1].
+The last ``focal`` blocks (the ones closest to the embedding) are *focal*: always weighted
+``focal_weight``. The other ``M = L - focal`` blocks follow a *front* that sweeps from block 0 to block
+``M`` during the first ``transition`` of training::
+
+    c(p)  = M * min(p / transition, 1)                          the front's position (in blocks)
+    w_i(p) = max(floor, 1 - (c(p) - i) * (1 - floor) / width)    i <= c(p): reached, decays to floor
+    w_i(p) = max(0,     1 - (i - c(p)) / width)                  i >  c(p): ahead, fades in
+
+So at the start block 0 has weight 1 and blocks further than ``width`` ahead of it have 0: the early
+blocks, whose errors every later block inherits, are aligned first. As the front moves, the weight
+shifts to later blocks, and blocks it has passed keep at least ``floor``, so nothing aligned early is
+forgotten. From ``p = transition`` on the weights are constant. The picture for ``L = 12``,
+``focal = 2``, ``width = 2``, ``floor = 0.1`` (rows: blocks 0..11; columns: p = 0, 0.15, 0.3, 0.45,
+0.6, 1; ``#`` = 1, ``+`` >= 0.5, ``.`` > 0, blank = 0; :func:`schedule_picture` draws it)::
+
+    block  0   # . . . . .
+    block  1   + . . . . .
+    block  2     + . . . .
+    block  3     + . . . .
+    block  4     . + . . .
+    block  5       # . . .
+    block  6       + . . .
+    block  7         + . .
+    block  8         + . .
+    block  9         . + +   (the front stops at M = 10)
+    block 10   # # # # # #   focal
+    block 11   # # # # # #   focal
+
+Learning rate
+-------------
+Linear warm-up from 0 over ``warmup_steps``, then a cosine from the peak down to ``min_lr_ratio`` of it
+at the last step (:func:`lr_factor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List
+
+
+def _check_number(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+        side = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {side}{low}, {high}], got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DLDSchedule:
+    """The DLD layer weights (module docstring).
+
+    Args:
+        focal: how many of the last blocks are always distilled (>= 1).
+        transition: fraction of training over which the front sweeps the non-focal blocks (0, 1].
+        width: how many blocks a weight takes to fade in ahead of the front or decay behind it (> 0).
+        floor: the weight a block keeps once the front has passed it, in [0, 1].
+        focal_weight: the focal blocks' constant weight (> 0).
+        embedding_weight: the weight of the final image-embedding loss (>= 0).
+    """
+
+    focal: int = 2
+    transition: float = 0.6
+    width: float = 2.0
+    floor: float = 0.1
+    focal_weight: float = 1.0
+    embedding_weight: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.focal, bool) or not isinstance(self.focal, int) or self.focal < 1:
+            raise ValueError(f"DLDSchedule focal must be an int >= 1, got {self.focal!r}")
+        object.__setattr__(self, "transition", _check_number(self.transition, "DLDSchedule transition", 0, 1,
+                                                             low_open=True))
+        object.__setattr__(self, "width", _check_number(self.width, "DLDSchedule width", 0, low_open=True))
+        object.__setattr__(self, "floor", _check_number(self.floor, "DLDSchedule floor", 0, 1))
+        object.__setattr__(self, "focal_weight", _check_number(self.focal_weight, "DLDSchedule focal_weight", 0,
+                                                               low_open=True))
+        object.__setattr__(self, "embedding_weight", _check_number(self.embedding_weight,
+                                                                   "DLDSchedule embedding_weight", 0))
+
+    def check_depth(self, depth: int, name: str = "student") -> None:
+        if self.focal > depth:
+            raise ValueError(f"{name}: DLD with focal={self.focal} needs at least {self.focal} blocks, the encoder "
+                             f"has {depth}")
+
+    def weights(self, depth: int, progress: float) -> List[float]:
+        """``[w_0(p), ..., w_{depth-1}(p)]`` at training progress ``p`` in [0, 1] (clipped)."""
+        self.check_depth(depth, "depth")
+        p = min(max(float(progress), 0.0), 1.0)
+        moving = depth - self.focal
+        front = moving * min(p / self.transition, 1.0)
+        out = []
+        for i in range(depth):
+            if i >= moving:
+                out.append(self.focal_weight)
+            elif i <= front:
+                out.append(max(self.floor, 1.0 - (front - i) * (1.0 - self.floor) / self.width))
+            else:
+                out.append(max(0.0, 1.0 - (i - front) / self.width))
+        return out
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) as a fraction of the peak: linear warm-up over
+    ``warmup_steps`` (step 0 gets ``1 / warmup_steps``), then a cosine from 1 to ``min_lr_ratio`` ending at
+    ``total_steps - 1``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps - 1, 1)
+    t = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def schedule_picture(schedule: DLDSchedule, depth: int, progress=(0.0, 0.15, 0.3, 0.45, 0.6, 1.0)) -> str:
+    """The schedule as text: one row per block, one column per progress value (``#`` = 1, ``+`` >= 0.5,
+    ``.`` > 0, blank = 0)."""
+    cols = [schedule.weights(depth, p) for p in progress]
+    rows = []
+    for i in range(depth):
+        marks = " ".join("#" if w[i] >= 1.0 - 1e-9 else "+" if w[i] >= 0.5 else "." if w[i] > 0 else " " for w in cols)
+        rows.append(f"block {i:2d}   {marks}".rstrip() + ("   focal" if i >= depth - schedule.focal else ""))
+    return "\n".join(rows)

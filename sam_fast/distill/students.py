@@ -1,0 +1,167 @@
+"""Students: what may be distilled from what, and the dilated student.
+
+* :func:`dilated_student` - a copy of the teacher whose chosen blocks run dilated attention (with the
+  teacher's weights as the starting point); its pattern travels with it (``student.sam_fast_config``,
+  and in the checkpoint :func:`sam_fast.models.save_sam` writes).
+* any segment_anything ``Sam`` with a ViT encoder of the teacher's depth (a pruned one, SlimSAM's widths):
+  all three methods; where widths differ, DLD compares block outputs through learned linear adapters
+  (:class:`FeatureAdapters`, trained with the student and not part of it).
+* any other encoder (TinyViT's ``vit_t``): ``method="embedding"`` or ``"full_stage"``, which only need
+  the image embedding to have the teacher's shape.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..nn.attention import SamFastBlock
+from ..pattern import check_pattern, resolve_pattern
+from ..surgery import vit_blocks
+
+
+def encoder_of(model: nn.Module, name: str) -> nn.Module:
+    enc = getattr(model, "image_encoder", None)
+    if enc is None or not hasattr(enc, "img_size"):
+        raise TypeError(f"{name} must be a segment_anything Sam (with image_encoder, prompt_encoder and "
+                        f"mask_decoder), got {type(model).__name__}")
+    return enc
+
+
+def block_list(model: nn.Module) -> Optional[List[nn.Module]]:
+    """The ViT blocks of a Sam's image encoder in order (swapped SamFastBlocks included), or None for an
+    encoder without a ``blocks`` list (TinyViT)."""
+    enc = getattr(model, "image_encoder", model)
+    blocks = getattr(enc, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else None
+
+
+def _block_width(block: nn.Module) -> int:
+    return int(block.norm1.normalized_shape[0])
+
+
+def check_pattern_covers(pattern, grid, heads: int, name: str = "pattern") -> None:
+    """``ValueError`` naming ``name`` unless the pattern tiles the ``grid``: every token must be kept by at
+    least one branch in at least one of the ``heads`` heads. (A head attends only the tokens at its offset,
+    as in LongNet, and other heads cover the rest; a token no head keeps gets a zero attention output in
+    every head, which no training can repair.) Also the grid-dependent checks of the pattern itself."""
+    try:
+        branches = resolve_pattern(check_pattern(pattern, name), grid[0] * grid[1], grid)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    rows, cols = np.arange(grid[0])[:, None], np.arange(grid[1])[None, :]
+    flat = rows * grid[1] + cols
+    covered = np.zeros(grid, dtype=bool)
+    for h in range(heads):
+        for br in branches:
+            oy, ox = br.offsets(h)
+            (sh, sw), (dy, dx) = br.seg, br.dil
+            if br.is_2d:
+                covered |= ((rows % sh) % dy == oy) & ((cols % sw) % dx == ox)
+            else:
+                covered |= (flat % sw) % dx == ox
+    if not covered.all():
+        r, c = map(int, np.argwhere(~covered)[0])
+        raise ValueError(f"{name} does not tile the {grid[0]}x{grid[1]} token grid with {heads} heads: "
+                         f"{int((~covered).sum())} tokens (e.g. row {r}, column {c}) are kept by no head in any "
+                         "branch, so their attention output would be 0; head h keeps offset ((h // dx) % dy, h % dx) "
+                         "of a 2-D dilation (dy, dx), so dy * dx must not exceed the heads, or add a branch with "
+                         "dilation 1")
+
+
+def dilated_student(teacher: nn.Module, pattern, blocks="global", *, backend: str = "auto") -> nn.Module:
+    """A copy of ``teacher`` (a segment_anything ``Sam``) whose ``blocks`` run dilated attention with
+    ``pattern`` (as :class:`sam_fast.Dilated`); the teacher is not modified. The pattern is checked to tile
+    every chosen block's token grid for all its heads. Returns the student with
+    ``student.sam_fast_config`` set (what :func:`sam_fast.apply` applies by default)."""
+    from ..patch import Dilated, SamFastConfig, apply
+
+    enc = encoder_of(teacher, "teacher")
+    config = SamFastConfig(attention=Dilated(pattern, blocks), backend=backend)
+    found = vit_blocks(teacher)
+    if not found:
+        raise ValueError("teacher: no segment_anything ViT blocks to make dilated (a TinyViT encoder cannot take "
+                         "a dilated pattern)")
+    grid = (enc.img_size // enc.patch_embed.proj.kernel_size[0],) * 2
+    chosen = {}
+    for *_, block, index in found:
+        pat = config.pattern_for(index, block)
+        if pat is not None:
+            check_pattern_covers(pat, grid, block.attn.num_heads,
+                                 "pattern" if not isinstance(pattern, dict) else f"pattern[{index}]")
+            chosen[index] = pat
+    if isinstance(config.chosen_blocks(), (list, tuple)):
+        missing = sorted(set(config.chosen_blocks()) - {index for *_, index in found})
+        if missing:
+            raise ValueError(f"blocks {missing} do not exist: the teacher's ViT blocks are "
+                             f"{sorted(index for *_, index in found)}")
+    if not chosen:
+        raise ValueError(f"blocks={blocks!r} chose no block of the teacher (its global blocks: "
+                         f"{[i for *_, b, i in found if int(b.window_size) == 0]})")
+    student = copy.deepcopy(teacher)
+    student.train(teacher.training)
+    per_block = SamFastConfig(attention=Dilated(chosen), backend=backend)
+    apply(student, per_block)
+    student.sam_fast_config = per_block
+    return student
+
+
+def dilated_patterns(model: nn.Module) -> Dict[int, tuple]:
+    """``{block index: pattern}`` of the model's blocks that run dilated attention now."""
+    return {i: b.pattern for i, b in enumerate(block_list(model) or []) if isinstance(b, SamFastBlock)
+            and b.pattern is not None}
+
+
+class FeatureAdapters(nn.Module):
+    """Linear maps from student block widths to the teacher's, one per distilled block whose widths differ
+    (identity elsewhere). Initialised to the least-squares-free choice ``W = [I; 0]`` truncated / padded."""
+
+    def __init__(self, student_widths: Dict[int, int], teacher_widths: Dict[int, int]):
+        super().__init__()
+        self.maps = nn.ModuleDict()
+        for i, sw in student_widths.items():
+            tw = teacher_widths[i]
+            if sw != tw:
+                lin = nn.Linear(sw, tw, bias=False)
+                with torch.no_grad():
+                    lin.weight.zero_()
+                    k = min(sw, tw)
+                    lin.weight[:k, :k] = torch.eye(k)
+                self.maps[str(i)] = lin
+
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        lin = self.maps[str(index)] if str(index) in self.maps else None
+        return x if lin is None else lin(x)
+
+
+def check_pair(teacher: nn.Module, student: nn.Module, method: str) -> Optional[FeatureAdapters]:
+    """Errors naming ``student`` before any work when it cannot be distilled from ``teacher`` with ``method``;
+    the DLD adapters when widths differ."""
+    t_enc, s_enc = encoder_of(teacher, "teacher"), encoder_of(student, "student")
+    if student is teacher:
+        raise ValueError("student is the teacher itself: make a copy (e.g. sam_fast.distill.dilated_student)")
+    if int(t_enc.img_size) != int(s_enc.img_size):
+        raise ValueError(f"student: its encoder takes {s_enc.img_size}x{s_enc.img_size} images, the teacher's "
+                         f"{t_enc.img_size}x{t_enc.img_size}; they must match")
+    for name in ("prompt_encoder", "mask_decoder"):
+        if not isinstance(getattr(student, name, None), nn.Module):
+            raise TypeError(f"student must be a segment_anything Sam with a {name}")
+    if method != "dld":
+        return None
+    t_blocks, s_blocks = block_list(teacher), block_list(student)
+    if s_blocks is None:
+        raise ValueError(f"student: method='dld' distills block by block and needs a ViT encoder with the teacher's "
+                         f"depth; this student's encoder is a {type(s_enc).__name__} without a blocks list: use "
+                         "method='embedding' or 'full_stage'")
+    if t_blocks is None or len(t_blocks) != len(s_blocks):
+        raise ValueError(f"student: method='dld' pairs block i of the student with block i of the teacher, but the "
+                         f"student has {len(s_blocks)} blocks and the teacher "
+                         f"{'no block list' if t_blocks is None else len(t_blocks)}: use method='embedding' or "
+                         "'full_stage'")
+    t_w = {i: _block_width(b) for i, b in enumerate(t_blocks)}
+    s_w = {i: _block_width(b) for i, b in enumerate(s_blocks)}
+    return FeatureAdapters(s_w, t_w)

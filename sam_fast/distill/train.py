@@ -1,0 +1,573 @@
+"""``distill(teacher, student, images, ...)``: the training loop.
+
+Stages. ``steps`` optimizer steps of *encoder distillation* with ``method``:
+
+* ``"dld"`` - dynamic layer-wise distillation: every cached block's output against the teacher's, weighted
+  by :class:`sam_fast.distill.DLDSchedule`, plus the image-embedding loss (student of the teacher's depth);
+* ``"embedding"`` - the image-embedding loss only (any encoder whose embedding has the teacher's shape);
+* ``"full_stage"`` - the embedding loss plus mask and IoU losses of the student's whole pipeline (encoder
+  and mask decoder trained together) on prompts drawn from the teacher's masks, with online hard-prompt
+  rounds (:mod:`sam_fast.distill.prompts`);
+
+then ``decoder_steps`` steps of *decoder alignment*: the encoder frozen, the mask decoder fine-tuned on the
+same prompt losses, so it reads the student's embeddings as the teacher's decoder reads the teacher's.
+
+Data. The teacher's embeddings and block outputs are computed once per image and memory-mapped
+(:mod:`sam_fast.distill.cache`). Step ``s`` takes images ``s * batch_size ... (s + 1) * batch_size - 1`` of
+an endless stream that visits every image once per epoch in an order drawn from ``seed`` and the epoch, so
+the data order depends on the step alone; every random prompt is drawn from ``seed``, the step and the
+image's position in the stream. A run resumed from a checkpoint therefore continues exactly as it would
+have, and ``torchrun`` with any number of processes computes the same global batch (each process takes an
+equal slice; DistributedDataParallel averages the gradients).
+
+Optimisation: AdamW, linear warm-up then cosine decay per stage (:func:`sam_fast.distill.schedule.lr_factor`),
+``accumulate`` micro-batches per step, bf16 autocast on CUDA (``precision``), optional activation
+checkpointing of the student's ViT blocks. The student runs in eval mode (BatchNorm statistics, e.g.
+TinyViT's, stay frozen; SAM has no dropout), so its function does not depend on the batch split.
+
+Files in ``out_dir``: ``teacher_cache/``; ``train_log.csv`` (one row per step: stage, learning rate, the
+total loss and every loss term, and the DLD block weights); ``checkpoints/last.pt`` (written atomically
+every ``checkpoint_every`` steps and at the end: student, adapters, optimizer, step); ``student.pt``, the
+final student in the official key format plus its dilated pattern (:func:`sam_fast.models.save_sam`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..images import list_images
+from ..surgery import PIXEL_MEAN, PIXEL_STD
+from .cache import BlockOutputs, TeacherCache, teacher_cache
+from .losses import feature_loss, iou_loss, mask_loss
+from .prompts import decode, hard_point, object_prompts, sample_generator
+from .schedule import DLDSchedule, lr_factor
+from .students import block_list, check_pair, check_pattern_covers, dilated_patterns
+
+METHODS = ("dld", "embedding", "full_stage")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """What :func:`distill` returns.
+
+    Attributes:
+        student: the trained student (the object passed in, trained in place).
+        checkpoint: path of ``student.pt`` (:func:`sam_fast.models.load_sam` restores it, pattern included).
+        log: path of the per-step CSV log.
+        steps: optimizer steps done in all (encoder + decoder stages).
+        resumed_from: the step the run continued from, or None for a fresh run.
+        losses: the last step's loss terms (mean over its global batch).
+        images: how many images were trained on; skipped: the unreadable files left out, with why.
+        rank, world_size: this process's place in the run (0 and 1 without torchrun).
+    """
+
+    student: nn.Module
+    checkpoint: str
+    log: str
+    steps: int
+    resumed_from: Optional[int]
+    losses: Dict[str, float]
+    images: int
+    skipped: Dict[str, str]
+    rank: int = 0
+    world_size: int = 1
+
+
+def _positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(value, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    return float(value)
+
+
+def _distributed():
+    """(rank, world size, started here): joins the process group torchrun describes when there is one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _default_device(rank_local: int):
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank_local)
+    return torch.device("cpu")
+
+
+def stream_indices(step: int, batch_size: int, n: int, seed: int) -> List[int]:
+    """Positions ``step * batch_size ...`` of the endless epoch-shuffled stream over ``n`` images."""
+    out, perms = [], {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=sample_generator(seed, 1 << 20, epoch)).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+class _Checkpointed:
+    """Activation checkpointing of a model's ViT blocks through an instance-level ``forward`` (state_dict
+    keys and module structure unchanged); ``restore()`` removes it."""
+
+    def __init__(self, blocks: Sequence[nn.Module]):
+        from torch.utils.checkpoint import checkpoint
+
+        self.blocks = list(blocks)
+        for b in self.blocks:
+            inner = type(b).forward.__get__(b)
+            b.forward = lambda x, inner=inner: checkpoint(inner, x, use_reentrant=False)
+
+    def restore(self):
+        for b in self.blocks:
+            b.__dict__.pop("forward", None)
+
+
+class _Step(nn.Module):
+    """The student's side of one micro-batch: returns per-image loss terms (the module DDP wraps)."""
+
+    def __init__(self, student: nn.Module, adapters: Optional[nn.Module]):
+        super().__init__()
+        self.student = student
+        self.adapters = adapters if adapters is not None else nn.Module()
+
+    def forward(self, batch, *, stage: str, method: str, blocks: Sequence[int], run_decoder,
+                autocast) -> Dict[str, torch.Tensor]:
+        enc = self.student.image_encoder
+        terms: Dict[str, torch.Tensor] = {}
+        with autocast():
+            if stage == "decoder":
+                with torch.no_grad():
+                    emb = enc(batch["image"])
+            else:
+                with BlockOutputs(enc, blocks if method == "dld" else ()) as rec:
+                    emb = enc(batch["image"])
+        if stage == "encoder":
+            terms["embedding"] = feature_loss(emb, batch["embedding"])
+            if method == "dld":
+                for i in blocks:
+                    terms[f"block_{i}"] = feature_loss(self.adapters(i, rec.outputs[i].float()), batch["blocks"][i])
+        if stage == "decoder" or method == "full_stage":
+            with autocast():
+                mask, iou = run_decoder(self.student, emb, batch)
+            terms["mask"], terms["iou"] = mask, iou
+        return terms
+
+
+def _weighted_total(terms, stage, method, weights, schedule, mask_weight, iou_weight):
+    total = 0
+    for name, value in terms.items():
+        if name == "embedding":
+            w = schedule.embedding_weight if method == "dld" else 1.0
+        elif name.startswith("block_"):
+            w = weights[int(name[6:])]
+        elif name == "mask":
+            w = mask_weight
+        else:
+            w = iou_weight
+        total = total + w * value
+    return total
+
+
+def _decoder_losses(teacher, prompts_per_image, hard_rounds, seed, step, img_size):
+    """run_decoder(student, student_embeddings, batch) -> per-image (mask loss, IoU loss) over the prompts
+    drawn from the teacher (points, boxes, then ``hard_rounds`` hard points)."""
+
+    def run(student, emb, batch):
+        masks, ious = [], []
+        for b in range(emb.shape[0]):
+            gen = sample_generator(seed, step, int(batch["positions"][b]))
+            t_emb, s_emb, hw = batch["embedding"][b], emb[b], batch["input_hw"][b]
+            points, boxes, _ = object_prompts(teacher, t_emb, hw, prompts_per_image, gen)
+            m_terms, i_terms = [], []
+            t_pts = None
+            for prompts in (points, boxes):
+                with torch.no_grad():
+                    t_low, t_iou = decode(teacher, t_emb, prompts)
+                s_low, s_iou = decode(student, s_emb, prompts)
+                m_terms.append(mask_loss(s_low, t_low))
+                i_terms.append(iou_loss(s_iou, t_iou))
+                if prompts is points:
+                    t_pts, s_pts = (t_low, t_iou), (s_low, s_iou)
+            current = points
+            for _ in range(hard_rounds):
+                pick = t_pts[1].argmax(1)
+                rows = torch.arange(len(pick), device=pick.device)
+                current = hard_point(current, s_pts[0][rows, pick], t_pts[0][rows, pick], hw, img_size, gen)
+                with torch.no_grad():
+                    t_low, t_iou = decode(teacher, t_emb, current)
+                s_low, s_iou = decode(student, s_emb, current)
+                m_terms.append(mask_loss(s_low, t_low))
+                i_terms.append(iou_loss(s_iou, t_iou))
+                t_pts, s_pts = (t_low, t_iou), (s_low, s_iou)
+            masks.append(torch.stack(m_terms).mean())
+            ious.append(torch.stack(i_terms).mean())
+        return torch.stack(masks), torch.stack(ious)
+
+    return run
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _settings(**kw) -> str:
+    return json.dumps(kw, sort_keys=True, default=str)
+
+
+def _check_student_patterns(student) -> None:
+    patterns = dilated_patterns(student)
+    if not patterns:
+        return
+    enc = student.image_encoder
+    grid = (enc.img_size // enc.patch_embed.proj.kernel_size[0],) * 2
+    blocks = block_list(student) or []
+    for i, pat in patterns.items():
+        check_pattern_covers(pat, grid, blocks[i].attn.num_heads, f"student block {i}'s dilated pattern")
+
+
+def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, method: str = "dld", steps: int = 1000,
+            batch_size: int = 8, lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: Optional[int] = None,
+            min_lr_ratio: float = 0.01, schedule: Optional[DLDSchedule] = None, decoder_steps: int = 0,
+            decoder_lr: Optional[float] = None, prompts_per_image: int = 4, hard_prompt_rounds: int = 1,
+            mask_weight: float = 1.0, iou_weight: float = 1.0, accumulate: int = 1, precision: str = "auto",
+            activation_checkpointing: bool = False, checkpoint_every: int = 100, resume: bool = True,
+            seed: int = 0, device=None, cache_blocks: Optional[Sequence[int]] = None, cache_dtype: str = "float16",
+            cache_batch_size: int = 8, progress: bool = True,
+            callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> DistillResult:
+    """Distil ``teacher`` (a segment_anything ``Sam``) into ``student`` (trained in place) on ``images``.
+
+    Args:
+        teacher: the frozen teacher ``Sam``; never modified.
+        student: a ``Sam`` with an image embedding of the teacher's shape, e.g. from
+            :func:`sam_fast.distill.dilated_student`, a pruned ViT or a TinyViT (``vit_t``).
+        images: a folder (searched recursively for JPEG / PNG, any sizes) or a list of image paths;
+            unreadable files are skipped with a warning listing them.
+        out_dir: where the cache, log, checkpoints and ``student.pt`` go.
+        method: ``"dld"``, ``"embedding"`` or ``"full_stage"`` (module docstring).
+        steps: optimizer steps of encoder distillation (may be 0 with ``decoder_steps``).
+        batch_size: images per optimizer step, over all processes and accumulation steps (must divide
+            into world size x ``accumulate`` equal parts).
+        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW and its schedule (warm-up default
+            ``min(100, steps // 10)``; cosine to ``min_lr_ratio * lr``).
+        schedule: the DLD weights (default :class:`DLDSchedule()`).
+        decoder_steps, decoder_lr: the decoder-alignment stage after the encoder stage (lr default ``lr``).
+        prompts_per_image, hard_prompt_rounds: objects drawn per image, hard-point rounds per object.
+        mask_weight, iou_weight: weights of the prompt losses.
+        accumulate: micro-batches per optimizer step.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
+        activation_checkpointing: recompute the student's ViT blocks in the backward pass (less memory).
+        checkpoint_every: steps between checkpoints (also written at the end).
+        resume: continue the run in ``out_dir`` from its last checkpoint when there is one (its settings
+            must match); False starts afresh, replacing it.
+        seed: data order and prompt draws; the same seed gives the same run.
+        device: default ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+        cache_blocks: the teacher blocks whose outputs are cached for DLD (default: all; a subset must
+            hold the focal blocks; the others then get no feature loss).
+        cache_dtype, cache_batch_size: the teacher cache's storage type and batch (:mod:`~.cache`).
+        progress: a progress bar (rank 0 only).
+        callback: ``callback(step, losses)`` after every optimizer step (rank 0 only).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    steps = _positive_int(steps, "steps", 0)
+    decoder_steps = _positive_int(decoder_steps, "decoder_steps", 0)
+    if steps + decoder_steps == 0:
+        raise ValueError("steps and decoder_steps are both 0: nothing to train")
+    batch_size = _positive_int(batch_size, "batch_size")
+    accumulate = _positive_int(accumulate, "accumulate")
+    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    prompts_per_image = _positive_int(prompts_per_image, "prompts_per_image")
+    hard_prompt_rounds = _positive_int(hard_prompt_rounds, "hard_prompt_rounds", 0)
+    cache_batch_size = _positive_int(cache_batch_size, "cache_batch_size")
+    lr = _positive_float(lr, "lr")
+    decoder_lr = lr if decoder_lr is None else _positive_float(decoder_lr, "decoder_lr")
+    weight_decay = _positive_float(weight_decay, "weight_decay", allow_zero=True)
+    min_lr_ratio = _positive_float(min_lr_ratio, "min_lr_ratio", allow_zero=True)
+    mask_weight = _positive_float(mask_weight, "mask_weight", allow_zero=True)
+    iou_weight = _positive_float(iou_weight, "iou_weight", allow_zero=True)
+    if warmup_steps is None:
+        warmup_steps = min(100, steps // 10)
+    warmup_steps = _positive_int(warmup_steps, "warmup_steps", 0)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    schedule = DLDSchedule() if schedule is None else schedule
+    if not isinstance(schedule, DLDSchedule):
+        raise TypeError(f"schedule must be a sam_fast.distill.DLDSchedule, got {type(schedule).__name__}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.fspath(out_dir)
+
+    adapters = check_pair(teacher, student, method)
+    _check_student_patterns(student)
+    depth = len(block_list(student) or [])
+    blocks: List[int] = []
+    if method == "dld":
+        schedule.check_depth(depth)
+        all_blocks = list(range(depth))
+        blocks = all_blocks if cache_blocks is None else sorted(set(cache_blocks))
+        bad = [i for i in blocks if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"cache_blocks: {bad} are not block indices of the {depth}-block encoder")
+        focal = all_blocks[depth - schedule.focal:]
+        if not set(focal) <= set(blocks):
+            raise ValueError(f"cache_blocks must include the focal blocks {focal} (DLD always distills them), got "
+                             f"{blocks}")
+    elif cache_blocks is not None:
+        raise ValueError(f"cache_blocks applies to method='dld' only, got method={method!r}")
+    files = list_images(images, "images")
+
+    rank, world, started = _distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(device) if device is not None else _default_device(local_rank)
+    micro, rem = divmod(batch_size, world * accumulate)
+    if rem or micro == 0:
+        raise ValueError(f"batch_size {batch_size} must split into {world} process(es) x {accumulate} accumulation "
+                         f"step(s) of equal size")
+    try:
+        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"out_dir: cannot create {out_dir} ({exc.strerror or exc})") from exc
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+    import torch.distributed as dist
+
+    barrier = dist.barrier if world > 1 else None
+    mean = getattr(teacher, "pixel_mean", torch.tensor(PIXEL_MEAN)).flatten().tolist()
+    std = getattr(teacher, "pixel_std", torch.tensor(PIXEL_STD)).flatten().tolist()
+    teacher_was = teacher.training
+    student_was = student.training
+    teacher.eval().to(device)
+    student.to(device)
+    try:
+        cache = teacher_cache(teacher, files, out_dir, blocks, mean=mean, std=std, device=device,
+                              batch_size=cache_batch_size, cache_dtype=cache_dtype, progress=progress and rank == 0,
+                              rank=rank, barrier=barrier)
+        return _train(**locals())
+    finally:
+        teacher.train(teacher_was)
+        student.train(student_was)
+        if started:
+            dist.destroy_process_group()
+
+
+def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, steps, decoder_steps, batch_size,
+           micro, accumulate, lr, decoder_lr, weight_decay, warmup_steps, min_lr_ratio, schedule, blocks,
+           prompts_per_image, hard_prompt_rounds, mask_weight, iou_weight, use_bf16, activation_checkpointing,
+           checkpoint_every, resume, seed, device, rank, world, progress, callback, mean, std, **_):
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    total_steps = steps + decoder_steps
+    if adapters is not None:
+        adapters.to(device)
+    settings = _settings(method=method, steps=steps, decoder_steps=decoder_steps, batch_size=batch_size,
+                         accumulate=accumulate, lr=lr, decoder_lr=decoder_lr, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=dataclasses.asdict(schedule),
+                         blocks=blocks, prompts_per_image=prompts_per_image, hard_prompt_rounds=hard_prompt_rounds,
+                         mask_weight=mask_weight, iou_weight=iou_weight, seed=seed, cache=cache.key,
+                         bf16=use_bf16)
+    ckpt_path = os.path.join(out_dir, "checkpoints", "last.pt")
+    log_path = os.path.join(out_dir, "train_log.csv")
+    start, opt_state, resumed_from = 0, None, None
+    if resume and os.path.isfile(ckpt_path):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["settings"] != settings:
+            old, new = json.loads(state["settings"]), json.loads(settings)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ValueError(f"resume: {ckpt_path} is a run with other settings ({', '.join(diff)} differ); use "
+                             "another out_dir, or resume=False to start afresh")
+        student.load_state_dict(state["student"])
+        if adapters is not None:
+            adapters.load_state_dict(state["adapters"])
+        start, opt_state, resumed_from = int(state["step"]), state["optimizer"], int(state["step"])
+    elif rank == 0 and not resume and os.path.isfile(ckpt_path):
+        os.unlink(ckpt_path)
+
+    block_names = [f"block_{i}" for i in blocks]
+    columns = ["step", "stage", "lr", "loss"]
+    if steps:
+        columns += ["embedding"] + (block_names + [f"w_{i}" for i in blocks] if method == "dld" else [])
+    if decoder_steps or method == "full_stage":
+        columns += ["mask", "iou"]
+    if rank == 0:
+        _prepare_log(log_path, columns, start)
+
+    flags = {p: p.requires_grad for p in student.parameters()}
+    ckpt_blocks = _Checkpointed(block_list(student) or []) if activation_checkpointing else None
+    step_module = _Step(student, adapters)
+    student.eval()
+    img_size = int(teacher.image_encoder.img_size)
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    bar = tqdm(total=total_steps, initial=start, desc=f"distill ({method})", unit="step",
+               disable=not (progress and rank == 0))
+    last: Dict[str, float] = {}
+    optimizer = wrapped = None
+    stage = None
+    try:
+        for step in range(start, total_steps):
+            new_stage = "encoder" if step < steps else "decoder"
+            if new_stage != stage:
+                stage = new_stage
+                trainable = _stage_parameters(student, adapters, stage, method)
+                for p in student.parameters():
+                    p.requires_grad_(False)
+                for p in trainable:
+                    p.requires_grad_(True)
+                optimizer = torch.optim.AdamW(trainable, lr=lr if stage == "encoder" else decoder_lr,
+                                              weight_decay=weight_decay)
+                if opt_state is not None and step == start:
+                    optimizer.load_state_dict(opt_state)
+                wrapped = step_module
+                if world > 1:
+                    from torch.nn.parallel import DistributedDataParallel as DDP
+
+                    wrapped = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=True)
+            stage_step = step if stage == "encoder" else step - steps
+            stage_total = steps if stage == "encoder" else decoder_steps
+            base_lr = lr if stage == "encoder" else decoder_lr
+            cur_lr = base_lr * lr_factor(stage_step, stage_total, warmup_steps if stage == "encoder" else
+                                         min(warmup_steps, decoder_steps // 10), min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = cur_lr
+            weights = dict(zip(range(len(block_list(student) or [])),
+                               schedule.weights(len(block_list(student) or []), stage_step / max(stage_total - 1, 1))
+                               if method == "dld" else []))
+            run_decoder = _decoder_losses(teacher, prompts_per_image, hard_prompt_rounds, seed, step, img_size)
+            order = stream_indices(step, batch_size, len(cache), seed)
+            sums: Dict[str, torch.Tensor] = {}
+            optimizer.zero_grad(set_to_none=True)
+            for a in range(accumulate):
+                lo = (a * world + rank) * micro
+                pos = list(range(step * batch_size + lo, step * batch_size + lo + micro))
+                batch = cache.batch(order[lo:lo + micro], device, mean, std)
+                batch["positions"] = pos
+                sync = a == accumulate - 1 or world == 1
+                ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+                with ctx:
+                    terms = wrapped(batch, stage=stage, method=method, blocks=blocks, run_decoder=run_decoder,
+                                    autocast=autocast)
+                    per_image = _weighted_total(terms, stage, method, weights, schedule, mask_weight, iou_weight)
+                    (per_image.mean() / accumulate).backward()
+                for name, v in terms.items():
+                    sums[name] = sums.get(name, 0) + v.detach().float().sum()
+                sums["loss"] = sums.get("loss", 0) + per_image.detach().float().sum()
+            names = sorted(sums)
+            vec = torch.stack([sums[n] for n in names]).to(device)
+            if world > 1:
+                dist.all_reduce(vec)
+            last = {n: float(v) / batch_size for n, v in zip(names, vec.cpu())}
+            if not all(math.isfinite(v) for v in last.values()):
+                raise FloatingPointError(f"step {step}: the loss is not finite ({last}); lower lr or use "
+                                         "precision='fp32'")
+            optimizer.step()
+            if rank == 0:
+                row = {"step": step, "stage": stage, "lr": cur_lr, **last}
+                if method == "dld" and stage == "encoder":
+                    row.update({f"w_{i}": weights[i] for i in blocks})
+                _append_log(log_path, columns, row)
+                bar.set_postfix(loss=f"{last['loss']:.4g}", stage=stage)
+                bar.update(1)
+            done = step + 1
+            if rank == 0 and (done % checkpoint_every == 0 or done == total_steps or done == steps):
+                _atomic_save({"step": done, "settings": settings, "student": student.state_dict(),
+                              "adapters": adapters.state_dict() if adapters is not None else {},
+                              "optimizer": optimizer.state_dict() if done != steps or not decoder_steps else None},
+                             ckpt_path)
+            if world > 1 and (done % checkpoint_every == 0 or done == total_steps):
+                dist.barrier()
+            if callback is not None and rank == 0:
+                callback(step, dict(last))
+    finally:
+        bar.close()
+        if ckpt_blocks is not None:
+            ckpt_blocks.restore()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    final = os.path.join(out_dir, "student.pt")
+    if rank == 0:
+        from ..models.sam import save_sam
+
+        save_sam(student, final)
+    if world > 1:
+        dist.barrier()
+    return DistillResult(student=student, checkpoint=final, log=log_path, steps=total_steps,
+                         resumed_from=resumed_from, losses=last, images=len(cache), skipped=dict(cache.skipped),
+                         rank=rank, world_size=world)
+
+
+def _stage_parameters(student, adapters, stage, method) -> List[nn.Parameter]:
+    if stage == "decoder":
+        return list(student.mask_decoder.parameters())
+    params = list(student.image_encoder.parameters())
+    if method == "full_stage":
+        params += list(student.mask_decoder.parameters())
+    if adapters is not None:
+        params += list(adapters.parameters())
+    return params
+
+
+def _prepare_log(path: str, columns: List[str], start: int) -> None:
+    """A fresh log with its header, or (resuming) the existing one cut to the rows before ``start``."""
+    rows = []
+    if start and os.path.isfile(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) < start]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _append_log(path: str, columns: List[str], row: Dict[str, object]) -> None:
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(
+            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_log(path: str) -> Dict[str, np.ndarray]:
+    """A run's ``train_log.csv`` as columns (numbers as float arrays, the stage as strings)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows]
+        out[k] = np.array(vals) if k == "stage" else np.array([float(v) if v != "" else np.nan for v in vals])
+    return out
+
+
+__all__ = ["DistillResult", "METHODS", "distill", "read_log", "stream_indices"]
