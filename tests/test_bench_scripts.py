@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 SCRIPTS = ["bench_dilated_attention", "bench_int8_linear", "bench_e2e", "bench_decoder", "bench_everything",
-           "bench_resize_rel_pos"]  # bench_dilated_attention_sam: tests/test_cli_bench.py runs it via `sam-fast bench`
+           "bench_resize_rel_pos", "bench_distill"]
+# bench_dilated_attention_sam: tests/test_cli_bench.py runs it via `sam-fast bench`
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -148,3 +149,28 @@ def test_microbenchmark_suite_collects_and_runs(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "bench/test_microbench.py" not in listed.stdout and "tests/" in listed.stdout
+
+
+def test_distill_peer_blocks_compute_the_students_function():
+    """bench_distill's gather->SDPA->scatter block is the dilated student's block, rel-pos bias included:
+    same embedding, same gradients (so its step time is the same work)."""
+    import torch
+
+    from sam_fast import Branch
+    from sam_fast.bench.bench_distill import PeerBlock, with_peer
+    from sam_fast.distill import dilated_student
+    from sam_fast.models import tiny_sam
+
+    teacher = tiny_sam()
+    student = dilated_student(teacher, [Branch((16, 16), (2, 1))], backend="reference")
+    peer = with_peer(student, "gather_sdpa_scatter")
+    assert [isinstance(b, PeerBlock) for b in peer.image_encoder.blocks] == [False, True, False, True]
+    x = torch.randn(2, 3, 256, 256)
+    a, b = student.image_encoder(x), peer.image_encoder(x)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    ga = student.image_encoder.blocks[1].attn.rel_pos_h.grad
+    gb = peer.image_encoder.blocks[1].attn.rel_pos_h.grad
+    assert ga.abs().max() > 0
+    torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-4)

@@ -54,7 +54,7 @@ def _planned_results(script):
     rows = []
     for r in mod.planned_rows(targets=True):
         rows.append(dict(r, timestamp="2026-01-01T00:00:00", device="cpu (x86_64, 16 cores)" if r.get("on_cpu")
-                         else "NVIDIA H200", median_ms="1.0", value="1000", roofline_frac="0.7"))
+                         else "NVIDIA H200", median_ms="1.0", value="1000", roofline_frac="0.7", peak_mem_mb="100"))
     return rows
 
 

@@ -107,3 +107,16 @@ def test_report_and_command_line(tmp_path, capsys):
     assert sum(" not measured " in s for s in text.splitlines()) == len(targets.TARGETS) - 1
     with pytest.raises(SystemExit, match="no results folder"):
         targets.read_results(str(tmp_path / "missing"))
+
+
+def test_memory_target_reads_the_peak_memory_ratio():
+    """A target with ratio_of="peak_mem_mb" compares the peer's peak memory with ours, not the times."""
+    mem = next(t for t in targets.TARGETS if t.ratio_of == "peak_mem_mb")
+    run = dict(timestamp="t", device="NVIDIA H200", op="distill_step", case="vit_b dilated-global b8",
+               mode="fwd+bwd+adamw")
+    rows = [dict(run, backend="sam_fast(triton)", median_ms="10", peak_mem_mb="1000"),
+            dict(run, backend="gather_sdpa_scatter", median_ms="10", peak_mem_mb="1400")]
+    v = targets.evaluate(mem, rows)
+    assert v.status == "MISSED" and v.worst == pytest.approx(1.4)
+    rows[1]["peak_mem_mb"] = "1600"
+    assert targets.evaluate(mem, rows).status == "met"

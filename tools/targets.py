@@ -40,6 +40,7 @@ class Target:
     figure: Callable[[dict], float] = lambda r: _num(r.get("value"))
     unit: str = "x"
     largest_only: bool = False  # only the case(s) with the most work (M * K * N)
+    ratio_of: str = "median_ms"  # with a peer: the column whose peer / ours ratio is the figure
 
 
 def _num(text) -> float:
@@ -115,6 +116,12 @@ TARGETS: Sequence[Target] = (
     Target("everything", "hierarchical >= 1.8x non-hierarchical",
            "bench_everything", True,
            _is("everything", "sam_fast_hierarchical"), 1.8, peer=_is("everything", "sam_fast")),
+    Target("distill", "DLD training step, ViT-B dilated student, batch 8, bf16: >= 2x gather->SDPA->scatter",
+           "bench_distill", True, _is("distill_step", "sam_fast(triton)", mode="fwd+bwd+adamw"), 2.0,
+           peer=_is("distill_step", "gather_sdpa_scatter", mode="fwd+bwd+adamw")),
+    Target("distill", "the same step: >= 1.5x lower peak memory than gather->SDPA->scatter",
+           "bench_distill", True, _is("distill_step", "sam_fast(triton)", mode="fwd+bwd+adamw"), 1.5,
+           peer=_is("distill_step", "gather_sdpa_scatter", mode="fwd+bwd+adamw"), ratio_of="peak_mem_mb"),
     Target("mask_postprocess", "CPU: fused post-processing >= 5x segment_anything's, 1024 masks of a 1024x1024 image",
            "bench_decoder", False,
            _is("mask_postprocess", "sam_fast_cpu", case=lambda c: c.startswith("P=1024 ") and "1024x1024" in c), 5.0,
@@ -168,7 +175,7 @@ def evaluate(target: Target, rows: Sequence[dict]) -> Verdict:
                         and not math.isnan(_num(p.get("median_ms")))]
                 if not peer:
                     continue
-                figure = _num(peer[0]["median_ms"]) / _num(r["median_ms"])
+                figure = _num(peer[0].get(target.ratio_of)) / _num(r.get(target.ratio_of))
             if not math.isnan(figure):
                 cases.append((r["case"], r.get("mode", ""), figure))
         if cases:

@@ -149,7 +149,7 @@ class _Step(nn.Module):
     def __init__(self, student: nn.Module, adapters: Optional[nn.Module]):
         super().__init__()
         self.student = student
-        self.adapters = adapters if adapters is not None else nn.Module()
+        self.adapters = adapters
 
     def forward(self, batch, *, stage: str, method: str, blocks: Sequence[int], run_decoder,
                 autocast) -> Dict[str, torch.Tensor]:
@@ -166,7 +166,9 @@ class _Step(nn.Module):
             terms["embedding"] = feature_loss(emb, batch["embedding"])
             if method == "dld":
                 for i in blocks:
-                    terms[f"block_{i}"] = feature_loss(self.adapters(i, rec.outputs[i].float()), batch["blocks"][i])
+                    out = rec.outputs[i].float()
+                    terms[f"block_{i}"] = feature_loss(out if self.adapters is None else self.adapters(i, out),
+                                                       batch["blocks"][i])
         if stage == "decoder" or method == "full_stage":
             with autocast():
                 mask, iou = run_decoder(self.student, emb, batch)
