@@ -83,12 +83,15 @@ def tiny_sam(
     decoder_mlp_dim: int = 64,
     logit_scale: float = 40.0,
     seed: int = 0,
+    encoder_heads: int = 2,
 ) -> nn.Module:
     """A whole segment_anything ``Sam`` with random weights: a tiny ViT encoder (patch 16, so the image
-    embedding is img_size / 16 on a side), the real ``PromptEncoder`` and ``MaskDecoder`` classes at
-    width ``decoder_dim`` (SAM: 256, 8 heads, MLP 2048). Low-resolution masks are img_size / 4."""
+    embedding is img_size / 16 on a side; ``encoder_heads`` heads), the real ``PromptEncoder`` and
+    ``MaskDecoder`` classes at width ``decoder_dim`` (SAM: 256, 8 heads, MLP 2048). Low-resolution masks are
+    img_size / 4."""
     torch.manual_seed(seed)
-    encoder = tiny_image_encoder(img_size=img_size, out_chans=decoder_dim, embed_dim=encoder_dim, seed=seed)
+    encoder = tiny_image_encoder(img_size=img_size, out_chans=decoder_dim, embed_dim=encoder_dim,
+                                 num_heads=encoder_heads, seed=seed)
     sam = sam_around(encoder, img_size, decoder_dim, decoder_heads, decoder_mlp_dim, decoder_mlp_dim)
     with torch.no_grad():
         # A trained SAM's mask logits span about +-10; random ones would hug 0. Scale the
