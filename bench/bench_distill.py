@@ -68,7 +68,8 @@ def _groups(pattern, grid, heads, device):
     out = []
     for (oy, ox), hs in _head_groups(br, heads).items():
         ys, xs, _ = _segment_tokens(br, 0, 0, oy, ox, padded=False)
-        out.append((torch.tensor(hs, device=device), _gather_index(br, oy, ox).to(device), ys, xs))
+        out.append((torch.tensor(hs, device=device), _gather_index(br, oy, ox).to(device), ys.to(device),
+                    xs.to(device)))  # on the device once: no index copies inside the timed step
     return out
 
 

@@ -482,6 +482,7 @@ def _distill(args) -> int:
         warnings.simplefilter("always")
         try:
             result = distill(teacher, student, args.images, out_dir=args.out, method=args.method, steps=args.steps,
+                             epochs=args.epochs,
                              decoder_steps=args.decoder_steps, batch_size=args.batch_size, lr=args.lr,
                              accumulate=args.accumulate, checkpoint_every=args.checkpoint_every, seed=args.seed,
                              resume=not args.no_resume, device=args.device, precision=args.precision,
@@ -578,7 +579,8 @@ def main(argv=None) -> int:
     d.add_argument("--images", required=True, help="folder of JPEG / PNG images (searched recursively)")
     d.add_argument("--out", required=True, help="run directory (cache, log, checkpoints, student.pt)")
     d.add_argument("--method", default="dld", choices=("dld", "embedding", "full_stage"))
-    d.add_argument("--steps", type=int, default=1000, help="encoder distillation steps (default 1000)")
+    d.add_argument("--steps", type=int, default=None, help="encoder distillation steps (default 1000)")
+    d.add_argument("--epochs", type=float, default=None, help="instead of --steps: passes over the images")
     d.add_argument("--decoder-steps", type=int, default=0, help="decoder alignment steps afterwards (default 0)")
     d.add_argument("--batch-size", type=int, default=8, help="images per step over all processes (default 8)")
     d.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")

@@ -222,6 +222,24 @@ def test_resume_continues_exactly(photos, tmp_path, method, steps, decoder_steps
                 assert float(r1[k] or 0) == pytest.approx(float(r2[k] or 0), rel=1e-4, abs=1e-7), k
 
 
+def test_seed_repeats_and_accumulation_splits_the_same_batch(photos, tmp_path):
+    train, _ = photos
+    teacher = _teacher()
+    kw = dict(method="full_stage", epochs=1, batch_size=4, lr=3e-4, progress=False, prompts_per_image=2)
+    runs = []
+    for name, accumulate in (("a", 1), ("b", 1), ("c", 2)):
+        student = dilated_student(teacher, PATTERN)
+        res = distill(teacher, student, train, out_dir=str(tmp_path / name), accumulate=accumulate, **kw)
+        runs.append((student, read_log(res.log)))
+    assert len(runs[0][1]["step"]) == 2  # one epoch of six images at batch 4: ceil(6 / 4) steps
+    for (pa, la), (pb, lb) in zip(runs[0][0].state_dict().items(), runs[1][0].state_dict().items()):
+        assert torch.equal(la, lb), pa  # same seed, same run, bit for bit
+    for k in ("loss", "embedding", "mask", "iou"):
+        np.testing.assert_allclose(runs[2][1][k], runs[0][1][k], rtol=1e-4, atol=1e-8, err_msg=k)
+    for (name, a), b in zip(runs[0][0].state_dict().items(), runs[2][0].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-5, msg=name)
+
+
 def test_resume_refuses_other_settings(photos, tmp_path):
     train, _ = photos
     teacher = _teacher()
@@ -428,10 +446,12 @@ def test_pattern_must_tile_the_grid(photos, tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "kd"}, "method"), ({"steps": -1}, "steps"), ({"steps": 0}, "nothing to train"),
+    ({"steps": 5, "epochs": 1}, "steps or epochs"), ({"epochs": 0}, "epochs"),
     ({"batch_size": 3, "accumulate": 2}, "batch_size 3 must split"), ({"lr": 0}, "lr"),
     ({"precision": "fp8"}, "precision"), ({"cache_blocks": [0]}, "cache_blocks must include the focal"),
     ({"cache_blocks": [9, 2, 3]}, "cache_blocks: \\[9\\]"), ({"seed": 1.5}, "seed"),
     ({"schedule": {"focal": 2}}, "schedule"), ({"method": "embedding", "cache_blocks": [3]}, "cache_blocks"),
+    ({"device": "tpu:x"}, "device"), ({"cache_dtype": "int8"}, "cache_dtype"),
 ])
 def test_bad_arguments(photos, tmp_path, kwargs, match):
     teacher = _teacher()
@@ -444,6 +464,10 @@ def test_student_must_not_be_the_teacher(photos, tmp_path):
     teacher = _teacher()
     with pytest.raises(ValueError, match="student is the teacher"):
         distill(teacher, teacher, photos[0], out_dir=str(tmp_path))
+    quantized = dilated_student(teacher, PATTERN)
+    sam_fast.apply(quantized, sam_fast.SamFastConfig(attention="none", quantize="int8"))
+    with pytest.raises(ValueError, match="student has int8 layers"):
+        distill(teacher, quantized, photos[0], out_dir=str(tmp_path))
     big = tiny_sam(img_size=512)
     with pytest.raises(ValueError, match="student: its encoder takes 512"):
         distill(teacher, big, photos[0], out_dir=str(tmp_path))
@@ -458,3 +482,7 @@ def test_dilated_student_leaves_the_teacher_alone():
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     with pytest.raises(ValueError, match="blocks \\[7\\] do not exist"):
         dilated_student(teacher, PATTERN, blocks=[7])
+    with pytest.raises(ValueError, match="blocks must be 'global'"):
+        dilated_student(teacher, PATTERN, blocks="odd")
+    with pytest.raises(TypeError, match="pattern must be None, a sam_fast.Branch"):
+        dilated_student(teacher, "16x16:2x1")

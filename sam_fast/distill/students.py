@@ -81,6 +81,13 @@ def dilated_student(teacher: nn.Module, pattern, blocks="global", *, backend: st
     from ..patch import Dilated, SamFastConfig, apply
 
     enc = encoder_of(teacher, "teacher")
+    if isinstance(pattern, dict):
+        for key, p in pattern.items():
+            check_pattern(p, f"pattern[{key!r}]")
+    else:
+        check_pattern(pattern, "pattern")
+    if isinstance(blocks, str) and blocks not in ("global", "all"):
+        raise ValueError(f"blocks must be 'global', 'all' or a list of block indices, got {blocks!r}")
     config = SamFastConfig(attention=Dilated(pattern, blocks), backend=backend)
     found = vit_blocks(teacher)
     if not found:
@@ -144,6 +151,11 @@ def check_pair(teacher: nn.Module, student: nn.Module, method: str) -> Optional[
     t_enc, s_enc = encoder_of(teacher, "teacher"), encoder_of(student, "student")
     if student is teacher:
         raise ValueError("student is the teacher itself: make a copy (e.g. sam_fast.distill.dilated_student)")
+    from ..nn.quantized import Int8Linear
+
+    if any(isinstance(m, Int8Linear) for m in student.modules()):
+        raise ValueError("student has int8 layers (quantize='int8'), whose int8 weights cannot be trained: distill "
+                         "the float model (undo() the int8 handle) and quantize the result")
     if int(t_enc.img_size) != int(s_enc.img_size):
         raise ValueError(f"student: its encoder takes {s_enc.img_size}x{s_enc.img_size} images, the teacher's "
                          f"{t_enc.img_size}x{t_enc.img_size}; they must match")

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..images import list_images
 from ..surgery import PIXEL_MEAN, PIXEL_STD
-from .cache import BlockOutputs, TeacherCache, teacher_cache
+from .cache import CACHE_DTYPES, BlockOutputs, TeacherCache, teacher_cache
 from .losses import feature_loss, iou_loss, mask_loss
 from .prompts import decode, hard_point, object_prompts, sample_generator
 from .schedule import DLDSchedule, lr_factor
@@ -250,8 +250,9 @@ def _check_student_patterns(student) -> None:
         check_pattern_covers(pat, grid, blocks[i].attn.num_heads, f"student block {i}'s dilated pattern")
 
 
-def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, method: str = "dld", steps: int = 1000,
-            batch_size: int = 8, lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: Optional[int] = None,
+def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, method: str = "dld",
+            steps: Optional[int] = None, epochs: Optional[float] = None, batch_size: int = 8, lr: float = 1e-4,
+            weight_decay: float = 0.01, warmup_steps: Optional[int] = None,
             min_lr_ratio: float = 0.01, schedule: Optional[DLDSchedule] = None, decoder_steps: int = 0,
             decoder_lr: Optional[float] = None, prompts_per_image: int = 4, hard_prompt_rounds: int = 1,
             mask_weight: float = 1.0, iou_weight: float = 1.0, accumulate: int = 1, precision: str = "auto",
@@ -269,7 +270,9 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
             unreadable files are skipped with a warning listing them.
         out_dir: where the cache, log, checkpoints and ``student.pt`` go.
         method: ``"dld"``, ``"embedding"`` or ``"full_stage"`` (module docstring).
-        steps: optimizer steps of encoder distillation (may be 0 with ``decoder_steps``).
+        steps: optimizer steps of encoder distillation (may be 0 with ``decoder_steps``); default 1000.
+        epochs: instead of ``steps``: passes over the readable images, ``ceil(epochs * images / batch_size)``
+            steps.
         batch_size: images per optimizer step, over all processes and accumulation steps (must divide
             into world size x ``accumulate`` equal parts).
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW and its schedule (warm-up default
@@ -294,9 +297,13 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    steps = _positive_int(steps, "steps", 0)
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps or epochs, not both")
+    if epochs is not None:
+        epochs = _positive_float(epochs, "epochs")
+    steps = _positive_int(1000 if steps is None else steps, "steps", 0)
     decoder_steps = _positive_int(decoder_steps, "decoder_steps", 0)
-    if steps + decoder_steps == 0:
+    if epochs is None and steps + decoder_steps == 0:
         raise ValueError("steps and decoder_steps are both 0: nothing to train")
     batch_size = _positive_int(batch_size, "batch_size")
     accumulate = _positive_int(accumulate, "accumulate")
@@ -310,9 +317,10 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
     min_lr_ratio = _positive_float(min_lr_ratio, "min_lr_ratio", allow_zero=True)
     mask_weight = _positive_float(mask_weight, "mask_weight", allow_zero=True)
     iou_weight = _positive_float(iou_weight, "iou_weight", allow_zero=True)
-    if warmup_steps is None:
-        warmup_steps = min(100, steps // 10)
-    warmup_steps = _positive_int(warmup_steps, "warmup_steps", 0)
+    if warmup_steps is not None:
+        warmup_steps = _positive_int(warmup_steps, "warmup_steps", 0)
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {cache_dtype!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -345,7 +353,12 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
 
     rank, world, started = _distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = torch.device(device) if device is not None else _default_device(local_rank)
+    try:
+        device = torch.device(device) if device is not None else _default_device(local_rank)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but torch sees no CUDA GPU on this machine; use 'cpu'")
     micro, rem = divmod(batch_size, world * accumulate)
     if rem or micro == 0:
         raise ValueError(f"batch_size {batch_size} must split into {world} process(es) x {accumulate} accumulation "
@@ -369,6 +382,10 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
         cache = teacher_cache(teacher, files, out_dir, blocks, mean=mean, std=std, device=device,
                               batch_size=cache_batch_size, cache_dtype=cache_dtype, progress=progress and rank == 0,
                               rank=rank, barrier=barrier)
+        if epochs is not None:
+            steps = max(1, math.ceil(epochs * len(cache) / batch_size))
+        if warmup_steps is None:
+            warmup_steps = min(100, steps // 10)
         return _train(**locals())
     finally:
         teacher.train(teacher_was)
