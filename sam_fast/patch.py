@@ -205,18 +205,24 @@ class SamFastHandle:
 
     def __init__(self, model: nn.Module, swaps: List[Tuple[nn.Module, str, nn.Module, nn.Module]],
                  updates: Optional[List[Tuple[SamFastBlock, str, Any]]] = None,
-                 left_float: Optional[Dict[str, str]] = None):
+                 left_float: Optional[Dict[str, str]] = None, overrides: Optional[List[nn.Module]] = None,
+                 hooks: Optional[list] = None):
         self.model = model
         self._swaps = swaps
-        self._updates = updates or []  # (already swapped block, previous backend, previous pattern)
+        # (already swapped block or transformers layer forward, previous backend, previous pattern)
+        self._updates = updates or []
+        self._overrides = overrides or []  # transformers layers given an instance forward
+        self._hooks = hooks or []  # pre-hooks refusing output_attentions
         #: with quantize="int8": eligible linears kept in float, ``{"blocks.<i>.<attn|mlp>.<name>": why}``
         self.left_float = dict(left_float or {})
 
     @property
     def swapped(self) -> List[str]:
-        """Qualified names (in the model) of the modules this handle replaced."""
+        """Qualified names (in the model) of the modules this handle replaced (and of the transformers vision
+        layers it gave a fused forward)."""
         names = {id(mod): name for name, mod in self.model.named_modules()}
-        return [names.get(id(new), f"<detached {type(new).__name__}>") for _, _, _, new in self._swaps]
+        return ([names.get(id(new), f"<detached {type(new).__name__}>") for _, _, _, new in self._swaps]
+                + [names.get(id(layer), "<detached layer>") for layer in self._overrides])
 
     def undo(self) -> None:
         """Put the original modules back. An int8 layer whose weights changed since :func:`apply` (a
@@ -231,8 +237,11 @@ class SamFastHandle:
                 parent._modules[name] = original
         for block, backend, pattern in reversed(self._updates):
             block.backend, block.pattern = backend, pattern
-        self._swaps = []
-        self._updates = []
+        for layer in reversed(self._overrides):
+            layer.__dict__.pop("forward", None)
+        for hook in self._hooks:
+            hook.remove()
+        self._swaps, self._updates, self._overrides, self._hooks = [], [], [], []
 
     def __enter__(self):
         return self
@@ -241,7 +250,7 @@ class SamFastHandle:
         self.undo()
 
     def __repr__(self):
-        return f"SamFastHandle({len(self._swaps)} swapped modules)"
+        return f"SamFastHandle({len(self._swaps) + len(self._overrides)} swapped modules)"
 
 
 def _sync_float_linear(lin: nn.Linear, q: Int8Linear) -> None:
@@ -287,18 +296,18 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         raise TypeError(f"config must be a sam_fast.SamFastConfig, got {type(config).__name__}")
     if recorded is not None and recorded.attention == "dilated":
         _warn_if_pattern_dropped(model, config, recorded)
-    swaps, updates = [], []
+    swaps, updates, overrides, hooks = [], [], [], []
     try:
         if config.attention in ("exact", "dilated"):
-            _swap_blocks(model, config, swaps, updates)
+            _swap_blocks(model, config, swaps, updates, overrides, hooks)
         left_float = {}
         if config.quantize == "int8":
             left_float = _quantize_linears(model, config, swaps)
             _fuse_int8_modules(model, swaps)
     except BaseException:
-        SamFastHandle(model, swaps, updates).undo()
+        SamFastHandle(model, swaps, updates, overrides=overrides, hooks=hooks).undo()
         raise
-    return SamFastHandle(model, swaps, updates, left_float)
+    return SamFastHandle(model, swaps, updates, left_float, overrides, hooks)
 
 
 def _warn_if_pattern_dropped(model, config, recorded) -> None:
@@ -316,9 +325,41 @@ def _warn_if_pattern_dropped(model, config, recorded) -> None:
                       UserWarning, stacklevel=3)
 
 
-def _swap_blocks(model, config, swaps, updates) -> None:
+def _patch_transformers_layers(model, config, layers, updates, overrides, hooks) -> None:
+    """transformers' SAM vision layers keep their objects and get an instance forward (sam_fast.nn.transformers_sam)."""
+    from .nn.transformers_sam import FastLayerForward, refuse_attention_weights
+
+    wanted = config.chosen_blocks()
+    if isinstance(wanted, (list, tuple)):
+        missing = sorted(set(wanted) - {index for _, _, index in layers})
+        if missing:
+            raise ValueError(f"dilated blocks {missing} do not exist: the model's vision layers are "
+                             f"{sorted({index for _, _, index in layers})}")
+    encoders = []
+    for enc, layer, index in layers:
+        pattern = config.pattern_for(index, layer)
+        current = layer.__dict__.get("forward")
+        if isinstance(current, FastLayerForward):
+            updates.append((current, current.backend, current.pattern))
+            current.backend, current.pattern = config.backend, pattern
+        else:
+            layer.forward = FastLayerForward(layer, config.backend, pattern)
+            overrides.append(layer)
+        if not any(e is enc for e in encoders):
+            encoders.append(enc)
+    for enc in encoders:
+        hooks.append(enc.register_forward_pre_hook(refuse_attention_weights, with_kwargs=True))
+
+
+def _swap_blocks(model, config, swaps, updates, overrides, hooks) -> None:
     found = vit_blocks(model)  # collected before any change
     if not found:
+        from .nn.transformers_sam import transformers_vit_layers
+
+        layers = transformers_vit_layers(model)
+        if layers:
+            _patch_transformers_layers(model, config, layers, updates, overrides, hooks)
+            return
         raise ValueError(f"attention={config.attention!r} found no segment_anything ViT blocks in the model (a "
                          "TinyViT encoder - MobileSAM, TinySAM - keeps its own window attention): use "
                          "attention='none', with quantize='int8' for W8A8")

@@ -33,7 +33,8 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 @dataclasses.dataclass
 class LinearSlot:
     """An eligible linear: ``key`` (``blocks.<i>.<attn|mlp>.<name>``; in a TinyViT encoder the block's
-    name in the encoder, ``layers.<l>.blocks.<i>.<attn|mlp>.<name>``), its parent module and attribute."""
+    name in the encoder, ``layers.<l>.blocks.<i>.<attn|mlp>.<name>``; in a transformers SAM vision encoder
+    ``layers.<i>.<attn|mlp>.<name>``), its parent module and attribute."""
 
     key: str
     parent: nn.Module
@@ -72,9 +73,11 @@ def eligible_linears(model: nn.Module) -> List[LinearSlot]:
     """The linears of the image encoder's ViT blocks (or TinyViT blocks) that W8A8 replaces, float or
     already quantized."""
     from .models.tinyvit import tinyvit_blocks
+    from .nn.transformers_sam import transformers_vit_layers
 
     enc = getattr(model, "image_encoder", model)
     blocks = [(f"blocks.{index}", block, ROLES) for _, _, block, index in vit_blocks(model)]
+    blocks += [(f"layers.{index}", layer, ROLES) for _, layer, index in transformers_vit_layers(model)]
     blocks += [(f"blocks.{index}", block, ROLES[2:]) for index, block in attention_free_blocks(enc)]
     blocks.sort(key=lambda b: int(b[0].split(".")[1]))
     blocks += [(name, block, TINYVIT_ROLES) for name, block in tinyvit_blocks(enc)]

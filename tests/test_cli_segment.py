@@ -183,7 +183,7 @@ def test_segment_environment_errors_are_messages(files, tmp_path, capsys):
     assert f"--out {blocker / 'sub'}" in capsys.readouterr().err
     assert main(["segment", images[0], "--checkpoint", str(root), "--model-type", "tiny", "--everything",
                  "--out", str(tmp_path / "o")]) == 2
-    assert "is a directory; expected a SAM tiny state_dict file" in capsys.readouterr().err
+    assert "is a directory without a config.json; expected a SAM tiny state_dict file" in capsys.readouterr().err
     assert main(["segment", images[0], "--checkpoint", ckpt, "--model-type", "auto", "--everything",
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

@@ -77,9 +77,16 @@ def build_sam(model_type: str):
 
 
 def _read_state(checkpoint, model_type):
+    from .transformers_format import is_transformers_dir, read_transformers_dir
+
+    if is_transformers_dir(checkpoint):
+        state, meta = read_transformers_dir(os.fspath(checkpoint))
+        _check_stored_bytes(checkpoint, state)
+        return normalize_state_dict(state), meta
     if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
-        raise IsADirectoryError(f"checkpoint {checkpoint!s} is a directory; expected a SAM {model_type} state_dict "
-                                "file, e.g. sam_vit_b_01ec64.pth")
+        raise IsADirectoryError(f"checkpoint {checkpoint!s} is a directory without a config.json; expected a SAM "
+                                f"{model_type} state_dict file (e.g. sam_vit_b_01ec64.pth) or a transformers SAM "
+                                "directory (config.json + model.safetensors)")
     if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!s} does not exist (expected a SAM {model_type} "
                                 "state_dict, e.g. sam_vit_b_01ec64.pth)")
@@ -147,9 +154,11 @@ def _check_stored_bytes(checkpoint, state) -> None:
 
 
 def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Optional[int] = None):
-    """Build a ``Sam`` of ``model_type`` and load ``checkpoint`` (a state_dict with the official keys;
-    SlimSAM's split ``attn.q/k/v`` and ``module.`` prefixes are converted, see
-    :func:`sam_fast.models.vit.normalize_state_dict`).
+    """Build a ``Sam`` of ``model_type`` and load ``checkpoint``: a state_dict with the official keys
+    (SlimSAM's split ``attn.q/k/v`` and ``module.`` prefixes are converted, see
+    :func:`sam_fast.models.vit.normalize_state_dict`), a checkpoint :func:`save_sam` wrote (its dilated
+    pattern is applied again), or a transformers SAM directory (``config.json`` + ``model.safetensors``, e.g.
+    SlimSAM's releases; :mod:`sam_fast.models.transformers_format`).
 
     With ``model_type="auto"`` the image encoder's geometry (per block) and the decoder's widths are read
     from the checkpoint; the decoder's head count is not stored in a state_dict, so a decoder narrower
@@ -225,7 +234,7 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
                          + ", ".join(parts) + hint)
     sam.load_state_dict(state)
     sam.eval()
-    if meta is not None:
+    if meta is not None and meta.get("source") != "transformers":
         _restore_pattern(sam, meta, checkpoint)
     return sam
 

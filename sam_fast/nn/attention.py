@@ -85,6 +85,20 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
     return attn.proj(out.reshape(B, Hg, Wg, heads * head_dim))
 
 
+def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module, mlp: nn.Module, window_size: int,
+                      backend: str, pattern) -> torch.Tensor:
+    """segment_anything's ViT block on x (B, Hg, Wg, C) with fused attention (:func:`sam_attention`); with
+    W8A8 linears (``quantize="int8"``) the norms fuse into the int8 GEMMs' input quantization."""
+    qkv = norm_int8_linear(norm1, attn.qkv, x)
+    if qkv is None:
+        out = sam_attention(attn, norm1(x), window_size, backend, pattern)
+    else:
+        out = sam_attention(attn, None, window_size, backend, pattern, qkv=qkv)
+    x = x + out
+    hidden = int8_mlp(norm2, mlp, x)
+    return x + (hidden if hidden is not None else mlp(norm2(x)))
+
+
 class SamFastBlock(nn.Module):
     """segment_anything ViT ``Block`` with fused attention; shares the wrapped block's submodules.
 
@@ -103,15 +117,8 @@ class SamFastBlock(nn.Module):
         self.pattern = check_pattern(pattern, "pattern")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # W8A8 (sam_fast.apply with quantize="int8"): the norms fuse into the int8 GEMMs' input.
-        qkv = norm_int8_linear(self.norm1, self.attn.qkv, x)
-        if qkv is None:
-            attn = sam_attention(self.attn, self.norm1(x), self.window_size, self.backend, self.pattern)
-        else:
-            attn = sam_attention(self.attn, None, self.window_size, self.backend, self.pattern, qkv=qkv)
-        x = x + attn
-        mlp = int8_mlp(self.norm2, self.mlp, x)
-        return x + (mlp if mlp is not None else self.mlp(self.norm2(x)))
+        return vit_block_forward(x, self.norm1, self.attn, self.norm2, self.mlp, self.window_size, self.backend,
+                                 self.pattern)
 
     def extra_repr(self) -> str:
         extra = "" if self.pattern is None else f", pattern={self.pattern}"

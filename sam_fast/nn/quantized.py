@@ -164,7 +164,10 @@ def _is_layer_norm(m: nn.Module) -> bool:
 
 
 def _is_exact_gelu(m: nn.Module) -> bool:
-    return isinstance(m, nn.GELU) and m.approximate == "none"
+    if isinstance(m, nn.GELU):
+        return m.approximate == "none"
+    # transformers' GELUActivation("gelu") holds the exact functional GELU
+    return getattr(m, "act", None) is torch.nn.functional.gelu and not list(m.children())
 
 
 def norm_int8_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -1,0 +1,279 @@
+"""SAM checkpoints in transformers' format (``config.json`` + ``model.safetensors``, as ``SamModel.save_pretrained``
+writes them; SlimSAM's uniform models are distributed this way), to and from segment_anything's keys.
+
+* :func:`read_transformers_dir` - a transformers SAM directory as a segment_anything state_dict, plus the
+  decoder head count its config records (used by :func:`sam_fast.models.load_sam` for a directory);
+* :func:`save_transformers` - a segment_anything ``Sam`` as such a directory (needs transformers).
+
+The two key sets differ by names only: transformers calls the image encoder ``vision_encoder`` and its blocks
+``layers`` with ``layer_norm1/2``; the neck's, the prompt encoder's mask downscaling and the decoder's upscaling
+``nn.Sequential`` indices become named modules; the decoder's MLP heads name their first and last layer
+``proj_in`` / ``proj_out``; the prompt encoder's random positional matrix is also stored once more at the top
+level (``shared_image_embedding``). A model transformers' ``SamConfig`` cannot describe - per-block head dims or
+MLP widths, blocks without attention, a TinyViT encoder, windows of several sizes, dilated attention - has no
+transformers form: :func:`save_transformers` says which and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+# (segment_anything, transformers) name pieces, most specific first; "{i}" is a block / layer number.
+_PAIRS = (
+    ("image_encoder.patch_embed.proj.", "vision_encoder.patch_embed.projection."),
+    ("image_encoder.blocks.{i}.norm1.", "vision_encoder.layers.{i}.layer_norm1."),
+    ("image_encoder.blocks.{i}.norm2.", "vision_encoder.layers.{i}.layer_norm2."),
+    ("image_encoder.blocks.{i}.", "vision_encoder.layers.{i}."),
+    ("image_encoder.neck.0.", "vision_encoder.neck.conv1."),
+    ("image_encoder.neck.1.", "vision_encoder.neck.layer_norm1."),
+    ("image_encoder.neck.2.", "vision_encoder.neck.conv2."),
+    ("image_encoder.neck.3.", "vision_encoder.neck.layer_norm2."),
+    ("image_encoder.", "vision_encoder."),
+    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+     "prompt_encoder.shared_embedding.positional_embedding"),
+    ("prompt_encoder.point_embeddings.{i}.", "prompt_encoder.point_embed.{i}."),
+    ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
+    ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
+    ("prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
+    ("prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
+    ("prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    ("prompt_encoder.", "prompt_encoder."),
+    ("mask_decoder.transformer.layers.{i}.norm{j}.", "mask_decoder.transformer.layers.{i}.layer_norm{j}."),
+    ("mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
+    ("mask_decoder.transformer.", "mask_decoder.transformer."),
+    ("mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
+    ("mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
+    ("mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
+    ("mask_decoder.iou_token.", "mask_decoder.iou_token."),
+    ("mask_decoder.mask_tokens.", "mask_decoder.mask_tokens."),
+)
+_HEADS = ("mask_decoder.output_hypernetworks_mlps.{i}.", "mask_decoder.iou_prediction_head.")
+_SHARED_PE = "shared_image_embedding.positional_embedding"
+_SA_ONLY = ("pixel_mean", "pixel_std")
+
+
+def _regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)"))
+
+
+def _rename(key: str, to_hf: bool) -> Optional[str]:
+    for sa, hf in _PAIRS:
+        src, dst = (sa, hf) if to_hf else (hf, sa)
+        m = _regex(src).match(key)
+        if m:
+            return dst.format(**m.groupdict()) + key[m.end():]
+    return None
+
+
+def _head_depths(keys, prefix_regex: re.Pattern, layer_regex: str) -> Dict[str, int]:
+    """{head prefix: number of linear layers} of the decoder's MLP heads in ``keys``."""
+    depth: Dict[str, int] = {}
+    for k in keys:
+        m = prefix_regex.match(k)
+        if m:
+            rest = k[m.end():]
+            n = re.match(layer_regex, rest)
+            if n:
+                depth[m.group(0)] = max(depth.get(m.group(0), 0), int(n.group(1)) + 1)
+    return depth
+
+
+def _rename_head(key: str, to_hf: bool, depths: Dict[str, int]) -> Optional[str]:
+    for template in _HEADS:
+        m = _regex(template).match(key)
+        if not m:
+            continue
+        prefix, rest = m.group(0), key[m.end():]
+        if to_hf:
+            n = re.match(r"layers\.(\d+)\.(.*)$", rest)
+            last = depths[prefix] - 1
+            k = int(n.group(1))
+            name = "proj_in" if k == 0 else "proj_out" if k == last else f"layers.{k - 1}"
+            return f"{prefix}{name}.{n.group(2)}"
+        n = re.match(r"(proj_in|proj_out|layers\.(\d+))\.(.*)$", rest)
+        last = depths[prefix] + 1  # transformers' "layers" are the middle ones
+        k = 0 if n.group(1) == "proj_in" else last if n.group(1) == "proj_out" else int(n.group(2)) + 1
+        return f"{prefix}layers.{k}.{n.group(3)}"
+    return None
+
+
+def sam_to_transformers_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """segment_anything ``Sam`` keys -> transformers ``SamModel`` keys (``ValueError`` for a key neither knows)."""
+    heads = {**_head_depths(state, _regex(_HEADS[0]), r"layers\.(\d+)\."),
+             **_head_depths(state, _regex(_HEADS[1]), r"layers\.(\d+)\.")}
+    out = {}
+    for key, value in state.items():
+        if key in _SA_ONLY:
+            continue
+        new = _rename_head(key, True, heads) or _rename(key, True)
+        if new is None:
+            raise ValueError(f"sam: state_dict key {key!r} has no counterpart in transformers' SamModel")
+        out[new] = value
+    pe = out.get("prompt_encoder.shared_embedding.positional_embedding")
+    if pe is not None:
+        out[_SHARED_PE] = pe
+    return out
+
+
+def transformers_to_sam_state(state: Dict[str, torch.Tensor], where: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """transformers ``SamModel`` keys -> segment_anything ``Sam`` keys."""
+    middle = {**_head_depths(state, _regex(_HEADS[0]), r"layers\.(\d+)\."),
+              **_head_depths(state, _regex(_HEADS[1]), r"layers\.(\d+)\.")}
+    for template in _HEADS:  # heads of depth 2 have no middle layers
+        for k in state:
+            m = _regex(template).match(k)
+            if m:
+                middle.setdefault(m.group(0), 0)
+    out = {}
+    for key, value in state.items():
+        if key == _SHARED_PE:
+            continue
+        new = _rename_head(key, False, middle) or _rename(key, False)
+        if new is None:
+            raise ValueError(f"{where}: key {key!r} is not part of a transformers SamModel that segment_anything "
+                             "can hold (SAM-HQ's extra decoder layers, for example, are not)")
+        out[new] = value
+    if "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" not in out and _SHARED_PE in state:
+        out["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = state[_SHARED_PE]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Directories
+# ------------------------------------------------------------------------------------------------
+
+
+def is_transformers_dir(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and \
+        os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _load_weights(directory: str) -> Dict[str, torch.Tensor]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single) or os.path.isfile(index):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"checkpoint {directory} is in safetensors format: pip install safetensors "
+                              "(or sam_fast[transformers])") from None
+        if os.path.isfile(single):
+            return load_file(single)
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(directory, shard)))
+        return state
+    binary = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"checkpoint {directory} has a config.json but no model.safetensors, "
+                            "model.safetensors.index.json or pytorch_model.bin")
+
+
+def read_transformers_dir(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(segment_anything state_dict, {"decoder_heads": n}) of a transformers SAM directory."""
+    with open(os.path.join(directory, "config.json")) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"checkpoint {directory}: config.json is not valid JSON ({exc})") from None
+    model_type = config.get("model_type")
+    if model_type not in ("sam", "sam_hq"):
+        raise ValueError(f"checkpoint {directory}: config.json describes a {model_type!r} model, not SAM ('sam')")
+    if model_type == "sam_hq":
+        raise ValueError(f"checkpoint {directory} is a SAM-HQ model: its HQ decoder has no segment_anything form (its "
+                         "vision encoder does; sam_fast.apply accepts SamHQModel directly)")
+    vision = config.get("vision_config") or {}
+    if vision.get("use_abs_pos") is False:
+        raise ValueError(f"checkpoint {directory}: a vision encoder without absolute position embeddings is not a "
+                         "segment_anything encoder")
+    state = transformers_to_sam_state(_load_weights(directory), f"checkpoint {directory}")
+    heads = (config.get("mask_decoder_config") or {}).get("num_attention_heads", 8)
+    return state, {"decoder_heads": int(heads), "source": "transformers"}
+
+
+def _uniform(values, what: str):
+    values = set(values)
+    if len(values) != 1:
+        raise ValueError(f"sam has no transformers form: transformers' SamVisionConfig has one {what} for every block, "
+                         f"this encoder has {sorted(values)}")
+    return values.pop()
+
+
+def transformers_config(sam: nn.Module) -> dict:
+    """The ``SamConfig`` keyword arguments (vision, prompt encoder, mask decoder dicts) that describe ``sam``;
+    ``ValueError`` naming what transformers cannot describe."""
+    from ..nn.quantized import Int8Linear
+    from ..surgery import vit_blocks
+    from .vit import decoder_geometry, encoder_geometry
+
+    enc = getattr(sam, "image_encoder", None)
+    if enc is None or not hasattr(enc, "blocks"):
+        raise ValueError(f"sam has no transformers form: transformers' SamModel has a ViT image encoder, this is a "
+                         f"{type(enc).__name__}")
+    if any(isinstance(m, Int8Linear) for m in sam.modules()):
+        raise ValueError("sam has int8 layers: save the float model (undo() the handle first)")
+    dilated = [i for *_, b, i in vit_blocks(sam) if getattr(b, "pattern", None) is not None]
+    if dilated:
+        raise ValueError(f"sam has no transformers form: blocks {dilated} run dilated attention, which transformers' "
+                         "SamVisionLayer cannot (save it with sam_fast.models.save_sam)")
+    state = sam.state_dict()
+    geom = encoder_geometry(state)
+    if any(not b.has_attention for b in geom.blocks):
+        raise ValueError("sam has no transformers form: some blocks have no attention (DC-ViT)")
+    heads = _uniform((b.num_heads for b in geom.blocks), "head count")
+    head_dim = _uniform((b.head_dim for b in geom.blocks), "head dim")
+    if heads * head_dim != geom.embed_dim:
+        raise ValueError(f"sam has no transformers form: its attention is {heads} x {head_dim} wide but the blocks "
+                         f"are {geom.embed_dim} wide; transformers ties the two")
+    mlp_dim = _uniform((b.mlp_dim for b in geom.blocks), "MLP width")
+    windows = {b.window_size for b in geom.blocks if b.window_size}
+    window = _uniform(windows, "window size") if windows else 0
+    width, dec_mlp, iou_hidden = decoder_geometry(state)
+    transformer = sam.mask_decoder.transformer
+    cross = transformer.layers[0].cross_attn_token_to_image
+    md = sam.mask_decoder
+    vision = dict(hidden_size=geom.embed_dim, output_channels=geom.out_chans, num_hidden_layers=len(geom.blocks),
+                  num_attention_heads=heads, image_size=geom.img_size, patch_size=geom.patch_size,
+                  qkv_bias=geom.qkv_bias, use_rel_pos=geom.use_rel_pos, use_abs_pos=True,
+                  window_size=window, global_attn_indexes=[i for i, b in enumerate(geom.blocks) if not b.window_size],
+                  mlp_dim=mlp_dim, mlp_ratio=mlp_dim / geom.embed_dim, num_pos_feats=width // 2, scale=width // 2,
+                  layer_norm_eps=float(enc.blocks[0].norm1.eps))
+    prompt = dict(hidden_size=width, image_size=geom.img_size, patch_size=geom.patch_size,
+                  mask_input_channels=int(state["prompt_encoder.mask_downscaling.3.weight"].shape[0]),
+                  num_point_embeddings=len(sam.prompt_encoder.point_embeddings),
+                  image_embedding_size=geom.img_size // geom.patch_size)
+    decoder = dict(hidden_size=width, num_attention_heads=int(transformer.num_heads), mlp_dim=dec_mlp,
+                   num_hidden_layers=len(transformer.layers), attention_downsample_rate=width // cross.internal_dim,
+                   num_multimask_outputs=int(md.num_multimask_outputs),
+                   iou_head_depth=len(md.iou_prediction_head.layers), iou_head_hidden_dim=iou_hidden)
+    return {"vision_config": vision, "prompt_encoder_config": prompt, "mask_decoder_config": decoder}
+
+
+def save_transformers(sam: nn.Module, directory: str) -> str:
+    """Write ``sam`` (a segment_anything ``Sam``, patched or not) as a transformers SAM directory that
+    ``SamModel.from_pretrained(directory)`` and :func:`sam_fast.models.load_sam` read. Needs transformers
+    (``pip install sam_fast[transformers]``). Returns ``directory``."""
+    try:
+        from transformers import SamConfig, SamModel
+    except ImportError:
+        raise ImportError("save_transformers needs transformers: pip install sam_fast[transformers]") from None
+    config = SamConfig(**transformers_config(sam))
+    state = sam_to_transformers_state({k: v.detach().cpu() for k, v in sam.state_dict().items()})
+    model = SamModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != _SHARED_PE]
+    if missing or unexpected:
+        raise ValueError(f"sam: its weights do not fill transformers' SamModel ({len(missing)} missing, e.g. "
+                         f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})")
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory
