@@ -50,8 +50,8 @@ _EXPORTS = {
 }
 
 
-_SUBMODULES = ("distill", "everything", "images", "models", "nn", "pattern", "predictor", "quantize", "reference",
-               "testing")
+_SUBMODULES = ("distill", "distributed", "everything", "images", "models", "nn", "pattern", "predictor", "quantize",
+               "reference", "testing")
 
 
 def __getattr__(name):

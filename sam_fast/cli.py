@@ -9,6 +9,8 @@
                      --images DIR --out DIR [--method dld|embedding|full_stage] [--steps N] [--decoder-steps N]
                      [--batch-size N] [--lr LR] [--no-resume] ...
     sam-fast distill-eval --teacher CKPT --student CKPT --images DIR [--prompts points,boxes] [--out DIR]
+    sam-fast segment-dataset SRC --out DST --checkpoint CKPT [--shard RANK/WORLD | --ray-address ADDR]
+                     [--num-gpus N | --num-workers N] [--shard-size 64] [--boxes PROMPTS.json] ...
 
 ``bench`` runs the op benchmarks this machine can run against their references and peers (their quick
 cases, about a minute on a 2-core CPU; ``--full`` for every case), appends results with provenance to
@@ -38,6 +40,12 @@ included), ``OUT/train_log.csv`` and checkpoints; rerunning the same command res
 ``torchrun --nproc_per_node N sam-fast distill ...`` it trains on N processes (DistributedDataParallel).
 ``distill-eval`` prints the student's mask mIoU against the teacher, embedding SQNR and encoder speed
 (:func:`sam_fast.distill.evaluate`) and writes ``OUT/eval.json`` and ``OUT/eval.png``.
+
+``segment-dataset`` segments every image of a folder (recursively) into per-shard COCO JSON files in ``DST``
+(:mod:`sam_fast.distributed`): with ``--shard RANK/WORLD`` this process takes its exact part of the shards (for
+torchrun / SLURM ranks); otherwise Ray Data runs the shards on an actor pool (``--num-gpus N``: N actors of one
+GPU each; ``--ray-address``: an existing cluster). Reruns skip finished shards; unreadable images become error
+entries. ``--boxes FILE``: a JSON ``{path: [[x0, y0, x1, y1], ...]}`` (e.g. a detector's), one mask per box.
 """
 
 from __future__ import annotations
@@ -531,6 +539,52 @@ def _distill_eval(args) -> int:
     return 0
 
 
+def _segment_dataset(args) -> int:
+    import json
+
+    from sam_fast import SamFastConfig
+    from sam_fast.distributed import SegmentWorker, parse_shard, run_ray, run_shards
+    from sam_fast.images import list_images
+
+    try:
+        files = list_images(args.src, "SRC")
+        shard = parse_shard(args.shard) if args.shard else None
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
+        prompts = None
+        if args.boxes:
+            with open(args.boxes) as f:
+                raw = json.load(f)
+            if not isinstance(raw, dict):
+                raise ValueError(f"--boxes {args.boxes}: expected a JSON object {{path: [[x0, y0, x1, y1], ...]}}")
+            prompts = {os.path.abspath(p) if not os.path.isabs(p) else p: {"boxes": b} for p, b in raw.items()}
+            files = [os.path.abspath(p) for p in files]
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"sam-fast segment-dataset: {exc}", file=sys.stderr)
+        return 2
+    # the default (exact attention where the encoder has ViT blocks; a distilled student keeps its own) unless asked
+    config = None if args.attention == "exact" and not args.int8 else \
+        SamFastConfig(attention=args.attention, quantize="int8" if args.int8 else None)
+    worker_kwargs = dict(checkpoint=os.path.abspath(args.checkpoint), model_type=args.model_type, config=config,
+                         mode="boxes" if prompts else "everything", decoder_heads=args.decoder_heads,
+                         device=args.device, generator_kwargs={"points_per_side": args.points_per_side,
+                                                               "hierarchical": args.hierarchical})
+    try:
+        if shard is not None:
+            summary = run_shards(SegmentWorker(**worker_kwargs), files, args.out, shard_size=args.shard_size,
+                                 rank=shard[0], world=shard[1], prompts=prompts)
+        else:
+            workers = args.num_gpus or args.num_workers
+            summary = run_ray(files, args.out, worker_kwargs, shard_size=args.shard_size, num_workers=workers,
+                              num_gpus_per_worker=1.0 if args.num_gpus else 0.0, prompts=prompts,
+                              address=args.ray_address)
+    except (ImportError, ValueError, OSError) as exc:
+        print(f"sam-fast segment-dataset: {_load_error(exc) if isinstance(exc, ValueError) else exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {summary}")
+    return 0
+
+
 def _xywh(box):
     x0, y0, x1, y1 = box
     return [x0, y0, x1 - x0, y1 - y0]
@@ -600,8 +654,23 @@ def main(argv=None) -> int:
     e.add_argument("--prompts-per-image", type=int, default=8)
     e.add_argument("--out", help="where eval.json / eval.png go (default: the student's folder)")
     e.add_argument("--device", help="default: cuda when available")
-    for p in (d, e):
-        p.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="both checkpoints' model type")
+    g = sub.add_parser("segment-dataset", help="segment a folder of images into per-shard COCO JSON (Ray or ranks)")
+    g.add_argument("src", help="folder of JPEG / PNG images (searched recursively)")
+    g.add_argument("--out", required=True, help="output folder (shard-<k>.json files)")
+    g.add_argument("--checkpoint", required=True, help="SAM checkpoint (file or transformers directory)")
+    g.add_argument("--shard", help="RANK/WORLD: this process's exact part of the shards, without Ray")
+    g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    g.add_argument("--num-gpus", type=int, default=0, help="Ray: N actors with one GPU each")
+    g.add_argument("--num-workers", type=int, default=1, help="Ray without GPUs: N CPU actors (default 1)")
+    g.add_argument("--shard-size", type=int, default=64, help="images per output shard (default 64)")
+    g.add_argument("--boxes", help="JSON {image path: [[x0, y0, x1, y1], ...]}: one mask per box instead of everything")
+    g.add_argument("--points-per-side", type=int, default=32, help="everything mode grid (default 32)")
+    g.add_argument("--hierarchical", action="store_true", help="TinySAM's two-round everything mode")
+    g.add_argument("--attention", default="exact", choices=("exact", "none"), help="fused attention (default)")
+    g.add_argument("--int8", action="store_true", help="W8A8 linears (dynamic scales)")
+    g.add_argument("--device", help="default: cuda when available")
+    for p in (d, e, g):
+        p.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="the checkpoints' model type")
         p.add_argument("--decoder-heads", type=int, default=None,
                        help="mask decoder heads of a decoder narrower or wider than SAM's 256 (auto only)")
     args = parser.parse_args(argv)
@@ -609,6 +678,8 @@ def main(argv=None) -> int:
         return _distill(args)
     if args.command == "distill-eval":
         return _distill_eval(args)
+    if args.command == "segment-dataset":
+        return _segment_dataset(args)
     if args.command == "bench":
         return _bench(args)
     if args.command == "segment":
