@@ -310,7 +310,7 @@ def full_stages(pack: str) -> List[Stage]:
                              "-m", "tools.sanitize_ops"])]
     for script, budget in (("bench_dilated_attention", 200), ("bench_int8_linear", 120),
                            ("bench_dilated_attention_sam", 150), ("bench_e2e", 150), ("bench_everything", 100),
-                           ("bench_decoder", 60), ("bench_distill", 120)):
+                           ("bench_decoder", 60), ("bench_distill", 120), ("bench_segment_dataset", 90)):
         stages.append(Stage(script, budget, f"every case of {script}",
                             command=[PY, f"bench/{script}.py", "--out", results], measures=(script,)))
     stages += [
