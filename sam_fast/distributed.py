@@ -118,7 +118,12 @@ class SegmentWorker:
             if config.quantize == "int8" and calibration_images is not None and config.calibration is None:
                 from .quantize import calibrate
 
-                images = [self._read(p) if isinstance(p, (str, os.PathLike)) else p for p in calibration_images]
+                images = []
+                for p in calibration_images:
+                    try:
+                        images.append(self._read(p) if isinstance(p, (str, os.PathLike)) else p)
+                    except Exception as exc:
+                        raise ValueError(f"calibration_images: cannot read {p} ({type(exc).__name__}: {exc})") from None
                 config = dataclasses.replace(config, calibration=calibrate(sam, images, progress=False))
             apply(sam, config)
         self.sam = sam

@@ -140,3 +140,19 @@ def test_ray_engine_on_a_local_cluster_matches_the_loop(dataset, tmp_path):
         ray.shutdown()
     run_shards(SegmentWorker(**kwargs), files, str(tmp_path / "loop"), shard_size=2, progress=False)
     assert read_results(str(tmp_path / "ray")) == read_results(str(tmp_path / "loop"))
+
+
+def test_worker_calibrates_int8_from_images(dataset):
+    from sam_fast import SamFastConfig
+    from sam_fast.nn import Int8Linear
+
+    root, ckpt, files = dataset
+    with pytest.raises(ValueError, match="calibration_images: cannot read .*broken.jpg"):
+        SegmentWorker(ckpt, config=SamFastConfig(quantize="int8"), calibration_images=files, device="cpu")
+    photos = [f for f in files if f.endswith(".png")][:2]
+    worker = SegmentWorker(ckpt, config=SamFastConfig(quantize="int8"), calibration_images=photos,
+                           generator_kwargs=GEN, device="cpu")
+    lin2 = [m for n, m in worker.sam.named_modules() if n.endswith("mlp.lin2") and isinstance(m, Int8Linear)]
+    assert lin2 and all(m.act_scale is not None for m in lin2)  # static scales: calibration ran
+    row = worker.process_image(files[0], 1)
+    assert row["error"] == "" and row["height"] > 0
