@@ -55,6 +55,8 @@ import math
 import os
 import sys
 
+from ._files import write_atomic
+
 BENCHES = {"attention": "bench_dilated_attention_sam", "dilated": "bench_dilated_attention",
            "relpos": "bench_resize_rel_pos",
            "int8": "bench_int8_linear", "e2e": "bench_e2e", "decoder": "bench_decoder",
@@ -220,23 +222,6 @@ def _plan_outputs(images, out_dir: str, overwrite: bool):
     return plan
 
 
-def _write_atomic(path: str, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader never sees half a file, an error leaves
-    nothing behind."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sam-fast-",
-                               suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _segment(args) -> int:
     import json
 
@@ -361,8 +346,8 @@ def _segment(args) -> int:
                 json.dump(coco, f)
 
         try:
-            _write_atomic(json_path, write_json)
-            _write_atomic(png_path, lambda tmp, o=_overlay(image, masks): Image.fromarray(o).save(tmp, format="PNG"))
+            write_atomic(json_path, write_json)
+            write_atomic(png_path, lambda tmp, o=_overlay(image, masks): Image.fromarray(o).save(tmp, format="PNG"))
         except OSError as exc:
             print(f"sam-fast segment: cannot write {json_path} ({exc.strerror or exc})", file=sys.stderr)
             return 2
@@ -532,7 +517,7 @@ def _distill_eval(args) -> int:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
 
-    _write_atomic(os.path.join(out, "eval.json"), write)
+    write_atomic(os.path.join(out, "eval.json"), write)
     png = plot_results({os.path.basename(args.student): result}, os.path.join(out, "eval.png"),
                        title=f"{os.path.basename(args.student)} vs {os.path.basename(args.teacher)}")
     print(f"wrote {os.path.join(out, 'eval.json')} and {png}")

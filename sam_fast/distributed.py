@@ -24,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+
+from ._files import write_atomic
 
 MODES = ("everything", "boxes")
 
@@ -64,18 +65,6 @@ def make_shards(files: Sequence[str], shard_size: int) -> List[List[str]]:
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     return [list(files[i:i + shard_size]) for i in range(0, len(files), shard_size)]
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class SegmentWorker:
@@ -193,7 +182,11 @@ class SegmentWorker:
                 coco["annotations"].append(dict(rec, image_id=r["image_id"]))
         for n, ann in enumerate(coco["annotations"]):  # ids unique across shards: image id x 100000 + n
             ann["id"] = ann["image_id"] * 100000 + n
-        _write_json_atomic(shard_path(out_dir, k), coco)
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(coco, f)
+
+        write_atomic(shard_path(out_dir, k), write)
         return {"shard": k, "images": len(rows), "annotations": len(coco["annotations"]),
                 "errors": len(coco["errors"]), "seconds": time.perf_counter() - t0}
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import write_atomic
 from ..images import list_images
 from ..surgery import PIXEL_MEAN, PIXEL_STD
 from .cache import CACHE_DTYPES, BlockOutputs, TeacherCache, teacher_cache
@@ -230,9 +231,7 @@ def _decoder_losses(teacher, prompts_per_image, hard_rounds, seed, step, img_siz
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _settings(**kw) -> str:

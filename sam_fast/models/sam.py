@@ -289,16 +289,10 @@ def save_sam(sam, path: str) -> None:
     if isinstance(heads, int):
         meta["decoder_heads"] = heads
     obj = {"model": state, "sam_fast": meta} if dilated or heads not in (None, 8) else state
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .._files import write_atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _restore_pattern(sam, meta, checkpoint) -> None:
