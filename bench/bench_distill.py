@@ -181,9 +181,9 @@ def _case(gpu: bool, quick: bool):
 def make_step(student: nn.Module, batch, targets, bf16: bool):
     """The DLD training step of sam_fast.distill on a fixed batch: returns step() -> loss."""
     from sam_fast.distill.schedule import DLDSchedule
-    from sam_fast.distill.train import _Step, _weighted_total
+    from sam_fast.distill.train import StudentStep, weighted_total
 
-    step_module = _Step(student, None)
+    step_module = StudentStep(student, None)
     params = list(student.image_encoder.parameters())
     for p in student.parameters():
         p.requires_grad_(False)
@@ -202,7 +202,7 @@ def make_step(student: nn.Module, batch, targets, bf16: bool):
     def step():
         opt.zero_grad(set_to_none=True)
         terms = step_module(data, stage="encoder", method="dld", blocks=blocks, run_decoder=None, autocast=autocast)
-        loss = _weighted_total(terms, "encoder", "dld", weights, schedule, 1.0, 1.0).mean()
+        loss = weighted_total(terms, "dld", weights, schedule, 1.0, 1.0).mean()
         loss.backward()
         opt.step()
         return loss

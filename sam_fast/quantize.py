@@ -151,7 +151,7 @@ def prepare_image(image, img_size: int, mean, std, device, dtype) -> torch.Tenso
     """SamPredictor's preprocessing of one image: an HxWx3 uint8 array (or (3, H, W) uint8 tensor) is
     resized so its longest side is ``img_size``, normalised and zero-padded to a square; a float
     (3, img_size, img_size) tensor is taken as already preprocessed. Returns (1, 3, S, S)."""
-    from segment_anything.utils.transforms import ResizeLongestSide
+    from .images import normalize, resize_pad
 
     if isinstance(image, torch.Tensor) and image.is_floating_point():
         if tuple(image.shape) != (3, img_size, img_size):
@@ -163,11 +163,9 @@ def prepare_image(image, img_size: int, mean, std, device, dtype) -> torch.Tenso
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"images must be HxWx3 uint8 arrays (or preprocessed float tensors), got "
                          f"{getattr(image, 'dtype', type(image).__name__)} of shape {getattr(image, 'shape', None)}")
-    resized = ResizeLongestSide(img_size).apply_image(image)
-    x = torch.as_tensor(resized, device=device).permute(2, 0, 1).float()
-    x = (x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None]
-    x = torch.nn.functional.pad(x, (0, img_size - x.shape[2], 0, img_size - x.shape[1]))
-    return x.to(dtype)[None]
+    padded, hw = resize_pad(image, img_size)
+    x = normalize(torch.from_numpy(padded)[None].to(device), torch.tensor([hw]), mean, std)
+    return x.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------

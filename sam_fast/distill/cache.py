@@ -33,7 +33,7 @@ from torch import nn
 
 from ..images import normalize, read_rgb, resize_pad
 
-FORMAT = 1
+FORMAT = 2  # 2: arrays keep a row per source file, meta's "count" says how many are filled
 CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -88,10 +88,15 @@ class TeacherCache:
         self.files: List[str] = self.meta["files"]
         self.skipped: Dict[str, str] = self.meta["skipped"]
         self.blocks: Tuple[int, ...] = tuple(self.meta["blocks"])
-        self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
+        count = int(self.meta["count"])  # the arrays have a row per source file; the first `count` are filled
+
+        def rows(name):
+            return np.load(os.path.join(folder, name), mmap_mode="r")[:count]
+
+        self.images = rows("images.npy")
         self.input_hw = np.load(os.path.join(folder, "input_hw.npy"))
-        self.embedding = np.load(os.path.join(folder, "embedding.npy"), mmap_mode="r")
-        self.block_outputs = {i: np.load(os.path.join(folder, f"block_{i}.npy"), mmap_mode="r") for i in self.blocks}
+        self.embedding = rows("embedding.npy")
+        self.block_outputs = {i: rows(f"block_{i}.npy") for i in self.blocks}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -172,28 +177,10 @@ def _readable(files: Sequence[str], img_size: int, skipped: Dict[str, str]):
         yield path, arr, hw
 
 
-def probe_images(files: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
-    """Which files decode (header and pixels), without resizing: (readable, {unreadable: why})."""
-    from PIL import Image
-
-    ok, bad = [], {}
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-            ok.append(path)
-        except Exception as exc:
-            bad[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-    return ok, bad
-
-
 def _build(enc, files, folder, blocks, mean, std, device, batch_size, cache_dtype, progress) -> None:
     from tqdm import tqdm
 
-    readable, skipped = probe_images(files)
-    if not readable:
-        raise ValueError(f"images: none of the {len(files)} file(s) could be read as an image "
-                         f"(e.g. {next(iter(skipped.items()))[0]}: {next(iter(skipped.items()))[1]})")
+    skipped: Dict[str, str] = {}
     tmp = folder + ".building"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -203,7 +190,7 @@ def _build(enc, files, folder, blocks, mean, std, device, batch_size, cache_dtyp
     np_dtype = CACHE_DTYPES[cache_dtype]
     limit = float(np.finfo(np_dtype).max)
     arrays: Dict[str, np.memmap] = {}
-    n = len(readable)
+    n = len(files)  # rows for every file; those of unreadable files stay unused (meta "count" says how many)
     kept: List[str] = []
     input_hw = np.zeros((n, 2), dtype=np.int64)
     images = np.lib.format.open_memmap(os.path.join(tmp, "images.npy"), mode="w+", dtype=np.uint8,
@@ -240,7 +227,7 @@ def _build(enc, files, folder, blocks, mean, std, device, batch_size, cache_dtyp
             bar.update(len(pending))
             pending.clear()
 
-        for item in _readable(readable, img_size, skipped):
+        for item in _readable(files, img_size, skipped):
             pending.append(item)
             if len(pending) == batch_size:
                 flush()
@@ -248,20 +235,16 @@ def _build(enc, files, folder, blocks, mean, std, device, batch_size, cache_dtyp
             flush()
         bar.close()
         if not kept:
-            raise ValueError(f"images: none of the {len(files)} file(s) could be read as an image")
+            path, why = next(iter(skipped.items()))
+            raise ValueError(f"images: none of the {len(files)} file(s) could be read as an image (e.g. {path}: "
+                             f"{why})")
         for a in (images, *arrays.values()):
             a.flush()
         arrays.clear()
         images = None  # the memmaps are closed before the files are renamed
-        if len(kept) < n:  # a file that opened but failed to resize: shrink the arrays to the kept rows
-            for name in os.listdir(tmp):
-                arr = np.load(os.path.join(tmp, name), mmap_mode="r")
-                np.save(os.path.join(tmp, name + ".tmp.npy"), np.asarray(arr[:len(kept)]))
-                del arr
-                os.replace(os.path.join(tmp, name + ".tmp.npy"), os.path.join(tmp, name))
         np.save(os.path.join(tmp, "input_hw.npy"), input_hw[:len(kept)])
-        meta = {"format": FORMAT, "files": kept, "skipped": skipped, "blocks": list(blocks), "img_size": img_size,
-                "dtype": cache_dtype}
+        meta = {"format": FORMAT, "files": kept, "count": len(kept), "skipped": skipped, "blocks": list(blocks),
+                "img_size": img_size, "dtype": cache_dtype}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f)
         os.replace(tmp, folder)

@@ -36,10 +36,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -116,15 +117,15 @@ def _default_device(rank_local: int):
     return torch.device("cpu")
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> Tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=sample_generator(seed, 1 << 20, epoch)).tolist())
+
+
 def stream_indices(step: int, batch_size: int, n: int, seed: int) -> List[int]:
-    """Positions ``step * batch_size ...`` of the endless epoch-shuffled stream over ``n`` images."""
-    out, perms = [], {}
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch = pos // n
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=sample_generator(seed, 1 << 20, epoch)).tolist()
-        out.append(perms[epoch][pos % n])
-    return out
+    """Positions ``step * batch_size ...`` of the endless epoch-shuffled stream over ``n`` images (each epoch's
+    order drawn once, not per step)."""
+    return [_epoch_order(seed, pos // n, n)[pos % n] for pos in range(step * batch_size, (step + 1) * batch_size)]
 
 
 class _Checkpointed:
@@ -144,7 +145,7 @@ class _Checkpointed:
             b.__dict__.pop("forward", None)
 
 
-class _Step(nn.Module):
+class StudentStep(nn.Module):
     """The student's side of one micro-batch: returns per-image loss terms (the module DDP wraps)."""
 
     def __init__(self, student: nn.Module, adapters: Optional[nn.Module]):
@@ -177,7 +178,8 @@ class _Step(nn.Module):
         return terms
 
 
-def _weighted_total(terms, stage, method, weights, schedule, mask_weight, iou_weight):
+def weighted_total(terms, method, weights, schedule, mask_weight, iou_weight):
+    """(B,) per-image loss: the terms of :class:`StudentStep` with their weights."""
     total = 0
     for name, value in terms.items():
         if name == "embedding":
@@ -437,7 +439,7 @@ def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, ste
 
     flags = {p: p.requires_grad for p in student.parameters()}
     ckpt_blocks = _Checkpointed(block_list(student) or []) if activation_checkpointing else None
-    step_module = _Step(student, adapters)
+    step_module = StudentStep(student, adapters)
     student.eval()
     img_size = int(teacher.image_encoder.img_size)
 
@@ -495,7 +497,7 @@ def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, ste
                 with ctx:
                     terms = wrapped(batch, stage=stage, method=method, blocks=blocks, run_decoder=run_decoder,
                                     autocast=autocast)
-                    per_image = _weighted_total(terms, stage, method, weights, schedule, mask_weight, iou_weight)
+                    per_image = weighted_total(terms, method, weights, schedule, mask_weight, iou_weight)
                     (per_image.mean() / accumulate).backward()
                 for name, v in terms.items():
                     sums[name] = sums.get(name, 0) + v.detach().float().sum()
