@@ -15,8 +15,11 @@ duplicates and nothing already written is lost.
 * :func:`partition` - the exact split of a list over ``world`` ranks (every item exactly once; unlike
   ``DistributedSampler``, which pads by repeating items).
 * :func:`run_shards` - this rank's shards in a loop (``--shard RANK/WORLD``), with a progress bar.
-* :func:`run_ray` - the shards as a Ray Data dataset mapped by an actor pool of workers (one GPU each on a GPU
-  cluster, ``num_gpus=1``), results streamed back for the progress bar and the summary.
+* :func:`run_ray` - Ray Data reads the files (``read_binary_files``), an actor pool of workers (one GPU each on a
+  GPU cluster, ``num_gpus=1``) decodes and segments them in batches, and the result rows stream back to the
+  driver, which writes each shard the moment its last image arrives. Ray Data's own writers are not used for
+  the output: they name files per write task and cannot promise one complete, atomically written file per shard,
+  which is what makes a rerun safe.
 """
 
 from __future__ import annotations
@@ -81,11 +84,13 @@ class SegmentWorker:
         generator_kwargs: for :class:`sam_fast.SamFastAutomaticMaskGenerator` (e.g. ``points_per_side``,
             ``hierarchical``); ``output_mode`` is always ``"coco_rle"``.
         device: default ``cuda`` when available.
+        prompts: ``{path: {"boxes": [[x0, y0, x1, y1], ...]}}`` for the Ray entry point (``__call__``), which
+            receives only the files' paths and bytes.
     """
 
     def __init__(self, checkpoint, model_type: str = "auto", *, config=None, calibration_images=None,
                  mode: str = "everything", generator_kwargs: Optional[dict] = None, device=None,
-                 decoder_heads: Optional[int] = None):
+                 decoder_heads: Optional[int] = None, prompts: Optional[Dict[str, dict]] = None):
         import torch
 
         from . import SamFastAutomaticMaskGenerator, SamFastConfig, SamFastPredictor, apply
@@ -116,15 +121,16 @@ class SegmentWorker:
                 config = dataclasses.replace(config, calibration=calibrate(sam, images, progress=False))
             apply(sam, config)
         self.sam = sam
+        self.prompts = prompts
         kwargs = dict(generator_kwargs or {})
         kwargs["output_mode"] = "coco_rle"
         self.engine = SamFastAutomaticMaskGenerator(sam, **kwargs) if mode == "everything" else SamFastPredictor(sam)
 
     @staticmethod
-    def _read(path):
+    def _read(source):
         from .images import read_rgb
 
-        return read_rgb(path)
+        return read_rgb(source)
 
     def segment(self, image, boxes=None) -> List[dict]:
         """COCO records of one HxWx3 uint8 image: the generator's records, or one per box (``mode="boxes"``)."""
@@ -149,11 +155,16 @@ class SegmentWorker:
                             "box_prompt": [float(v) for v in box]})
         return records
 
-    def process_image(self, path: str, image_id: int, boxes=None) -> dict:
+    def process_image(self, path, image_id: int, boxes=None) -> dict:
         """One result row: ``path``, ``image_id``, ``height``, ``width``, ``annotations`` (records), ``error``
-        ("" when it worked; the reason when the file could not be read or segmented - never an exception)."""
+        ("" when it worked; the reason when the file could not be read or segmented - never an exception).
+        ``path`` may also be the file's bytes (the row's ``path`` is then ``""``)."""
+        if isinstance(path, (bytes, bytearray, memoryview)):
+            source, path = path, ""
+        else:
+            source = path
         try:
-            image = self._read(path)
+            image = self._read(source)
         except Exception as exc:
             return dict(path=path, image_id=image_id, height=0, width=0, annotations=[],
                         error=f"cannot read: {type(exc).__name__}: {exc}")
@@ -172,35 +183,52 @@ class SegmentWorker:
         t0 = time.perf_counter()
         rows = [self.process_image(p, first_id + j, (prompts or {}).get(p, {}).get("boxes"))
                 for j, p in enumerate(files)]
-        coco = {"images": [], "annotations": [], "errors": []}
-        for r in rows:
-            coco["images"].append({"id": r["image_id"], "file_name": r["path"], "height": r["height"],
-                                   "width": r["width"]})
-            if r["error"]:
-                coco["errors"].append({"image_id": r["image_id"], "file_name": r["path"], "error": r["error"]})
-            for rec in r["annotations"]:
-                coco["annotations"].append(dict(rec, image_id=r["image_id"]))
-        for n, ann in enumerate(coco["annotations"]):  # ids unique across shards: image id x 100000 + n
-            ann["id"] = ann["image_id"] * 100000 + n
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(coco, f)
-
-        write_atomic(shard_path(out_dir, k), write)
-        return {"shard": k, "images": len(rows), "annotations": len(coco["annotations"]),
-                "errors": len(coco["errors"]), "seconds": time.perf_counter() - t0}
+        return dict(write_shard(out_dir, k, rows), seconds=time.perf_counter() - t0)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
-        """Ray Data ``map_batches`` entry point: rows ``{shard, files (JSON list), first_id, out_dir, prompts}``
-        in, one summary row per shard out."""
-        out: Dict[str, list] = {"shard": [], "images": [], "annotations": [], "errors": [], "seconds": []}
-        for k, files, first, out_dir, prompts in zip(batch["shard"], batch["files"], batch["first_id"],
-                                                    batch["out_dir"], batch["prompts"]):
-            row = self.process_shard(int(k), json.loads(str(files)), int(first), str(out_dir),
-                                     json.loads(str(prompts)) or None)
-            for key in out:
-                out[key].append(row[key])
+        """Ray Data ``map_batches`` entry point: rows ``{path, bytes}`` (``ray.data.read_binary_files`` with
+        ``include_paths=True``) in; rows ``{path, height, width, annotations (JSON list of records), error}`` out.
+        Boxes for ``mode="boxes"`` come from ``prompts`` given to the constructor, keyed by path."""
+        out: Dict[str, list] = {"path": [], "height": [], "width": [], "annotations": [], "error": []}
+        for path, data in zip(batch["path"], batch["bytes"]):
+            path = _local_path(str(path))
+            row = self.process_image(bytes(data), 0, (self.prompts or {}).get(path, {}).get("boxes"))
+            out["path"].append(path)
+            out["height"].append(row["height"])
+            out["width"].append(row["width"])
+            out["annotations"].append(json.dumps(row["annotations"]))
+            out["error"].append(row["error"])
         return out
+
+
+def _local_path(path: str) -> str:
+    """A path as Ray Data reports it (``include_paths``) -> the absolute local path the job listed."""
+    if path.startswith("local://"):
+        path = path[len("local://"):]
+    return os.path.normpath(path if os.path.isabs(path) else os.sep + path)
+
+
+def write_shard(out_dir: str, k: int, rows: Sequence[dict]) -> dict:
+    """Write result rows (``process_image``'s, in any order) as ``shard-<k>.json``, atomically: COCO ``images``,
+    ``annotations`` (ids unique across shards: image id x 100000 + n) and ``errors``, ordered by image id.
+    Returns a summary row (shard, images, annotations, errors)."""
+    coco = {"images": [], "annotations": [], "errors": []}
+    for r in sorted(rows, key=lambda r: r["image_id"]):
+        coco["images"].append({"id": r["image_id"], "file_name": r["path"], "height": r["height"],
+                               "width": r["width"]})
+        if r["error"]:
+            coco["errors"].append({"image_id": r["image_id"], "file_name": r["path"], "error": r["error"]})
+        for rec in r["annotations"]:
+            coco["annotations"].append(dict(rec, image_id=r["image_id"]))
+    for n, ann in enumerate(coco["annotations"]):
+        ann["id"] = ann["image_id"] * 100000 + n
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(coco, f)
+
+    write_atomic(shard_path(out_dir, k), write)
+    return {"shard": k, "images": len(rows), "annotations": len(coco["annotations"]), "errors": len(coco["errors"])}
 
 
 @dataclasses.dataclass
@@ -251,34 +279,77 @@ def run_shards(worker: SegmentWorker, files: Sequence[str], out_dir: str, *, sha
 
 def run_ray(files: Sequence[str], out_dir: str, worker_kwargs: dict, *, shard_size: int = 64, num_workers: int = 1,
             num_gpus_per_worker: float = 0.0, prompts: Optional[Dict[str, dict]] = None, address: Optional[str] = None,
-            progress: bool = True) -> Summary:
-    """The unfinished shards as a Ray Data dataset, mapped by a pool of ``num_workers`` :class:`SegmentWorker`
-    actors (``num_gpus_per_worker`` GPUs each); connects to ``address`` or starts a local Ray when none runs."""
+            batch_size: int = 4, progress: bool = True) -> Summary:
+    """Segment the images of the unfinished shards on Ray Data: the files are read by
+    ``ray.data.read_binary_files`` tasks, decoded and segmented by a pool of ``num_workers``
+    :class:`SegmentWorker` actors (``num_gpus_per_worker`` GPUs each) in batches of ``batch_size`` images, and
+    the result rows streamed back; each shard is written (atomically) as soon as all its images are in, so a
+    killed job keeps every finished shard. Files that cannot be opened, or that Ray Data does not return,
+    become error rows. Connects to ``address``, or starts a local Ray when none runs."""
     try:
         import ray
     except ImportError:
         raise ImportError("the Ray engine needs Ray: pip install sam_fast[ray] (or use --shard RANK/WORLD)") from None
     from tqdm import tqdm
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     os.makedirs(out_dir, exist_ok=True)
     todo, skipped = _todo(files, out_dir, shard_size)
     summary = Summary(shards_skipped=skipped)
     if not todo:
         return summary
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     t0 = time.perf_counter()
-    rows = [{"shard": k, "files": json.dumps(fs), "first_id": first, "out_dir": os.path.abspath(out_dir),
-             "prompts": json.dumps({p: prompts[p] for p in fs if p in prompts} if prompts else {})}
-            for k, fs, first in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    results = ds.map_batches(SegmentWorker, fn_constructor_kwargs=worker_kwargs, batch_size=1,
-                             batch_format="numpy", concurrency=max(1, int(num_workers)),
-                             num_gpus=num_gpus_per_worker or None)
-    with tqdm(total=len(rows), desc="segment-dataset (ray)", unit="shard", disable=not progress) as bar:
-        for row in results.iter_rows():
-            summary.add(row)
-            bar.update(1)
+    where: Dict[str, tuple] = {}  # absolute path -> (listed path, image id, shard)
+    pending: Dict[int, list] = {k: [] for k, _, _ in todo}
+    size = {k: len(fs) for k, fs, _ in todo}
+    readable = []
+    for k, fs, first in todo:
+        for j, p in enumerate(fs):
+            key = os.path.normpath(os.path.abspath(p))
+            if key in where:
+                raise ValueError(f"files: {p} is listed twice")
+            where[key] = (p, first + j, k)
+            if os.path.isfile(key) and os.access(key, os.R_OK):
+                readable.append(key)
+            else:
+                pending[k].append(dict(path=p, image_id=first + j, height=0, width=0, annotations=[],
+                                       error="cannot read: not a readable file"))
+
+    def finish(k, bar):
+        summary.add(dict(write_shard(out_dir, k, pending.pop(k))))
+        bar.update(1)
+
+    kwargs = dict(worker_kwargs)
+    if prompts:
+        kwargs["prompts"] = {os.path.normpath(os.path.abspath(p)): v for p, v in prompts.items()}
+    with tqdm(total=len(todo), desc="segment-dataset (ray)", unit="shard", disable=not progress) as bar:
+        for k in [k for k, rows in pending.items() if len(rows) == size[k]]:
+            finish(k, bar)
+        if readable:
+            if not ray.is_initialized():
+                ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            # reading is I/O: its tasks reserve no CPU, so CPU-only actors holding every core cannot starve it
+            ds = ray.data.read_binary_files(readable, include_paths=True, ignore_missing_paths=True, num_cpus=0)
+            results = ds.map_batches(SegmentWorker, fn_constructor_kwargs=kwargs, batch_size=batch_size,
+                                     batch_format="numpy",
+                                     compute=ray.data.ActorPoolStrategy(size=max(1, int(num_workers))),
+                                     num_gpus=num_gpus_per_worker or None)
+            for row in results.iter_rows():
+                listed, image_id, k = where[_local_path(str(row["path"]))]
+                pending[k].append(dict(path=listed, image_id=image_id, height=int(row["height"]),
+                                       width=int(row["width"]), annotations=json.loads(row["annotations"]),
+                                       error=str(row["error"])))
+                if len(pending[k]) == size[k]:
+                    finish(k, bar)
+        for k, fs, first in todo:  # files that vanished between listing and reading
+            if k not in pending:
+                continue
+            seen = {r["image_id"] for r in pending[k]}
+            pending[k] += [dict(path=p, image_id=first + j, height=0, width=0, annotations=[],
+                                error="cannot read: Ray Data returned no bytes (file missing)")
+                           for j, p in enumerate(fs) if first + j not in seen]
+            finish(k, bar)
     summary.seconds = time.perf_counter() - t0
     return summary
 

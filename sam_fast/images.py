@@ -18,11 +18,16 @@ import torch
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB; 16-bit images are scaled to 8 bits, not clipped at 255."""
+def read_rgb(source) -> np.ndarray:
+    """An image file (a path, or the file's bytes) as HxWx3 uint8 RGB; 16-bit images are scaled to 8 bits, not
+    clipped at 255."""
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    with Image.open(source) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             a = np.asarray(im, dtype=np.float64)

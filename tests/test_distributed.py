@@ -136,10 +136,29 @@ def test_ray_engine_on_a_local_cluster_matches_the_loop(dataset, tmp_path):
         assert (summary.images, summary.errors, summary.shards_written) == (6, 1, 3)
         again = run_ray(files, str(tmp_path / "ray"), kwargs, shard_size=2, num_workers=2, progress=False)
         assert (again.shards_written, again.shards_skipped) == (0, 3)
+        # a job killed after some shards: rerunning writes only the missing one
+        first = read_results(str(tmp_path / "ray"))
+        os.remove(os.path.join(tmp_path / "ray", "shard-000001.json"))
+        rerun = run_ray(files, str(tmp_path / "ray"), kwargs, shard_size=2, num_workers=1, progress=False)
+        assert (rerun.shards_written, rerun.shards_skipped, rerun.images) == (1, 2, 2)
+        assert read_results(str(tmp_path / "ray")) == first
+        # boxes from a detector stage reach the actors by path; a listed file that is gone is an error row
+        gone = str(tmp_path / "gone.png")
+        boxes = {files[0]: {"boxes": [[10, 10, 60, 70]]}, files[2]: {"boxes": [[0, 0, 40, 40], [5, 5, 90, 80]]}}
+        box_kwargs = dict(kwargs, mode="boxes")
+        mixed = run_ray([files[0], files[2], gone], str(tmp_path / "boxes"), box_kwargs, shard_size=2,
+                        prompts=boxes, batch_size=2, progress=False)
+        assert (mixed.images, mixed.annotations, mixed.errors) == (3, 3, 1)
     finally:
         ray.shutdown()
     run_shards(SegmentWorker(**kwargs), files, str(tmp_path / "loop"), shard_size=2, progress=False)
     assert read_results(str(tmp_path / "ray")) == read_results(str(tmp_path / "loop"))
+    got = read_results(str(tmp_path / "boxes"))
+    assert [e["file_name"] for e in got["errors"]] == [gone] and "cannot read" in got["errors"][0]["error"]
+    run_shards(SegmentWorker(**box_kwargs), [files[0], files[2], gone], str(tmp_path / "boxes-loop"), shard_size=2,
+               prompts=boxes, progress=False)
+    want = read_results(str(tmp_path / "boxes-loop"))
+    assert got["annotations"] == want["annotations"] and got["images"] == want["images"]
 
 
 def test_worker_calibrates_int8_from_images(dataset):
