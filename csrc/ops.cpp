@@ -30,4 +30,7 @@ TORCH_LIBRARY(sam_fast, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // pycocotools' compressed string form of a batch of RLEs (flat counts + offsets): (chars u8, offsets).
   m.def("rle_to_string(Tensor counts, Tensor offsets) -> (Tensor, Tensor)");
+  // SAM's decomposed rel-pos bias in full (csrc/cpu/attention_bias.cpp): rel_h (..., ay), rel_w (..., ax),
+  // float32 or float64, written into out (..., ay * ax): out[..., i * ax + j] = rel_h[..., i] + rel_w[..., j].
+  m.def("decomposed_bias(Tensor rel_h, Tensor rel_w, Tensor(a!) out) -> ()");
 }

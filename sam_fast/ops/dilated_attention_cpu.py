@@ -16,15 +16,32 @@ attention over all its segments and heads at once:
   several branches are mixed by :func:`~sam_fast.reference.dilated_attention.merge_branches`.
 
 When autograd records nothing (inference), the segments go through PyTorch's fused CPU flash-attention
-kernel with the bias and key mask as its mask (it returns the lse too; about 2x segment_anything's
-attention at SAM's 4096 tokens); otherwise plain PyTorch ops in the inputs' dtype, which autograd
-differentiates, as the reference does (lse in float32 / float64). A 1-D branch with a rel-pos bias
-(coordinates wrap at grid rows, so its segments are not grid rectangles) runs the reference's loop.
+kernel with the bias and key mask as its mask (it returns the lse too), built and consumed in chunks:
+
+* what depends only on the geometry (the layout, key masks, rel-pos index tables) is built once per
+  (branch, heads, device) and cached (:func:`_layout`), so a call costs little more host time than
+  segment_anything's own attention;
+* q, k and v, when they are views of one qkv tensor (as in SAM's blocks), are gathered into segments
+  together, in one copy (none at all for a dense block, whose segment is the grid);
+* the bias of a chunk - as many segments, or for a global block as many query rows, as fit in
+  :data:`BIAS_CHUNK_BYTES` (one query row of one segment at least) - is written contiguous in the
+  kernel's layout straight from the two decomposed terms, with masked keys folded into those terms as
+  -inf, and read by the kernel while it is still in cache. The temporary bias memory is bounded by
+  ``max(BIAS_CHUNK_BYTES, H * Lq_row * L * 4)`` bytes (``Lq_row``: the queries of one segment row, 64 for a
+  global block on SAM's 64 x 64 grid), instead of ``S * H * L * L * 4`` for the whole bias (805 MB for a
+  SlimSAM global block);
+* bf16 / fp16 run in their own dtype where the CPU has matmul instructions for it (AVX512-BF16 / AMX),
+  otherwise in float32 (emulated half-precision matmuls are slower than float32 ones); the bias is
+  float32 either way.
+
+Otherwise (autograd recording) plain PyTorch ops in the inputs' dtype, which autograd differentiates, as
+the reference does (lse in float32 / float64). A 1-D branch with a rel-pos bias (coordinates wrap at grid
+rows, so its segments are not grid rectangles) runs the reference's loop.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +58,33 @@ def batches_segments(branches, rel_pos_h) -> bool:
 
 def _batched(br: ResolvedBranch, rel_pos_h) -> bool:
     return rel_pos_h is None or br.is_2d
+
+
+#: bytes of bias one chunk of the inference path may hold (see the module docstring); tests shrink it.
+BIAS_CHUNK_BYTES = 1 << 21
+
+
+def _has_fast_half(dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16 / fp16) matrices in hardware."""
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    else:
+        checks = ("_is_amx_fp16_supported",)
+    return any(getattr(cpu, c, lambda: False)() for c in checks)
+
+
+_FAST_HALF: Dict[torch.dtype, bool] = {}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the inference path multiplies in: ``dtype``, or float32 for a half type the CPU lacks
+    matmul instructions for."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return dtype
+    if dtype not in _FAST_HALF:
+        _FAST_HALF[dtype] = _has_fast_half(dtype)
+    return dtype if _FAST_HALF[dtype] else torch.float32
 
 
 def _rel_table(table: torch.Tensor, size: int, step: int, dtype) -> torch.Tensor:
@@ -73,6 +117,10 @@ class _Layout:
         shape = (self.ns_y * self.ns_x, H, self.ay * self.ax)
         self.is_query = (qy[:, None, :, :, None] & qx[None, :, :, None, :]).reshape(shape)
         self.is_key = (ky[:, None, :, :, None] & kx[None, :, :, None, :]).reshape(shape)
+        self.key_y, self.key_x = ky, kx  # (ns_y, H, ay), (ns_x, H, ax): a key is valid iff both are
+        self.n_seg = self.ns_y * self.ns_x
+        self.trivial = self.n_seg == 1 and not self.dilated and (sh, sw) == (br.rows, br.cols)
+        self._cache: Dict[object, torch.Tensor] = {}
         # whether no key is missing, from the geometry alone (no data-dependent branch under torch.compile):
         # the furthest index any head reads along an axis must lie in its segment (and, without virtual
         # keys, in the grid's last segment)
@@ -81,6 +129,66 @@ class _Layout:
         far_x = max(ox for _, ox in offsets) + (self.ax - 1) * self.dx
         self.all_keys = far_y < (sh if full else min(sh, ly)) and far_x < (sw if full else min(sw, lx))
         self.pad_y, self.pad_x = self.ns_y * sh - br.rows, self.ns_x * sw - br.cols
+
+    def key_neg(self, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(n_seg, H, ay) and (n_seg, H, ax): 0 where the key row / column is valid, -inf where not; their
+        sum over (row, column) is the key mask, so adding them to the two rel-pos terms masks the keys."""
+        key = ("neg", dtype)
+        if key not in self._cache:
+            def neg(valid):
+                return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+
+            ny = neg(self.key_y)[:, None].expand(self.ns_y, self.ns_x, self.H, self.ay)
+            nx = neg(self.key_x)[None, :].expand(self.ns_y, self.ns_x, self.H, self.ax)
+            self._cache[key] = (ny.reshape(self.n_seg, self.H, self.ay), nx.reshape(self.n_seg, self.H, self.ax))
+        return self._cache[key]
+
+    def rel_index(self, axis: int, length: int) -> torch.Tensor:
+        """(a, a) indices into a rel-pos table of ``length`` rows for the dilated in-segment offsets along
+        ``axis`` (0: rows, 1: columns)."""
+        key = ("rel", axis, length)
+        if key not in self._cache:
+            a, step = (self.ay, self.dy) if axis == 0 else (self.ax, self.dx)
+            pos = torch.arange(a, device=self.heads.device) * step
+            self._cache[key] = pos[:, None] - pos[None, :] + (length - 1) // 2
+        return self._cache[key]
+
+    def gather_qkv(self, q, k, v, pad_kv):
+        """q, k, v (B, N, H, D) -> three (B * S, H, L, D) tensors of the segments (views, for a dense
+        layout); without dilation, one copy for all three (and none to stack them when they are views of one
+        qkv tensor)."""
+        B, N, H, D = q.shape
+        if self.trivial:
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        fill = None
+        if pad_kv is not None:
+            fill = torch.stack((torch.zeros_like(pad_kv[0]), pad_kv[0], pad_kv[1])).to(q.dtype)  # (3, H, D)
+        if self.dilated:
+            fills = (None, None, None) if fill is None else fill.unbind(0)
+            return tuple(self.gather(t, f) for t, f in zip((q, k, v), fills))
+        rows, cols = self.br.rows, self.br.cols
+        g = _stacked(q, k, v).view(B, rows, cols, 3, H, D)
+        if self.pad_y or self.pad_x:
+            buf = g.new_empty(B, rows + self.pad_y, cols + self.pad_x, 3, H, D)
+            buf[:, :rows, :cols] = g
+            value = fill if fill is not None else 0.0
+            buf[:, rows:] = value
+            buf[:, :rows, cols:] = value
+            g = buf
+        # segment-major, then token; each token's q, k, v stay one contiguous run of 3 * H * D values (a copy
+        # in long runs), and the kernel reads q, k, v strided from it
+        g = g.reshape(B, self.ns_y, self.sh, self.ns_x, self.sw, 3 * H * D).permute(0, 1, 3, 2, 4, 5)
+        g = g.reshape(B * self.n_seg, self.sh * self.sw, 3, H, D)
+        return g[:, :, 0].transpose(1, 2), g[:, :, 1].transpose(1, 2), g[:, :, 2].transpose(1, 2)
+
+    def scatter_rows(self, t: torch.Tensor, B: int) -> torch.Tensor:
+        """(B * S, L, H, E) (segment-major, then query) -> (B, N, H, E) for a layout without dilation."""
+        H, E = self.H, t.shape[-1]
+        if self.trivial:
+            return t.view(B, self.br.rows * self.br.cols, H, E)
+        t = t.view(B, self.ns_y, self.ns_x, self.sh, self.sw, H, E).permute(0, 1, 3, 2, 4, 5, 6)
+        t = t.reshape(B, self.ns_y * self.sh, self.ns_x * self.sw, H, E)
+        return t[:, : self.br.rows, : self.br.cols].reshape(B, self.br.rows * self.br.cols, H, E)
 
     @staticmethod
     def _axis(offset, step, count, n_seg, seg, length, full):
@@ -129,6 +237,132 @@ class _Layout:
         return t[:, : self.br.rows, : self.br.cols].reshape(B, self.br.rows * self.br.cols, H, E)
 
 
+def decomposed_bias_reference(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """rel_h (..., ay), rel_w (..., ax) -> (..., ay * ax): ``out[..., i * ax + j] = rel_h[..., i] + rel_w[..., j]``."""
+    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+
+
+_warned_bias = []
+
+
+def decomposed_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`decomposed_bias_reference`, written into ``out`` (contiguous, (..., ay * ax)) when given, by the C++
+    op ``sam_fast::decomposed_bias`` (PyTorch's broadcasting add crawls over SAM's 14-wide rows). While
+    torch.compile traces, and if the extension did not load (said once, as a warning), the reference."""
+    from ._ext import extension_error
+
+    if torch.compiler.is_compiling() or rel_h.dtype not in (torch.float32, torch.float64):
+        return decomposed_bias_reference(rel_h, rel_w)
+    err = extension_error()
+    if err is not None:
+        if not _warned_bias:
+            _warned_bias.append(err)
+            import warnings
+
+            warnings.warn(f"sam_fast CPU attention: building the rel-pos bias with PyTorch ops (slower): {err}",
+                          RuntimeWarning, stacklevel=2)
+        ref = decomposed_bias_reference(rel_h, rel_w)
+        return ref if out is None else out.copy_(ref)
+    if out is None:
+        out = rel_h.new_empty((*rel_h.shape[:-1], rel_h.shape[-1] * rel_w.shape[-1]))
+    torch.ops.sam_fast.decomposed_bias(rel_h, rel_w, out)
+    return out
+
+
+_LAYOUTS: Dict[tuple, _Layout] = {}
+_MAX_LAYOUTS = 64
+
+
+def _layout(br: ResolvedBranch, full: bool, H: int, device) -> _Layout:
+    """The branch's layout, built once per (branch, virtual keys, heads, device) and reused (a model has a
+    handful); rebuilt while torch.compile traces, so that it sees tensors it created."""
+    if torch.compiler.is_compiling():
+        return _Layout(br, full, H, device)
+    key = (br, full, H, torch.device(device))
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        lay = _LAYOUTS[key] = _Layout(br, full, H, device)
+    return lay
+
+
+def _stacked(q, k, v) -> torch.Tensor:
+    """(B, N, 3, H, D): a view when q, k, v are the three parts of one qkv tensor (SAM's blocks reshape
+    ``qkv(x)`` to (B, N, 3, H, D) and unbind it), else a stacked copy."""
+    B, N, H, D = q.shape
+    st = q.stride()
+    if not torch.compiler.is_compiling() and q.dtype == k.dtype == v.dtype and st == k.stride() == v.stride():
+        step = H * D * q.element_size()
+        same = q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        if same and st[3] == 1 and st[2] == D and k.data_ptr() - q.data_ptr() == step \
+                and v.data_ptr() - k.data_ptr() == step:
+            return q.as_strided((B, N, 3, H, D), (st[0], st[1], H * D, D, 1))
+    return torch.stack((q, k, v), dim=2)
+
+
+def _chunks(lay: _Layout, H: int, L: int, itemsize: int):
+    """(segments per chunk, dilated query rows per chunk) so that a chunk's bias fits BIAS_CHUNK_BYTES
+    (at least one query row of one segment)."""
+    row = H * lay.ax * L * itemsize
+    if lay.ay * row <= BIAS_CHUNK_BYTES:
+        return max(1, min(lay.n_seg, BIAS_CHUNK_BYTES // (lay.ay * row))), lay.ay
+    return 1, max(1, BIAS_CHUNK_BYTES // row)
+
+
+def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float, pad_kv):
+    """The no-autograd path of one batched branch (see the module docstring). Returns out (B, N, H, D) in
+    q's dtype and lse (B, N, H)."""
+    B, N, H, D = q.shape
+    cdt = compute_dtype(q.dtype)
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    bias_dtype = torch.promote_types(cdt, torch.float32)
+    qs, ks, vs = (t.to(cdt) for t in lay.gather_qkv(q, k, v, pad_kv))
+    S, L = qs.shape[0], qs.shape[2]
+    ay, ax = lay.ay, lay.ax
+    th = tw = None
+    if rel_pos_h is not None:
+        th = rel_pos_h.to(bias_dtype)[lay.rel_index(0, rel_pos_h.shape[0])]  # (ay, ay, D)
+        tw = rel_pos_w.to(bias_dtype)[lay.rel_index(1, rel_pos_w.shape[0])]  # (ax, ax, D)
+    neg = None if lay.all_keys else lay.key_neg(bias_dtype)
+    cs, cy = _chunks(lay, H, L, torch.finfo(bias_dtype).bits // 8)
+    # results in (segment, query, head) order: the scatter reads them once; the kernel writes its output
+    # in this order too (a (c, q, H, D) tensor seen as (c, H, q, D))
+    out = q.new_empty(S, L, H, D)
+    buf = torch.empty(cs * H * cy * ax * L if th is not None else 0, dtype=bias_dtype, device=q.device)
+    lse = torch.empty(S, H, L, dtype=lse_dtype, device=q.device)
+    for b in range(B):
+        for j0 in range(0, lay.n_seg, cs):
+            j1 = min(lay.n_seg, j0 + cs)
+            s0, s1 = b * lay.n_seg + j0, b * lay.n_seg + j1
+            for y0 in range(0, ay, cy):
+                y1 = min(ay, y0 + cy)
+                qc = qs[s0:s1, :, y0 * ax:y1 * ax]
+                mask = None
+                if th is not None:
+                    q5 = qc.reshape(s1 - s0, H, y1 - y0, ax, D).to(bias_dtype)
+                    rh = torch.einsum("shyxd,ykd->shyxk", q5, th[y0:y1])
+                    rw = torch.einsum("shyxd,xkd->shyxk", q5, tw)
+                    if neg is not None:
+                        rh = rh + neg[0][j0:j1, :, None, None, :]
+                        rw = rw + neg[1][j0:j1, :, None, None, :]
+                    n = (s1 - s0) * H * (y1 - y0) * ax * L
+                    mask = decomposed_bias(rh, rw, buf[:n].view(*rh.shape[:-1], L))
+                    mask = mask.reshape(s1 - s0, H, (y1 - y0) * ax, L)  # a view but while compiling
+                elif neg is not None:
+                    mask = (neg[0][j0:j1, :, :, None] + neg[1][j0:j1, :, None, :]).view(s1 - s0, H, 1, L)
+                    mask = mask.expand(s1 - s0, H, (y1 - y0) * ax, L)
+                # rows of padded queries may see no key (NaN there): the scatter drops them
+                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    qc, ks[s0:s1], vs[s0:s1], attn_mask=mask, scale=scale)[:2]
+                out[s0:s1, y0 * ax:y1 * ax] = o.transpose(1, 2)
+                lse[s0:s1, :, y0 * ax:y1 * ax] = l
+    lse_out = lay.scatter(lse[..., None], B, float("-inf"))[..., 0]
+    if lay.dilated:
+        return lay.scatter(out.transpose(1, 2), B, 0.0), lse_out
+    return lay.scatter_rows(out, B), lse_out
+
+
 def _fused_ok(*tensors) -> bool:
     """Whether PyTorch's fused CPU attention may run: it takes no gradient through its mask (the rel-pos
     bias depends on q and the tables), so only when autograd records nothing here."""
@@ -142,45 +376,30 @@ def segment_batched_attention(q, k, v, br: ResolvedBranch, rel_pos_h, rel_pos_w,
     """One branch over all its segments and heads at once; q, k, v (B, N, H, D). Returns
     ``(out (B, N, H, D), lse (B, N, H))``; lse -inf (and out 0) where the head keeps no position."""
     B, N, H, D = q.shape
-    lay = _Layout(br, pad_kv is not None, H, q.device)
+    lay = _layout(br, pad_kv is not None, H, q.device)
+    if _fused_ok(q, k, v, rel_pos_h, rel_pos_w, *(pad_kv or ())):
+        return _inference_branch(q, k, v, lay, rel_pos_h, rel_pos_w, scale, pad_kv)
     pk, pv = pad_kv if pad_kv is not None else (None, None)
     qs, ks, vs = lay.gather(q), lay.gather(k, pk), lay.gather(v, pv)  # (B * S, H, L, D)
     S, L = qs.shape[0], qs.shape[2]
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
-    fused = _fused_ok(q, k, v, rel_pos_h, rel_pos_w, *(pad_kv or ()))
     rel = None
     if rel_pos_h is not None:
-        # The fused kernel adds its mask to float32 logits: a float32 bias saves it the roundings of a
-        # half-precision one (three of them, as many as the reference's, which the tests measure against)
-        bias_dtype = lse_dtype if fused else q.dtype
-        q5 = qs.reshape(S, H, lay.ay, lay.ax, D).to(bias_dtype)
-        rel_h = torch.einsum("shyxd,ykd->shyxk", q5, _rel_table(rel_pos_h, lay.ay, lay.dy, bias_dtype))
-        rel_w = torch.einsum("shyxd,xkd->shyxk", q5, _rel_table(rel_pos_w, lay.ax, lay.dx, bias_dtype))
+        q5 = qs.reshape(S, H, lay.ay, lay.ax, D)
+        rel_h = torch.einsum("shyxd,ykd->shyxk", q5, _rel_table(rel_pos_h, lay.ay, lay.dy, q.dtype))
+        rel_w = torch.einsum("shyxd,xkd->shyxk", q5, _rel_table(rel_pos_w, lay.ax, lay.dx, q.dtype))
         rel = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(S, H, L, L)
-    n_seg = lay.ns_y * lay.ns_x
-    if fused:
-        # Inference: one fused CPU kernel (blocked online softmax, lse returned), the bias as its mask.
-        # Rows of padded queries may see no key (NaN there); they are dropped by the scatter.
-        mask = rel
-        if not lay.all_keys:
-            neg = torch.zeros(lay.is_key.shape, dtype=q.dtype if rel is None else rel.dtype, device=q.device)
-            neg.masked_fill_(~lay.is_key, float("-inf"))
-            neg = neg[:, :, None, :].repeat(B, 1, 1, 1)  # (B * S, H, 1, L)
-            mask = neg.expand(S, H, L, L) if mask is None else mask + neg
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, attn_mask=mask,
-                                                                              scale=scale)[:2]
-        lse = lse.to(lse_dtype)
-    else:
-        logits = torch.matmul(qs * scale, ks.transpose(-1, -2))  # (B * S, H, L, L)
-        if rel is not None:
-            logits = logits + rel
-        if not lay.all_keys:
-            # only real queries' rows: a padded query's row keeps its keys, so that no row is all -inf
-            # (its softmax would be NaN, and NaN times a zero gradient is still NaN)
-            hide = (~lay.is_key)[:, :, None, :] & lay.is_query[:, :, :, None]
-            logits = logits.view(B, n_seg, H, L, L).masked_fill(hide, float("-inf")).view_as(logits)
-        lse = torch.logsumexp(logits.to(lse_dtype), dim=-1)
-        out = torch.matmul(logits.softmax(dim=-1), vs)
+    n_seg = lay.n_seg
+    logits = torch.matmul(qs * scale, ks.transpose(-1, -2))  # (B * S, H, L, L)
+    if rel is not None:
+        logits = logits + rel
+    if not lay.all_keys:
+        # only real queries' rows: a padded query's row keeps its keys, so that no row is all -inf
+        # (its softmax would be NaN, and NaN times a zero gradient is still NaN)
+        hide = (~lay.is_key)[:, :, None, :] & lay.is_query[:, :, :, None]
+        logits = logits.view(B, n_seg, H, L, L).masked_fill(hide, float("-inf")).view_as(logits)
+    lse = torch.logsumexp(logits.to(lse_dtype), dim=-1)
+    out = torch.matmul(logits.softmax(dim=-1), vs)
     # every padded query lies past its segment or the grid, where the scatter crops it away
     return lay.scatter(out, B, 0.0), lay.scatter(lse[..., None], B, float("-inf"))[..., 0]
 
