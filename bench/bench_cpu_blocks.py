@@ -19,7 +19,7 @@ fp32 always; bf16 where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX
 rounds, so a slow spell of a shared machine hits every peer alike. ``max_err`` is the largest absolute
 difference from segment_anything's block run in float64.
 
-    python bench/bench_cpu_blocks.py [--out bench/results] [--quick]
+    python bench/bench_cpu_blocks.py [--out bench/results] [--quick] [--no-compile] [--blocks global,small]
 """
 
 from __future__ import annotations
@@ -125,14 +125,17 @@ def peers(block, dtype, compile_peer):
     return out
 
 
-def run(out_dir: str, quick: bool = False, device: str = None):
+def run(out_dir: str, quick: bool = False, device: str = None, no_compile: bool = False, blocks: str = ""):
     if device not in (None, "cpu"):
         raise ValueError(f"device: this benchmark times the CPU path, got {device!r}")
     prov = provenance(torch.device("cpu"))
     all_threads = torch.get_num_threads()
     threads = sorted({1, all_threads})
     dtypes = [torch.float32] + ([torch.bfloat16] if fast_bf16() else [])
-    blocks = BLOCKS[:2] if quick else BLOCKS
+    chosen = [b for b in BLOCKS if not blocks or any(w.strip() and w.strip() in b[0] for w in blocks.split(","))]
+    if not chosen:
+        raise ValueError(f"--blocks {blocks!r} matches none of {[b[0] for b in BLOCKS]}")
+    blocks = chosen[:2] if quick else chosen
     rounds = 3 if quick else 7
     rows = []
     cases = [(b, dt) for b in blocks for dt in dtypes]
@@ -143,7 +146,7 @@ def run(out_dir: str, quick: bool = False, device: str = None):
         with torch.no_grad():
             ref = block.double()(x.double())
             block.float()
-        mods = peers(block, dtype, compile_peer=not quick)
+        mods = peers(block, dtype, compile_peer=not (quick or no_compile))
         xd = x.to(dtype)
         fns = {}
         errs = {}
@@ -173,7 +176,9 @@ def run(out_dir: str, quick: bool = False, device: str = None):
 
 
 def main(argv=None):
-    return bench_main(__doc__, run, BASELINE, argv)
+    return bench_main(__doc__, run, BASELINE, argv, options=(
+        ("--no-compile", "store_true", "leave out the torch.compile peer (it takes tens of seconds per case)"),
+        ("--blocks", "store", "comma-separated parts of block names to run, e.g. 'global' or 'vit_b'")))
 
 
 if __name__ == "__main__":

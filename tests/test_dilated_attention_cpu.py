@@ -185,3 +185,141 @@ def test_cpu_backend_compiles_without_graph_breaks():
     torch._dynamo.reset()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v))
+
+
+# The inference path's own machinery: SAM-shaped odd geometries (partial windows, head dims 14 and 80,
+# dilated patterns), chunk boundaries, the geometry cache, the C++ bias op and the half-precision fallback.
+ODD = [
+    (1, (9, 11), 3, 14, Branch((4, 4)), True),  # partial windows padded with virtual keys, head dim 14
+    (2, (6, 7), 2, 80, None, False),  # dense, head dim 80, batch 2
+    (1, (9, 11), 4, 14, Branch((5, 6), 2), False),  # dilated with partial segments
+    (1, (8, 8), 2, 80, Branch((4, 4), (2, 1)), True),  # dilated window, head dim 80
+]
+
+
+def _sam_inputs(B, grid, H, D, dtype, qkv_views=True, seed=0):
+    """q, k, v as views of one (B, N, 3, H, D) tensor (SAM's blocks) or separate tensors; tables; pad_kv."""
+    gen = torch.Generator().manual_seed(seed)
+    N = grid[0] * grid[1]
+    if qkv_views:
+        q, k, v = torch.randn(B, N, 3, H, D, generator=gen, dtype=torch.float64).to(dtype).unbind(2)
+    else:
+        q, k, v = (torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    L = 2 * max(*grid) - 1
+    th, tw = (torch.randn(L, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    pad = tuple(torch.randn(H, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    return q, k, v, th, tw, pad
+
+
+def _attend(q, k, v, th, tw, pad, pattern, grid, backend):
+    with torch.no_grad():
+        return sam_fast.dilated_attention(q, k, v, pattern, grid=grid, rel_pos_h=th, rel_pos_w=tw, pad_kv=pad,
+                                          return_lse=True, backend=backend)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["one-row", "few-rows", "whole"])
+@pytest.mark.parametrize("case", ODD, ids=lambda c: f"{c[1]}-D{c[3]}-{c[4]}-pad{int(c[5])}")
+def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, monkeypatch):
+    """Chunks as small as one query row of one segment, a few rows (cutting segments mid-way in a dense
+    block), or the whole bias at once: same outputs and lse; float32 and bf16 by the tolerance rule, q, k, v
+    as views of one qkv tensor and as separate tensors."""
+    import sam_fast.ops.dilated_attention_cpu as cpu
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    monkeypatch.setattr(cpu, "BIAS_CHUNK_BYTES", chunk_bytes)
+    B, grid, H, D, pattern, padded = case
+    for dtype, views in ((torch.float64, True), (torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
+        q, k, v, th, tw, pad = _sam_inputs(B, grid, H, D, dtype, views)
+        pad = pad if padded else None
+        out, lse = _attend(q, k, v, th, tw, pad, pattern, grid, "cpu")
+        exact = _attend(*(t.double() for t in (q, k, v, th, tw)), tuple(p.double() for p in pad) if pad else None,
+                        pattern, grid, "reference")
+        if dtype == torch.float64:
+            assert _rel(out, exact[0]) <= 1e-12 and _rel(lse, exact[1]) <= 1e-12
+            continue
+        same = _attend(q, k, v, th, tw, pad, pattern, grid, "reference")
+        check_against_reference("out", out, exact[0], same[0], dtype, FWD_FACTOR)
+        check_against_reference("lse", lse, exact[1], same[1], dtype, FWD_FACTOR)
+
+
+def test_chunk_plan_bounds_the_bias():
+    """The chunk plan keeps a chunk's bias within BIAS_CHUNK_BYTES, or one query row of one segment when even
+    that is larger; the chunks cover every segment and row."""
+    from sam_fast.ops.dilated_attention_cpu import BIAS_CHUNK_BYTES, _chunks, _Layout
+    from sam_fast.pattern import ResolvedBranch
+
+    for rows, cols, seg, H in (((64, 64, (14, 14), 12)), (64, 64, (64, 64), 12), (64, 64, (64, 64), 16),
+                               (16, 16, (7, 7), 4), (5, 300, (5, 300), 2)):
+        lay = _Layout(ResolvedBranch(rows, cols, seg, (1, 1), True), True, H, "cpu")
+        L = lay.ay * lay.ax
+        cs, cy = _chunks(lay, H, L, 4)
+        assert 1 <= cs <= lay.n_seg and 1 <= cy <= lay.ay
+        row = H * lay.ax * L * 4
+        assert cs * cy * row <= max(BIAS_CHUNK_BYTES, row)
+        if cy < lay.ay:
+            assert cs == 1
+
+
+def test_geometry_cache_is_keyed_by_geometry_heads_and_padding():
+    """Two geometries, head counts and padding modes alternating in one process: each call gets its own
+    layout (right answers every time), and a repeated geometry reuses its layout instead of rebuilding it."""
+    import sam_fast.ops.dilated_attention_cpu as cpu
+
+    cpu._LAYOUTS.clear()
+    cases = [((9, 11), 3, Branch((4, 4)), True), ((7, 7), 2, Branch((4, 4)), True), ((9, 11), 2, Branch((4, 4)), True),
+             ((9, 11), 3, Branch((4, 4)), False), ((9, 11), 3, Branch((4, 4), 2), False)]
+    for rnd in range(2):
+        for grid, H, pattern, padded in cases:
+            q, k, v, th, tw, pad = _sam_inputs(1, grid, H, 8, torch.float64, seed=rnd)
+            pad = pad if padded else None
+            out, lse = _attend(q, k, v, th, tw, pad, pattern, grid, "cpu")
+            ref = _attend(q, k, v, th, tw, pad, pattern, grid, "reference")
+            assert _rel(out, ref[0]) <= 1e-12 and _rel(lse, ref[1]) <= 1e-12
+        if rnd == 0:
+            first = dict(cpu._LAYOUTS)
+    assert len(first) == len(cases) and all(cpu._LAYOUTS[key] is lay for key, lay in first.items())
+
+
+def test_decomposed_bias_op_matches_its_reference():
+    """sam_fast::decomposed_bias (C++) against the broadcasting add it replaces, rows of 14, 16, 17 and 64
+    (the AVX-512 path's masked tails) in float32 and float64, strided inputs, written into the given buffer;
+    a wrong buffer or dtype is refused."""
+    from sam_fast.ops.dilated_attention_cpu import decomposed_bias, decomposed_bias_reference
+
+    gen = torch.Generator().manual_seed(0)
+    for ay, ax in ((14, 14), (16, 16), (3, 17), (64, 64), (1, 1)):
+        for dtype in (torch.float32, torch.float64):
+            rh = torch.randn(2, 3, ay, 5, generator=gen, dtype=dtype).transpose(-1, -2)  # strided
+            rw = torch.randn(2, 3, 5, ax, generator=gen, dtype=dtype)
+            out = torch.full((2, 3, 5, ay * ax), float("nan"), dtype=dtype)
+            got = decomposed_bias(rh, rw, out)
+            assert got is out and torch.equal(out, decomposed_bias_reference(rh, rw))
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.sam_fast.decomposed_bias(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 11))
+    with pytest.raises(RuntimeError, match="float32 or all float64"):
+        torch.ops.sam_fast.decomposed_bias(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.float64),
+                                           torch.zeros(2, 12))
+
+
+def test_half_precision_without_cpu_support_computes_in_float32(monkeypatch):
+    """On a CPU without bf16 / fp16 matmul instructions the inference path multiplies in float32 and returns
+    the input dtype, within the tolerance rule."""
+    import sam_fast.ops.dilated_attention_cpu as cpu
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    monkeypatch.setattr(cpu, "_FAST_HALF", {torch.bfloat16: False, torch.float16: False})
+    assert cpu.compute_dtype(torch.bfloat16) == torch.float32 and cpu.compute_dtype(torch.float32) == torch.float32
+    calls = []
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(cpu.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda q, *a, **kw: calls.append(q.dtype) or real(q, *a, **kw), raising=False)
+    grid, H, D = (9, 11), 3, 14
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v, th, tw, pad = _sam_inputs(1, grid, H, D, dtype)
+        out, lse = _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "cpu")
+        exact = _attend(*(t.double() for t in (q, k, v, th, tw)), tuple(p.double() for p in pad), Branch((4, 4)),
+                        grid, "reference")
+        same = _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "reference")
+        assert out.dtype == dtype
+        check_against_reference("out", out, exact[0], same[0], dtype, FWD_FACTOR)
+    assert calls and set(calls) == {torch.float32}
