@@ -184,9 +184,9 @@ class _Layout:
     def scatter_rows(self, t: torch.Tensor, B: int) -> torch.Tensor:
         """(B * S, L, H, E) (segment-major, then query) -> (B, N, H, E) for a layout without dilation."""
         H, E = self.H, t.shape[-1]
-        if self.trivial:
-            return t.view(B, self.br.rows * self.br.cols, H, E)
-        t = t.view(B, self.ns_y, self.ns_x, self.sh, self.sw, H, E).permute(0, 1, 3, 2, 4, 5, 6)
+        if self.trivial:  # (views when t is contiguous, as the kernel's output is)
+            return t.reshape(B, self.br.rows * self.br.cols, H, E)
+        t = t.reshape(B, self.ns_y, self.ns_x, self.sh, self.sw, H, E).permute(0, 1, 3, 2, 4, 5, 6)
         t = t.reshape(B, self.ns_y * self.sh, self.ns_x * self.sw, H, E)
         return t[:, : self.br.rows, : self.br.cols].reshape(B, self.br.rows * self.br.cols, H, E)
 
@@ -328,35 +328,44 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
     cs, cy = _chunks(lay, H, L, torch.finfo(bias_dtype).bits // 8)
     # results in (segment, query, head) order: the scatter reads them once; the kernel writes its output
     # in this order too (a (c, q, H, D) tensor seen as (c, H, q, D))
-    out = q.new_empty(S, L, H, D)
     buf = torch.empty(cs * H * cy * ax * L if th is not None else 0, dtype=bias_dtype, device=q.device)
-    lse = torch.empty(S, H, L, dtype=lse_dtype, device=q.device)
-    for b in range(B):
-        for j0 in range(0, lay.n_seg, cs):
-            j1 = min(lay.n_seg, j0 + cs)
-            s0, s1 = b * lay.n_seg + j0, b * lay.n_seg + j1
-            for y0 in range(0, ay, cy):
-                y1 = min(ay, y0 + cy)
-                qc = qs[s0:s1, :, y0 * ax:y1 * ax]
-                mask = None
-                if th is not None:
-                    q5 = qc.reshape(s1 - s0, H, y1 - y0, ax, D).to(bias_dtype)
-                    rh = torch.einsum("shyxd,ykd->shyxk", q5, th[y0:y1])
-                    rw = torch.einsum("shyxd,xkd->shyxk", q5, tw)
-                    if neg is not None:
-                        rh = rh + neg[0][j0:j1, :, None, None, :]
-                        rw = rw + neg[1][j0:j1, :, None, None, :]
-                    n = (s1 - s0) * H * (y1 - y0) * ax * L
-                    mask = decomposed_bias(rh, rw, buf[:n].view(*rh.shape[:-1], L))
-                    mask = mask.reshape(s1 - s0, H, (y1 - y0) * ax, L)  # a view but while compiling
-                elif neg is not None:
-                    mask = (neg[0][j0:j1, :, :, None] + neg[1][j0:j1, :, None, :]).view(s1 - s0, H, 1, L)
-                    mask = mask.expand(s1 - s0, H, (y1 - y0) * ax, L)
-                # rows of padded queries may see no key (NaN there): the scatter drops them
-                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    qc, ks[s0:s1], vs[s0:s1], attn_mask=mask, scale=scale)[:2]
-                out[s0:s1, y0 * ax:y1 * ax] = o.transpose(1, 2)
-                lse[s0:s1, :, y0 * ax:y1 * ax] = l
+
+    def chunk(s0, s1, j0, j1, y0, y1):
+        """Segments s0:s1 (j0:j1 within their image), dilated query rows y0:y1 -> the kernel's (o, lse)."""
+        qc = qs[s0:s1, :, y0 * ax:y1 * ax]
+        mask = None
+        if th is not None:
+            q5 = qc.reshape(s1 - s0, H, y1 - y0, ax, D).to(bias_dtype)
+            rh = torch.einsum("shyxd,ykd->shyxk", q5, th[y0:y1])
+            rw = torch.einsum("shyxd,xkd->shyxk", q5, tw)
+            if neg is not None:
+                rh = rh + neg[0][j0:j1, :, None, None, :]
+                rw = rw + neg[1][j0:j1, :, None, None, :]
+            n = (s1 - s0) * H * (y1 - y0) * ax * L
+            mask = decomposed_bias(rh, rw, buf[:n].view(*rh.shape[:-1], L))
+            mask = mask.reshape(s1 - s0, H, (y1 - y0) * ax, L)  # a view but while compiling
+        elif neg is not None:
+            mask = (neg[0][j0:j1, :, :, None] + neg[1][j0:j1, :, None, :]).view(s1 - s0, H, 1, L)
+            mask = mask.expand(s1 - s0, H, (y1 - y0) * ax, L)
+        # rows of padded queries may see no key (NaN there): the scatter drops them
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qc, ks[s0:s1], vs[s0:s1], attn_mask=mask,
+                                                                          scale=scale)[:2]
+
+    if B == 1 and cs >= lay.n_seg and cy >= ay:  # one chunk: the kernel's own output is the result
+        o, lse = chunk(0, S, 0, lay.n_seg, 0, ay)
+        out, lse = o.transpose(1, 2).to(q.dtype), lse.to(lse_dtype)
+    else:
+        out = q.new_empty(S, L, H, D)
+        lse = torch.empty(S, H, L, dtype=lse_dtype, device=q.device)
+        for b in range(B):
+            for j0 in range(0, lay.n_seg, cs):
+                j1 = min(lay.n_seg, j0 + cs)
+                s0, s1 = b * lay.n_seg + j0, b * lay.n_seg + j1
+                for y0 in range(0, ay, cy):
+                    y1 = min(ay, y0 + cy)
+                    o, l = chunk(s0, s1, j0, j1, y0, y1)
+                    out[s0:s1, y0 * ax:y1 * ax] = o.transpose(1, 2)
+                    lse[s0:s1, :, y0 * ax:y1 * ax] = l
     lse_out = lay.scatter(lse[..., None], B, float("-inf"))[..., 0]
     if lay.dilated:
         return lay.scatter(out.transpose(1, 2), B, 0.0), lse_out
