@@ -58,13 +58,29 @@ def _planned_results(script):
     return rows
 
 
-@pytest.mark.parametrize("target", targets.TARGETS, ids=lambda t: t.text[:48])
+@pytest.mark.parametrize("target", [t for t in targets.TARGETS if not t.measured_here], ids=lambda t: t.text[:48])
 def test_every_target_has_a_stage_that_writes_its_rows(target):
     stages = [s for s in gv.verify_stages("/nowhere") if target.script in s.measures]
     assert stages, f"no verify stage runs {target.script}"
     assert "--targets" in stages[0].command
     verdict = targets.evaluate(target, _planned_results(target.script))
     assert verdict.status != "not measured", f"{target.script} --targets writes no row that {target.text!r} reads"
+
+
+def test_targets_measured_on_the_cpu_machine_read_their_scripts_rows():
+    """The CPU path's targets are measured here, by the script itself: rows shaped as bench_cpu_blocks writes
+    them (every block, dtype, thread count and peer of a full run) give each a verdict."""
+    from sam_fast.bench import bench_cpu_blocks as script
+
+    here = [t for t in targets.TARGETS if t.measured_here]
+    assert here and all(t.script == "bench_cpu_blocks" for t in here)
+    peers = [script.BASELINE, "sdpa_mask", "sdpa_mask_compiled", "sam_fast(cpu)"]
+    rows = [dict(op="cpu_block", case=f"{b[0]} {dt} t{t}", backend=p, mode="fwd", median_ms="2.0" if p == peers[-1]
+                 else "3.0", timestamp="2026-01-01T00:00:00", device="cpu (x86_64, 2 cores)")
+            for b in script.BLOCKS for dt in ("float32", "bfloat16") for t in (1, 2) for p in peers]
+    for t in here:
+        verdict = targets.evaluate(t, rows)
+        assert verdict.status == "met" and verdict.worst == pytest.approx(1.5), t.text
 
 
 def test_targets_mode_is_smaller_than_the_full_run():

@@ -41,6 +41,9 @@ class Target:
     unit: str = "x"
     largest_only: bool = False  # only the case(s) with the most work (M * K * N)
     ratio_of: str = "median_ms"  # with a peer: the column whose peer / ours ratio is the figure
+    # measured on the 2-core development CPU by running the script there (the CPU path's targets are stated
+    # for that machine), not by a verify stage of a GPU session
+    measured_here: bool = False
 
 
 def _num(text) -> float:
@@ -126,6 +129,17 @@ TARGETS: Sequence[Target] = (
            "bench_decoder", False,
            _is("mask_postprocess", "sam_fast_cpu", case=lambda c: c.startswith("P=1024 ") and "1024x1024" in c), 5.0,
            peer=_is("mask_postprocess", "segment_anything")),
+    Target("cpu_attention", "CPU (2 cores): every SAM-sized block (SlimSAM-77 / ViT-B, window / global; fp32, bf16; "
+           "1 and 2 threads) >= 1.2x SDPA-with-mask", "bench_cpu_blocks", False,
+           _is("cpu_block", "sam_fast(cpu)", case=lambda c: not c.startswith("small")), 1.2,
+           peer=_is("cpu_block", "sdpa_mask"), measured_here=True),
+    Target("cpu_attention", "CPU (2 cores): every SAM-sized block >= 1.2x torch.compile of SDPA-with-mask",
+           "bench_cpu_blocks", False, _is("cpu_block", "sam_fast(cpu)", case=lambda c: not c.startswith("small")),
+           1.2, peer=_is("cpu_block", "sdpa_mask_compiled"), measured_here=True),
+    Target("cpu_attention", "CPU (2 cores): the smallest block (the tiny encoder's window-7 block) >= 1.0x "
+           "segment_anything", "bench_cpu_blocks", False,
+           _is("cpu_block", "sam_fast(cpu)", case=lambda c: c.startswith("small")), 1.0,
+           peer=_is("cpu_block", "segment_anything"), measured_here=True),
 )
 
 
