@@ -33,4 +33,14 @@ TORCH_LIBRARY(sam_fast, m) {
   // SAM's decomposed rel-pos bias in full (csrc/cpu/attention_bias.cpp): rel_h (..., ay), rel_w (..., ax),
   // float32 or float64, written into out (..., ay * ax): out[..., i * ax + j] = rel_h[..., i] + rel_w[..., j].
   m.def("decomposed_bias(Tensor rel_h, Tensor rel_w, Tensor(a!) out) -> ()");
+  // The W8A8 path's CPU kernels (csrc/cpu/int8_cpu.cpp), the reference's numerics in one pass each:
+  // per-row int8 of x (M, K) (a static scale: one value) -> (q int8, scale f32 (M,) or the static scale);
+  m.def("quantize_rows_cpu(Tensor x, Tensor? scale) -> (Tensor, Tensor)");
+  // LayerNorm over K in fp32, then per-row int8 -> (q, scale (M,));
+  m.def("layer_norm_quantize_cpu(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  // int32 acc (M, N) -> ((float(acc) * a_scale) * w_scale) + bias [-> exact GELU] -> out_dtype (float32,
+  // bfloat16, float16, or int8 re-quantised with out_scale).
+  m.def(
+      "int8_epilogue_cpu(Tensor acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu, ScalarType out_dtype, "
+      "Tensor? out_scale) -> Tensor");
 }

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from devices import gpu, smoke
 
 import sam_fast
+from sam_fast import _C  # noqa: F401  (registers the sam_fast:: C++ ops the tests call directly)
 from sam_fast.kernels import int8_linear as K
 from sam_fast.ops import int8_linear as ops
 from sam_fast.reference import int8_linear as R
@@ -85,7 +86,7 @@ def test_non_finite_rows_come_out_nan_on_both_backends():
     w, b = _weights(24, 48, seed=22)
     wq, ws = R.quantize_weight(w)
     clean = [0, 2, 5]
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "cpu", "reference"):
         q, s = sam_fast.quantize_per_token(x, backend=backend)
         assert torch.isnan(s[[1, 3, 4]]).all() and torch.isfinite(s[clean]).all()
         assert not q[[1, 3, 4]].any()
@@ -104,6 +105,62 @@ def test_non_finite_rows_come_out_nan_on_both_backends():
     got = K.int8_gemm(a, sa, wq, ws, b, out_dtype=torch.int8, out_scale=scale)
     assert torch.equal(got, R.int8_gemm(a, sa, wq, ws, b, out_dtype=torch.int8, out_scale=scale))
     assert not got[[1, 3, 4]].any()
+    assert torch.equal(torch.ops.sam_fast.quantize_rows_cpu(x, scale)[0], R.quantize_static(x, scale))
+
+
+# The CPU backend's C++ ops (csrc/cpu/int8_cpu.cpp) against the reference, across their blocks of rows.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 1), (37, 13), (300, 768), (3, 5120)])
+def test_cpu_quantize_equals_the_reference(m, k, dtype):
+    """Per-token and static quantisation: integers and scales bit for bit, an all-zero row, strided rows."""
+    x = _activations(m, k, seed=m * k, dtype=dtype)
+    x[0] = 0
+    q, s = sam_fast.quantize_per_token(x, backend="cpu")
+    qr, sr = R.quantize_per_token(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    wide = _activations(m, 2 * k, seed=k, dtype=dtype)[:, :k]
+    assert torch.equal(sam_fast.quantize_per_token(wide, backend="cpu")[0], R.quantize_per_token(wide)[0])
+    scale = torch.tensor(0.03)
+    assert torch.equal(torch.ops.sam_fast.quantize_rows_cpu(x, scale)[0], R.quantize_static(x, scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,affine", [(19, 64, True), (200, 768, True), (8, 40, False), (2, 5120, True)])
+def test_cpu_layer_norm_quantize_equals_the_reference(m, k, affine, dtype):
+    """LayerNorm -> int8 in one pass runs ATen's own LayerNorm on blocks of rows: the same integers and scales
+    as the reference's whole-tensor LayerNorm then quantisation."""
+    x = (torch.randn(m, k, generator=_gen(k)) * 3 + 1).to(dtype)
+    w = torch.randn(k, generator=_gen(k + 1)).to(dtype) if affine else None
+    b = torch.randn(k, generator=_gen(k + 2)).to(dtype) if affine else None
+    q, s = sam_fast.layer_norm_quantize(x, w, b, 1e-6, backend="cpu")
+    qr, sr = R.layer_norm_quantize(x, w, b, 1e-6)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+@pytest.mark.parametrize("m,k,n", [(300, 768, 2304), (5, 96, 3072), (1, 64, 1), (90, 40, 50)])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_cpu_epilogue_matches_the_reference(m, k, n, activation, out_dtype):
+    """Dequantise + bias (+ GELU) and the cast or re-quantisation, dynamic and static input scales, with and
+    without bias: without GELU bit for bit; with it to rounding level (ATen's GELU splits rows into vector and
+    scalar parts at other places than the reference's whole-tensor call), as integers within one step."""
+    x = _activations(m, k, seed=k + n)
+    w, b = _weights(n, k, seed=n + 1)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    out_scale = torch.tensor(0.02) if out_dtype == torch.int8 else None
+    for act_scale, bias in ((None, b), (torch.tensor(0.05), None), (None, b.to(torch.bfloat16))):
+        kw = dict(act_scale=act_scale, activation=activation, out_dtype=out_dtype, out_scale=out_scale)
+        y = sam_fast.int8_linear(x, wq, ws, bias, backend="cpu", **kw)
+        yr = sam_fast.int8_linear(x, wq, ws, bias, backend="reference", **kw)
+        assert y.dtype == yr.dtype == out_dtype and y.shape == (m, n)
+        if activation is None:
+            assert torch.equal(y, yr)
+        elif out_dtype == torch.int8:
+            assert int((y.int() - yr.int()).abs().max()) <= 1
+        else:
+            check_rounding_level("int8_linear", y, yr)
 
 
 def test_round_half_even_like_torch():
@@ -111,6 +168,8 @@ def test_round_half_even_like_torch():
     q = K.quantize_rows(x, torch.tensor(1.0))[0]
     assert q.tolist() == [[0, 2, 2, 0, -2, -2, 126, 0, 3, -126, 127, 0]]
     assert torch.equal(q, R.quantize_static(x, torch.tensor(1.0)))
+    long = x.repeat(1, 4)  # the C++ op's 16-wide loop and its masked tail
+    assert torch.equal(torch.ops.sam_fast.quantize_rows_cpu(long, torch.tensor(1.0))[0], q.repeat(1, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,269 @@
+// CPU kernels of the W8A8 path (schemas in csrc/ops.cpp): per-row quantisation, LayerNorm -> per-row
+// quantisation, and the GEMM epilogue around torch._int_mm's int32 accumulator.
+//
+// The numerics are the reference's (sam_fast/reference/int8_linear.py) operation for operation: IEEE fp32
+// division and round-half-even for quantisation, NaN -> 0 and +-inf -> +-127, a NaN scale for a row holding
+// either; the epilogue's ((float(acc) * a_scale) * w_scale) + bias in separate fp32 roundings (this file is
+// built for baseline x86-64, so nothing is contracted into an FMA). What is PyTorch's own in the reference
+// (the LayerNorm, the exact-erf GELU) is PyTorch's here too: ATen's kernels run on a block of rows that is
+// still in cache, inside the one pass over the data, instead of as separate passes over whole tensors.
+// Quantisation and the epilogue without GELU therefore equal the reference bit for bit; GELU and LayerNorm
+// equal it up to where ATen's vectorised and scalar loops split a row (rounding level).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+namespace sam_fast {
+namespace {
+
+constexpr float kQmax = 127.0f;
+
+// clamp(round(v / s), -127, 127) with NaN -> 0 (the reference's quantize)
+inline int8_t quantize_one(float v, float s) {
+  const float r = std::nearbyint(v / s);
+  if (std::isnan(r)) return 0;
+  return static_cast<int8_t>(std::min(kQmax, std::max(-kQmax, r)));
+}
+
+// max|row| / 127 (1 for an all-zero row, NaN for a row holding NaN or +-inf)
+template <typename T>
+inline float row_scale(const T* row, int64_t K) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = static_cast<float>(row[k]);
+    finite = finite && std::isfinite(v);
+    amax = std::max(amax, std::fabs(v));
+  }
+  if (!finite) return std::numeric_limits<float>::quiet_NaN();
+  const float s = amax / kQmax;
+  return s == 0.0f ? 1.0f : s;
+}
+
+template <typename T>
+inline void quantize_row(const T* row, int64_t K, float s, int8_t* q) {
+  for (int64_t k = 0; k < K; ++k) q[k] = quantize_one(static_cast<float>(row[k]), s);
+}
+
+// fp32 rows on AVX-512 (checked at run time; this file is otherwise built for baseline x86-64, where
+// round-half-even is a libm call per value): the same IEEE division, rounding, NaN and clamp rules,
+// 16 values at a time, masked tails.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SAM_FAST_INT8_AVX512 1
+__attribute__((target("avx512f"))) float row_scale_avx512(const float* row, int64_t K) {
+  __m512 amax = _mm512_setzero_ps();
+  __m512 bad = _mm512_setzero_ps();  // x - x is NaN exactly where x is NaN or +-inf
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, row + k);
+    bad = _mm512_add_ps(bad, _mm512_sub_ps(v, v));
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+  }
+  if (_mm512_cmp_ps_mask(bad, bad, _CMP_UNORD_Q)) return std::numeric_limits<float>::quiet_NaN();
+  const float s = _mm512_reduce_max_ps(amax) / kQmax;
+  return s == 0.0f ? 1.0f : s;
+}
+
+__attribute__((target("avx512f"))) void quantize_row_avx512(const float* row, int64_t K, float s, int8_t* q) {
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512 hi = _mm512_set1_ps(kQmax), lo = _mm512_set1_ps(-kQmax);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, row + k), vs),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);  // NaN -> 0
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    _mm512_mask_cvtepi32_storeu_epi8(q + k, m, _mm512_cvtps_epi32(r));
+  }
+}
+
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
+inline float row_scale_f32(const float* row, int64_t K) {
+#ifdef SAM_FAST_INT8_AVX512
+  if (has_avx512()) return row_scale_avx512(row, K);
+#endif
+  return row_scale(row, K);
+}
+
+inline void quantize_row_f32(const float* row, int64_t K, float s, int8_t* q) {
+#ifdef SAM_FAST_INT8_AVX512
+  if (has_avx512()) return quantize_row_avx512(row, K, s, q);
+#endif
+  quantize_row(row, K, s, q);
+}
+
+template <typename T>
+inline float any_row_scale(const T* row, int64_t K) { return row_scale(row, K); }
+template <>
+inline float any_row_scale<float>(const float* row, int64_t K) { return row_scale_f32(row, K); }
+template <typename T>
+inline void any_quantize_row(const T* row, int64_t K, float s, int8_t* q) { quantize_row(row, K, s, q); }
+template <>
+inline void any_quantize_row<float>(const float* row, int64_t K, float s, int8_t* q) { quantize_row_f32(row, K, s, q); }
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, name, ": x must be 2-D (M, K), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              name, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+// rows per block: about `elems` values, at least one row
+inline int64_t block_rows(int64_t K, int64_t elems) { return std::max<int64_t>(1, elems / std::max<int64_t>(1, K)); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& scale) {
+  check_rows(x_in, "quantize_rows");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s;
+  float static_scale = 0.0f;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->numel() == 1, "quantize_rows: a static scale must hold one value, got ", scale->sizes());
+    s = scale->to(at::kFloat);
+    static_scale = s.item<float>();
+  } else {
+    s = at::empty({M}, x.options().dtype(at::kFloat));
+  }
+  if (M == 0 || K == 0) {
+    if (!scale.has_value()) s.fill_(1.0f);
+    return {q, s};
+  }
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.has_value() ? nullptr : s.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, block_rows(K, 16384), [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        const scalar_t* row = xp + m * K;
+        const float rs = sp ? any_row_scale(row, K) : static_scale;
+        if (sp) sp[m] = rs;
+        any_quantize_row(row, K, rs, qp + m * K);
+      }
+    });
+  });
+  return {q, s};
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+                                                           const c10::optional<at::Tensor>& bias, double eps) {
+  check_rows(x_in, "layer_norm_quantize");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, s};
+  // the reference normalises x.float() with float weights: so do the blocks
+  const c10::optional<at::Tensor> w = weight.has_value() ? c10::optional<at::Tensor>(weight->to(at::kFloat)) : c10::nullopt;
+  const c10::optional<at::Tensor> bb = bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  // a block of rows (about 32K values, 128 KB in fp32) is normalised by ATen's own LayerNorm while it is in
+  // cache, then scaled and quantised; ATen runs single-threaded inside this parallel region
+  at::parallel_for(0, M, block_rows(K, 32768), [&](int64_t b, int64_t e) {
+    const at::Tensor y = at::layer_norm(x.narrow(0, b, e - b).to(at::kFloat), {K}, w, bb, eps).contiguous();
+    const float* yp = y.data_ptr<float>();
+    for (int64_t m = b; m < e; ++m) {
+      const float* row = yp + (m - b) * K;
+      const float rs = row_scale_f32(row, K);
+      sp[m] = rs;
+      quantize_row_f32(row, K, rs, qp + m * K);
+    }
+  });
+  return {q, s};
+}
+
+at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& a_scale_in, const at::Tensor& w_scale_in,
+                             const c10::optional<at::Tensor>& bias_in, bool gelu, at::ScalarType out_dtype,
+                             const c10::optional<at::Tensor>& out_scale) {
+  TORCH_CHECK(acc_in.dim() == 2 && acc_in.scalar_type() == at::kInt, "int8_epilogue: acc must be 2-D int32, got ",
+              acc_in.scalar_type(), " ", acc_in.sizes());
+  const at::Tensor acc = acc_in.contiguous();
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const at::Tensor a_scale = a_scale_in.to(at::kFloat).contiguous();
+  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(a_scale.numel() == 1 || (a_scale.dim() == 1 && a_scale.size(0) == M),
+              "int8_epilogue: a_scale must hold one value or M = ", M, " values, got ", a_scale.sizes());
+  TORCH_CHECK(w_scale.numel() == N, "int8_epilogue: w_scale must hold N = ", N, " values, got ", w_scale.sizes());
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == N, "int8_epilogue: bias must hold N = ", N, " values, got ", bias.sizes());
+  }
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kChar,
+              "int8_epilogue: out_dtype must be float32, bfloat16, float16 or int8, got ", out_dtype);
+  float o_scale = 1.0f;
+  if (out_dtype == at::kChar) {
+    TORCH_CHECK(out_scale.has_value() && out_scale->numel() == 1, "int8_epilogue: an int8 output needs out_scale");
+    o_scale = out_scale->to(at::kFloat).item<float>();
+  }
+  at::Tensor out = at::empty({M, N}, acc.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* asp = a_scale.data_ptr<float>();
+  const bool per_row = a_scale.numel() != 1 || a_scale.dim() == 1;
+  const float* wsp = w_scale.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  // blocks of about 64K outputs (256 KB of fp32): dequantised into a buffer that stays in cache through the
+  // GELU and the final cast or re-quantisation
+  at::parallel_for(0, M, block_rows(N, 65536), [&](int64_t b, int64_t e) {
+    at::Tensor buf = at::empty({e - b, N}, acc.options().dtype(at::kFloat));
+    float* y = buf.data_ptr<float>();
+    for (int64_t m = b; m < e; ++m) {
+      const float as = per_row ? asp[m] : asp[0];
+      const int32_t* arow = ap + m * N;
+      float* yrow = y + (m - b) * N;
+      for (int64_t n = 0; n < N; ++n) {
+        float t = static_cast<float>(arow[n]) * as;
+        t = t * wsp[n];
+        yrow[n] = bp ? t + bp[n] : t;
+      }
+    }
+    if (gelu) at::gelu_(buf);
+    const int64_t count = (e - b) * N;
+    switch (out_dtype) {
+      case at::kFloat:
+        std::copy(y, y + count, out.data_ptr<float>() + b * N);
+        break;
+      case at::kBFloat16: {
+        c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + b * N;
+        for (int64_t i = 0; i < count; ++i) o[i] = c10::BFloat16(y[i]);
+        break;
+      }
+      case at::kHalf: {
+        c10::Half* o = out.data_ptr<c10::Half>() + b * N;
+        for (int64_t i = 0; i < count; ++i) o[i] = c10::Half(y[i]);
+        break;
+      }
+      default: {
+        quantize_row_f32(y, count, o_scale, out.data_ptr<int8_t>() + b * N);
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
+  m.impl("quantize_rows_cpu", &quantize_rows_cpu);
+  m.impl("layer_norm_quantize_cpu", &layer_norm_quantize_cpu);
+  m.impl("int8_epilogue_cpu", &int8_epilogue_cpu);
+}
+
+}  // namespace sam_fast
