@@ -117,6 +117,36 @@ inline void any_quantize_row(const T* row, int64_t K, float s, int8_t* q) { quan
 template <>
 inline void any_quantize_row<float>(const float* row, int64_t K, float s, int8_t* q) { quantize_row_f32(row, K, s, q); }
 
+// ((float(acc) * as) * ws[n]) + bias[n]: three separate fp32 roundings, as the reference's three ops
+void dequantize_row_generic(const int32_t* acc, int64_t N, float as, const float* ws, const float* bias, float* y) {
+  if (bias) {
+    for (int64_t n = 0; n < N; ++n) y[n] = (static_cast<float>(acc[n]) * as) * ws[n] + bias[n];
+  } else {
+    for (int64_t n = 0; n < N; ++n) y[n] = (static_cast<float>(acc[n]) * as) * ws[n];
+  }
+}
+
+#ifdef SAM_FAST_INT8_AVX512
+__attribute__((target("avx512f"))) void dequantize_row_avx512(const int32_t* acc, int64_t N, float as, const float* ws,
+                                                                const float* bias, float* y) {
+  const __m512 vas = _mm512_set1_ps(as);
+  for (int64_t n = 0; n < N; n += 16) {
+    const __mmask16 m = N - n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (N - n)) - 1u);
+    __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc + n)), vas);
+    t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, ws + n));
+    if (bias) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, bias + n));
+    _mm512_mask_storeu_ps(y + n, m, t);
+  }
+}
+#endif
+
+inline void dequantize_row(const int32_t* acc, int64_t N, float as, const float* ws, const float* bias, float* y) {
+#ifdef SAM_FAST_INT8_AVX512
+  if (has_avx512()) return dequantize_row_avx512(acc, N, as, ws, bias, y);
+#endif
+  dequantize_row_generic(acc, N, as, ws, bias, y);
+}
+
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2, name, ": x must be 2-D (M, K), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
@@ -221,26 +251,18 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& a_scale
   const bool per_row = a_scale.numel() != 1 || a_scale.dim() == 1;
   const float* wsp = w_scale.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  // blocks of about 64K outputs (256 KB of fp32): dequantised into a buffer that stays in cache through the
-  // GELU and the final cast or re-quantisation
+  // blocks of about 64K outputs (256 KB of fp32): dequantised straight into a float32 output, otherwise into
+  // a buffer that stays in cache through the GELU and the final cast or re-quantisation
   at::parallel_for(0, M, block_rows(N, 65536), [&](int64_t b, int64_t e) {
-    at::Tensor buf = at::empty({e - b, N}, acc.options().dtype(at::kFloat));
+    at::Tensor buf = out_dtype == at::kFloat ? out.narrow(0, b, e - b) : at::empty({e - b, N}, acc.options().dtype(at::kFloat));
     float* y = buf.data_ptr<float>();
     for (int64_t m = b; m < e; ++m) {
-      const float as = per_row ? asp[m] : asp[0];
-      const int32_t* arow = ap + m * N;
-      float* yrow = y + (m - b) * N;
-      for (int64_t n = 0; n < N; ++n) {
-        float t = static_cast<float>(arow[n]) * as;
-        t = t * wsp[n];
-        yrow[n] = bp ? t + bp[n] : t;
-      }
+      dequantize_row(ap + m * N, N, per_row ? asp[m] : asp[0], wsp, bp, y + (m - b) * N);
     }
     if (gelu) at::gelu_(buf);
     const int64_t count = (e - b) * N;
     switch (out_dtype) {
       case at::kFloat:
-        std::copy(y, y + count, out.data_ptr<float>() + b * N);
         break;
       case at::kBFloat16: {
         c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + b * N;
@@ -252,9 +274,8 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& a_scale
         for (int64_t i = 0; i < count; ++i) o[i] = c10::Half(y[i]);
         break;
       }
-      default: {
+      default:
         quantize_row_f32(y, count, o_scale, out.data_ptr<int8_t>() + b * N);
-      }
     }
   });
   return out;
