@@ -18,9 +18,12 @@ Backends per encoder (same weights, same input batch, one run):
 are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning) and MobileSAM's TinyViT, with
 random weights (no checkpoint can be downloaded here, so the SQNR figures describe random weights, not
 a trained SAM), batch 8 (1 with
---quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one.
+--quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one, or with ``--models``
+the released geometries at 1024 px, one image at a time (``--dtypes float32,bfloat16``), with
+``sdpa_bias`` (the same SDPA-with-mask attention, not compiled) as a further peer.
 
     python bench/bench_e2e.py [--out bench/results] [--quick | --targets] [--compile] [--models vit_b,vit_h]
+                              [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -91,7 +94,12 @@ def _encoders(gpu: bool, wanted=()):
     """(name, encoder) pairs, built one at a time; with ``wanted`` only those names are built."""
     from sam_fast.models import BlockGeometry, EncoderGeometry, build_image_encoder, released_geometry
 
-    if not gpu:
+    released = ("vit_h", "vit_b", "slimsam_77", "slimsam_50")
+    if not gpu and wanted and all(w in released + ("vit_t",) for w in wanted):
+        # the released geometries on the CPU (--models): 1024 px, B=1; MobileSAM's TinyViT for vit_t
+        geoms = [(name, released_geometry(name)) for name in released]
+        tinyvit = {}
+    elif not gpu:
         from sam_fast.models import tiny_image_encoder
 
         yield "tiny-256", tiny_image_encoder(img_size=256, embed_dim=128, num_heads=4, depth=4, window_size=4,
@@ -106,7 +114,7 @@ def _encoders(gpu: bool, wanted=()):
     else:
         # random weights at the released geometries: SAM ViT-B / ViT-H and SlimSAM's uniform 50% / 77%
         # (head dim 32 / 14; SlimSAM-77's 4096-token global attention at head dim 14 is its hot spot)
-        geoms = [(name, released_geometry(name)) for name in ("vit_h", "vit_b", "slimsam_77", "slimsam_50")]
+        geoms = [(name, released_geometry(name)) for name in released]
         tinyvit = {}  # MobileSAM's / TinySAM's TinyViT-5M
     gen = torch.Generator().manual_seed(0)
     for name, geom in geoms:
@@ -144,7 +152,7 @@ def planned_rows(targets=True):
 
 
 def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = False, models: str = "",
-        targets: bool = False):
+        targets: bool = False, dtypes: str = ""):
     import sam_fast
     from sam_fast import SamFastConfig
     from sam_fast.quantize import calibrate, sqnr_db
@@ -152,12 +160,18 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = dev.type == "cuda"
     prov = provenance(dev)
-    dtype = torch.bfloat16 if gpu else torch.float32
-    batch = (1 if quick else 8) if gpu else 2
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    wanted_dtypes = [d.strip() for d in dtypes.split(",") if d.strip()]
+    for d in wanted_dtypes:
+        if d not in names:
+            raise ValueError(f"--dtypes: {d!r} is not one of {sorted(names)}")
+    dtype_list = [names[d] for d in wanted_dtypes] or [torch.bfloat16 if gpu else torch.float32]
+    wanted = [m.strip() for m in models.split(",") if m.strip()] or (list(TARGET_MODELS) if targets else [])
+    full_cpu = not gpu and bool(wanted)  # released geometries on the CPU: one 1024 px image at a time
+    batch = (1 if quick else 8) if gpu else (1 if full_cpu else 2)
     rows = LiveRows(out_dir, SCRIPT, ["sqnr_db"])
     images = _images(8)
-    wanted = [m.strip() for m in models.split(",") if m.strip()] or (list(TARGET_MODELS) if targets else [])
-    for name, enc in _encoders(gpu, wanted):
+    for (name, enc), dtype in ((e, d) for e in _encoders(gpu, wanted) for d in dtype_list):
         enc = enc.to(device=dev, dtype=dtype)
         x = torch.randn(batch, 3, enc.img_size, enc.img_size, device=dev, generator=torch.Generator(device=dev)
                         .manual_seed(0)).to(dtype)
@@ -165,6 +179,8 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
         if hasattr(enc, "blocks"):
             configs = [(BASELINE, None), ("sam_fast_exact", SamFastConfig(attention="exact")),
                        ("sam_fast_exact_int8", SamFastConfig(attention="exact", quantize="int8", calibration=cal))]
+            if not gpu:  # on the CPU the plain peer runs too (the GPU one is pinned to the memory-efficient kernel)
+                configs.insert(1, ("sdpa_bias", "sdpa"))
             if compile:
                 configs += [("sdpa_bias+compile", "sdpa"), ("sam_fast_exact+compile", SamFastConfig(attention="exact"))]
         else:  # TinyViT keeps its own window attention (SDPA with its bias table); W8A8 linears only
@@ -184,7 +200,7 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
             with torch.no_grad():
                 out = fn(x).float()  # the first call compiles
                 ref = out if ref is None else ref
-                m = measure(lambda: fn(x), dev, cpu_reps=3, rep_ms=300)
+                m = measure(lambda: fn(x), dev, cpu_reps=1 if full_cpu and quick else 3, rep_ms=300)
             if isinstance(handle, _SdpaBias):
                 handle.__exit__(None, None, None)
             elif handle is not None:
@@ -205,7 +221,9 @@ def main(argv=None):
     return bench_main(__doc__, run, BASELINE, argv, options=[
         ("--compile", "store_true", "also time torch.compile'd encoders (segment-anything-fast's SDPA + compile, "
                                     "and sam_fast's)"),
-        ("--models", "store", "comma-separated subset of the encoders, e.g. vit_b,vit_h")])
+        ("--models", "store", "comma-separated subset of the encoders, e.g. vit_b,vit_h (on a CPU: these at 1024 px)"),
+        ("--dtypes", "store", "comma-separated dtypes, e.g. float32,bfloat16 (default: bfloat16 on a GPU, float32 "
+                              "on a CPU)")])
 
 
 if __name__ == "__main__":
