@@ -2,11 +2,9 @@
 // out in the layout the fused CPU attention reads as its mask.
 //
 // rel_h (..., ay) and rel_w (..., ax) -> out (..., ay * ax), out[..., i * ax + j] = rel_h[..., i] +
-// rel_w[..., j], into a buffer the caller reuses chunk after chunk (a fresh one per chunk costs page
-// faults). PyTorch's broadcasting add does the same, but with an innermost dimension of only ax (14 for a
+// rel_w[..., j], into a buffer the caller reuses chunk after chunk. PyTorch's broadcasting add does the same, but with an innermost dimension of only ax (14 for a
 // SAM window) its loop runs at a fraction of memory speed. On x86-64 with AVX-512 (checked at run time)
-// a row of rel_w sits in a register and each output run is one masked store; elsewhere a plain loop,
-// compiled for AVX2 and baseline x86-64 too (the loader picks).
+// a row of rel_w sits in a register and each output run is one masked store; elsewhere a plain loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,12 +15,6 @@
 
 #include <algorithm>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SAM_FAST_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SAM_FAST_CPU_CLONES
-#endif
 
 namespace sam_fast {
 namespace {
@@ -50,16 +42,16 @@ __attribute__((target("avx512f"))) void bias_rows_f32_avx512(const float* h, con
 }
 #endif
 
-SAM_FAST_CPU_CLONES
-void bias_rows_f32_generic(const float* h, const float* w, float* out, int64_t begin, int64_t end, int64_t ay,
-                           int64_t ax) {
+// one output row at a time, a plain loop (double, and CPUs without AVX-512)
+template <typename T>
+void bias_rows_generic(const T* h, const T* w, T* out, int64_t begin, int64_t end, int64_t ay, int64_t ax) {
   for (int64_t r = begin; r < end; ++r) {
-    const float* hr = h + r * ay;
-    const float* wr = w + r * ax;
-    float* o = out + r * ay * ax;
+    const T* hr = h + r * ay;
+    const T* wr = w + r * ax;
+    T* o = out + r * ay * ax;
     for (int64_t i = 0; i < ay; ++i) {
-      const float hv = hr[i];
-      float* oi = o + i * ax;
+      const T hv = hr[i];
+      T* oi = o + i * ax;
       for (int64_t j = 0; j < ax; ++j) oi[j] = hv + wr[j];
     }
   }
@@ -71,22 +63,7 @@ void bias_rows_f32(const float* h, const float* w, float* out, int64_t begin, in
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512) return bias_rows_f32_avx512(h, w, out, begin, end, ay, ax);
 #endif
-  bias_rows_f32_generic(h, w, out, begin, end, ay, ax);
-}
-
-SAM_FAST_CPU_CLONES
-void bias_rows_f64(const double* h, const double* w, double* out, int64_t begin, int64_t end, int64_t ay,
-                   int64_t ax) {
-  for (int64_t r = begin; r < end; ++r) {
-    const double* hr = h + r * ay;
-    const double* wr = w + r * ax;
-    double* o = out + r * ay * ax;
-    for (int64_t i = 0; i < ay; ++i) {
-      const double hv = hr[i];
-      double* oi = o + i * ax;
-      for (int64_t j = 0; j < ax; ++j) oi[j] = hv + wr[j];
-    }
-  }
+  bias_rows_generic(h, w, out, begin, end, ay, ax);
 }
 
 }  // namespace
@@ -123,7 +100,7 @@ void decomposed_bias_cpu(const at::Tensor& rel_h, const at::Tensor& rel_w, at::T
     const double* hp = h.data_ptr<double>();
     const double* wp = w.data_ptr<double>();
     double* op = out.data_ptr<double>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bias_rows_f64(hp, wp, op, b, e, ay, ax); });
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bias_rows_generic(hp, wp, op, b, e, ay, ax); });
   }
 }
 
