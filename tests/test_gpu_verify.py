@@ -266,6 +266,12 @@ def test_main_leaves_the_table_log_and_session_archive_in_out(tmp_path, monkeypa
     assert "./results/bench_decoder.csv" in names and "./targets_stand-in.log" in names
 
 
+def test_merge_results_merges_into_the_committed_results_by_default():
+    from tools.merge_results import DEFAULT_INTO
+
+    assert os.path.samefile(DEFAULT_INTO, os.path.join(ROOT, "bench", "results"))
+
+
 def test_merge_results_takes_the_session_archive(tmp_path, capsys):
     import tarfile
 

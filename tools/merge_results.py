@@ -18,6 +18,8 @@ import sys
 from sam_fast.bench.harness import append_csv, read_csv
 
 KEY = ("timestamp", "git_sha", "op", "case", "backend", "mode")
+# the committed results folder, wherever the command runs from
+DEFAULT_INTO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
 
 
 def merge(src_dir: str, into: str) -> int:
@@ -67,7 +69,7 @@ def merge_session(tgz: str, into: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="folder holding <script>.csv files, or a GPU call's session.tgz")
-    ap.add_argument("--into", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--into", default=DEFAULT_INTO)
     args = ap.parse_args(argv)
     if args.src.endswith((".tgz", ".tar.gz")):
         return merge_session(args.src, args.into)
