@@ -317,7 +317,7 @@ def run_ray(files: Sequence[str], out_dir: str, worker_kwargs: dict, *, shard_si
                                        error="cannot read: not a readable file"))
 
     def finish(k, bar):
-        summary.add(dict(write_shard(out_dir, k, pending.pop(k))))
+        summary.add(write_shard(out_dir, k, pending.pop(k)))
         bar.update(1)
 
     kwargs = dict(worker_kwargs)
