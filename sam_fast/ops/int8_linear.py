@@ -24,9 +24,9 @@ from typing import Optional, Tuple
 import torch
 
 from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
-from ._ext import cpp_device_refusal
 from ..kernels import int8_linear as _k
 from ..reference import int8_linear as _ref
+from ._ext import cpp_device_refusal
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
