@@ -263,6 +263,9 @@ def decomposed_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, out: Optional[torc
                           RuntimeWarning, stacklevel=2)
         ref = decomposed_bias_reference(rel_h, rel_w)
         return ref if out is None else out.copy_(ref)
+    if not getattr(decomposed_bias, "fake", False):  # a fake for tracing tools (opcheck), once
+        torch.library.register_fake("sam_fast::decomposed_bias")(lambda rel_h, rel_w, out: None)
+        decomposed_bias.fake = True
     if out is None:
         out = rel_h.new_empty((*rel_h.shape[:-1], rel_h.shape[-1] * rel_w.shape[-1]))
     torch.ops.sam_fast.decomposed_bias(rel_h, rel_w, out)

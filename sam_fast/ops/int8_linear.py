@@ -95,7 +95,33 @@ def _rows_supports(x, *args, explicit, **kwargs):
 
 
 def _cpu_supports(x, *args, explicit, **kwargs):
-    return cpp_device_refusal(x, "cpu")
+    refusal = cpp_device_refusal(x, "cpu")
+    if refusal is None:
+        _register_cpu_fakes()
+    return refusal
+
+
+def _register_cpu_fakes():
+    """Fake implementations of the C++ CPU ops (so torch.compile traces through them), once, after the
+    extension loaded."""
+    if getattr(_register_cpu_fakes, "done", False):
+        return
+
+    def quantize_rows(x, scale):
+        s = x.new_empty(x.shape[0], dtype=torch.float32) if scale is None else scale.new_empty(scale.shape,
+                                                                                                dtype=torch.float32)
+        return x.new_empty(x.shape, dtype=torch.int8), s
+
+    def layer_norm_quantize(x, weight, bias, eps):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+    def epilogue(acc, a_scale, w_scale, bias, gelu, out_dtype, out_scale):
+        return acc.new_empty(acc.shape, dtype=out_dtype)
+
+    torch.library.register_fake("sam_fast::quantize_rows_cpu")(quantize_rows)
+    torch.library.register_fake("sam_fast::layer_norm_quantize_cpu")(layer_norm_quantize)
+    torch.library.register_fake("sam_fast::int8_epilogue_cpu")(epilogue)
+    _register_cpu_fakes.done = True
 
 
 def _any_supports(*args, explicit, **kwargs):
