@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in, con
   float static_scale = 0.0f;
   if (scale.has_value()) {
     TORCH_CHECK(scale->numel() == 1, "quantize_rows: a static scale must hold one value, got ", scale->sizes());
-    s = scale->to(at::kFloat);
+    s = scale->to(at::kFloat).clone();  // an output must not alias an input (custom-op rule)
     static_scale = s.item<float>();
   } else {
     s = at::empty({M}, x.options().dtype(at::kFloat));
