@@ -15,8 +15,10 @@ Peers in the same run:
 
 Columns: ``tops`` = 2 M N K / time (int8 dense peak on H100 SXM: 1979 TOPS), and ``sqnr_db`` of each
 backend's output against the fp32 ``F.linear`` of the same float weights beside the speed.
-On a CPU-only machine the CPU backends run on small M and the Triton kernels are checked for
-correctness under the interpreter (not timed).
+On a CPU-only machine the peers are ``torch_fp32`` (``F.linear`` in float32, the baseline), ``int_mm+separate``
+and ``sam_fast(cpu)`` (the C++ quantisation and epilogue around ``torch._int_mm``), in float32, at M = 4096 and
+1024 rows for the linears of SlimSAM-77, TinyViT's last two stages, SlimSAM-50 and ViT-B (M = 256, ViT-B only,
+with --quick); the Triton kernels are checked for correctness under the interpreter (not timed, M = 64).
 
     python bench/bench_int8_linear.py [--out bench/results] [--quick | --targets]
 """
@@ -38,6 +40,14 @@ SCRIPT = "bench_int8_linear"
 BASELINE = "cublas_bf16" if torch.cuda.is_available() else "torch_fp32"
 VIT_B = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 VIT_H = [(1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)]
+# the CPU's full run: the narrower families too, where int8 may lose to float (sam_fast keeps layers with
+# fewer than surgery.CPU_MIN_IN_FEATURES input channels float on a CPU; these rows are what that rests on)
+CPU_FAMILIES = [("slimsam_77", [(168, 504), (168, 168), (168, 696), (696, 168)]),
+                ("tinyvit_s3", [(160, 480), (160, 640), (640, 160)]),
+                ("tinyvit_s4", [(320, 960), (320, 1280), (1280, 320)]),
+                ("slimsam_50", [(384, 1152), (384, 384), (384, 1536), (1536, 384)]),
+                ("vit_b", VIT_B)]
+CPU_TOKENS = (4096, 1024)  # a 1024 px image's 64 x 64 tokens; TinyViT's later stages see 32 x 32 and fewer
 
 
 def int_mm_separate(x, wq_t, ws, bias):
@@ -65,8 +75,12 @@ def cases(gpu: bool, quick: bool = False, targets: bool = False):
     largest M), so a stage cut short by its time limit has measured what the targets read."""
     if targets:
         return list(TARGET_CASES)
-    batches = ((1,) if quick else (8, 32, 1)) if gpu else (None,)
-    shapes = ([("vit_h", kn) for kn in VIT_H] if gpu else []) + [("vit_b", kn) for kn in VIT_B]
+    if not gpu:  # B stands for M here: the rows of one call
+        if quick:
+            return [(256, "vit_b", K, N) for K, N in VIT_B]
+        return [(M, model, K, N) for M in CPU_TOKENS for model, shapes in CPU_FAMILIES for K, N in shapes]
+    batches = (1,) if quick else (8, 32, 1)
+    shapes = [("vit_h", kn) for kn in VIT_H] + [("vit_b", kn) for kn in VIT_B]
     return [(B, model, K, N) for B in batches for model, (K, N) in shapes]
 
 
@@ -93,7 +107,7 @@ def workload(B, model, K, N, dev, g, names, compiled=None):
     this script times and bench/test_microbench.py benchmarks."""
     import sam_fast
 
-    M = B * 4096 if dev.type == "cuda" else 256
+    M = B * 4096 if dev.type == "cuda" else B  # on the CPU, B is M (see cases())
     x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
     w = torch.randn(N, K, device=dev, generator=g) / K**0.5
     b = torch.randn(N, device=dev, generator=g) * 0.1
@@ -113,6 +127,14 @@ def workload(B, model, K, N, dev, g, names, compiled=None):
     return _case_name(model, M, K, N), M, (x, w, b, wq, ws), {name: make[name] for name in names}
 
 
+def _interleaved_cpu(peers, rounds: int = 15):
+    """{peer: measure()-style stats} on the CPU: one call of each peer per round (a shared machine's slow
+    spells hit every peer alike), medians of the rounds."""
+    from sam_fast.bench.bench_cpu_blocks import _stats, interleaved
+
+    return {name: _stats(ms) for name, ms in interleaved(peers, rounds).items()}
+
+
 def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = False):
     import sam_fast
 
@@ -129,13 +151,14 @@ def run(out_dir: str, quick: bool = False, device: str = None, targets: bool = F
     for B, model, K, N in cases(gpu, quick, targets):
         case, M, (x, w, b, wq, ws), peers = workload(B, model, K, N, dev, g, names, compiled)
         ref = F.linear(x.float(), w, b)
+        timed = {name: measure(fn, dev) for name, fn in peers.items()} if gpu else _interleaved_cpu(peers)
         for name, fn in peers.items():
-            m = measure(fn, dev, cpu_reps=5)
+            m = timed[name]
             tops, sqnr = 2 * M * N * K / (m["median_ms"] * 1e-3) / 1e12, _sqnr(ref, fn())
             note = f"{tops:.0f} TOPS, SQNR {sqnr:.1f} dB" if gpu else f"SQNR {sqnr:.1f} dB"
             rows.append(dict(prov, op="int8_linear", case=case, backend=name, mode="fwd", metric="tops",
                              value=tops, sqnr_db=sqnr, note=note, **m))
-        if not gpu:  # the Triton kernels, for correctness only (interpreter timings mean nothing)
+        if not gpu and B == cases(gpu, quick)[0][0]:  # the Triton kernels once per (K, N), for correctness only
             y = sam_fast.int8_linear(x[:64], wq, ws, b, backend="triton")
             y_ref = sam_fast.int8_linear(x[:64], wq, ws, b, backend="reference")
             rows.append(dict(prov, op="int8_linear", case=case, backend="sam_fast(triton-interp)", mode="fwd",

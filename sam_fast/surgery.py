@@ -26,6 +26,10 @@ ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
 TINYVIT_ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
 STATIC_ROLES = (("mlp", "lin2"), ("mlp", "fc2"))  # inputs whose static scale removes a quantization pass
 MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 tensor cores to pay
+#: on a CPU, linears with fewer input channels stay in float: quantising the input and the epilogue cost about
+#: as much per output as the int8 GEMM saves over a float one when K is this short (bench/bench_int8_linear.py on
+#: the CPU: SlimSAM-77's 168-wide layers run at 0.6-0.95x float in int8, 384 and wider at 1.5x and up)
+CPU_MIN_IN_FEATURES = 256
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -92,9 +96,16 @@ def eligible_linears(model: nn.Module) -> List[LinearSlot]:
 
 
 def too_narrow(lin: nn.Module) -> Optional[str]:
-    """Why ``lin`` stays in float under W8A8, or None."""
+    """Why ``lin`` stays in float under W8A8, or None: fewer than :data:`MIN_FEATURES` channels anywhere, or on a
+    CPU (where its weight lives when quantised) fewer than :data:`CPU_MIN_IN_FEATURES` input channels, where
+    int8 would make the layer slower."""
     if min(lin.in_features, lin.out_features) < MIN_FEATURES:
         return (f"too few channels ({lin.in_features} -> {lin.out_features}, < {MIN_FEATURES}) for int8 to pay")
+    weight = getattr(lin, "weight", None)
+    on_cpu = weight is not None and weight.device.type == "cpu"
+    if on_cpu and lin.in_features < CPU_MIN_IN_FEATURES:
+        return (f"on a CPU int8 is slower than float below {CPU_MIN_IN_FEATURES} input channels "
+                f"({lin.in_features} -> {lin.out_features})")
     return None
 
 

@@ -41,6 +41,25 @@ def device(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_sanitizer: a test that races or reads out of bounds on purpose")
+    config.addinivalue_line("markers", "cpu_int8_widths: a test that keeps sam_fast's CPU int8 width rule "
+                                       "(surgery.CPU_MIN_IN_FEATURES) instead of lifting it")
+
+
+# On a CPU, quantize="int8" keeps linears with fewer than 256 input channels in float (int8 is slower there).
+# Every test model is narrower than that, so the rule would leave nothing to quantise: the tests of this process
+# lift it (module-scoped fixtures quantise too, so it is lifted here, before any fixture), except those marked
+# cpu_int8_widths, which test the rule itself. Subprocesses (CLI, scripts) keep it.
+from sam_fast import surgery as _surgery  # noqa: E402
+
+_SHIPPED_CPU_MIN_IN_FEATURES = _surgery.CPU_MIN_IN_FEATURES
+_surgery.CPU_MIN_IN_FEATURES = 0
+
+
+@pytest.fixture(autouse=True)
+def _cpu_int8_widths(monkeypatch, request):
+    if request.node.get_closest_marker("cpu_int8_widths"):
+        monkeypatch.setattr(_surgery, "CPU_MIN_IN_FEATURES", _SHIPPED_CPU_MIN_IN_FEATURES)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -158,14 +159,36 @@ def _linear_cpu_supports(x, x_scale, w, *args, explicit, **kwargs):
     return _cpu_supports(w, explicit=explicit)
 
 
+#: the int32 accumulator of a CPU int8 GEMM is written into a per-thread buffer kept between calls when it
+#: holds at most this many bytes: a fresh allocation this large comes straight from the OS (glibc maps blocks
+#: over 32 MiB itself) and its first touch page-faults, which cost as much as the int8 GEMM saves
+ACC_WORKSPACE_BYTES = 256 << 20
+_workspace = threading.local()
+
+
+def _cpu_accumulator(x: Tensor, w: Tensor) -> Tensor:
+    """``_ref.int8_mm(x, w)`` (int32 (M, N)), in the thread's reused buffer where it fits (see
+    :data:`ACC_WORKSPACE_BYTES`); the caller consumes it before the next int8 GEMM of this thread."""
+    M, K = x.shape
+    N = w.shape[0]
+    if torch.compiler.is_compiling() or K < 2 or M * N * 4 > ACC_WORKSPACE_BYTES:
+        return _ref.int8_mm(x, w)
+    buf = getattr(_workspace, "acc", None)
+    if buf is None or buf.numel() < M * N:
+        buf = _workspace.acc = torch.empty(M * N, dtype=torch.int32)
+    acc = buf[: M * N].view(M, N)
+    torch._int_mm(x, w.t(), out=acc)
+    return acc
+
+
 def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
     """The C++ quantisation and epilogue around ``torch._int_mm`` (:func:`_ref.int8_mm`): the reference's numerics,
     one pass over the activations and one over the accumulator instead of four to seven."""
     if x.dtype != torch.int8:
         x, x_scale = torch.ops.sam_fast.quantize_rows_cpu(x, x_scale)
-    acc = _ref.int8_mm(x, w)
     if out_dtype == torch.int32:
-        return acc
+        return _ref.int8_mm(x, w)
+    acc = _cpu_accumulator(x, w)
     return torch.ops.sam_fast.int8_epilogue_cpu(acc, x_scale, w_scale, bias, activation == "gelu", out_dtype,
                                                 out_scale)
 
