@@ -43,4 +43,6 @@ TORCH_LIBRARY(sam_fast, m) {
   m.def(
       "int8_epilogue_cpu(Tensor acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu, ScalarType out_dtype, "
       "Tensor? out_scale) -> Tensor");
+  // the same with a float32 result written over acc itself (read it as acc.view(float32))
+  m.def("int8_epilogue_cpu_(Tensor(a!) acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu) -> ()");
 }

@@ -163,6 +163,36 @@ def test_cpu_epilogue_matches_the_reference(m, k, n, activation, out_dtype):
             check_rounding_level("int8_linear", y, yr)
 
 
+def test_cpu_accumulator_memory_is_never_shared_with_a_result(monkeypatch):
+    """A bf16 / int8 result's int32 accumulator lives in a per-thread buffer kept between calls (grown when a
+    larger one comes); a float32 result is written over its own fresh accumulator. Earlier results stay intact
+    whatever shapes follow, the buffer is really reused, and over its size limit the path still matches."""
+    from sam_fast.ops import int8_linear as ops
+
+    def case(m, k, n, out_dtype, seed):
+        x = _activations(m, k, seed=seed)
+        w, b = _weights(n, k, seed=seed + 1)
+        wq, ws = sam_fast.quantize.quantize_weight(w)
+        out_scale = torch.tensor(0.02) if out_dtype == torch.int8 else None
+        kw = dict(out_dtype=out_dtype, out_scale=out_scale)
+        return (sam_fast.int8_linear(x, wq, ws, b, backend="cpu", **kw),
+                sam_fast.int8_linear(x, wq, ws, b, backend="reference", **kw))
+
+    results = [case(*c, seed=i) for i, c in enumerate([(33, 64, 40, torch.bfloat16), (70, 96, 130, torch.int8),
+                                                         (50, 64, 90, torch.float32), (20, 32, 24, torch.bfloat16)])]
+    buf = ops._workspace.acc
+    assert buf.numel() >= 70 * 130
+    results.append(case(10, 48, 20, torch.int8, seed=9))
+    assert ops._workspace.acc is buf  # smaller: the same buffer
+    monkeypatch.setattr(ops, "ACC_WORKSPACE_BYTES", 16)
+    results.append(case(40, 64, 72, torch.bfloat16, seed=10))
+    for y, yr in results:
+        assert torch.equal(y, yr)
+    acc = torch.zeros(8, 6, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.sam_fast.int8_epilogue_cpu_(acc.t(), torch.ones(6), torch.ones(8), None, False)
+
+
 def test_round_half_even_like_torch():
     x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 0.49999997, 3.0, -126.5, 127.49, 0.0]])
     q = K.quantize_rows(x, torch.tensor(1.0))[0]

@@ -220,9 +220,13 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x_i
   return {q, s};
 }
 
-at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& a_scale_in, const at::Tensor& w_scale_in,
-                             const c10::optional<at::Tensor>& bias_in, bool gelu, at::ScalarType out_dtype,
-                             const c10::optional<at::Tensor>& out_scale) {
+namespace {
+
+// The epilogue; in_place: a float32 result written over the (contiguous) int32 accumulator itself, each row
+// dequantised vector by vector (every vector is loaded before its results are stored)
+at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& a_scale_in, const at::Tensor& w_scale_in,
+                    const c10::optional<at::Tensor>& bias_in, bool gelu, at::ScalarType out_dtype,
+                    const c10::optional<at::Tensor>& out_scale, bool in_place) {
   TORCH_CHECK(acc_in.dim() == 2 && acc_in.scalar_type() == at::kInt, "int8_epilogue: acc must be 2-D int32, got ",
               acc_in.scalar_type(), " ", acc_in.sizes());
   const at::Tensor acc = acc_in.contiguous();
@@ -244,7 +248,7 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& a_scale
     TORCH_CHECK(out_scale.has_value() && out_scale->numel() == 1, "int8_epilogue: an int8 output needs out_scale");
     o_scale = out_scale->to(at::kFloat).item<float>();
   }
-  at::Tensor out = at::empty({M, N}, acc.options().dtype(out_dtype));
+  at::Tensor out = in_place ? acc.view(at::kFloat) : at::empty({M, N}, acc.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* asp = a_scale.data_ptr<float>();
@@ -281,10 +285,29 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& a_scale
   return out;
 }
 
+}  // namespace
+
+at::Tensor int8_epilogue_cpu(const at::Tensor& acc, const at::Tensor& a_scale, const at::Tensor& w_scale,
+                             const c10::optional<at::Tensor>& bias, bool gelu, at::ScalarType out_dtype,
+                             const c10::optional<at::Tensor>& out_scale) {
+  return epilogue(acc, a_scale, w_scale, bias, gelu, out_dtype, out_scale, false);
+}
+
+// float32 epilogue written over acc's own memory (acc's int32 bits become the float32 result, read back with
+// acc.view(torch.float32)): a fresh int32 accumulator is the only large allocation, as for a float GEMM
+void int8_epilogue_cpu_(at::Tensor& acc, const at::Tensor& a_scale, const at::Tensor& w_scale,
+                        const c10::optional<at::Tensor>& bias, bool gelu) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(),
+              "int8_epilogue_cpu_: acc must be a contiguous 2-D int32 tensor, got ", acc.scalar_type(), " ",
+              acc.sizes());
+  epilogue(acc, a_scale, w_scale, bias, gelu, at::kFloat, c10::nullopt, true);
+}
+
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
   m.impl("quantize_rows_cpu", &quantize_rows_cpu);
   m.impl("layer_norm_quantize_cpu", &layer_norm_quantize_cpu);
   m.impl("int8_epilogue_cpu", &int8_epilogue_cpu);
+  m.impl("int8_epilogue_cpu_", &int8_epilogue_cpu_);
 }
 
 }  // namespace sam_fast

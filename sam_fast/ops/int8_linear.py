@@ -122,6 +122,7 @@ def _register_cpu_fakes():
     torch.library.register_fake("sam_fast::quantize_rows_cpu")(quantize_rows)
     torch.library.register_fake("sam_fast::layer_norm_quantize_cpu")(layer_norm_quantize)
     torch.library.register_fake("sam_fast::int8_epilogue_cpu")(epilogue)
+    torch.library.register_fake("sam_fast::int8_epilogue_cpu_")(lambda acc, a_scale, w_scale, bias, gelu: None)
     _register_cpu_fakes.done = True
 
 
@@ -159,9 +160,10 @@ def _linear_cpu_supports(x, x_scale, w, *args, explicit, **kwargs):
     return _cpu_supports(w, explicit=explicit)
 
 
-#: the int32 accumulator of a CPU int8 GEMM is written into a per-thread buffer kept between calls when it
-#: holds at most this many bytes: a fresh allocation this large comes straight from the OS (glibc maps blocks
-#: over 32 MiB itself) and its first touch page-faults, which cost as much as the int8 GEMM saves
+#: the int32 accumulator of a CPU int8 GEMM whose output is not float32 (a float32 one is written over the
+#: accumulator) goes into a per-thread buffer kept between calls when it holds at most this many bytes: a fresh
+#: allocation this large comes straight from the OS (glibc maps blocks over 32 MiB itself) and its first touch
+#: page-faults, which cost as much as the int8 GEMM saves
 ACC_WORKSPACE_BYTES = 256 << 20
 _workspace = threading.local()
 
@@ -188,7 +190,14 @@ def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_sca
         x, x_scale = torch.ops.sam_fast.quantize_rows_cpu(x, x_scale)
     if out_dtype == torch.int32:
         return _ref.int8_mm(x, w)
-    acc = _cpu_accumulator(x, w)
+    if out_dtype == torch.float32 and not torch.compiler.is_compiling():
+        # the result overwrites a fresh accumulator: one large allocation, as a float GEMM makes
+        acc = _ref.int8_mm(x, w)
+        if acc.is_contiguous():
+            torch.ops.sam_fast.int8_epilogue_cpu_(acc, x_scale, w_scale, bias, activation == "gelu")
+            return acc.view(torch.float32)
+    else:
+        acc = _cpu_accumulator(x, w)
     return torch.ops.sam_fast.int8_epilogue_cpu(acc, x_scale, w_scale, bias, activation == "gelu", out_dtype,
                                                 out_scale)
 
