@@ -33,6 +33,12 @@ TORCH_LIBRARY(sam_fast, m) {
   // SAM's decomposed rel-pos bias in full (csrc/cpu/attention_bias.cpp): rel_h (..., ay), rel_w (..., ax),
   // float32 or float64, written into out (..., ay * ax): out[..., i * ax + j] = rel_h[..., i] + rel_w[..., j].
   m.def("decomposed_bias(Tensor rel_h, Tensor rel_w, Tensor(a!) out) -> ()");
+  // softmax(scale * q k^T + rel_h[., key_y] + rel_w[., key_x]) v per segment and head, the bias added inside
+  // the kernel's row blocks (csrc/cpu/rel_pos_attention.cpp): q (S, H, Lq, D), k, v (S, H, Lk, D), rel_h
+  // (S, H, Lq, ay), rel_w (S, H, Lq, ax), ay * ax = Lk -> out (S, Lq, H, D), lse (S, H, Lq)
+  m.def(
+      "rel_pos_attention(Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, float scale, Tensor(a!) out, "
+      "Tensor(b!) lse) -> ()");
   // The W8A8 path's CPU kernels (csrc/cpu/int8_cpu.cpp), the reference's numerics in one pass each:
   // per-row int8 of x (M, K) (a static scale: one value) -> (q int8, scale f32 (M,) or the static scale);
   m.def("quantize_rows_cpu(Tensor x, Tensor? scale) -> (Tensor, Tensor)");

@@ -227,6 +227,7 @@ def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, 
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
     monkeypatch.setattr(cpu, "BIAS_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cpu, "REL_TERMS_BYTES", chunk_bytes)  # float32's kernel: segments per group
     B, grid, H, D, pattern, padded = case
     for dtype, views in ((torch.float64, True), (torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
         q, k, v, th, tw, pad = _sam_inputs(B, grid, H, D, dtype, views)
@@ -301,6 +302,103 @@ def test_decomposed_bias_op_matches_its_reference():
                                            torch.zeros(2, 12))
 
 
+def _rel_pos_attention_reference(q, k, v, rh, rw, scale):
+    """What sam_fast::rel_pos_attention computes, in plain PyTorch: out (S, Lq, H, D), lse (S, H, Lq)."""
+    bias = (rh[..., :, None] + rw[..., None, :]).flatten(-2)
+    logits = scale * (q @ k.transpose(-1, -2)) + bias
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)  # rows that see no key: zeros
+    return (p @ v).transpose(1, 2), lse
+
+
+@pytest.mark.parametrize("S,H,ay,ax,D", [(2, 3, 20, 15, 14), (1, 2, 7, 9, 80), (3, 1, 1, 1, 8), (1, 2, 3, 17, 32)])
+def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D):
+    """The float32 kernel with the bias inside its row blocks: q, k, v strided (views of one qkv tensor); more
+    than one block of rows (300 queries: 256 + 44); masked keys as -inf in rel_h / rel_w, a query row that sees
+    no key at all (out 0, lse -inf); logits up to about +-90 (the vector exp's range reduction); within the
+    tolerance rule of a float32 computation against float64. Bad arguments are refused by name."""
+    from sam_fast.ops._ext import extension_error
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    assert extension_error() is None  # (loads the C++ ops)
+    gen = torch.Generator().manual_seed(S * 100 + ax)
+    L = ay * ax
+    qkv = torch.randn(S, L, 3, H, D, generator=gen, dtype=torch.float64) * 3
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (S, H, L, D), token stride 3 * H * D
+    rh = torch.randn(S, H, L, ay, generator=gen, dtype=torch.float64) * 4
+    rw = torch.randn(S, H, L, ax, generator=gen, dtype=torch.float64) * 4
+    if ay > 2:
+        rh[:, :, :, 1] = float("-inf")  # a masked key row
+    if ax > 3:
+        rw[:, :, :, -1] = float("-inf")  # a masked key column
+    blind = S > 1 and L > 5
+    if blind:
+        rh[1, 0, 5] = float("-inf")  # one query that sees nothing
+    scale = 10.0 / D ** 0.5
+    exact = _rel_pos_attention_reference(q, k, v, rh, rw, scale)
+    f32 = [t.float() for t in (q, k, v, rh, rw)]
+    same = _rel_pos_attention_reference(*f32, scale)
+    q32, k32, v32 = (t.float().transpose(1, 2) for t in qkv.unbind(2))
+    out = torch.full((S, L, H, D), float("nan"))
+    lse = torch.full((S, H, L), float("nan"))
+    torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3], f32[4], scale, out, lse)
+    check_against_reference("out", out, exact[0], same[0], torch.float32, FWD_FACTOR)
+    finite = torch.isfinite(exact[1])
+    assert torch.equal(torch.isfinite(lse), finite)
+    check_against_reference("lse", lse[finite], exact[1][finite], same[1][finite], torch.float32, FWD_FACTOR)
+    if blind:
+        assert lse[1, 0, 5] == float("-inf") and torch.equal(out[1, 5, 0], torch.zeros(D))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.sam_fast.rel_pos_attention(q32.double(), k32, v32, f32[3], f32[4], scale, out, lse)
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        strided = torch.empty(S, L, H, 2 * D)[..., :D]
+        torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3], f32[4], scale, strided, lse)
+    with pytest.raises(RuntimeError, match="ay \\* ax"):
+        torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, torch.cat([f32[3], f32[3]], -1), f32[4], scale, out, lse)
+
+
+def test_rel_pos_attention_op_without_avx512():
+    """The kernel's plain (no AVX-512) row pass, forced in a fresh process by SAM_FAST_CPU_NO_AVX512: the same
+    checks as above."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SAM_FAST_CPU_NO_AVX512="1")
+    test = f"{__file__}::test_rel_pos_attention_op_matches_its_reference"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "4 passed" in run.stdout
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_float32_with_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx512, monkeypatch):
+    """float32 inference with a rel-pos bias runs sam_fast::rel_pos_attention where the CPU has AVX-512, and
+    PyTorch's fused kernel with the bias as its mask where it does not (the kernel's plain path is slower);
+    both match the reference."""
+    import sam_fast.ops.dilated_attention_cpu as cpu
+    from sam_fast.ops._ext import extension_error
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    assert extension_error() is None  # (loads the C++ ops)
+    monkeypatch.setattr(cpu, "_avx512", lambda: avx512)
+    calls = []
+    fused, sdpa = torch.ops.sam_fast.rel_pos_attention, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(cpu.torch.ops.sam_fast, "rel_pos_attention",
+                        lambda *a: calls.append("sam_fast") or fused(*a), raising=False)
+    monkeypatch.setattr(cpu.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda *a, **kw: calls.append("sdpa") or sdpa(*a, **kw), raising=False)
+    grid, H, D = (9, 11), 3, 14
+    q, k, v, th, tw, pad = _sam_inputs(1, grid, H, D, torch.float32)
+    out, lse = _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "cpu")
+    exact = _attend(*(t.double() for t in (q, k, v, th, tw)), tuple(p.double() for p in pad), Branch((4, 4)),
+                    grid, "reference")
+    same = _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "reference")
+    check_against_reference("out", out, exact[0], same[0], torch.float32, FWD_FACTOR)
+    assert set(calls) == {"sam_fast" if avx512 else "sdpa"}
+
+
 def test_half_precision_without_cpu_support_computes_in_float32(monkeypatch):
     """On a CPU without bf16 / fp16 matmul instructions the inference path multiplies in float32 and returns
     the input dtype, within the tolerance rule."""
@@ -313,6 +411,9 @@ def test_half_precision_without_cpu_support_computes_in_float32(monkeypatch):
     real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     monkeypatch.setattr(cpu.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
                         lambda q, *a, **kw: calls.append(q.dtype) or real(q, *a, **kw), raising=False)
+    fused = torch.ops.sam_fast.rel_pos_attention  # the float32 kernel with the bias inside
+    monkeypatch.setattr(cpu.torch.ops.sam_fast, "rel_pos_attention",
+                        lambda q, *a: calls.append(q.dtype) or fused(q, *a), raising=False)
     grid, H, D = (9, 11), 3, 14
     for dtype in (torch.bfloat16, torch.float16):
         q, k, v, th, tw, pad = _sam_inputs(1, grid, H, D, dtype)

@@ -313,6 +313,62 @@ def _chunks(lay: _Layout, H: int, L: int, itemsize: int):
     return 1, max(1, BIAS_CHUNK_BYTES // row)
 
 
+def _avx512() -> bool:
+    """Whether PyTorch runs its AVX-512 kernels on this CPU (and SAM_FAST_CPU_NO_AVX512 does not say no)."""
+    if not hasattr(_avx512, "value"):
+        import os
+
+        cap = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+        _avx512.value = cap.startswith("AVX512") and not os.environ.get("SAM_FAST_CPU_NO_AVX512")
+    return _avx512.value
+
+
+#: bytes of the two decomposed bias terms (rel_h, rel_w: S * H * L * (ay + ax) floats) the fused kernel's caller
+#: computes at once; a branch with more goes in groups of segments
+REL_TERMS_BYTES = 32 << 20
+
+
+def _fused_bias_kernel() -> bool:
+    """Whether ``sam_fast::rel_pos_attention`` (the bias added inside the kernel) may run: the C++ extension
+    loaded, the CPU has AVX-512 (the kernel's plain path, an exp per element, is slower than PyTorch's fused
+    kernel with a mask), and not while torch.compile traces (that path keeps PyTorch's kernel, which it knows)."""
+    from ._ext import extension_error
+
+    if torch.compiler.is_compiling() or not _avx512() or extension_error() is not None:
+        return False
+    if not getattr(_fused_bias_kernel, "fake", False):  # a fake for tracing tools (opcheck), once
+        torch.library.register_fake("sam_fast::rel_pos_attention")(lambda q, k, v, rh, rw, scale, out, lse: None)
+        _fused_bias_kernel.fake = True
+    return True
+
+
+def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B: int):
+    """float32 q, k, v segments (S, H, L, D) -> out (S, L, H, D), lse (S, H, L) through
+    ``sam_fast::rel_pos_attention``: the two decomposed terms per query (with masked keys folded in as -inf)
+    are all the bias memory there is, computed for as many segments at a time as fit REL_TERMS_BYTES."""
+    S, H, L, D = qs.shape
+    ay, ax = lay.ay, lay.ax
+    out = torch.empty(S, L, H, D, dtype=torch.float32, device=qs.device)
+    lse = torch.empty(S, H, L, dtype=torch.float32, device=qs.device)
+    per_seg = H * L * (ay + ax) * 4
+    cs = max(1, min(lay.n_seg, REL_TERMS_BYTES // per_seg))
+    for b in range(B):
+        for j0 in range(0, lay.n_seg, cs):
+            j1 = min(lay.n_seg, j0 + cs)
+            s0, s1 = b * lay.n_seg + j0, b * lay.n_seg + j1
+            q5 = qs[s0:s1].reshape(s1 - s0, H, ay, ax, D)
+            rh = torch.einsum("shyxd,ykd->shyxk", q5, th)
+            rw = torch.einsum("shyxd,xkd->shyxk", q5, tw)
+            if neg is not None:
+                rh = rh + neg[0][j0:j1, :, None, None, :]
+                rw = rw + neg[1][j0:j1, :, None, None, :]
+            rh = rh.reshape(s1 - s0, H, L, ay).contiguous()
+            rw = rw.reshape(s1 - s0, H, L, ax).contiguous()
+            torch.ops.sam_fast.rel_pos_attention(qs[s0:s1], ks[s0:s1], vs[s0:s1], rh, rw, scale, out[s0:s1],
+                                                 lse[s0:s1])
+    return out, lse
+
+
 def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float, pad_kv):
     """The no-autograd path of one batched branch (see the module docstring). Returns out (B, N, H, D) in
     q's dtype and lse (B, N, H)."""
@@ -328,6 +384,14 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
         th = rel_pos_h.to(bias_dtype)[lay.rel_index(0, rel_pos_h.shape[0])]  # (ay, ay, D)
         tw = rel_pos_w.to(bias_dtype)[lay.rel_index(1, rel_pos_w.shape[0])]  # (ax, ax, D)
     neg = None if lay.all_keys else lay.key_neg(bias_dtype)
+    if th is not None and cdt == torch.float32 and _fused_bias_kernel():
+        out, lse = _fused_bias_branch(qs, ks, vs, lay, th, tw, neg, scale, B)
+        out = out.to(q.dtype)
+        lse = lse.to(lse_dtype)
+        lse_out = lay.scatter(lse[..., None], B, float("-inf"))[..., 0]
+        if lay.dilated:
+            return lay.scatter(out.transpose(1, 2), B, 0.0), lse_out
+        return lay.scatter_rows(out, B), lse_out
     cs, cy = _chunks(lay, H, L, torch.finfo(bias_dtype).bits // 8)
     # results in (segment, query, head) order: the scatter reads them once; the kernel writes its output
     # in this order too (a (c, q, H, D) tensor seen as (c, H, q, D))
