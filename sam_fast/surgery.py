@@ -30,6 +30,9 @@ MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 te
 #: as much per output as the int8 GEMM saves over a float one when K is this short (bench/bench_int8_linear.py on
 #: the CPU: SlimSAM-77's 168-wide layers run at 0.6-0.95x float in int8, 384 and wider at 1.5x and up)
 CPU_MIN_IN_FEATURES = 256
+#: on a CPU that multiplies bf16 / fp16 in hardware, a bf16 / fp16 model's linears stay in that dtype: AMX bf16
+#: GEMMs outrun torch._int_mm (bench_e2e.py on the CPU: the int8 ViT-B encoder in bf16 ran 0.64x the bf16 one)
+CPU_HALF_STAYS_FLOAT = True
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -97,8 +100,9 @@ def eligible_linears(model: nn.Module) -> List[LinearSlot]:
 
 def too_narrow(lin: nn.Module) -> Optional[str]:
     """Why ``lin`` stays in float under W8A8, or None: fewer than :data:`MIN_FEATURES` channels anywhere, or on a
-    CPU (where its weight lives when quantised) fewer than :data:`CPU_MIN_IN_FEATURES` input channels, where
-    int8 would make the layer slower."""
+    CPU (where its weight lives when quantised) fewer than :data:`CPU_MIN_IN_FEATURES` input channels, or a
+    bf16 / fp16 weight the CPU multiplies in hardware (:data:`CPU_HALF_STAYS_FLOAT`): there int8 would make the
+    layer slower."""
     if min(lin.in_features, lin.out_features) < MIN_FEATURES:
         return (f"too few channels ({lin.in_features} -> {lin.out_features}, < {MIN_FEATURES}) for int8 to pay")
     weight = getattr(lin, "weight", None)
@@ -106,6 +110,12 @@ def too_narrow(lin: nn.Module) -> Optional[str]:
     if on_cpu and lin.in_features < CPU_MIN_IN_FEATURES:
         return (f"on a CPU int8 is slower than float below {CPU_MIN_IN_FEATURES} input channels "
                 f"({lin.in_features} -> {lin.out_features})")
+    if on_cpu and CPU_HALF_STAYS_FLOAT and weight.dtype in (torch.bfloat16, torch.float16):
+        from .ops.dilated_attention_cpu import compute_dtype
+
+        if compute_dtype(weight.dtype) == weight.dtype:
+            return (f"this CPU multiplies {str(weight.dtype)[6:]} in hardware (AMX / AVX512-BF16), faster than "
+                    "int8 through torch._int_mm")
     return None
 
 

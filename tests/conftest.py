@@ -45,20 +45,24 @@ def pytest_configure(config):
                                        "(surgery.CPU_MIN_IN_FEATURES) instead of lifting it")
 
 
-# On a CPU, quantize="int8" keeps linears with fewer than 256 input channels in float (int8 is slower there).
-# Every test model is narrower than that, so the rule would leave nothing to quantise: the tests of this process
+# On a CPU, quantize="int8" keeps linears with fewer than 256 input channels in float (int8 is slower there), and
+# a bf16 / fp16 model's linears where the CPU multiplies those in hardware. Every test model is narrower than
+# that, so the rules would leave nothing to quantise: the tests of this process
 # lift it (module-scoped fixtures quantise too, so it is lifted here, before any fixture), except those marked
 # cpu_int8_widths, which test the rule itself. Subprocesses (CLI, scripts) keep it.
 from sam_fast import surgery as _surgery  # noqa: E402
 
-_SHIPPED_CPU_MIN_IN_FEATURES = _surgery.CPU_MIN_IN_FEATURES
+_SHIPPED_CPU_RULES = {"CPU_MIN_IN_FEATURES": _surgery.CPU_MIN_IN_FEATURES,
+                      "CPU_HALF_STAYS_FLOAT": _surgery.CPU_HALF_STAYS_FLOAT}
 _surgery.CPU_MIN_IN_FEATURES = 0
+_surgery.CPU_HALF_STAYS_FLOAT = False  # (bf16 test models would stay float on a CPU with AMX, like this one)
 
 
 @pytest.fixture(autouse=True)
 def _cpu_int8_widths(monkeypatch, request):
     if request.node.get_closest_marker("cpu_int8_widths"):
-        monkeypatch.setattr(_surgery, "CPU_MIN_IN_FEATURES", _SHIPPED_CPU_MIN_IN_FEATURES)
+        for name, value in _SHIPPED_CPU_RULES.items():
+            monkeypatch.setattr(_surgery, name, value)
     yield
 
 

@@ -32,6 +32,18 @@ def test_bench_script_runs_on_cpu(script, tmp_path):
     assert len({r["backend"] for r in timed}) >= 2, "a benchmark compares at least two backends"
 
 
+def test_e2e_released_geometry_on_cpu_interleaves_its_peers(tmp_path):
+    """bench_e2e's CPU run of a released geometry at 1024 px (MobileSAM's TinyViT, the quickest): every config on
+    its own copy of the encoder, timed in interleaved rounds, with the SQNR beside it."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_e2e.py"), "--quick", "--models",
+                           "vit_t", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "bench_e2e.csv")))
+    assert [r["backend"] for r in rows] == ["segment_anything", "sam_fast_int8"]
+    assert all(r["case"] == "vit_t B=1 float32" and float(r["median_ms"]) > 0 for r in rows)
+    assert "interleaved rounds" in rows[1]["note"] and 25 < float(rows[1]["sqnr_db"]) < 200
+
+
 def test_everything_agreement_is_mean_best_iou():
     """bench_everything's agreement between two mask sets: for each reference mask the best IoU with any
     other mask, averaged; checked on masks whose IoUs are known by construction."""

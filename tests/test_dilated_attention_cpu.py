@@ -217,9 +217,10 @@ def _attend(q, k, v, th, tw, pad, pattern, grid, backend):
                                           return_lse=True, backend=backend)
 
 
+@pytest.mark.parametrize("min_keys", [1, 1 << 30], ids=["bias-in-kernel", "bias-as-mask"])
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["one-row", "few-rows", "whole"])
 @pytest.mark.parametrize("case", ODD, ids=lambda c: f"{c[1]}-D{c[3]}-{c[4]}-pad{int(c[5])}")
-def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, monkeypatch):
+def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, min_keys, monkeypatch):
     """Chunks as small as one query row of one segment, a few rows (cutting segments mid-way in a dense
     block), or the whole bias at once: same outputs and lse; float32 and bf16 by the tolerance rule, q, k, v
     as views of one qkv tensor and as separate tensors."""
@@ -228,6 +229,7 @@ def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, 
 
     monkeypatch.setattr(cpu, "BIAS_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(cpu, "REL_TERMS_BYTES", chunk_bytes)  # float32's kernel: segments per group
+    monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", min_keys)  # float32: both kernels, whatever the segment size
     B, grid, H, D, pattern, padded = case
     for dtype, views in ((torch.float64, True), (torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
         q, k, v, th, tw, pad = _sam_inputs(B, grid, H, D, dtype, views)
@@ -383,6 +385,7 @@ def test_float32_with_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx
 
     assert extension_error() is None  # (loads the C++ ops)
     monkeypatch.setattr(cpu, "_avx512", lambda: avx512)
+    monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", 16)  # the 4 x 4 windows here
     calls = []
     fused, sdpa = torch.ops.sam_fast.rel_pos_attention, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     monkeypatch.setattr(cpu.torch.ops.sam_fast, "rel_pos_attention",
@@ -397,6 +400,10 @@ def test_float32_with_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx
     same = _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "reference")
     check_against_reference("out", out, exact[0], same[0], torch.float32, FWD_FACTOR)
     assert set(calls) == {"sam_fast" if avx512 else "sdpa"}
+    calls.clear()
+    monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", 17)  # segments this small stay on PyTorch's kernel
+    _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "cpu")
+    assert set(calls) == {"sdpa"}
 
 
 def test_half_precision_without_cpu_support_computes_in_float32(monkeypatch):

@@ -166,10 +166,11 @@ def test_narrow_layers_stay_float():
 @pytest.mark.cpu_int8_widths
 def test_cpu_keeps_layers_with_few_input_channels_float():
     """On a CPU, int8 is slower than float for linears with fewer than 256 input channels: they stay float,
-    with why, in both the plain swap and the calibration; wider ones (the MLP's 256 -> 64 here) go int8."""
+    with why, in both the plain swap and the calibration; wider ones (the MLP's 256 -> 64 here) go int8. A bf16
+    model stays bf16 where the CPU multiplies bf16 in hardware."""
     from sam_fast import surgery
 
-    assert surgery.CPU_MIN_IN_FEATURES == 256
+    assert surgery.CPU_MIN_IN_FEATURES == 256 and surgery.CPU_HALF_STAYS_FLOAT
     enc = tiny_image_encoder(embed_dim=64, num_heads=2, out_chans=8)  # qkv 64->192, proj 64->64, MLP 64->256->64
     x = _batch(enc)[:1]
     with torch.no_grad():
@@ -185,6 +186,16 @@ def test_cpu_keeps_layers_with_few_input_channels_float():
     cal = calibrate(enc, IMAGES[:1], progress=False)
     assert {k for k, e in cal.layers.items() if e.mode != "float"} == {f"blocks.{i}.mlp.lin2" for i in range(4)}
     assert "below 256 input channels" in cal.layers["blocks.0.attn.qkv"].reason
+    # a bf16 model on a CPU that multiplies bf16 in hardware keeps every linear in bf16
+    from sam_fast.ops.dilated_attention_cpu import compute_dtype
+
+    enc = enc.to(torch.bfloat16)
+    with sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8")) as handle:
+        if compute_dtype(torch.bfloat16) == torch.bfloat16:
+            assert len(handle.left_float) == 16 and "lin2" in " ".join(handle.left_float)
+            assert "multiplies bfloat16 in hardware" in handle.left_float["blocks.0.mlp.lin2"]
+        else:
+            assert "blocks.0.mlp.lin2" not in handle.left_float
 
 
 def test_config_errors(calibrated):

@@ -30,6 +30,9 @@ kernel with the bias and key mask as its mask (it returns the lse too), built an
   ``max(BIAS_CHUNK_BYTES, H * Lq_row * L * 4)`` bytes (``Lq_row``: the queries of one segment row, 64 for a
   global block on SAM's 64 x 64 grid), instead of ``S * H * L * L * 4`` for the whole bias (805 MB for a
   SlimSAM global block);
+* float32 with a rel-pos bias, on a CPU with AVX-512, goes instead through ``sam_fast::rel_pos_attention``
+  (:func:`_fused_bias_branch`), which adds the two decomposed terms inside its row blocks: the bias memory is
+  those terms, ``S * H * L * (ay + ax)`` floats at most :data:`REL_TERMS_BYTES` at a time;
 * bf16 / fp16 run in their own dtype where the CPU has matmul instructions for it (AVX512-BF16 / AMX),
   otherwise in float32 (emulated half-precision matmuls are slower than float32 ones); the bias is
   float32 either way.
@@ -323,6 +326,11 @@ def _avx512() -> bool:
     return _avx512.value
 
 
+#: segments with fewer keys (a 7 x 7 window: 49) stay on PyTorch's fused kernel: the bias-inside kernel's
+#: per-(segment, head) GEMM calls cost more than such a segment's whole attention (measured on the small window
+#: block of bench_cpu_blocks.py: 2.76 ms against 2.37 ms)
+FUSED_MIN_KEYS = 128
+
 #: bytes of the two decomposed bias terms (rel_h, rel_w: S * H * L * (ay + ax) floats) the fused kernel's caller
 #: computes at once; a branch with more goes in groups of segments
 REL_TERMS_BYTES = 32 << 20
@@ -384,7 +392,7 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
         th = rel_pos_h.to(bias_dtype)[lay.rel_index(0, rel_pos_h.shape[0])]  # (ay, ay, D)
         tw = rel_pos_w.to(bias_dtype)[lay.rel_index(1, rel_pos_w.shape[0])]  # (ax, ax, D)
     neg = None if lay.all_keys else lay.key_neg(bias_dtype)
-    if th is not None and cdt == torch.float32 and _fused_bias_kernel():
+    if th is not None and cdt == torch.float32 and L >= FUSED_MIN_KEYS and _fused_bias_kernel():
         out, lse = _fused_bias_branch(qs, ks, vs, lay, th, tw, neg, scale, B)
         out = out.to(q.dtype)
         lse = lse.to(lse_dtype)
