@@ -16,7 +16,8 @@ Peers in the same run, all in the block's dtype:
 
 fp32 always; bf16 where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX). Each thread count
 (1 and all cores) is timed with the peers interleaved: one call of each per round, the median of the
-rounds, so a slow spell of a shared machine hits every peer alike. ``max_err`` is the largest absolute
+rounds (7, or as many as fill about 2 s per peer for a block of a few milliseconds, up to 300), so a slow
+spell of a shared machine hits every peer alike. ``max_err`` is the largest absolute
 difference from segment_anything's block run in float64.
 
     python bench/bench_cpu_blocks.py [--out bench/results] [--quick] [--no-compile] [--blocks global,small]
@@ -161,17 +162,21 @@ def run(out_dir: str, quick: bool = False, device: str = None, no_compile: bool 
                 rows.append(dict(prov, op="cpu_block", case=f"{name} {str(dtype)[6:]}", backend=peer, mode="fwd",
                                  median_ms="", metric="blocks_per_s", value="",
                                  note=f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
+        # at least ``rounds`` rounds, more for a block of a few milliseconds (about 2 s of calls per peer)
+        t0 = time.perf_counter()
+        next(iter(fns.values()))()
+        n_rounds = max(rounds, min(300, int(2.0 / max(time.perf_counter() - t0, 1e-6))))
         for t in threads:
             torch.set_num_threads(t)
             try:
-                times = interleaved(fns, rounds)
+                times = interleaved(fns, n_rounds)
             finally:
                 torch.set_num_threads(all_threads)
             for peer, ms in times.items():
                 st = _stats(ms)
                 rows.append(dict(prov, op="cpu_block", case=f"{name} {str(dtype)[6:]} t{t}", backend=peer,
                                  mode="fwd", metric="blocks_per_s", value=1e3 / st["median_ms"],
-                                 max_err=errs[peer], note=f"{t} thread(s), {rounds} interleaved rounds", **st))
+                                 max_err=errs[peer], note=f"{t} thread(s), {n_rounds} interleaved rounds", **st))
     return save_results(out_dir, SCRIPT, rows, BASELINE, "SAM blocks on the CPU (B=1, fp32/bf16)")
 
 

@@ -43,6 +43,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "no_sanitizer: a test that races or reads out of bounds on purpose")
     config.addinivalue_line("markers", "cpu_int8_widths: a test that keeps sam_fast's CPU int8 width rule "
                                        "(surgery.CPU_MIN_IN_FEATURES) instead of lifting it")
+    config.addinivalue_line("markers", "cpu_plain_gate: a test that keeps the plain-PyTorch gate for tiny CPU "
+                                       "blocks (nn.attention.CPU_PLAIN_MAX_TOKENS) instead of turning it off")
 
 
 # On a CPU, quantize="int8" keeps linears with fewer than 256 input channels in float (int8 is slower there), and
@@ -56,6 +58,20 @@ _SHIPPED_CPU_RULES = {"CPU_MIN_IN_FEATURES": _surgery.CPU_MIN_IN_FEATURES,
                       "CPU_HALF_STAYS_FLOAT": _surgery.CPU_HALF_STAYS_FLOAT}
 _surgery.CPU_MIN_IN_FEATURES = 0
 _surgery.CPU_HALF_STAYS_FLOAT = False  # (bf16 test models would stay float on a CPU with AMX, like this one)
+
+# Likewise, tiny SAM blocks on the CPU run plain PyTorch at inference (nn.attention.CPU_PLAIN_MAX_TOKENS): every
+# test model is tiny, so the tests turn that gate off, except those marked cpu_plain_gate.
+from sam_fast.nn import attention as _attention  # noqa: E402
+
+_SHIPPED_CPU_PLAIN_MAX_TOKENS = _attention.CPU_PLAIN_MAX_TOKENS
+_attention.CPU_PLAIN_MAX_TOKENS = 0
+
+
+@pytest.fixture(autouse=True)
+def _cpu_plain_gate(monkeypatch, request):
+    if request.node.get_closest_marker("cpu_plain_gate"):
+        monkeypatch.setattr(_attention, "CPU_PLAIN_MAX_TOKENS", _SHIPPED_CPU_PLAIN_MAX_TOKENS)
+    yield
 
 
 @pytest.fixture(autouse=True)

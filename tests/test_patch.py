@@ -49,6 +49,40 @@ def test_patched_encoder_matches_original(embed_dim, heads):
         handle.undo()  # twice is harmless too
 
 
+@pytest.mark.cpu_plain_gate
+def test_tiny_cpu_blocks_run_plain_pytorch_at_inference_only():
+    """On the CPU a block with at most CPU_PLAIN_MAX_TOKENS tokens runs plain PyTorch (segment_anything's
+    partition, SDPA with the bias as mask) at inference under backend="auto", with the same embedding; with
+    autograd recording, with a forced backend, or above the limit it runs dilated_attention."""
+    from sam_fast.nn import attention
+
+    assert attention.CPU_PLAIN_MAX_TOKENS == 1024
+    enc = tiny_image_encoder(img_size=128, embed_dim=28, num_heads=2, depth=4, window_size=3,
+                             global_attn_indexes=(1, 3))  # 8 x 8 tokens, windows padded to 9 x 9
+    x = _image(128)
+    with torch.no_grad():
+        expected = enc(x)
+        exact = enc.double()(x.double())
+        enc.float()
+    with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact")):
+        with torch.no_grad(), sam_fast.record_backends() as rec:
+            got = enc(x)
+        assert rec.backends("dilated_attention") == set()
+        check_against_reference("embedding", got, exact, expected, torch.float32, FWD_FACTOR)
+        with torch.no_grad(), sam_fast.record_backends() as rec:
+            attention.CPU_PLAIN_MAX_TOKENS = 63  # (restored by the marker's fixture)
+            enc(x)
+        assert rec.backends("dilated_attention") == {"cpu"}
+        attention.CPU_PLAIN_MAX_TOKENS = 1024
+        with sam_fast.record_backends() as rec:
+            enc(x).sum().backward()  # parameters require grad: the differentiable path
+        assert rec.backends("dilated_attention") == {"cpu"}
+    with sam_fast.apply(enc, sam_fast.SamFastConfig(attention="exact", backend="cpu")):
+        with torch.no_grad(), sam_fast.record_backends() as rec:
+            enc(x)
+        assert rec.backends("dilated_attention") == {"cpu"}
+
+
 def test_patched_encoder_backward_runs_through_kernel():
     enc = tiny_image_encoder(img_size=64, embed_dim=32, num_heads=2, depth=2, window_size=3,
                              global_attn_indexes=(1,)).train()

@@ -44,6 +44,46 @@ def _pattern_rel_sizes(pattern, grid, base):
     return (need_h + 1) // 2, (need_w + 1) // 2
 
 
+#: on the CPU, SAM blocks whose token grid has at most this many tokens (e.g. the 16 x 16 grid of a 256 px input)
+#: run plain PyTorch at inference (:func:`_plain_cpu_attention`) under ``backend="auto"``: at that size the
+#: batched path's fixed per-call work costs more than it saves (bench_cpu_blocks.py, small window 7 block,
+#: fp32: 0.93x segment_anything at 2 threads batched). 0 turns the gate off.
+CPU_PLAIN_MAX_TOKENS = 1024
+
+
+def _plain_cpu_attention(attn: nn.Module, x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """segment_anything's attention (its window partition, padding and rel-pos tables) with the decomposed bias
+    materialised as the mask of ``F.scaled_dot_product_attention``: the fastest way through a tiny block."""
+    from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
+
+    Hg, Wg = x.shape[1], x.shape[2]
+    pad_hw = None
+    if window_size > 0:
+        x, pad_hw = window_partition(x, window_size)
+    B, h, w, _ = x.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(B, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, D)
+    mask = None
+    if getattr(attn, "use_rel_pos", False):
+        r_q = q.reshape(B * heads, h, w, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, attn.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, attn.rel_pos_w))
+        mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, h * w, h * w)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    out = attn.proj(out.transpose(1, 2).reshape(B, h, w, -1))
+    return window_unpartition(out, window_size, pad_hw, (Hg, Wg)) if window_size > 0 else out
+
+
+def _plain_cpu_fits(attn: nn.Module, x: Optional[torch.Tensor], pattern, backend: str) -> bool:
+    """Whether :func:`_plain_cpu_attention` runs: ``auto``, SAM's own block (no pattern, x given), on the CPU, at
+    inference, with at most CPU_PLAIN_MAX_TOKENS tokens."""
+    if x is None or pattern is not None or backend != "auto" or x.device.type != "cpu" or x.dim() != 4:
+        return False
+    if x.shape[1] * x.shape[2] > CPU_PLAIN_MAX_TOKENS:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in attn.parameters())))
+
+
 def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int = 0, backend: str = "auto",
                   pattern=None, qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
     """segment_anything ``Attention`` (with its Block's window partition when ``window_size > 0``)
@@ -52,7 +92,12 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
     With a ``pattern`` the attention is dilated attention over the whole (Hg, Wg) grid (no window
     partition); rel-pos tables keep absolute coordinates and are resized only when the pattern reaches
     beyond what the block's tables span. ``qkv`` (B, Hg, Wg, 3C), when given, is ``attn.qkv(x)`` already
-    computed (e.g. by a fused LayerNorm -> int8 GEMM) and ``x`` is not read."""
+    computed (e.g. by a fused LayerNorm -> int8 GEMM) and ``x`` is not read.
+
+    A tiny block on the CPU at inference (at most :data:`CPU_PLAIN_MAX_TOKENS` tokens, ``backend="auto"``, no
+    pattern) runs plain PyTorch instead (:func:`_plain_cpu_attention`)."""
+    if qkv is None and _plain_cpu_fits(attn, x, pattern, backend):
+        return _plain_cpu_attention(attn, x, window_size)
     if qkv is None:
         qkv = attn.qkv(x)
     B, Hg, Wg, _ = qkv.shape
