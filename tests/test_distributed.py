@@ -126,6 +126,7 @@ def test_boxes_mode_matches_the_predictor(dataset, tmp_path):
         assert np.array_equal(got.astype(bool), m)
 
 
+@pytest.mark.cpu_plain_gate  # Ray's worker processes run sam_fast as shipped (no conftest): so does the loop here
 def test_ray_engine_on_a_local_cluster_matches_the_loop(dataset, tmp_path):
     ray = pytest.importorskip("ray")
     _, ckpt, files = dataset

@@ -68,19 +68,36 @@ def test_every_target_has_a_stage_that_writes_its_rows(target):
 
 
 def test_targets_measured_on_the_cpu_machine_read_their_scripts_rows():
-    """The CPU path's targets are measured here, by the script itself: rows shaped as bench_cpu_blocks writes
-    them (every block, dtype, thread count and peer of a full run) give each a verdict."""
-    from sam_fast.bench import bench_cpu_blocks as script
+    """The CPU path's targets are measured here, by the scripts themselves: rows shaped as bench_cpu_blocks,
+    bench_e2e (1024 px CPU run) and bench_int8_linear (full CPU run) write them give each a verdict, the
+    figure their times make."""
+    from sam_fast.bench import bench_cpu_blocks, bench_int8_linear
 
     here = [t for t in targets.TARGETS if t.measured_here]
-    assert here and all(t.script == "bench_cpu_blocks" for t in here)
-    peers = [script.BASELINE, "sdpa_mask", "sdpa_mask_compiled", "sam_fast(cpu)"]
-    rows = [dict(op="cpu_block", case=f"{b[0]} {dt} t{t}", backend=p, mode="fwd", median_ms="2.0" if p == peers[-1]
-                 else "3.0", timestamp="2026-01-01T00:00:00", device="cpu (x86_64, 2 cores)")
-            for b in script.BLOCKS for dt in ("float32", "bfloat16") for t in (1, 2) for p in peers]
+    assert here and {t.script for t in here} == {"bench_cpu_blocks", "bench_e2e", "bench_int8_linear"}
+
+    def rows(op, cases, ms):
+        return [dict(op=op, case=c, backend=p, mode="fwd", median_ms=str(t), timestamp="2026-01-01T00:00:00",
+                     device="cpu (x86_64, 2 cores)") for c in cases for p, t in ms.items()]
+
+    models = [f"{m} B=1 {dt}" for m in ("vit_b", "slimsam_77", "slimsam_50") for dt in ("float32", "bfloat16")]
+    written = {  # script: (rows, the figure every target of the script reads from them)
+        "bench_cpu_blocks": (rows("cpu_block", [f"{b[0]} {dt} t{t}" for b in bench_cpu_blocks.BLOCKS
+                                                for dt in ("float32", "bfloat16") for t in (1, 2)],
+                                  {bench_cpu_blocks.BASELINE: 3.0, "sdpa_mask": 3.0, "sdpa_mask_compiled": 3.0,
+                                   "sam_fast(cpu)": 2.0}), 1.5),
+        "bench_e2e": (rows("image_encoder", models, {"segment_anything": 16.0, "sdpa_bias": 12.0,
+                                                     "sam_fast_exact": 4.0, "sam_fast_exact_int8": 2.0}), None),
+        "bench_int8_linear": (rows("int8_linear", [bench_int8_linear._case_name(m, M, K, N)
+                                                   for M, m, K, N in bench_int8_linear.cases(False)],
+                                   {"torch_fp32": 6.0, "int_mm+separate": 4.0, "sam_fast(cpu)": 2.0}), 3.0),
+    }
     for t in here:
-        verdict = targets.evaluate(t, rows)
-        assert verdict.status == "met" and verdict.worst == pytest.approx(1.5), t.text
+        script_rows, figure = written[t.script]
+        if figure is None:  # bench_e2e: SlimSAM-77 against segment_anything, int8 against float
+            figure = 4.0 if t.threshold > 2 else 2.0
+        verdict = targets.evaluate(t, script_rows)
+        assert verdict.status == "met" and verdict.worst == pytest.approx(figure), t.text
 
 
 def test_targets_mode_is_smaller_than_the_full_run():
