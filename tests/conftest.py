@@ -47,38 +47,32 @@ def pytest_configure(config):
                                        "blocks (nn.attention.CPU_PLAIN_MAX_TOKENS) instead of turning it off")
 
 
-# On a CPU, quantize="int8" keeps linears with fewer than 256 input channels in float (int8 is slower there), and
-# a bf16 / fp16 model's linears where the CPU multiplies those in hardware. Every test model is narrower than
-# that, so the rules would leave nothing to quantise: the tests of this process
-# lift it (module-scoped fixtures quantise too, so it is lifted here, before any fixture), except those marked
-# cpu_int8_widths, which test the rule itself. Subprocesses (CLI, scripts) keep it.
+# sam_fast's CPU rules that test models trip, each lifted for this process and restored for the tests marked
+# with its marker, which test the rule itself (module-scoped fixtures quantise too, so the rules are lifted here,
+# before any fixture; subprocesses - CLI, scripts, Ray workers - keep them):
+# - quantize="int8" keeps linears with fewer than 256 input channels in float, and a bf16 / fp16 model's linears
+#   where the CPU multiplies those in hardware (this one does): every test model is narrower than that;
+# - tiny SAM blocks run plain PyTorch at inference: every test model is tiny.
 from sam_fast import surgery as _surgery  # noqa: E402
-
-_SHIPPED_CPU_RULES = {"CPU_MIN_IN_FEATURES": _surgery.CPU_MIN_IN_FEATURES,
-                      "CPU_HALF_STAYS_FLOAT": _surgery.CPU_HALF_STAYS_FLOAT}
-_surgery.CPU_MIN_IN_FEATURES = 0
-_surgery.CPU_HALF_STAYS_FLOAT = False  # (bf16 test models would stay float on a CPU with AMX, like this one)
-
-# Likewise, tiny SAM blocks on the CPU run plain PyTorch at inference (nn.attention.CPU_PLAIN_MAX_TOKENS): every
-# test model is tiny, so the tests turn that gate off, except those marked cpu_plain_gate.
 from sam_fast.nn import attention as _attention  # noqa: E402
 
-_SHIPPED_CPU_PLAIN_MAX_TOKENS = _attention.CPU_PLAIN_MAX_TOKENS
-_attention.CPU_PLAIN_MAX_TOKENS = 0
+_CPU_RULES = {  # marker: [(module, attribute, lifted value)]
+    "cpu_int8_widths": [(_surgery, "CPU_MIN_IN_FEATURES", 0), (_surgery, "CPU_HALF_STAYS_FLOAT", False)],
+    "cpu_plain_gate": [(_attention, "CPU_PLAIN_MAX_TOKENS", 0)],
+}
+_SHIPPED = {(mod, name): getattr(mod, name) for rules in _CPU_RULES.values() for mod, name, _ in rules}
+for _rules in _CPU_RULES.values():
+    for _mod, _name, _lifted in _rules:
+        setattr(_mod, _name, _lifted)
 
 
 @pytest.fixture(autouse=True)
-def _cpu_plain_gate(monkeypatch, request):
-    if request.node.get_closest_marker("cpu_plain_gate"):
-        monkeypatch.setattr(_attention, "CPU_PLAIN_MAX_TOKENS", _SHIPPED_CPU_PLAIN_MAX_TOKENS)
-    yield
-
-
-@pytest.fixture(autouse=True)
-def _cpu_int8_widths(monkeypatch, request):
-    if request.node.get_closest_marker("cpu_int8_widths"):
-        for name, value in _SHIPPED_CPU_RULES.items():
-            monkeypatch.setattr(_surgery, name, value)
+def _shipped_cpu_rules(monkeypatch, request):
+    """The shipped value of every rule whose marker the test carries."""
+    for marker, rules in _CPU_RULES.items():
+        if request.node.get_closest_marker(marker):
+            for mod, name, _ in rules:
+                monkeypatch.setattr(mod, name, _SHIPPED[(mod, name)])
     yield
 
 
