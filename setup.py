@@ -13,6 +13,7 @@ subpackage ``sam_fast.kernels``; the benchmark harness in ``bench/`` as ``sam_fa
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -70,6 +71,13 @@ def _extensions():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # no FMA contraction in the CPU kernels' AVX-512 paths: they round as the references' separate ops do
     cxx_flags = ["-O3", "-ffp-contract=off"]
+    # ATen's at::parallel_for is a header template whose OpenMP region is compiled into the caller: without
+    # -fopenmp every C++ CPU op would run on one thread whatever torch.set_num_threads says. Linux wheels of
+    # torch ship libgomp.so.1, which the loader then shares with this extension (one thread pool).
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             import torch
@@ -85,9 +93,10 @@ def _extensions():
                 "sam_fast._C",
                 cpp + cu,
                 extra_compile_args={"cxx": cxx_flags + ["-DSAM_FAST_WITH_CUDA"], "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
             )
         ]
-    return [CppExtension("sam_fast._C", cpp, extra_compile_args={"cxx": cxx_flags})]
+    return [CppExtension("sam_fast._C", cpp, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
 
 
 def _cmdclass():

@@ -35,7 +35,8 @@ TORCH_LIBRARY(sam_fast, m) {
   m.def("decomposed_bias(Tensor rel_h, Tensor rel_w, Tensor(a!) out) -> ()");
   // softmax(scale * q k^T + rel_h[., key_y] + rel_w[., key_x]) v per segment and head, the bias added inside
   // the kernel's row blocks (csrc/cpu/rel_pos_attention.cpp): q (S, H, Lq, D), k, v (S, H, Lk, D), rel_h
-  // (S, H, Lq, ay), rel_w (S, H, Lq, ax), ay * ax = Lk -> out (S, Lq, H, D), lse (S, H, Lq)
+  // (S, H, Lq, ay), rel_w (S, H, Lq, ax), ay * ax = Lk -> out (S, Lq, H, D), lse (S, H, Lq); q, k, v, out float32
+  // or bfloat16 (float32 accumulation), rel_h, rel_w, lse float32
   m.def(
       "rel_pos_attention(Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, float scale, Tensor(a!) out, "
       "Tensor(b!) lse) -> ()");
@@ -51,4 +52,8 @@ TORCH_LIBRARY(sam_fast, m) {
       "Tensor? out_scale) -> Tensor");
   // the same with a float32 result written over acc itself (read it as acc.view(float32))
   m.def("int8_epilogue_cpu_(Tensor(a!) acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu) -> ()");
+  // How many of ATen's intra-op threads one at::parallel_for of `tasks` tasks in this extension ran on
+  // (csrc/cpu/parallel_probe.cpp): 1 whatever torch.set_num_threads says would mean the extension was built
+  // without OpenMP, and every CPU op above runs on one thread.
+  m.def("parallel_threads(int tasks) -> int");
 }

@@ -307,25 +307,32 @@ def test_decomposed_bias_op_matches_its_reference():
 def _rel_pos_attention_reference(q, k, v, rh, rw, scale):
     """What sam_fast::rel_pos_attention computes, in plain PyTorch: out (S, Lq, H, D), lse (S, H, Lq)."""
     bias = (rh[..., :, None] + rw[..., None, :]).flatten(-2)
-    logits = scale * (q @ k.transpose(-1, -2)) + bias
+    logits = scale * (q @ k.transpose(-1, -2)).to(bias.dtype) + bias  # (bf16 q, k: bf16 logits, float32 bias)
     lse = torch.logsumexp(logits, dim=-1)
     p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)  # rows that see no key: zeros
-    return (p @ v).transpose(1, 2), lse
+    return (p.to(v.dtype) @ v).transpose(1, 2), lse
 
 
-@pytest.mark.parametrize("S,H,ay,ax,D", [(2, 3, 20, 15, 14), (1, 2, 7, 9, 80), (3, 1, 1, 1, 8), (1, 2, 3, 17, 32)])
-def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D):
-    """The float32 kernel with the bias inside its row blocks: q, k, v strided (views of one qkv tensor); more
-    than one block of rows (300 queries: 256 + 44); masked keys as -inf in rel_h / rel_w, a query row that sees
-    no key at all (out 0, lse -inf); logits up to about +-90 (the vector exp's range reduction); within the
-    tolerance rule of a float32 computation against float64. Bad arguments are refused by name."""
+_OP_SHAPES = [(2, 3, 20, 15, 14), (1, 2, 7, 9, 80), (3, 1, 1, 1, 8), (1, 2, 3, 17, 32), (1, 2, 3, 75, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,H,ay,ax,D", _OP_SHAPES)
+def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D, dtype):
+    """The kernel with the bias inside its row blocks, float32 and bf16: q, k, v strided (views of one qkv
+    tensor); more than one block of rows (300 queries: 256 + 44 in float32; bf16 blocks are shorter still); key
+    counts past one 64-key panel with a partial last panel, odd key counts (bf16's VNNI pairs get a zero key),
+    odd head dims; masked keys as -inf in rel_h / rel_w, a query row that sees no key at all (out 0, lse -inf);
+    logits up to about +-90 (the vector exp's range reduction); within the tolerance rule of the same
+    computation in PyTorch against float64 (bf16: bf16 inputs, PyTorch's bf16 attention as the yardstick).
+    Bad arguments are refused by name."""
     from sam_fast.ops._ext import extension_error
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
     assert extension_error() is None  # (loads the C++ ops)
     gen = torch.Generator().manual_seed(S * 100 + ax)
     L = ay * ax
-    qkv = torch.randn(S, L, 3, H, D, generator=gen, dtype=torch.float64) * 3
+    qkv = (torch.randn(S, L, 3, H, D, generator=gen, dtype=torch.float64) * 3).to(dtype).double()
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (S, H, L, D), token stride 3 * H * D
     rh = torch.randn(S, H, L, ay, generator=gen, dtype=torch.float64) * 4
     rw = torch.randn(S, H, L, ax, generator=gen, dtype=torch.float64) * 4
@@ -339,28 +346,36 @@ def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D):
     scale = 10.0 / D ** 0.5
     exact = _rel_pos_attention_reference(q, k, v, rh, rw, scale)
     f32 = [t.float() for t in (q, k, v, rh, rw)]
-    same = _rel_pos_attention_reference(*f32, scale)
-    q32, k32, v32 = (t.float().transpose(1, 2) for t in qkv.unbind(2))
-    out = torch.full((S, L, H, D), float("nan"))
+    same = _rel_pos_attention_reference(*(t.to(dtype) for t in f32[:3]), *f32[3:], scale)
+    q32, k32, v32 = (t.to(dtype).transpose(1, 2) for t in qkv.unbind(2))
+    out = torch.full((S, L, H, D), float("nan"), dtype=dtype)
     lse = torch.full((S, H, L), float("nan"))
     torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3], f32[4], scale, out, lse)
-    check_against_reference("out", out, exact[0], same[0], torch.float32, FWD_FACTOR)
+    check_against_reference("out", out, exact[0], same[0], dtype, FWD_FACTOR)
     finite = torch.isfinite(exact[1])
     assert torch.equal(torch.isfinite(lse), finite)
-    check_against_reference("lse", lse[finite], exact[1][finite], same[1][finite], torch.float32, FWD_FACTOR)
+    # the lse is float32 in both dtypes (the logits are accumulated in float32 from the same inputs)
+    check_against_reference("lse", lse[finite], exact[1][finite], same[1][finite].float(), torch.float32,
+                            FWD_FACTOR)
     if blind:
-        assert lse[1, 0, 5] == float("-inf") and torch.equal(out[1, 5, 0], torch.zeros(D))
-    with pytest.raises(RuntimeError, match="float32"):
+        assert lse[1, 0, 5] == float("-inf") and torch.equal(out[1, 5, 0], torch.zeros(D, dtype=dtype))
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
         torch.ops.sam_fast.rel_pos_attention(q32.double(), k32, v32, f32[3], f32[4], scale, out, lse)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        torch.ops.sam_fast.rel_pos_attention(q32, k32.to(other), v32, f32[3], f32[4], scale, out, lse)
+    with pytest.raises(RuntimeError, match="rel_h, rel_w and lse must be float32"):
+        torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3].double(), f32[4], scale, out, lse)
     with pytest.raises(RuntimeError, match="out must be a contiguous"):
-        strided = torch.empty(S, L, H, 2 * D)[..., :D]
+        strided = torch.empty(S, L, H, 2 * D, dtype=dtype)[..., :D]
         torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3], f32[4], scale, strided, lse)
     with pytest.raises(RuntimeError, match="ay \\* ax"):
         torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, torch.cat([f32[3], f32[3]], -1), f32[4], scale, out, lse)
 
 
 def test_rel_pos_attention_op_without_avx512():
-    """The kernel's plain (no AVX-512) row pass, forced in a fresh process by SAM_FAST_CPU_NO_AVX512: the same
+    """The kernel's plain paths, forced in a fresh process by SAM_FAST_CPU_NO_AVX512: the row pass without
+    AVX-512, and bf16 GEMMs on plain row-major operands (no AMX packing, as on a CPU without AMX): the same
     checks as above."""
     import os
     import subprocess
@@ -371,20 +386,23 @@ def test_rel_pos_attention_op_without_avx512():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
                          capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "4 passed" in run.stdout
+    assert f"{2 * len(_OP_SHAPES)} passed" in run.stdout
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("avx512", [True, False])
-def test_float32_with_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx512, monkeypatch):
-    """float32 inference with a rel-pos bias runs sam_fast::rel_pos_attention where the CPU has AVX-512, and
-    PyTorch's fused kernel with the bias as its mask where it does not (the kernel's plain path is slower);
-    both match the reference."""
+def test_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx512, dtype, monkeypatch):
+    """float32 and bf16 inference with a rel-pos bias runs sam_fast::rel_pos_attention where the CPU has AVX-512,
+    and PyTorch's fused kernel with the bias as its mask where it does not (the kernel's plain path is slower);
+    fp16 always takes PyTorch's kernel; all match the reference. (bf16 / fp16 as on a CPU that multiplies them
+    in hardware.)"""
     import sam_fast.ops.dilated_attention_cpu as cpu
     from sam_fast.ops._ext import extension_error
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
     assert extension_error() is None  # (loads the C++ ops)
     monkeypatch.setattr(cpu, "_avx512", lambda: avx512)
+    monkeypatch.setattr(cpu, "_FAST_HALF", {torch.bfloat16: True, torch.float16: True})
     monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", 16)  # the 4 x 4 windows here
     calls = []
     fused, sdpa = torch.ops.sam_fast.rel_pos_attention, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -393,13 +411,14 @@ def test_float32_with_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx
     monkeypatch.setattr(cpu.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
                         lambda *a, **kw: calls.append("sdpa") or sdpa(*a, **kw), raising=False)
     grid, H, D = (9, 11), 3, 14
-    q, k, v, th, tw, pad = _sam_inputs(1, grid, H, D, torch.float32)
+    q, k, v, th, tw, pad = _sam_inputs(1, grid, H, D, dtype)
     out, lse = _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "cpu")
+    assert out.dtype == dtype
     exact = _attend(*(t.double() for t in (q, k, v, th, tw)), tuple(p.double() for p in pad), Branch((4, 4)),
                     grid, "reference")
     same = _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "reference")
-    check_against_reference("out", out, exact[0], same[0], torch.float32, FWD_FACTOR)
-    assert set(calls) == {"sam_fast" if avx512 else "sdpa"}
+    check_against_reference("out", out, exact[0], same[0], dtype, FWD_FACTOR)
+    assert set(calls) == {"sam_fast" if avx512 and dtype != torch.float16 else "sdpa"}
     calls.clear()
     monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", 17)  # segments this small stay on PyTorch's kernel
     _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "cpu")

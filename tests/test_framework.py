@@ -47,6 +47,26 @@ def test_extension_loaded_with_cpu_kernels():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sam_fast::resize_rel_pos", "CPU")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the extension is built with OpenMP on Linux")
+def test_extension_cpu_ops_use_every_intra_op_thread():
+    """The C++ CPU ops' at::parallel_for regions are compiled into the extension: built without OpenMP they would
+    all run on one thread whatever torch.set_num_threads says. One parallel_for of 8 tasks runs on exactly as
+    many threads as torch's intra-op setting, and on one when it is 1."""
+    from sam_fast.ops._ext import extension_error
+
+    assert extension_error() is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.sam_fast.parallel_threads(8) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.sam_fast.parallel_threads(8) == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="tasks must be in"):
+        torch.ops.sam_fast.parallel_threads(0)
+
+
 def _table(log):
     def mk(name, refusal):
         return Backend(name, lambda x, explicit: refusal, lambda x: log.append(name) or name)

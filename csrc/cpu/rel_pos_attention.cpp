@@ -8,12 +8,18 @@
 // a few vector adds in a pass the softmax makes anyway, instead of a chunk of memory written and read back.
 // Keys that must not be seen carry -inf in rel_h or rel_w (the caller folds its key mask into them).
 //
-// Inputs: q (S, H, Lq, D), k and v (S, H, Lk, D), float32, any strides with the last one 1 (views of one qkv
-// tensor are read in place); rel_h (S, H, Lq, ay) and rel_w (S, H, Lq, ax), contiguous, ay * ax = Lk (keys in
-// row-major (key_y, key_x) order). Outputs: out (S, Lq, H, D) and lse (S, H, Lq), contiguous. A row that sees
-// no key gets out 0 and lse -inf.
+// Inputs: q (S, H, Lq, D), k and v (S, H, Lk, D), float32 or bfloat16 (all three alike), any strides with the
+// last one 1 (views of one qkv tensor are read in place); rel_h (S, H, Lq, ay) and rel_w (S, H, Lq, ax), float32,
+// contiguous, ay * ax = Lk (keys in row-major (key_y, key_x) order). Outputs: out (S, Lq, H, D) in q's dtype and
+// lse (S, H, Lq) float32, contiguous. A row that sees no key gets out 0 and lse -inf.
+//
+// bfloat16: both GEMMs take bf16 operands and accumulate in float32 (ATen's batch-reduce GEMM: oneDNN's AMX
+// micro-kernel on B operands packed in VNNI pairs where the CPU has AMX, its bf16 -> fp32 GEMM elsewhere); the
+// logits, bias, softmax and lse are float32, the probabilities are rounded to bf16 for the second GEMM (as
+// PyTorch's fused CPU kernel does), and each output row is divided by its float32 sum before its one rounding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__)
@@ -24,16 +30,19 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 namespace sam_fast {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Biased logits and softmax numerators of one row, in place: s[j] = s[j] * scale + (h[j / ax] + w[j % ax]),
-// then s[j] = exp(s[j] - max). Returns the maximum (-inf when every key is masked: the row is then zeros) and
-// writes the sum of the numerators.
-float softmax_row_generic(float* s, int64_t ay, int64_t ax, const float* h, const float* w, float scale,
+// Biased logits and softmax numerators of one row: s[j] = s[j] * scale + (h[j / ax] + w[j % ax]) in place, then
+// p[j] = exp(s[j] - max) (p: s itself for float32, the bf16 row the second GEMM reads for bf16). Returns the
+// maximum (-inf when every key is masked: the row is then zeros) and writes the sum of the float32 numerators.
+template <typename P>
+float softmax_row_generic(float* s, int64_t ay, int64_t ax, const float* h, const float* w, float scale, P* p,
                           float* sum) {
   float mx = kNegInf;
   for (int64_t y = 0; y < ay; ++y) {
@@ -46,14 +55,14 @@ float softmax_row_generic(float* s, int64_t ay, int64_t ax, const float* h, cons
   }
   const int64_t L = ay * ax;
   if (mx == kNegInf) {
-    std::fill(s, s + L, 0.0f);
+    std::fill(p, p + L, P(0.0f));
     *sum = 0.0f;
     return mx;
   }
   float acc = 0.0f;
   for (int64_t j = 0; j < L; ++j) {
     const float e = std::exp(s[j] - mx);
-    s[j] = e;
+    p[j] = P(e);
     acc += e;
   }
   *sum = acc;
@@ -87,8 +96,21 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 16 floats -> bf16 (round to nearest even; the values here are finite), the first n of them stored at dst
+__attribute__((target("avx512f"))) inline void store_bf16(at::BFloat16* dst, __mmask16 m, __m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  _mm512_mask_cvtepi32_storeu_epi16(dst, m, _mm512_srli_epi32(up, 16));
+}
+
+__attribute__((target("avx512f"))) inline void store_row(float* dst, __mmask16 m, __m512 x) {
+  _mm512_mask_storeu_ps(dst, m, x);
+}
+
+template <typename P>
 __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, int64_t ay, int64_t ax, const float* h,
-                                                            const float* w, float scale, float* sum) {
+                                                            const float* w, float scale, P* pr, float* sum) {
   const __m512 vs = _mm512_set1_ps(scale);
   __m512 vmax = _mm512_set1_ps(kNegInf);
   for (int64_t x0 = 0; x0 < ax; x0 += 16) {
@@ -107,7 +129,7 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, int64_t ay
   const float mx = _mm512_reduce_max_ps(vmax);
   const int64_t L = ay * ax;
   if (mx == kNegInf) {
-    std::fill(s, s + L, 0.0f);
+    std::fill(pr, pr + L, P(0.0f));
     *sum = 0.0f;
     return mx;
   }
@@ -117,7 +139,11 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, int64_t ay
     const int64_t n = std::min<int64_t>(16, L - j);
     const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
     const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm));
-    _mm512_mask_storeu_ps(s + j, m, e);
+    if constexpr (std::is_same_v<P, float>) {
+      store_row(pr + j, m, e);
+    } else {
+      store_bf16(pr + j, m, e);
+    }
     acc = _mm512_mask_add_ps(acc, m, acc, e);
   }
   *sum = _mm512_reduce_add_ps(acc);
@@ -125,21 +151,171 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, int64_t ay
 }
 #endif
 
-float softmax_row(float* s, int64_t ay, int64_t ax, const float* h, const float* w, float scale, float* sum) {
+// whether SAM_FAST_CPU_NO_AVX512 asks for the plain paths (the row pass without AVX-512, bf16 GEMMs on unpacked B)
+bool plain_requested() {
+#ifdef SAM_FAST_HAVE_AVX512_PATH
+  static const bool plain = no_avx512_requested();
+  return plain;
+#else
+  return false;
+#endif
+}
+
+template <typename P>
+float softmax_row(float* s, int64_t ay, int64_t ax, const float* h, const float* w, float scale, P* p, float* sum) {
 #ifdef SAM_FAST_HAVE_AVX512_PATH
   // SAM_FAST_CPU_NO_AVX512 (set, non-empty) takes the plain path on any CPU: how the tests check it here
   static const bool avx512 = __builtin_cpu_supports("avx512f") && !no_avx512_requested();
-  if (avx512) return softmax_row_avx512(s, ay, ax, h, w, scale, sum);
+  if (avx512) return softmax_row_avx512(s, ay, ax, h, w, scale, p, sum);
 #endif
-  return softmax_row_generic(s, ay, ax, h, w, scale, sum);
+  return softmax_row_generic(s, ay, ax, h, w, scale, p, sum);
 }
 
-// query rows per block: their logits over all Lk keys fill about 4 MiB, at least 1 row, at most 256 (the GEMMs
-// run faster on taller blocks than they lose to the logits spilling out of L2: 64 rows ran 3% slower, 32 rows 27%
-// slower than 256 on ViT-B's global block)
-int64_t rows_per_block(int64_t Lq, int64_t Lk) {
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / (std::max<int64_t>(1, Lk) * 4));
+// Query rows per block: their float32 logits over all Lk keys fill about `budget` bytes; at least 1 row, at most
+// 256. float32 (kFloatBlockBytes, 4 MiB): MKL's GEMMs run faster on taller blocks than they lose to the logits
+// spilling out of L2 (64 rows ran 3% slower, 32 rows 27% slower than 256 on ViT-B's global block). bf16
+// (kBf16BlockBytes, 1 MiB): the AMX GEMMs are fast enough that the logits' trips to memory dominated; 1 MiB of
+// logits plus their bf16 probabilities stay in a 2 MiB L2 (4 MiB blocks ran 10-15% slower, 256 KiB ones 35%).
+constexpr int64_t kFloatBlockBytes = int64_t{1} << 22;
+constexpr int64_t kBf16BlockBytes = int64_t{1} << 20;
+
+int64_t rows_per_block(int64_t Lq, int64_t Lk, int64_t budget) {
+  const int64_t rows = std::max<int64_t>(1, budget / (std::max<int64_t>(1, Lk) * 4));
   return std::min<int64_t>({rows, int64_t{256}, std::max<int64_t>(1, Lq)});
+}
+
+
+// The rows of one block into out (row stride ld) and lse: acc / sum, rounded once to out's dtype; lse = max +
+// log(sum), or -inf (with out 0) for a row that saw no key.
+template <typename T>
+void write_rows(const float* acc, int64_t n, int64_t D, const float* sums, const float* maxes, T* dst, int64_t ld,
+                float* lse) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bool seen = sums[i] > 0.0f;
+    const float inv = seen ? 1.0f / sums[i] : 0.0f;
+    T* row = dst + i * ld;
+    for (int64_t d = 0; d < D; ++d) row[d] = T(acc[i * D + d] * inv);
+    lse[i] = seen ? maxes[i] + std::log(sums[i]) : kNegInf;
+  }
+}
+
+// The float32 path: at::mm_out (MKL's SGEMM) for both GEMMs, the probabilities left in the logits' buffer.
+void attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp, const float* wp,
+                  int64_t ay, int64_t ax, float scale, float* op, float* lp) {
+  const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  const int64_t bq = rows_per_block(Lq, Lk, kFloatBlockBytes);
+  const int64_t nb = (Lq + bq - 1) / bq;
+  at::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor logits = at::empty({bq, Lk}, q.options());
+    at::Tensor acc = at::empty({bq, D}, q.options());
+    float sums[256];
+    float maxes[256];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / (H * nb), h = (t / nb) % H, r0 = (t % nb) * bq;
+      const int64_t n = std::min(bq, Lq - r0);
+      at::Tensor sb = logits.narrow(0, 0, n);
+      at::Tensor ob = acc.narrow(0, 0, n);
+      at::mm_out(sb, q.select(0, s).select(0, h).narrow(0, r0, n), k.select(0, s).select(0, h).t());
+      float* sp = sb.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = (s * H + h) * Lq + r0 + i;
+        maxes[i] = softmax_row(sp + i * Lk, ay, ax, hp + row * ay, wp + row * ax, scale, sp + i * Lk, &sums[i]);
+      }
+      at::mm_out(ob, sb, v.select(0, s).select(0, h));
+      write_rows(ob.data_ptr<float>(), n, D, sums, maxes, op + ((s * Lq + r0) * H + h) * D, H * D,
+                 lp + (s * H + h) * Lq + r0);
+    }
+  });
+}
+
+// The bf16 path: ATen's batch-reduce GEMM with bf16 operands and a float32 result. Where the CPU has AMX
+// (could_pack), oneDNN's micro-kernel reads B packed in VNNI pairs, in panels of at most 64 columns (the widths
+// its packing takes); k^T and v are packed once per (segment, head) a thread visits, and reused by every block of
+// rows. Elsewhere the same call runs oneDNN's bf16 GEMM on plain row-major B (k^T then a transposed copy).
+void attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp, const float* wp,
+                 int64_t ay, int64_t ax, float scale, at::BFloat16* op, float* lp) {
+  using at::BFloat16;
+  namespace blas = at::native::cpublas;
+  const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  const int64_t bq = rows_per_block(Lq, Lk, kBf16BlockBytes);
+  const int64_t nb = (Lq + bq - 1) / bq;
+  // (SAM_FAST_CPU_NO_AVX512 takes the plain GEMM too: how the tests reach it on a CPU with AMX)
+  const bool vnni = blas::could_pack(at::kBFloat16) && D % 2 == 0 && !plain_requested();
+  constexpr int64_t kPanel = 64;
+  // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
+  const int64_t Lk2 = vnni ? Lk + (Lk & 1) : Lk;
+  const auto panel_ld = [](int64_t cols) { return (cols + 15) / 16 * 16; };  // 16, 32, 48 or 64
+  const BFloat16* qp = q.const_data_ptr<BFloat16>();
+  const BFloat16* kp = k.const_data_ptr<BFloat16>();
+  const BFloat16* vp = v.const_data_ptr<BFloat16>();
+  at::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> logits(bq * Lk), acc(bq * D);
+    std::vector<BFloat16> probs(bq * Lk2), kt(D * Lk);
+    std::vector<BFloat16> kpack(vnni ? D * (Lk + kPanel) : 0), vpack(vnni ? Lk2 * (D + kPanel) : 0);
+    std::vector<BFloat16> vpad(vnni && Lk2 != Lk ? Lk2 * D : 0);
+    float sums[256];
+    float maxes[256];
+    int64_t packed = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / (H * nb), h = (t / nb) % H, r0 = (t % nb) * bq;
+      const int64_t n = std::min(bq, Lq - r0);
+      const BFloat16* kb = kp + s * k.stride(0) + h * k.stride(1);
+      const BFloat16* vb = vp + s * v.stride(0) + h * v.stride(1);
+      const int64_t ldk = k.stride(2), ldv = v.stride(2);
+      if (packed != s * H + h) {
+        for (int64_t j = 0; j < Lk; ++j) {
+          for (int64_t d = 0; d < D; ++d) kt[d * Lk + j] = kb[j * ldk + d];
+        }
+        if (vnni) {
+          for (int64_t c0 = 0; c0 < Lk; c0 += kPanel) {  // k^T's panels: (D, <= 64 keys) each
+            const int64_t w = std::min(kPanel, Lk - c0);
+            blas::pack(D, w, Lk, panel_ld(w), at::kBFloat16, at::kBFloat16, kt.data() + c0, kpack.data() + D * c0);
+          }
+          const BFloat16* vsrc = vb;
+          int64_t ldvs = ldv;
+          if (Lk2 != Lk) {
+            for (int64_t j = 0; j < Lk; ++j) std::copy(vb + j * ldv, vb + j * ldv + D, vpad.data() + j * D);
+            std::fill(vpad.data() + Lk * D, vpad.data() + Lk2 * D, BFloat16(0.0f));
+            vsrc = vpad.data();
+            ldvs = D;
+          }
+          for (int64_t c0 = 0; c0 < D; c0 += kPanel) {  // v's panels: (Lk2, <= 64 channels) each
+            const int64_t w = std::min(kPanel, D - c0);
+            blas::pack(Lk2, w, ldvs, panel_ld(w), at::kBFloat16, at::kBFloat16, vsrc + c0, vpack.data() + Lk2 * c0);
+          }
+        }
+        packed = s * H + h;
+      }
+      const BFloat16* qb = qp + s * q.stride(0) + h * q.stride(1) + r0 * q.stride(2);
+      if (vnni) {
+        for (int64_t c0 = 0; c0 < Lk; c0 += kPanel) {
+          const int64_t w = std::min(kPanel, Lk - c0);
+          blas::brgemm(n, w, D, q.stride(2), panel_ld(w), Lk, false, qb, kpack.data() + D * c0, logits.data() + c0,
+                       true);
+        }
+      } else {
+        blas::brgemm(n, Lk, D, q.stride(2), Lk, Lk, false, qb, kt.data(), logits.data(), false);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = (s * H + h) * Lq + r0 + i;
+        maxes[i] = softmax_row(logits.data() + i * Lk, ay, ax, hp + row * ay, wp + row * ax, scale,
+                               probs.data() + i * Lk2, &sums[i]);
+        if (Lk2 != Lk) probs[i * Lk2 + Lk] = BFloat16(0.0f);
+      }
+      if (vnni) {
+        for (int64_t c0 = 0; c0 < D; c0 += kPanel) {
+          const int64_t w = std::min(kPanel, D - c0);
+          blas::brgemm(n, w, Lk2, Lk2, panel_ld(w), D, false, probs.data(), vpack.data() + Lk2 * c0, acc.data() + c0,
+                       true);
+        }
+      } else {
+        blas::brgemm(n, D, Lk, Lk, ldv, D, false, probs.data(), vb, acc.data(), false);
+      }
+      write_rows(acc.data(), n, D, sums, maxes, op + ((s * Lq + r0) * H + h) * D, H * D,
+                 lp + (s * H + h) * Lq + r0);
+    }
+    if (vnni) blas::brgemm_release(true);
+  });
 }
 
 }  // namespace
@@ -148,10 +324,17 @@ void rel_pos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& rel_w, double scale, at::Tensor out, at::Tensor lse) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "rel_pos_attention: q, k, v must be 4-D (S, H, L, D), got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  const at::Tensor* all[] = {&q, &k, &v, &rel_h, &rel_w, &out, &lse};
-  for (const at::Tensor* t : all) {
+  const auto dt = q.scalar_type();
+  const at::Tensor* data[] = {&q, &k, &v, &out};
+  for (const at::Tensor* t : data) {
+    TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && t->scalar_type() == dt && t->device().is_cpu(),
+                "rel_pos_attention: q, k, v and out must be all float32 or all bfloat16 on the CPU, got ",
+                t->scalar_type(), " on ", t->device(), " (q: ", dt, ")");
+  }
+  const at::Tensor* stats[] = {&rel_h, &rel_w, &lse};
+  for (const at::Tensor* t : stats) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
-                "rel_pos_attention: every tensor must be float32 on the CPU, got ", t->scalar_type(), " on ",
+                "rel_pos_attention: rel_h, rel_w and lse must be float32 on the CPU, got ", t->scalar_type(), " on ",
                 t->device());
   }
   const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
@@ -170,51 +353,24 @@ void rel_pos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(lse.is_contiguous() && lse.sizes() == at::IntArrayRef({S, H, Lq}),
               "rel_pos_attention: lse must be a contiguous (S, H, Lq) tensor, got ", lse.sizes());
   if (S == 0 || H == 0 || Lq == 0) return;
+  if (Lk == 0) {  // no key anywhere: every row is out 0, lse -inf
+    out.zero_();
+    lse.fill_(kNegInf);
+    return;
+  }
+  if (D == 0) {  // no channels: the logits are the bias alone, and out is empty
+    lse.copy_(at::logsumexp((rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2), -1));
+    return;
+  }
   const int64_t ay = rel_h.size(3), ax = rel_w.size(3);
-  const int64_t bq = rows_per_block(Lq, Lk);
-  const int64_t nb = (Lq + bq - 1) / bq;
   const float fscale = static_cast<float>(scale);
-  const float* hp = rel_h.data_ptr<float>();
-  const float* wp = rel_w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor logits = at::empty({bq, std::max<int64_t>(Lk, 1)}, q.options());
-    at::Tensor acc = at::empty({bq, D}, q.options());
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t s = t / (H * nb), h = (t / nb) % H, r0 = (t % nb) * bq;
-      const int64_t n = std::min(bq, Lq - r0);
-      at::Tensor sb = logits.narrow(0, 0, n);
-      at::Tensor ob = acc.narrow(0, 0, n);
-      const at::Tensor ks = k.select(0, s).select(0, h);
-      if (Lk > 0) {
-        at::mm_out(sb, q.select(0, s).select(0, h).narrow(0, r0, n), ks.t());
-      }
-      float* sp = sb.data_ptr<float>();
-      float sums[256];
-      float maxes[256];
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = (s * H + h) * Lq + r0 + i;
-        maxes[i] = Lk > 0 ? softmax_row(sp + i * Lk, ay, ax, hp + row * ay, wp + row * ax, fscale, &sums[i])
-                          : kNegInf;
-        if (Lk == 0) sums[i] = 0.0f;
-      }
-      if (Lk > 0) {
-        at::mm_out(ob, sb, v.select(0, s).select(0, h));
-      } else {
-        ob.zero_();
-      }
-      const float* obp = ob.data_ptr<float>();
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = r0 + i;
-        const bool seen = sums[i] > 0.0f;
-        const float inv = seen ? 1.0f / sums[i] : 0.0f;
-        float* dst = op + ((s * Lq + r) * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = obp[i * D + d] * inv;
-        lp[(s * H + h) * Lq + r] = seen ? maxes[i] + std::log(sums[i]) : kNegInf;
-      }
-    }
-  });
+  const float* hp = rel_h.const_data_ptr<float>();
+  const float* wp = rel_w.const_data_ptr<float>();
+  if (dt == at::kFloat) {
+    attend_float(q, k, v, hp, wp, ay, ax, fscale, out.data_ptr<float>(), lse.data_ptr<float>());
+  } else {
+    attend_bf16(q, k, v, hp, wp, ay, ax, fscale, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
+  }
 }
 
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) { m.impl("rel_pos_attention", &rel_pos_attention_cpu); }

@@ -331,6 +331,10 @@ def _avx512() -> bool:
 #: block of bench_cpu_blocks.py: 2.76 ms against 2.37 ms)
 FUSED_MIN_KEYS = 128
 
+#: the compute dtypes that take ``sam_fast::rel_pos_attention`` (bf16: where :func:`compute_dtype` keeps it, i.e.
+#: the CPU multiplies bf16 in hardware)
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
 #: bytes of the two decomposed bias terms (rel_h, rel_w: S * H * L * (ay + ax) floats) the fused kernel's caller
 #: computes at once; a branch with more goes in groups of segments
 REL_TERMS_BYTES = 32 << 20
@@ -351,12 +355,13 @@ def _fused_bias_kernel() -> bool:
 
 
 def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B: int):
-    """float32 q, k, v segments (S, H, L, D) -> out (S, L, H, D), lse (S, H, L) through
-    ``sam_fast::rel_pos_attention``: the two decomposed terms per query (with masked keys folded in as -inf)
-    are all the bias memory there is, computed for as many segments at a time as fit REL_TERMS_BYTES."""
+    """float32 / bf16 q, k, v segments (S, H, L, D) -> out (S, L, H, D) in their dtype, lse (S, H, L) float32
+    through ``sam_fast::rel_pos_attention``: the two decomposed terms per query (float32, with masked keys folded
+    in as -inf) are all the bias memory there is, computed for as many segments at a time as fit
+    REL_TERMS_BYTES."""
     S, H, L, D = qs.shape
     ay, ax = lay.ay, lay.ax
-    out = torch.empty(S, L, H, D, dtype=torch.float32, device=qs.device)
+    out = torch.empty(S, L, H, D, dtype=qs.dtype, device=qs.device)
     lse = torch.empty(S, H, L, dtype=torch.float32, device=qs.device)
     per_seg = H * L * (ay + ax) * 4
     cs = max(1, min(lay.n_seg, REL_TERMS_BYTES // per_seg))
@@ -364,7 +369,7 @@ def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B:
         for j0 in range(0, lay.n_seg, cs):
             j1 = min(lay.n_seg, j0 + cs)
             s0, s1 = b * lay.n_seg + j0, b * lay.n_seg + j1
-            q5 = qs[s0:s1].reshape(s1 - s0, H, ay, ax, D)
+            q5 = qs[s0:s1].reshape(s1 - s0, H, ay, ax, D).to(th.dtype)
             rh = torch.einsum("shyxd,ykd->shyxk", q5, th)
             rw = torch.einsum("shyxd,xkd->shyxk", q5, tw)
             if neg is not None:
@@ -392,7 +397,7 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
         th = rel_pos_h.to(bias_dtype)[lay.rel_index(0, rel_pos_h.shape[0])]  # (ay, ay, D)
         tw = rel_pos_w.to(bias_dtype)[lay.rel_index(1, rel_pos_w.shape[0])]  # (ax, ax, D)
     neg = None if lay.all_keys else lay.key_neg(bias_dtype)
-    if th is not None and cdt == torch.float32 and L >= FUSED_MIN_KEYS and _fused_bias_kernel():
+    if th is not None and cdt in FUSED_DTYPES and L >= FUSED_MIN_KEYS and _fused_bias_kernel():
         out, lse = _fused_bias_branch(qs, ks, vs, lay, th, tw, neg, scale, B)
         out = out.to(q.dtype)
         lse = lse.to(lse_dtype)
