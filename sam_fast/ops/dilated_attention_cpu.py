@@ -30,9 +30,10 @@ kernel with the bias and key mask as its mask (it returns the lse too), built an
   ``max(BIAS_CHUNK_BYTES, H * Lq_row * L * 4)`` bytes (``Lq_row``: the queries of one segment row, 64 for a
   global block on SAM's 64 x 64 grid), instead of ``S * H * L * L * 4`` for the whole bias (805 MB for a
   SlimSAM global block);
-* float32 with a rel-pos bias, on a CPU with AVX-512, goes instead through ``sam_fast::rel_pos_attention``
-  (:func:`_fused_bias_branch`), which adds the two decomposed terms inside its row blocks: the bias memory is
-  those terms, ``S * H * L * (ay + ax)`` floats at most :data:`REL_TERMS_BYTES` at a time;
+* float32 and bf16 (:data:`FUSED_DTYPES`) with a rel-pos bias, segments of at least :data:`FUSED_MIN_KEYS`
+  keys, on a CPU with AVX-512, go instead through ``sam_fast::rel_pos_attention`` (:func:`_fused_bias_branch`),
+  which adds the two decomposed terms inside its row blocks: the bias memory is those terms,
+  ``S * H * L * (ay + ax)`` floats at most :data:`REL_TERMS_BYTES` at a time;
 * bf16 / fp16 run in their own dtype where the CPU has matmul instructions for it (AVX512-BF16 / AMX),
   otherwise in float32 (emulated half-precision matmuls are slower than float32 ones); the bias is
   float32 either way.
