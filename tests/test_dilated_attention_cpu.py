@@ -373,15 +373,16 @@ def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D, dtype):
         torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, torch.cat([f32[3], f32[3]], -1), f32[4], scale, out, lse)
 
 
-def test_rel_pos_attention_op_without_avx512():
-    """The kernel's plain paths, forced in a fresh process by SAM_FAST_CPU_NO_AVX512: the row pass without
-    AVX-512, and bf16 GEMMs on plain row-major operands (no AMX packing, as on a CPU without AMX): the same
-    checks as above."""
+@pytest.mark.parametrize("flag", ["SAM_FAST_CPU_NO_AVX512", "SAM_FAST_CPU_NO_AMX"])
+def test_rel_pos_attention_op_plain_paths(flag):
+    """The kernel's other paths, forced in a fresh process: SAM_FAST_CPU_NO_AVX512 takes the row pass and the
+    bf16 VNNI packing without AVX-512; SAM_FAST_CPU_NO_AMX runs the bf16 GEMMs on plain row-major operands (as on
+    a CPU without AMX). The same checks as above."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SAM_FAST_CPU_NO_AVX512="1")
+    env = dict(os.environ, **{flag: "1"})
     test = f"{__file__}::test_rel_pos_attention_op_matches_its_reference"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
                          capture_output=True, text=True, cwd=os.path.dirname(__file__))

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -38,12 +39,23 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// The keys' (ay, ax) grid. For a grid of at most 16 x 16 (SAM's 14 x 14 windows) `iy` / `ix` hold each key's row
+// and column (L entries, padded with zeros to a multiple of 16): the AVX-512 row pass then reads the logits in
+// whole vectors and builds the bias of 16 keys with two register permutes, instead of one short masked vector
+// per key row. nullptr otherwise.
+struct KeyGrid {
+  int64_t ay, ax;
+  const int32_t* iy;
+  const int32_t* ix;
+};
+
 // Biased logits and softmax numerators of one row: s[j] = s[j] * scale + (h[j / ax] + w[j % ax]) in place, then
 // p[j] = exp(s[j] - max) (p: s itself for float32, the bf16 row the second GEMM reads for bf16). Returns the
 // maximum (-inf when every key is masked: the row is then zeros) and writes the sum of the float32 numerators.
 template <typename P>
-float softmax_row_generic(float* s, int64_t ay, int64_t ax, const float* h, const float* w, float scale, P* p,
+float softmax_row_generic(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p,
                           float* sum) {
+  const int64_t ay = g.ay, ax = g.ax;
   float mx = kNegInf;
   for (int64_t y = 0; y < ay; ++y) {
     float* sy = s + y * ax;
@@ -109,11 +121,26 @@ __attribute__((target("avx512f"))) inline void store_row(float* dst, __mmask16 m
 }
 
 template <typename P>
-__attribute__((target("avx512f"))) float softmax_row_avx512(float* s, int64_t ay, int64_t ax, const float* h,
+__attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyGrid& g, const float* h,
                                                             const float* w, float scale, P* pr, float* sum) {
+  const int64_t ay = g.ay, ax = g.ax;
   const __m512 vs = _mm512_set1_ps(scale);
   __m512 vmax = _mm512_set1_ps(kNegInf);
-  for (int64_t x0 = 0; x0 < ax; x0 += 16) {
+  if (g.iy != nullptr) {  // a small grid: whole vectors over the flat row, the bias by permutes
+    const __m512 hv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ay) - 1u), h);
+    const __m512 wv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ax) - 1u), w);
+    const int64_t L = ay * ax;
+    for (int64_t j = 0; j < L; j += 16) {
+      const int64_t n = std::min<int64_t>(16, L - j);
+      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+      const __m512 bias = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(g.iy + j), hv),
+                                        _mm512_permutexvar_ps(_mm512_loadu_si512(g.ix + j), wv));
+      const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), vs), bias);
+      _mm512_mask_storeu_ps(s + j, m, t);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+    }
+  }
+  for (int64_t x0 = 0; g.iy == nullptr && x0 < ax; x0 += 16) {
     const int64_t n = std::min<int64_t>(16, ax - x0);
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
     const __m512 wv = _mm512_maskz_loadu_ps(m, w + x0);
@@ -151,24 +178,28 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, int64_t ay
 }
 #endif
 
-// whether SAM_FAST_CPU_NO_AVX512 asks for the plain paths (the row pass without AVX-512, bf16 GEMMs on unpacked B)
-bool plain_requested() {
+// whether an environment flag is set (non-empty), read at each call
+bool env_flag(const char* name) {
+  const char* flag = std::getenv(name);
+  return flag != nullptr && flag[0] != '\0';
+}
+
+bool avx512_rows() {
 #ifdef SAM_FAST_HAVE_AVX512_PATH
-  static const bool plain = no_avx512_requested();
-  return plain;
+  // SAM_FAST_CPU_NO_AVX512 (set, non-empty) takes the plain path on any CPU: how the tests check it here
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && !no_avx512_requested();
+  return avx512;
 #else
   return false;
 #endif
 }
 
 template <typename P>
-float softmax_row(float* s, int64_t ay, int64_t ax, const float* h, const float* w, float scale, P* p, float* sum) {
+float softmax_row(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p, float* sum) {
 #ifdef SAM_FAST_HAVE_AVX512_PATH
-  // SAM_FAST_CPU_NO_AVX512 (set, non-empty) takes the plain path on any CPU: how the tests check it here
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && !no_avx512_requested();
-  if (avx512) return softmax_row_avx512(s, ay, ax, h, w, scale, p, sum);
+  if (avx512_rows()) return softmax_row_avx512(s, g, h, w, scale, p, sum);
 #endif
-  return softmax_row_generic(s, ay, ax, h, w, scale, p, sum);
+  return softmax_row_generic(s, g, h, w, scale, p, sum);
 }
 
 // Query rows per block: their float32 logits over all Lk keys fill about `budget` bytes; at least 1 row, at most
@@ -199,9 +230,81 @@ void write_rows(const float* acc, int64_t n, int64_t D, const float* sums, const
   }
 }
 
+// VNNI panels for the bf16 path's AMX GEMMs (see attend_bf16), in AVX-512 (every CPU with AMX has F, BW and VL),
+// or the scalar loops below them (SAM_FAST_CPU_NO_AVX512, as for the row pass).
+#ifdef SAM_FAST_HAVE_AVX512_PATH
+// k^T panel: (D / 2, ld) 32-bit pairs, [p][j] = (k[j][2p], k[j][2p + 1]) for the w <= 64 keys at k (row stride
+// ldk), zero for j in [w, ld). Sixteen keys of one pair at a time: one gather of 32-bit words, one store.
+__attribute__((target("avx512f"))) void pack_kt_panel_avx512(const at::BFloat16* k, int64_t ldk, int64_t D,
+                                                               int64_t w, int64_t ld, at::BFloat16* out) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  const int32_t step = static_cast<int32_t>(ldk * 2);  // bytes between keys
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, w - j0));
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j0))),
+                                           _mm512_set1_epi32(step));
+    for (int64_t p = 0; p < D / 2; ++p) {
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, k + 2 * p, 1);
+      _mm512_storeu_si512(dst + p * ld + j0, words);
+    }
+  }
+}
+
+// v panel: (ceil(L / 2), ld) 32-bit pairs, [p][c] = (v[2p][c], v[2p + 1][c]) for the w <= 64 channels at v (row
+// stride ldv, L rows; a missing odd row and the columns in [w, ld) are zero)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_v_panel_avx512(const at::BFloat16* v, int64_t ldv, int64_t L,
+                                                              int64_t w, int64_t ld, at::BFloat16* out) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  for (int64_t p = 0; p < (L + 1) / 2; ++p) {
+    const at::BFloat16* r0 = v + 2 * p * ldv;
+    const bool odd = 2 * p + 1 < L;
+    for (int64_t c0 = 0; c0 < ld; c0 += 16) {
+      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, w - c0));
+      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + c0));
+      const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + ldv + c0))
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + p * ld + c0, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+#endif
+
+void pack_kt_panel(const at::BFloat16* k, int64_t ldk, int64_t D, int64_t w, int64_t ld, at::BFloat16* out) {
+#ifdef SAM_FAST_HAVE_AVX512_PATH
+  if (avx512_rows()) return pack_kt_panel_avx512(k, ldk, D, w, ld, out);
+#endif
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  for (int64_t j = 0; j < ld; ++j) {
+    for (int64_t p = 0; p < D / 2; ++p) {
+      uint32_t word = 0;
+      if (j < w) std::memcpy(&word, k + j * ldk + 2 * p, 4);
+      dst[p * ld + j] = word;
+    }
+  }
+}
+
+void pack_v_panel(const at::BFloat16* v, int64_t ldv, int64_t L, int64_t w, int64_t ld, at::BFloat16* out) {
+#ifdef SAM_FAST_HAVE_AVX512_PATH
+  static const bool bw = avx512_rows() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (bw) return pack_v_panel_avx512(v, ldv, L, w, ld, out);
+#endif
+  const at::BFloat16 zero(0.0f);
+  for (int64_t p = 0; p < (L + 1) / 2; ++p) {
+    at::BFloat16* o = out + p * ld * 2;
+    for (int64_t c = 0; c < ld; ++c) {
+      o[2 * c] = c < w ? v[2 * p * ldv + c] : zero;
+      o[2 * c + 1] = c < w && 2 * p + 1 < L ? v[(2 * p + 1) * ldv + c] : zero;
+    }
+  }
+}
+
 // The float32 path: at::mm_out (MKL's SGEMM) for both GEMMs, the probabilities left in the logits' buffer.
 void attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp, const float* wp,
-                  int64_t ay, int64_t ax, float scale, float* op, float* lp) {
+                  const KeyGrid& g, float scale, float* op, float* lp) {
+  const int64_t ay = g.ay, ax = g.ax;
   const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
   const int64_t bq = rows_per_block(Lq, Lk, kFloatBlockBytes);
   const int64_t nb = (Lq + bq - 1) / bq;
@@ -219,7 +322,7 @@ void attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       float* sp = sb.data_ptr<float>();
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = (s * H + h) * Lq + r0 + i;
-        maxes[i] = softmax_row(sp + i * Lk, ay, ax, hp + row * ay, wp + row * ax, scale, sp + i * Lk, &sums[i]);
+        maxes[i] = softmax_row(sp + i * Lk, g, hp + row * ay, wp + row * ax, scale, sp + i * Lk, &sums[i]);
       }
       at::mm_out(ob, sb, v.select(0, s).select(0, h));
       write_rows(ob.data_ptr<float>(), n, D, sums, maxes, op + ((s * Lq + r0) * H + h) * D, H * D,
@@ -233,14 +336,15 @@ void attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // its packing takes); k^T and v are packed once per (segment, head) a thread visits, and reused by every block of
 // rows. Elsewhere the same call runs oneDNN's bf16 GEMM on plain row-major B (k^T then a transposed copy).
 void attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp, const float* wp,
-                 int64_t ay, int64_t ax, float scale, at::BFloat16* op, float* lp) {
+                 const KeyGrid& g, float scale, at::BFloat16* op, float* lp) {
+  const int64_t ay = g.ay, ax = g.ax;
   using at::BFloat16;
   namespace blas = at::native::cpublas;
   const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
   const int64_t bq = rows_per_block(Lq, Lk, kBf16BlockBytes);
   const int64_t nb = (Lq + bq - 1) / bq;
-  // (SAM_FAST_CPU_NO_AVX512 takes the plain GEMM too: how the tests reach it on a CPU with AMX)
-  const bool vnni = blas::could_pack(at::kBFloat16) && D % 2 == 0 && !plain_requested();
+  // (SAM_FAST_CPU_NO_AMX takes the plain GEMM: how the tests reach it on a CPU with AMX)
+  const bool vnni = blas::could_pack(at::kBFloat16) && D % 2 == 0 && !env_flag("SAM_FAST_CPU_NO_AMX");
   constexpr int64_t kPanel = 64;
   // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
   const int64_t Lk2 = vnni ? Lk + (Lk & 1) : Lk;
@@ -250,9 +354,8 @@ void attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const BFloat16* vp = v.const_data_ptr<BFloat16>();
   at::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> logits(bq * Lk), acc(bq * D);
-    std::vector<BFloat16> probs(bq * Lk2), kt(D * Lk);
+    std::vector<BFloat16> probs(bq * Lk2), kt(vnni ? 0 : D * Lk);
     std::vector<BFloat16> kpack(vnni ? D * (Lk + kPanel) : 0), vpack(vnni ? Lk2 * (D + kPanel) : 0);
-    std::vector<BFloat16> vpad(vnni && Lk2 != Lk ? Lk2 * D : 0);
     float sums[256];
     float maxes[256];
     int64_t packed = -1;
@@ -263,25 +366,21 @@ void attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       const BFloat16* vb = vp + s * v.stride(0) + h * v.stride(1);
       const int64_t ldk = k.stride(2), ldv = v.stride(2);
       if (packed != s * H + h) {
-        for (int64_t j = 0; j < Lk; ++j) {
-          for (int64_t d = 0; d < D; ++d) kt[d * Lk + j] = kb[j * ldk + d];
-        }
         if (vnni) {
-          for (int64_t c0 = 0; c0 < Lk; c0 += kPanel) {  // k^T's panels: (D, <= 64 keys) each
+          // VNNI pairs, the layout oneDNN's micro-kernel reads (what cpublas::pack writes), built straight from k
+          // and v: a (Kd, N) operand's panel of up to 64 columns is (Kd / 2, ld, 2), element [p][c][e] = B[2p + e][c],
+          // ld = its width rounded up to 16, columns past the width zero
+          for (int64_t c0 = 0; c0 < Lk; c0 += kPanel) {  // k^T (D, Lk): [p][j][e] = k[c0 + j][2p + e]
             const int64_t w = std::min(kPanel, Lk - c0);
-            blas::pack(D, w, Lk, panel_ld(w), at::kBFloat16, at::kBFloat16, kt.data() + c0, kpack.data() + D * c0);
+            pack_kt_panel(kb + c0 * ldk, ldk, D, w, panel_ld(w), kpack.data() + D * c0);
           }
-          const BFloat16* vsrc = vb;
-          int64_t ldvs = ldv;
-          if (Lk2 != Lk) {
-            for (int64_t j = 0; j < Lk; ++j) std::copy(vb + j * ldv, vb + j * ldv + D, vpad.data() + j * D);
-            std::fill(vpad.data() + Lk * D, vpad.data() + Lk2 * D, BFloat16(0.0f));
-            vsrc = vpad.data();
-            ldvs = D;
-          }
-          for (int64_t c0 = 0; c0 < D; c0 += kPanel) {  // v's panels: (Lk2, <= 64 channels) each
+          for (int64_t c0 = 0; c0 < D; c0 += kPanel) {  // v (Lk2, D): [p][c][e] = v[2p + e][c0 + c], v[Lk] = 0
             const int64_t w = std::min(kPanel, D - c0);
-            blas::pack(Lk2, w, ldvs, panel_ld(w), at::kBFloat16, at::kBFloat16, vsrc + c0, vpack.data() + Lk2 * c0);
+            pack_v_panel(vb + c0, ldv, Lk, w, panel_ld(w), vpack.data() + Lk2 * c0);
+          }
+        } else {
+          for (int64_t j = 0; j < Lk; ++j) {
+            for (int64_t d = 0; d < D; ++d) kt[d * Lk + j] = kb[j * ldk + d];
           }
         }
         packed = s * H + h;
@@ -298,7 +397,7 @@ void attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = (s * H + h) * Lq + r0 + i;
-        maxes[i] = softmax_row(logits.data() + i * Lk, ay, ax, hp + row * ay, wp + row * ax, scale,
+        maxes[i] = softmax_row(logits.data() + i * Lk, g, hp + row * ay, wp + row * ax, scale,
                                probs.data() + i * Lk2, &sums[i]);
         if (Lk2 != Lk) probs[i * Lk2 + Lk] = BFloat16(0.0f);
       }
@@ -366,10 +465,23 @@ void rel_pos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   const float fscale = static_cast<float>(scale);
   const float* hp = rel_h.const_data_ptr<float>();
   const float* wp = rel_w.const_data_ptr<float>();
+  std::vector<int32_t> iy, ix;
+  KeyGrid g{ay, ax, nullptr, nullptr};
+  if (ay <= 16 && ax <= 16 && avx512_rows()) {
+    const int64_t padded = (Lk + 15) / 16 * 16;
+    iy.assign(padded, 0);
+    ix.assign(padded, 0);
+    for (int64_t j = 0; j < Lk; ++j) {
+      iy[j] = static_cast<int32_t>(j / ax);
+      ix[j] = static_cast<int32_t>(j % ax);
+    }
+    g.iy = iy.data();
+    g.ix = ix.data();
+  }
   if (dt == at::kFloat) {
-    attend_float(q, k, v, hp, wp, ay, ax, fscale, out.data_ptr<float>(), lse.data_ptr<float>());
+    attend_float(q, k, v, hp, wp, g, fscale, out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
-    attend_bf16(q, k, v, hp, wp, ay, ax, fscale, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
+    attend_bf16(q, k, v, hp, wp, g, fscale, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
   }
 }
 
