@@ -52,6 +52,13 @@ TORCH_LIBRARY(sam_fast, m) {
       "Tensor? out_scale) -> Tensor");
   // the same with a float32 result written over acc itself (read it as acc.view(float32))
   m.def("int8_epilogue_cpu_(Tensor(a!) acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu) -> ()");
+  // int8 weight (N, K) -> its panels for the AMX GEMM below, (ceil(N / 64) * K * 64,) int8; empty where the CPU
+  // has no AMX int8 or K is not a multiple of 4;
+  m.def("int8_pack_amx(Tensor w) -> Tensor");
+  // x int8 (M, K) @ the packed weight, dequantised (* x_scale * w_scale + bias [-> exact GELU]) tile by tile into a
+  // float32 (M, N): the int32 accumulator never leaves the thread's tile buffer.
+  m.def("int8_linear_amx(Tensor x, Tensor x_scale, Tensor w_packed, int N, Tensor w_scale, Tensor? bias, bool gelu) "
+        "-> Tensor");
   // How many of ATen's intra-op threads one at::parallel_for of `tasks` tasks in this extension ran on
   // (csrc/cpu/parallel_probe.cpp): 1 whatever torch.set_num_threads says would mean the extension was built
   // without OpenMP, and every CPU op above runs on one thread.

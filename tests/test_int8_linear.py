@@ -193,6 +193,75 @@ def test_cpu_accumulator_memory_is_never_shared_with_a_result(monkeypatch):
         torch.ops.sam_fast.int8_epilogue_cpu_(acc.t(), torch.ones(6), torch.ones(8), None, False)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("m,k,n", [(300, 96, 200), (1, 64, 64), (129, 40, 70), (5, 30, 8)])
+def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypatch):
+    """float32 results: with AMX int8 (where the CPU has it and K is a multiple of 4) the GEMM and its epilogue run
+    tile by tile (sam_fast::int8_linear_amx: 128-row tiles with a partial last one, 64-channel panels with a
+    partial last one); otherwise torch._int_mm and the in-place epilogue. Both equal the reference: bit for bit
+    without GELU, to rounding level with it; per-row and static input scales, with and without bias."""
+    from sam_fast.ops import int8_linear as ops
+
+    monkeypatch.setattr(ops, "AMX_INT8", amx)
+    x = _activations(m, k, seed=m + k)
+    w, b = _weights(n, k, seed=n)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    calls = []
+    real = torch.ops.sam_fast.int8_linear_amx
+    monkeypatch.setattr(ops.torch.ops.sam_fast, "int8_linear_amx", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    for act_scale, bias, activation in ((None, b, None), (torch.tensor(0.05), None, "gelu"), (None, None, "gelu")):
+        kw = dict(act_scale=act_scale, activation=activation)
+        y = sam_fast.int8_linear(x, wq, ws, bias, backend="cpu", **kw)
+        yr = sam_fast.int8_linear(x, wq, ws, bias, backend="reference", **kw)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        if activation is None:
+            assert torch.equal(y, yr)
+        else:
+            check_rounding_level("int8_linear", y, yr)
+    can = torch.ops.sam_fast.int8_pack_amx(wq).numel() > 0  # (this CPU has AMX int8 and k % 4 == 0)
+    assert bool(calls) == (amx and can)
+    if can:
+        assert k % 4 == 0
+
+
+def test_cpu_amx_weight_panels_follow_the_weight(monkeypatch):
+    """The AMX panels are packed once per weight tensor, repacked after an in-place change and dropped with the
+    weight; the ops refuse bad arguments by name."""
+    from sam_fast.ops import int8_linear as ops
+
+    w, b = _weights(70, 64, seed=3)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    if torch.ops.sam_fast.int8_pack_amx(wq).numel() == 0:
+        pytest.skip("this CPU has no AMX int8")
+    monkeypatch.setattr(ops, "AMX_INT8", True)
+    x = _activations(20, 64, seed=4)
+    first = ops._amx_weight(wq)
+    assert ops._amx_weight(wq) is first  # cached
+    y0 = sam_fast.int8_linear(x, wq, ws, b, backend="cpu")
+    wq.neg_()  # in place: the panels must follow
+    assert ops._amx_weight(wq) is not first
+    y1 = sam_fast.int8_linear(x, wq, ws, b, backend="cpu")
+    assert torch.equal(y1, sam_fast.int8_linear(x, wq, ws, b, backend="reference"))
+    assert not torch.equal(y0, y1)
+    packed = ops._amx_weight(wq)
+    xq = torch.zeros(3, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="w_packed must be"):
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed[:-1], 70, ws, None, False)
+    with pytest.raises(RuntimeError, match="x must be a 2-D int8"):
+        torch.ops.sam_fast.int8_linear_amx(xq.float(), torch.ones(3), packed, 70, ws, None, False)
+    with pytest.raises(RuntimeError, match="w_scale must hold"):
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed, 70, ws[:-1], None, False)
+    with pytest.raises(RuntimeError, match="x_scale must hold"):
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(4), packed, 70, ws, None, False)
+    with pytest.raises(RuntimeError, match="w must be a 2-D int8"):
+        torch.ops.sam_fast.int8_pack_amx(w)
+    key = id(wq)
+    assert key in ops._AMX_PANELS
+    del wq, packed
+    assert key not in ops._AMX_PANELS  # the panels went with their weight
+
+
 def test_round_half_even_like_torch():
     x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 0.49999997, 3.0, -126.5, 127.49, 0.0]])
     q = K.quantize_rows(x, torch.tensor(1.0))[0]

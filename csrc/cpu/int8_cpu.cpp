@@ -11,6 +11,7 @@
 // equal it up to where ATen's vectorised and scalar loops split a row (rounding level).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -21,8 +22,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace sam_fast {
 namespace {
@@ -303,8 +306,118 @@ void int8_epilogue_cpu_(at::Tensor& acc, const at::Tensor& a_scale, const at::Te
   epilogue(acc, a_scale, w_scale, bias, gelu, at::kFloat, c10::nullopt, true);
 }
 
+// ---- AMX int8 GEMM with the epilogue fused per tile ----
+//
+// torch._int_mm writes the whole int32 accumulator to memory and the epilogue reads it back: at ViT-B's widths
+// that round trip costs about as much as the GEMM. Here oneDNN's AMX micro-kernel (ATen's batch-reduce GEMM,
+// signed int8 x signed int8 -> int32) computes one tile of up to 128 rows x 64 columns into a per-thread buffer,
+// and the tile is dequantised (+ bias, + GELU) into the float32 output while it is still in L1. The int32 sums
+// are exact, so the result equals the _int_mm path bit for bit (GELU to rounding level: ATen's GELU on a tile).
+//
+// The weight (N, K) is packed once (sam_fast::int8_pack_amx) into panels of 64 output channels, each
+// (K / 4, 64, 4): [p][c][e] = w[c0 + c][4p + e], the VNNI layout AMX's int8 dot products read, channels past N
+// zero. K must be a multiple of 4; CPUs without AMX get an empty tensor and the caller keeps torch._int_mm.
+namespace {
+constexpr int64_t kAmxPanel = 64;
+constexpr int64_t kAmxRows = 128;
+
+bool amx_int8() { return at::native::cpublas::could_pack(at::kChar); }
+}  // namespace
+
+at::Tensor int8_pack_amx(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.device().is_cpu(),
+              "int8_pack_amx: w must be a 2-D int8 CPU tensor, got ", w.scalar_type(), " ", w.sizes(), " on ",
+              w.device());
+  const int64_t N = w.size(0), K = w.size(1);
+  if (!amx_int8() || K == 0 || K % 4 != 0 || N == 0) return at::empty({0}, w.options());
+  const at::Tensor wc = w.contiguous();
+  const int64_t panels = (N + kAmxPanel - 1) / kAmxPanel;
+  at::Tensor out = at::zeros({panels * K * kAmxPanel}, w.options());
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  uint32_t* o = reinterpret_cast<uint32_t*>(out.data_ptr<int8_t>());
+  at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+    for (int64_t pn = b; pn < e; ++pn) {
+      const int64_t c0 = pn * kAmxPanel, width = std::min(kAmxPanel, N - c0);
+      uint32_t* dst = o + pn * K * kAmxPanel / 4;
+      for (int64_t c = 0; c < width; ++c) {
+        for (int64_t p = 0; p < K / 4; ++p) std::memcpy(dst + p * kAmxPanel + c, wp + (c0 + c) * K + 4 * p, 4);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in, const at::Tensor& w_packed,
+                           int64_t N, const at::Tensor& w_scale_in, const c10::optional<at::Tensor>& bias_in,
+                           bool gelu) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kChar && x_in.device().is_cpu(),
+              "int8_linear_amx: x must be a 2-D int8 CPU tensor, got ", x_in.scalar_type(), " ", x_in.sizes(), " on ",
+              x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t panels = (N + kAmxPanel - 1) / kAmxPanel;
+  TORCH_CHECK(N >= 1 && K % 4 == 0 && K > 0 && w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
+                  w_packed.numel() == panels * K * kAmxPanel,
+              "int8_linear_amx: w_packed must be sam_fast::int8_pack_amx of an (N = ", N, ", K = ", K,
+              ") weight, K a multiple of 4, got ", w_packed.numel(), " values");
+  TORCH_CHECK(amx_int8(), "int8_linear_amx: this CPU has no AMX int8");
+  const at::Tensor a_scale = x_scale_in.to(at::kFloat).contiguous();
+  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(a_scale.numel() == 1 || (a_scale.dim() == 1 && a_scale.size(0) == M),
+              "int8_linear_amx: x_scale must hold one value or M = ", M, " values, got ", a_scale.sizes());
+  TORCH_CHECK(w_scale.numel() == N, "int8_linear_amx: w_scale must hold N = ", N, " values, got ", w_scale.sizes());
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == N, "int8_linear_amx: bias must hold N = ", N, " values, got ", bias.sizes());
+  }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0) return out;
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int8_t* wp = w_packed.data_ptr<int8_t>();
+  const float* asp = a_scale.data_ptr<float>();
+  const bool per_row = a_scale.numel() != 1 || a_scale.dim() == 1;
+  const float* wsp = w_scale.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t row_blocks = (M + kAmxRows - 1) / kAmxRows;
+  // tasks: row block major, panel minor (a thread's consecutive tiles share their rows of x)
+  at::parallel_for(0, row_blocks * panels, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> tile(kAmxRows * kAmxPanel);
+    std::vector<float> act(gelu ? kAmxRows * kAmxPanel : 0);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t m0 = (t / panels) * kAmxRows, c0 = (t % panels) * kAmxPanel;
+      const int64_t rows = std::min(kAmxRows, M - m0), width = std::min(kAmxPanel, N - c0);
+      at::native::cpublas::brgemm(rows, width, K, K, kAmxPanel, kAmxPanel, false, xp + m0 * K, wp + c0 * K,
+                                  tile.data(), true);
+      const float* wsc = wsp + c0;
+      const float* bc = bp != nullptr ? bp + c0 : nullptr;
+      if (!gelu) {
+        for (int64_t r = 0; r < rows; ++r) {
+          dequantize_row(tile.data() + r * kAmxPanel, width, per_row ? asp[m0 + r] : asp[0], wsc, bc,
+                         op + (m0 + r) * N + c0);
+        }
+        continue;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(tile.data() + r * kAmxPanel, width, per_row ? asp[m0 + r] : asp[0], wsc, bc,
+                       act.data() + r * width);
+      }
+      at::Tensor a = at::from_blob(act.data(), {rows, width}, at::TensorOptions().dtype(at::kFloat));
+      at::gelu_(a);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(op + (m0 + r) * N + c0, act.data() + r * width, width * sizeof(float));
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
   m.impl("quantize_rows_cpu", &quantize_rows_cpu);
+  m.impl("int8_pack_amx", &int8_pack_amx);
+  m.impl("int8_linear_amx", &int8_linear_amx);
   m.impl("layer_norm_quantize_cpu", &layer_norm_quantize_cpu);
   m.impl("int8_epilogue_cpu", &int8_epilogue_cpu);
   m.impl("int8_epilogue_cpu_", &int8_epilogue_cpu_);

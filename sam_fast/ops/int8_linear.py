@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import threading
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -123,6 +125,9 @@ def _register_cpu_fakes():
     torch.library.register_fake("sam_fast::layer_norm_quantize_cpu")(layer_norm_quantize)
     torch.library.register_fake("sam_fast::int8_epilogue_cpu")(epilogue)
     torch.library.register_fake("sam_fast::int8_epilogue_cpu_")(lambda acc, a_scale, w_scale, bias, gelu: None)
+    # (int8_pack_amx has none: its output is empty or not depending on the CPU, and it never runs while tracing)
+    torch.library.register_fake("sam_fast::int8_linear_amx")(
+        lambda x, x_scale, w_packed, N, w_scale, bias, gelu: x.new_empty((x.shape[0], N), dtype=torch.float32))
     _register_cpu_fakes.done = True
 
 
@@ -183,6 +188,35 @@ def _cpu_accumulator(x: Tensor, w: Tensor) -> Tensor:
     return acc
 
 
+#: float32-output CPU int8 GEMMs run sam_fast::int8_linear_amx (the epilogue fused per tile) where the CPU has AMX
+#: int8 and K is a multiple of 4; tests switch it off to reach the torch._int_mm path
+AMX_INT8 = True
+
+
+_AMX_OFF = bool(os.environ.get("SAM_FAST_CPU_NO_AMX"))
+
+#: id(weight) -> (weakref to it, its _version, its data_ptr, its AMX panels or None): the panels live as long as
+#: the weight (a weakref callback drops them), and are rebuilt after an in-place change
+_AMX_PANELS: dict = {}
+
+
+def _amx_weight(w: Tensor) -> Optional[Tensor]:
+    """``w``'s panels for ``sam_fast::int8_linear_amx`` (as much memory again as the int8 weight), packed once per
+    weight tensor; None where that path does not run (no AMX int8, K not a multiple of 4, while torch.compile
+    traces, SAM_FAST_CPU_NO_AMX set, or :data:`AMX_INT8` off)."""
+    if not AMX_INT8 or _AMX_OFF or torch.compiler.is_compiling() or w.shape[1] % 4 or w.requires_grad:
+        return None
+    key = id(w)
+    hit = _AMX_PANELS.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
+        return hit[3]
+    packed = torch.ops.sam_fast.int8_pack_amx(w)
+    packed = packed if packed.numel() else None
+    ref = weakref.ref(w, lambda _ref, key=key: _AMX_PANELS.pop(key, None))
+    _AMX_PANELS[key] = (ref, w._version, w.data_ptr(), packed)
+    return packed
+
+
 def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
     """The C++ quantisation and epilogue around ``torch._int_mm`` (:func:`_ref.int8_mm`): the reference's numerics,
     one pass over the activations and one over the accumulator instead of four to seven."""
@@ -191,6 +225,10 @@ def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_sca
     if out_dtype == torch.int32:
         return _ref.int8_mm(x, w)
     if out_dtype == torch.float32 and not torch.compiler.is_compiling():
+        packed = _amx_weight(w)
+        if packed is not None:
+            return torch.ops.sam_fast.int8_linear_amx(x, x_scale, packed, w.shape[0], w_scale, bias,
+                                                      activation == "gelu")
         # the result overwrites a fresh accumulator: one large allocation, as a float GEMM makes
         acc = _ref.int8_mm(x, w)
         if acc.is_contiguous():
