@@ -55,10 +55,11 @@ TORCH_LIBRARY(sam_fast, m) {
   // int8 weight (N, K) -> its panels for the AMX GEMM below, (ceil(N / 64) * K * 64,) int8; empty where the CPU
   // has no AMX int8 or K is not a multiple of 4;
   m.def("int8_pack_amx(Tensor w) -> Tensor");
-  // x int8 (M, K) @ the packed weight, dequantised (* x_scale * w_scale + bias [-> exact GELU]) tile by tile into a
-  // float32 (M, N): the int32 accumulator never leaves the thread's tile buffer.
-  m.def("int8_linear_amx(Tensor x, Tensor x_scale, Tensor w_packed, int N, Tensor w_scale, Tensor? bias, bool gelu) "
-        "-> Tensor");
+  // x int8 (M, K) @ the packed weight, dequantised (* x_scale * w_scale + bias [-> exact GELU]) tile by tile into an
+  // (M, N) out_dtype result (float32, bfloat16, float16, or int8 re-quantised with out_scale): the int32
+  // accumulator never leaves the thread's tile buffer.
+  m.def("int8_linear_amx(Tensor x, Tensor x_scale, Tensor w_packed, int N, Tensor w_scale, Tensor? bias, bool gelu, "
+        "ScalarType out_dtype, Tensor? out_scale) -> Tensor");
   // How many of ATen's intra-op threads one at::parallel_for of `tasks` tasks in this extension ran on
   // (csrc/cpu/parallel_probe.cpp): 1 whatever torch.set_num_threads says would mean the extension was built
   // without OpenMP, and every CPU op above runs on one thread.

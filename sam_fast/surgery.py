@@ -103,7 +103,7 @@ def eligible_linears(model: nn.Module) -> List[LinearSlot]:
 def too_narrow(lin: nn.Module) -> Optional[str]:
     """Why ``lin`` stays in float under W8A8, or None: fewer than :data:`MIN_FEATURES` channels anywhere, or on a
     CPU (where its weight lives when quantised) fewer than :data:`CPU_MIN_IN_FEATURES` input channels unless the
-    layer is float32 and takes the AMX int8 GEMM there, or a
+    layer takes the AMX int8 GEMM there, or a
     bf16 / fp16 weight the CPU multiplies in hardware (:data:`CPU_HALF_STAYS_FLOAT`): there int8 would make the
     layer slower."""
     if min(lin.in_features, lin.out_features) < MIN_FEATURES:
@@ -113,10 +113,9 @@ def too_narrow(lin: nn.Module) -> Optional[str]:
     if on_cpu and lin.in_features < CPU_MIN_IN_FEATURES:
         from .ops.int8_linear import amx_int8_available
 
-        if not (weight.dtype == torch.float32 and amx_int8_available(lin.in_features)):
+        if not amx_int8_available(lin.in_features):
             return (f"on a CPU int8 is slower than float below {CPU_MIN_IN_FEATURES} input channels "
-                    f"({lin.in_features} -> {lin.out_features}) without the AMX int8 GEMM (float32 models, "
-                    "CPUs with AMX int8)")
+                    f"({lin.in_features} -> {lin.out_features}) without the AMX int8 GEMM")
     if on_cpu and CPU_HALF_STAYS_FLOAT and weight.dtype in (torch.bfloat16, torch.float16):
         from .ops.dilated_attention_cpu import compute_dtype
 

@@ -139,13 +139,18 @@ def test_cpu_layer_norm_quantize_equals_the_reference(m, k, affine, dtype):
     assert torch.equal(q, qr) and torch.equal(s, sr)
 
 
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("m,k,n", [(300, 768, 2304), (5, 96, 3072), (1, 64, 1), (90, 40, 50)])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-def test_cpu_epilogue_matches_the_reference(m, k, n, activation, out_dtype):
+def test_cpu_epilogue_matches_the_reference(m, k, n, activation, out_dtype, amx, monkeypatch):
     """Dequantise + bias (+ GELU) and the cast or re-quantisation, dynamic and static input scales, with and
-    without bias: without GELU bit for bit; with it to rounding level (ATen's GELU splits rows into vector and
-    scalar parts at other places than the reference's whole-tensor call), as integers within one step."""
+    without bias, fused per tile into the AMX GEMM (where this CPU has it) or after torch._int_mm: without GELU
+    bit for bit; with it to rounding level (ATen's GELU splits rows into vector and scalar parts at other places
+    than the reference's whole-tensor call), as integers within one step."""
+    from sam_fast.ops import int8_linear as ops
+
+    monkeypatch.setattr(ops, "AMX_INT8", amx)
     x = _activations(m, k, seed=k + n)
     w, b = _weights(n, k, seed=n + 1)
     wq, ws = sam_fast.quantize.quantize_weight(w)
@@ -247,13 +252,17 @@ def test_cpu_amx_weight_panels_follow_the_weight(monkeypatch):
     packed = ops._amx_weight(wq)
     xq = torch.zeros(3, 64, dtype=torch.int8)
     with pytest.raises(RuntimeError, match="w_packed must be"):
-        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed[:-1], 70, ws, None, False)
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed[:-1], 70, ws, None, False, torch.float32, None)
     with pytest.raises(RuntimeError, match="x must be a 2-D int8"):
-        torch.ops.sam_fast.int8_linear_amx(xq.float(), torch.ones(3), packed, 70, ws, None, False)
+        torch.ops.sam_fast.int8_linear_amx(xq.float(), torch.ones(3), packed, 70, ws, None, False, torch.float32, None)
     with pytest.raises(RuntimeError, match="w_scale must hold"):
-        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed, 70, ws[:-1], None, False)
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed, 70, ws[:-1], None, False, torch.float32, None)
     with pytest.raises(RuntimeError, match="x_scale must hold"):
-        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(4), packed, 70, ws, None, False)
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(4), packed, 70, ws, None, False, torch.float32, None)
+    with pytest.raises(RuntimeError, match="needs out_scale"):
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed, 70, ws, None, False, torch.int8, None)
+    with pytest.raises(RuntimeError, match="out_dtype must be"):
+        torch.ops.sam_fast.int8_linear_amx(xq, torch.ones(3), packed, 70, ws, None, False, torch.int32, None)
     with pytest.raises(RuntimeError, match="w must be a 2-D int8"):
         torch.ops.sam_fast.int8_pack_amx(w)
     key = id(wq)

@@ -311,8 +311,9 @@ void int8_epilogue_cpu_(at::Tensor& acc, const at::Tensor& a_scale, const at::Te
 // torch._int_mm writes the whole int32 accumulator to memory and the epilogue reads it back: at ViT-B's widths
 // that round trip costs about as much as the GEMM. Here oneDNN's AMX micro-kernel (ATen's batch-reduce GEMM,
 // signed int8 x signed int8 -> int32) computes one tile of up to 128 rows x 64 columns into a per-thread buffer,
-// and the tile is dequantised (+ bias, + GELU) into the float32 output while it is still in L1. The int32 sums
-// are exact, so the result equals the _int_mm path bit for bit (GELU to rounding level: ATen's GELU on a tile).
+// and the tile is dequantised (+ bias, + GELU, then the cast or int8 re-quantisation) into the output while it is
+// still in L1. The int32 sums are exact, so the result equals the _int_mm path bit for bit (GELU to rounding
+// level: ATen's GELU on a tile).
 //
 // The weight (N, K) is packed once (sam_fast::int8_pack_amx) into panels of 64 output channels, each
 // (K / 4, 64, 4): [p][c][e] = w[c0 + c][4p + e], the VNNI layout AMX's int8 dot products read, channels past N
@@ -349,7 +350,7 @@ at::Tensor int8_pack_amx(const at::Tensor& w) {
 
 at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in, const at::Tensor& w_packed,
                            int64_t N, const at::Tensor& w_scale_in, const c10::optional<at::Tensor>& bias_in,
-                           bool gelu) {
+                           bool gelu, at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_scale) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kChar && x_in.device().is_cpu(),
               "int8_linear_amx: x must be a 2-D int8 CPU tensor, got ", x_in.scalar_type(), " ", x_in.sizes(), " on ",
               x_in.device());
@@ -371,20 +372,29 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
     bias = bias_in->to(at::kFloat).contiguous();
     TORCH_CHECK(bias.numel() == N, "int8_linear_amx: bias must hold N = ", N, " values, got ", bias.sizes());
   }
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kChar,
+              "int8_linear_amx: out_dtype must be float32, bfloat16, float16 or int8, got ", out_dtype);
+  float o_scale = 1.0f;
+  if (out_dtype == at::kChar) {
+    TORCH_CHECK(out_scale.has_value() && out_scale->numel() == 1, "int8_linear_amx: an int8 output needs out_scale");
+    o_scale = out_scale->to(at::kFloat).item<float>();
+  }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(out_dtype));
   if (M == 0) return out;
+  const bool direct = out_dtype == at::kFloat && !gelu;  // dequantised straight into the output
   const int8_t* xp = x.data_ptr<int8_t>();
   const int8_t* wp = w_packed.data_ptr<int8_t>();
   const float* asp = a_scale.data_ptr<float>();
   const bool per_row = a_scale.numel() != 1 || a_scale.dim() == 1;
   const float* wsp = w_scale.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
+  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t osize = out.element_size();
   const int64_t row_blocks = (M + kAmxRows - 1) / kAmxRows;
   // tasks: row block major, panel minor (a thread's consecutive tiles share their rows of x)
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> tile(kAmxRows * kAmxPanel);
-    std::vector<float> act(gelu ? kAmxRows * kAmxPanel : 0);
+    std::vector<float> act(direct ? 0 : kAmxRows * kAmxPanel);
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = (t / panels) * kAmxRows, c0 = (t % panels) * kAmxPanel;
       const int64_t rows = std::min(kAmxRows, M - m0), width = std::min(kAmxPanel, N - c0);
@@ -392,10 +402,10 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
                                   tile.data(), true);
       const float* wsc = wsp + c0;
       const float* bc = bp != nullptr ? bp + c0 : nullptr;
-      if (!gelu) {
+      if (direct) {
         for (int64_t r = 0; r < rows; ++r) {
           dequantize_row(tile.data() + r * kAmxPanel, width, per_row ? asp[m0 + r] : asp[0], wsc, bc,
-                         op + (m0 + r) * N + c0);
+                         reinterpret_cast<float*>(op + ((m0 + r) * N + c0) * osize));
         }
         continue;
       }
@@ -403,10 +413,26 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
         dequantize_row(tile.data() + r * kAmxPanel, width, per_row ? asp[m0 + r] : asp[0], wsc, bc,
                        act.data() + r * width);
       }
-      at::Tensor a = at::from_blob(act.data(), {rows, width}, at::TensorOptions().dtype(at::kFloat));
-      at::gelu_(a);
-      for (int64_t r = 0; r < rows; ++r) {
-        std::memcpy(op + (m0 + r) * N + c0, act.data() + r * width, width * sizeof(float));
+      if (gelu) {
+        at::Tensor a = at::from_blob(act.data(), {rows, width}, at::TensorOptions().dtype(at::kFloat));
+        at::gelu_(a);
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // the cast or re-quantisation of the unfused epilogue, per row
+        const float* y = act.data() + r * width;
+        char* dst = op + ((m0 + r) * N + c0) * osize;
+        switch (out_dtype) {
+          case at::kFloat:
+            std::memcpy(dst, y, width * sizeof(float));
+            break;
+          case at::kBFloat16:
+            for (int64_t i = 0; i < width; ++i) reinterpret_cast<c10::BFloat16*>(dst)[i] = c10::BFloat16(y[i]);
+            break;
+          case at::kHalf:
+            for (int64_t i = 0; i < width; ++i) reinterpret_cast<c10::Half*>(dst)[i] = c10::Half(y[i]);
+            break;
+          default:
+            quantize_row_f32(y, width, o_scale, reinterpret_cast<int8_t*>(dst));
+        }
       }
     }
     at::native::cpublas::brgemm_release(true);

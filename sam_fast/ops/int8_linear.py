@@ -127,7 +127,8 @@ def _register_cpu_fakes():
     torch.library.register_fake("sam_fast::int8_epilogue_cpu_")(lambda acc, a_scale, w_scale, bias, gelu: None)
     # (int8_pack_amx has none: its output is empty or not depending on the CPU, and it never runs while tracing)
     torch.library.register_fake("sam_fast::int8_linear_amx")(
-        lambda x, x_scale, w_packed, N, w_scale, bias, gelu: x.new_empty((x.shape[0], N), dtype=torch.float32))
+        lambda x, x_scale, w_packed, N, w_scale, bias, gelu, out_dtype, out_scale: x.new_empty((x.shape[0], N),
+                                                                                              dtype=out_dtype))
     _register_cpu_fakes.done = True
 
 
@@ -188,8 +189,8 @@ def _cpu_accumulator(x: Tensor, w: Tensor) -> Tensor:
     return acc
 
 
-#: float32-output CPU int8 GEMMs run sam_fast::int8_linear_amx (the epilogue fused per tile) where the CPU has AMX
-#: int8 and K is a multiple of 4; tests switch it off to reach the torch._int_mm path
+#: CPU int8 GEMMs run sam_fast::int8_linear_amx (the epilogue fused per tile) where the CPU has AMX int8 and K is a
+#: multiple of 4; tests switch it off to reach the torch._int_mm path
 AMX_INT8 = True
 
 
@@ -204,7 +205,7 @@ _AMX_CPU = []  # [whether this CPU runs the AMX int8 GEMM], probed once
 
 
 def amx_int8_available(in_features: int = 4) -> bool:
-    """Whether a float32-output CPU int8 linear with ``in_features`` input channels runs
+    """Whether a CPU int8 linear with ``in_features`` input channels runs
     ``sam_fast::int8_linear_amx`` here: the extension loaded, the CPU has AMX int8, ``in_features`` is a multiple
     of 4, and neither SAM_FAST_CPU_NO_AMX nor :data:`AMX_INT8` turns it off."""
     if not AMX_INT8 or _AMX_OFF or in_features % 4:
@@ -235,17 +236,18 @@ def _amx_weight(w: Tensor) -> Optional[Tensor]:
 
 
 def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
-    """The C++ quantisation and epilogue around ``torch._int_mm`` (:func:`_ref.int8_mm`): the reference's numerics,
-    one pass over the activations and one over the accumulator instead of four to seven."""
+    """The C++ quantisation, then the AMX int8 GEMM with its epilogue fused per tile where the CPU has it
+    (:func:`amx_int8_available`), else ``torch._int_mm`` (:func:`_ref.int8_mm`) and one epilogue pass over the
+    accumulator: the reference's numerics, instead of its four to seven passes."""
     if x.dtype != torch.int8:
         x, x_scale = torch.ops.sam_fast.quantize_rows_cpu(x, x_scale)
     if out_dtype == torch.int32:
         return _ref.int8_mm(x, w)
+    packed = _amx_weight(w)
+    if packed is not None:
+        return torch.ops.sam_fast.int8_linear_amx(x, x_scale, packed, w.shape[0], w_scale, bias, activation == "gelu",
+                                                  out_dtype, out_scale)
     if out_dtype == torch.float32 and not torch.compiler.is_compiling():
-        packed = _amx_weight(w)
-        if packed is not None:
-            return torch.ops.sam_fast.int8_linear_amx(x, x_scale, packed, w.shape[0], w_scale, bias,
-                                                      activation == "gelu")
         # the result overwrites a fresh accumulator: one large allocation, as a float GEMM makes
         acc = _ref.int8_mm(x, w)
         if acc.is_contiguous():
