@@ -201,23 +201,6 @@ _AMX_OFF = bool(os.environ.get("SAM_FAST_CPU_NO_AMX"))
 _AMX_PANELS: dict = {}
 
 
-_AMX_CPU = []  # [whether this CPU runs the AMX int8 GEMM], probed once
-
-
-def amx_int8_available(in_features: int = 4) -> bool:
-    """Whether a CPU int8 linear with ``in_features`` input channels runs
-    ``sam_fast::int8_linear_amx`` here: the extension loaded, the CPU has AMX int8, ``in_features`` is a multiple
-    of 4, and neither SAM_FAST_CPU_NO_AMX nor :data:`AMX_INT8` turns it off."""
-    if not AMX_INT8 or _AMX_OFF or in_features % 4:
-        return False
-    if not _AMX_CPU:
-        from ._ext import extension_error
-
-        _AMX_CPU.append(extension_error() is None
-                        and torch.ops.sam_fast.int8_pack_amx(torch.zeros(1, 4, dtype=torch.int8)).numel() > 0)
-    return _AMX_CPU[0]
-
-
 def _amx_weight(w: Tensor) -> Optional[Tensor]:
     """``w``'s panels for ``sam_fast::int8_linear_amx`` (as much memory again as the int8 weight), packed once per
     weight tensor; None where that path does not run (no AMX int8, K not a multiple of 4, while torch.compile
