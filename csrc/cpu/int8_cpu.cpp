@@ -225,6 +225,35 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x_i
 
 namespace {
 
+// The epilogue's operands, checked (messages name the op and the input scale's argument) and in float32: the input
+// scale (one value or M), the weight scale and bias (N values each), and an int8 output's scale.
+struct EpilogueArgs {
+  at::Tensor a_scale, w_scale, bias;
+  float o_scale = 1.0f;
+};
+
+EpilogueArgs epilogue_args(const char* op, const char* a_name, int64_t M, int64_t N, const at::Tensor& a_scale_in,
+                           const at::Tensor& w_scale_in, const c10::optional<at::Tensor>& bias_in,
+                           at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_scale) {
+  EpilogueArgs r;
+  r.a_scale = a_scale_in.to(at::kFloat).contiguous();
+  r.w_scale = w_scale_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(r.a_scale.numel() == 1 || (r.a_scale.dim() == 1 && r.a_scale.size(0) == M), op, ": ", a_name,
+              " must hold one value or M = ", M, " values, got ", r.a_scale.sizes());
+  TORCH_CHECK(r.w_scale.numel() == N, op, ": w_scale must hold N = ", N, " values, got ", r.w_scale.sizes());
+  if (bias_in.has_value()) {
+    r.bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(r.bias.numel() == N, op, ": bias must hold N = ", N, " values, got ", r.bias.sizes());
+  }
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kChar,
+              op, ": out_dtype must be float32, bfloat16, float16 or int8, got ", out_dtype);
+  if (out_dtype == at::kChar) {
+    TORCH_CHECK(out_scale.has_value() && out_scale->numel() == 1, op, ": an int8 output needs out_scale");
+    r.o_scale = out_scale->to(at::kFloat).item<float>();
+  }
+  return r;
+}
+
 // The epilogue; in_place: a float32 result written over the (contiguous) int32 accumulator itself, each row
 // dequantised vector by vector (every vector is loaded before its results are stored)
 at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& a_scale_in, const at::Tensor& w_scale_in,
@@ -234,23 +263,12 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& a_scale_in, cons
               acc_in.scalar_type(), " ", acc_in.sizes());
   const at::Tensor acc = acc_in.contiguous();
   const int64_t M = acc.size(0), N = acc.size(1);
-  const at::Tensor a_scale = a_scale_in.to(at::kFloat).contiguous();
-  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(a_scale.numel() == 1 || (a_scale.dim() == 1 && a_scale.size(0) == M),
-              "int8_epilogue: a_scale must hold one value or M = ", M, " values, got ", a_scale.sizes());
-  TORCH_CHECK(w_scale.numel() == N, "int8_epilogue: w_scale must hold N = ", N, " values, got ", w_scale.sizes());
-  at::Tensor bias;
-  if (bias_in.has_value()) {
-    bias = bias_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias.numel() == N, "int8_epilogue: bias must hold N = ", N, " values, got ", bias.sizes());
-  }
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kChar,
-              "int8_epilogue: out_dtype must be float32, bfloat16, float16 or int8, got ", out_dtype);
-  float o_scale = 1.0f;
-  if (out_dtype == at::kChar) {
-    TORCH_CHECK(out_scale.has_value() && out_scale->numel() == 1, "int8_epilogue: an int8 output needs out_scale");
-    o_scale = out_scale->to(at::kFloat).item<float>();
-  }
+  const EpilogueArgs args =
+      epilogue_args("int8_epilogue", "a_scale", M, N, a_scale_in, w_scale_in, bias_in, out_dtype, out_scale);
+  const at::Tensor& a_scale = args.a_scale;
+  const at::Tensor& w_scale = args.w_scale;
+  const at::Tensor& bias = args.bias;
+  const float o_scale = args.o_scale;
   at::Tensor out = in_place ? acc.view(at::kFloat) : at::empty({M, N}, acc.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   const int32_t* ap = acc.data_ptr<int32_t>();
@@ -362,23 +380,12 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
               "int8_linear_amx: w_packed must be sam_fast::int8_pack_amx of an (N = ", N, ", K = ", K,
               ") weight, K a multiple of 4, got ", w_packed.numel(), " values");
   TORCH_CHECK(amx_int8(), "int8_linear_amx: this CPU has no AMX int8");
-  const at::Tensor a_scale = x_scale_in.to(at::kFloat).contiguous();
-  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(a_scale.numel() == 1 || (a_scale.dim() == 1 && a_scale.size(0) == M),
-              "int8_linear_amx: x_scale must hold one value or M = ", M, " values, got ", a_scale.sizes());
-  TORCH_CHECK(w_scale.numel() == N, "int8_linear_amx: w_scale must hold N = ", N, " values, got ", w_scale.sizes());
-  at::Tensor bias;
-  if (bias_in.has_value()) {
-    bias = bias_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias.numel() == N, "int8_linear_amx: bias must hold N = ", N, " values, got ", bias.sizes());
-  }
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kChar,
-              "int8_linear_amx: out_dtype must be float32, bfloat16, float16 or int8, got ", out_dtype);
-  float o_scale = 1.0f;
-  if (out_dtype == at::kChar) {
-    TORCH_CHECK(out_scale.has_value() && out_scale->numel() == 1, "int8_linear_amx: an int8 output needs out_scale");
-    o_scale = out_scale->to(at::kFloat).item<float>();
-  }
+  const EpilogueArgs args =
+      epilogue_args("int8_linear_amx", "x_scale", M, N, x_scale_in, w_scale_in, bias_in, out_dtype, out_scale);
+  const at::Tensor& a_scale = args.a_scale;
+  const at::Tensor& w_scale = args.w_scale;
+  const at::Tensor& bias = args.bias;
+  const float o_scale = args.o_scale;
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_dtype));
   if (M == 0) return out;
   const bool direct = out_dtype == at::kFloat && !gelu;  // dequantised straight into the output
