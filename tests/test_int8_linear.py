@@ -232,15 +232,24 @@ def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypa
 
 def test_cpu_amx_weight_panels_follow_the_weight(monkeypatch):
     """The AMX panels are packed once per weight tensor, repacked after an in-place change and dropped with the
-    weight; the ops refuse bad arguments by name."""
+    weight; the ops refuse bad arguments by name. (On a CPU without AMX int8: no panels, the _int_mm path, and the
+    GEMM op refuses to run.)"""
     from sam_fast.ops import int8_linear as ops
 
     w, b = _weights(70, 64, seed=3)
     wq, ws = sam_fast.quantize.quantize_weight(w)
-    if torch.ops.sam_fast.int8_pack_amx(wq).numel() == 0:
-        pytest.skip("this CPU has no AMX int8")
     monkeypatch.setattr(ops, "AMX_INT8", True)
     x = _activations(20, 64, seed=4)
+    if torch.ops.sam_fast.int8_pack_amx(wq).numel() == 0:
+        # a CPU without AMX int8: no panels, and the torch._int_mm path gives the reference's result
+        assert ops._amx_weight(wq) is None
+        assert torch.equal(sam_fast.int8_linear(x, wq, ws, b, backend="cpu"),
+                           sam_fast.int8_linear(x, wq, ws, b, backend="reference"))
+        with pytest.raises(RuntimeError, match="no AMX int8"):
+            torch.ops.sam_fast.int8_linear_amx(torch.zeros(3, 64, dtype=torch.int8), torch.ones(3),
+                                               torch.zeros(2 * 64 * 64, dtype=torch.int8), 70, ws, None, False,
+                                               torch.float32, None)
+        return
     first = ops._amx_weight(wq)
     assert ops._amx_weight(wq) is first  # cached
     y0 = sam_fast.int8_linear(x, wq, ws, b, backend="cpu")

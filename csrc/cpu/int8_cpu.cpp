@@ -228,8 +228,12 @@ namespace {
 // The epilogue's operands, checked (messages name the op and the input scale's argument) and in float32: the input
 // scale (one value or M), the weight scale and bias (N values each), and an int8 output's scale.
 struct EpilogueArgs {
-  at::Tensor a_scale, w_scale, bias;
+  at::Tensor a_scale, w_scale, bias;  // (owners of the data below)
   float o_scale = 1.0f;
+  const float* asp = nullptr;  // input scale: asp[m] per row, or asp[0] for all
+  bool per_row = false;
+  const float* wsp = nullptr;
+  const float* bp = nullptr;  // nullptr: no bias
 };
 
 EpilogueArgs epilogue_args(const char* op, const char* a_name, int64_t M, int64_t N, const at::Tensor& a_scale_in,
@@ -251,6 +255,10 @@ EpilogueArgs epilogue_args(const char* op, const char* a_name, int64_t M, int64_
     TORCH_CHECK(out_scale.has_value() && out_scale->numel() == 1, op, ": an int8 output needs out_scale");
     r.o_scale = out_scale->to(at::kFloat).item<float>();
   }
+  r.asp = r.a_scale.data_ptr<float>();
+  r.per_row = r.a_scale.numel() != 1 || r.a_scale.dim() == 1;
+  r.wsp = r.w_scale.data_ptr<float>();
+  r.bp = r.bias.defined() ? r.bias.data_ptr<float>() : nullptr;
   return r;
 }
 
@@ -265,17 +273,14 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& a_scale_in, cons
   const int64_t M = acc.size(0), N = acc.size(1);
   const EpilogueArgs args =
       epilogue_args("int8_epilogue", "a_scale", M, N, a_scale_in, w_scale_in, bias_in, out_dtype, out_scale);
-  const at::Tensor& a_scale = args.a_scale;
-  const at::Tensor& w_scale = args.w_scale;
-  const at::Tensor& bias = args.bias;
   const float o_scale = args.o_scale;
   at::Tensor out = in_place ? acc.view(at::kFloat) : at::empty({M, N}, acc.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* asp = a_scale.data_ptr<float>();
-  const bool per_row = a_scale.numel() != 1 || a_scale.dim() == 1;
-  const float* wsp = w_scale.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const float* asp = args.asp;
+  const bool per_row = args.per_row;
+  const float* wsp = args.wsp;
+  const float* bp = args.bp;
   // blocks of about 64K outputs (256 KB of fp32): dequantised straight into a float32 output, otherwise into
   // a buffer that stays in cache through the GELU and the final cast or re-quantisation
   at::parallel_for(0, M, block_rows(N, 65536), [&](int64_t b, int64_t e) {
@@ -382,19 +387,16 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
   TORCH_CHECK(amx_int8(), "int8_linear_amx: this CPU has no AMX int8");
   const EpilogueArgs args =
       epilogue_args("int8_linear_amx", "x_scale", M, N, x_scale_in, w_scale_in, bias_in, out_dtype, out_scale);
-  const at::Tensor& a_scale = args.a_scale;
-  const at::Tensor& w_scale = args.w_scale;
-  const at::Tensor& bias = args.bias;
   const float o_scale = args.o_scale;
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_dtype));
   if (M == 0) return out;
   const bool direct = out_dtype == at::kFloat && !gelu;  // dequantised straight into the output
   const int8_t* xp = x.data_ptr<int8_t>();
   const int8_t* wp = w_packed.data_ptr<int8_t>();
-  const float* asp = a_scale.data_ptr<float>();
-  const bool per_row = a_scale.numel() != 1 || a_scale.dim() == 1;
-  const float* wsp = w_scale.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const float* asp = args.asp;
+  const bool per_row = args.per_row;
+  const float* wsp = args.wsp;
+  const float* bp = args.bp;
   char* op = static_cast<char*>(out.data_ptr());
   const int64_t osize = out.element_size();
   const int64_t row_blocks = (M + kAmxRows - 1) / kAmxRows;
