@@ -220,7 +220,7 @@ def _amx_weight(w: Tensor) -> Optional[Tensor]:
 
 def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
     """The C++ quantisation, then the AMX int8 GEMM with its epilogue fused per tile where the CPU has it
-    (:func:`amx_int8_available`), else ``torch._int_mm`` (:func:`_ref.int8_mm`) and one epilogue pass over the
+    (:func:`_amx_weight`), else ``torch._int_mm`` (:func:`_ref.int8_mm`) and one epilogue pass over the
     accumulator: the reference's numerics, instead of its four to seven passes."""
     if x.dtype != torch.int8:
         x, x_scale = torch.ops.sam_fast.quantize_rows_cpu(x, x_scale)
