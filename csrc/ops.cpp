@@ -40,6 +40,18 @@ TORCH_LIBRARY(sam_fast, m) {
   m.def(
       "rel_pos_attention(Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, float scale, Tensor(a!) out, "
       "Tensor(b!) lse) -> ()");
+  // SAM's window / global attention with the decomposed rel-pos bias, read straight from a block's qkv tensor
+  // (csrc/cpu/rel_pos_attention.cpp): qkv (B, Hg, Wg, 3 * heads * D) float32 or bfloat16 (last dim contiguous);
+  // window 0: global, else (window x window) segments over the grid padded to a multiple of window, the padded
+  // keys reading pad_k / pad_v (heads, D) (zeros when None); rel_pos_h / rel_pos_w float32 (2 * segment - 1, D);
+  // qkv_bias (3 * heads * D,), when given, is added to every row read from qkv (which then holds x W^T alone);
+  // out (B, Hg, Wg, heads * D) written for every real position (padded queries are not computed).
+  m.def(
+      "sam_block_attention(Tensor qkv, int heads, int window, Tensor rel_pos_h, Tensor rel_pos_w, Tensor? qkv_bias, "
+      "Tensor? pad_k, Tensor? pad_v, float scale, Tensor(a!) out) -> ()");
+  // After a bias-free GEMM (csrc/cpu/linear_epilogue.cpp): y = act(y + bias) + residual in place, a cache-sized
+  // block of rows at a time; activation 'none', 'gelu' (exact) or 'gelu_tanh'; bias (N,), residual shaped like y.
+  m.def("linear_epilogue_(Tensor(a!) y, Tensor? bias, str activation, Tensor? residual) -> ()");
   // The W8A8 path's CPU kernels (csrc/cpu/int8_cpu.cpp), the reference's numerics in one pass each:
   // per-row int8 of x (M, K) (a static scale: one value) -> (q int8, scale f32 (M,) or the static scale);
   m.def("quantize_rows_cpu(Tensor x, Tensor? scale) -> (Tensor, Tensor)");

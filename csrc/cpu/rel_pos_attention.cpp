@@ -18,6 +18,7 @@
 // logits, bias, softmax and lse are float32, the probabilities are rounded to bf16 for the second GEMM (as
 // PyTorch's fused CPU kernel does), and each output row is divided by its float32 sum before its one rounding.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -31,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -216,21 +218,17 @@ int64_t rows_per_block(int64_t Lq, int64_t Lk, int64_t budget) {
 }
 
 
-// The rows of one block into out (row stride ld) and lse: acc / sum, rounded once to out's dtype; lse = max +
-// log(sum), or -inf (with out 0) for a row that saw no key.
+// One finished row: acc / sum, rounded once to dst's dtype. Returns the row's lse, max + log(sum), or -inf (with
+// the row 0) for a row that saw no key.
 template <typename T>
-void write_rows(const float* acc, int64_t n, int64_t D, const float* sums, const float* maxes, T* dst, int64_t ld,
-                float* lse) {
-  for (int64_t i = 0; i < n; ++i) {
-    const bool seen = sums[i] > 0.0f;
-    const float inv = seen ? 1.0f / sums[i] : 0.0f;
-    T* row = dst + i * ld;
-    for (int64_t d = 0; d < D; ++d) row[d] = T(acc[i * D + d] * inv);
-    lse[i] = seen ? maxes[i] + std::log(sums[i]) : kNegInf;
-  }
+float finish_row(const float* acc, int64_t D, float sum, float mx, T* dst) {
+  const bool seen = sum > 0.0f;
+  const float inv = seen ? 1.0f / sum : 0.0f;
+  for (int64_t d = 0; d < D; ++d) dst[d] = T(acc[d] * inv);
+  return seen ? mx + std::log(sum) : kNegInf;
 }
 
-// VNNI panels for the bf16 path's AMX GEMMs (see attend_bf16), in AVX-512 (every CPU with AMX has F, BW and VL),
+// VNNI panels for the bf16 path's AMX GEMMs (see Bf16Attend), in AVX-512 (every CPU with AMX has F, BW and VL),
 // or the scalar loops below them (SAM_FAST_CPU_NO_AVX512, as for the row pass).
 #ifdef SAM_FAST_HAVE_AVX512_PATH
 // k^T panel: (D / 2, ld) 32-bit pairs, [p][j] = (k[j][2p], k[j][2p + 1]) for the w <= 64 keys at k (row stride
@@ -301,119 +299,354 @@ void pack_v_panel(const at::BFloat16* v, int64_t ldv, int64_t L, int64_t w, int6
   }
 }
 
-// The float32 path: at::mm_out (MKL's SGEMM) for both GEMMs, the probabilities left in the logits' buffer.
-void attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp, const float* wp,
-                  const KeyGrid& g, float scale, float* op, float* lp) {
-  const int64_t ay = g.ay, ax = g.ax;
+// One thread's attention over one segment's keys, block of query rows by block: logits = q k^T, the biased
+// softmax of each row (softmax_row; h / w: the rows' rel-pos terms, ay / ax floats per row), acc = p v. After
+// block(), acc() holds the n rows' unnormalised outputs (D floats each) and sums / maxes their softmax sums and
+// maxima. keys() names the segment's k and v (row strides ldk, ldv; they must stay in place until the next
+// keys()).
+//
+// float32: at::mm_out (MKL's SGEMM) for both GEMMs, the probabilities left in the logits' buffer.
+class FloatAttend {
+ public:
+  FloatAttend(int64_t bq, int64_t Lk, int64_t D) : Lk_(Lk), D_(D), logits_(bq * Lk), acc_(bq * D) {}
+
+  void keys(const float* k, int64_t ldk, const float* v, int64_t ldv) {
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    kt_ = at::from_blob(const_cast<float*>(k), {Lk_, D_}, {ldk, 1}, opt).t();
+    v_ = at::from_blob(const_cast<float*>(v), {Lk_, D_}, {ldv, 1}, opt);
+  }
+
+  void block(const float* q, int64_t ldq, int64_t n, const float* h, const float* w, const KeyGrid& g, float scale,
+             float* sums, float* maxes) {
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor s = at::from_blob(logits_.data(), {n, Lk_}, opt);
+    at::Tensor o = at::from_blob(acc_.data(), {n, D_}, opt);
+    at::mm_out(s, at::from_blob(const_cast<float*>(q), {n, D_}, {ldq, 1}, opt), kt_);
+    float* sp = logits_.data();
+    for (int64_t i = 0; i < n; ++i) {
+      maxes[i] = softmax_row(sp + i * Lk_, g, h + i * g.ay, w + i * g.ax, scale, sp + i * Lk_, &sums[i]);
+    }
+    at::mm_out(o, s, v_);
+  }
+
+  const float* acc() const { return acc_.data(); }
+
+ private:
+  int64_t Lk_, D_;
+  std::vector<float> logits_, acc_;
+  at::Tensor kt_, v_;
+};
+
+// bf16: ATen's batch-reduce GEMM with bf16 operands and a float32 result. Where the CPU has AMX (could_pack),
+// oneDNN's micro-kernel reads B packed in VNNI pairs, in panels of at most 64 columns (the widths its packing
+// takes); keys() packs k^T and v once per segment, and every block of rows reuses them. Elsewhere the same call
+// runs oneDNN's bf16 GEMM on plain row-major B (k^T then a transposed copy). The probabilities are rounded to
+// bf16 for the second GEMM (as PyTorch's fused CPU kernel does).
+class Bf16Attend {
+ public:
+  Bf16Attend(int64_t bq, int64_t Lk, int64_t D)
+      // (SAM_FAST_CPU_NO_AMX takes the plain GEMM: how the tests reach it on a CPU with AMX)
+      : vnni_(at::native::cpublas::could_pack(at::kBFloat16) && D % 2 == 0 && !env_flag("SAM_FAST_CPU_NO_AMX")),
+        Lk_(Lk),
+        D_(D),
+        // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
+        Lk2_(vnni_ ? Lk + (Lk & 1) : Lk),
+        logits_(bq * Lk),
+        acc_(bq * D),
+        probs_(bq * Lk2_),
+        kt_(vnni_ ? 0 : D * Lk),
+        kpack_(vnni_ ? D * (Lk + kPanel) : 0),
+        vpack_(vnni_ ? Lk2_ * (D + kPanel) : 0) {}
+
+  Bf16Attend(const Bf16Attend&) = delete;
+  Bf16Attend& operator=(const Bf16Attend&) = delete;
+
+  ~Bf16Attend() {
+    if (vnni_) at::native::cpublas::brgemm_release(true);
+  }
+
+  void keys(const at::BFloat16* k, int64_t ldk, const at::BFloat16* v, int64_t ldv) {
+    if (vnni_) {
+      // VNNI pairs, the layout oneDNN's micro-kernel reads (what cpublas::pack writes), built straight from k and
+      // v: a (Kd, N) operand's panel of up to 64 columns is (Kd / 2, ld, 2), element [p][c][e] = B[2p + e][c],
+      // ld = its width rounded up to 16, columns past the width zero
+      for (int64_t c0 = 0; c0 < Lk_; c0 += kPanel) {  // k^T (D, Lk): [p][j][e] = k[c0 + j][2p + e]
+        const int64_t w = std::min(kPanel, Lk_ - c0);
+        pack_kt_panel(k + c0 * ldk, ldk, D_, w, panel_ld(w), kpack_.data() + D_ * c0);
+      }
+      for (int64_t c0 = 0; c0 < D_; c0 += kPanel) {  // v (Lk2, D): [p][c][e] = v[2p + e][c0 + c], v[Lk] = 0
+        const int64_t w = std::min(kPanel, D_ - c0);
+        pack_v_panel(v + c0, ldv, Lk_, w, panel_ld(w), vpack_.data() + Lk2_ * c0);
+      }
+    } else {
+      for (int64_t j = 0; j < Lk_; ++j) {
+        for (int64_t d = 0; d < D_; ++d) kt_[d * Lk_ + j] = k[j * ldk + d];
+      }
+      v_ = v;
+      ldv_ = ldv;
+    }
+  }
+
+  void block(const at::BFloat16* q, int64_t ldq, int64_t n, const float* h, const float* w, const KeyGrid& g,
+             float scale, float* sums, float* maxes) {
+    namespace blas = at::native::cpublas;
+    if (vnni_) {
+      for (int64_t c0 = 0; c0 < Lk_; c0 += kPanel) {
+        const int64_t cw = std::min(kPanel, Lk_ - c0);
+        blas::brgemm(n, cw, D_, ldq, panel_ld(cw), Lk_, false, q, kpack_.data() + D_ * c0, logits_.data() + c0,
+                     true);
+      }
+    } else {
+      blas::brgemm(n, Lk_, D_, ldq, Lk_, Lk_, false, q, kt_.data(), logits_.data(), false);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      maxes[i] = softmax_row(logits_.data() + i * Lk_, g, h + i * g.ay, w + i * g.ax, scale,
+                             probs_.data() + i * Lk2_, &sums[i]);
+      if (Lk2_ != Lk_) probs_[i * Lk2_ + Lk_] = at::BFloat16(0.0f);
+    }
+    if (vnni_) {
+      for (int64_t c0 = 0; c0 < D_; c0 += kPanel) {
+        const int64_t cw = std::min(kPanel, D_ - c0);
+        blas::brgemm(n, cw, Lk2_, Lk2_, panel_ld(cw), D_, false, probs_.data(), vpack_.data() + Lk2_ * c0,
+                     acc_.data() + c0, true);
+      }
+    } else {
+      blas::brgemm(n, D_, Lk_, Lk_, ldv_, D_, false, probs_.data(), v_, acc_.data(), false);
+    }
+  }
+
+  const float* acc() const { return acc_.data(); }
+
+ private:
+  static constexpr int64_t kPanel = 64;
+  static int64_t panel_ld(int64_t cols) { return (cols + 15) / 16 * 16; }  // 16, 32, 48 or 64
+
+  bool vnni_;
+  int64_t Lk_, D_, Lk2_;
+  std::vector<float> logits_, acc_;
+  std::vector<at::BFloat16> probs_, kt_, kpack_, vpack_;
+  const at::BFloat16* v_ = nullptr;
+  int64_t ldv_ = 0;
+};
+
+template <typename T>
+using Attend = std::conditional_t<std::is_same_v<T, float>, FloatAttend, Bf16Attend>;
+
+// Query rows per block for q's dtype: float32 logits over Lk keys of about kFloatBlockBytes / kBf16BlockBytes.
+template <typename T>
+int64_t block_rows(int64_t Lq, int64_t Lk) {
+  return rows_per_block(Lq, Lk, std::is_same_v<T, float> ? kFloatBlockBytes : kBf16BlockBytes);
+}
+
+// rel_pos_attention: tasks (segment, head, block of rows), each thread's consecutive tasks sharing its keys.
+template <typename T>
+void attend_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp,
+                     const float* wp, const KeyGrid& g, float scale, T* op, float* lp) {
   const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
-  const int64_t bq = rows_per_block(Lq, Lk, kFloatBlockBytes);
+  const int64_t bq = block_rows<T>(Lq, Lk);
   const int64_t nb = (Lq + bq - 1) / bq;
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
   at::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor logits = at::empty({bq, Lk}, q.options());
-    at::Tensor acc = at::empty({bq, D}, q.options());
+    Attend<T> att(bq, Lk, D);
     float sums[256];
     float maxes[256];
+    int64_t loaded = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = t / (H * nb), h = (t / nb) % H, r0 = (t % nb) * bq;
       const int64_t n = std::min(bq, Lq - r0);
-      at::Tensor sb = logits.narrow(0, 0, n);
-      at::Tensor ob = acc.narrow(0, 0, n);
-      at::mm_out(sb, q.select(0, s).select(0, h).narrow(0, r0, n), k.select(0, s).select(0, h).t());
-      float* sp = sb.data_ptr<float>();
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = (s * H + h) * Lq + r0 + i;
-        maxes[i] = softmax_row(sp + i * Lk, g, hp + row * ay, wp + row * ax, scale, sp + i * Lk, &sums[i]);
+      if (loaded != s * H + h) {
+        att.keys(kp + s * k.stride(0) + h * k.stride(1), k.stride(2), vp + s * v.stride(0) + h * v.stride(1),
+                 v.stride(2));
+        loaded = s * H + h;
       }
-      at::mm_out(ob, sb, v.select(0, s).select(0, h));
-      write_rows(ob.data_ptr<float>(), n, D, sums, maxes, op + ((s * Lq + r0) * H + h) * D, H * D,
-                 lp + (s * H + h) * Lq + r0);
+      const int64_t row = (s * H + h) * Lq + r0;
+      att.block(qp + s * q.stride(0) + h * q.stride(1) + r0 * q.stride(2), q.stride(2), n, hp + row * g.ay,
+                wp + row * g.ax, g, scale, sums, maxes);
+      for (int64_t i = 0; i < n; ++i) {
+        lp[row + i] = finish_row(att.acc() + i * D, D, sums[i], maxes[i], op + ((s * Lq + r0 + i) * H + h) * D);
+      }
     }
   });
 }
 
-// The bf16 path: ATen's batch-reduce GEMM with bf16 operands and a float32 result. Where the CPU has AMX
-// (could_pack), oneDNN's micro-kernel reads B packed in VNNI pairs, in panels of at most 64 columns (the widths
-// its packing takes); k^T and v are packed once per (segment, head) a thread visits, and reused by every block of
-// rows. Elsewhere the same call runs oneDNN's bf16 GEMM on plain row-major B (k^T then a transposed copy).
-void attend_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp, const float* wp,
-                 const KeyGrid& g, float scale, at::BFloat16* op, float* lp) {
-  const int64_t ay = g.ay, ax = g.ax;
-  using at::BFloat16;
-  namespace blas = at::native::cpublas;
-  const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
-  const int64_t bq = rows_per_block(Lq, Lk, kBf16BlockBytes);
-  const int64_t nb = (Lq + bq - 1) / bq;
-  // (SAM_FAST_CPU_NO_AMX takes the plain GEMM: how the tests reach it on a CPU with AMX)
-  const bool vnni = blas::could_pack(at::kBFloat16) && D % 2 == 0 && !env_flag("SAM_FAST_CPU_NO_AMX");
-  constexpr int64_t kPanel = 64;
-  // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
-  const int64_t Lk2 = vnni ? Lk + (Lk & 1) : Lk;
-  const auto panel_ld = [](int64_t cols) { return (cols + 15) / 16 * 16; };  // 16, 32, 48 or 64
-  const BFloat16* qp = q.const_data_ptr<BFloat16>();
-  const BFloat16* kp = k.const_data_ptr<BFloat16>();
-  const BFloat16* vp = v.const_data_ptr<BFloat16>();
-  at::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits(bq * Lk), acc(bq * D);
-    std::vector<BFloat16> probs(bq * Lk2), kt(vnni ? 0 : D * Lk);
-    std::vector<BFloat16> kpack(vnni ? D * (Lk + kPanel) : 0), vpack(vnni ? Lk2 * (D + kPanel) : 0);
+// The key grid's row / column of each key, for grids of at most 16 x 16 on the AVX-512 row pass (see KeyGrid):
+// fills iy / ix and points g at them.
+void small_grid_index(KeyGrid& g, std::vector<int32_t>& iy, std::vector<int32_t>& ix) {
+  if (g.ay > 16 || g.ax > 16 || !avx512_rows()) return;
+  const int64_t L = g.ay * g.ax;
+  const int64_t padded = (L + 15) / 16 * 16;
+  iy.assign(padded, 0);
+  ix.assign(padded, 0);
+  for (int64_t j = 0; j < L; ++j) {
+    iy[j] = static_cast<int32_t>(j / g.ax);
+    ix[j] = static_cast<int32_t>(j % g.ax);
+  }
+  g.iy = iy.data();
+  g.ix = ix.data();
+}
+
+// ---- sam_fast::sam_block_attention: SAM's window / global attention read straight from the qkv tensor ----
+
+// A rel-pos table (R, D) transposed to (D, Rp), columns R..Rp zero (Rp: R rounded up to 16), for rel_products.
+std::vector<float> transposed_table(const float* tab, int64_t R, int64_t D) {
+  const int64_t Rp = (R + 15) / 16 * 16;
+  std::vector<float> out(D * Rp, 0.0f);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t d = 0; d < D; ++d) out[d * Rp + r] = tab[r * D + d];
+  }
+  return out;
+}
+
+// The products of n queries with every row of a rel-pos table: P[i][r] = sum_d qf[i][d] * tabT[d][r] for the Rp
+// columns of tabT (D, Rp) (P's rows Rp floats apart). SAM's term for query offset i and key offset j is
+// P[., i - j + a - 1]: one small GEMM against a table that stays in L1, instead of a different (a, D) slice of
+// the table per query offset.
+void rel_products_generic(const float* qf, int64_t n, int64_t D, const float* tabT, int64_t Rp, float* P) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* o = P + i * Rp;
+    std::fill(o, o + Rp, 0.0f);
+    for (int64_t d = 0; d < D; ++d) {
+      const float x = qf[i * D + d];
+      for (int64_t r = 0; r < Rp; ++r) o[r] += x * tabT[d * Rp + r];
+    }
+  }
+}
+
+#ifdef SAM_FAST_HAVE_AVX512_PATH
+// The same in AVX-512: 8 queries x 32 columns at a time, 16 independent FMA chains of D steps.
+__attribute__((target("avx512f"))) void rel_products_avx512(const float* qf, int64_t n, int64_t D,
+                                                            const float* tabT, int64_t Rp, float* P) {
+  constexpr int64_t kQ = 8;
+  for (int64_t i0 = 0; i0 < n; i0 += kQ) {
+    const int64_t nq = std::min(kQ, n - i0);
+    const float* qr[kQ];
+    for (int64_t r = 0; r < kQ; ++r) qr[r] = qf + (i0 + std::min(r, nq - 1)) * D;
+    for (int64_t c0 = 0; c0 < Rp; c0 += 32) {
+      const bool two = c0 + 16 < Rp;
+      __m512 a0[kQ], a1[kQ];
+      for (int64_t r = 0; r < kQ; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 t0 = _mm512_loadu_ps(tabT + d * Rp + c0);
+        const __m512 t1 = two ? _mm512_loadu_ps(tabT + d * Rp + c0 + 16) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < kQ; ++r) {
+          const __m512 x = _mm512_set1_ps(qr[r][d]);
+          a0[r] = _mm512_fmadd_ps(x, t0, a0[r]);
+          a1[r] = _mm512_fmadd_ps(x, t1, a1[r]);
+        }
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        _mm512_storeu_ps(P + (i0 + r) * Rp + c0, a0[r]);
+        if (two) _mm512_storeu_ps(P + (i0 + r) * Rp + c0 + 16, a1[r]);
+      }
+    }
+  }
+}
+#endif
+
+void rel_products(const float* qf, int64_t n, int64_t D, const float* tabT, int64_t Rp, float* P) {
+#ifdef SAM_FAST_HAVE_AVX512_PATH
+  if (avx512_rows()) return rel_products_avx512(qf, n, D, tabT, Rp, P);
+#endif
+  rel_products_generic(qf, n, D, tabT, Rp, P);
+}
+
+// One axis of the decomposed bias from the products: out[i][j] = P[i][off[i] - j + a - 1] for j < a (out's rows
+// a floats apart), off[i] the query's offset along the axis.
+void rel_terms(const float* P, int64_t n, int64_t Rp, const int32_t* off, int64_t a, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* p = P + i * Rp + off[i] + a - 1;
+    float* o = out + i * a;
+    for (int64_t j = 0; j < a; ++j) o[j] = p[-j];
+  }
+}
+
+// One gathered row of D values: src + bias (bias nullptr: a plain copy), rounded once to T.
+template <typename T>
+void gather_row(T* dst, const T* src, const T* bias, int64_t D) {
+  if (bias == nullptr) {
+    std::memcpy(dst, src, D * sizeof(T));
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) dst[d] = T(static_cast<float>(src[d]) + static_cast<float>(bias[d]));
+}
+
+// Tasks (image, segment, head, block of rows). A segment is a (sh, sw) window of the grid (the whole grid for a
+// global block); its keys are gathered once per segment and head (positions past the grid read pad_k / pad_v),
+// its real queries block by block, with their rel-pos terms computed from the gathered rows; each output row
+// goes straight to its place in out (B, Hg, Wg, heads * D). With qkv_bias (3 * C values), qkv holds x W^T alone
+// and every row read from it gets its part of the bias as it is gathered.
+template <typename T>
+void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, const float* thT, const float* twT,
+                 const T* qkv_bias, const T* pad_k, const T* pad_v, float scale, T* op) {
+  const int64_t rhp = (2 * sh - 1 + 15) / 16 * 16, rwp = (2 * sw - 1 + 15) / 16 * 16;
+  const int64_t B = qkv.size(0), Hg = qkv.size(1), Wg = qkv.size(2), C = qkv.size(3) / 3, D = C / heads;
+  const int64_t sB = qkv.stride(0), sH = qkv.stride(1), sW = qkv.stride(2);
+  const int64_t nsy = (Hg + sh - 1) / sh, nsx = (Wg + sw - 1) / sw, Lk = sh * sw;
+  const int64_t bq = block_rows<T>(Lk, Lk);
+  const int64_t nb = (Lk + bq - 1) / bq;
+  KeyGrid g{sh, sw, nullptr, nullptr};
+  std::vector<int32_t> iy, ix;
+  small_grid_index(g, iy, ix);
+  const T* base = qkv.const_data_ptr<T>();
+  at::parallel_for(0, B * nsy * nsx * heads * nb, 1, [&](int64_t begin, int64_t end) {
+    Attend<T> att(bq, Lk, D);
+    std::vector<T> kbuf(Lk * D), vbuf(Lk * D), qbuf(bq * D);
+    std::vector<float> qf(std::is_same_v<T, float> ? 0 : bq * D), rh(bq * sh), rw(bq * sw);
+    std::vector<float> prod(bq * std::max(rhp, rwp));
+    std::vector<int32_t> sy(bq), sx(bq);
+    std::vector<T*> dst(bq);
     float sums[256];
     float maxes[256];
-    int64_t packed = -1;
+    int64_t loaded = -1;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t s = t / (H * nb), h = (t / nb) % H, r0 = (t % nb) * bq;
-      const int64_t n = std::min(bq, Lq - r0);
-      const BFloat16* kb = kp + s * k.stride(0) + h * k.stride(1);
-      const BFloat16* vb = vp + s * v.stride(0) + h * v.stride(1);
-      const int64_t ldk = k.stride(2), ldv = v.stride(2);
-      if (packed != s * H + h) {
-        if (vnni) {
-          // VNNI pairs, the layout oneDNN's micro-kernel reads (what cpublas::pack writes), built straight from k
-          // and v: a (Kd, N) operand's panel of up to 64 columns is (Kd / 2, ld, 2), element [p][c][e] = B[2p + e][c],
-          // ld = its width rounded up to 16, columns past the width zero
-          for (int64_t c0 = 0; c0 < Lk; c0 += kPanel) {  // k^T (D, Lk): [p][j][e] = k[c0 + j][2p + e]
-            const int64_t w = std::min(kPanel, Lk - c0);
-            pack_kt_panel(kb + c0 * ldk, ldk, D, w, panel_ld(w), kpack.data() + D * c0);
-          }
-          for (int64_t c0 = 0; c0 < D; c0 += kPanel) {  // v (Lk2, D): [p][c][e] = v[2p + e][c0 + c], v[Lk] = 0
-            const int64_t w = std::min(kPanel, D - c0);
-            pack_v_panel(vb + c0, ldv, Lk, w, panel_ld(w), vpack.data() + Lk2 * c0);
-          }
-        } else {
-          for (int64_t j = 0; j < Lk; ++j) {
-            for (int64_t d = 0; d < D; ++d) kt[d * Lk + j] = kb[j * ldk + d];
+      const int64_t rb = t % nb, h = (t / nb) % heads, seg = t / (nb * heads);
+      const int64_t b = seg / (nsy * nsx), y0 = (seg / nsx) % nsy * sh, x0 = seg % nsx * sw;
+      const int64_t nry = std::min(sh, Hg - y0), nrx = std::min(sw, Wg - x0);
+      const int64_t r0 = rb * bq, n = std::min(bq, nry * nrx - r0);
+      if (n <= 0) continue;  // a block of rows past a partial window's real queries
+      const T* img = base + b * sB + h * D;
+      const T* bias_q = qkv_bias == nullptr ? nullptr : qkv_bias + h * D;
+      const T* bias_k = qkv_bias == nullptr ? nullptr : qkv_bias + C + h * D;
+      const T* bias_v = qkv_bias == nullptr ? nullptr : qkv_bias + 2 * C + h * D;
+      if (loaded != seg * heads + h) {
+        for (int64_t j = 0; j < Lk; ++j) {
+          const int64_t y = y0 + j / sw, x = x0 + j % sw;
+          const bool real = y < Hg && x < Wg;
+          if (real) {
+            gather_row(kbuf.data() + j * D, img + y * sH + x * sW + C, bias_k, D);
+            gather_row(vbuf.data() + j * D, img + y * sH + x * sW + 2 * C, bias_v, D);
+          } else {
+            std::memcpy(kbuf.data() + j * D, pad_k + h * D, D * sizeof(T));
+            std::memcpy(vbuf.data() + j * D, pad_v + h * D, D * sizeof(T));
           }
         }
-        packed = s * H + h;
-      }
-      const BFloat16* qb = qp + s * q.stride(0) + h * q.stride(1) + r0 * q.stride(2);
-      if (vnni) {
-        for (int64_t c0 = 0; c0 < Lk; c0 += kPanel) {
-          const int64_t w = std::min(kPanel, Lk - c0);
-          blas::brgemm(n, w, D, q.stride(2), panel_ld(w), Lk, false, qb, kpack.data() + D * c0, logits.data() + c0,
-                       true);
-        }
-      } else {
-        blas::brgemm(n, Lk, D, q.stride(2), Lk, Lk, false, qb, kt.data(), logits.data(), false);
+        att.keys(kbuf.data(), D, vbuf.data(), D);
+        loaded = seg * heads + h;
       }
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = (s * H + h) * Lq + r0 + i;
-        maxes[i] = softmax_row(logits.data() + i * Lk, g, hp + row * ay, wp + row * ax, scale,
-                               probs.data() + i * Lk2, &sums[i]);
-        if (Lk2 != Lk) probs[i * Lk2 + Lk] = BFloat16(0.0f);
+        const int64_t qy = (r0 + i) / nrx, qx = (r0 + i) % nrx;
+        gather_row(qbuf.data() + i * D, img + (y0 + qy) * sH + (x0 + qx) * sW, bias_q, D);
+        sy[i] = static_cast<int32_t>(qy);
+        sx[i] = static_cast<int32_t>(qx);
+        dst[i] = op + ((b * Hg + y0 + qy) * Wg + x0 + qx) * C + h * D;
       }
-      if (vnni) {
-        for (int64_t c0 = 0; c0 < D; c0 += kPanel) {
-          const int64_t w = std::min(kPanel, D - c0);
-          blas::brgemm(n, w, Lk2, Lk2, panel_ld(w), D, false, probs.data(), vpack.data() + Lk2 * c0, acc.data() + c0,
-                       true);
-        }
+      const float* qfp;
+      if constexpr (std::is_same_v<T, float>) {
+        qfp = qbuf.data();
       } else {
-        blas::brgemm(n, D, Lk, Lk, ldv, D, false, probs.data(), vb, acc.data(), false);
+        for (int64_t e = 0; e < n * D; ++e) qf[e] = static_cast<float>(qbuf[e]);
+        qfp = qf.data();
       }
-      write_rows(acc.data(), n, D, sums, maxes, op + ((s * Lq + r0) * H + h) * D, H * D,
-                 lp + (s * H + h) * Lq + r0);
+      // SAM's terms: the unscaled q against the tables, added to the scaled logits
+      rel_products(qfp, n, D, thT, rhp, prod.data());
+      rel_terms(prod.data(), n, rhp, sy.data(), sh, rh.data());
+      rel_products(qfp, n, D, twT, rwp, prod.data());
+      rel_terms(prod.data(), n, rwp, sx.data(), sw, rw.data());
+      att.block(qbuf.data(), D, n, rh.data(), rw.data(), g, scale, sums, maxes);
+      for (int64_t i = 0; i < n; ++i) finish_row(att.acc() + i * D, D, sums[i], maxes[i], dst[i]);
     }
-    if (vnni) blas::brgemm_release(true);
   });
 }
 
@@ -461,30 +694,85 @@ void rel_pos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
     lse.copy_(at::logsumexp((rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2), -1));
     return;
   }
-  const int64_t ay = rel_h.size(3), ax = rel_w.size(3);
   const float fscale = static_cast<float>(scale);
   const float* hp = rel_h.const_data_ptr<float>();
   const float* wp = rel_w.const_data_ptr<float>();
   std::vector<int32_t> iy, ix;
-  KeyGrid g{ay, ax, nullptr, nullptr};
-  if (ay <= 16 && ax <= 16 && avx512_rows()) {
-    const int64_t padded = (Lk + 15) / 16 * 16;
-    iy.assign(padded, 0);
-    ix.assign(padded, 0);
-    for (int64_t j = 0; j < Lk; ++j) {
-      iy[j] = static_cast<int32_t>(j / ax);
-      ix[j] = static_cast<int32_t>(j % ax);
-    }
-    g.iy = iy.data();
-    g.ix = ix.data();
-  }
+  KeyGrid g{rel_h.size(3), rel_w.size(3), nullptr, nullptr};
+  small_grid_index(g, iy, ix);
   if (dt == at::kFloat) {
-    attend_float(q, k, v, hp, wp, g, fscale, out.data_ptr<float>(), lse.data_ptr<float>());
+    attend_segments(q, k, v, hp, wp, g, fscale, out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
-    attend_bf16(q, k, v, hp, wp, g, fscale, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
+    attend_segments(q, k, v, hp, wp, g, fscale, out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
   }
 }
 
-TORCH_LIBRARY_IMPL(sam_fast, CPU, m) { m.impl("rel_pos_attention", &rel_pos_attention_cpu); }
+void sam_block_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t window, const at::Tensor& rel_pos_h,
+                             const at::Tensor& rel_pos_w, const std::optional<at::Tensor>& qkv_bias,
+                             const std::optional<at::Tensor>& pad_k,
+                             const std::optional<at::Tensor>& pad_v, double scale, at::Tensor out) {
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(qkv.dim() == 4 && (dt == at::kFloat || dt == at::kBFloat16) && qkv.device().is_cpu(),
+              "sam_block_attention: qkv must be a 4-D (B, Hg, Wg, 3 * C) float32 or bfloat16 tensor on the CPU, got ",
+              qkv.sizes(), " ", dt, " on ", qkv.device());
+  TORCH_CHECK(heads >= 1 && qkv.size(3) > 0 && qkv.size(3) % (3 * heads) == 0,
+              "sam_block_attention: qkv's last dim must be 3 * heads * head_dim with heads >= 1, got ", qkv.size(3),
+              " for heads = ", heads);
+  TORCH_CHECK(qkv.stride(3) == 1, "sam_block_attention: qkv needs a contiguous last dim");
+  TORCH_CHECK(window >= 0, "sam_block_attention: window must be >= 0 (0: global attention), got ", window);
+  const int64_t B = qkv.size(0), Hg = qkv.size(1), Wg = qkv.size(2), C = qkv.size(3) / 3, D = C / heads;
+  TORCH_CHECK(out.scalar_type() == dt && out.device().is_cpu() && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef({B, Hg, Wg, C}),
+              "sam_block_attention: out must be a contiguous (", B, ", ", Hg, ", ", Wg, ", ", C, ") ", dt,
+              " tensor on the CPU, got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  at::assert_no_overlap(out, qkv);
+  if (B == 0 || Hg == 0 || Wg == 0) return;
+  const int64_t sh = window > 0 ? window : Hg, sw = window > 0 ? window : Wg;
+  const at::Tensor* tables[] = {&rel_pos_h, &rel_pos_w};
+  const int64_t spans[] = {2 * sh - 1, 2 * sw - 1};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *tables[i];
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous() &&
+                    t.sizes() == at::IntArrayRef({spans[i], D}),
+                "sam_block_attention: ", i == 0 ? "rel_pos_h" : "rel_pos_w", " must be a contiguous float32 (",
+                spans[i], ", ", D, ") table on the CPU (2 * segment - 1 offsets), got ", t.sizes(), " ",
+                t.scalar_type(), " on ", t.device());
+  }
+  if (qkv_bias.has_value()) {
+    TORCH_CHECK(qkv_bias->scalar_type() == dt && qkv_bias->device().is_cpu() && qkv_bias->is_contiguous() &&
+                    qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * C,
+                "sam_block_attention: qkv_bias must be a contiguous (", 3 * C, ",) ", dt, " tensor on the CPU, got ",
+                qkv_bias->sizes(), " ", qkv_bias->scalar_type(), " on ", qkv_bias->device());
+  }
+  TORCH_CHECK(pad_k.has_value() == pad_v.has_value(), "sam_block_attention: give both pad_k and pad_v, or neither");
+  at::Tensor zeros;
+  if (!pad_k.has_value()) zeros = at::zeros({heads, D}, qkv.options());
+  const at::Tensor& pk = pad_k.has_value() ? *pad_k : zeros;
+  const at::Tensor& pv = pad_v.has_value() ? *pad_v : zeros;
+  for (const at::Tensor* t : {&pk, &pv}) {
+    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu() && t->is_contiguous() &&
+                    t->sizes() == at::IntArrayRef({heads, D}),
+                "sam_block_attention: pad_k and pad_v must be contiguous (", heads, ", ", D, ") ", dt,
+                " tensors on the CPU, got ", t->sizes(), " ", t->scalar_type());
+  }
+  const std::vector<float> thT = transposed_table(rel_pos_h.const_data_ptr<float>(), 2 * sh - 1, D);
+  const std::vector<float> twT = transposed_table(rel_pos_w.const_data_ptr<float>(), 2 * sw - 1, D);
+  const float fscale = static_cast<float>(scale);
+  if (dt == at::kFloat) {
+    attend_grid(qkv, heads, sh, sw, thT.data(), twT.data(),
+                qkv_bias.has_value() ? qkv_bias->const_data_ptr<float>() : nullptr, pk.const_data_ptr<float>(),
+                pv.const_data_ptr<float>(), fscale, out.data_ptr<float>());
+  } else {
+    attend_grid(qkv, heads, sh, sw, thT.data(), twT.data(),
+                qkv_bias.has_value() ? qkv_bias->const_data_ptr<at::BFloat16>() : nullptr,
+                pk.const_data_ptr<at::BFloat16>(), pv.const_data_ptr<at::BFloat16>(), fscale,
+                out.data_ptr<at::BFloat16>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
+  m.impl("rel_pos_attention", &rel_pos_attention_cpu);
+  m.impl("sam_block_attention", &sam_block_attention_cpu);
+}
 
 }  // namespace sam_fast

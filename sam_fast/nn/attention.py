@@ -18,10 +18,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import check_backend_name
+from ..ops import dilated_attention_cpu as cpu_attention
 from ..ops.dilated_attention import dilated_attention, needed_rel_rows
+from ..ops.linear_epilogue import fused_linear
 from ..ops.resize_rel_pos import resize_rel_pos
 from ..pattern import Branch, check_pattern, resolve_pattern
 from .quantized import Int8Linear, int8_mlp, norm_int8_linear
@@ -89,23 +92,49 @@ def _plain_cpu_fits(attn: nn.Module, x: Optional[torch.Tensor], pattern, backend
 
 
 def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int = 0, backend: str = "auto",
-                  pattern=None, qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  pattern=None, qkv: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """segment_anything ``Attention`` (with its Block's window partition when ``window_size > 0``)
-    on x (B, Hg, Wg, C) through the fused kernel. Returns (B, Hg, Wg, C_out of attn.proj).
+    on x (B, Hg, Wg, C) through the fused kernel. Returns (B, Hg, Wg, C_out of attn.proj), plus ``residual``
+    when given (added into the projection's output at inference).
 
     With a ``pattern`` the attention is dilated attention over the whole (Hg, Wg) grid (no window
     partition); rel-pos tables keep absolute coordinates and are resized only when the pattern reaches
     beyond what the block's tables span. ``qkv`` (B, Hg, Wg, 3C), when given, is ``attn.qkv(x)`` already
     computed (e.g. by a fused LayerNorm -> int8 GEMM) and ``x`` is not read.
 
-    A tiny block on the CPU at inference (at most :data:`CPU_PLAIN_MAX_TOKENS` tokens, ``backend="auto"``, no
-    pattern) runs plain PyTorch instead (:func:`_plain_cpu_attention`)."""
+    On the CPU, SAM's own block (no pattern) with a rel-pos bias at inference runs
+    :func:`~sam_fast.ops.dilated_attention_cpu.sam_block_attention` straight on the qkv tensor (in float32 with
+    the qkv bias added as the kernel reads the rows, and the projection's bias and residual fused after its GEMM:
+    :func:`~sam_fast.ops.linear_epilogue.fused_linear`). A tiny block on the CPU at inference (at most
+    :data:`CPU_PLAIN_MAX_TOKENS` tokens, ``backend="auto"``, no pattern) runs plain PyTorch instead
+    (:func:`_plain_cpu_attention`)."""
     if qkv is None and _plain_cpu_fits(attn, x, pattern, backend):
-        return _plain_cpu_attention(attn, x, window_size)
+        return _add_residual(_plain_cpu_attention(attn, x, window_size), attn.proj, residual)
+    heads = attn.num_heads
+    if pattern is None and getattr(attn, "use_rel_pos", False):
+        src = x if qkv is None else qkv
+        Hg, Wg = src.shape[1], src.shape[2]
+        size_h, size_w = (window_size, window_size) if window_size > 0 else (Hg, Wg)
+        rel_h, rel_w = _rel_table(attn.rel_pos_h, size_h), _rel_table(attn.rel_pos_w, size_w)
+        bias = attn.qkv.bias
+        params = () if bias is None else (bias, attn.qkv.weight)
+        if cpu_attention.sam_block_fits(src, window_size, rel_h, rel_w, backend, *params):
+            qkv_bias = None
+            if qkv is None:
+                if type(attn.qkv) is nn.Linear and bias is not None and x.dtype == torch.float32:
+                    qkv, qkv_bias = F.linear(x, attn.qkv.weight), bias  # the kernel adds the bias as it reads
+                else:
+                    qkv = attn.qkv(x)
+            pad_kv = None
+            if window_size > 0 and (Hg % window_size or Wg % window_size) and bias is not None:
+                pad_kv = tuple(bias.view(3, heads, -1)[1:])
+            out = cpu_attention.sam_block_attention(qkv, heads, window_size, rel_h, rel_w, pad_kv, attn.scale,
+                                                    qkv_bias=qkv_bias)
+            return _project(attn, out, residual)
     if qkv is None:
         qkv = attn.qkv(x)
     B, Hg, Wg, _ = qkv.shape
-    heads = attn.num_heads
     qkv = qkv.reshape(B, Hg * Wg, 3, heads, -1)
     q, k, v = qkv.unbind(2)  # (B, N, heads, head_dim) views; last dim contiguous
     head_dim = q.shape[-1]
@@ -131,21 +160,65 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
         rel_w = _rel_table(attn.rel_pos_w, size_w)
     out = dilated_attention(q, k, v, pattern, grid=(Hg, Wg), rel_pos_h=rel_h, rel_pos_w=rel_w,
                             softmax_scale=attn.scale, backend=backend, pad_kv=pad_kv)
-    return attn.proj(out.reshape(B, Hg, Wg, heads * head_dim))
+    return _project(attn, out.reshape(B, Hg, Wg, heads * head_dim), residual)
+
+
+#: modules whose output is a new tensor nobody else holds (so the block may add into it in place)
+_OWN_OUTPUT = (nn.Linear, Int8Linear)
+
+
+def _add_residual(fresh: torch.Tensor, made_by: Optional[nn.Module], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``residual + fresh`` (just ``fresh`` without a residual): at inference, into ``fresh`` itself when
+    ``made_by`` (the module whose output it is) returns new tensors and nothing broadcasts or changes dtype - the
+    same values (addition is commutative, bit for bit) with one full-size tensor less written."""
+    if residual is None:
+        return fresh
+    inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if inplace and isinstance(made_by, _OWN_OUTPUT) and fresh.dtype == residual.dtype and fresh.shape == residual.shape:
+        return fresh.add_(residual)
+    return residual + fresh
+
+
+def _project(attn: nn.Module, out: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``attn.proj(out)`` (+ ``residual``), the bias and residual fused after the GEMM where they can be."""
+    fused = fused_linear(attn.proj, out, residual=residual)
+    return fused if fused is not None else _add_residual(attn.proj(out), attn.proj, residual)
+
+
+def _mlp_fused(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> Optional[torch.Tensor]:
+    """segment_anything ``MLPBlock`` (lin1 -> GELU -> lin2) on x, plus ``residual``, at inference: the bias, GELU and
+    residual fused after each GEMM (:func:`~sam_fast.ops.linear_epilogue.fused_linear`), or in place on the
+    linears' fresh outputs where that does not apply. None for any other MLP."""
+    lin1, act, lin2 = (getattr(mlp, n, None) for n in ("lin1", "act", "lin2"))
+    if type(act) is not nn.GELU or not isinstance(lin1, _OWN_OUTPUT) or lin2 is None:
+        return None
+    hidden = fused_linear(lin1, x, "gelu" if act.approximate == "none" else "gelu_tanh")
+    if hidden is None:
+        hidden = torch.ops.aten.gelu_(lin1(x), approximate=act.approximate)
+    out = fused_linear(lin2, hidden, residual=residual)
+    return out if out is not None else _add_residual(lin2(hidden), lin2, residual)
 
 
 def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module, mlp: nn.Module, window_size: int,
                       backend: str, pattern) -> torch.Tensor:
     """segment_anything's ViT block on x (B, Hg, Wg, C) with fused attention (:func:`sam_attention`); with
-    W8A8 linears (``quantize="int8"``) the norms fuse into the int8 GEMMs' input quantization."""
+    W8A8 linears (``quantize="int8"``) the norms fuse into the int8 GEMMs' input quantization. At inference the
+    residual adds, biases and the MLP's GELU are fused after the GEMMs or run in place on their fresh outputs."""
+    inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     qkv = norm_int8_linear(norm1, attn.qkv, x)
     if qkv is None:
-        out = sam_attention(attn, norm1(x), window_size, backend, pattern)
+        out = sam_attention(attn, norm1(x), window_size, backend, pattern, residual=x if inplace else None)
     else:
-        out = sam_attention(attn, None, window_size, backend, pattern, qkv=qkv)
-    x = x + out
+        out = sam_attention(attn, None, window_size, backend, pattern, qkv=qkv, residual=x if inplace else None)
+    x = out if inplace else x + out
     hidden = int8_mlp(norm2, mlp, x)
-    return x + (hidden if hidden is not None else mlp(norm2(x)))
+    if hidden is not None:
+        return _add_residual(hidden, getattr(mlp, "lin2", None), x) if inplace else x + hidden
+    if inplace:
+        fused = _mlp_fused(mlp, norm2(x), x)
+        if fused is not None:
+            return fused
+    return x + mlp(norm2(x))
 
 
 class SamFastBlock(nn.Module):

@@ -351,6 +351,7 @@ def _fused_bias_kernel() -> bool:
         return False
     if not getattr(_fused_bias_kernel, "fake", False):  # a fake for tracing tools (opcheck), once
         torch.library.register_fake("sam_fast::rel_pos_attention")(lambda q, k, v, rh, rw, scale, out, lse: None)
+        torch.library.register_fake("sam_fast::sam_block_attention")(lambda *args: None)
         _fused_bias_kernel.fake = True
     return True
 
@@ -381,6 +382,48 @@ def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B:
             torch.ops.sam_fast.rel_pos_attention(qs[s0:s1], ks[s0:s1], vs[s0:s1], rh, rw, scale, out[s0:s1],
                                                  lse[s0:s1])
     return out, lse
+
+
+def sam_block_fits(qkv: torch.Tensor, window: int, rel_pos_h, rel_pos_w, backend: str, *params) -> bool:
+    """Whether :func:`sam_block_attention` runs SAM's own block attention on ``qkv`` (B, Hg, Wg, 3C): backend
+    ``auto`` / ``cpu``, a CPU tensor in a :data:`FUSED_DTYPES` compute dtype, a rel-pos bias, segments (the window,
+    or the grid for a global block) of at least :data:`FUSED_MIN_KEYS` keys, nothing for autograd to record, and
+    the C++ kernel available (:func:`_fused_bias_kernel`)."""
+    if backend not in ("auto", "cpu") or qkv.device.type != "cpu" or qkv.dim() != 4 or rel_pos_h is None:
+        return False
+    if qkv.dtype not in FUSED_DTYPES or compute_dtype(qkv.dtype) != qkv.dtype:
+        return False
+    keys = window * window if window > 0 else qkv.shape[1] * qkv.shape[2]
+    if keys < FUSED_MIN_KEYS or not _fused_ok(qkv, rel_pos_h, rel_pos_w, *params):
+        return False
+    return _fused_bias_kernel()
+
+
+def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                        pad_kv: Optional[Tuple[torch.Tensor, torch.Tensor]], scale: float,
+                        qkv_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """segment_anything's block attention (before ``proj``) straight from the block's qkv tensor (B, Hg, Wg,
+    3 * heads * D) through ``sam_fast::sam_block_attention``: ``window`` 0 is global attention, otherwise
+    (window x window) windows over the grid padded to whole windows, the padded keys carrying ``pad_kv`` (the
+    qkv bias' k and v parts; zeros when None). ``rel_pos_h`` / ``rel_pos_w`` span ``2 * segment - 1`` offsets.
+    ``qkv_bias``, when given, is added to every row the kernel reads (qkv is then ``x W^T`` alone: the bias costs
+    no pass of its own). Returns (B, Hg, Wg, heads * D) in qkv's dtype.
+
+    The kernel gathers each segment's keys and real queries itself, computes the two decomposed rel-pos terms
+    per block of queries (a small GEMM against each table), adds them inside its row blocks as
+    ``sam_fast::rel_pos_attention`` does, and writes each output row in place: no window partition, no padded
+    copy, no bias terms in memory and no lse. Callers check :func:`sam_block_fits` first."""
+    B, Hg, Wg, C3 = qkv.shape
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    out = torch.empty(B, Hg, Wg, C3 // 3, dtype=qkv.dtype, device=qkv.device)
+    pad_k, pad_v = (None, None) if pad_kv is None else (p.to(qkv.dtype).contiguous() for p in pad_kv)
+    tables = [t.to(torch.float32).contiguous() for t in (rel_pos_h, rel_pos_w)]
+    if qkv_bias is not None:
+        qkv_bias = qkv_bias.to(qkv.dtype).contiguous()
+    torch.ops.sam_fast.sam_block_attention(qkv, heads, window, tables[0], tables[1], qkv_bias, pad_k, pad_v, scale,
+                                           out)
+    return out
 
 
 def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float, pad_kv):
