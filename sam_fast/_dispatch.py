@@ -172,6 +172,12 @@ def dispatch(op: str, table: Sequence[Backend], backend: str, *args, **kwargs):
     raise BackendUnavailableError(f"{op}: no backend can run these inputs:\n{lines}")
 
 
+def note_direct_call(op: str, backend: str) -> None:
+    """Record a call of a kernel that a fast path runs directly, without a dispatch table (e.g. the CPU's SAM block
+    attention), so that :func:`record_backends` shows what ran."""
+    _note(op, backend, ())
+
+
 def _note(op: str, chosen: str, passed_over: tuple) -> None:
     if _compiling():
         return

@@ -50,6 +50,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._dispatch import note_direct_call
 from ..pattern import ResolvedBranch
 from ..reference.dilated_attention import branch_attention as reference_branch
 from ..reference.dilated_attention import merge_branches
@@ -412,7 +413,8 @@ def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: t
     The kernel gathers each segment's keys and real queries itself, computes the two decomposed rel-pos terms
     per block of queries (a small GEMM against each table), adds them inside its row blocks as
     ``sam_fast::rel_pos_attention`` does, and writes each output row in place: no window partition, no padded
-    copy, no bias terms in memory and no lse. Callers check :func:`sam_block_fits` first."""
+    copy, no bias terms in memory and no lse. Callers check :func:`sam_block_fits` first. The call shows in
+    :func:`sam_fast.record_backends` as ``("sam_block_attention", "cpu")``."""
     B, Hg, Wg, C3 = qkv.shape
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -421,6 +423,7 @@ def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: t
     tables = [t.to(torch.float32).contiguous() for t in (rel_pos_h, rel_pos_w)]
     if qkv_bias is not None:
         qkv_bias = qkv_bias.to(qkv.dtype).contiguous()
+    note_direct_call("sam_block_attention", "cpu")
     torch.ops.sam_fast.sam_block_attention(qkv, heads, window, tables[0], tables[1], qkv_bias, pad_k, pad_v, scale,
                                            out)
     return out
