@@ -107,6 +107,19 @@ def _poison(t):
     return t
 
 
+def _dynamo_rules_built_unpatched():
+    """torch.compile's tracer looks torch functions up in a table it builds once, by name (``torch.empty`` -> the
+    object), and caches. Built while the poisoned ``torch.empty`` below is in place, the table holds the test's
+    lambda instead, and every later trace of the real ``torch.empty`` fails ("marked as skipped"): which test
+    first built it decided which later compile test broke. So the table is built here first, unpatched."""
+    if not getattr(_dynamo_rules_built_unpatched, "done", False):
+        from torch._dynamo import trace_rules
+
+        trace_rules.get_torch_obj_rule_map()
+        trace_rules.get_tensor_method()
+        _dynamo_rules_built_unpatched.done = True
+
+
 @pytest.fixture(autouse=True)
 def _poisoned_empty(monkeypatch, request):
     """On the CPU, fresh pages from torch.empty are usually zeros, so a kernel or launcher that reads
@@ -115,6 +128,7 @@ def _poisoned_empty(monkeypatch, request):
     if torch.cuda.is_available() or request.node.get_closest_marker("gpu"):
         yield
         return
+    _dynamo_rules_built_unpatched()
     real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(real_like(*a, **k)))

@@ -244,15 +244,13 @@ def test_sam_fast_block_runs_the_block_kernel_at_inference(window, grid, dtype, 
     the kernel), the projection and MLP through fused_linear (float32), within the tolerance rule of
     segment_anything's block; its input is left untouched. With autograd recording or backend="reference" the block
     kernel does not run, and the result is the same."""
-    import sam_fast.nn.attention as attention
     import sam_fast.ops.dilated_attention_cpu as cpu
     import sam_fast.ops.linear_epilogue as le
     from sam_fast.nn.attention import SamFastBlock
 
     if cpu.compute_dtype(dtype) != dtype:
         pytest.skip("this CPU multiplies bf16 in float32: the block kernel takes float32 / native bf16 only")
-    monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", 16)
-    monkeypatch.setattr(attention, "CPU_PLAIN_MAX_TOKENS", 0)
+    monkeypatch.setattr(cpu, "SAM_BLOCK_MIN_KEYS", 16)  # the 4 x 4 windows here
     monkeypatch.setattr(le, "FUSED_MIN_BYTES", 0)
     calls = []
     for name in ("sam_block_attention", "linear_epilogue_"):

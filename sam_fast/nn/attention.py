@@ -106,11 +106,9 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
     On the CPU, SAM's own block (no pattern) with a rel-pos bias at inference runs
     :func:`~sam_fast.ops.dilated_attention_cpu.sam_block_attention` straight on the qkv tensor (in float32 with
     the qkv bias added as the kernel reads the rows, and the projection's bias and residual fused after its GEMM:
-    :func:`~sam_fast.ops.linear_epilogue.fused_linear`). A tiny block on the CPU at inference (at most
-    :data:`CPU_PLAIN_MAX_TOKENS` tokens, ``backend="auto"``, no pattern) runs plain PyTorch instead
+    :func:`~sam_fast.ops.linear_epilogue.fused_linear`). Otherwise a tiny block on the CPU at inference (at most
+    :data:`CPU_PLAIN_MAX_TOKENS` tokens, ``backend="auto"``, no pattern) runs plain PyTorch
     (:func:`_plain_cpu_attention`)."""
-    if qkv is None and _plain_cpu_fits(attn, x, pattern, backend):
-        return _add_residual(_plain_cpu_attention(attn, x, window_size), attn.proj, residual)
     heads = attn.num_heads
     if pattern is None and getattr(attn, "use_rel_pos", False):
         src = x if qkv is None else qkv
@@ -132,6 +130,8 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
             out = cpu_attention.sam_block_attention(qkv, heads, window_size, rel_h, rel_w, pad_kv, attn.scale,
                                                     qkv_bias=qkv_bias)
             return _project(attn, out, residual)
+    if qkv is None and _plain_cpu_fits(attn, x, pattern, backend):
+        return _add_residual(_plain_cpu_attention(attn, x, window_size), attn.proj, residual)
     if qkv is None:
         qkv = attn.qkv(x)
     B, Hg, Wg, _ = qkv.shape

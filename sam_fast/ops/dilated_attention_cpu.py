@@ -385,17 +385,24 @@ def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B:
     return out, lse
 
 
+#: SAM blocks whose segments (windows, or the grid of a global block) have fewer keys keep the batched path. Unlike
+#: :data:`FUSED_MIN_KEYS` this is low: with no gather, chunking or scatter around it, the block kernel won even on the
+#: small window-7 block of bench_cpu_blocks.py (49 keys: 1.76 ms against the plain path's 2.45 ms, float32, 2 threads;
+#: bf16 1.10 against 2.13 ms).
+SAM_BLOCK_MIN_KEYS = 49
+
+
 def sam_block_fits(qkv: torch.Tensor, window: int, rel_pos_h, rel_pos_w, backend: str, *params) -> bool:
     """Whether :func:`sam_block_attention` runs SAM's own block attention on ``qkv`` (B, Hg, Wg, 3C): backend
     ``auto`` / ``cpu``, a CPU tensor in a :data:`FUSED_DTYPES` compute dtype, a rel-pos bias, segments (the window,
-    or the grid for a global block) of at least :data:`FUSED_MIN_KEYS` keys, nothing for autograd to record, and
+    or the grid for a global block) of at least :data:`SAM_BLOCK_MIN_KEYS` keys, nothing for autograd to record, and
     the C++ kernel available (:func:`_fused_bias_kernel`)."""
     if backend not in ("auto", "cpu") or qkv.device.type != "cpu" or qkv.dim() != 4 or rel_pos_h is None:
         return False
     if qkv.dtype not in FUSED_DTYPES or compute_dtype(qkv.dtype) != qkv.dtype:
         return False
     keys = window * window if window > 0 else qkv.shape[1] * qkv.shape[2]
-    if keys < FUSED_MIN_KEYS or not _fused_ok(qkv, rel_pos_h, rel_pos_w, *params):
+    if keys < SAM_BLOCK_MIN_KEYS or not _fused_ok(qkv, rel_pos_h, rel_pos_w, *params):
         return False
     return _fused_bias_kernel()
 
