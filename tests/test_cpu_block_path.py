@@ -150,16 +150,9 @@ def test_sam_block_attention_op_refuses_bad_arguments():
 def test_sam_block_attention_op_plain_paths(flag):
     """The op's other paths in a fresh process (scalar row pass, rel-pos products and VNNI packing; bf16 GEMMs on
     plain row-major operands): the same checks."""
-    import os
-    import subprocess
-    import sys
+    from attn_helpers import rerun_with_env_flag
 
-    env = dict(os.environ, **{flag: "1"})
-    test = f"{__file__}::test_sam_block_attention_op_matches_segment_anything"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
-                         capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert f"{2 * len(_CASES)} passed" in run.stdout
+    rerun_with_env_flag(f"{__file__}::test_sam_block_attention_op_matches_segment_anything", flag, 2 * len(_CASES))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -378,16 +378,9 @@ def test_rel_pos_attention_op_plain_paths(flag):
     """The kernel's other paths, forced in a fresh process: SAM_FAST_CPU_NO_AVX512 takes the row pass and the
     bf16 VNNI packing without AVX-512; SAM_FAST_CPU_NO_AMX runs the bf16 GEMMs on plain row-major operands (as on
     a CPU without AMX). The same checks as above."""
-    import os
-    import subprocess
-    import sys
+    from attn_helpers import rerun_with_env_flag
 
-    env = dict(os.environ, **{flag: "1"})
-    test = f"{__file__}::test_rel_pos_attention_op_matches_its_reference"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
-                         capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert f"{2 * len(_OP_SHAPES)} passed" in run.stdout
+    rerun_with_env_flag(f"{__file__}::test_rel_pos_attention_op_matches_its_reference", flag, 2 * len(_OP_SHAPES))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
