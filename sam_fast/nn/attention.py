@@ -167,14 +167,20 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
 _OWN_OUTPUT = (nn.Linear, Int8Linear)
 
 
+def _inplace_ok() -> bool:
+    """Whether the block may write into the fresh outputs of its layers: nothing for autograd to record, and not
+    while torch.compile traces (it fuses these adds itself)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _add_residual(fresh: torch.Tensor, made_by: Optional[nn.Module], residual: Optional[torch.Tensor]) -> torch.Tensor:
     """``residual + fresh`` (just ``fresh`` without a residual): at inference, into ``fresh`` itself when
     ``made_by`` (the module whose output it is) returns new tensors and nothing broadcasts or changes dtype - the
     same values (addition is commutative, bit for bit) with one full-size tensor less written."""
     if residual is None:
         return fresh
-    inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if inplace and isinstance(made_by, _OWN_OUTPUT) and fresh.dtype == residual.dtype and fresh.shape == residual.shape:
+    same = fresh.dtype == residual.dtype and fresh.shape == residual.shape
+    if same and _inplace_ok() and isinstance(made_by, _OWN_OUTPUT):
         return fresh.add_(residual)
     return residual + fresh
 
@@ -204,7 +210,7 @@ def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module,
     """segment_anything's ViT block on x (B, Hg, Wg, C) with fused attention (:func:`sam_attention`); with
     W8A8 linears (``quantize="int8"``) the norms fuse into the int8 GEMMs' input quantization. At inference the
     residual adds, biases and the MLP's GELU are fused after the GEMMs or run in place on their fresh outputs."""
-    inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    inplace = _inplace_ok()
     qkv = norm_int8_linear(norm1, attn.qkv, x)
     if qkv is None:
         out = sam_attention(attn, norm1(x), window_size, backend, pattern, residual=x if inplace else None)
