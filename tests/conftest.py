@@ -16,9 +16,11 @@ from devices import DEVICES
 # Tests import the project tooling as tools.<name> from the repository root. The root goes *last* on the path:
 # a staged or installed sam_fast must win over the root's own sam_fast/ (which lacks kernels/ and the
 # extension), as on the GPU machine, where the tests run with PYTHONSAFEPATH=1 against a staged package.
+# `python -m pytest` puts the working directory first, and from the repository root the source folder kernels/
+# (installed as sam_fast.kernels) would then shadow the PyPI package `kernels` that transformers imports: the root
+# moves last.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT] + [_ROOT]
 
 from sam_fast.kernels._interpreter import interpreting, use_interpreter_without_gpu  # noqa: E402
 
