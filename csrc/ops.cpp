@@ -76,4 +76,7 @@ TORCH_LIBRARY(sam_fast, m) {
   // (csrc/cpu/parallel_probe.cpp): 1 whatever torch.set_num_threads says would mean the extension was built
   // without OpenMP, and every CPU op above runs on one thread.
   m.def("parallel_threads(int tasks) -> int");
+  // Which instruction-set paths of the CPU kernels are switched off (csrc/cpu/cpu.h; 1: AVX-512, 2: AMX): returns the
+  // mask in force and, when switched_off >= 0, sets a new one (-1 reads it only).
+  m.def("cpu_features(int switched_off=-1) -> int");
 }

@@ -6,12 +6,11 @@
 // SAM window) its loop runs at a fraction of memory speed. On x86-64 with AVX-512 (checked at run time)
 // a row of rel_w sits in a register and each output run is one masked store; elsewhere a plain loop.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "cpu.h"
 
 #include <algorithm>
 #include <vector>
@@ -21,8 +20,7 @@ namespace {
 
 // A row's ax values of rel_w stay in one register (masked to ax lanes, 16 at a time); each of its ay
 // outputs runs is one broadcast add and one masked store.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SAM_FAST_HAVE_AVX512_PATH 1
+#ifdef SAM_FAST_X86_AVX512
 __attribute__((target("avx512f"))) void bias_rows_f32_avx512(const float* h, const float* w, float* out,
                                                                int64_t begin, int64_t end, int64_t ay,
                                                                int64_t ax) {
@@ -59,9 +57,8 @@ void bias_rows_generic(const T* h, const T* w, T* out, int64_t begin, int64_t en
 
 void bias_rows_f32(const float* h, const float* w, float* out, int64_t begin, int64_t end, int64_t ay,
                    int64_t ax) {
-#ifdef SAM_FAST_HAVE_AVX512_PATH
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return bias_rows_f32_avx512(h, w, out, begin, end, ay, ax);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return bias_rows_f32_avx512(h, w, out, begin, end, ay, ax);
 #endif
   bias_rows_generic(h, w, out, begin, end, ay, ax);
 }
@@ -85,6 +82,8 @@ void decomposed_bias_cpu(const at::Tensor& rel_h, const at::Tensor& rel_w, at::T
   TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.is_contiguous(),
               "decomposed_bias: out must be a contiguous tensor of shape ", at::IntArrayRef(shape), ", got ",
               out.sizes());
+  at::assert_no_overlap(out, rel_h);  // out is written while rel_h and rel_w are read
+  at::assert_no_overlap(out, rel_w);
   const at::Tensor h = rel_h.contiguous();
   const at::Tensor w = rel_w.contiguous();
   const int64_t rows = ay == 0 ? 0 : h.numel() / ay;
@@ -95,12 +94,12 @@ void decomposed_bias_cpu(const at::Tensor& rel_h, const at::Tensor& rel_w, at::T
     const float* hp = h.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bias_rows_f32(hp, wp, op, b, e, ay, ax); });
+    cpu::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bias_rows_f32(hp, wp, op, b, e, ay, ax); });
   } else {
     const double* hp = h.data_ptr<double>();
     const double* wp = w.data_ptr<double>();
     double* op = out.data_ptr<double>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bias_rows_generic(hp, wp, op, b, e, ay, ax); });
+    cpu::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { bias_rows_generic(hp, wp, op, b, e, ay, ax); });
   }
 }
 

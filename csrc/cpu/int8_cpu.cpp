@@ -16,9 +16,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -62,8 +60,7 @@ inline void quantize_row(const T* row, int64_t K, float s, int8_t* q) {
 // fp32 rows on AVX-512 (checked at run time; this file is otherwise built for baseline x86-64, where
 // round-half-even is a libm call per value): the same IEEE division, rounding, NaN and clamp rules,
 // 16 values at a time, masked tails.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SAM_FAST_INT8_AVX512 1
+#ifdef SAM_FAST_X86_AVX512
 __attribute__((target("avx512f"))) float row_scale_avx512(const float* row, int64_t K) {
   __m512 amax = _mm512_setzero_ps();
   __m512 bad = _mm512_setzero_ps();  // x - x is NaN exactly where x is NaN or +-inf
@@ -90,23 +87,18 @@ __attribute__((target("avx512f"))) void quantize_row_avx512(const float* row, in
     _mm512_mask_cvtepi32_storeu_epi8(q + k, m, _mm512_cvtps_epi32(r));
   }
 }
-
-inline bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
 #endif
 
 inline float row_scale_f32(const float* row, int64_t K) {
-#ifdef SAM_FAST_INT8_AVX512
-  if (has_avx512()) return row_scale_avx512(row, K);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return row_scale_avx512(row, K);
 #endif
   return row_scale(row, K);
 }
 
 inline void quantize_row_f32(const float* row, int64_t K, float s, int8_t* q) {
-#ifdef SAM_FAST_INT8_AVX512
-  if (has_avx512()) return quantize_row_avx512(row, K, s, q);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return quantize_row_avx512(row, K, s, q);
 #endif
   quantize_row(row, K, s, q);
 }
@@ -129,7 +121,7 @@ void dequantize_row_generic(const int32_t* acc, int64_t N, float as, const float
   }
 }
 
-#ifdef SAM_FAST_INT8_AVX512
+#ifdef SAM_FAST_X86_AVX512
 __attribute__((target("avx512f"))) void dequantize_row_avx512(const int32_t* acc, int64_t N, float as, const float* ws,
                                                                 const float* bias, float* y) {
   const __m512 vas = _mm512_set1_ps(as);
@@ -144,8 +136,8 @@ __attribute__((target("avx512f"))) void dequantize_row_avx512(const int32_t* acc
 #endif
 
 inline void dequantize_row(const int32_t* acc, int64_t N, float as, const float* ws, const float* bias, float* y) {
-#ifdef SAM_FAST_INT8_AVX512
-  if (has_avx512()) return dequantize_row_avx512(acc, N, as, ws, bias, y);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return dequantize_row_avx512(acc, N, as, ws, bias, y);
 #endif
   dequantize_row_generic(acc, N, as, ws, bias, y);
 }
@@ -183,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in, con
   float* sp = scale.has_value() ? nullptr : s.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, M, block_rows(K, 16384), [&](int64_t b, int64_t e) {
+    cpu::parallel_for(0, M, block_rows(K, 16384), [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         const scalar_t* row = xp + m * K;
         const float rs = sp ? any_row_scale(row, K) : static_scale;
@@ -200,6 +192,11 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x_i
   check_rows(x_in, "layer_norm_quantize");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
+  for (const auto* t : {&weight, &bias}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->dim() == 1 && (*t)->size(0) == K), "layer_norm_quantize: ",
+                t == &weight ? "weight" : "bias", " must be a (K = ", K, ",) tensor, got ",
+                t->has_value() ? (*t)->sizes() : at::IntArrayRef{});
+  }
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0) return {q, s};
@@ -210,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_quantize_cpu(const at::Tensor& x_i
   float* sp = s.data_ptr<float>();
   // a block of rows (about 32K values, 128 KB in fp32) is normalised by ATen's own LayerNorm while it is in
   // cache, then scaled and quantised; ATen runs single-threaded inside this parallel region
-  at::parallel_for(0, M, block_rows(K, 32768), [&](int64_t b, int64_t e) {
+  cpu::parallel_for(0, M, block_rows(K, 32768), [&](int64_t b, int64_t e) {
     const at::Tensor y = at::layer_norm(x.narrow(0, b, e - b).to(at::kFloat), {K}, w, bb, eps).contiguous();
     const float* yp = y.data_ptr<float>();
     for (int64_t m = b; m < e; ++m) {
@@ -256,7 +253,7 @@ EpilogueArgs epilogue_args(const char* op, const char* a_name, int64_t M, int64_
     r.o_scale = out_scale->to(at::kFloat).item<float>();
   }
   r.asp = r.a_scale.data_ptr<float>();
-  r.per_row = r.a_scale.numel() != 1 || r.a_scale.dim() == 1;
+  r.per_row = r.a_scale.numel() != 1;  // one value applies to every row, whatever its shape
   r.wsp = r.w_scale.data_ptr<float>();
   r.bp = r.bias.defined() ? r.bias.data_ptr<float>() : nullptr;
   return r;
@@ -283,7 +280,7 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& a_scale_in, cons
   const float* bp = args.bp;
   // blocks of about 64K outputs (256 KB of fp32): dequantised straight into a float32 output, otherwise into
   // a buffer that stays in cache through the GELU and the final cast or re-quantisation
-  at::parallel_for(0, M, block_rows(N, 65536), [&](int64_t b, int64_t e) {
+  cpu::parallel_for(0, M, block_rows(N, 65536), [&](int64_t b, int64_t e) {
     at::Tensor buf = out_dtype == at::kFloat ? out.narrow(0, b, e - b) : at::empty({e - b, N}, acc.options().dtype(at::kFloat));
     float* y = buf.data_ptr<float>();
     for (int64_t m = b; m < e; ++m) {
@@ -345,7 +342,7 @@ namespace {
 constexpr int64_t kAmxPanel = 64;
 constexpr int64_t kAmxRows = 128;
 
-bool amx_int8() { return at::native::cpublas::could_pack(at::kChar); }
+bool amx_int8() { return cpu::amx(at::kChar); }
 }  // namespace
 
 at::Tensor int8_pack_amx(const at::Tensor& w) {
@@ -359,7 +356,7 @@ at::Tensor int8_pack_amx(const at::Tensor& w) {
   at::Tensor out = at::zeros({panels * K * kAmxPanel}, w.options());
   const int8_t* wp = wc.data_ptr<int8_t>();
   uint32_t* o = reinterpret_cast<uint32_t*>(out.data_ptr<int8_t>());
-  at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+  cpu::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
     for (int64_t pn = b; pn < e; ++pn) {
       const int64_t c0 = pn * kAmxPanel, width = std::min(kAmxPanel, N - c0);
       uint32_t* dst = o + pn * K * kAmxPanel / 4;
@@ -381,10 +378,11 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t panels = (N + kAmxPanel - 1) / kAmxPanel;
   TORCH_CHECK(N >= 1 && K % 4 == 0 && K > 0 && w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
-                  w_packed.numel() == panels * K * kAmxPanel,
+                  w_packed.is_contiguous() && w_packed.numel() == panels * K * kAmxPanel,
               "int8_linear_amx: w_packed must be sam_fast::int8_pack_amx of an (N = ", N, ", K = ", K,
-              ") weight, K a multiple of 4, got ", w_packed.numel(), " values");
-  TORCH_CHECK(amx_int8(), "int8_linear_amx: this CPU has no AMX int8");
+              ") weight (contiguous), K a multiple of 4, got ", w_packed.numel(), " values with strides ",
+              w_packed.strides());
+  TORCH_CHECK(amx_int8(), "int8_linear_amx: this CPU has no AMX int8, or AMX is switched off (SAM_FAST_CPU_NO_AMX)");
   const EpilogueArgs args =
       epilogue_args("int8_linear_amx", "x_scale", M, N, x_scale_in, w_scale_in, bias_in, out_dtype, out_scale);
   const float o_scale = args.o_scale;
@@ -401,7 +399,7 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
   const int64_t osize = out.element_size();
   const int64_t row_blocks = (M + kAmxRows - 1) / kAmxRows;
   // tasks: row block major, panel minor (a thread's consecutive tiles share their rows of x)
-  at::parallel_for(0, row_blocks * panels, 1, [&](int64_t b, int64_t e) {
+  cpu::parallel_for(0, row_blocks * panels, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> tile(kAmxRows * kAmxPanel);
     std::vector<float> act(direct ? 0 : kAmxRows * kAmxPanel);
     for (int64_t t = b; t < e; ++t) {

@@ -10,8 +10,10 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
+
+#include "cpu.h"
 
 #include <algorithm>
 #include <optional>
@@ -30,6 +32,9 @@ void linear_epilogue_cpu(at::Tensor y, const std::optional<at::Tensor>& bias, c1
   TORCH_CHECK(y.device().is_cpu() && at::isFloatingType(y.scalar_type()) && y.dim() >= 1 && y.is_contiguous(),
               "linear_epilogue_: y must be a contiguous floating-point CPU tensor with at least 1 dim, got ",
               y.sizes(), " ", y.scalar_type(), " on ", y.device());
+  TORCH_CHECK(!(y.requires_grad() && at::GradMode::is_enabled()),
+              "linear_epilogue_: y requires grad and grad mode is on: it would be changed in place behind autograd's "
+              "back (run under torch.no_grad(), or on a tensor that does not require grad)");
   const int64_t N = y.size(-1);
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == y.scalar_type() && bias->dim() == 1 &&
@@ -52,10 +57,8 @@ void linear_epilogue_cpu(at::Tensor y, const std::optional<at::Tensor>& bias, c1
   at::Tensor r2 = residual.has_value() ? residual->view({M, N}) : at::Tensor();
   const int64_t rows = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, N * y.element_size()));
   const int64_t blocks = (M + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    // below autograd on every thread (a worker does not share the caller's grad mode): these are plain in-place
-    // kernels on views of y
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // below autograd on every thread: these are plain in-place kernels on views of y
+  cpu::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * rows, n = std::min(rows, M - r0);
       at::Tensor blk = y2.narrow(0, r0, n);

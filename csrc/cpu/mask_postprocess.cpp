@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu.h"
+
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -239,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t* ar = area.data_ptr<int64_t>();
     int64_t* bx = boxes.data_ptr<int64_t>();
     bool* mk = return_masks ? masks.data_ptr<bool>() : nullptr;
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> low(std::is_same<scalar_t, float>::value ? 0 : g.low_h * g.low_w);
       std::vector<float> v(g.out_h * used_cols), vt(used_cols * g.out_h), col(g.out_h);
       std::vector<uint8_t> bits(g.out_h);
@@ -272,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (return_rle) {
     int64_t* out = rle_counts.data_ptr<int64_t>();
     const int64_t* off = offsets.data_ptr<int64_t>();
-    at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) std::copy(counts[p].begin(), counts[p].end(), out + off[p]);
     });
   }

@@ -23,9 +23,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -54,20 +52,34 @@ struct KeyGrid {
 // Biased logits and softmax numerators of one row: s[j] = s[j] * scale + (h[j / ax] + w[j % ax]) in place, then
 // p[j] = exp(s[j] - max) (p: s itself for float32, the bf16 row the second GEMM reads for bf16). Returns the
 // maximum (-inf when every key is masked: the row is then zeros) and writes the sum of the float32 numerators.
+// A row whose logits hold a NaN or +inf (from q, k, the bias, the scale) is poisoned, as in PyTorch's softmax:
+// poisoned_row() fills p with NaN and returns the row's "maximum" as the lse the reference gives it, NaN when a
+// logit is NaN, else +inf; finish_row() then writes a NaN output row with that lse.
+template <typename P>
+float poisoned_row(int64_t L, P* p, float* sum, bool nan) {
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  std::fill(p, p + L, P(qnan));
+  *sum = qnan;
+  return nan ? qnan : -kNegInf;
+}
+
 template <typename P>
 float softmax_row_generic(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p,
                           float* sum) {
   const int64_t ay = g.ay, ax = g.ax;
   float mx = kNegInf;
+  bool nan = false;
   for (int64_t y = 0; y < ay; ++y) {
     float* sy = s + y * ax;
     for (int64_t x = 0; x < ax; ++x) {
       const float t = sy[x] * scale + (h[y] + w[x]);
       sy[x] = t;
+      nan = nan || std::isnan(t);
       mx = std::max(mx, t);
     }
   }
   const int64_t L = ay * ax;
+  if (nan || mx == -kNegInf) return poisoned_row(L, p, sum, nan);
   if (mx == kNegInf) {
     std::fill(p, p + L, P(0.0f));
     *sum = 0.0f;
@@ -83,14 +95,7 @@ float softmax_row_generic(float* s, const KeyGrid& g, const float* h, const floa
   return mx;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SAM_FAST_HAVE_AVX512_PATH 1
-
-bool no_avx512_requested() {
-  const char* flag = std::getenv("SAM_FAST_CPU_NO_AVX512");
-  return flag != nullptr && flag[0] != '\0';
-}
-
+#ifdef SAM_FAST_X86_AVX512
 // exp(x) for x <= 0 (-inf included): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial
 // (truncation error below 6e-9 relative, under float32's half ulp), times 2^n. Inputs below -104 give 0.
 __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
@@ -128,6 +133,7 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyG
   const int64_t ay = g.ay, ax = g.ax;
   const __m512 vs = _mm512_set1_ps(scale);
   __m512 vmax = _mm512_set1_ps(kNegInf);
+  __mmask16 nan = 0;  // lanes that saw a NaN logit (max_ps would drop it)
   if (g.iy != nullptr) {  // a small grid: whole vectors over the flat row, the bias by permutes
     const __m512 hv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ay) - 1u), h);
     const __m512 wv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ax) - 1u), w);
@@ -140,6 +146,7 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyG
       const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), vs), bias);
       _mm512_mask_storeu_ps(s + j, m, t);
       vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+      nan |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
     }
   }
   for (int64_t x0 = 0; g.iy == nullptr && x0 < ax; x0 += 16) {
@@ -153,10 +160,12 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyG
                                      _mm512_add_ps(_mm512_set1_ps(h[y]), wv));
       _mm512_mask_storeu_ps(p, m, t);
       vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+      nan |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
     }
   }
   const float mx = _mm512_reduce_max_ps(vmax);
   const int64_t L = ay * ax;
+  if (nan || mx == -kNegInf) return poisoned_row(L, pr, sum, nan != 0);
   if (mx == kNegInf) {
     std::fill(pr, pr + L, P(0.0f));
     *sum = 0.0f;
@@ -180,26 +189,10 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyG
 }
 #endif
 
-// whether an environment flag is set (non-empty), read at each call
-bool env_flag(const char* name) {
-  const char* flag = std::getenv(name);
-  return flag != nullptr && flag[0] != '\0';
-}
-
-bool avx512_rows() {
-#ifdef SAM_FAST_HAVE_AVX512_PATH
-  // SAM_FAST_CPU_NO_AVX512 (set, non-empty) takes the plain path on any CPU: how the tests check it here
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && !no_avx512_requested();
-  return avx512;
-#else
-  return false;
-#endif
-}
-
 template <typename P>
 float softmax_row(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p, float* sum) {
-#ifdef SAM_FAST_HAVE_AVX512_PATH
-  if (avx512_rows()) return softmax_row_avx512(s, g, h, w, scale, p, sum);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return softmax_row_avx512(s, g, h, w, scale, p, sum);
 #endif
   return softmax_row_generic(s, g, h, w, scale, p, sum);
 }
@@ -219,9 +212,13 @@ int64_t rows_per_block(int64_t Lq, int64_t Lk, int64_t budget) {
 
 
 // One finished row: acc / sum, rounded once to dst's dtype. Returns the row's lse, max + log(sum), or -inf (with
-// the row 0) for a row that saw no key.
+// the row 0) for a row that saw no key; a poisoned row (NaN sum) is NaN, with the lse poisoned_row() chose.
 template <typename T>
 float finish_row(const float* acc, int64_t D, float sum, float mx, T* dst) {
+  if (std::isnan(sum)) {
+    std::fill(dst, dst + D, T(sum));
+    return mx;
+  }
   const bool seen = sum > 0.0f;
   const float inv = seen ? 1.0f / sum : 0.0f;
   for (int64_t d = 0; d < D; ++d) dst[d] = T(acc[d] * inv);
@@ -230,7 +227,7 @@ float finish_row(const float* acc, int64_t D, float sum, float mx, T* dst) {
 
 // VNNI panels for the bf16 path's AMX GEMMs (see Bf16Attend), in AVX-512 (every CPU with AMX has F, BW and VL),
 // or the scalar loops below them (SAM_FAST_CPU_NO_AVX512, as for the row pass).
-#ifdef SAM_FAST_HAVE_AVX512_PATH
+#ifdef SAM_FAST_X86_AVX512
 // k^T panel: (D / 2, ld) 32-bit pairs, [p][j] = (k[j][2p], k[j][2p + 1]) for the w <= 64 keys at k (row stride
 // ldk), zero for j in [w, ld). Sixteen keys of one pair at a time: one gather of 32-bit words, one store.
 __attribute__((target("avx512f"))) void pack_kt_panel_avx512(const at::BFloat16* k, int64_t ldk, int64_t D,
@@ -271,8 +268,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_v_panel_avx512(co
 #endif
 
 void pack_kt_panel(const at::BFloat16* k, int64_t ldk, int64_t D, int64_t w, int64_t ld, at::BFloat16* out) {
-#ifdef SAM_FAST_HAVE_AVX512_PATH
-  if (avx512_rows()) return pack_kt_panel_avx512(k, ldk, D, w, ld, out);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return pack_kt_panel_avx512(k, ldk, D, w, ld, out);
 #endif
   uint32_t* dst = reinterpret_cast<uint32_t*>(out);
   for (int64_t j = 0; j < ld; ++j) {
@@ -285,9 +282,8 @@ void pack_kt_panel(const at::BFloat16* k, int64_t ldk, int64_t D, int64_t w, int
 }
 
 void pack_v_panel(const at::BFloat16* v, int64_t ldv, int64_t L, int64_t w, int64_t ld, at::BFloat16* out) {
-#ifdef SAM_FAST_HAVE_AVX512_PATH
-  static const bool bw = avx512_rows() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  if (bw) return pack_v_panel_avx512(v, ldv, L, w, ld, out);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512_bw_vl()) return pack_v_panel_avx512(v, ldv, L, w, ld, out);
 #endif
   const at::BFloat16 zero(0.0f);
   for (int64_t p = 0; p < (L + 1) / 2; ++p) {
@@ -345,8 +341,8 @@ class FloatAttend {
 class Bf16Attend {
  public:
   Bf16Attend(int64_t bq, int64_t Lk, int64_t D)
-      // (SAM_FAST_CPU_NO_AMX takes the plain GEMM: how the tests reach it on a CPU with AMX)
-      : vnni_(at::native::cpublas::could_pack(at::kBFloat16) && D % 2 == 0 && !env_flag("SAM_FAST_CPU_NO_AMX")),
+      // (AMX switched off takes the plain GEMM: how the tests reach it on a CPU with AMX)
+      : vnni_(cpu::amx(at::kBFloat16) && D % 2 == 0),
         Lk_(Lk),
         D_(D),
         // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
@@ -448,7 +444,7 @@ void attend_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
-  at::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, S * H * nb, 1, [&](int64_t begin, int64_t end) {
     Attend<T> att(bq, Lk, D);
     float sums[256];
     float maxes[256];
@@ -474,7 +470,7 @@ void attend_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // The key grid's row / column of each key, for grids of at most 16 x 16 on the AVX-512 row pass (see KeyGrid):
 // fills iy / ix and points g at them.
 void small_grid_index(KeyGrid& g, std::vector<int32_t>& iy, std::vector<int32_t>& ix) {
-  if (g.ay > 16 || g.ax > 16 || !avx512_rows()) return;
+  if (g.ay > 16 || g.ax > 16 || !cpu::avx512()) return;
   const int64_t L = g.ay * g.ax;
   const int64_t padded = (L + 15) / 16 * 16;
   iy.assign(padded, 0);
@@ -514,7 +510,7 @@ void rel_products_generic(const float* qf, int64_t n, int64_t D, const float* ta
   }
 }
 
-#ifdef SAM_FAST_HAVE_AVX512_PATH
+#ifdef SAM_FAST_X86_AVX512
 // The same in AVX-512: 8 queries x 32 columns at a time, 16 independent FMA chains of D steps.
 __attribute__((target("avx512f"))) void rel_products_avx512(const float* qf, int64_t n, int64_t D,
                                                             const float* tabT, int64_t Rp, float* P) {
@@ -546,8 +542,8 @@ __attribute__((target("avx512f"))) void rel_products_avx512(const float* qf, int
 #endif
 
 void rel_products(const float* qf, int64_t n, int64_t D, const float* tabT, int64_t Rp, float* P) {
-#ifdef SAM_FAST_HAVE_AVX512_PATH
-  if (avx512_rows()) return rel_products_avx512(qf, n, D, tabT, Rp, P);
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return rel_products_avx512(qf, n, D, tabT, Rp, P);
 #endif
   rel_products_generic(qf, n, D, tabT, Rp, P);
 }
@@ -590,7 +586,7 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
   std::vector<int32_t> iy, ix;
   small_grid_index(g, iy, ix);
   const T* base = qkv.const_data_ptr<T>();
-  at::parallel_for(0, B * nsy * nsx * heads * nb, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, B * nsy * nsx * heads * nb, 1, [&](int64_t begin, int64_t end) {
     Attend<T> att(bq, Lk, D);
     std::vector<T> kbuf(Lk * D), vbuf(Lk * D), qbuf(bq * D);
     std::vector<float> qf(std::is_same_v<T, float> ? 0 : bq * D), rh(bq * sh), rw(bq * sw);
@@ -684,6 +680,11 @@ void rel_pos_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
               "rel_pos_attention: out must be a contiguous (S, Lq, H, D) tensor, got ", out.sizes());
   TORCH_CHECK(lse.is_contiguous() && lse.sizes() == at::IntArrayRef({S, H, Lq}),
               "rel_pos_attention: lse must be a contiguous (S, H, Lq) tensor, got ", lse.sizes());
+  for (const at::Tensor* t : {&q, &k, &v, &rel_h, &rel_w}) {
+    at::assert_no_overlap(out, *t);  // out and lse are written while the inputs are read
+    at::assert_no_overlap(lse, *t);
+  }
+  at::assert_no_overlap(out, lse);
   if (S == 0 || H == 0 || Lq == 0) return;
   if (Lk == 0) {  // no key anywhere: every row is out 0, lse -inf
     out.zero_();
@@ -755,6 +756,8 @@ void sam_block_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t windo
                 "sam_block_attention: pad_k and pad_v must be contiguous (", heads, ", ", D, ") ", dt,
                 " tensors on the CPU, got ", t->sizes(), " ", t->scalar_type());
   }
+  for (const at::Tensor* t : {&rel_pos_h, &rel_pos_w, &pk, &pv}) at::assert_no_overlap(out, *t);
+  if (qkv_bias.has_value()) at::assert_no_overlap(out, *qkv_bias);
   const std::vector<float> thT = transposed_table(rel_pos_h.const_data_ptr<float>(), 2 * sh - 1, D);
   const std::vector<float> twT = transposed_table(rel_pos_w.const_data_ptr<float>(), 2 * sw - 1, D);
   const float fscale = static_cast<float>(scale);

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu.h"
+
 #include "../resize_rel_pos.h"
 
 namespace sam_fast {
@@ -20,7 +22,7 @@ at::Tensor resize_rel_pos_cpu(const at::Tensor& rel_pos, int64_t length) {
     const acc_t scale = static_cast<acc_t>(in_len) / static_cast<acc_t>(length);
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, length, 16, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for(0, length, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const LinearTap<acc_t> t = linear_tap<acc_t>(i, in_len, scale);
         const scalar_t* r0 = in + t.i0 * channels;

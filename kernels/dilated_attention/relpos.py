@@ -9,6 +9,7 @@ from typing import Tuple
 
 import torch
 
+from .._cache import persistent
 from .plan import Geometry, Group, _pow2
 
 
@@ -17,12 +18,13 @@ def _rel_index(n_coord: int, seg: int, dil: int, kept: int, offsets: Tuple[int, 
                device: torch.device) -> torch.Tensor:
     """idx[h, c, u] = c - (segment origin of c + offsets[h] + u * dil) + center, clamped to the table's
     ``length`` rows, on ``device``. Cached: forward and backward of every call reuse it, no H2D copy."""
-    c = torch.arange(n_coord)
-    origin = (c // seg) * seg
-    u = torch.arange(kept)
-    offs = torch.tensor(offsets)
-    idx = c[None, :, None] - (origin[None, :, None] + offs[:, None, None] + u[None, None, :] * dil) + center
-    return idx.clamp(0, length - 1).to(device)
+    with persistent():
+        c = torch.arange(n_coord)
+        origin = (c // seg) * seg
+        u = torch.arange(kept)
+        offs = torch.tensor(offsets)
+        idx = c[None, :, None] - (origin[None, :, None] + offs[:, None, None] + u[None, None, :] * dil) + center
+        return idx.clamp(0, length - 1).to(device)
 
 
 def relpos_tables(q: torch.Tensor, geom: Geometry, rel_pos_h, rel_pos_w, padded: bool):
@@ -73,15 +75,16 @@ def _rel_index_1d(n: int, grid: Tuple[int, int], seg: int, dil: int, kwp: int, h
     ``idx_y`` (N, Hg) / ``idx_x`` (N, Wg) the table rows of offsets from query i to key row / column
     yk / xk, clamped; ``key_y`` / ``key_x`` (H, S, KWP) the grid row / column of the u-th kept key of
     segment s for head h (clamped into the sequence past the segment's end, where the kernel masks)."""
-    hg, wg = grid
-    i = torch.arange(n)
-    yq, xq = i // wg, i % wg
-    idx_y = (yq[:, None] - torch.arange(hg)[None, :] + (lh - 1) // 2).clamp(0, lh - 1)
-    idx_x = (xq[:, None] - torch.arange(wg)[None, :] + (lw - 1) // 2).clamp(0, lw - 1)
-    s = torch.arange(-(-n // seg))
-    offs = torch.arange(heads) % dil
-    key = (s[None, :, None] * seg + offs[:, None, None] + torch.arange(kwp)[None, None, :] * dil).clamp(max=n - 1)
-    return tuple(t.to(device) for t in (idx_y, idx_x, key // wg, key % wg))
+    with persistent():
+        hg, wg = grid
+        i = torch.arange(n)
+        yq, xq = i // wg, i % wg
+        idx_y = (yq[:, None] - torch.arange(hg)[None, :] + (lh - 1) // 2).clamp(0, lh - 1)
+        idx_x = (xq[:, None] - torch.arange(wg)[None, :] + (lw - 1) // 2).clamp(0, lw - 1)
+        s = torch.arange(-(-n // seg))
+        offs = torch.arange(heads) % dil
+        key = (s[None, :, None] * seg + offs[:, None, None] + torch.arange(kwp)[None, None, :] * dil).clamp(max=n - 1)
+        return tuple(t.to(device) for t in (idx_y, idx_x, key // wg, key % wg))
 
 
 def relpos_table_1d(q: torch.Tensor, geom: Geometry, grid: Tuple[int, int], rel_pos_h, rel_pos_w):

@@ -50,7 +50,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_features
 from .._dispatch import note_direct_call
+from ..kernels._cache import persistent
 from ..pattern import ResolvedBranch
 from ..reference.dilated_attention import branch_attention as reference_branch
 from ..reference.dilated_attention import merge_branches
@@ -143,9 +145,10 @@ class _Layout:
             def neg(valid):
                 return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
 
-            ny = neg(self.key_y)[:, None].expand(self.ns_y, self.ns_x, self.H, self.ay)
-            nx = neg(self.key_x)[None, :].expand(self.ns_y, self.ns_x, self.H, self.ax)
-            self._cache[key] = (ny.reshape(self.n_seg, self.H, self.ay), nx.reshape(self.n_seg, self.H, self.ax))
+            with persistent():
+                ny = neg(self.key_y)[:, None].expand(self.ns_y, self.ns_x, self.H, self.ay)
+                nx = neg(self.key_x)[None, :].expand(self.ns_y, self.ns_x, self.H, self.ax)
+                self._cache[key] = (ny.reshape(self.n_seg, self.H, self.ay), nx.reshape(self.n_seg, self.H, self.ax))
         return self._cache[key]
 
     def rel_index(self, axis: int, length: int) -> torch.Tensor:
@@ -154,8 +157,9 @@ class _Layout:
         key = ("rel", axis, length)
         if key not in self._cache:
             a, step = (self.ay, self.dy) if axis == 0 else (self.ax, self.dx)
-            pos = torch.arange(a, device=self.heads.device) * step
-            self._cache[key] = pos[:, None] - pos[None, :] + (length - 1) // 2
+            with persistent():
+                pos = torch.arange(a, device=self.heads.device) * step
+                self._cache[key] = pos[:, None] - pos[None, :] + (length - 1) // 2
         return self._cache[key]
 
     def gather_qkv(self, q, k, v, pad_kv):
@@ -291,7 +295,8 @@ def _layout(br: ResolvedBranch, full: bool, H: int, device) -> _Layout:
     if lay is None:
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
-        lay = _LAYOUTS[key] = _Layout(br, full, H, device)
+        with persistent():
+            lay = _LAYOUTS[key] = _Layout(br, full, H, device)
     return lay
 
 
@@ -319,13 +324,8 @@ def _chunks(lay: _Layout, H: int, L: int, itemsize: int):
 
 
 def _avx512() -> bool:
-    """Whether PyTorch runs its AVX-512 kernels on this CPU (and SAM_FAST_CPU_NO_AVX512 does not say no)."""
-    if not hasattr(_avx512, "value"):
-        import os
-
-        cap = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-        _avx512.value = cap.startswith("AVX512") and not os.environ.get("SAM_FAST_CPU_NO_AVX512")
-    return _avx512.value
+    """Whether the AVX-512 paths run (:func:`sam_fast.cpu_features.avx512`)."""
+    return cpu_features.avx512()
 
 
 #: segments with fewer keys (a 7 x 7 window: 49) stay on PyTorch's fused kernel: the bias-inside kernel's
@@ -368,6 +368,7 @@ def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B:
     lse = torch.empty(S, H, L, dtype=torch.float32, device=qs.device)
     per_seg = H * L * (ay + ax) * 4
     cs = max(1, min(lay.n_seg, REL_TERMS_BYTES // per_seg))
+    note_direct_call("rel_pos_attention", "cpu")
     for b in range(B):
         for j0 in range(0, lay.n_seg, cs):
             j1 = min(lay.n_seg, j0 + cs)

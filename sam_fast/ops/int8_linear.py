@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import threading
 import weakref
 from typing import Optional, Tuple
 
 import torch
 
+from .. import cpu_features
 from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..kernels import int8_linear as _k
+from ..kernels._cache import persistent
 from ..reference import int8_linear as _ref
 from ._ext import cpp_device_refusal
 
@@ -183,7 +184,8 @@ def _cpu_accumulator(x: Tensor, w: Tensor) -> Tensor:
         return _ref.int8_mm(x, w)
     buf = getattr(_workspace, "acc", None)
     if buf is None or buf.numel() < M * N:
-        buf = _workspace.acc = torch.empty(M * N, dtype=torch.int32)
+        with persistent():
+            buf = _workspace.acc = torch.empty(M * N, dtype=torch.int32)
     acc = buf[: M * N].view(M, N)
     torch._int_mm(x, w.t(), out=acc)
     return acc
@@ -194,8 +196,6 @@ def _cpu_accumulator(x: Tensor, w: Tensor) -> Tensor:
 AMX_INT8 = True
 
 
-_AMX_OFF = bool(os.environ.get("SAM_FAST_CPU_NO_AMX"))
-
 #: id(weight) -> (weakref to it, its _version, its data_ptr, its AMX panels or None): the panels live as long as
 #: the weight (a weakref callback drops them), and are rebuilt after an in-place change
 _AMX_PANELS: dict = {}
@@ -204,14 +204,18 @@ _AMX_PANELS: dict = {}
 def _amx_weight(w: Tensor) -> Optional[Tensor]:
     """``w``'s panels for ``sam_fast::int8_linear_amx`` (as much memory again as the int8 weight), packed once per
     weight tensor; None where that path does not run (no AMX int8, K not a multiple of 4, while torch.compile
-    traces, SAM_FAST_CPU_NO_AMX set, or :data:`AMX_INT8` off)."""
-    if not AMX_INT8 or _AMX_OFF or torch.compiler.is_compiling() or w.shape[1] % 4 or w.requires_grad:
+    traces, AMX switched off (:mod:`sam_fast.cpu_features`), or :data:`AMX_INT8` off)."""
+    if not AMX_INT8 or torch.compiler.is_compiling() or not cpu_features.amx() or w.shape[1] % 4 or w.requires_grad:
         return None
+    if w.is_inference():  # made under torch.inference_mode: no version counter shows an in-place change, so no cache
+        packed = torch.ops.sam_fast.int8_pack_amx(w)
+        return packed if packed.numel() else None
     key = id(w)
     hit = _AMX_PANELS.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
         return hit[3]
-    packed = torch.ops.sam_fast.int8_pack_amx(w)
+    with persistent():
+        packed = torch.ops.sam_fast.int8_pack_amx(w)
     packed = packed if packed.numel() else None
     ref = weakref.ref(w, lambda _ref, key=key: _AMX_PANELS.pop(key, None))
     _AMX_PANELS[key] = (ref, w._version, w.data_ptr(), packed)
