@@ -178,6 +178,12 @@ def note_direct_call(op: str, backend: str) -> None:
     _note(op, backend, ())
 
 
+def note_fallback(op: str, chosen: str, reason: str, passed: str = "fused") -> None:
+    """Record (and warn once about) a fast path that ran ``chosen`` instead of ``passed`` for ``reason``, outside a
+    dispatch table (e.g. a block whose attention module has hooks)."""
+    _note(op, chosen, ((passed, reason),))
+
+
 def _note(op: str, chosen: str, passed_over: tuple) -> None:
     if _compiling():
         return

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from torch import nn
 
 from ._dispatch import check_backend_name
+from ._hooks import share_hooks
 from .nn.attention import SamFastBlock
 from .nn.quantized import Int8Linear
 from .pattern import check_pattern
@@ -407,6 +408,7 @@ def _quantize_linears(model, config, swaps) -> Dict[str, str]:
         scale = entry.static_scale if entry is not None and entry.mode == "static" else None
         try:
             new = Int8Linear.from_float(lin, act_scale=scale, backend=config.backend)
+            share_hooks(new, lin)
         except ValueError as exc:
             raise ValueError(f"{slot.key}: {exc}") from None
         new.train(lin.training)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dispatch import check_backend_name
+from .._dispatch import check_backend_name, note_fallback
+from .._hooks import has_hooks, share_hooks
 from ..ops import dilated_attention_cpu as cpu_attention
 from ..ops.dilated_attention import dilated_attention, needed_rel_rows
 from ..ops.linear_epilogue import fused_linear
@@ -120,7 +121,8 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
         if cpu_attention.sam_block_fits(src, window_size, rel_h, rel_w, backend, *params):
             qkv_bias = None
             if qkv is None:
-                if type(attn.qkv) is nn.Linear and bias is not None and x.dtype == torch.float32:
+                if type(attn.qkv) is nn.Linear and bias is not None and x.dtype == torch.float32 \
+                        and not has_hooks(attn.qkv):
                     qkv, qkv_bias = F.linear(x, attn.qkv.weight), bias  # the kernel adds the bias as it reads
                 else:
                     qkv = attn.qkv(x)
@@ -209,7 +211,13 @@ def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module,
                       backend: str, pattern) -> torch.Tensor:
     """segment_anything's ViT block on x (B, Hg, Wg, C) with fused attention (:func:`sam_attention`); with
     W8A8 linears (``quantize="int8"``) the norms fuse into the int8 GEMMs' input quantization. At inference the
-    residual adds, biases and the MLP's GELU are fused after the GEMMs or run in place on their fresh outputs."""
+    residual adds, biases and the MLP's GELU are fused after the GEMMs or run in place on their fresh outputs.
+
+    When a layer of the block has hooks (:func:`~sam_fast._hooks.has_hooks`), every layer is called as a module
+    and no output is written in place: the attention kernel still runs, the fusions around it do not."""
+    if has_hooks(norm1, attn.qkv, attn.proj, norm2, mlp, *(getattr(mlp, n, None) for n in ("lin1", "act", "lin2"))):
+        x = x + _hooked_attention(attn, norm1(x), window_size, backend, pattern)
+        return x + mlp(norm2(x))
     inplace = _inplace_ok()
     qkv = norm_int8_linear(norm1, attn.qkv, x)
     if qkv is None:
@@ -225,6 +233,31 @@ def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module,
         if fused is not None:
             return fused
     return x + mlp(norm2(x))
+
+
+def hooked_attention_fallback(where: str, pattern, block_forward, *args, **kwargs) -> torch.Tensor:
+    """A block whose attention module has hooks: the fused kernels never call that module, so the block's own
+    forward runs (its attention called as a module, with its hooks), recorded and warned about as a fallback
+    (:func:`sam_fast.record_backends`). A block running a dilated ``pattern`` has no such forward: ValueError."""
+    if pattern is not None:
+        raise ValueError(f"{where}: the block's attn module has hooks, but the block runs dilated attention, which "
+                         "never calls attn (segment_anything's Attention computes dense / window attention); register "
+                         "the hook on the block itself or on attn.qkv / attn.proj, which do run")
+    note_fallback("sam_block", "reference", "the attn module has hooks: the block's own forward runs so that they do")
+    return block_forward(*args, **kwargs)
+
+
+def _hooked_attention(attn, x: torch.Tensor, window_size: int, backend: str, pattern) -> torch.Tensor:
+    """The attention of a block whose layers have hooks: qkv and proj called as modules on what segment_anything
+    gives them (a window block's zero-padded windows, so that the hooks see the same tensors), the fused kernel
+    between them."""
+    if window_size == 0 or pattern is not None:
+        return sam_attention(attn, x, window_size, backend, pattern)
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    windows, pad_hw = window_partition(x, window_size)
+    out = sam_attention(attn, windows, 0, backend)  # each window attends within itself, as a global block would
+    return window_unpartition(out, window_size, pad_hw, (x.shape[1], x.shape[2]))
 
 
 class SamFastBlock(nn.Module):
@@ -243,8 +276,13 @@ class SamFastBlock(nn.Module):
         self.window_size = int(block.window_size)
         self.backend = backend
         self.pattern = check_pattern(pattern, "pattern")
+        # the wrapped block (not a submodule: its parameters are these), whose forward runs when attn has hooks
+        self.__dict__["_block_forward"] = block.forward
+        share_hooks(self, block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if has_hooks(self.attn):
+            return hooked_attention_fallback("SamFastBlock", self.pattern, self._block_forward, x)
         return vit_block_forward(x, self.norm1, self.attn, self.norm2, self.mlp, self.window_size, self.backend,
                                  self.pattern)
 

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dispatch import check_backend_name
+from .._dispatch import check_backend_name, note_fallback
+from .._hooks import has_hooks
 from ..ops.small_key_attention import small_key_attention
 from ..ops.upscale_mask_product import upscale_mask_product
 
@@ -175,6 +176,11 @@ class BatchedMaskDecoder(nn.Module):
         iou_predictions (P, M))`` with M = 3 for ``multimask_output`` else 1, in the prompts' order.
         """
         self._check(image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs)
+        if has_hooks(*self.prompt_encoder.modules(), *self.mask_decoder.modules()):
+            note_fallback("batched_mask_decoder", "reference", "modules of the prompt encoder or mask decoder have "
+                          "hooks: segment_anything's modules run, image by image, so that they do")
+            return self._module_forward(image_embeddings, image_index, point_coords, point_labels, boxes,
+                                        mask_inputs, multimask_output)
         dec = self.mask_decoder
         dtype = dec.iou_token.weight.dtype
         P = image_index.shape[0]
@@ -230,6 +236,28 @@ class BatchedMaskDecoder(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(P, device=order.device)
         return masks[inverse], iou_pred[inverse]
+
+    def _module_forward(self, image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs,
+                        multimask_output):
+        """:meth:`forward` through segment_anything's own modules (their hooks run), one image at a time, as
+        ``SamPredictor.predict_torch`` calls them."""
+        P = image_index.shape[0]
+        low = iou = None
+        for i in image_index.unique().tolist():
+            sel = (image_index == i).nonzero().squeeze(1)
+            sparse, dense = self.prompt_encoder(
+                points=None if point_coords is None else (point_coords[sel], point_labels[sel]),
+                boxes=None if boxes is None else boxes.reshape(P, 4)[sel],
+                masks=None if mask_inputs is None else mask_inputs[sel])
+            masks, scores = self.mask_decoder(image_embeddings=image_embeddings[i:i + 1],
+                                              image_pe=self.prompt_encoder.get_dense_pe(),
+                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                              multimask_output=multimask_output)
+            if low is None:
+                low = masks.new_empty((P, *masks.shape[1:]))
+                iou = scores.new_empty((P, *scores.shape[1:]))
+            low[sel], iou[sel] = masks, scores
+        return low, iou
 
     # -- prompt encoding ----------------------------------------------------------------------------------
     # segment_anything's PromptEncoder, with its random-Fourier positional encoding always in float32:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._dispatch import check_backend_name
+from .._hooks import has_hooks, share_hooks
 from ..ops.int8_linear import int8_linear_op, layer_norm_quantize, quantize_weight, scalar_scale
 
 _SCALES = ("weight_scale", "act_scale")
@@ -172,8 +173,10 @@ def _is_exact_gelu(m: nn.Module) -> bool:
 
 def norm_int8_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``linear(norm(x))`` as LayerNorm-quantize + int8 GEMM when ``linear`` is a dynamic
-    :class:`Int8Linear` and ``norm`` an ``nn.LayerNorm``; None when the pair does not fuse."""
-    if not (isinstance(linear, Int8Linear) and linear.act_scale is None and _is_layer_norm(norm)):
+    :class:`Int8Linear` and ``norm`` an ``nn.LayerNorm``; None when the pair does not fuse (or either has hooks,
+    which a fused call would skip)."""
+    if not (isinstance(linear, Int8Linear) and linear.act_scale is None and _is_layer_norm(norm)) \
+            or has_hooks(norm, linear):
         return None
     xq, xs = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, backend=linear.backend)
     return linear.forward_int8(xq, xs, out_dtype=x.dtype)
@@ -184,9 +187,12 @@ def int8_norm_mlp(norm: nn.Module, lin1: nn.Module, act: nn.Module, lin2: nn.Mod
     """``lin2(act(lin1(norm(x))))`` with the LayerNorm fused into lin1's input quantization, the exact
     GELU into its epilogue and, when lin2 is calibrated (static), the re-quantization for lin2 too, so
     the wide hidden activation is written once, in int8. None when the modules do not have that form
-    (lin1 not a dynamic :class:`Int8Linear`, norm not a LayerNorm, act not an exact GELU)."""
+    (lin1 not a dynamic :class:`Int8Linear`, norm not a LayerNorm, act not an exact GELU) or when one of them has
+    hooks."""
     if not (isinstance(lin1, Int8Linear) and lin1.act_scale is None and _is_layer_norm(norm)
             and isinstance(act, nn.Module) and _is_exact_gelu(act) and isinstance(lin2, nn.Module)):
+        return None
+    if has_hooks(norm, lin1, act, lin2):
         return None
     xq, xs = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, backend=lin1.backend)
     if isinstance(lin2, Int8Linear) and lin2.act_scale is not None:
@@ -197,6 +203,8 @@ def int8_norm_mlp(norm: nn.Module, lin1: nn.Module, act: nn.Module, lin2: nn.Mod
 
 def int8_mlp(norm: nn.Module, mlp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """segment_anything ``MLPBlock`` on ``norm(x)`` through :func:`int8_norm_mlp` (None when it does not fuse)."""
+    if has_hooks(mlp):
+        return None
     return int8_norm_mlp(norm, getattr(mlp, "lin1", None), getattr(mlp, "act", None), getattr(mlp, "lin2", None), x)
 
 
@@ -219,6 +227,7 @@ class _SharedModule(nn.Module):
             elif key == "training" or not key.startswith("_"):
                 self.__dict__[key] = value
         self.__dict__["_original_class"] = type(original)
+        share_hooks(self, original)
 
     def __getattr__(self, name):
         try:

@@ -20,7 +20,8 @@ from typing import List, Tuple
 
 from torch import nn
 
-from .attention import vit_block_forward
+from .._hooks import has_hooks
+from .attention import hooked_attention_fallback, vit_block_forward
 from .quantized import Int8Linear
 
 
@@ -48,6 +49,9 @@ class FastLayerForward:
 
     def __call__(self, hidden_states, *args, **kwargs):
         layer = self.layer
+        if has_hooks(layer.attn):  # the kernels never call attn: transformers' own forward runs, hooks and all
+            return hooked_attention_fallback(type(layer).__name__, self.pattern, type(layer).forward.__get__(layer),
+                                             hidden_states, *args, **kwargs)
         return vit_block_forward(hidden_states, layer.layer_norm1, _AttentionView(layer.attn), layer.layer_norm2,
                                  layer.mlp, int(layer.window_size), self.backend, self.pattern)
 

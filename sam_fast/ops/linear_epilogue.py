@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._hooks import has_hooks
+
 #: the dtypes :func:`fused_linear` takes: bf16 linears gain nothing from it (oneDNN adds their bias inside its own
 #: GEMM), and rounding the GEMM to bf16 before the bias would round twice
 EPILOGUE_DTYPES = (torch.float32,)
@@ -30,13 +32,13 @@ _ACTIVATIONS = ("none", "gelu", "gelu_tanh")
 def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
                  residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``activation(lin(x)) + residual`` in one pass after a bias-free GEMM, or None where it does not apply (the
-    caller then runs the module itself): ``lin`` a plain ``nn.Linear``, x a CPU tensor in :data:`EPILOGUE_DTYPES`
-    matching its weight, an output of at least :data:`FUSED_MIN_BYTES`, nothing for autograd to record, not
-    while torch.compile traces, the C++ extension loaded. ``activation``: ``"none"``, ``"gelu"`` (exact) or
-    ``"gelu_tanh"``; ``residual`` shaped like the output, in its dtype."""
+    caller then runs the module itself): ``lin`` a plain ``nn.Linear`` without hooks, x a CPU tensor in
+    :data:`EPILOGUE_DTYPES` matching its weight, an output of at least :data:`FUSED_MIN_BYTES`, nothing for
+    autograd to record, not while torch.compile traces, the C++ extension loaded. ``activation``: ``"none"``,
+    ``"gelu"`` (exact) or ``"gelu_tanh"``; ``residual`` shaped like the output, in its dtype."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    if type(lin) is not nn.Linear or x.device.type != "cpu" or x.dtype not in EPILOGUE_DTYPES:
+    if type(lin) is not nn.Linear or x.device.type != "cpu" or x.dtype not in EPILOGUE_DTYPES or has_hooks(lin):
         return None
     if x.dtype != lin.weight.dtype or torch.compiler.is_compiling():
         return None
