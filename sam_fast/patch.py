@@ -213,7 +213,7 @@ class SamFastHandle:
         # (already swapped block or transformers layer forward, previous backend, previous pattern)
         self._updates = updates or []
         self._overrides = overrides or []  # transformers layers given an instance forward
-        self._hooks = hooks or []  # pre-hooks refusing output_attentions
+        self._hooks = hooks or []  # pre-hooks refusing output_attentions, instance attributes refusing saves
         #: with quantize="int8": eligible linears kept in float, ``{"blocks.<i>.<attn|mlp>.<name>": why}``
         self.left_float = dict(left_float or {})
 
@@ -305,10 +305,39 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         if config.quantize == "int8":
             left_float = _quantize_linears(model, config, swaps)
             _fuse_int8_modules(model, swaps)
+            _refuse_pretrained_saves(model, hooks)
     except BaseException:
         SamFastHandle(model, swaps, updates, overrides=overrides, hooks=hooks).undo()
         raise
     return SamFastHandle(model, swaps, updates, left_float, overrides, hooks)
+
+
+class _InstanceAttribute:
+    """An attribute set on one module instance, removed by ``remove()`` (as a hook handle is)."""
+
+    def __init__(self, module: nn.Module, name: str, value):
+        self.module, self.name = module, name
+        module.__dict__[name] = value
+
+    def remove(self) -> None:
+        self.module.__dict__.pop(self.name, None)
+
+
+def _refuse_pretrained_saves(model: nn.Module, hooks: list) -> None:
+    """transformers models (``save_pretrained``) holding int8 layers get an instance ``save_pretrained`` that refuses:
+    transformers would write the int8 integers as the float weights, and its ``from_pretrained`` loads them into a
+    float model with only an "unexpected keys" note (the weight scales). ``undo()`` removes it."""
+    for m in model.modules():
+        if callable(getattr(m, "save_pretrained", None)) and hasattr(m, "config") \
+                and any(isinstance(x, Int8Linear) for x in m.modules()):
+            hooks.append(_InstanceAttribute(m, "save_pretrained", _int8_save_refused))
+
+
+def _int8_save_refused(*args, **kwargs):
+    raise ValueError("this model has sam_fast int8 layers (quantize='int8'): save_pretrained would write their int8 "
+                     "integers as float weights, which from_pretrained loads into a broken model. Save the float "
+                     "model (undo() the sam_fast handle first) and quantize again after loading; torch.save of the "
+                     "state_dict keeps the int8 layers for loading after the same sam_fast.apply()")
 
 
 def _warn_if_pattern_dropped(model, config, recorded) -> None:

@@ -214,3 +214,19 @@ def test_models_without_a_transformers_form_say_why(tmp_path):
         BlockGeometry(2, 32, 128, 3), BlockGeometry(2, 32, 96, 0))))
     with pytest.raises(ValueError, match="one MLP width for every block, this encoder has \\[96, 128\\]"):
         save_transformers(sam_around(pruned, 256, 32, 2, 64, 64), str(tmp_path / "e"))
+
+
+def test_int8_transformers_model_refuses_save_pretrained(tmp_path):
+    """transformers' save_pretrained would write the int8 integers as float weights (from_pretrained then loads a
+    broken model with only an 'unexpected keys' note): while int8 layers are swapped in it refuses, and undo()
+    gives it back."""
+    model = _sam_model()
+    handle = sam_fast.apply(model, sam_fast.SamFastConfig(quantize="int8"))
+    with pytest.raises(ValueError, match="int8 layers"):
+        model.save_pretrained(str(tmp_path / "int8"))
+    assert not (tmp_path / "int8").exists()
+    handle.undo()
+    model.save_pretrained(str(tmp_path / "float"))
+    again = transformers.SamModel.from_pretrained(str(tmp_path / "float")).eval()
+    with torch.no_grad():
+        _close(again.get_image_embeddings(X[:1]), model.get_image_embeddings(X[:1]), 100.0)
