@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from typing import Callable
 
 
 def write_atomic(path: str, write: Callable[[str], object]) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``: a reader (or a
-    rerun that looks for ``path``) never sees half a file, and an error leaves nothing behind."""
+    rerun that looks for ``path``) never sees half a file, and an error leaves nothing behind.
+
+    The temporary file is created as ``open()`` creates files (mode 0o666 less the process umask), so the result
+    has the permissions any other file written there would have (``tempfile.mkstemp`` makes 0o600 files, which
+    another user, or a later job in a shared folder, cannot read)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".sam-fast-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    tmp = os.path.join(directory, f".sam-fast-{os.getpid()}-{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -171,3 +171,28 @@ def test_fresh_empty_tensors_are_poisoned_in_cpu_tests():
     assert torch.empty(4).isnan().all() and torch.empty_like(torch.ones(2, dtype=torch.bfloat16)).isnan().all()
     assert (torch.empty(3, dtype=torch.int8) == -77).all()
     assert (torch.ones(1).new_empty(2, dtype=torch.uint8) == 177).all()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomically_written_files_get_the_permissions_open_gives(tmp_path, umask):
+    """Everything sam_fast writes goes through write_atomic (student.pt, checkpoints, eval.json, segment output,
+    dataset shards): the file must get 0o666 less the umask, as open() would give it, not mkstemp's 0o600."""
+    from sam_fast._files import write_atomic
+    from sam_fast.models import save_sam, tiny_sam
+
+    old = os.umask(umask)
+    try:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write("x")
+
+        write_atomic(str(tmp_path / "a.json"), write)
+        save_sam(tiny_sam(), str(tmp_path / "b.pt"))
+        with open(tmp_path / "c.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for name in ("a.json", "b.pt", "c.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.pt", "c.txt"]  # no temporary file left
