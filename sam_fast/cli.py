@@ -44,8 +44,11 @@ included), ``OUT/train_log.csv`` and checkpoints; rerunning the same command res
 ``segment-dataset`` segments every image of a folder (recursively) into per-shard COCO JSON files in ``DST``
 (:mod:`sam_fast.distributed`): with ``--shard RANK/WORLD`` this process takes its exact part of the shards (for
 torchrun / SLURM ranks); otherwise Ray Data runs the shards on an actor pool (``--num-gpus N``: N actors of one
-GPU each; ``--ray-address``: an existing cluster). Reruns skip finished shards; unreadable images become error
-entries. ``--boxes FILE``: a JSON ``{path: [[x0, y0, x1, y1], ...]}`` (e.g. a detector's), one mask per box.
+GPU each; ``--ray-address``: an existing cluster). Reruns skip finished shards; a folder holding shards of another
+run (other images, boxes, settings or shard size) is refused with what changed (``--overwrite`` redoes those
+shards); unreadable images become error entries. ``--boxes FILE``: a JSON ``{image: [[x0, y0, x1, y1], ...]}``
+(e.g. a detector's; keys are paths, absolute or relative to SRC or the working directory, or file names one image
+has; a key naming no image is refused, an image without a key is an error entry), one mask per box.
 """
 
 from __future__ import annotations
@@ -283,15 +286,15 @@ def _segment(args) -> int:
     if getattr(sam, "sam_fast_config", None) is not None:
         print(f"{args.checkpoint}: a distilled student; running the dilated attention it was trained for in blocks "
               f"{sam.sam_fast_config.chosen_blocks()}")
+    from sam_fast.ops.mask_postprocess import coco_to_mask
+
     if args.everything:
         from sam_fast import SamFastAutomaticMaskGenerator
-        from sam_fast.ops.mask_postprocess import coco_to_mask
 
         engine = SamFastAutomaticMaskGenerator(sam, points_per_side=args.points_per_side, output_mode="coco_rle",
                                                hierarchical=args.hierarchical)
     else:
         from sam_fast import SamFastPredictor
-        from sam_fast.ops.mask_postprocess import mask_postprocess, rles_to_coco
 
         engine = SamFastPredictor(sam)
     written, failed = 0, []
@@ -311,32 +314,16 @@ def _segment(args) -> int:
             continue
         if args.everything:
             records = engine.generate(image)
-            masks = [coco_to_mask(r["segmentation"]) for r in records]
         else:
-            engine.set_image(image)
-            multimask = len(points) == 1 and box is None
-            dev = engine.device
-            coords = labels = boxes = None
+            engine.set_images([image])
+            prompt = {}
             if points:
-                xy = engine.transform.apply_coords(np.array([p[:2] for p in points]), (H, W))
-                coords = torch.as_tensor(xy, dtype=torch.float, device=dev)[None]
-                labels = torch.tensor([[p[2] if len(p) == 3 else 1 for p in points]], device=dev)
+                prompt["point_coords"] = np.array([[p[:2] for p in points]], dtype=np.float64)
+                prompt["point_labels"] = np.array([[p[2] if len(p) == 3 else 1 for p in points]])
             if box is not None:
-                boxes = torch.as_tensor(engine.transform.apply_boxes(np.array([box]), (H, W)), dtype=torch.float,
-                                        device=dev)
-            # Decoder, then one post-processing pass on the device for RLE, stats and the overlay's masks.
-            with torch.no_grad():
-                low, iou = engine.decoder(engine.features, torch.zeros(1, dtype=torch.int64, device=dev), coords,
-                                          labels, boxes, multimask_output=multimask)
-            post = mask_postprocess(low[0], padded_size=engine._padded_size, input_size=engine.input_size,
-                                    original_size=(H, W), mask_threshold=sam.mask_threshold, return_masks=True)
-            segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))
-            records = [{"segmentation": seg, "area": int(post.area[i]),
-                        "bbox": [float(v) for v in _xywh(post.boxes[i].tolist())],
-                        "predicted_iou": float(iou[0, i]), "point_coords": [p[:2] for p in points],
-                        "stability_score": float(post.stability_score[i]), "crop_box": [0.0, 0.0, float(W), float(H)]}
-                       for i, seg in enumerate(segs)]
-            masks = list(post.masks.cpu().numpy())
+                prompt["boxes"] = np.array([box], dtype=np.float64)
+            records = engine.coco_records([prompt], multimask_output=len(points) == 1 and box is None)[0]
+        masks = [coco_to_mask(r["segmentation"]) for r in records]
         annotations = [dict(r, id=i + 1, image_id=1) for i, r in enumerate(records)]
         coco = {"images": [{"id": 1, "file_name": os.path.basename(path), "height": H, "width": W}],
                 "annotations": annotations}
@@ -528,51 +515,58 @@ def _segment_dataset(args) -> int:
     import json
 
     from sam_fast import SamFastConfig
-    from sam_fast.distributed import SegmentWorker, parse_shard, run_ray, run_shards
+    from sam_fast.distributed import SegmentWorker, match_box_keys, parse_shard, run_ray, run_shards
     from sam_fast.images import list_images
 
+    missing = []
     try:
         files = list_images(args.src, "SRC")
         shard = parse_shard(args.shard) if args.shard else None
         if args.shard_size < 1:
             raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
         prompts = None
-        if args.boxes:
+        if args.boxes is not None:
             with open(args.boxes) as f:
-                raw = json.load(f)
+                try:
+                    raw = json.load(f)
+                except ValueError as exc:
+                    raise ValueError(f"--boxes {args.boxes} is not JSON ({exc})") from None
             if not isinstance(raw, dict):
-                raise ValueError(f"--boxes {args.boxes}: expected a JSON object {{path: [[x0, y0, x1, y1], ...]}}")
-            prompts = {os.path.abspath(p) if not os.path.isabs(p) else p: {"boxes": b} for p, b in raw.items()}
+                raise ValueError(f"--boxes {args.boxes}: expected a JSON object {{path: [[x0, y0, x1, y1], ...]}}, "
+                                 f"got a {type(raw).__name__}")
             files = [os.path.abspath(p) for p in files]
+            prompts, unmatched, missing = match_box_keys(raw, files, args.src)
+            if unmatched:
+                raise ValueError(f"--boxes {args.boxes}: {len(unmatched)} of its {len(raw)} keys name no image under "
+                                 f"{args.src} (e.g. {unmatched[0]!r}); keys may be paths (absolute, or relative to "
+                                 "SRC or to the working directory) or file names that one image has")
     except (OSError, ValueError, TypeError) as exc:
         print(f"sam-fast segment-dataset: {exc}", file=sys.stderr)
         return 2
+    if missing:
+        print(f"sam-fast segment-dataset: {len(missing)} of {len(files)} images have no --boxes entry (e.g. "
+              f"{missing[0]}): each is an error row, with no masks", file=sys.stderr)
     # the default (exact attention where the encoder has ViT blocks; a distilled student keeps its own) unless asked
     config = None if args.attention == "exact" and not args.int8 else \
         SamFastConfig(attention=args.attention, quantize="int8" if args.int8 else None)
     worker_kwargs = dict(checkpoint=os.path.abspath(args.checkpoint), model_type=args.model_type, config=config,
-                         mode="boxes" if prompts else "everything", decoder_heads=args.decoder_heads,
+                         mode="boxes" if prompts is not None else "everything", decoder_heads=args.decoder_heads,
                          device=args.device, generator_kwargs={"points_per_side": args.points_per_side,
                                                                "hierarchical": args.hierarchical})
     try:
         if shard is not None:
             summary = run_shards(SegmentWorker(**worker_kwargs), files, args.out, shard_size=args.shard_size,
-                                 rank=shard[0], world=shard[1], prompts=prompts)
+                                 rank=shard[0], world=shard[1], prompts=prompts, overwrite=args.overwrite)
         else:
             workers = args.num_gpus or args.num_workers
             summary = run_ray(files, args.out, worker_kwargs, shard_size=args.shard_size, num_workers=workers,
                               num_gpus_per_worker=1.0 if args.num_gpus else 0.0, prompts=prompts,
-                              address=args.ray_address)
+                              address=args.ray_address, overwrite=args.overwrite)
     except (ImportError, ValueError, OSError) as exc:
         print(f"sam-fast segment-dataset: {_load_error(exc) if isinstance(exc, ValueError) else exc}", file=sys.stderr)
         return 2
     print(f"{args.out}: {summary}")
     return 0
-
-
-def _xywh(box):
-    x0, y0, x1, y1 = box
-    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def main(argv=None) -> int:
@@ -648,7 +642,10 @@ def main(argv=None) -> int:
     g.add_argument("--num-gpus", type=int, default=0, help="Ray: N actors with one GPU each")
     g.add_argument("--num-workers", type=int, default=1, help="Ray without GPUs: N CPU actors (default 1)")
     g.add_argument("--shard-size", type=int, default=64, help="images per output shard (default 64)")
-    g.add_argument("--boxes", help="JSON {image path: [[x0, y0, x1, y1], ...]}: one mask per box instead of everything")
+    g.add_argument("--boxes", help="JSON {image: [[x0, y0, x1, y1], ...]} (keys: paths, absolute or relative to SRC, "
+                                   "or file names): one mask per box instead of everything")
+    g.add_argument("--overwrite", action="store_true",
+                   help="redo the shards in --out that another run wrote (other images, boxes or settings)")
     g.add_argument("--points-per-side", type=int, default=32, help="everything mode grid (default 32)")
     g.add_argument("--hierarchical", action="store_true", help="TinySAM's two-round everything mode")
     g.add_argument("--attention", default="exact", choices=("exact", "none"), help="fused attention (default)")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torchvision.ops.boxes import batched_nms, box_area
 
+from .coco import coco_record
 from .ops.mask_postprocess import coco_to_mask, mask_postprocess, rles_to_coco
 from .predictor import SamFastPredictor, check_image_size
 
@@ -244,7 +245,7 @@ class SamFastAutomaticMaskGenerator:
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
         """Masks for the whole HWC uint8 image, as ``SamAutomaticMaskGenerator.generate`` returns them."""
-        from segment_anything.utils.amg import area_from_rle, box_xyxy_to_xywh
+        from segment_anything.utils.amg import area_from_rle
 
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be an HxWx3 uint8 array, got "
@@ -262,18 +263,9 @@ class SamFastAutomaticMaskGenerator:
             segmentations = [coco_to_mask(r) for r in rles]
         else:
             segmentations = rles
-        records = []
-        for i in range(len(rles)):
-            records.append({
-                "segmentation": segmentations[i],
-                "area": area_from_rle(rles[i]),
-                "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
-                "predicted_iou": data["iou_preds"][i].item(),
-                "point_coords": [data["points"][i].tolist()],
-                "stability_score": data["stability_score"][i].item(),
-                "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
-            })
-        return records
+        return [coco_record(segmentations[i], area_from_rle(rles[i]), data["boxes"][i], data["iou_preds"][i].item(),
+                            [data["points"][i].tolist()], data["stability_score"][i].item(), data["crop_boxes"][i])
+                for i in range(len(rles))]
 
     # -- stages -----------------------------------------------------------------------------------------
 

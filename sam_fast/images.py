@@ -10,7 +10,7 @@ batch on the device: ``normalize(resize_pad(image))`` is ``Sam.preprocess`` of t
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,16 +18,29 @@ import torch
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-def read_rgb(source) -> np.ndarray:
+def read_rgb(source, name: Optional[str] = None) -> np.ndarray:
     """An image file (a path, or the file's bytes) as HxWx3 uint8 RGB; 16-bit images are scaled to 8 bits, not
-    clipped at 255."""
+    clipped at 255. ``name`` (default: the path) is what an error calls the file: file bytes have no name."""
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
-    with Image.open(source) as im:
+        name = name or "the file's bytes"
+    label = name or os.fspath(source)
+    try:
+        return _decode(Image.open(source))
+    except UnidentifiedImageError:
+        raise ValueError(f"{label} is not an image file Pillow can read") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:  # a truncated or corrupt file: say which
+        raise ValueError(f"{label}: cannot decode it ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(opened) -> np.ndarray:
+    with opened as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             a = np.asarray(im, dtype=np.float64)

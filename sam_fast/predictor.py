@@ -21,8 +21,9 @@ import torch
 from segment_anything import SamPredictor
 
 from ._dispatch import check_backend_name
+from .coco import coco_record
 from .nn.decoder import BatchedMaskDecoder
-from .ops.mask_postprocess import mask_postprocess
+from .ops.mask_postprocess import mask_postprocess, rles_to_coco
 from .reference.mask_postprocess import upsample_logits
 
 POSTPROCESS_BACKENDS = ("auto", "cuda", "cpu", "reference")  # sam_fast::mask_postprocess's
@@ -270,6 +271,46 @@ class SamFastPredictor(SamPredictor):
         Returns, per image, ``{"masks": (K_i, M, H, W) bool (float logits with return_logits),
         "iou_predictions": (K_i, M), "low_res_logits": (K_i, M, 256, 256)}``.
         """
+        parsed, low, iou = self._decode_batch(prompts, multimask_output)
+        results = []
+        for i in range(len(parsed)):
+            masks = self._masks(low[i], self._batch["input_sizes"][i], self._batch["original_sizes"][i], return_logits)
+            results.append({"masks": masks, "iou_predictions": iou[i].float(), "low_res_logits": low[i].float()})
+        return results
+
+    @torch.no_grad()
+    def coco_records(self, prompts: Sequence[Dict[str, np.ndarray]], multimask_output: bool = True) -> List[List[dict]]:
+        """:meth:`predict_batch`'s masks as COCO records, per image (:func:`sam_fast.coco.coco_record`: COCO RLE,
+        area, bbox, predicted_iou, point_coords, stability_score, crop_box, and box_prompt for a box prompt), made
+        from the low-resolution logits in one post-processing pass: no full-size float mask is formed. A prompt
+        gives its M masks in order (M = 3 with ``multimask_output``, else 1)."""
+        parsed, low, iou = self._decode_batch(prompts, multimask_output)
+        records = []
+        for i, prompt in enumerate(prompts):
+            K, M = low[i].shape[:2]
+            if K == 0:
+                records.append([])
+                continue
+            H, W = self._batch["original_sizes"][i]
+            post = mask_postprocess(low[i].flatten(0, 1), padded_size=self._padded_size,
+                                    input_size=self._batch["input_sizes"][i], original_size=(H, W),
+                                    mask_threshold=self.model.mask_threshold, return_rle=True, backend=self.backend)
+            segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))
+            points = prompt.get("point_coords")
+            points = [] if points is None else np.asarray(points, dtype=np.float64).reshape(K, -1, 2).tolist()
+            boxes = prompt.get("boxes")
+            boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(K, 4).tolist()
+            scores = iou[i].float().tolist()
+            records.append([coco_record(segs[k * M + m], int(post.area[k * M + m]), post.boxes[k * M + m],
+                                        scores[k][m], points[k] if points else [],
+                                        float(post.stability_score[k * M + m]), (0, 0, W, H),
+                                        box_prompt=None if boxes is None else boxes[k])
+                            for k in range(K) for m in range(M)])
+        return records
+
+    def _decode_batch(self, prompts, multimask_output: bool):
+        """The decoder over a prompt set per image set by :meth:`set_images`: (parsed prompts, low-res logits
+        (K_i, M, 4h, 4w) per image, IoU predictions (K_i, M) per image)."""
         if self._batch is None:
             raise RuntimeError("Images must be set with .set_images(...) before predict_batch.")
         batch = self._batch
@@ -298,15 +339,12 @@ class SamFastPredictor(SamPredictor):
                 n = parsed[i]["count"]
                 low[i], iou[i] = lo[start:start + n], io[start:start + n]
                 start += n
-        results = []
         dtype = self.model.mask_decoder.iou_token.weight.dtype
-        for i, item in enumerate(parsed):
+        for i in range(len(parsed)):
             if low[i] is None:
                 low[i] = torch.zeros((0, M) + side, dtype=dtype, device=self.device)
                 iou[i] = torch.zeros((0, M), dtype=dtype, device=self.device)
-            masks = self._masks(low[i], batch["input_sizes"][i], batch["original_sizes"][i], return_logits)
-            results.append({"masks": masks, "iou_predictions": iou[i].float(), "low_res_logits": low[i].float()})
-        return results
+        return parsed, low, iou
 
     def _parse(self, i: int, prompt) -> dict:
         if not isinstance(prompt, dict):
