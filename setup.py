@@ -6,7 +6,8 @@ The extension ``sam_fast._C`` is built from ``csrc/``:
 * ``csrc/cuda/*.cu`` only when a CUDA toolkit (nvcc) and a CUDA build of torch are present.
 
 ``SAM_FAST_BUILD_CUDA=1`` forces the CUDA sources (and fails loudly when that is impossible),
-``SAM_FAST_BUILD_CUDA=0`` skips them. Triton kernels live in ``kernels/`` and are installed as the
+``SAM_FAST_BUILD_CUDA=0`` skips them. ``SAM_FAST_SANITIZE=1`` builds the C++ sources with AddressSanitizer and
+UndefinedBehaviorSanitizer (a test build: ``python -m tools.sanitize_cpu_ops`` makes and runs one). Triton kernels live in ``kernels/`` and are installed as the
 subpackage ``sam_fast.kernels``; the benchmark harness in ``bench/`` as ``sam_fast.bench`` so that the
 ``sam-fast bench`` command works from any install.
 """
@@ -78,6 +79,12 @@ def _extensions():
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+    if os.environ.get("SAM_FAST_SANITIZE", "").strip() not in ("", "0"):
+        # -fno-sanitize=vptr: torch's classes are not built with the RTTI that check needs (false reports)
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
+                    "-fno-omit-frame-pointer", "-g"]
+        cxx_flags += sanitize
+        link_flags += sanitize
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             import torch

@@ -202,8 +202,7 @@ def test_stage_package_assembles_sam_fast_from_the_working_tree(tmp_path, monkey
 
         built = glob.glob(os.path.join(os.path.dirname(sam_fast.__file__), "_C*.so"))
     assert built, "the compiled extension is part of the install"
-    monkeypatch.setattr(gv, "STAGE_DIR", str(tmp_path / "stage"))
-    gv._stage_package(built[0])
+    gv.stage_package(built[0], str(tmp_path / "stage"))
     code = ("import sam_fast, sam_fast.kernels, sam_fast.bench.harness as h; "
             "from sam_fast.ops._ext import extension_error; assert extension_error() is None, extension_error(); "
             "print(sam_fast.__file__); print(sam_fast.kernels.__file__)")

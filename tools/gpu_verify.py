@@ -172,13 +172,13 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-def _stage_package(so_path: str) -> None:
-    """``.stage/sam_fast``: the working tree's sam_fast/ (links), kernels/ as sam_fast.kernels and bench/ as
+def stage_package(so_path: str, stage_dir: str = STAGE_DIR) -> None:
+    """``<stage_dir>/sam_fast``: the working tree's sam_fast/ (links), kernels/ as sam_fast.kernels and bench/ as
     sam_fast.bench (setup.py's package_dir), and the prebuilt extension - an install in a second that
     always runs the current Python sources. Used with PYTHONSAFEPATH=1, so that the repository root's own
     sam_fast/ (no kernels/ or extension inside) does not shadow it from the current directory."""
-    pkg = os.path.join(STAGE_DIR, "sam_fast")
-    shutil.rmtree(STAGE_DIR, ignore_errors=True)
+    pkg = os.path.join(stage_dir, "sam_fast")
+    shutil.rmtree(stage_dir, ignore_errors=True)
     os.makedirs(pkg)
     src = os.path.join(ROOT, "sam_fast")
     for name in os.listdir(src):
@@ -219,7 +219,7 @@ def install(session: Session, timeout: float) -> Result:
     why = _prebuilt_refusal(env)
     if why is None:
         so = [f for f in os.listdir(PREBUILT) if f.startswith("_C") and f.endswith(".so")][0]
-        _stage_package(os.path.join(PREBUILT, so))
+        stage_package(os.path.join(PREBUILT, so))
         # PYTHONSAFEPATH: no cwd or script folder ahead of the stage (the repository root's sam_fast/ has neither
         # kernels/ nor the extension inside it); the root itself comes last, for `python -m tools.<name>`
         staged = dict(env, PYTHONPATH=os.pathsep.join([STAGE_DIR, env["PYTHONPATH"], ROOT]), PYTHONSAFEPATH="1")
