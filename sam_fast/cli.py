@@ -422,10 +422,10 @@ def _inspect(args) -> int:
 def _parse_blocks(text: str):
     if text in ("global", "all"):
         return text
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--blocks must be 'global', 'all' or block indices like 2,5,8,11, got {text!r}") from None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isascii() and t.isdigit() for t in items):
+        raise ValueError(f"--blocks must be 'global', 'all' or block indices (from 0) like 2,5,8,11, got {text!r}")
+    return [int(t) for t in items]
 
 
 def _load_for(path: str, args):
@@ -451,13 +451,17 @@ def _distill(args) -> int:
             if not args.pattern:
                 raise ValueError("--student dilated needs --pattern (e.g. 64x64:2x2)")
             student = dilated_student(teacher, parse_pattern(args.pattern), _parse_blocks(args.blocks))
-        else:
-            if args.pattern:
-                raise ValueError("--pattern applies to --student dilated only (a student checkpoint records its own)")
-            student = _load_for(args.student, args)
-    except Exception as exc:
-        print(f"sam-fast distill: {_load_error(exc)}", file=sys.stderr)
+        elif args.pattern:
+            raise ValueError("--pattern applies to --student dilated only (a student checkpoint records its own)")
+    except (ValueError, TypeError) as exc:  # the arguments: no checkpoint is involved
+        print(f"sam-fast distill: {exc}", file=sys.stderr)
         return 2
+    if args.student != "dilated":
+        try:
+            student = _load_for(args.student, args)
+        except Exception as exc:
+            print(f"sam-fast distill: --student: {_load_error(exc)}", file=sys.stderr)
+            return 2
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:
@@ -483,6 +487,14 @@ def _distill_eval(args) -> int:
 
     from sam_fast.distill import evaluate, plot_results
 
+    out = args.out or os.path.dirname(os.path.abspath(args.student))
+    try:  # where the results go is checked before any work
+        os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to {out}")
+    except OSError as exc:
+        print(f"sam-fast distill-eval: --out {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     try:
         teacher = _load_for(args.teacher, args)
         student = _load_for(args.student, args)
@@ -497,8 +509,6 @@ def _distill_eval(args) -> int:
         print(f"sam-fast distill-eval: {exc}", file=sys.stderr)
         return 2
     print(result.table())
-    out = args.out or os.path.dirname(os.path.abspath(args.student))
-    os.makedirs(out, exist_ok=True)
     data = dict(result.as_dict(), teacher=os.path.abspath(args.teacher), student=os.path.abspath(args.student))
     def write(tmp):
         with open(tmp, "w") as f:

@@ -166,8 +166,10 @@ class SamFastConfig:
             raise ValueError(f"dilated_blocks must be one of {BLOCK_CHOICES} or a list of block indices, "
                              f"got {blocks!r}")
         if not isinstance(blocks, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                            and i >= 0 for i in blocks):
+                                                            for i in blocks):
             raise TypeError(f"dilated_blocks must be 'global', 'all' or a list of block indices, got {blocks!r}")
+        if any(i < 0 for i in blocks):
+            raise ValueError(f"dilated_blocks: block indices count from 0, got {blocks!r}")
         if isinstance(pat, dict):
             missing = [i for i in blocks if i not in pat]
             if missing:

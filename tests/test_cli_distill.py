@@ -55,6 +55,8 @@ def test_distill_then_eval_segment_inspect(files, capsys):
     (["--student", "dilated", "--pattern", "16x16:2"], None),
     (["--student", "dilated", "--pattern", "sixteen"], "--pattern: 'sixteen' is not a size"),
     (["--student", "dilated", "--pattern", "16x16:2x1", "--blocks", "1,x"], "--blocks must be"),
+    (["--student", "dilated", "--pattern", "16x16:2x1", "--blocks", "-1"], "--blocks must be"),
+    (["--student", "dilated", "--pattern", "8x8:\u00b2x1"], "--pattern: '\u00b2x1' is not a size"),
     (["--student", "nowhere.pth"], "does not exist"),
 ])
 def test_distill_errors(files, tmp_path, capsys, extra, message):
@@ -67,6 +69,29 @@ def test_distill_errors(files, tmp_path, capsys, extra, message):
         assert code == 2 and "does not tile" in err
     else:
         assert code == 2 and message in err, err
+
+
+def test_distill_rerun_with_another_student_is_one_line(files, tmp_path, capsys):
+    """A rerun of a run with another --student / --pattern: a one-line refusal saying what differs."""
+    out = tmp_path / "run"
+    base = ["distill", "--teacher", str(files / "teacher.pth"), "--images", str(files / "train"), "--out", str(out),
+            "--steps", "1", "--batch-size", "1"]
+    assert main([*base, "--student", "dilated", "--pattern", "16x16:2x1"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--student", "dilated", "--pattern", "16x16:1x2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the student (its architecture or dilated pattern)" in err
+    assert main([*base, "--student", str(files / "teacher.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "the student" in err
+
+
+def test_distill_eval_checks_its_output_before_working(files, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert main(["distill-eval", "--teacher", str(files / "teacher.pth"), "--student", str(files / "teacher.pth"),
+                 "--images", str(files / "held"), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "taken" in err and "mIoU" not in err
 
 
 def test_distill_empty_folder(files, tmp_path, capsys):

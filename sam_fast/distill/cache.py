@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -136,20 +136,21 @@ def _check_space(folder: str, need: int) -> None:
 @torch.no_grad()
 def teacher_cache(teacher: nn.Module, files: Sequence[str], out_dir: str, blocks: Sequence[int], *, mean, std,
                   device, batch_size: int = 8, cache_dtype: str = "float16", progress: bool = True,
-                  rank: int = 0, barrier=None) -> TeacherCache:
+                  rank: int = 0, barrier=None, key: Optional[str] = None) -> TeacherCache:
     """Build (or reuse) the cache of ``teacher``'s embedding and block outputs over ``files``.
 
     ``teacher`` is a ``Sam`` or a bare ``ImageEncoderViT``; only its image encoder runs, in eval mode,
     ``batch_size`` images at a time. Unreadable files are skipped with one warning listing them; a
     ``ValueError`` naming ``images`` if none is readable. With several processes only ``rank`` 0 builds;
-    ``barrier()`` (e.g. ``torch.distributed.barrier``) makes the others wait for it."""
+    ``barrier()`` (e.g. ``torch.distributed.barrier``) makes the others wait for it. ``key``: :func:`cache_key` of
+    these arguments when the caller has it already (it hashes the teacher's weights)."""
     enc = getattr(teacher, "image_encoder", teacher)
     img_size = int(enc.img_size)
     blocks = tuple(sorted(set(int(i) for i in blocks)))
     if cache_dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {cache_dtype!r}")
     root = os.path.join(out_dir, "teacher_cache")
-    key = cache_key(enc, files, img_size, blocks, mean, std, cache_dtype)
+    key = key or cache_key(enc, files, img_size, blocks, mean, std, cache_dtype)
     folder = os.path.join(root, key)
     if rank == 0 and not os.path.isfile(os.path.join(folder, "meta.json")):
         os.makedirs(root, exist_ok=True)

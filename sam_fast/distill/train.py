@@ -37,6 +37,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from torch import nn
 from .._files import write_atomic
 from ..images import list_images
 from ..surgery import PIXEL_MEAN, PIXEL_STD
-from .cache import CACHE_DTYPES, BlockOutputs, TeacherCache, teacher_cache
+from .cache import CACHE_DTYPES, BlockOutputs, TeacherCache, cache_key, teacher_cache
 from .losses import feature_loss, iou_loss, mask_loss
 from .prompts import decode, hard_point, object_prompts, sample_generator
 from .schedule import DLDSchedule, lr_factor
@@ -240,6 +241,41 @@ def _settings(**kw) -> str:
     return json.dumps(kw, sort_keys=True, default=str)
 
 
+#: what a settings difference means, for the resume refusal
+_SETTING_WORDS = {"cache": "the images or the teacher (the teacher cache's key)",
+                  "student": "the student (its architecture or dilated pattern)"}
+
+
+def student_spec(student: nn.Module) -> dict:
+    """The student's identity for a resumed run: its class, its encoder's class, every parameter and buffer's name,
+    shape and dtype (digested), and the dilated pattern of each block that has one - not the trained values."""
+    h = hashlib.sha256()
+    for name, t in student.state_dict().items():
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+    return {"class": type(student).__name__,
+            "encoder": type(getattr(student, "image_encoder", student)).__name__,
+            "tensors": h.hexdigest()[:24],
+            "dilated": {str(i): repr(p) for i, p in sorted(dilated_patterns(student).items())}}
+
+
+def _resume_state(ckpt_path: str, settings: str) -> dict:
+    """The checkpoint a resumed run continues from, after checking it was made with ``settings`` (ValueError
+    saying what differs otherwise)."""
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        old = json.loads(state["settings"])
+    except Exception as exc:
+        raise ValueError(f"resume: {ckpt_path} cannot be read ({type(exc).__name__}: {exc}); use another out_dir, "
+                         "or resume=False to start afresh") from None
+    new = json.loads(settings)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        words = ", ".join(_SETTING_WORDS.get(k, k) for k in diff)
+        raise ValueError(f"resume: {ckpt_path} is a run with other settings ({words} differ); nothing was changed. "
+                         "Use another out_dir, or resume=False (sam-fast distill --no-resume) to start afresh there")
+    return state
+
+
 def _check_student_patterns(student) -> None:
     patterns = dilated_patterns(student)
     if not patterns:
@@ -375,6 +411,19 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
     barrier = dist.barrier if world > 1 else None
     mean = getattr(teacher, "pixel_mean", torch.tensor(PIXEL_MEAN)).flatten().tolist()
     std = getattr(teacher, "pixel_std", torch.tensor(PIXEL_STD)).flatten().tolist()
+    # Everything a resumed run must share with the run it continues, known before the teacher cache is touched: a
+    # rerun with other images, another student or other settings is refused here, with the cache left as it was.
+    enc = getattr(teacher, "image_encoder", teacher)
+    key = cache_key(enc, files, int(enc.img_size), tuple(sorted(set(blocks))), mean, std, cache_dtype)
+    settings = _settings(method=method, steps=None if epochs is not None else steps, epochs=epochs,
+                         decoder_steps=decoder_steps, batch_size=batch_size, accumulate=accumulate, lr=lr,
+                         decoder_lr=decoder_lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, schedule=dataclasses.asdict(schedule), blocks=blocks,
+                         prompts_per_image=prompts_per_image, hard_prompt_rounds=hard_prompt_rounds,
+                         mask_weight=mask_weight, iou_weight=iou_weight, seed=seed, cache=key, bf16=use_bf16,
+                         student=student_spec(student))
+    ckpt_path = os.path.join(out_dir, "checkpoints", "last.pt")
+    state = _resume_state(ckpt_path, settings) if resume and os.path.isfile(ckpt_path) else None
     teacher_was = teacher.training
     student_was = student.training
     teacher.eval().to(device)
@@ -382,7 +431,7 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
     try:
         cache = teacher_cache(teacher, files, out_dir, blocks, mean=mean, std=std, device=device,
                               batch_size=cache_batch_size, cache_dtype=cache_dtype, progress=progress and rank == 0,
-                              rank=rank, barrier=barrier)
+                              rank=rank, barrier=barrier, key=key)
         if epochs is not None:
             steps = max(1, math.ceil(epochs * len(cache) / batch_size))
         if warmup_steps is None:
@@ -398,32 +447,24 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
 def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, steps, decoder_steps, batch_size,
            micro, accumulate, lr, decoder_lr, weight_decay, warmup_steps, min_lr_ratio, schedule, blocks,
            prompts_per_image, hard_prompt_rounds, mask_weight, iou_weight, use_bf16, activation_checkpointing,
-           checkpoint_every, resume, seed, device, rank, world, progress, callback, mean, std, **_):
+           checkpoint_every, resume, seed, device, rank, world, progress, callback, mean, std, settings, ckpt_path,
+           state, **_):
     import torch.distributed as dist
     from tqdm import tqdm
 
     total_steps = steps + decoder_steps
     if adapters is not None:
         adapters.to(device)
-    settings = _settings(method=method, steps=steps, decoder_steps=decoder_steps, batch_size=batch_size,
-                         accumulate=accumulate, lr=lr, decoder_lr=decoder_lr, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=dataclasses.asdict(schedule),
-                         blocks=blocks, prompts_per_image=prompts_per_image, hard_prompt_rounds=hard_prompt_rounds,
-                         mask_weight=mask_weight, iou_weight=iou_weight, seed=seed, cache=cache.key,
-                         bf16=use_bf16)
-    ckpt_path = os.path.join(out_dir, "checkpoints", "last.pt")
     log_path = os.path.join(out_dir, "train_log.csv")
     start, opt_state, resumed_from = 0, None, None
-    if resume and os.path.isfile(ckpt_path):
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["settings"] != settings:
-            old, new = json.loads(state["settings"]), json.loads(settings)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ValueError(f"resume: {ckpt_path} is a run with other settings ({', '.join(diff)} differ); use "
-                             "another out_dir, or resume=False to start afresh")
-        student.load_state_dict(state["student"])
-        if adapters is not None:
-            adapters.load_state_dict(state["adapters"])
+    if state is not None:  # checked against these settings before the cache was built
+        try:
+            student.load_state_dict(state["student"])
+            if adapters is not None:
+                adapters.load_state_dict(state["adapters"])
+        except RuntimeError as exc:
+            raise ValueError(f"resume: {ckpt_path} does not load into this student ({str(exc).splitlines()[0]}); use "
+                             "another out_dir, or resume=False to start afresh") from None
         start, opt_state, resumed_from = int(state["step"]), state["optimizer"], int(state["step"])
     elif rank == 0 and not resume and os.path.isfile(ckpt_path):
         os.unlink(ckpt_path)
