@@ -244,3 +244,32 @@ def test_load_sam_refuses_what_it_cannot_trust(tmp_path):
         load_sam(str(tmp_path / "cut.pth"), "tiny")
     with pytest.raises(IsADirectoryError, match="is a directory"):
         load_sam(str(tmp_path), "tiny")
+
+
+def test_load_sam_checks_student_metadata_as_strictly_as_save_sam_writes_it(tmp_path):
+    """A student checkpoint whose pattern does not tile the grid (tokens with zero attention) or whose metadata is
+    malformed ("decoder_heads": true built num_heads=True) is refused, naming the checkpoint."""
+    from sam_fast import Branch
+    from sam_fast.distill import dilated_student
+    from sam_fast.models import save_sam
+
+    save_sam(dilated_student(tiny_sam(), Branch((16, 16), (2, 1))), str(tmp_path / "ok.pt"))
+    good = torch.load(tmp_path / "ok.pt", weights_only=True)
+    assert load_sam(str(tmp_path / "ok.pt")).sam_fast_config is not None
+
+    def variant(name, **meta):
+        obj = {"model": good["model"], "sam_fast": dict(good["sam_fast"], **meta)}
+        torch.save(obj, tmp_path / name)
+        return str(tmp_path / name)
+
+    bad_pattern = [{"segment": [8, 8], "dilation": [4, 4]}]  # 2 heads keep 2 of 16 offsets: 56 of 64 tokens unseen
+    with pytest.raises(ValueError, match=r"bad\.pt: block 1's pattern does not tile the 16x16 token grid"):
+        load_sam(variant("bad.pt", dilated={"1": bad_pattern}))
+    with pytest.raises(ValueError, match="decoder_heads must be a positive int, got True"):
+        load_sam(variant("heads.pt", decoder_heads=True))
+    with pytest.raises(ValueError, match="fields this version does not know"):
+        load_sam(variant("extra.pt", surprise=1))
+    with pytest.raises(ValueError, match="is not a branch"):
+        load_sam(variant("branch.pt", dilated={"1": [{"segment": [16, "x"], "dilation": 1}]}))
+    with pytest.raises(ValueError, match="block 9, but the encoder has 4 blocks"):
+        load_sam(variant("far.pt", dilated={"9": [{"segment": [16, 16], "dilation": [1, 1]}]}))

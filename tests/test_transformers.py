@@ -230,3 +230,41 @@ def test_int8_transformers_model_refuses_save_pretrained(tmp_path):
     again = transformers.SamModel.from_pretrained(str(tmp_path / "float")).eval()
     with torch.no_grad():
         _close(again.get_image_embeddings(X[:1]), model.get_image_embeddings(X[:1]), 100.0)
+
+
+def test_transformers_directories_that_load_sam_cannot_trust_are_refused_by_name(tmp_path):
+    """config.json fields with the wrong type or a value segment_anything's modules do not have (load_sam would
+    build another model than SamModel.from_pretrained), and a truncated model.safetensors: ValueErrors naming the
+    file and the field."""
+    import json
+    import shutil
+
+    model = _sam_model()
+    model.save_pretrained(str(tmp_path / "ok"))
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+
+    def variant(name, edit):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        c = json.loads(json.dumps(config))
+        edit(c)
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+        return str(tmp_path / name)
+
+    cases = [
+        (lambda c: c["vision_config"].update(hidden_act="relu"), r"config\.json: vision_config\.hidden_act is 'relu'"),
+        (lambda c: c["vision_config"].update(layer_norm_eps=1e-5), r"vision_config\.layer_norm_eps is 1e-05"),
+        (lambda c: c["vision_config"].update(use_rel_pos=False), r"vision_config\.use_rel_pos is False"),
+        (lambda c: c["mask_decoder_config"].update(num_attention_heads="2"),
+         r"config\.json: mask_decoder_config\.num_attention_heads must be a positive int, got '2'"),
+        (lambda c: c["mask_decoder_config"].update(num_attention_heads=True), "must be a positive int, got True"),
+        (lambda c: c.update(vision_config=[1, 2]), r"config\.json: vision_config must be an object"),
+    ]
+    for i, (edit, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match):
+            load_sam(variant(f"v{i}", edit))
+    shutil.copytree(tmp_path / "ok", tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut/model\.safetensors cannot be read as safetensors"):
+        load_sam(str(tmp_path / "cut"))
+    assert load_sam(str(tmp_path / "ok")) is not None

@@ -15,12 +15,11 @@ from __future__ import annotations
 import copy
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..nn.attention import SamFastBlock
-from ..pattern import check_pattern, resolve_pattern
+from ..pattern import check_pattern, check_pattern_covers
 from ..surgery import vit_blocks
 
 
@@ -42,35 +41,6 @@ def block_list(model: nn.Module) -> Optional[List[nn.Module]]:
 
 def _block_width(block: nn.Module) -> int:
     return int(block.norm1.normalized_shape[0])
-
-
-def check_pattern_covers(pattern, grid, heads: int, name: str = "pattern") -> None:
-    """``ValueError`` naming ``name`` unless the pattern tiles the ``grid``: every token must be kept by at
-    least one branch in at least one of the ``heads`` heads. (A head attends only the tokens at its offset,
-    as in LongNet, and other heads cover the rest; a token no head keeps gets a zero attention output in
-    every head, which no training can repair.) Also the grid-dependent checks of the pattern itself."""
-    try:
-        branches = resolve_pattern(check_pattern(pattern, name), grid[0] * grid[1], grid)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-    rows, cols = np.arange(grid[0])[:, None], np.arange(grid[1])[None, :]
-    flat = rows * grid[1] + cols
-    covered = np.zeros(grid, dtype=bool)
-    for h in range(heads):
-        for br in branches:
-            oy, ox = br.offsets(h)
-            (sh, sw), (dy, dx) = br.seg, br.dil
-            if br.is_2d:
-                covered |= ((rows % sh) % dy == oy) & ((cols % sw) % dx == ox)
-            else:
-                covered |= (flat % sw) % dx == ox
-    if not covered.all():
-        r, c = map(int, np.argwhere(~covered)[0])
-        raise ValueError(f"{name} does not tile the {grid[0]}x{grid[1]} token grid with {heads} heads: "
-                         f"{int((~covered).sum())} tokens (e.g. row {r}, column {c}) are kept by no head in any "
-                         "branch, so their attention output would be 0; head h keeps offset ((h // dx) % dy, h % dx) "
-                         "of a 2-D dilation (dy, dx), so dy * dx must not exceed the heads, or add a branch with "
-                         "dilation 1")
 
 
 def dilated_student(teacher: nn.Module, pattern, blocks="global", *, backend: str = "auto") -> nn.Module:

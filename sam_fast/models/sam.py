@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..pattern import check_pattern_covers
 from .tinyvit import TinyViT, build_vit_t, is_tinyvit_state, tinyvit_config
 from .vit import (
     SLIMSAM_UNIFORM,
@@ -174,8 +175,9 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
     if decoder_heads is not None and model_type != "auto":
         raise ValueError(f"decoder_heads applies to model_type='auto' only; {model_type} has its own decoder")
     state, meta = _read_state(checkpoint, model_type)
-    if decoder_heads is None and model_type == "auto" and isinstance(meta, dict) and \
-            isinstance(meta.get("decoder_heads"), int) and meta["decoder_heads"] > 0:
+    if meta is not None and meta.get("source") != "transformers":
+        _check_meta(meta, checkpoint)
+    if decoder_heads is None and model_type == "auto" and meta is not None and "decoder_heads" in meta:
         decoder_heads = meta["decoder_heads"]  # save_sam records it
     tinyvit = is_tinyvit_state(state)
     try:
@@ -261,7 +263,11 @@ def _pattern_from_json(items, where: str):
         if not isinstance(b, dict) or set(b) != {"segment", "dilation"}:
             raise ValueError(f"{where}: each branch must be {{'segment': ..., 'dilation': ...}}, got {b!r}")
         seg, dil = b["segment"], b["dilation"]
-        out.append(Branch(tuple(seg) if isinstance(seg, list) else seg, tuple(dil) if isinstance(dil, list) else dil))
+        try:
+            out.append(Branch(tuple(seg) if isinstance(seg, list) else seg,
+                              tuple(dil) if isinstance(dil, list) else dil))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {b!r} is not a branch ({exc})") from None
     return out
 
 
@@ -295,22 +301,49 @@ def save_sam(sam, path: str) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _restore_pattern(sam, meta, checkpoint) -> None:
-    """Apply the dilated pattern a sam_fast checkpoint records (the student's attention) and record it as
-    ``sam.sam_fast_config``, which :func:`sam_fast.apply` uses when no config is given."""
-    from ..patch import Dilated, SamFastConfig, apply
+_META_KEYS = {"format", "dilated", "decoder_heads"}
 
+
+def _check_meta(meta, checkpoint) -> None:
+    """A sam_fast checkpoint's ``sam_fast`` entry, checked as strictly as :func:`save_sam` writes it: format 1, a
+    ``dilated`` dict of block index -> branches, and a positive int ``decoder_heads`` (a ``true`` there built a
+    decoder with ``num_heads=True``)."""
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("dilated"),
                                                                                                  dict):
         raise ValueError(f"checkpoint {checkpoint}: its 'sam_fast' entry is not one this version writes (format "
                          f"{CHECKPOINT_FORMAT} with a 'dilated' dict), got {str(meta)[:80]}")
-    patterns = {}
-    for key, items in meta["dilated"].items():
-        if not str(key).isdigit():
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        raise ValueError(f"checkpoint {checkpoint}: its 'sam_fast' entry has fields this version does not know: "
+                         f"{unknown}")
+    heads = meta.get("decoder_heads", 8)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"checkpoint {checkpoint}: its 'sam_fast' entry's decoder_heads must be a positive int, got "
+                         f"{heads!r}")
+    for key in meta["dilated"]:
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
             raise ValueError(f"checkpoint {checkpoint}: dilated pattern key {key!r} is not a block index")
-        patterns[int(key)] = _pattern_from_json(items, f"checkpoint {checkpoint}, block {key}")
+
+
+def _restore_pattern(sam, meta, checkpoint) -> None:
+    """Apply the dilated pattern a sam_fast checkpoint records (the student's attention) and record it as
+    ``sam.sam_fast_config``, which :func:`sam_fast.apply` uses when no config is given. A pattern must tile the
+    encoder's token grid with its blocks' heads, as :func:`sam_fast.distill.distill` requires of the patterns it
+    trains (one that does not leaves tokens with zero attention output)."""
+    from ..patch import Dilated, SamFastConfig, apply
+
+    patterns = {int(key): _pattern_from_json(items, f"checkpoint {checkpoint}, block {key}")
+                for key, items in meta["dilated"].items()}
     if not patterns:
         return
+    enc = sam.image_encoder
+    blocks = getattr(enc, "blocks", None)
+    grid = (enc.img_size // enc.patch_embed.proj.kernel_size[0],) * 2
+    for i, pat in patterns.items():
+        if blocks is None or i >= len(blocks):
+            raise ValueError(f"checkpoint {checkpoint}: a dilated pattern for block {i}, but the encoder has "
+                             f"{0 if blocks is None else len(blocks)} blocks")
+        check_pattern_covers(pat, grid, blocks[i].attn.num_heads, f"checkpoint {checkpoint}: block {i}'s pattern")
     config = SamFastConfig(attention=Dilated(patterns))
     try:
         apply(sam, config)

@@ -17,6 +17,7 @@ transformers form: :func:`save_transformers` says which and why.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Dict, Optional, Tuple
@@ -164,18 +165,67 @@ def _load_weights(directory: str) -> Dict[str, torch.Tensor]:
             raise ImportError(f"checkpoint {directory} is in safetensors format: pip install safetensors "
                               "(or sam_fast[transformers])") from None
         if os.path.isfile(single):
-            return load_file(single)
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            return _read_safetensors(load_file, single)
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"checkpoint {directory}: model.safetensors.index.json is not an index of weight files "
+                             f"({type(exc).__name__}: {exc})") from None
         state = {}
         for shard in shards:
-            state.update(load_file(os.path.join(directory, shard)))
+            state.update(_read_safetensors(load_file, os.path.join(directory, shard)))
         return state
     binary = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(binary):
         return torch.load(binary, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"checkpoint {directory} has a config.json but no model.safetensors, "
                             "model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_safetensors(load_file, path: str) -> Dict[str, torch.Tensor]:
+    """safetensors' load_file, with an error that names the file (its own, e.g. for a truncated file, does not)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path} does not exist (named by the index)")
+    try:
+        return load_file(path)
+    except Exception as exc:
+        raise ValueError(f"checkpoint file {path} cannot be read as safetensors ({type(exc).__name__}: {exc}); "
+                         "a truncated download?") from None
+
+
+#: config fields a state_dict cannot show, with the value segment_anything's modules have: a config with another
+#: would describe a model that load_sam would silently build differently from SamModel.from_pretrained
+_FIXED_CONFIG = {
+    "vision_config": {"hidden_act": "gelu", "layer_norm_eps": 1e-6, "use_rel_pos": True, "use_abs_pos": True},
+    "prompt_encoder_config": {"hidden_act": "gelu", "layer_norm_eps": 1e-6},
+    "mask_decoder_config": {"hidden_act": "relu", "layer_norm_eps": 1e-6},
+}
+
+
+def _check_config(config: dict, directory: str) -> int:
+    """config.json's sections and the fields sam_fast reads or cannot honour, checked (``ValueError`` naming
+    config.json and the field); returns the mask decoder's head count."""
+    where = f"checkpoint {directory}: config.json"
+    for section, fixed in _FIXED_CONFIG.items():
+        sub = config.get(section)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ValueError(f"{where}: {section} must be an object, got {type(sub).__name__}")
+        for field, want in fixed.items():
+            if field not in sub:
+                continue
+            got = sub[field]
+            same = (got == want and type(got) is type(want)) if isinstance(want, (bool, str)) else \
+                (isinstance(got, (int, float)) and not isinstance(got, bool) and math.isclose(got, want))
+            if not same:
+                raise ValueError(f"{where}: {section}.{field} is {got!r}, but segment_anything's SAM (what load_sam "
+                                 f"builds) has {want!r}; transformers' SamModel would run another model")
+    heads = (config.get("mask_decoder_config") or {}).get("num_attention_heads", 8)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{where}: mask_decoder_config.num_attention_heads must be a positive int, got {heads!r}")
+    return heads
 
 
 def read_transformers_dir(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -185,19 +235,17 @@ def read_transformers_dir(directory: str) -> Tuple[Dict[str, torch.Tensor], dict
             config = json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"checkpoint {directory}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint {directory}: config.json must hold a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type not in ("sam", "sam_hq"):
         raise ValueError(f"checkpoint {directory}: config.json describes a {model_type!r} model, not SAM ('sam')")
     if model_type == "sam_hq":
         raise ValueError(f"checkpoint {directory} is a SAM-HQ model: its HQ decoder has no segment_anything form (its "
                          "vision encoder does; sam_fast.apply accepts SamHQModel directly)")
-    vision = config.get("vision_config") or {}
-    if vision.get("use_abs_pos") is False:
-        raise ValueError(f"checkpoint {directory}: a vision encoder without absolute position embeddings is not a "
-                         "segment_anything encoder")
+    heads = _check_config(config, directory)
     state = transformers_to_sam_state(_load_weights(directory), f"checkpoint {directory}")
-    heads = (config.get("mask_decoder_config") or {}).get("num_attention_heads", 8)
-    return state, {"decoder_heads": int(heads), "source": "transformers"}
+    return state, {"decoder_heads": heads, "source": "transformers"}
 
 
 def _uniform(values, what: str):
