@@ -116,18 +116,3 @@ def check_fused_bf16_encoder(enc, x):
     assert rec.backends("dilated_attention") == {"triton"}
     check_against_reference("embedding", got, exact, expected, torch.bfloat16, FWD_FACTOR)
     return got
-
-
-def rerun_with_env_flag(test_id: str, flag: str, expect_passed: int) -> None:
-    """Run the test ``test_id`` ("<file>::<test>") again in a fresh pytest process with the environment flag ``flag``
-    set (the C++ kernels read SAM_FAST_CPU_NO_AVX512 / SAM_FAST_CPU_NO_AMX once per process), and assert that it
-    passed ``expect_passed`` cases."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, **{flag: "1"})
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id], env=env,
-                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert f"{expect_passed} passed" in run.stdout

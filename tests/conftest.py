@@ -35,6 +35,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+@pytest.fixture(params=["all", "no_avx512", "no_amx"])
+def cpu_paths(request):
+    """Each instruction-set path of the C++ CPU kernels in turn, switched in process
+    (``sam_fast.cpu_features.disable``): all that the CPU has, AVX-512 off, AMX off."""
+    from sam_fast import cpu_features
+
+    with cpu_features.disable(avx512=request.param == "no_avx512", amx=request.param == "no_amx"):
+        yield request.param
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     """Each device a test runs on: ``cpu`` always, ``cuda`` under ``-m gpu`` (devices.DEVICES)."""

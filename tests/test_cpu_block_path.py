@@ -68,10 +68,11 @@ def _inputs(B, grid, heads, D, window, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,grid,heads,D,window", _CASES)
-def test_sam_block_attention_op_matches_segment_anything(B, grid, heads, D, window, dtype):
+def test_sam_block_attention_op_matches_segment_anything(B, grid, heads, D, window, dtype, cpu_paths):
     """The op against segment_anything's attention in float64 (the tolerance rule, with the same computation in
     the op's dtype as the yardstick): with the padded keys' pad_k / pad_v, and with qkv holding x W^T alone and the
-    bias handed to the kernel (the same result as the biased qkv)."""
+    bias handed to the kernel (the same result as the biased qkv); on each path (``cpu_paths``: the scalar row pass,
+    rel-pos products and VNNI packing with AVX-512 off; bf16 GEMMs on plain row-major operands with AMX off)."""
     qkv, rel_h, rel_w, bias = _inputs(B, grid, heads, D, window, seed=B * 31 + D)
     C = heads * D
     scale = D ** -0.5
@@ -144,15 +145,6 @@ def test_sam_block_attention_op_refuses_bad_arguments():
         call(out=qkv.view(-1)[: 36 * 16].view(1, 6, 6, 16))  # out inside qkv
     with pytest.raises(RuntimeError, match="contiguous last dim"):
         call(qkv=torch.randn(1, 6, 6, 96)[..., ::2])
-
-
-@pytest.mark.parametrize("flag", ["SAM_FAST_CPU_NO_AVX512", "SAM_FAST_CPU_NO_AMX"])
-def test_sam_block_attention_op_plain_paths(flag):
-    """The op's other paths in a fresh process (scalar row pass, rel-pos products and VNNI packing; bf16 GEMMs on
-    plain row-major operands): the same checks."""
-    from attn_helpers import rerun_with_env_flag
-
-    rerun_with_env_flag(f"{__file__}::test_sam_block_attention_op_matches_segment_anything", flag, 2 * len(_CASES))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

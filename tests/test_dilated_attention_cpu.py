@@ -318,8 +318,10 @@ _OP_SHAPES = [(2, 3, 20, 15, 14), (1, 2, 7, 9, 80), (3, 1, 1, 1, 8), (1, 2, 3, 1
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("S,H,ay,ax,D", _OP_SHAPES)
-def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D, dtype):
-    """The kernel with the bias inside its row blocks, float32 and bf16: q, k, v strided (views of one qkv
+def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D, dtype, cpu_paths):
+    """The kernel with the bias inside its row blocks, float32 and bf16, on each of its paths (``cpu_paths``: with
+    AVX-512 off, the scalar row pass and VNNI packing; with AMX off, bf16 GEMMs on plain row-major operands, as on a
+    CPU without AMX): q, k, v strided (views of one qkv
     tensor); more than one block of rows (300 queries: 256 + 44 in float32; bf16 blocks are shorter still); key
     counts past one 64-key panel with a partial last panel, odd key counts (bf16's VNNI pairs get a zero key),
     odd head dims; masked keys as -inf in rel_h / rel_w, a query row that sees no key at all (out 0, lse -inf);
@@ -371,16 +373,6 @@ def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D, dtype):
         torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3], f32[4], scale, strided, lse)
     with pytest.raises(RuntimeError, match="ay \\* ax"):
         torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, torch.cat([f32[3], f32[3]], -1), f32[4], scale, out, lse)
-
-
-@pytest.mark.parametrize("flag", ["SAM_FAST_CPU_NO_AVX512", "SAM_FAST_CPU_NO_AMX"])
-def test_rel_pos_attention_op_plain_paths(flag):
-    """The kernel's other paths, forced in a fresh process: SAM_FAST_CPU_NO_AVX512 takes the row pass and the
-    bf16 VNNI packing without AVX-512; SAM_FAST_CPU_NO_AMX runs the bf16 GEMMs on plain row-major operands (as on
-    a CPU without AMX). The same checks as above."""
-    from attn_helpers import rerun_with_env_flag
-
-    rerun_with_env_flag(f"{__file__}::test_rel_pos_attention_op_matches_its_reference", flag, 2 * len(_OP_SHAPES))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
