@@ -196,3 +196,32 @@ def test_atomically_written_files_get_the_permissions_open_gives(tmp_path, umask
     for name in ("a.json", "b.pt", "c.txt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == want, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.pt", "c.txt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("value, off", [("0", False), ("", False), ("false", False), ("1", True), ("yes", True)])
+def test_cpu_feature_flags_read_as_documented(value, off):
+    """SAM_FAST_CPU_NO_AVX512 / _NO_AMX switch a path off unless empty, 0, false, no or off: '=0' used to switch
+    AVX-512 off too. The C++ side (csrc/cpu/cpu.h) and Python read them alike."""
+    code = ("import torch, sam_fast; from sam_fast import cpu_features as c; from sam_fast.ops._ext import "
+            "extension_error; assert extension_error() is None; print(sorted(c.switched_off()), "
+            "c.env_flag('SAM_FAST_CPU_NO_AVX512'), int(torch.ops.sam_fast.cpu_features(-1)))")
+    env = dict(os.environ, SAM_FAST_CPU_NO_AVX512=value, SAM_FAST_CPU_NO_AMX=value)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    want = "['amx', 'avx512'] True 3" if off else "[] False 0"
+    assert out.stdout.strip() == want
+
+
+def test_cpu_features_switch_in_process_and_come_back():
+    from sam_fast import cpu_features
+
+    before = cpu_features.switched_off()
+    with cpu_features.disable(avx512=True):
+        assert "avx512" in cpu_features.switched_off() and not cpu_features.avx512()
+        with cpu_features.disable(amx=True):
+            assert cpu_features.switched_off() == {"avx512", "amx"} and not cpu_features.amx()
+        assert cpu_features.switched_off() == before | {"avx512"}
+    assert cpu_features.switched_off() == before
+    with pytest.raises(TypeError, match="avx512 must be a bool"):
+        with cpu_features.disable(avx512="yes"):
+            pass
