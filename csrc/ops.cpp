@@ -53,7 +53,8 @@ TORCH_LIBRARY(sam_fast, m) {
   // block of rows at a time; activation 'none', 'gelu' (exact) or 'gelu_tanh'; bias (N,), residual shaped like y.
   m.def("linear_epilogue_(Tensor(a!) y, Tensor? bias, str activation, Tensor? residual) -> ()");
   // The W8A8 path's CPU kernels (csrc/cpu/int8_cpu.cpp), the reference's numerics in one pass each:
-  // per-row int8 of x (M, K) (a static scale: one value) -> (q int8, scale f32 (M,) or the static scale);
+  // per-row int8 of x (M, K) (a static scale: one value) -> (q int8, scale f32 (M,): each row's own, or the static
+  // one; NaN for a row holding NaN or +-inf);
   m.def("quantize_rows_cpu(Tensor x, Tensor? scale) -> (Tensor, Tensor)");
   // LayerNorm over K in fp32, then per-row int8 -> (q, scale (M,));
   m.def("layer_norm_quantize_cpu(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");

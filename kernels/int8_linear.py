@@ -82,7 +82,7 @@ def _row_scale(y):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, M, K, stride_xm, stride_qm,
                           STATIC: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """ROWS rows per program, each row whole in registers (BLOCK_K >= K): read x once, write int8 once."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -91,12 +91,15 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if STATIC:
-        scale = tl.load(scale_ptr)
-        q = _quantize(x, scale)
+        static = tl.load(static_ptr)
+        q = _quantize(x, static)
+        # each row's scale is the static one, NaN where the row holds NaN or +-inf (its output row is then NaN)
+        own = _row_scale(x)
+        scale = tl.where(own == own, static, own)
     else:
         scale = _row_scale(x)
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
         q = _quantize(x, scale[:, None])
+    tl.store(scale_ptr + rows, scale, mask=rows < M)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
 
 
@@ -243,15 +246,16 @@ def _rows_config(k: int):
 def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
     """Symmetric int8 quantization of the rows of ``x`` (M, K).
 
-    Returns ``(q, scale)``: ``q`` (M, K) int8 and ``scale`` (M,) fp32 per row, or, with a 0-d fp32
-    ``static_scale``, ``q`` and that scale.
+    Returns ``(q, scale)``: ``q`` (M, K) int8 and ``scale`` (M,) fp32 per row: each row's own, or with a 0-d fp32
+    ``static_scale`` that one for every row; NaN for a row holding NaN or +-inf.
     """
     M, K = x.shape
     q = torch.empty((M, K), device=x.device, dtype=torch.int8)
     static = static_scale is not None
-    scale = static_scale if static else torch.empty(M, device=x.device, dtype=torch.float32)
+    scale = torch.empty(M, device=x.device, dtype=torch.float32)
     rows, block_k, warps = _rows_config(K)
-    _quantize_rows_kernel[(triton.cdiv(M, rows),)](x, q, scale, M, K, x.stride(0), q.stride(0),
+    _quantize_rows_kernel[(triton.cdiv(M, rows),)](x, q, scale, static_scale if static else scale, M, K, x.stride(0),
+                                                   q.stride(0),
                                                    STATIC=static, ROWS=rows, BLOCK_K=block_k, num_warps=warps,
                                                    **COMPILE_OPTIONS)
     return q, scale

@@ -65,8 +65,10 @@ def test_int8_linear_amx_takes_a_one_value_scale_of_any_shape(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantize_rows_static_scale_of_any_shape(shape, dtype):
     x = (torch.randn(37, 19, generator=_gen(0)) * 3).to(dtype)
+    x[5, 3] = float("nan")
     q, s = ops.quantize_rows_cpu(x, torch.full(shape, 0.05))
-    assert s.numel() == 1 and float(s.reshape(())) == pytest.approx(0.05)
+    torch.testing.assert_close(s, ref.static_row_scale(x, torch.tensor(0.05)), rtol=0, atol=0, equal_nan=True)
+    assert s.shape == (37,) and torch.isnan(s[5]) and (s[torch.arange(37) != 5] == torch.tensor(0.05)).all()
     assert torch.equal(q, ref.quantize(x, torch.tensor(0.05)))
     with pytest.raises(RuntimeError, match="one value"):
         ops.quantize_rows_cpu(x, torch.ones(2))

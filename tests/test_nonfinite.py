@@ -177,6 +177,26 @@ def test_encoder_with_a_nan_weight_gives_the_nan_embedding_segment_anything_give
     assert torch.equal(torch.isnan(got), torch.isnan(want))
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["per_token", "static_scale"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_linear_rows_holding_nan_or_inf_are_nan(backend, static):
+    """int8 holds no NaN: a row with a NaN or an inf gets a NaN scale (its own, or in place of the calibrated
+    static one), so its float output row is NaN; the other rows are what the reference gives."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=g)
+    x[3, 10], x[17, 0] = NAN, -INF
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8, generator=g)
+    ws = torch.rand(24, generator=g) * 0.01 + 1e-3
+    kw = dict(act_scale=0.05) if static else {}
+    want = sam_fast.int8_linear(x, w, ws, torch.zeros(24), backend="reference", **kw)
+    got = sam_fast.int8_linear(x, w, ws, torch.zeros(24), backend=backend, **kw)
+    bad = torch.zeros(40, dtype=torch.bool)
+    bad[[3, 17]] = True
+    assert torch.isnan(want[bad]).all() and torch.isfinite(want[~bad]).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got[~bad], want[~bad], rtol=1e-5, atol=1e-5)
+
+
 def test_softmax_scale_must_be_finite():
     q, k, v = _qkv()
     for bad in (NAN, INF, -math.inf):

@@ -158,28 +158,29 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in, con
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor s;
   float static_scale = 0.0f;
   if (scale.has_value()) {
     TORCH_CHECK(scale->numel() == 1, "quantize_rows: a static scale must hold one value, got ", scale->sizes());
-    s = scale->to(at::kFloat).clone();  // an output must not alias an input (custom-op rule)
-    static_scale = s.item<float>();
-  } else {
-    s = at::empty({M}, x.options().dtype(at::kFloat));
+    static_scale = scale->to(at::kFloat).item<float>();
   }
+  // per row: its own scale, or the static one - NaN for a row holding NaN or +-inf either way, so that the GEMM's
+  // output row is NaN (int8 holds no NaN: such a row's values quantise to 0 and +-127)
+  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0 || K == 0) {
-    if (!scale.has_value()) s.fill_(1.0f);
+    s.fill_(scale.has_value() ? static_scale : 1.0f);
     return {q, s};
   }
   int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.has_value() ? nullptr : s.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+  const bool dynamic = !scale.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     cpu::parallel_for(0, M, block_rows(K, 16384), [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         const scalar_t* row = xp + m * K;
-        const float rs = sp ? any_row_scale(row, K) : static_scale;
-        if (sp) sp[m] = rs;
+        const float own = any_row_scale(row, K);  // NaN exactly when the row holds NaN or +-inf
+        const float rs = dynamic ? own : static_scale;
+        sp[m] = std::isnan(own) ? own : rs;
         any_quantize_row(row, K, rs, qp + m * K);
       }
     });

@@ -54,13 +54,13 @@ def _(x):
 
 
 @torch.library.custom_op("sam_fast::quantize_static", mutates_args=())
-def _quantize_static_op(x: Tensor, scale: Tensor) -> Tensor:
-    return _k.quantize_rows(x, scale)[0]
+def _quantize_static_op(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    return _k.quantize_rows(x, scale)
 
 
 @_quantize_static_op.register_fake
 def _(x, scale):
-    return x.new_empty(x.shape, dtype=torch.int8)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("sam_fast::layer_norm_quantize", mutates_args=())
@@ -112,9 +112,7 @@ def _register_cpu_fakes():
         return
 
     def quantize_rows(x, scale):
-        s = x.new_empty(x.shape[0], dtype=torch.float32) if scale is None else scale.new_empty(scale.shape,
-                                                                                                dtype=torch.float32)
-        return x.new_empty(x.shape, dtype=torch.int8), s
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
     def layer_norm_quantize(x, weight, bias, eps):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
@@ -251,7 +249,7 @@ def _linear_triton_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_
         if x_scale is None:
             x, x_scale = _quantize_per_token_op(x)
         else:
-            x = _quantize_static_op(x, x_scale)
+            x, x_scale = _quantize_static_op(x, x_scale)
     return _int8_gemm_op(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale)
 
 
@@ -260,7 +258,7 @@ def _linear_reference_run(x, x_scale, w, w_scale, bias, activation, out_dtype, o
         if x_scale is None:
             x, x_scale = _ref.quantize_per_token(x)
         else:
-            x = _ref.quantize_static(x, x_scale)
+            x, x_scale = _ref.quantize_static(x, x_scale), _ref.static_row_scale(x, x_scale)
     return _ref.int8_gemm(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale)
 
 

@@ -6,8 +6,9 @@ operation, so results match across backends:
 * ``quantize``: ``clamp(round(x / scale), -127, 127)`` in fp32 (IEEE division, ties to even);
   per-token scale ``max|x| / 127`` (1 for an all-zero row).
 * non-finite inputs: int8 holds no NaN, so a NaN quantizes to 0 and +-inf saturates to +-127; a row
-  holding either gets a NaN per-token scale, so its output row is NaN, as a float linear's would be,
-  rather than finite numbers computed from the rest of the row.
+  holding either gets a NaN scale (per-token, or in place of the static one: :func:`static_row_scale`), so its
+  output row is NaN, as a float linear's would be, rather than finite numbers computed from the rest of the row.
+  An int8 *output* cannot carry NaN: a NaN row re-quantized for the next GEMM becomes zeros.
 * int8 matmul: exact, ``torch._int_mm`` (int32 accumulation; on the CPU for K >= 2) or, for shapes
   it refuses on CUDA, a float64 matmul: every product of two int8 values and every partial sum up to
   ``K * 127**2 < 2**53`` is an exact float64 integer, so the result equals the int32 accumulator for
@@ -54,6 +55,14 @@ def quantize_per_token(x: torch.Tensor):
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 ``x`` with one calibrated fp32 scale (a 0-d tensor) for the whole tensor."""
     return quantize(x, scale.float())
+
+
+def static_row_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The per-row scale a statically quantized ``x`` goes into the GEMM with: the calibrated ``scale`` for every
+    row, NaN for a row holding NaN or +-inf (its output row is then NaN, as with per-token scales)."""
+    finite = torch.isfinite(x.float()).all(dim=-1)
+    s = scale.float().reshape(())
+    return torch.where(finite, s, torch.full_like(s, float("nan")))
 
 
 def quantize_weight(weight: torch.Tensor):
