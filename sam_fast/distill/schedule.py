@@ -5,22 +5,24 @@ DLD weights
 A student with the teacher's depth ``L`` is distilled block by block: the loss of block ``i`` is the
 normalised squared error between the student's and the teacher's block outputs (see
 :mod:`sam_fast.distill.losses`), weighted by ``w_i(p)`` where ``p = step / total_steps`` in [0, 1].
-The last ``focal`` blocks (the ones closest to the embedding) are *focal*: always weighted
-``focal_weight``. The other ``M = L - focal`` blocks follow a *front* that sweeps from block 0 to block
-``M`` during the first ``transition`` of training::
+The first ``initial`` blocks keep the full weight 1 throughout: errors there reach every later block, and the
+published method keeps the initial layers at the maximum weight for the whole run. The last ``focal`` blocks
+(the ones closest to the embedding) are *focal*: always weighted ``focal_weight``. The other blocks, of the
+``M = L - focal`` before the focal ones, follow a *front* that sweeps from block 0 to block ``M`` during the first
+``transition`` of training::
 
     c(p)  = M * min(p / transition, 1)                          the front's position (in blocks)
+    w_i(p) = 1                                                   i < initial
     w_i(p) = max(floor, 1 - (c(p) - i) * (1 - floor) / width)    i <= c(p): reached, decays to floor
     w_i(p) = max(0,     1 - (i - c(p)) / width)                  i >  c(p): ahead, fades in
 
-So at the start block 0 has weight 1 and blocks further than ``width`` ahead of it have 0: the early
-blocks, whose errors every later block inherits, are aligned first. As the front moves, the weight
-shifts to later blocks, and blocks it has passed keep at least ``floor``, so nothing aligned early is
-forgotten. From ``p = transition`` on the weights are constant. The picture for ``L = 12``,
-``focal = 2``, ``width = 2``, ``floor = 0.1`` (rows: blocks 0..11; columns: p = 0, 0.15, 0.3, 0.45,
-0.6, 1; ``#`` = 1, ``+`` >= 0.5, ``.`` > 0, blank = 0; :func:`schedule_picture` draws it)::
+So at the start the early blocks, whose errors every later block inherits, are aligned first. As the front
+moves, the weight shifts to later blocks, and blocks it has passed keep at least ``floor``, so nothing aligned
+early is forgotten. From ``p = transition`` on the weights are constant. The picture for ``L = 12``,
+``initial = 1``, ``focal = 2``, ``width = 2``, ``floor = 0.1`` (rows: blocks 0..11; columns: p = 0, 0.15, 0.3,
+0.45, 0.6, 1; ``#`` = 1, ``+`` >= 0.5, ``.`` > 0, blank = 0; :func:`schedule_picture` draws it)::
 
-    block  0   # . . . . .
+    block  0   # # # # # #   initial
     block  1   + . . . . .
     block  2     + . . . .
     block  3     + . . . .
@@ -32,6 +34,9 @@ forgotten. From ``p = transition`` on the weights are constant. The picture for 
     block  9         . + +   (the front stops at M = 10)
     block 10   # # # # # #   focal
     block 11   # # # # # #   focal
+
+``initial = 0`` lets block 0 decay to ``floor`` like the others once the front has passed it (docs/distill.md has
+the measured comparison).
 
 Learning rate
 -------------
@@ -61,6 +66,7 @@ class DLDSchedule:
     """The DLD layer weights (module docstring).
 
     Args:
+        initial: how many of the first blocks keep weight 1 throughout (>= 0; default 1, block 0).
         focal: how many of the last blocks are always distilled (>= 1).
         transition: fraction of training over which the front sweeps the non-focal blocks (0, 1].
         width: how many blocks a weight takes to fade in ahead of the front or decay behind it (> 0).
@@ -75,10 +81,13 @@ class DLDSchedule:
     floor: float = 0.1
     focal_weight: float = 1.0
     embedding_weight: float = 1.0
+    initial: int = 1
 
     def __post_init__(self):
         if isinstance(self.focal, bool) or not isinstance(self.focal, int) or self.focal < 1:
             raise ValueError(f"DLDSchedule focal must be an int >= 1, got {self.focal!r}")
+        if isinstance(self.initial, bool) or not isinstance(self.initial, int) or self.initial < 0:
+            raise ValueError(f"DLDSchedule initial must be an int >= 0, got {self.initial!r}")
         object.__setattr__(self, "transition", _check_number(self.transition, "DLDSchedule transition", 0, 1,
                                                              low_open=True))
         object.__setattr__(self, "width", _check_number(self.width, "DLDSchedule width", 0, low_open=True))
@@ -103,6 +112,8 @@ class DLDSchedule:
         for i in range(depth):
             if i >= moving:
                 out.append(self.focal_weight)
+            elif i < self.initial:
+                out.append(1.0)
             elif i <= front:
                 out.append(max(self.floor, 1.0 - (front - i) * (1.0 - self.floor) / self.width))
             else:
@@ -128,5 +139,6 @@ def schedule_picture(schedule: DLDSchedule, depth: int, progress=(0.0, 0.15, 0.3
     rows = []
     for i in range(depth):
         marks = " ".join("#" if w[i] >= 1.0 - 1e-9 else "+" if w[i] >= 0.5 else "." if w[i] > 0 else " " for w in cols)
-        rows.append(f"block {i:2d}   {marks}".rstrip() + ("   focal" if i >= depth - schedule.focal else ""))
+        tag = "   focal" if i >= depth - schedule.focal else "   initial" if i < schedule.initial else ""
+        rows.append(f"block {i:2d}   {marks}".rstrip() + tag)
     return "\n".join(rows)
