@@ -7,9 +7,10 @@ The extension ``sam_fast._C`` is built from ``csrc/``:
 
 ``SAM_FAST_BUILD_CUDA=1`` forces the CUDA sources (and fails loudly when that is impossible),
 ``SAM_FAST_BUILD_CUDA=0`` skips them. ``SAM_FAST_SANITIZE=1`` builds the C++ sources with AddressSanitizer and
-UndefinedBehaviorSanitizer (a test build: ``python -m tools.sanitize_cpu_ops`` makes and runs one). Triton kernels live in ``kernels/`` and are installed as the
-subpackage ``sam_fast.kernels``; the benchmark harness in ``bench/`` as ``sam_fast.bench`` so that the
-``sam-fast bench`` command works from any install.
+UndefinedBehaviorSanitizer (a test build: ``python -m tools.sanitize_cpu_ops`` makes and runs one).
+
+Triton kernels live in ``kernels/`` and are installed as the subpackage ``sam_fast.kernels``; the benchmark
+harness in ``bench/`` as ``sam_fast.bench`` so that the ``sam-fast bench`` command works from any install.
 """
 
 import glob
