@@ -235,7 +235,13 @@ def test_swapped_encoder_compiles_without_graph_breaks(calibrated, attention):
         eager = enc(x)
         torch._dynamo.reset()
         traced = torch.compile(enc, fullgraph=True, backend="aot_eager")(x)
-    torch.testing.assert_close(traced, eager)
+    if attention == "none":
+        torch.testing.assert_close(traced, eager)
+    else:
+        # traced, the attention runs the batched CPU path; eager, the C++ block kernel. They agree to float rounding,
+        # and where that rounding crosses an int8 step a value moves by one quantum downstream (78 dB here; a
+        # wrong graph would be tens of dB lower). The test model is the same in every process (seeded).
+        assert sqnr_db(eager, traced) > 60, sqnr_db(eager, traced)
 
 
 def test_tinyvit_int8_compiles_without_graph_breaks():

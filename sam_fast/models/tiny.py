@@ -25,7 +25,17 @@ def tiny_image_encoder(
     seed: int = 0,
 ) -> nn.Module:
     """A segment_anything ``ImageEncoderViT`` with random weights (rel-pos tables and qkv bias nonzero,
-    so window padding and the bias are exercised)."""
+    so window padding and the bias are exercised), all drawn from ``seed``: the same model in every process,
+    whatever the caller's random state (which is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # segment_anything's layers draw their initial weights from the global generator
+        return _random_encoder(img_size, patch_size, embed_dim, depth, num_heads, window_size, global_attn_indexes,
+                               out_chans, seed)
+
+
+def _random_encoder(img_size, patch_size, embed_dim, depth, num_heads, window_size, global_attn_indexes, out_chans,
+                    seed) -> nn.Module:
+    """:func:`tiny_image_encoder`'s model, its layers' initial weights drawn from the global generator as it is."""
     from segment_anything.modeling import ImageEncoderViT
 
     gen = torch.Generator().manual_seed(seed)
@@ -89,9 +99,8 @@ def tiny_sam(
     embedding is img_size / 16 on a side; ``encoder_heads`` heads), the real ``PromptEncoder`` and
     ``MaskDecoder`` classes at width ``decoder_dim`` (SAM: 256, 8 heads, MLP 2048). Low-resolution masks are
     img_size / 4."""
-    torch.manual_seed(seed)
-    encoder = tiny_image_encoder(img_size=img_size, out_chans=decoder_dim, embed_dim=encoder_dim,
-                                 num_heads=encoder_heads, seed=seed)
+    torch.manual_seed(seed)  # the encoder, then the decoder, from one seeded stream
+    encoder = _random_encoder(img_size, 16, encoder_dim, 4, encoder_heads, 3, (1, 3), decoder_dim, seed)
     sam = sam_around(encoder, img_size, decoder_dim, decoder_heads, decoder_mlp_dim, decoder_mlp_dim)
     with torch.no_grad():
         # A trained SAM's mask logits span about +-10; random ones would hug 0. Scale the
@@ -106,6 +115,5 @@ def sam_decoder(seed: int = 0) -> nn.Module:
     8 heads, MLP 2048, 64 x 64 image embedding of a 1024 input) on a tiny encoder, random weights.
     For decoder benchmarks, where the encoder is not what is measured."""
     torch.manual_seed(seed)
-    encoder = tiny_image_encoder(img_size=1024, out_chans=256, embed_dim=64, depth=2, window_size=8,
-                                 global_attn_indexes=(1,), seed=seed)
+    encoder = _random_encoder(1024, 16, 64, 2, 2, 8, (1,), 256, seed)
     return sam_around(encoder, 1024, 256, 8, 2048, 256).eval()
