@@ -224,18 +224,14 @@ def test_errors_name_the_argument(kwargs, match):
 
 
 def test_cpp_checks_its_own_arguments():
-    from sam_fast.ops.mask_postprocess import _ensure_registered
+    import sam_fast.ops.mask_postprocess  # noqa: F401  (loads the extension)
 
-    _ensure_registered()
     with pytest.raises(RuntimeError, match="do not fit the RLE frame"):
         torch.ops.sam_fast.mask_postprocess(torch.zeros(1, 8, 8), [32, 32], [32, 32], [16, 16], [10, 0, 16, 16],
                                             0.0, 1.0, True, False)
 
 
 def test_opcheck():
-    from sam_fast.ops.mask_postprocess import _ensure_registered
-
-    _ensure_registered()
     logits = smooth_logits(3, 32, 32)
     args = (logits, [128, 128], [128, 100], [40, 30], [0, 0, 40, 30], 0.0, 1.0, True, True)
     torch.library.opcheck(torch.ops.sam_fast.mask_postprocess.default, args,

@@ -2,6 +2,11 @@
 
 A failed load is never fatal at import: the C++ backends then refuse with the load error as their
 reason, so ``backend="auto"`` falls back (with a warning) and an explicit request says why.
+
+The C++ ops' schemas come with the extension; their fake (meta) implementations and autograd formulas are
+Python. Each op module registers them at its import through :func:`register_fake` / :func:`register_autograd`,
+which load the extension first, so a module's ops are complete (traceable, opcheck-able) from the moment it is
+imported.
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ def extension_error():
     except Exception as exc:  # ImportError, or an undefined symbol against another torch build
         return f"the compiled extension sam_fast._C failed to load ({type(exc).__name__}: {exc})"
     return None
+
+
+def register_fake(op: str):
+    """Decorator: ``fn`` is the fake implementation of the C++ op ``op`` (``"sam_fast::name"``), registered now;
+    nothing is registered when the extension did not load (the op does not exist then)."""
+    def decorate(fn):
+        if extension_error() is None:
+            torch.library.register_fake(op)(fn)
+        return fn
+    return decorate
+
+
+def register_autograd(op: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd`` for the C++ op ``op``, when the extension loaded."""
+    if extension_error() is None:
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
 @functools.lru_cache(maxsize=None)

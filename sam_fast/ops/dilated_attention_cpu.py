@@ -56,6 +56,7 @@ from ..kernels._cache import persistent
 from ..pattern import ResolvedBranch
 from ..reference.dilated_attention import branch_attention as reference_branch
 from ..reference.dilated_attention import merge_branches
+from ._ext import extension_error, register_fake
 
 
 def batches_segments(branches, rel_pos_h) -> bool:
@@ -258,8 +259,6 @@ def decomposed_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, out: Optional[torc
     """:func:`decomposed_bias_reference`, written into ``out`` (contiguous, (..., ay * ax)) when given, by the C++
     op ``sam_fast::decomposed_bias`` (PyTorch's broadcasting add crawls over SAM's 14-wide rows). While
     torch.compile traces, and if the extension did not load (said once, as a warning), the reference."""
-    from ._ext import extension_error
-
     if torch.compiler.is_compiling() or rel_h.dtype not in (torch.float32, torch.float64):
         return decomposed_bias_reference(rel_h, rel_w)
     err = extension_error()
@@ -272,9 +271,6 @@ def decomposed_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, out: Optional[torc
                           RuntimeWarning, stacklevel=2)
         ref = decomposed_bias_reference(rel_h, rel_w)
         return ref if out is None else out.copy_(ref)
-    if not getattr(decomposed_bias, "fake", False):  # a fake for tracing tools (opcheck), once
-        torch.library.register_fake("sam_fast::decomposed_bias")(lambda rel_h, rel_w, out: None)
-        decomposed_bias.fake = True
     if out is None:
         out = rel_h.new_empty((*rel_h.shape[:-1], rel_h.shape[-1] * rel_w.shape[-1]))
     torch.ops.sam_fast.decomposed_bias(rel_h, rel_w, out)
@@ -346,15 +342,23 @@ def _fused_bias_kernel() -> bool:
     """Whether ``sam_fast::rel_pos_attention`` (the bias added inside the kernel) may run: the C++ extension
     loaded, the CPU has AVX-512 (the kernel's plain path, an exp per element, is slower than PyTorch's fused
     kernel with a mask), and not while torch.compile traces (that path keeps PyTorch's kernel, which it knows)."""
-    from ._ext import extension_error
+    return not (torch.compiler.is_compiling() or not _avx512() or extension_error() is not None)
 
-    if torch.compiler.is_compiling() or not _avx512() or extension_error() is not None:
-        return False
-    if not getattr(_fused_bias_kernel, "fake", False):  # a fake for tracing tools (opcheck), once
-        torch.library.register_fake("sam_fast::rel_pos_attention")(lambda q, k, v, rh, rw, scale, out, lse: None)
-        torch.library.register_fake("sam_fast::sam_block_attention")(lambda *args: None)
-        _fused_bias_kernel.fake = True
-    return True
+
+# Fakes of the C++ attention ops (they write their outputs in place: nothing to return)
+@register_fake("sam_fast::decomposed_bias")
+def _(rel_h, rel_w, out):
+    return None
+
+
+@register_fake("sam_fast::rel_pos_attention")
+def _(q, k, v, rel_h, rel_w, scale, out, lse):
+    return None
+
+
+@register_fake("sam_fast::sam_block_attention")
+def _(qkv, heads, window, rel_pos_h, rel_pos_w, qkv_bias, pad_k, pad_v, scale, out):
+    return None
 
 
 def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B: int):

@@ -17,6 +17,7 @@ re-quantizes for the next GEMM.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import threading
@@ -30,7 +31,7 @@ from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..kernels import int8_linear as _k
 from ..kernels._cache import persistent
 from ..reference import int8_linear as _ref
-from ._ext import cpp_device_refusal
+from ._ext import cpp_device_refusal, extension_error, register_fake
 
 Tensor = torch.Tensor
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,36 +100,56 @@ def _rows_supports(x, *args, explicit, **kwargs):
 
 
 def _cpu_supports(x, *args, explicit, **kwargs):
-    refusal = cpp_device_refusal(x, "cpu")
-    if refusal is None:
-        _register_cpu_fakes()
-    return refusal
+    return cpp_device_refusal(x, "cpu")
 
 
-def _register_cpu_fakes():
-    """Fake implementations of the C++ CPU ops (so torch.compile traces through them), once, after the
-    extension loaded."""
-    if getattr(_register_cpu_fakes, "done", False):
-        return
+# Fakes of the C++ CPU ops, so that torch.compile traces through them
+@register_fake("sam_fast::quantize_rows_cpu")
+def _(x, scale):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
-    def quantize_rows(x, scale):
-        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
-    def layer_norm_quantize(x, weight, bias, eps):
-        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+@register_fake("sam_fast::layer_norm_quantize_cpu")
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
-    def epilogue(acc, a_scale, w_scale, bias, gelu, out_dtype, out_scale):
-        return acc.new_empty(acc.shape, dtype=out_dtype)
 
-    torch.library.register_fake("sam_fast::quantize_rows_cpu")(quantize_rows)
-    torch.library.register_fake("sam_fast::layer_norm_quantize_cpu")(layer_norm_quantize)
-    torch.library.register_fake("sam_fast::int8_epilogue_cpu")(epilogue)
-    torch.library.register_fake("sam_fast::int8_epilogue_cpu_")(lambda acc, a_scale, w_scale, bias, gelu: None)
-    # (int8_pack_amx has none: its output is empty or not depending on the CPU, and it never runs while tracing)
-    torch.library.register_fake("sam_fast::int8_linear_amx")(
-        lambda x, x_scale, w_packed, N, w_scale, bias, gelu, out_dtype, out_scale: x.new_empty((x.shape[0], N),
-                                                                                              dtype=out_dtype))
-    _register_cpu_fakes.done = True
+@register_fake("sam_fast::int8_epilogue_cpu")
+def _(acc, a_scale, w_scale, bias, gelu, out_dtype, out_scale):
+    return acc.new_empty(acc.shape, dtype=out_dtype)
+
+
+@register_fake("sam_fast::int8_epilogue_cpu_")
+def _(acc, a_scale, w_scale, bias, gelu):
+    return None
+
+
+@register_fake("sam_fast::int8_linear_amx")
+def _(x, x_scale, w_packed, N, w_scale, bias, gelu, out_dtype, out_scale):
+    return x.new_empty((x.shape[0], N), dtype=out_dtype)
+
+
+@register_fake("sam_fast::int8_pack_amx")
+def _(w):
+    # the panels (64-channel, K a multiple of 4) where the AMX int8 path runs, else an empty tensor, as the kernel
+    N, K = w.shape
+    packs = _amx_int8_hardware() and cpu_features.amx() and K > 0 and K % 4 == 0 and N > 0
+    return w.new_empty(((N + 63) // 64 * K * 64,) if packs else (0,))
+
+
+@functools.lru_cache(maxsize=None)
+def _amx_int8_hardware() -> bool:
+    """Whether this CPU has AMX int8, AMX switched off or not: the kernel asked once, at import (outside tracing)."""
+    if extension_error() is not None:
+        return False
+    before = cpu_features._mask(0)
+    try:
+        return torch.ops.sam_fast.int8_pack_amx(torch.zeros(1, 4, dtype=torch.int8)).numel() > 0
+    finally:
+        cpu_features._mask(before)
+
+
+_amx_int8_hardware()
 
 
 def _any_supports(*args, explicit, **kwargs):

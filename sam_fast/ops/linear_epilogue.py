@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._hooks import has_hooks
+from ._ext import extension_error, register_fake
 
 #: the dtypes :func:`fused_linear` takes: bf16 linears gain nothing from it (oneDNN adds their bias inside its own
 #: GEMM), and rounding the GEMM to bf16 before the bias would round twice
@@ -44,8 +45,6 @@ def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lin.weight, lin.bias, residual)):
         return None
-    from ._ext import extension_error
-
     if extension_error() is not None:
         return None
     if residual is not None and (residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1]
@@ -60,3 +59,8 @@ def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
         residual = residual.contiguous()
     torch.ops.sam_fast.linear_epilogue_(y, lin.bias, activation, residual)
     return y
+
+
+@register_fake("sam_fast::linear_epilogue_")
+def _(y, bias, activation, residual):
+    return None

@@ -21,7 +21,7 @@ import torch
 from .._dispatch import Backend, Refusal, dispatch
 from ..reference import mask_postprocess as _ref
 from ..reference.mask_postprocess import PostprocessedMasks
-from ._ext import cpp_device_refusal, extension_error
+from ._ext import cpp_device_refusal, register_fake
 
 __all__ = ["PostprocessedMasks", "coco_to_mask", "mask_postprocess", "rles_to_coco", "rles_to_uncompressed"]
 
@@ -29,6 +29,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_MASKS_PER_CALL = 65535  # the CUDA kernel's grid dimension
 
 
+@register_fake("sam_fast::mask_postprocess")
 def _fake_mask_postprocess(logits, padded_size, input_size, original_size, rle_frame, mask_threshold,
                            stability_offset, return_rle, return_masks):
     P = logits.shape[0]
@@ -45,21 +46,14 @@ def _fake_mask_postprocess(logits, padded_size, input_size, original_size, rle_f
     )
 
 
+@register_fake("sam_fast::rle_to_string")
 def _fake_rle_to_string(counts, offsets):
     n = torch.library.get_ctx().new_dynamic_size()
     return counts.new_empty((n,), dtype=torch.uint8), offsets.new_empty(offsets.shape)
 
 
-def _ensure_registered():
-    if extension_error() is None and not getattr(_ensure_registered, "done", False):
-        torch.library.register_fake("sam_fast::mask_postprocess")(_fake_mask_postprocess)
-        torch.library.register_fake("sam_fast::rle_to_string")(_fake_rle_to_string)
-        _ensure_registered.done = True
-
-
 def _run_op(logits, padded_size, input_size, original_size, rle_frame, mask_threshold, stability_offset,
             return_rle, return_masks):
-    _ensure_registered()
     out = torch.ops.sam_fast.mask_postprocess(logits, padded_size, input_size, original_size, rle_frame,
                                               float(mask_threshold), float(stability_offset), return_rle,
                                               return_masks)
@@ -263,7 +257,6 @@ def coco_to_mask(record: dict):
 
 
 def _strings_cpp(counts, offsets):
-    _ensure_registered()
     chars, bounds = torch.ops.sam_fast.rle_to_string(counts, offsets)
     data = chars.numpy().tobytes()
     b = bounds.tolist()

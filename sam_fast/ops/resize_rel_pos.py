@@ -11,28 +11,29 @@ import torch
 
 from .._dispatch import Backend, dispatch
 from ..reference.resize_rel_pos import resize_rel_pos as resize_rel_pos_reference
-from ._ext import cpp_device_refusal, extension_error
+from ._ext import cpp_device_refusal, register_autograd, register_fake
 
 
-def _ensure_registered():
-    if extension_error() is None and not getattr(_ensure_registered, "done", False):
-        torch.library.register_fake("sam_fast::resize_rel_pos")(
-            lambda rel_pos, length: rel_pos.new_empty((length, rel_pos.shape[1])))
+@register_fake("sam_fast::resize_rel_pos")
+def _(rel_pos, length):
+    return rel_pos.new_empty((length, rel_pos.shape[1]))
 
-        def _setup(ctx, inputs, output):
-            ctx.shape = inputs[0].shape
-            ctx.dtype = inputs[0].dtype
 
-        def _backward(ctx, grad):
-            # The resize is linear: its gradient is the transpose of the interpolation.
-            probe = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
-            with torch.enable_grad():
-                out = resize_rel_pos_reference(probe, grad.shape[0])
-            (g,) = torch.autograd.grad(out, probe, grad)
-            return g, None
+def _setup(ctx, inputs, output):
+    ctx.shape = inputs[0].shape
+    ctx.dtype = inputs[0].dtype
 
-        torch.library.register_autograd("sam_fast::resize_rel_pos", _backward, setup_context=_setup)
-        _ensure_registered.done = True
+
+def _backward(ctx, grad):
+    # The resize is linear: its gradient is the transpose of the interpolation.
+    probe = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+    with torch.enable_grad():
+        out = resize_rel_pos_reference(probe, grad.shape[0])
+    (g,) = torch.autograd.grad(out, probe, grad)
+    return g, None
+
+
+register_autograd("sam_fast::resize_rel_pos", _backward, _setup)
 
 
 def _cpp(device_type: str):
@@ -40,7 +41,6 @@ def _cpp(device_type: str):
         return cpp_device_refusal(rel_pos, device_type)
 
     def run(rel_pos, length):
-        _ensure_registered()
         return torch.ops.sam_fast.resize_rel_pos(rel_pos, length)
 
     return Backend(device_type, supports, run)
