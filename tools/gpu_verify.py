@@ -510,14 +510,14 @@ def build_prebuilt() -> str:
 
 
 def prepare() -> int:
-    """Fill .whl/ (git-ignored) with what the offline GPU machine lacks: segment-anything and pycocotools
-    wheels for its Python, the first attention kernel's source (the dense-pattern peer, from git history;
+    """Fill .whl/ (git-ignored) with what the offline GPU machine lacks: segment-anything, pycocotools and
+    pytest-timeout (pyproject's `timeout` option) wheels for its Python, the first attention kernel's source (the dense-pattern peer, from git history;
     the device gets no .git), the commit being measured, and the prebuilt extension."""
     os.makedirs(CARRY, exist_ok=True)
     _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
           DEVICE_PYTHON, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
           "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", CARRY, "segment-anything",
-          "pycocotools"])
+          "pycocotools", "pytest-timeout"])
     sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
