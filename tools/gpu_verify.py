@@ -511,8 +511,9 @@ def build_prebuilt() -> str:
 
 def prepare() -> int:
     """Fill .whl/ (git-ignored) with what the offline GPU machine lacks: segment-anything, pycocotools and
-    pytest-timeout (pyproject's `timeout` option) wheels for its Python, the first attention kernel's source (the dense-pattern peer, from git history;
-    the device gets no .git), the commit being measured, and the prebuilt extension."""
+    pytest-timeout (pyproject's `timeout` option) wheels for its Python, the first attention kernel's source (the
+    dense-pattern peer, from git history; the device gets no .git), the commit being measured, and the prebuilt
+    extension."""
     os.makedirs(CARRY, exist_ok=True)
     _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
           DEVICE_PYTHON, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
