@@ -31,22 +31,24 @@ def _nan_rows(out):
     return torch.isnan(out.float()).any(-1)
 
 
+def _poisoned(tensors: dict, spots: dict, where: str) -> dict:
+    """Copies of ``tensors`` with the value of ``spots[where]`` = (name, index, value) put in place."""
+    out = {n: t.clone() for n, t in tensors.items()}
+    name, index, value = spots[where]
+    out[name][index] = value
+    return out
+
+
+# where the attention tests put a NaN or an inf: q, k, v (B, N, H, D) on a 16 x 16 grid, the rel-pos table at
+# offset 0 (used by every pattern)
+ATTENTION_SPOTS = {"q": ("q", (0, 37, 1, 3), NAN), "k": ("k", (0, 90, 0, 0), NAN), "k_inf": ("k", (0, 90, 0, 0), INF),
+                   "v": ("v", (0, 200, 1, 2), NAN), "rel_pos_h": ("th", (15, 0), NAN),
+                   "q_inf": ("q", (0, 37, 0, 1), -INF)}
+
+
 def _poison(q, k, v, tables, where):
-    q, k, v = q.clone(), k.clone(), v.clone()
-    th, tw = (t.clone() for t in tables)
-    if where == "q":
-        q[0, 37, 1, 3] = NAN
-    elif where == "k":
-        k[0, 90, 0, 0] = NAN
-    elif where == "k_inf":
-        k[0, 90, 0, 0] = INF
-    elif where == "v":
-        v[0, 200, 1, 2] = NAN
-    elif where == "rel_pos_h":
-        th[th.shape[0] // 2, 0] = NAN  # offset 0: used by every pattern
-    elif where == "q_inf":
-        q[0, 37, 0, 1] = -INF
-    return q, k, v, (th, tw)
+    t = _poisoned({"q": q, "k": k, "v": v, "th": tables[0], "tw": tables[1]}, ATTENTION_SPOTS, where)
+    return t["q"], t["k"], t["v"], (t["th"], t["tw"])
 
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -82,22 +84,19 @@ def test_dilated_attention_propagates_nonfinite_inputs(backend, pattern, where):
     torch.testing.assert_close(got[~poisoned].double(), want[~poisoned], rtol=1e-4, atol=1e-4)
 
 
+# the same for the rel_pos_attention op: q, k (S, H, L, D), rel_h (S, H, L, a), the scale
+OP_SPOTS = {"q": ("q", (0, 1, 7, 2), NAN), "k": ("k", (0, 0, 11, 5), NAN), "k_inf": ("k", (0, 0, 11, 5), INF),
+            "rel_h": ("rh", (0, 1, 3, 2), NAN)}
+
+
 def _rel_pos_op_case(dtype, where, L=64, a=8):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, L, 16, generator=g).to(dtype) for _ in range(3))
     rh, rw = torch.randn(1, 2, L, a, generator=g) * 0.1, torch.randn(1, 2, L, L // a, generator=g) * 0.1
-    scale = 0.25
-    if where == "q":
-        q[0, 1, 7, 2] = NAN
-    elif where == "k":
-        k[0, 0, 11, 5] = NAN
-    elif where == "k_inf":
-        k[0, 0, 11, 5] = INF
-    elif where == "rel_h":
-        rh[0, 1, 3, 2] = NAN
-    elif where == "scale":
-        scale = NAN
-    return q, k, v, rh, rw, scale
+    if where == "scale":
+        return q, k, v, rh, rw, NAN
+    t = _poisoned({"q": q, "k": k, "rh": rh}, OP_SPOTS, where)
+    return t["q"], t["k"], v, t["rh"], rw, 0.25
 
 
 def _rel_pos_op_logits(q, k, rh, rw, scale):
