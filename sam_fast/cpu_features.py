@@ -18,6 +18,7 @@ use it to reach every path the CPU has):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -58,10 +59,14 @@ def switched_off() -> frozenset:
     return frozenset(name for name, bit in (("avx512", AVX512), ("amx", AMX)) if m & bit)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_capability() -> str:
+    return getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+
+
 def avx512() -> bool:
     """Whether the AVX-512 paths run: PyTorch runs its AVX-512 kernels on this CPU and they are not switched off."""
-    cap = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    return cap.startswith("AVX512") and not _mask() & AVX512
+    return _cpu_capability().startswith("AVX512") and not _mask() & AVX512
 
 
 def amx() -> bool:
