@@ -41,7 +41,7 @@ BASELINE = "cublas_bf16" if torch.cuda.is_available() else "torch_fp32"
 VIT_B = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 VIT_H = [(1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280)]
 # the CPU's full run: the narrower families too, where int8 may lose to float (sam_fast keeps layers with
-# fewer than surgery.CPU_MIN_IN_FEATURES input channels float on a CPU; these rows are what that rests on)
+# fewer than cpu_policy int8_min_in_features input channels float on a CPU; these rows are what that rests on)
 CPU_FAMILIES = [("slimsam_77", [(168, 504), (168, 168), (168, 696), (696, 168)]),
                 ("tinyvit_s3", [(160, 480), (160, 640), (640, 160)]),
                 ("tinyvit_s4", [(320, 960), (320, 1280), (1280, 320)]),

@@ -285,3 +285,23 @@ def plot_speedups(rows: List[Dict[str, object]], baseline: str, path: str, title
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def cpu_op_bench(script: str, op: str, cases, out_dir: str, quick: bool, title: str):
+    """The run of a benchmark of one CPU op's backends: ``cases`` yields ``(case, {backend: fn}, exact, gbytes)``
+    (``exact()`` the float64 result, ``gbytes`` the op's memory traffic in GB, for the GB/s column); every backend of
+    a case is timed (median of 20 calls, 5 with ``quick``) and compared with ``exact``. The baseline is
+    ``"reference"``. Returns (rows, png), as :func:`save_results`."""
+    dev = torch.device("cpu")
+    prov = provenance(dev)
+    rows = []
+    for case, peers, exact, gbytes in cases:
+        want = exact()
+        for name, fn in peers.items():
+            m = measure(fn, dev, cpu_reps=5 if quick else 20)
+            got = fn()
+            got = got[0] if isinstance(got, tuple) else got
+            rows.append(dict(prov, op=op, case=case, backend=name, mode="fwd", metric="gbps",
+                             value=gbytes / (m["median_ms"] * 1e-3), max_err=float((got.double() - want).abs().max()),
+                             **m))
+    return save_results(out_dir, script, rows, "reference", title)

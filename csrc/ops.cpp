@@ -30,7 +30,7 @@ TORCH_LIBRARY(sam_fast, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // pycocotools' compressed string form of a batch of RLEs (flat counts + offsets): (chars u8, offsets).
   m.def("rle_to_string(Tensor counts, Tensor offsets) -> (Tensor, Tensor)");
-  // SAM's decomposed rel-pos bias in full (csrc/cpu/attention_bias.cpp): rel_h (..., ay), rel_w (..., ax),
+  // SAM's decomposed rel-pos bias in full (csrc/cpu/decomposed_bias.cpp): rel_h (..., ay), rel_w (..., ax),
   // float32 or float64, written into out (..., ay * ax): out[..., i * ax + j] = rel_h[..., i] + rel_w[..., j].
   m.def("decomposed_bias(Tensor rel_h, Tensor rel_w, Tensor(a!) out) -> ()");
   // softmax(scale * q k^T + rel_h[., key_y] + rel_w[., key_x]) v per segment and head, the bias added inside
@@ -41,7 +41,7 @@ TORCH_LIBRARY(sam_fast, m) {
       "rel_pos_attention(Tensor q, Tensor k, Tensor v, Tensor rel_h, Tensor rel_w, float scale, Tensor(a!) out, "
       "Tensor(b!) lse) -> ()");
   // SAM's window / global attention with the decomposed rel-pos bias, read straight from a block's qkv tensor
-  // (csrc/cpu/rel_pos_attention.cpp): qkv (B, Hg, Wg, 3 * heads * D) float32 or bfloat16 (last dim contiguous);
+  // (csrc/cpu/sam_block_attention.cpp): qkv (B, Hg, Wg, 3 * heads * D) float32 or bfloat16 (last dim contiguous);
   // window 0: global, else (window x window) segments over the grid padded to a multiple of window, the padded
   // keys reading pad_k / pad_v (heads, D) (zeros when None); rel_pos_h / rel_pos_w float32 (2 * segment - 1, D);
   // qkv_bias (3 * heads * D,), when given, is added to every row read from qkv (which then holds x W^T alone);
@@ -52,19 +52,15 @@ TORCH_LIBRARY(sam_fast, m) {
   // After a bias-free GEMM (csrc/cpu/linear_epilogue.cpp): y = act(y + bias) + residual in place, a cache-sized
   // block of rows at a time; activation 'none', 'gelu' (exact) or 'gelu_tanh'; bias (N,), residual shaped like y.
   m.def("linear_epilogue_(Tensor(a!) y, Tensor? bias, str activation, Tensor? residual) -> ()");
-  // The W8A8 path's CPU kernels (csrc/cpu/int8_cpu.cpp), the reference's numerics in one pass each:
-  // per-row int8 of x (M, K) (a static scale: one value) -> (q int8, scale f32 (M,): each row's own, or the static
-  // one; NaN for a row holding NaN or +-inf);
-  m.def("quantize_rows_cpu(Tensor x, Tensor? scale) -> (Tensor, Tensor)");
-  // LayerNorm over K in fp32, then per-row int8 -> (q, scale (M,));
-  m.def("layer_norm_quantize_cpu(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
-  // int32 acc (M, N) -> ((float(acc) * a_scale) * w_scale) + bias [-> exact GELU] -> out_dtype (float32,
-  // bfloat16, float16, or int8 re-quantised with out_scale).
+  // The W8A8 path's CPU-only ops (csrc/cpu/int8_linear.cpp; the CPU kernels of sam_fast::quantize_per_token,
+  // ::quantize_static and ::layer_norm_quantize are there too, under the schemas sam_fast/ops/int8_linear.py defines
+  // for every device). int32 acc (M, N) -> ((float(acc) * a_scale) * w_scale) + bias [-> exact GELU] -> out_dtype
+  // (float32, bfloat16, float16, or int8 re-quantised with out_scale); a_scale one value or (M,), w_scale (N,).
   m.def(
-      "int8_epilogue_cpu(Tensor acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu, ScalarType out_dtype, "
+      "int8_epilogue(Tensor acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu, ScalarType out_dtype, "
       "Tensor? out_scale) -> Tensor");
   // the same with a float32 result written over acc itself (read it as acc.view(float32))
-  m.def("int8_epilogue_cpu_(Tensor(a!) acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu) -> ()");
+  m.def("int8_epilogue_(Tensor(a!) acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu) -> ()");
   // int8 weight (N, K) -> its panels for the AMX GEMM below, (ceil(N / 64) * K * 64,) int8; empty where the CPU
   // has no AMX int8 or K is not a multiple of 4;
   m.def("int8_pack_amx(Tensor w) -> Tensor");

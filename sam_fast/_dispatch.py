@@ -172,12 +172,6 @@ def dispatch(op: str, table: Sequence[Backend], backend: str, *args, **kwargs):
     raise BackendUnavailableError(f"{op}: no backend can run these inputs:\n{lines}")
 
 
-def note_direct_call(op: str, backend: str) -> None:
-    """Record a call of a kernel that a fast path runs directly, without a dispatch table (e.g. the CPU's SAM block
-    attention), so that :func:`record_backends` shows what ran."""
-    _note(op, backend, ())
-
-
 def note_fallback(op: str, chosen: str, reason: str, passed: str = "fused") -> None:
     """Record (and warn once about) a fast path that ran ``chosen`` instead of ``passed`` for ``reason``, outside a
     dispatch table (e.g. a block whose attention module has hooks)."""

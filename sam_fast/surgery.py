@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from . import cpu_policy
 from .nn.attention import SamFastBlock, is_sam_vit_block
 from .nn.quantized import FUSED_INT8_MODULES, Int8Linear
 
@@ -26,16 +27,6 @@ ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
 TINYVIT_ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
 STATIC_ROLES = (("mlp", "lin2"), ("mlp", "fc2"))  # inputs whose static scale removes a quantization pass
 MIN_FEATURES = 16  # narrower layers stay in float: too few channels for int8 tensor cores to pay
-#: on a CPU, linears with fewer input channels stay in float. Through torch._int_mm, quantising the input and the
-#: epilogue cost about as much per output as the int8 GEMM saves when K is this short (bench/bench_int8_linear.py
-#: on the CPU: SlimSAM-77's 168-wide layers ran at 0.6-0.95x float, 384 and wider at 1.5x and up). With the AMX
-#: GEMM (epilogue fused per tile) those layers alone run at 1.3-2.2x, but whole encoders with them in int8 did not
-#: gain (bench_e2e.py, 1024 px: SlimSAM-77 0.96-0.97x its float encoder, TinyViT 1.03-1.04x at 1-2 dB less SQNR
-#: than with them float), so the rule stays.
-CPU_MIN_IN_FEATURES = 256
-#: on a CPU that multiplies bf16 / fp16 in hardware, a bf16 / fp16 model's linears stay in that dtype: AMX bf16
-#: GEMMs outrun torch._int_mm (bench_e2e.py on the CPU: the int8 ViT-B encoder in bf16 ran 0.64x the bf16 one)
-CPU_HALF_STAYS_FLOAT = True
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # segment_anything's defaults
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -103,17 +94,18 @@ def eligible_linears(model: nn.Module) -> List[LinearSlot]:
 
 def too_narrow(lin: nn.Module) -> Optional[str]:
     """Why ``lin`` stays in float under W8A8, or None: fewer than :data:`MIN_FEATURES` channels anywhere, or on a
-    CPU (where its weight lives when quantised) fewer than :data:`CPU_MIN_IN_FEATURES` input channels, or a
-    bf16 / fp16 weight the CPU multiplies in hardware (:data:`CPU_HALF_STAYS_FLOAT`): there int8 would make the
-    layer slower."""
+    CPU (where its weight lives when quantised) fewer than the policy's ``int8_min_in_features`` input channels, or
+    a bf16 / fp16 weight the CPU multiplies in hardware (``int8_half_stays_float``; :mod:`sam_fast.cpu_policy`):
+    there int8 would make the layer slower."""
     if min(lin.in_features, lin.out_features) < MIN_FEATURES:
         return (f"too few channels ({lin.in_features} -> {lin.out_features}, < {MIN_FEATURES}) for int8 to pay")
     weight = getattr(lin, "weight", None)
     on_cpu = weight is not None and weight.device.type == "cpu"
-    if on_cpu and lin.in_features < CPU_MIN_IN_FEATURES:
-        return (f"on a CPU int8 is slower than float below {CPU_MIN_IN_FEATURES} input channels "
+    rules = cpu_policy.policy()
+    if on_cpu and lin.in_features < rules.int8_min_in_features:
+        return (f"on a CPU int8 is slower than float below {rules.int8_min_in_features} input channels "
                 f"({lin.in_features} -> {lin.out_features})")
-    if on_cpu and CPU_HALF_STAYS_FLOAT and weight.dtype in (torch.bfloat16, torch.float16):
+    if on_cpu and rules.int8_half_stays_float and weight.dtype in (torch.bfloat16, torch.float16):
         from .ops.dilated_attention_cpu import compute_dtype
 
         if compute_dtype(weight.dtype) == weight.dtype:

@@ -54,38 +54,48 @@ def device(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "no_sanitizer: a test that races or reads out of bounds on purpose")
     config.addinivalue_line("markers", "cpu_int8_widths: a test that keeps sam_fast's CPU int8 width rule "
-                                       "(surgery.CPU_MIN_IN_FEATURES) instead of lifting it")
+                                       "(cpu_policy int8_min_in_features, int8_half_stays_float) instead of lifting it")
     config.addinivalue_line("markers", "cpu_plain_gate: a test that keeps the plain-PyTorch gate for tiny CPU "
-                                       "blocks (nn.attention.CPU_PLAIN_MAX_TOKENS) instead of turning it off")
+                                       "blocks (cpu_policy plain_max_tokens) instead of turning it off")
 
 
-# sam_fast's CPU rules that test models trip, each lifted for this process and restored for the tests marked
-# with its marker, which test the rule itself (module-scoped fixtures quantise too, so the rules are lifted here,
-# before any fixture; subprocesses - CLI, scripts, Ray workers - keep them):
+# sam_fast's CPU policy (sam_fast.cpu_policy) as the tests run it: rules that every test model trips are lifted,
+# and restored for the tests marked with their marker, which test the rule itself (module-scoped fixtures quantise
+# too, so the policy is set here, before any fixture; subprocesses - CLI, scripts, Ray workers - keep the shipped
+# one):
 # - quantize="int8" keeps linears with fewer than 256 input channels in float, and a bf16 / fp16 model's linears
-#   where the CPU multiplies those in hardware (this one does): every test model is narrower than that;
+#   where the CPU multiplies those in hardware: every test model is narrower than that;
 # - tiny SAM blocks run plain PyTorch at inference: every test model is tiny.
-from sam_fast import surgery as _surgery  # noqa: E402
-from sam_fast.nn import attention as _attention  # noqa: E402
+from sam_fast import cpu_policy as _cpu_policy  # noqa: E402
 
-_CPU_RULES = {  # marker: [(module, attribute, lifted value)]
-    "cpu_int8_widths": [(_surgery, "CPU_MIN_IN_FEATURES", 0), (_surgery, "CPU_HALF_STAYS_FLOAT", False)],
-    "cpu_plain_gate": [(_attention, "CPU_PLAIN_MAX_TOKENS", 0)],
+_LIFTED = {  # marker: {policy field: value in tests}
+    "cpu_int8_widths": {"int8_min_in_features": 0, "int8_half_stays_float": False},
+    "cpu_plain_gate": {"plain_max_tokens": 0},
 }
-_SHIPPED = {(mod, name): getattr(mod, name) for rules in _CPU_RULES.values() for mod, name, _ in rules}
-for _rules in _CPU_RULES.values():
-    for _mod, _name, _lifted in _rules:
-        setattr(_mod, _name, _lifted)
+_TEST_POLICY = _cpu_policy.DEFAULT.replace(**{k: v for lifted in _LIFTED.values() for k, v in lifted.items()})
+_cpu_policy.set_policy(_TEST_POLICY)
 
 
 @pytest.fixture(autouse=True)
-def _shipped_cpu_rules(monkeypatch, request):
-    """The shipped value of every rule whose marker the test carries."""
-    for marker, rules in _CPU_RULES.items():
+def _test_cpu_policy(request):
+    """The tests' CPU policy, with the shipped value of every rule whose marker the test carries; whatever a test
+    sets (:func:`cpu_rules`) ends with it."""
+    shipped = {}
+    for marker, lifted in _LIFTED.items():
         if request.node.get_closest_marker(marker):
-            for mod, name, _ in rules:
-                monkeypatch.setattr(mod, name, _SHIPPED[(mod, name)])
+            shipped.update({k: getattr(_cpu_policy.DEFAULT, k) for k in lifted})
+    _cpu_policy.set_policy(_TEST_POLICY.replace(**shipped))
     yield
+    _cpu_policy.set_policy(_TEST_POLICY)
+
+
+@pytest.fixture
+def cpu_rules():
+    """``cpu_rules(field=value, ...)`` changes the CPU policy (:mod:`sam_fast.cpu_policy`) for the rest of the test."""
+    def change(**changes):
+        _cpu_policy.set_policy(_cpu_policy.policy().replace(**changes))
+
+    return change
 
 
 @pytest.fixture(autouse=True)

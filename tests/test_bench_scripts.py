@@ -32,6 +32,20 @@ def test_bench_script_runs_on_cpu(script, tmp_path):
     assert len({r["backend"] for r in timed}) >= 2, "a benchmark compares at least two backends"
 
 
+@pytest.mark.parametrize("script", ["bench_decomposed_bias", "bench_linear_epilogue", "bench_rel_pos_attention",
+                                    "bench_sam_block_attention"])
+def test_cpu_op_benchmark_times_both_backends(script, tmp_path):
+    """The CPU ops' benchmarks (C++ against the reference; in process: they need no interpreter) time both backends
+    and agree with float64."""
+    import importlib
+
+    mod = importlib.import_module(f"sam_fast.bench.{script}")
+    rows, png = mod.run(str(tmp_path), quick=True)
+    assert {r["backend"] for r in rows} == {"reference", "sam_fast(cpu)"}
+    assert all(r["median_ms"] > 0 and r["value"] > 0 and r["max_err"] < 1e-4 for r in rows), rows
+    assert list(csv.DictReader(open(tmp_path / f"{script}.csv")))
+
+
 def test_e2e_released_geometry_on_cpu_interleaves_its_peers(tmp_path):
     """bench_e2e's CPU run of a released geometry at 1024 px (MobileSAM's TinyViT, the quickest): every config on
     its own copy of the encoder, timed in interleaved rounds, with the SQNR beside it."""

@@ -32,13 +32,13 @@ def test_int8_epilogue_takes_a_one_value_scale_of_any_shape(shape, M, out_dtype)
     w_scale = torch.rand(N, generator=_gen(1)) * 0.01 + 1e-3
     bias = torch.randn(N, generator=_gen(2))
     out_scale = torch.tensor(0.05) if out_dtype == torch.int8 else None
-    got = ops.int8_epilogue_cpu(acc, a_scale, w_scale, bias, False, out_dtype, out_scale)
+    got = ops.int8_epilogue(acc, a_scale, w_scale, bias, False, out_dtype, out_scale)
     y = acc.float() * torch.tensor(0.02) * w_scale + bias
     want = ref.quantize(y, out_scale) if out_dtype == torch.int8 else y.to(out_dtype)
     assert torch.equal(got, want)
     if out_dtype == torch.float32:
         inplace = acc.clone()
-        ops.int8_epilogue_cpu_(inplace, a_scale, w_scale, bias, False)
+        ops.int8_epilogue_(inplace, a_scale, w_scale, bias, False)
         assert torch.equal(inplace.view(torch.float32), want)
 
 
@@ -66,26 +66,26 @@ def test_int8_linear_amx_takes_a_one_value_scale_of_any_shape(shape):
 def test_quantize_rows_static_scale_of_any_shape(shape, dtype):
     x = (torch.randn(37, 19, generator=_gen(0)) * 3).to(dtype)
     x[5, 3] = float("nan")
-    q, s = ops.quantize_rows_cpu(x, torch.full(shape, 0.05))
+    q, s = ops.quantize_static(x, torch.full(shape, 0.05))
     torch.testing.assert_close(s, ref.static_row_scale(x, torch.tensor(0.05)), rtol=0, atol=0, equal_nan=True)
     assert s.shape == (37,) and torch.isnan(s[5]) and (s[torch.arange(37) != 5] == torch.tensor(0.05)).all()
     assert torch.equal(q, ref.quantize(x, torch.tensor(0.05)))
     with pytest.raises(RuntimeError, match="one value"):
-        ops.quantize_rows_cpu(x, torch.ones(2))
+        ops.quantize_static(x, torch.ones(2))
 
 
 @pytest.mark.parametrize("M,K", [(0, 8), (8, 0), (1, 1), (257, 33)])
 def test_quantize_ops_on_empty_and_odd_shapes(M, K):
     x = torch.randn(M, K, generator=_gen(0))
-    q, s = ops.quantize_rows_cpu(x, None)
+    q, s = ops.quantize_per_token(x)
     # (the public ops refuse K = 0; the kernel gives empty rows their all-zero-row scale, 1)
     wq, ws = ref.quantize_per_token(x) if K else (torch.zeros(M, 0, dtype=torch.int8), torch.ones(M))
     assert torch.equal(q, wq) and torch.equal(s, ws)
     strided = torch.randn(K, M, generator=_gen(1)).t()  # a transposed view
-    q, s = ops.quantize_rows_cpu(strided, None)
+    q, s = ops.quantize_per_token(strided)
     assert torch.equal(q, ref.quantize_per_token(strided)[0] if K else wq)
     if K:
-        lq, ls = ops.layer_norm_quantize_cpu(strided, torch.ones(K), torch.zeros(K), 1e-6)
+        lq, ls = ops.layer_norm_quantize(strided, torch.ones(K), torch.zeros(K), 1e-6)
         rq, rs = ref.layer_norm_quantize(strided, torch.ones(K), torch.zeros(K), 1e-6)
         assert (lq.int() - rq.int()).abs().max() <= 1 if M else lq.numel() == 0
 
@@ -93,20 +93,20 @@ def test_quantize_ops_on_empty_and_odd_shapes(M, K):
 def test_int8_ops_refuse_what_their_contract_rules_out():
     acc = torch.zeros(4, 8, dtype=torch.int32)
     cases = [
-        (lambda: ops.int8_epilogue_cpu(acc, torch.ones(3), torch.ones(8), None, False, torch.float32, None),
+        (lambda: ops.int8_epilogue(acc, torch.ones(3), torch.ones(8), None, False, torch.float32, None),
          "a_scale must hold one value or M = 4"),
-        (lambda: ops.int8_epilogue_cpu(acc, torch.ones(4), torch.ones(7), None, False, torch.float32, None),
+        (lambda: ops.int8_epilogue(acc, torch.ones(4), torch.ones(7), None, False, torch.float32, None),
          "w_scale must hold N = 8"),
-        (lambda: ops.int8_epilogue_cpu(acc, torch.ones(4), torch.ones(8), torch.ones(9), False, torch.float32, None),
+        (lambda: ops.int8_epilogue(acc, torch.ones(4), torch.ones(8), torch.ones(9), False, torch.float32, None),
          "bias must hold N = 8"),
-        (lambda: ops.int8_epilogue_cpu(acc, torch.ones(4), torch.ones(8), None, False, torch.int8, None),
+        (lambda: ops.int8_epilogue(acc, torch.ones(4), torch.ones(8), None, False, torch.int8, None),
          "needs out_scale"),
-        (lambda: ops.int8_epilogue_cpu(acc, torch.ones(4), torch.ones(8), None, False, torch.int32, None),
+        (lambda: ops.int8_epilogue(acc, torch.ones(4), torch.ones(8), None, False, torch.int32, None),
          "out_dtype"),
-        (lambda: ops.int8_epilogue_cpu_(acc.t(), torch.ones(8), torch.ones(4), None, False), "contiguous"),
-        (lambda: ops.quantize_rows_cpu(torch.zeros(2, 3, 4), None), "2-D"),
-        (lambda: ops.quantize_rows_cpu(torch.zeros(2, 3, dtype=torch.int32), None), "float32"),
-        (lambda: ops.layer_norm_quantize_cpu(torch.zeros(2, 3), torch.ones(4), None, 1e-6),
+        (lambda: ops.int8_epilogue_(acc.t(), torch.ones(8), torch.ones(4), None, False), "contiguous"),
+        (lambda: ops.quantize_per_token(torch.zeros(2, 3, 4)), "2-D"),
+        (lambda: ops.quantize_per_token(torch.zeros(2, 3, dtype=torch.int32)), "float32"),
+        (lambda: ops.layer_norm_quantize(torch.zeros(2, 3), torch.ones(4), None, 1e-6),
          r"layer_norm_quantize: weight must be a \(K = 3,\)"),
     ]
     for call, match in cases:
@@ -174,9 +174,9 @@ def test_sam_block_attention_odd_grids_and_strided_qkv(window, grid):
     seg = window or max(grid)
     sh, sw = (window, window) if window else grid
     th, tw = torch.randn(2 * sh - 1, D, generator=g), torch.randn(2 * sw - 1, D, generator=g)
-    from sam_fast.ops import dilated_attention_cpu as cpu
+    from sam_fast.ops.sam_block_attention import sam_block_attention
 
-    out = cpu.sam_block_attention(qkv, heads, window, th, tw, None, D ** -0.5)
+    out = sam_block_attention(qkv, heads, window, th, tw, None, D ** -0.5, backend="cpu")
     # segment_anything's attention on the zero-padded windows, in float64
     x = qkv.double()
     if window:

@@ -103,8 +103,8 @@ def test_inference_runs_the_fused_cpu_kernel(case, monkeypatch):
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
     fused = []
-    real = cpu._fused_ok
-    monkeypatch.setattr(cpu, "_fused_ok", lambda *t: fused.append(real(*t)) or fused[-1])
+    real = cpu.fused_ok
+    monkeypatch.setattr(cpu, "fused_ok", lambda *t: fused.append(real(*t)) or fused[-1])
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         with torch.no_grad():
             out, lse = _run_no_grad(case, dtype, "cpu")
@@ -220,16 +220,15 @@ def _attend(q, k, v, th, tw, pad, pattern, grid, backend):
 @pytest.mark.parametrize("min_keys", [1, 1 << 30], ids=["bias-in-kernel", "bias-as-mask"])
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["one-row", "few-rows", "whole"])
 @pytest.mark.parametrize("case", ODD, ids=lambda c: f"{c[1]}-D{c[3]}-{c[4]}-pad{int(c[5])}")
-def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, min_keys, monkeypatch):
+def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, min_keys, cpu_rules):
     """Chunks as small as one query row of one segment, a few rows (cutting segments mid-way in a dense
     block), or the whole bias at once: same outputs and lse; float32 and bf16 by the tolerance rule, q, k, v
     as views of one qkv tensor and as separate tensors."""
-    import sam_fast.ops.dilated_attention_cpu as cpu
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
-    monkeypatch.setattr(cpu, "BIAS_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(cpu, "REL_TERMS_BYTES", chunk_bytes)  # float32's kernel: segments per group
-    monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", min_keys)  # float32: both kernels, whatever the segment size
+    # rel_terms_bytes: float32's kernel, segments per group; rel_pos_min_keys: float32 through both kernels,
+    # whatever the segment size
+    cpu_rules(bias_chunk_bytes=chunk_bytes, rel_terms_bytes=chunk_bytes, rel_pos_min_keys=min_keys)
     B, grid, H, D, pattern, padded = case
     for dtype, views in ((torch.float64, True), (torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
         q, k, v, th, tw, pad = _sam_inputs(B, grid, H, D, dtype, views)
@@ -246,9 +245,10 @@ def test_inference_chunks_and_odd_shapes_match_the_reference(case, chunk_bytes, 
 
 
 def test_chunk_plan_bounds_the_bias():
-    """The chunk plan keeps a chunk's bias within BIAS_CHUNK_BYTES, or one query row of one segment when even
-    that is larger; the chunks cover every segment and row."""
-    from sam_fast.ops.dilated_attention_cpu import BIAS_CHUNK_BYTES, _chunks, _Layout
+    """The chunk plan keeps a chunk's bias within the policy's bias_chunk_bytes, or one query row of one segment when
+    even that is larger; the chunks cover every segment and row."""
+    from sam_fast.cpu_policy import policy
+    from sam_fast.ops.dilated_attention_cpu import _chunks, _Layout
     from sam_fast.pattern import ResolvedBranch
 
     for rows, cols, seg, H in (((64, 64, (14, 14), 12)), (64, 64, (64, 64), 12), (64, 64, (64, 64), 16),
@@ -258,7 +258,7 @@ def test_chunk_plan_bounds_the_bias():
         cs, cy = _chunks(lay, H, L, 4)
         assert 1 <= cs <= lay.n_seg and 1 <= cy <= lay.ay
         row = H * lay.ax * L * 4
-        assert cs * cy * row <= max(BIAS_CHUNK_BYTES, row)
+        assert cs * cy * row <= max(policy().bias_chunk_bytes, row)
         if cy < lay.ay:
             assert cs == 1
 
@@ -283,101 +283,9 @@ def test_geometry_cache_is_keyed_by_geometry_heads_and_padding():
     assert len(first) == len(cases) and all(cpu._LAYOUTS[key] is lay for key, lay in first.items())
 
 
-def test_decomposed_bias_op_matches_its_reference():
-    """sam_fast::decomposed_bias (C++) against the broadcasting add it replaces, rows of 14, 16, 17 and 64
-    (the AVX-512 path's masked tails) in float32 and float64, strided inputs, written into the given buffer;
-    a wrong buffer or dtype is refused."""
-    from sam_fast.ops.dilated_attention_cpu import decomposed_bias, decomposed_bias_reference
-
-    gen = torch.Generator().manual_seed(0)
-    for ay, ax in ((14, 14), (16, 16), (3, 17), (64, 64), (1, 1)):
-        for dtype in (torch.float32, torch.float64):
-            rh = torch.randn(2, 3, ay, 5, generator=gen, dtype=dtype).transpose(-1, -2)  # strided
-            rw = torch.randn(2, 3, 5, ax, generator=gen, dtype=dtype)
-            out = torch.full((2, 3, 5, ay * ax), float("nan"), dtype=dtype)
-            got = decomposed_bias(rh, rw, out)
-            assert got is out and torch.equal(out, decomposed_bias_reference(rh, rw))
-    with pytest.raises(RuntimeError, match="out must be"):
-        torch.ops.sam_fast.decomposed_bias(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 11))
-    with pytest.raises(RuntimeError, match="float32 or all float64"):
-        torch.ops.sam_fast.decomposed_bias(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.float64),
-                                           torch.zeros(2, 12))
-
-
-def _rel_pos_attention_reference(q, k, v, rh, rw, scale):
-    """What sam_fast::rel_pos_attention computes, in plain PyTorch: out (S, Lq, H, D), lse (S, H, Lq)."""
-    bias = (rh[..., :, None] + rw[..., None, :]).flatten(-2)
-    logits = scale * (q @ k.transpose(-1, -2)).to(bias.dtype) + bias  # (bf16 q, k: bf16 logits, float32 bias)
-    lse = torch.logsumexp(logits, dim=-1)
-    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)  # rows that see no key: zeros
-    return (p.to(v.dtype) @ v).transpose(1, 2), lse
-
-
-_OP_SHAPES = [(2, 3, 20, 15, 14), (1, 2, 7, 9, 80), (3, 1, 1, 1, 8), (1, 2, 3, 17, 32), (1, 2, 3, 75, 7)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("S,H,ay,ax,D", _OP_SHAPES)
-def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D, dtype, cpu_paths):
-    """The kernel with the bias inside its row blocks, float32 and bf16, on each of its paths (``cpu_paths``: with
-    AVX-512 off, the scalar row pass and VNNI packing; with AMX off, bf16 GEMMs on plain row-major operands, as on a
-    CPU without AMX): q, k, v strided (views of one qkv
-    tensor); more than one block of rows (300 queries: 256 + 44 in float32; bf16 blocks are shorter still); key
-    counts past one 64-key panel with a partial last panel, odd key counts (bf16's VNNI pairs get a zero key),
-    odd head dims; masked keys as -inf in rel_h / rel_w, a query row that sees no key at all (out 0, lse -inf);
-    logits up to about +-90 (the vector exp's range reduction); within the tolerance rule of the same
-    computation in PyTorch against float64 (bf16: bf16 inputs, PyTorch's bf16 attention as the yardstick).
-    Bad arguments are refused by name."""
-    from sam_fast.ops._ext import extension_error
-    from sam_fast.testing import FWD_FACTOR, check_against_reference
-
-    assert extension_error() is None  # (loads the C++ ops)
-    gen = torch.Generator().manual_seed(S * 100 + ax)
-    L = ay * ax
-    qkv = (torch.randn(S, L, 3, H, D, generator=gen, dtype=torch.float64) * 3).to(dtype).double()
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (S, H, L, D), token stride 3 * H * D
-    rh = torch.randn(S, H, L, ay, generator=gen, dtype=torch.float64) * 4
-    rw = torch.randn(S, H, L, ax, generator=gen, dtype=torch.float64) * 4
-    if ay > 2:
-        rh[:, :, :, 1] = float("-inf")  # a masked key row
-    if ax > 3:
-        rw[:, :, :, -1] = float("-inf")  # a masked key column
-    blind = S > 1 and L > 5
-    if blind:
-        rh[1, 0, 5] = float("-inf")  # one query that sees nothing
-    scale = 10.0 / D ** 0.5
-    exact = _rel_pos_attention_reference(q, k, v, rh, rw, scale)
-    f32 = [t.float() for t in (q, k, v, rh, rw)]
-    same = _rel_pos_attention_reference(*(t.to(dtype) for t in f32[:3]), *f32[3:], scale)
-    q32, k32, v32 = (t.to(dtype).transpose(1, 2) for t in qkv.unbind(2))
-    out = torch.full((S, L, H, D), float("nan"), dtype=dtype)
-    lse = torch.full((S, H, L), float("nan"))
-    torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3], f32[4], scale, out, lse)
-    check_against_reference("out", out, exact[0], same[0], dtype, FWD_FACTOR)
-    finite = torch.isfinite(exact[1])
-    assert torch.equal(torch.isfinite(lse), finite)
-    # the lse is float32 in both dtypes (the logits are accumulated in float32 from the same inputs)
-    check_against_reference("lse", lse[finite], exact[1][finite], same[1][finite].float(), torch.float32,
-                            FWD_FACTOR)
-    if blind:
-        assert lse[1, 0, 5] == float("-inf") and torch.equal(out[1, 5, 0], torch.zeros(D, dtype=dtype))
-    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
-        torch.ops.sam_fast.rel_pos_attention(q32.double(), k32, v32, f32[3], f32[4], scale, out, lse)
-    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
-        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-        torch.ops.sam_fast.rel_pos_attention(q32, k32.to(other), v32, f32[3], f32[4], scale, out, lse)
-    with pytest.raises(RuntimeError, match="rel_h, rel_w and lse must be float32"):
-        torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3].double(), f32[4], scale, out, lse)
-    with pytest.raises(RuntimeError, match="out must be a contiguous"):
-        strided = torch.empty(S, L, H, 2 * D, dtype=dtype)[..., :D]
-        torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, f32[3], f32[4], scale, strided, lse)
-    with pytest.raises(RuntimeError, match="ay \\* ax"):
-        torch.ops.sam_fast.rel_pos_attention(q32, k32, v32, torch.cat([f32[3], f32[3]], -1), f32[4], scale, out, lse)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("avx512", [True, False])
-def test_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx512, dtype, monkeypatch):
+def test_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx512, dtype, monkeypatch, cpu_rules):
     """float32 and bf16 inference with a rel-pos bias runs sam_fast::rel_pos_attention where the CPU has AVX-512,
     and PyTorch's fused kernel with the bias as its mask where it does not (the kernel's plain path is slower);
     fp16 always takes PyTorch's kernel; all match the reference. (bf16 / fp16 as on a CPU that multiplies them
@@ -389,7 +297,7 @@ def test_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx512, dtype, m
     assert extension_error() is None  # (loads the C++ ops)
     monkeypatch.setattr(cpu, "_avx512", lambda: avx512)
     monkeypatch.setattr(cpu, "_FAST_HALF", {torch.bfloat16: True, torch.float16: True})
-    monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", 16)  # the 4 x 4 windows here
+    cpu_rules(rel_pos_min_keys=16)  # the 4 x 4 windows here
     calls = []
     fused, sdpa = torch.ops.sam_fast.rel_pos_attention, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     monkeypatch.setattr(cpu.torch.ops.sam_fast, "rel_pos_attention",
@@ -406,7 +314,7 @@ def test_rel_pos_takes_the_bias_in_kernel_path_only_with_avx512(avx512, dtype, m
     check_against_reference("out", out, exact[0], same[0], dtype, FWD_FACTOR)
     assert set(calls) == {"sam_fast" if avx512 and dtype != torch.float16 else "sdpa"}
     calls.clear()
-    monkeypatch.setattr(cpu, "FUSED_MIN_KEYS", 17)  # segments this small stay on PyTorch's kernel
+    cpu_rules(rel_pos_min_keys=17)  # segments this small stay on PyTorch's kernel
     _attend(q, k, v, th, tw, pad, Branch((4, 4)), grid, "cpu")
     assert set(calls) == {"sdpa"}
 

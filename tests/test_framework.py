@@ -225,3 +225,52 @@ def test_cpu_features_switch_in_process_and_come_back():
     with pytest.raises(TypeError, match="avx512 must be a bool"):
         with cpu_features.disable(avx512="yes"):
             pass
+
+
+def test_cpu_policy_is_one_frozen_checked_object():
+    """The CPU policy: frozen, every field type- and range-checked, unknown fields named; ``use`` puts changes in
+    force for a ``with`` block and restores the policy after it, also on an error; the paths read it per call."""
+    import dataclasses
+
+    from sam_fast import cpu_policy
+
+    before = cpu_policy.policy()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        before.plain_max_tokens = 3
+    with pytest.raises(TypeError, match="plain_max_tokens must be an int"):
+        cpu_policy.CpuPolicy(plain_max_tokens=1.5)
+    with pytest.raises(TypeError, match="int8_half_stays_float must be a bool"):
+        cpu_policy.CpuPolicy(int8_half_stays_float=1)
+    with pytest.raises(ValueError, match="bias_chunk_bytes must be >= 0"):
+        cpu_policy.CpuPolicy(bias_chunk_bytes=-1)
+    with pytest.raises(TypeError, match="no field 'min_keys'"):
+        before.replace(min_keys=3)
+    with pytest.raises(TypeError, match="must be a sam_fast.cpu_policy.CpuPolicy"):
+        cpu_policy.set_policy({"plain_max_tokens": 0})
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu_policy.use(sam_block_min_keys=7) as p:
+            assert p is cpu_policy.policy() and p.sam_block_min_keys == 7
+            assert p.plain_max_tokens == before.plain_max_tokens
+            raise RuntimeError("inside")
+    assert cpu_policy.policy() is before
+    assert cpu_policy.DEFAULT == cpu_policy.CpuPolicy() and cpu_policy.DEFAULT.plain_max_tokens == 1024
+
+
+def test_every_cpu_op_has_its_stem_in_each_layer():
+    """Every C++ op file's stem names its registration, its reference and its tests, and a benchmark times it (a
+    file named after it, or rows with its op name): ``git ls-files '*<stem>*'`` finds each layer."""
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    infra = {"cpu_features", "parallel_probe"}  # CPU features and the thread probe: no op of their own
+    stems = sorted({os.path.basename(f)[:-4] for f in glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp"))} - infra)
+    assert {"rel_pos_attention", "sam_block_attention", "decomposed_bias", "linear_epilogue"} <= set(stems)
+    missing = []
+    for stem in stems:
+        for layer in (f"sam_fast/ops/{stem}.py", f"sam_fast/reference/{stem}.py", f"tests/test_{stem}.py"):
+            if not os.path.exists(os.path.join(root, layer)):
+                missing.append(layer)
+        benches = glob.glob(os.path.join(root, "bench", "bench_*.py"))
+        if not any(stem in os.path.basename(b) or f'op="{stem}' in open(b).read() for b in benches):
+            missing.append(f"a benchmark of {stem}")
+    assert not missing, missing

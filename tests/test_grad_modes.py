@@ -16,7 +16,6 @@ import torch
 import sam_fast
 from sam_fast import Branch
 from sam_fast.models import tiny_image_encoder, tiny_sam
-from sam_fast.ops import linear_epilogue
 from sam_fast.quantize import calibrate
 
 MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": contextlib.nullcontext}
@@ -40,8 +39,8 @@ def calibration():
 
 @pytest.mark.parametrize("order", ORDERS, ids="-then-".join)
 @pytest.mark.parametrize("config", ["exact", "dilated", "int8", "int8_static"])
-def test_patched_encoder_in_every_grad_mode(config, order, calibration, monkeypatch):
-    monkeypatch.setattr(linear_epilogue, "FUSED_MIN_BYTES", 0)  # the fused epilogues on this small model too
+def test_patched_encoder_in_every_grad_mode(config, order, calibration, cpu_rules):
+    cpu_rules(epilogue_min_bytes=0)  # the fused epilogues on this small model too
     enc = _encoder()
     with torch.no_grad():
         want = enc(_images(1)[0][None])

@@ -14,14 +14,13 @@ from torch import nn
 
 import sam_fast
 from sam_fast.models import tiny_image_encoder
-from sam_fast.ops import linear_epilogue
 from sam_fast.quantize import calibrate
 
 
 @pytest.fixture
-def fused_everywhere(monkeypatch):
+def fused_everywhere(cpu_rules):
     """The fused CPU epilogues on the tiny test models too (they start at 2 MiB outputs)."""
-    monkeypatch.setattr(linear_epilogue, "FUSED_MIN_BYTES", 0)
+    cpu_rules(epilogue_min_bytes=0)
 
 
 def _encoder(seed=0):

@@ -4,13 +4,18 @@ Integer results (quantized activations, the int32 accumulator) must be equal; de
 equal to rounding level; accuracy against float is stated as SQNR in dB.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from devices import gpu, smoke
 
 import sam_fast
-from sam_fast import _C  # noqa: F401  (registers the sam_fast:: C++ ops the tests call directly)
+from sam_fast import (
+    _C,  # noqa: F401  (registers the sam_fast:: C++ ops the tests call directly)
+    cpu_features,
+)
 from sam_fast.kernels import int8_linear as K
 from sam_fast.ops import int8_linear as ops
 from sam_fast.reference import int8_linear as R
@@ -105,10 +110,10 @@ def test_non_finite_rows_come_out_nan_on_both_backends():
     got = K.int8_gemm(a, sa, wq, ws, b, out_dtype=torch.int8, out_scale=scale)
     assert torch.equal(got, R.int8_gemm(a, sa, wq, ws, b, out_dtype=torch.int8, out_scale=scale))
     assert not got[[1, 3, 4]].any()
-    assert torch.equal(torch.ops.sam_fast.quantize_rows_cpu(x, scale)[0], R.quantize_static(x, scale))
+    assert torch.equal(torch.ops.sam_fast.quantize_static(x, scale)[0], R.quantize_static(x, scale))
 
 
-# The CPU backend's C++ ops (csrc/cpu/int8_cpu.cpp) against the reference, across their blocks of rows.
+# The CPU backend's C++ ops (csrc/cpu/int8_linear.cpp) against the reference, across their blocks of rows.
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -123,7 +128,7 @@ def test_cpu_quantize_equals_the_reference(m, k, dtype):
     wide = _activations(m, 2 * k, seed=k, dtype=dtype)[:, :k]
     assert torch.equal(sam_fast.quantize_per_token(wide, backend="cpu")[0], R.quantize_per_token(wide)[0])
     scale = torch.tensor(0.03)
-    assert torch.equal(torch.ops.sam_fast.quantize_rows_cpu(x, scale)[0], R.quantize_static(x, scale))
+    assert torch.equal(torch.ops.sam_fast.quantize_static(x, scale)[0], R.quantize_static(x, scale))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -139,18 +144,23 @@ def test_cpu_layer_norm_quantize_equals_the_reference(m, k, affine, dtype):
     assert torch.equal(q, qr) and torch.equal(s, sr)
 
 
+@pytest.fixture
+def amx_int8():
+    """``amx_int8(False)`` switches the AMX paths off for the rest of the test (``True``: as the CPU has them)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda on: stack.enter_context(cpu_features.disable(amx=not on))
+
+
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("m,k,n", [(300, 768, 2304), (5, 96, 3072), (1, 64, 1), (90, 40, 50)])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
-def test_cpu_epilogue_matches_the_reference(m, k, n, activation, out_dtype, amx, monkeypatch):
+def test_cpu_epilogue_matches_the_reference(m, k, n, activation, out_dtype, amx, amx_int8):
     """Dequantise + bias (+ GELU) and the cast or re-quantisation, dynamic and static input scales, with and
     without bias, fused per tile into the AMX GEMM (where this CPU has it) or after torch._int_mm: without GELU
     bit for bit; with it to rounding level (ATen's GELU splits rows into vector and scalar parts at other places
     than the reference's whole-tensor call), as integers within one step."""
-    from sam_fast.ops import int8_linear as ops
-
-    monkeypatch.setattr(ops, "AMX_INT8", amx)
+    amx_int8(amx)
     x = _activations(m, k, seed=k + n)
     w, b = _weights(n, k, seed=n + 1)
     wq, ws = sam_fast.quantize.quantize_weight(w)
@@ -168,7 +178,7 @@ def test_cpu_epilogue_matches_the_reference(m, k, n, activation, out_dtype, amx,
             check_rounding_level("int8_linear", y, yr)
 
 
-def test_cpu_accumulator_memory_is_never_shared_with_a_result(monkeypatch):
+def test_cpu_accumulator_memory_is_never_shared_with_a_result(monkeypatch, cpu_rules):
     """A bf16 / int8 result's int32 accumulator lives in a per-thread buffer kept between calls (grown when a
     larger one comes); a float32 result is written over its own fresh accumulator. Earlier results stay intact
     whatever shapes follow, the buffer is really reused, and over its size limit the path still matches."""
@@ -189,25 +199,25 @@ def test_cpu_accumulator_memory_is_never_shared_with_a_result(monkeypatch):
     assert buf.numel() >= 70 * 130
     results.append(case(10, 48, 20, torch.int8, seed=9))
     assert ops._workspace.acc is buf  # smaller: the same buffer
-    monkeypatch.setattr(ops, "ACC_WORKSPACE_BYTES", 16)
+    cpu_rules(int8_workspace_bytes=16)
     results.append(case(40, 64, 72, torch.bfloat16, seed=10))
     for y, yr in results:
         assert torch.equal(y, yr)
     acc = torch.zeros(8, 6, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.sam_fast.int8_epilogue_cpu_(acc.t(), torch.ones(6), torch.ones(8), None, False)
+        torch.ops.sam_fast.int8_epilogue_(acc.t(), torch.ones(6), torch.ones(8), None, False)
 
 
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("m,k,n", [(300, 96, 200), (1, 64, 64), (129, 40, 70), (5, 30, 8)])
-def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypatch):
+def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypatch, amx_int8):
     """float32 results: with AMX int8 (where the CPU has it and K is a multiple of 4) the GEMM and its epilogue run
     tile by tile (sam_fast::int8_linear_amx: 128-row tiles with a partial last one, 64-channel panels with a
     partial last one); otherwise torch._int_mm and the in-place epilogue. Both equal the reference: bit for bit
     without GELU, to rounding level with it; per-row and static input scales, with and without bias."""
     from sam_fast.ops import int8_linear as ops
 
-    monkeypatch.setattr(ops, "AMX_INT8", amx)
+    amx_int8(amx)
     x = _activations(m, k, seed=m + k)
     w, b = _weights(n, k, seed=n)
     wq, ws = sam_fast.quantize.quantize_weight(w)
@@ -238,7 +248,6 @@ def test_cpu_amx_weight_panels_follow_the_weight(monkeypatch):
 
     w, b = _weights(70, 64, seed=3)
     wq, ws = sam_fast.quantize.quantize_weight(w)
-    monkeypatch.setattr(ops, "AMX_INT8", True)
     x = _activations(20, 64, seed=4)
     if torch.ops.sam_fast.int8_pack_amx(wq).numel() == 0:
         # a CPU without AMX int8: no panels, and the torch._int_mm path gives the reference's result
@@ -286,7 +295,7 @@ def test_round_half_even_like_torch():
     assert q.tolist() == [[0, 2, 2, 0, -2, -2, 126, 0, 3, -126, 127, 0]]
     assert torch.equal(q, R.quantize_static(x, torch.tensor(1.0)))
     long = x.repeat(1, 4)  # the C++ op's 16-wide loop and its masked tail
-    assert torch.equal(torch.ops.sam_fast.quantize_rows_cpu(long, torch.tensor(1.0))[0], q.repeat(1, 4))
+    assert torch.equal(torch.ops.sam_fast.quantize_static(long, torch.tensor(1.0))[0], q.repeat(1, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,6 +12,7 @@ from sam_fast import Branch
 from sam_fast.models import tiny_image_encoder
 from sam_fast.ops import dilated_attention_cpu as cpu_attention
 from sam_fast.ops._ext import extension_error
+from sam_fast.ops.sam_block_attention import sam_block_attention
 
 NAN, INF = float("nan"), float("inf")
 
@@ -69,7 +70,7 @@ def test_dilated_attention_propagates_nonfinite_inputs(backend, pattern, where):
                                                                         "rel_pos_w": tw.double()})
     with sam_fast.record_backends() as rec:
         got, lse = sam_fast.dilated_attention(q, k, v, PATTERNS[pattern], backend=backend, **kw)
-    if backend == "cpu" and cpu_attention._fused_bias_kernel():
+    if backend == "cpu" and cpu_attention.fused_bias_kernel():
         assert ("rel_pos_attention", "cpu") in rec.calls  # the C++ kernel ran
     poisoned = _nan_rows(want)
     assert poisoned.any()  # the case poisons something
@@ -139,7 +140,7 @@ def test_sam_block_attention_propagates_nan(window):
     qkv[0, 2, 3, heads * D + 4] = NAN  # a key of head 0 at (2, 3)
     seg = window or Hg
     th, tw = torch.randn(2 * seg - 1, D, generator=g) * 0.1, torch.randn(2 * seg - 1, D, generator=g) * 0.1
-    out = cpu_attention.sam_block_attention(qkv, heads, window, th, tw, None, D ** -0.5)
+    out = sam_block_attention(qkv, heads, window, th, tw, None, D ** -0.5, backend="cpu")
     nan = torch.isnan(out.view(1, Hg, Wg, heads, D)).any(-1)
     want = torch.zeros(1, Hg, Wg, heads, dtype=torch.bool)
     if window:
@@ -150,12 +151,11 @@ def test_sam_block_attention_propagates_nan(window):
 
 
 @pytest.mark.parametrize("config", ["exact", "dilated", "int8"])
-def test_encoder_with_a_nan_weight_gives_the_nan_embedding_segment_anything_gives(config, monkeypatch):
+def test_encoder_with_a_nan_weight_gives_the_nan_embedding_segment_anything_gives(config, cpu_rules):
     """One NaN in a qkv weight: the patched encoder's embedding is NaN exactly where segment_anything's is (int8
     refuses to quantize the weight, naming the layer)."""
-    from sam_fast.ops import linear_epilogue
 
-    monkeypatch.setattr(linear_epilogue, "FUSED_MIN_BYTES", 0)  # the fused epilogues on this tiny model too
+    cpu_rules(epilogue_min_bytes=0)  # the fused epilogues on this tiny model too
     enc = tiny_image_encoder(img_size=224, embed_dim=64, num_heads=2, depth=2, window_size=7,
                              global_attn_indexes=(1,)).eval()
     with torch.no_grad():

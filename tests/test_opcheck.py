@@ -4,17 +4,18 @@ dispatch, as torch.compile and torch.export use it. Every op needs a case here: 
 ``test_every_registered_op_has_a_case``."""
 
 import importlib
+import pkgutil
 
 import pytest
 import torch
 
+import sam_fast.ops
 from sam_fast.ops._ext import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason="the C++ extension is part of the install")
 
-for _m in ("dilated_attention", "dilated_attention_cpu", "int8_linear", "linear_epilogue", "mask_postprocess",
-           "resize_rel_pos", "small_key_attention", "upscale_mask_product"):
-    importlib.import_module(f"sam_fast.ops.{_m}")  # registers their ops and fakes
+for _m in pkgutil.iter_modules(sam_fast.ops.__path__):
+    importlib.import_module(f"sam_fast.ops.{_m.name}")  # every op module: registers its ops and fakes
 
 #: ops whose schema takes no tensor: nothing for opcheck to compare (their CompositeExplicitAutograd kernels run as
 #: they are under fake tensors too)
@@ -57,17 +58,15 @@ def _cases():
             ((qkv, 2, 3, randn(5, 8), randn(5, 8), None, None, None, 0.35, torch.empty(1, 5, 6, 16)), None),
             ((qkv, 2, 0, randn(9, 8), randn(11, 8), randn(48), None, None, 0.35, torch.empty(1, 5, 6, 16)), None)],
         "sam_fast::linear_epilogue_": [((randn(9, 16), randn(16), "gelu", randn(9, 16)), None)],
-        "sam_fast::quantize_rows_cpu": [((x, None), None), ((x, torch.tensor(0.05)), None)],
-        "sam_fast::layer_norm_quantize_cpu": [((x, randn(32), randn(32), 1e-6), None)],
-        "sam_fast::int8_epilogue_cpu": [((acc, torch.rand(9, generator=g), ws, randn(16), True, torch.bfloat16, None),
-                                         None),
-                                        ((acc, torch.tensor(0.02), ws, None, False, torch.int8, torch.tensor(0.1)),
-                                         None)],
-        "sam_fast::int8_epilogue_cpu_": [((acc.clone(), torch.rand(9, generator=g), ws, None, False), None)],
+        # one schema per quantisation for every device: on CPU tensors the C++ kernels, opchecked in full
+        "sam_fast::quantize_per_token": [((x,), None)],
+        "sam_fast::quantize_static": [((x, torch.tensor(0.05)), None)],
+        "sam_fast::layer_norm_quantize": [((x, randn(32), randn(32), 1e-6), None), ((x, None, None, 1e-5), None)],
+        "sam_fast::int8_epilogue": [((acc, torch.rand(9, generator=g), ws, randn(16), True, torch.bfloat16, None),
+                                     None),
+                                    ((acc, torch.tensor(0.02), ws, None, False, torch.int8, torch.tensor(0.1)), None)],
+        "sam_fast::int8_epilogue_": [((acc.clone(), torch.rand(9, generator=g), ws, None, False), None)],
         "sam_fast::int8_pack_amx": [((w8,), None)],
-        "sam_fast::quantize_per_token": [((x,), TRITON)],
-        "sam_fast::quantize_static": [((x, torch.tensor(0.05)), TRITON)],
-        "sam_fast::layer_norm_quantize": [((x, randn(32), randn(32), 1e-6), TRITON)],
         "sam_fast::int8_linear": [((xq, torch.rand(9, generator=g), w8, ws, None, "gelu", torch.float32, None),
                                    TRITON)],
         "sam_fast::dilated_attention_fwd": [((q, k, v, geom, None, None, None, None, 0.3), TRITON)],

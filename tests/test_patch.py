@@ -50,13 +50,13 @@ def test_patched_encoder_matches_original(embed_dim, heads):
 
 
 @pytest.mark.cpu_plain_gate
-def test_tiny_cpu_blocks_run_plain_pytorch_at_inference_only():
-    """On the CPU a block with at most CPU_PLAIN_MAX_TOKENS tokens runs plain PyTorch (segment_anything's
-    partition, SDPA with the bias as mask) at inference under backend="auto", with the same embedding; with
-    autograd recording, with a forced backend, or above the limit it runs dilated_attention."""
-    from sam_fast.nn import attention
+def test_tiny_cpu_blocks_run_plain_pytorch_at_inference_only(cpu_rules):
+    """On the CPU a block with at most the policy's plain_max_tokens tokens runs plain PyTorch (sam_block_attention's
+    reference: segment_anything's partition, SDPA with the bias as mask) at inference under backend="auto", with the
+    same embedding; with autograd recording, with a forced backend, or above the limit it runs dilated_attention."""
+    from sam_fast import cpu_policy
 
-    assert attention.CPU_PLAIN_MAX_TOKENS == 1024
+    assert cpu_policy.policy().plain_max_tokens == 1024
     enc = tiny_image_encoder(img_size=128, embed_dim=28, num_heads=2, depth=4, window_size=3,
                              global_attn_indexes=(1, 3))  # 8 x 8 tokens, windows padded to 9 x 9
     x = _image(128)
@@ -68,12 +68,13 @@ def test_tiny_cpu_blocks_run_plain_pytorch_at_inference_only():
         with torch.no_grad(), sam_fast.record_backends() as rec:
             got = enc(x)
         assert rec.backends("dilated_attention") == set()
+        assert "reference" in rec.backends("sam_block_attention")
         check_against_reference("embedding", got, exact, expected, torch.float32, FWD_FACTOR)
         with torch.no_grad(), sam_fast.record_backends() as rec:
-            attention.CPU_PLAIN_MAX_TOKENS = 63  # (restored by the marker's fixture)
+            cpu_rules(plain_max_tokens=63)
             enc(x)
         assert rec.backends("dilated_attention") == {"cpu"}
-        attention.CPU_PLAIN_MAX_TOKENS = 1024
+        cpu_rules(plain_max_tokens=1024)
         with sam_fast.record_backends() as rec:
             enc(x).sum().backward()  # parameters require grad: the differentiable path
         assert rec.backends("dilated_attention") == {"cpu"}

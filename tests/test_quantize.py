@@ -8,7 +8,7 @@ from devices import gpu
 from torch import nn
 
 import sam_fast
-from sam_fast import Branch, SamFastConfig
+from sam_fast import Branch, SamFastConfig, cpu_policy
 from sam_fast.models.tiny import tiny_image_encoder
 from sam_fast.nn import Int8Linear
 from sam_fast.quantize import Calibration, calibrate, prepare_image, sqnr_db
@@ -168,9 +168,8 @@ def test_cpu_keeps_layers_with_few_input_channels_float():
     """On a CPU, int8 is slower than float for linears with fewer than 256 input channels: they stay float,
     with why, in both the plain swap and the calibration; wider ones (the MLP's 256 -> 64 here) go int8. A bf16
     model stays bf16 where the CPU multiplies bf16 in hardware."""
-    from sam_fast import surgery
 
-    assert surgery.CPU_MIN_IN_FEATURES == 256 and surgery.CPU_HALF_STAYS_FLOAT
+    assert cpu_policy.policy().int8_min_in_features == 256 and cpu_policy.policy().int8_half_stays_float
     enc = tiny_image_encoder(embed_dim=64, num_heads=2, out_chans=8)  # qkv 64->192, proj 64->64, MLP 64->256->64
     x = _batch(enc)[:1]
     with torch.no_grad():

@@ -24,7 +24,8 @@ STAGE = os.path.join(ROOT, ".stage-asan")
 BUILD_TMP = os.path.join(ROOT, "build", "asan")
 
 #: the tests that call the C++ ops (directly, and through the paths that reach them)
-TESTS = ["tests/test_cpu_ops_fuzz.py", "tests/test_cpu_block_path.py", "tests/test_dilated_attention_cpu.py",
+TESTS = ["tests/test_cpu_ops_fuzz.py", "tests/test_sam_block_attention.py", "tests/test_rel_pos_attention.py",
+         "tests/test_decomposed_bias.py", "tests/test_linear_epilogue.py", "tests/test_dilated_attention_cpu.py",
          "tests/test_int8_linear.py", "tests/test_mask_postprocess.py", "tests/test_resize_rel_pos.py",
          "tests/test_nonfinite.py", "tests/test_grad_modes.py",
          "tests/test_framework.py::test_extension_cpu_ops_use_every_intra_op_thread"]

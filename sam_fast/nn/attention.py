@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_policy
 from .._dispatch import check_backend_name, note_fallback
 from .._hooks import has_hooks, share_hooks
-from ..ops import dilated_attention_cpu as cpu_attention
 from ..ops.dilated_attention import dilated_attention, needed_rel_rows
 from ..ops.linear_epilogue import fused_linear
 from ..ops.resize_rel_pos import resize_rel_pos
+from ..ops.sam_block_attention import sam_block_attention, sam_block_fits
 from ..pattern import Branch, check_pattern, resolve_pattern
 from .quantized import Int8Linear, int8_mlp, norm_int8_linear
 
@@ -48,48 +49,25 @@ def _pattern_rel_sizes(pattern, grid, base):
     return (need_h + 1) // 2, (need_w + 1) // 2
 
 
-#: on the CPU, SAM blocks whose token grid has at most this many tokens (e.g. the 16 x 16 grid of a 256 px input)
-#: run plain PyTorch at inference (:func:`_plain_cpu_attention`) under ``backend="auto"``: at that size the
-#: batched path's fixed per-call work costs more than it saves (bench_cpu_blocks.py, small window 7 block,
-#: fp32: 0.93x segment_anything at 2 threads batched). 0 turns the gate off.
-CPU_PLAIN_MAX_TOKENS = 1024
-
-
-def _plain_cpu_attention(attn: nn.Module, x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """segment_anything's attention (its window partition, padding and rel-pos tables) with the decomposed bias
-    materialised as the mask of ``F.scaled_dot_product_attention``: the fastest way through a tiny block. The bias
-    is written by :func:`~sam_fast.ops.dilated_attention_cpu.decomposed_bias` (in float32 the C++ op, 3% of the
-    small block's time ahead of PyTorch's broadcasting add over 7-wide rows)."""
-    from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
-
-    from ..ops.dilated_attention_cpu import decomposed_bias
-
-    Hg, Wg = x.shape[1], x.shape[2]
-    pad_hw = None
-    if window_size > 0:
-        x, pad_hw = window_partition(x, window_size)
-    B, h, w, _ = x.shape
-    heads = attn.num_heads
-    q, k, v = attn.qkv(x).reshape(B, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, D)
-    mask = None
-    if getattr(attn, "use_rel_pos", False):
-        r_q = q.reshape(B * heads, h, w, -1)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, attn.rel_pos_h))
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, attn.rel_pos_w))
-        mask = decomposed_bias(rel_h, rel_w).reshape(B, heads, h * w, h * w)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
-    out = attn.proj(out.transpose(1, 2).reshape(B, h, w, -1))
-    return window_unpartition(out, window_size, pad_hw, (Hg, Wg)) if window_size > 0 else out
-
-
 def _plain_cpu_fits(attn: nn.Module, x: Optional[torch.Tensor], pattern, backend: str) -> bool:
-    """Whether :func:`_plain_cpu_attention` runs: ``auto``, SAM's own block (no pattern, x given), on the CPU, at
-    inference, with at most CPU_PLAIN_MAX_TOKENS tokens."""
+    """Whether a tiny block runs plain PyTorch (``sam_block_attention``'s reference backend: segment_anything's
+    partition, SDPA with the bias as mask): ``auto``, SAM's own block (no pattern, x given), on the CPU, at
+    inference, with at most ``cpu_policy.policy().plain_max_tokens`` tokens; at that size the batched path's fixed
+    per-call work costs more than it saves."""
     if x is None or pattern is not None or backend != "auto" or x.device.type != "cpu" or x.dim() != 4:
         return False
-    if x.shape[1] * x.shape[2] > CPU_PLAIN_MAX_TOKENS:
+    if x.shape[1] * x.shape[2] > cpu_policy.policy().plain_max_tokens:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in attn.parameters())))
+
+
+def _pad_kv(attn: nn.Module, Hg: int, Wg: int, window_size: int):
+    """The k and v that segment_anything's zero-padded window tokens carry (the qkv bias' parts), or None when the
+    windows tile the grid or there is no bias (zeros)."""
+    bias = attn.qkv.bias
+    if window_size > 0 and (Hg % window_size or Wg % window_size) and bias is not None:
+        return tuple(bias.view(3, attn.num_heads, -1)[1:])
+    return None
 
 
 def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int = 0, backend: str = "auto",
@@ -104,12 +82,13 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
     beyond what the block's tables span. ``qkv`` (B, Hg, Wg, 3C), when given, is ``attn.qkv(x)`` already
     computed (e.g. by a fused LayerNorm -> int8 GEMM) and ``x`` is not read.
 
-    On the CPU, SAM's own block (no pattern) with a rel-pos bias at inference runs
-    :func:`~sam_fast.ops.dilated_attention_cpu.sam_block_attention` straight on the qkv tensor (in float32 with
-    the qkv bias added as the kernel reads the rows, and the projection's bias and residual fused after its GEMM:
+    On the CPU, SAM's own block (no pattern) with a rel-pos bias at inference runs the C++ kernel of
+    :func:`~sam_fast.ops.sam_block_attention.sam_block_attention` straight on the qkv tensor where
+    :func:`~sam_fast.ops.sam_block_attention.sam_block_fits` (in float32 with the qkv bias added as the kernel reads
+    the rows, and the projection's bias and residual fused after its GEMM:
     :func:`~sam_fast.ops.linear_epilogue.fused_linear`). Otherwise a tiny block on the CPU at inference (at most
-    :data:`CPU_PLAIN_MAX_TOKENS` tokens, ``backend="auto"``, no pattern) runs plain PyTorch
-    (:func:`_plain_cpu_attention`)."""
+    the policy's ``plain_max_tokens`` tokens, ``backend="auto"``, no pattern) runs that op's plain-PyTorch
+    reference backend."""
     heads = attn.num_heads
     if pattern is None and getattr(attn, "use_rel_pos", False):
         src = x if qkv is None else qkv
@@ -118,7 +97,7 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
         rel_h, rel_w = _rel_table(attn.rel_pos_h, size_h), _rel_table(attn.rel_pos_w, size_w)
         bias = attn.qkv.bias
         params = () if bias is None else (bias, attn.qkv.weight)
-        if cpu_attention.sam_block_fits(src, window_size, rel_h, rel_w, backend, *params):
+        if sam_block_fits(src, window_size, rel_h, rel_w, backend, *params):
             qkv_bias = None
             if qkv is None:
                 if type(attn.qkv) is nn.Linear and bias is not None and x.dtype == torch.float32 \
@@ -126,14 +105,18 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
                     qkv, qkv_bias = F.linear(x, attn.qkv.weight), bias  # the kernel adds the bias as it reads
                 else:
                     qkv = attn.qkv(x)
-            pad_kv = None
-            if window_size > 0 and (Hg % window_size or Wg % window_size) and bias is not None:
-                pad_kv = tuple(bias.view(3, heads, -1)[1:])
-            out = cpu_attention.sam_block_attention(qkv, heads, window_size, rel_h, rel_w, pad_kv, attn.scale,
-                                                    qkv_bias=qkv_bias)
+            out = sam_block_attention(qkv, heads, window_size, rel_h, rel_w, _pad_kv(attn, Hg, Wg, window_size),
+                                      attn.scale, qkv_bias=qkv_bias, backend="cpu")
             return _project(attn, out, residual)
     if qkv is None and _plain_cpu_fits(attn, x, pattern, backend):
-        return _add_residual(_plain_cpu_attention(attn, x, window_size), attn.proj, residual)
+        Hg, Wg = x.shape[1], x.shape[2]
+        size_h, size_w = (window_size, window_size) if window_size > 0 else (Hg, Wg)
+        rel_h = rel_w = None
+        if getattr(attn, "use_rel_pos", False):
+            rel_h, rel_w = _rel_table(attn.rel_pos_h, size_h), _rel_table(attn.rel_pos_w, size_w)
+        out = sam_block_attention(attn.qkv(x), heads, window_size, rel_h, rel_w, _pad_kv(attn, Hg, Wg, window_size),
+                                  attn.scale, backend="reference")
+        return _add_residual(attn.proj(out), attn.proj, residual)
     if qkv is None:
         qkv = attn.qkv(x)
     B, Hg, Wg, _ = qkv.shape

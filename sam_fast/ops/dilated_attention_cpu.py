@@ -23,17 +23,17 @@ kernel with the bias and key mask as its mask (it returns the lse too), built an
   segment_anything's own attention;
 * q, k and v, when they are views of one qkv tensor (as in SAM's blocks), are gathered into segments
   together, in one copy (none at all for a dense block, whose segment is the grid);
-* the bias of a chunk - as many segments, or for a global block as many query rows, as fit in
-  :data:`BIAS_CHUNK_BYTES` (one query row of one segment at least) - is written contiguous in the
-  kernel's layout straight from the two decomposed terms, with masked keys folded into those terms as
+* the bias of a chunk - as many segments, or for a global block as many query rows, as fit in the policy's
+  ``bias_chunk_bytes`` (:mod:`sam_fast.cpu_policy`; one query row of one segment at least) - is written contiguous
+  in the kernel's layout straight from the two decomposed terms, with masked keys folded into those terms as
   -inf, and read by the kernel while it is still in cache. The temporary bias memory is bounded by
-  ``max(BIAS_CHUNK_BYTES, H * Lq_row * L * 4)`` bytes (``Lq_row``: the queries of one segment row, 64 for a
+  ``max(bias_chunk_bytes, H * Lq_row * L * 4)`` bytes (``Lq_row``: the queries of one segment row, 64 for a
   global block on SAM's 64 x 64 grid), instead of ``S * H * L * L * 4`` for the whole bias (805 MB for a
   SlimSAM global block);
-* float32 and bf16 (:data:`FUSED_DTYPES`) with a rel-pos bias, segments of at least :data:`FUSED_MIN_KEYS`
-  keys, on a CPU with AVX-512, go instead through ``sam_fast::rel_pos_attention`` (:func:`_fused_bias_branch`),
-  which adds the two decomposed terms inside its row blocks: the bias memory is those terms,
-  ``S * H * L * (ay + ax)`` floats at most :data:`REL_TERMS_BYTES` at a time;
+* float32 and bf16 (:data:`FUSED_DTYPES`) with a rel-pos bias, segments of at least the policy's
+  ``rel_pos_min_keys`` keys, on a CPU with AVX-512, go instead through ``sam_fast::rel_pos_attention``
+  (:func:`_fused_bias_branch`), which adds the two decomposed terms inside its row blocks: the bias memory is
+  those terms, ``S * H * L * (ay + ax)`` floats at most ``rel_terms_bytes`` at a time;
 * bf16 / fp16 run in their own dtype where the CPU has matmul instructions for it (AVX512-BF16 / AMX),
   otherwise in float32 (emulated half-precision matmuls are slower than float32 ones); the bias is
   float32 either way.
@@ -50,13 +50,14 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import cpu_features
-from .._dispatch import note_direct_call
+from .. import cpu_features, cpu_policy
 from ..kernels._cache import persistent
 from ..pattern import ResolvedBranch
 from ..reference.dilated_attention import branch_attention as reference_branch
 from ..reference.dilated_attention import merge_branches
-from ._ext import extension_error, register_fake
+from ._ext import extension_error
+from .decomposed_bias import decomposed_bias
+from .rel_pos_attention import rel_pos_attention
 
 
 def batches_segments(branches, rel_pos_h) -> bool:
@@ -66,10 +67,6 @@ def batches_segments(branches, rel_pos_h) -> bool:
 
 def _batched(br: ResolvedBranch, rel_pos_h) -> bool:
     return rel_pos_h is None or br.is_2d
-
-
-#: bytes of bias one chunk of the inference path may hold (see the module docstring); tests shrink it.
-BIAS_CHUNK_BYTES = 1 << 21
 
 
 def _has_fast_half(dtype) -> bool:
@@ -247,36 +244,6 @@ class _Layout:
         return t[:, : self.br.rows, : self.br.cols].reshape(B, self.br.rows * self.br.cols, H, E)
 
 
-def decomposed_bias_reference(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-    """rel_h (..., ay), rel_w (..., ax) -> (..., ay * ax): ``out[..., i * ax + j] = rel_h[..., i] + rel_w[..., j]``."""
-    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
-
-
-_warned_bias = []
-
-
-def decomposed_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`decomposed_bias_reference`, written into ``out`` (contiguous, (..., ay * ax)) when given, by the C++
-    op ``sam_fast::decomposed_bias`` (PyTorch's broadcasting add crawls over SAM's 14-wide rows). While
-    torch.compile traces, and if the extension did not load (said once, as a warning), the reference."""
-    if torch.compiler.is_compiling() or rel_h.dtype not in (torch.float32, torch.float64):
-        return decomposed_bias_reference(rel_h, rel_w)
-    err = extension_error()
-    if err is not None:
-        if not _warned_bias:
-            _warned_bias.append(err)
-            import warnings
-
-            warnings.warn(f"sam_fast CPU attention: building the rel-pos bias with PyTorch ops (slower): {err}",
-                          RuntimeWarning, stacklevel=2)
-        ref = decomposed_bias_reference(rel_h, rel_w)
-        return ref if out is None else out.copy_(ref)
-    if out is None:
-        out = rel_h.new_empty((*rel_h.shape[:-1], rel_h.shape[-1] * rel_w.shape[-1]))
-    torch.ops.sam_fast.decomposed_bias(rel_h, rel_w, out)
-    return out
-
-
 _LAYOUTS: Dict[tuple, _Layout] = {}
 _MAX_LAYOUTS = 64
 
@@ -311,12 +278,13 @@ def _stacked(q, k, v) -> torch.Tensor:
 
 
 def _chunks(lay: _Layout, H: int, L: int, itemsize: int):
-    """(segments per chunk, dilated query rows per chunk) so that a chunk's bias fits BIAS_CHUNK_BYTES
+    """(segments per chunk, dilated query rows per chunk) so that a chunk's bias fits the policy's bias_chunk_bytes
     (at least one query row of one segment)."""
     row = H * lay.ax * L * itemsize
-    if lay.ay * row <= BIAS_CHUNK_BYTES:
-        return max(1, min(lay.n_seg, BIAS_CHUNK_BYTES // (lay.ay * row))), lay.ay
-    return 1, max(1, BIAS_CHUNK_BYTES // row)
+    budget = cpu_policy.policy().bias_chunk_bytes
+    if lay.ay * row <= budget:
+        return max(1, min(lay.n_seg, budget // (lay.ay * row))), lay.ay
+    return 1, max(1, budget // row)
 
 
 def _avx512() -> bool:
@@ -324,55 +292,29 @@ def _avx512() -> bool:
     return cpu_features.avx512()
 
 
-#: segments with fewer keys (a 7 x 7 window: 49) stay on PyTorch's fused kernel: the bias-inside kernel's
-#: per-(segment, head) GEMM calls cost more than such a segment's whole attention (measured on the small window
-#: block of bench_cpu_blocks.py: 2.76 ms against 2.37 ms)
-FUSED_MIN_KEYS = 128
-
 #: the compute dtypes that take ``sam_fast::rel_pos_attention`` (bf16: where :func:`compute_dtype` keeps it, i.e.
 #: the CPU multiplies bf16 in hardware)
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
-#: bytes of the two decomposed bias terms (rel_h, rel_w: S * H * L * (ay + ax) floats) the fused kernel's caller
-#: computes at once; a branch with more goes in groups of segments
-REL_TERMS_BYTES = 32 << 20
 
-
-def _fused_bias_kernel() -> bool:
+def fused_bias_kernel() -> bool:
     """Whether ``sam_fast::rel_pos_attention`` (the bias added inside the kernel) may run: the C++ extension
     loaded, the CPU has AVX-512 (the kernel's plain path, an exp per element, is slower than PyTorch's fused
     kernel with a mask), and not while torch.compile traces (that path keeps PyTorch's kernel, which it knows)."""
     return not (torch.compiler.is_compiling() or not _avx512() or extension_error() is not None)
 
 
-# Fakes of the C++ attention ops (they write their outputs in place: nothing to return)
-@register_fake("sam_fast::decomposed_bias")
-def _(rel_h, rel_w, out):
-    return None
-
-
-@register_fake("sam_fast::rel_pos_attention")
-def _(q, k, v, rel_h, rel_w, scale, out, lse):
-    return None
-
-
-@register_fake("sam_fast::sam_block_attention")
-def _(qkv, heads, window, rel_pos_h, rel_pos_w, qkv_bias, pad_k, pad_v, scale, out):
-    return None
-
-
 def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B: int):
     """float32 / bf16 q, k, v segments (S, H, L, D) -> out (S, L, H, D) in their dtype, lse (S, H, L) float32
     through ``sam_fast::rel_pos_attention``: the two decomposed terms per query (float32, with masked keys folded
     in as -inf) are all the bias memory there is, computed for as many segments at a time as fit
-    REL_TERMS_BYTES."""
+    the policy's rel_terms_bytes."""
     S, H, L, D = qs.shape
     ay, ax = lay.ay, lay.ax
     out = torch.empty(S, L, H, D, dtype=qs.dtype, device=qs.device)
     lse = torch.empty(S, H, L, dtype=torch.float32, device=qs.device)
     per_seg = H * L * (ay + ax) * 4
-    cs = max(1, min(lay.n_seg, REL_TERMS_BYTES // per_seg))
-    note_direct_call("rel_pos_attention", "cpu")
+    cs = max(1, min(lay.n_seg, cpu_policy.policy().rel_terms_bytes // per_seg))
     for b in range(B):
         for j0 in range(0, lay.n_seg, cs):
             j1 = min(lay.n_seg, j0 + cs)
@@ -385,60 +327,9 @@ def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B:
                 rw = rw + neg[1][j0:j1, :, None, None, :]
             rh = rh.reshape(s1 - s0, H, L, ay).contiguous()
             rw = rw.reshape(s1 - s0, H, L, ax).contiguous()
-            torch.ops.sam_fast.rel_pos_attention(qs[s0:s1], ks[s0:s1], vs[s0:s1], rh, rw, scale, out[s0:s1],
-                                                 lse[s0:s1])
+            rel_pos_attention(qs[s0:s1], ks[s0:s1], vs[s0:s1], rh, rw, scale, out=out[s0:s1], lse=lse[s0:s1],
+                              backend="cpu")
     return out, lse
-
-
-#: SAM blocks whose segments (windows, or the grid of a global block) have fewer keys keep the batched path. Unlike
-#: :data:`FUSED_MIN_KEYS` this is low: with no gather, chunking or scatter around it, the block kernel won even on the
-#: small window-7 block of bench_cpu_blocks.py (49 keys: 1.76 ms against the plain path's 2.45 ms, float32, 2 threads;
-#: bf16 1.10 against 2.13 ms).
-SAM_BLOCK_MIN_KEYS = 49
-
-
-def sam_block_fits(qkv: torch.Tensor, window: int, rel_pos_h, rel_pos_w, backend: str, *params) -> bool:
-    """Whether :func:`sam_block_attention` runs SAM's own block attention on ``qkv`` (B, Hg, Wg, 3C): backend
-    ``auto`` / ``cpu``, a CPU tensor in a :data:`FUSED_DTYPES` compute dtype, a rel-pos bias, segments (the window,
-    or the grid for a global block) of at least :data:`SAM_BLOCK_MIN_KEYS` keys, nothing for autograd to record, and
-    the C++ kernel available (:func:`_fused_bias_kernel`)."""
-    if backend not in ("auto", "cpu") or qkv.device.type != "cpu" or qkv.dim() != 4 or rel_pos_h is None:
-        return False
-    if qkv.dtype not in FUSED_DTYPES or compute_dtype(qkv.dtype) != qkv.dtype:
-        return False
-    keys = window * window if window > 0 else qkv.shape[1] * qkv.shape[2]
-    if keys < SAM_BLOCK_MIN_KEYS or not _fused_ok(qkv, rel_pos_h, rel_pos_w, *params):
-        return False
-    return _fused_bias_kernel()
-
-
-def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                        pad_kv: Optional[Tuple[torch.Tensor, torch.Tensor]], scale: float,
-                        qkv_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """segment_anything's block attention (before ``proj``) straight from the block's qkv tensor (B, Hg, Wg,
-    3 * heads * D) through ``sam_fast::sam_block_attention``: ``window`` 0 is global attention, otherwise
-    (window x window) windows over the grid padded to whole windows, the padded keys carrying ``pad_kv`` (the
-    qkv bias' k and v parts; zeros when None). ``rel_pos_h`` / ``rel_pos_w`` span ``2 * segment - 1`` offsets.
-    ``qkv_bias``, when given, is added to every row the kernel reads (qkv is then ``x W^T`` alone: the bias costs
-    no pass of its own). Returns (B, Hg, Wg, heads * D) in qkv's dtype.
-
-    The kernel gathers each segment's keys and real queries itself, computes the two decomposed rel-pos terms
-    per block of queries (a small GEMM against each table), adds them inside its row blocks as
-    ``sam_fast::rel_pos_attention`` does, and writes each output row in place: no window partition, no padded
-    copy, no bias terms in memory and no lse. Callers check :func:`sam_block_fits` first. The call shows in
-    :func:`sam_fast.record_backends` as ``("sam_block_attention", "cpu")``."""
-    B, Hg, Wg, C3 = qkv.shape
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
-    out = torch.empty(B, Hg, Wg, C3 // 3, dtype=qkv.dtype, device=qkv.device)
-    pad_k, pad_v = (None, None) if pad_kv is None else (p.to(qkv.dtype).contiguous() for p in pad_kv)
-    tables = [t.to(torch.float32).contiguous() for t in (rel_pos_h, rel_pos_w)]
-    if qkv_bias is not None:
-        qkv_bias = qkv_bias.to(qkv.dtype).contiguous()
-    note_direct_call("sam_block_attention", "cpu")
-    torch.ops.sam_fast.sam_block_attention(qkv, heads, window, tables[0], tables[1], qkv_bias, pad_k, pad_v, scale,
-                                           out)
-    return out
 
 
 def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float, pad_kv):
@@ -456,7 +347,7 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
         th = rel_pos_h.to(bias_dtype)[lay.rel_index(0, rel_pos_h.shape[0])]  # (ay, ay, D)
         tw = rel_pos_w.to(bias_dtype)[lay.rel_index(1, rel_pos_w.shape[0])]  # (ax, ax, D)
     neg = None if lay.all_keys else lay.key_neg(bias_dtype)
-    if th is not None and cdt in FUSED_DTYPES and L >= FUSED_MIN_KEYS and _fused_bias_kernel():
+    if th is not None and cdt in FUSED_DTYPES and L >= cpu_policy.policy().rel_pos_min_keys and fused_bias_kernel():
         out, lse = _fused_bias_branch(qs, ks, vs, lay, th, tw, neg, scale, B)
         out = out.to(q.dtype)
         lse = lse.to(lse_dtype)
@@ -511,7 +402,7 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
     return lay.scatter_rows(out, B), lse_out
 
 
-def _fused_ok(*tensors) -> bool:
+def fused_ok(*tensors) -> bool:
     """Whether PyTorch's fused CPU attention may run: it takes no gradient through its mask (the rel-pos
     bias depends on q and the tables), so only when autograd records nothing here."""
     if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
@@ -525,7 +416,7 @@ def segment_batched_attention(q, k, v, br: ResolvedBranch, rel_pos_h, rel_pos_w,
     ``(out (B, N, H, D), lse (B, N, H))``; lse -inf (and out 0) where the head keeps no position."""
     B, N, H, D = q.shape
     lay = _layout(br, pad_kv is not None, H, q.device)
-    if _fused_ok(q, k, v, rel_pos_h, rel_pos_w, *(pad_kv or ())):
+    if fused_ok(q, k, v, rel_pos_h, rel_pos_w, *(pad_kv or ())):
         return _inference_branch(q, k, v, lay, rel_pos_h, rel_pos_w, scale, pad_kv)
     pk, pv = pad_kv if pad_kv is not None else (None, None)
     qs, ks, vs = lay.gather(q), lay.gather(k, pk), lay.gather(v, pv)  # (B * S, H, L, D)

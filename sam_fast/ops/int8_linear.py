@@ -1,13 +1,16 @@
 """W8A8 ops: ``sam_fast.quantize_per_token``, ``sam_fast.layer_norm_quantize``, ``sam_fast.int8_linear``.
 
-Layers: the Triton launchers in :mod:`sam_fast.kernels.int8_linear` are registered here once as
-``sam_fast::quantize_per_token``, ``sam_fast::quantize_static``, ``sam_fast::layer_norm_quantize`` and
-``sam_fast::int8_linear`` custom ops with fakes (inference ops: no autograd; a backward through them
-raises PyTorch's "no autograd formula" error). The public functions validate, flatten leading dims,
-pick a backend (``auto | triton | cpu | reference``) and run it. The plain-PyTorch reference, which
-shares the kernels' numerics operation for operation, is :mod:`sam_fast.reference.int8_linear`; the CPU
-backend is the C++ ops of ``csrc/cpu/int8_cpu.cpp`` (one pass per quantisation, LayerNorm fused into it,
-one epilogue pass around ``torch._int_mm``), with the same numerics.
+Layers: ``sam_fast::quantize_per_token``, ``sam_fast::quantize_static``, ``sam_fast::layer_norm_quantize`` and
+``sam_fast::int8_linear`` are custom ops defined here with fakes (inference ops: no autograd; a backward through
+them raises PyTorch's "no autograd formula" error). Each has one schema for every device: the Triton launchers of
+:mod:`sam_fast.kernels.int8_linear` are their CUDA kernels, and the three quantisations' CPU kernels are C++
+(``csrc/cpu/int8_linear.cpp``, registered under the same names; one pass per quantisation, LayerNorm fused into
+it). The CPU GEMM is ``torch._int_mm`` with the CPU-only ``sam_fast::int8_epilogue`` after it, or the AMX GEMM
+``sam_fast::int8_linear_amx`` on the weight's ``sam_fast::int8_pack_amx`` panels. The public functions validate,
+flatten leading dims, pick a backend (``auto | triton | cpu | reference``) and run it. The plain-PyTorch reference,
+which shares the kernels' numerics operation for operation, is :mod:`sam_fast.reference.int8_linear`; every backend
+has its numerics. Under the Triton interpreter (CPU tensors, tests) the ``triton`` backend calls the launchers
+directly: the ops' CPU kernels are the C++ ones.
 
 Quantization scheme (docs/design.md, "W8A8 linear"): weights int8 symmetric per output channel;
 activations int8 symmetric per token (dynamic; the default) or per tensor with a calibrated scale
@@ -26,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import cpu_features
+from .. import cpu_features, cpu_policy
 from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..kernels import int8_linear as _k
 from ..kernels._cache import persistent
@@ -44,7 +47,7 @@ MAX_ROW = 16384  # widest row the single-pass quantization kernels hold in regis
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sam_fast::quantize_per_token", mutates_args=())
+@torch.library.custom_op("sam_fast::quantize_per_token", mutates_args=(), device_types="cuda")
 def _quantize_per_token_op(x: Tensor) -> Tuple[Tensor, Tensor]:
     return _k.quantize_rows(x)
 
@@ -54,7 +57,7 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("sam_fast::quantize_static", mutates_args=())
+@torch.library.custom_op("sam_fast::quantize_static", mutates_args=(), device_types="cuda")
 def _quantize_static_op(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     return _k.quantize_rows(x, scale)
 
@@ -64,7 +67,7 @@ def _(x, scale):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("sam_fast::layer_norm_quantize", mutates_args=())
+@torch.library.custom_op("sam_fast::layer_norm_quantize", mutates_args=(), device_types="cuda")
 def _layer_norm_quantize_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                             eps: float) -> Tuple[Tensor, Tensor]:
     return _k.layer_norm_quantize(x, weight, bias, eps)
@@ -103,23 +106,13 @@ def _cpu_supports(x, *args, explicit, **kwargs):
     return cpp_device_refusal(x, "cpu")
 
 
-# Fakes of the C++ CPU ops, so that torch.compile traces through them
-@register_fake("sam_fast::quantize_rows_cpu")
-def _(x, scale):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-@register_fake("sam_fast::layer_norm_quantize_cpu")
-def _(x, weight, bias, eps):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-@register_fake("sam_fast::int8_epilogue_cpu")
+# Fakes of the CPU-only C++ ops, so that torch.compile traces through them
+@register_fake("sam_fast::int8_epilogue")
 def _(acc, a_scale, w_scale, bias, gelu, out_dtype, out_scale):
     return acc.new_empty(acc.shape, dtype=out_dtype)
 
 
-@register_fake("sam_fast::int8_epilogue_cpu_")
+@register_fake("sam_fast::int8_epilogue_")
 def _(acc, a_scale, w_scale, bias, gelu):
     return None
 
@@ -156,24 +149,30 @@ def _any_supports(*args, explicit, **kwargs):
     return None
 
 
-def _table(triton_supports, triton_run, cpu_run, reference_run):
+def _on_device(op, launcher):
+    """The op (its CUDA kernel, the Triton launcher) for CUDA tensors; the launcher itself under the Triton
+    interpreter, since the op's CPU kernel is the C++ one. While torch.compile traces, the op whatever the device
+    (a traced graph holds ops, not launchers): on CPU tensors the C++ kernel then runs, with the same numerics."""
+    def run(x, *args):
+        if x.device.type == "cuda" or torch.compiler.is_compiling():
+            return op(x, *args)
+        return launcher(x, *args)
+    return run
+
+
+def _table(triton_supports, op, launcher, reference_run):
+    """The op's CPU kernel (C++) and its CUDA one (Triton) share one schema, ``op``."""
     return (
-        Backend("triton", triton_supports, triton_run),
-        Backend("cpu", _cpu_supports, cpu_run),
+        Backend("triton", triton_supports, _on_device(op, launcher)),
+        Backend("cpu", _cpu_supports, op),
         Backend("reference", _any_supports, reference_run),
     )
 
 
-def _quantize_cpu(x):
-    return torch.ops.sam_fast.quantize_rows_cpu(x, None)
-
-
-def _layer_norm_quantize_cpu(x, weight, bias, eps):
-    return torch.ops.sam_fast.layer_norm_quantize_cpu(x, weight, bias, eps)
-
-
-_QUANT_TABLE = _table(_rows_supports, _quantize_per_token_op, _quantize_cpu, _ref.quantize_per_token)
-_LN_TABLE = _table(_rows_supports, _layer_norm_quantize_op, _layer_norm_quantize_cpu, _ref.layer_norm_quantize)
+_QUANT_TABLE = _table(_rows_supports, _quantize_per_token_op, _k.quantize_rows, _ref.quantize_per_token)
+_LN_TABLE = _table(_rows_supports, _layer_norm_quantize_op, _k.layer_norm_quantize, _ref.layer_norm_quantize)
+_quantize_triton = _on_device(_quantize_per_token_op, _k.quantize_rows)
+_quantize_static_triton = _on_device(_quantize_static_op, _k.quantize_rows)
 
 
 def _linear_triton_supports(x, x_scale, w, *args, explicit, **kwargs):
@@ -186,20 +185,17 @@ def _linear_cpu_supports(x, x_scale, w, *args, explicit, **kwargs):
     return _cpu_supports(w, explicit=explicit)
 
 
-#: the int32 accumulator of a CPU int8 GEMM whose output is not float32 (a float32 one is written over the
-#: accumulator) goes into a per-thread buffer kept between calls when it holds at most this many bytes: a fresh
-#: allocation this large comes straight from the OS (glibc maps blocks over 32 MiB itself) and its first touch
-#: page-faults, which cost as much as the int8 GEMM saves
-ACC_WORKSPACE_BYTES = 256 << 20
 _workspace = threading.local()
 
 
 def _cpu_accumulator(x: Tensor, w: Tensor) -> Tensor:
-    """``_ref.int8_mm(x, w)`` (int32 (M, N)), in the thread's reused buffer where it fits (see
-    :data:`ACC_WORKSPACE_BYTES`); the caller consumes it before the next int8 GEMM of this thread."""
+    """``_ref.int8_mm(x, w)`` (int32 (M, N)), in the thread's reused buffer where it fits (the policy's
+    ``int8_workspace_bytes``, :mod:`sam_fast.cpu_policy`: a fresh allocation this large comes straight from the OS,
+    glibc maps blocks over 32 MiB itself, and its first touch page-faults, which cost as much as the int8 GEMM
+    saves); the caller consumes it before the next int8 GEMM of this thread."""
     M, K = x.shape
     N = w.shape[0]
-    if torch.compiler.is_compiling() or K < 2 or M * N * 4 > ACC_WORKSPACE_BYTES:
+    if torch.compiler.is_compiling() or K < 2 or M * N * 4 > cpu_policy.policy().int8_workspace_bytes:
         return _ref.int8_mm(x, w)
     buf = getattr(_workspace, "acc", None)
     if buf is None or buf.numel() < M * N:
@@ -210,11 +206,6 @@ def _cpu_accumulator(x: Tensor, w: Tensor) -> Tensor:
     return acc
 
 
-#: CPU int8 GEMMs run sam_fast::int8_linear_amx (the epilogue fused per tile) where the CPU has AMX int8 and K is a
-#: multiple of 4; tests switch it off to reach the torch._int_mm path
-AMX_INT8 = True
-
-
 #: id(weight) -> (weakref to it, its _version, its data_ptr, its AMX panels or None): the panels live as long as
 #: the weight (a weakref callback drops them), and are rebuilt after an in-place change
 _AMX_PANELS: dict = {}
@@ -223,8 +214,8 @@ _AMX_PANELS: dict = {}
 def _amx_weight(w: Tensor) -> Optional[Tensor]:
     """``w``'s panels for ``sam_fast::int8_linear_amx`` (as much memory again as the int8 weight), packed once per
     weight tensor; None where that path does not run (no AMX int8, K not a multiple of 4, while torch.compile
-    traces, AMX switched off (:mod:`sam_fast.cpu_features`), or :data:`AMX_INT8` off)."""
-    if not AMX_INT8 or torch.compiler.is_compiling() or not cpu_features.amx() or w.shape[1] % 4 or w.requires_grad:
+    traces, or AMX switched off: :mod:`sam_fast.cpu_features`)."""
+    if torch.compiler.is_compiling() or not cpu_features.amx() or w.shape[1] % 4 or w.requires_grad:
         return None
     if w.is_inference():  # made under torch.inference_mode: no version counter shows an in-place change, so no cache
         packed = torch.ops.sam_fast.int8_pack_amx(w)
@@ -246,7 +237,7 @@ def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_sca
     (:func:`_amx_weight`), else ``torch._int_mm`` (:func:`_ref.int8_mm`) and one epilogue pass over the
     accumulator: the reference's numerics, instead of its four to seven passes."""
     if x.dtype != torch.int8:
-        x, x_scale = torch.ops.sam_fast.quantize_rows_cpu(x, x_scale)
+        x, x_scale = _quantize_per_token_op(x) if x_scale is None else _quantize_static_op(x, x_scale)
     if out_dtype == torch.int32:
         return _ref.int8_mm(x, w)
     packed = _amx_weight(w)
@@ -257,20 +248,16 @@ def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_sca
         # the result overwrites a fresh accumulator: one large allocation, as a float GEMM makes
         acc = _ref.int8_mm(x, w)
         if acc.is_contiguous():
-            torch.ops.sam_fast.int8_epilogue_cpu_(acc, x_scale, w_scale, bias, activation == "gelu")
+            torch.ops.sam_fast.int8_epilogue_(acc, x_scale, w_scale, bias, activation == "gelu")
             return acc.view(torch.float32)
     else:
         acc = _cpu_accumulator(x, w)
-    return torch.ops.sam_fast.int8_epilogue_cpu(acc, x_scale, w_scale, bias, activation == "gelu", out_dtype,
-                                                out_scale)
+    return torch.ops.sam_fast.int8_epilogue(acc, x_scale, w_scale, bias, activation == "gelu", out_dtype, out_scale)
 
 
 def _linear_triton_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
     if x.dtype != torch.int8:
-        if x_scale is None:
-            x, x_scale = _quantize_per_token_op(x)
-        else:
-            x, x_scale = _quantize_static_op(x, x_scale)
+        x, x_scale = _quantize_triton(x) if x_scale is None else _quantize_static_triton(x, x_scale)
     return _int8_gemm_op(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale)
 
 

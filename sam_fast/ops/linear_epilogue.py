@@ -3,8 +3,12 @@
 PyTorch's CPU ``addmm`` copies the broadcast bias into the whole output before the GEMM runs on top of it, and a
 GELU or a residual add after the layer is another full pass each. In a ViT-B block on SAM's 64 x 64 grid those
 passes over the 4096 x 3072 hidden tensor cost about as much as the attention itself. :func:`fused_linear` runs
-the GEMM without a bias and hands its output to ``sam_fast::linear_epilogue_``, which adds the bias, applies the
-activation and adds the residual a cache-sized block of rows at a time (ATen's own kernels on each block).
+the GEMM without a bias and hands its output to :func:`linear_epilogue_`, which adds the bias, applies the
+activation and adds the residual in place.
+
+Backends of :func:`linear_epilogue_` (``sam_fast._dispatch``): ``cpu``, the C++ op ``sam_fast::linear_epilogue_``
+(csrc/cpu/linear_epilogue.cpp; a cache-sized block of rows at a time, ATen's own kernels on each block), CPU tensors
+autograd does not track; ``reference`` (:mod:`sam_fast.reference.linear_epilogue`), PyTorch's ops, copied back.
 """
 
 from __future__ import annotations
@@ -15,30 +19,80 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_policy
+from .._dispatch import Backend, Refusal, dispatch
 from .._hooks import has_hooks
-from ._ext import extension_error, register_fake
+from ..reference import linear_epilogue as _ref
+from ._ext import cpp_device_refusal, extension_error, register_fake
 
 #: the dtypes :func:`fused_linear` takes: bf16 linears gain nothing from it (oneDNN adds their bias inside its own
 #: GEMM), and rounding the GEMM to bf16 before the bias would round twice
 EPILOGUE_DTYPES = (torch.float32,)
 
-#: outputs smaller than this keep ``nn.Linear`` (+ in-place ops): while the output fits in a core's L2 the extra
-#: passes are cheap, and the op's own call costs more than it saves (the 256-token block of ``sam-fast bench``: 3-5%
-#: slower through it)
-FUSED_MIN_BYTES = 1 << 21
+ACTIVATIONS = _ref.ACTIVATIONS
 
-_ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+
+@register_fake("sam_fast::linear_epilogue_")
+def _(y, bias, activation, residual):
+    return None
+
+
+def _cpu_supports(y, bias, activation, residual, *, explicit):
+    refusal = cpp_device_refusal(y, "cpu")
+    if refusal is None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (y, bias, residual)):
+        refusal = Refusal("the C++ kernel writes in place and has no backward; autograd is recording",
+                          wrong_device=True)
+    return refusal
+
+
+def _cpu_run(y, bias, activation, residual):
+    torch.ops.sam_fast.linear_epilogue_(y, bias, activation, residual)
+    return y
+
+
+def _reference_run(y, bias, activation, residual):
+    return y.copy_(_ref.linear_epilogue(y, bias, activation, residual))
+
+
+_TABLE = (
+    Backend("cpu", _cpu_supports, _cpu_run),
+    Backend("reference", lambda *a, explicit: None, _reference_run),
+)
+
+
+def linear_epilogue_(y: torch.Tensor, bias: Optional[torch.Tensor], activation: str = "none",
+                     residual: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+    """``y = act(y + bias) + residual`` in place, and returns ``y``: y (..., N) contiguous floating point; bias (N,)
+    or None; activation ``"none"``, ``"gelu"`` (exact) or ``"gelu_tanh"``; residual shaped like y, or None."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point() or y.dim() < 1 or not y.is_contiguous():
+        raise ValueError(f"y must be a contiguous floating-point tensor with a last dim, got {y.dtype} "
+                         f"{tuple(y.shape)}{'' if y.is_contiguous() else ', not contiguous'}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, t, shape in (("bias", bias, (y.shape[-1],)), ("residual", residual, tuple(y.shape))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape or t.dtype != y.dtype or t.device != y.device:
+            raise ValueError(f"{name} must be a {shape} {y.dtype} tensor on {y.device}, got {tuple(t.shape)} "
+                             f"{t.dtype} on {t.device}")
+    return dispatch("linear_epilogue_", _TABLE, backend, y, bias, activation, residual)
 
 
 def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
                  residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``activation(lin(x)) + residual`` in one pass after a bias-free GEMM, or None where it does not apply (the
     caller then runs the module itself): ``lin`` a plain ``nn.Linear`` without hooks, x a CPU tensor in
-    :data:`EPILOGUE_DTYPES` matching its weight, an output of at least :data:`FUSED_MIN_BYTES`, nothing for
-    autograd to record, not while torch.compile traces, the C++ extension loaded. ``activation``: ``"none"``,
-    ``"gelu"`` (exact) or ``"gelu_tanh"``; ``residual`` shaped like the output, in its dtype."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    :data:`EPILOGUE_DTYPES` matching its weight, an output of at least the policy's ``epilogue_min_bytes``
+    (:mod:`sam_fast.cpu_policy`), nothing for autograd to record, not while torch.compile traces, the C++ extension
+    loaded. ``activation``: ``"none"``, ``"gelu"`` (exact) or ``"gelu_tanh"``; ``residual`` shaped like the output,
+    in its dtype."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if type(lin) is not nn.Linear or x.device.type != "cpu" or x.dtype not in EPILOGUE_DTYPES or has_hooks(lin):
         return None
     if x.dtype != lin.weight.dtype or torch.compiler.is_compiling():
@@ -50,17 +104,11 @@ def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
     if residual is not None and (residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1]
                                  or residual.shape[-1] != lin.out_features):
         return None
-    if x.numel() // max(1, x.shape[-1]) * lin.out_features * x.element_size() < FUSED_MIN_BYTES:
+    if x.numel() // max(1, x.shape[-1]) * lin.out_features * x.element_size() < cpu_policy.policy().epilogue_min_bytes:
         return None
     y = F.linear(x, lin.weight)
     if not y.is_contiguous():
         y = y.contiguous()
-    if residual is not None and not residual.is_contiguous():
-        residual = residual.contiguous()
-    torch.ops.sam_fast.linear_epilogue_(y, lin.bias, activation, residual)
-    return y
-
-
-@register_fake("sam_fast::linear_epilogue_")
-def _(y, bias, activation, residual):
-    return None
+    if residual is not None:
+        residual = residual.reshape(y.shape) if residual.is_contiguous() else residual.contiguous().reshape(y.shape)
+    return linear_epilogue_(y, lin.bias, activation, residual, backend="cpu")

@@ -1,5 +1,7 @@
-// CPU kernels of the W8A8 path (schemas in csrc/ops.cpp): per-row quantisation, LayerNorm -> per-row
-// quantisation, and the GEMM epilogue around torch._int_mm's int32 accumulator.
+// CPU kernels of the W8A8 path: the CPU implementations of sam_fast::quantize_per_token, ::quantize_static and
+// ::layer_norm_quantize (one schema per op for every device, defined with the Triton kernels in
+// sam_fast/ops/int8_linear.py), and the CPU-only ops around torch._int_mm's int32 accumulator and the AMX GEMM
+// (schemas in csrc/ops.cpp): the epilogue, the AMX weight panels, the AMX GEMM with its epilogue per tile.
 //
 // The numerics are the reference's (sam_fast/reference/int8_linear.py) operation for operation: IEEE fp32
 // division and round-half-even for quantisation, NaN -> 0 and +-inf -> +-127, a NaN scale for a row holding
@@ -322,7 +324,7 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc, const at::Tensor& a_scale, c
 void int8_epilogue_cpu_(at::Tensor& acc, const at::Tensor& a_scale, const at::Tensor& w_scale,
                         const c10::optional<at::Tensor>& bias, bool gelu) {
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.is_contiguous(),
-              "int8_epilogue_cpu_: acc must be a contiguous 2-D int32 tensor, got ", acc.scalar_type(), " ",
+              "int8_epilogue_: acc must be a contiguous 2-D int32 tensor, got ", acc.scalar_type(), " ",
               acc.sizes());
   epilogue(acc, a_scale, w_scale, bias, gelu, at::kFloat, c10::nullopt, true);
 }
@@ -449,12 +451,14 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
 }
 
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
-  m.impl("quantize_rows_cpu", &quantize_rows_cpu);
+  // the first three ops' schemas are Python's (torch.library.custom_op): these are their CPU kernels
+  m.impl("quantize_per_token", [](const at::Tensor& x) { return quantize_rows_cpu(x, c10::nullopt); });
+  m.impl("quantize_static", [](const at::Tensor& x, const at::Tensor& scale) { return quantize_rows_cpu(x, scale); });
+  m.impl("layer_norm_quantize", &layer_norm_quantize_cpu);
+  m.impl("int8_epilogue", &int8_epilogue_cpu);
+  m.impl("int8_epilogue_", &int8_epilogue_cpu_);
   m.impl("int8_pack_amx", &int8_pack_amx);
   m.impl("int8_linear_amx", &int8_linear_amx);
-  m.impl("layer_norm_quantize_cpu", &layer_norm_quantize_cpu);
-  m.impl("int8_epilogue_cpu", &int8_epilogue_cpu);
-  m.impl("int8_epilogue_cpu_", &int8_epilogue_cpu_);
 }
 
 }  // namespace sam_fast

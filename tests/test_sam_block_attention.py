@@ -1,16 +1,16 @@
 """The CPU path of SAM's own blocks at inference: ``sam_fast::sam_block_attention`` (window and global attention read
 straight from the qkv tensor, the decomposed rel-pos bias computed and added inside the kernel) against
 segment_anything's own attention functions, float32 and bf16, odd grids, partial windows, head dims 7 / 14 / 80, more
-than one block of rows, the qkv bias added as rows are read; ``sam_fast::linear_epilogue_`` and ``fused_linear``
-(bias, GELU and residual after a bias-free GEMM); and the routing of ``SamFastBlock`` through them, which must leave
+than one block of rows, the qkv bias added as rows are read; the shipped reference and the public function's
+backends; and the routing of ``SamFastBlock`` through the kernel (with ``fused_linear`` around it), which must leave
 its input untouched."""
 
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import sam_fast
 from sam_fast.testing import FWD_FACTOR, check_against_reference
 
 
@@ -147,68 +147,58 @@ def test_sam_block_attention_op_refuses_bad_arguments():
         call(qkv=torch.randn(1, 6, 6, 96)[..., ::2])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
-def test_linear_epilogue_op_matches_pytorch(activation, dtype):
-    """act(y + bias) + residual in place, over row blocks (300 rows of 700: several blocks and a partial one), with
-    and without bias or residual; the values are ATen's own kernels' (to an ulp: a block's vector tail may differ
-    from the whole tensor's)."""
-    gen = torch.Generator().manual_seed(7)
-    y = (torch.randn(3, 100, 700, generator=gen) * 3).to(dtype)
-    bias = torch.randn(700, generator=gen).to(dtype)
-    res = torch.randn(3, 100, 700, generator=gen).to(dtype)
-    approx = {"gelu": "none", "gelu_tanh": "tanh"}.get(activation)
-    for b, r in ((bias, res), (None, res), (bias, None), (None, None)):
-        want = y if b is None else y + b
-        if approx is not None:
-            want = F.gelu(want, approximate=approx)
-        if r is not None:
-            want = want + r
-        got = y.clone()
-        torch.ops.sam_fast.linear_epilogue_(got, b, activation, r)
-        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
+@pytest.mark.parametrize("B,grid,heads,D,window", _CASES)
+def test_reference_and_backends_match_segment_anything(B, grid, heads, D, window):
+    """The shipped reference (plain PyTorch, the path of tiny blocks) against segment_anything's own helpers, to
+    float64 rounding; the public function's ``cpu`` and ``reference`` backends agree by the tolerance rule, with the
+    qkv bias given apart or already in qkv, and are recorded."""
+    from sam_fast.ops.sam_block_attention import sam_block_attention
+    from sam_fast.reference.sam_block_attention import sam_block_attention as reference
+
+    qkv, rel_h, rel_w, bias = _inputs(B, grid, heads, D, window, seed=B * 7 + D)
+    C = heads * D
+    pad_k, pad_v = bias[C:2 * C].view(heads, D), bias[2 * C:].view(heads, D)
+    scale = D ** -0.5
+    exact = _block_reference(qkv + bias, heads, window, rel_h, rel_w, pad_k, pad_v, scale)
+    ref = reference(qkv, heads, window, rel_h, rel_w, bias, pad_k, pad_v, scale)
+    torch.testing.assert_close(ref, exact, rtol=1e-10, atol=1e-10)
+    x32, b32, th, tw = qkv.float(), bias.float(), rel_h.float(), rel_w.float()
+    pad = (pad_k.float(), pad_v.float())
+    with sam_fast.record_backends() as rec:
+        got = sam_block_attention(x32, heads, window, th, tw, pad, scale, qkv_bias=b32, backend="cpu")
+        same = sam_block_attention(x32 + b32, heads, window, th, tw, pad, scale, backend="reference")
+    assert rec.calls == [("sam_block_attention", "cpu"), ("sam_block_attention", "reference")]
+    check_against_reference("out", got, exact, same, torch.float32, FWD_FACTOR)
 
 
-def test_linear_epilogue_op_refuses_bad_arguments():
-    y = torch.randn(4, 6)
-    op = torch.ops.sam_fast.linear_epilogue_
-    with pytest.raises(RuntimeError, match="activation must be"):
-        op(y, None, "relu", None)
-    with pytest.raises(RuntimeError, match="y must be a contiguous floating-point"):
-        op(torch.zeros(4, 6, dtype=torch.int32), None, "none", None)
-    with pytest.raises(RuntimeError, match="y must be a contiguous"):
-        op(torch.randn(6, 4).t(), None, "none", None)
-    with pytest.raises(RuntimeError, match="bias must be a \\(6,\\)"):
-        op(y, torch.zeros(4), "none", None)
-    with pytest.raises(RuntimeError, match="residual must be a contiguous"):
-        op(y, None, "none", torch.zeros(4, 5))
-    with pytest.raises(RuntimeError, match="single memory location"):
-        op(y, None, "none", y)
-    op(torch.empty(0, 6), torch.zeros(6), "gelu", torch.empty(0, 6))  # empty: nothing to do
+def test_public_function_refuses_bad_arguments_by_name():
+    from sam_fast.ops.sam_block_attention import sam_block_attention
 
-
-def test_fused_linear_matches_the_modules_and_steps_aside(monkeypatch):
-    """fused_linear: the layer, its GELU and a residual in one pass after the GEMM (float32, large enough outputs);
-    None (the caller runs the modules) for bf16, small outputs, another module type, or autograd recording."""
-    import sam_fast.ops.linear_epilogue as le
-
-    lin = torch.nn.Linear(48, 80)
-    x = torch.randn(2, 30, 48)
-    res = torch.randn(2, 30, 80)
-    monkeypatch.setattr(le, "FUSED_MIN_BYTES", 0)
-    with torch.no_grad():
-        for act, approx in (("none", None), ("gelu", "none"), ("gelu_tanh", "tanh")):
-            want = lin(x) if approx is None else F.gelu(lin(x), approximate=approx)
-            torch.testing.assert_close(le.fused_linear(lin, x, act), want)
-            torch.testing.assert_close(le.fused_linear(lin, x, act, residual=res), want + res)
-        assert le.fused_linear(copy.deepcopy(lin).bfloat16(), x.bfloat16()) is None
-        assert le.fused_linear(torch.nn.Identity(), x) is None
-        monkeypatch.setattr(le, "FUSED_MIN_BYTES", 1 << 30)
-        assert le.fused_linear(lin, x) is None
-    monkeypatch.setattr(le, "FUSED_MIN_BYTES", 0)
-    assert le.fused_linear(lin, x) is None  # grad enabled, the weight requires grad
-    with pytest.raises(ValueError, match="activation must be one of"):
-        le.fused_linear(lin, x, "relu")
+    qkv = torch.randn(1, 6, 6, 3 * 16)
+    rh, rw = torch.randn(5, 8), torch.randn(5, 8)
+    cases = [
+        (dict(qkv=[1]), TypeError, "qkv must be a torch.Tensor"),
+        (dict(qkv=qkv[0]), ValueError, "qkv must be a floating-point \\(B, Hg, Wg"),
+        (dict(heads=True), TypeError, "heads must be an int"),
+        (dict(heads=0), ValueError, "heads must be >= 1"),
+        (dict(heads=5), ValueError, "3 \\* heads \\* D"),
+        (dict(window=-2), ValueError, "window must be >= 0"),
+        (dict(rh=None), ValueError, "both be given or both be None"),
+        (dict(rh=torch.randn(7, 8)), ValueError, "rel_pos_h must be \\(2 \\* 3 - 1, D\\)"),
+        (dict(pad_kv=(torch.zeros(2, 8),)), TypeError, "pad_kv must be None or a \\(pad_k, pad_v\\) pair"),
+        (dict(pad_kv=(torch.zeros(2, 8), torch.zeros(3))), ValueError, "pad_v must be a \\(heads, D\\)"),
+        (dict(qkv_bias=torch.zeros(16)), ValueError, "qkv_bias must be None or a \\(48,\\)"),
+        (dict(scale="0.5"), TypeError, "scale must be a float"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+    ]
+    for change, error, match in cases:
+        args = dict(qkv=qkv, heads=2, window=3, rh=rh, rw=rw, pad_kv=None, scale=0.5, qkv_bias=None, backend="auto")
+        args.update(change)
+        with pytest.raises(error, match=match):
+            sam_block_attention(args["qkv"], args["heads"], args["window"], args["rh"], args["rw"], args["pad_kv"],
+                                args["scale"], args["qkv_bias"], backend=args["backend"])
+    with pytest.raises(sam_fast.BackendUnavailableError, match="autograd is recording"):
+        sam_block_attention(qkv.requires_grad_(), 2, 3, rh, rw, None, 0.5, backend="cpu")
 
 
 def _sam_block(dim, heads, window, grid, seed=0):
@@ -224,17 +214,16 @@ def _sam_block(dim, heads, window, grid, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window,grid", [(4, (9, 11)), (0, (6, 5))])
-def test_sam_fast_block_runs_the_block_kernel_at_inference(window, grid, dtype, monkeypatch):
+def test_sam_fast_block_runs_the_block_kernel_at_inference(window, grid, dtype, monkeypatch, cpu_rules):
     """SamFastBlock on the CPU at inference: the attention through sam_block_attention (float32: the qkv bias added in
     the kernel), the projection and MLP through fused_linear (float32), within the tolerance rule of
     segment_anything's block; its input is left untouched. With autograd recording or backend="reference" the block
     kernel does not run, and the result is the same."""
     import sam_fast.ops.dilated_attention_cpu as cpu
-    import sam_fast.ops.linear_epilogue as le
     from sam_fast.nn.attention import SamFastBlock
 
-    monkeypatch.setattr(cpu, "SAM_BLOCK_MIN_KEYS", 16)  # the 4 x 4 windows here
-    monkeypatch.setattr(le, "FUSED_MIN_BYTES", 0)
+    cpu_rules(sam_block_min_keys=16)  # the 4 x 4 windows here
+    cpu_rules(epilogue_min_bytes=0)
     calls = []
     for name in ("sam_block_attention", "linear_epilogue_"):
         real = getattr(torch.ops.sam_fast, name)
@@ -252,7 +241,7 @@ def test_sam_fast_block_runs_the_block_kernel_at_inference(window, grid, dtype, 
     check_against_reference("block", out, exact, same, dtype, FWD_FACTOR)
     # the kernel needs AVX-512, and a bf16 model a CPU that multiplies bf16 in hardware (elsewhere the batched path
     # computes bf16 in float32)
-    assert ("sam_block_attention" in calls) == (cpu._fused_bias_kernel() and cpu.compute_dtype(dtype) == dtype)
+    assert ("sam_block_attention" in calls) == (cpu.fused_bias_kernel() and cpu.compute_dtype(dtype) == dtype)
     assert ("linear_epilogue_" in calls) == (dtype == torch.float32)
     calls.clear()
     with torch.no_grad():

@@ -1,0 +1,443 @@
+// The row machinery the CPU attention kernels share (csrc/cpu/rel_pos_attention.cpp,
+// csrc/cpu/sam_block_attention.cpp): the softmax row pass with the decomposed rel-pos bias added inside it
+// (plain and AVX-512), the per-block GEMMs in float32 and bfloat16 (FloatAttend / Bf16Attend), the row finish,
+// and the key-grid index of small grids. Included by those two files only; everything here has internal linkage.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include "cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace sam_fast {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The keys' (ay, ax) grid. For a grid of at most 16 x 16 (SAM's 14 x 14 windows) `iy` / `ix` hold each key's row
+// and column (L entries, padded with zeros to a multiple of 16): the AVX-512 row pass then reads the logits in
+// whole vectors and builds the bias of 16 keys with two register permutes, instead of one short masked vector
+// per key row. nullptr otherwise.
+struct KeyGrid {
+  int64_t ay, ax;
+  const int32_t* iy;
+  const int32_t* ix;
+};
+
+// Biased logits and softmax numerators of one row: s[j] = s[j] * scale + (h[j / ax] + w[j % ax]) in place, then
+// p[j] = exp(s[j] - max) (p: s itself for float32, the bf16 row the second GEMM reads for bf16). Returns the
+// maximum (-inf when every key is masked: the row is then zeros) and writes the sum of the float32 numerators.
+// A row whose logits hold a NaN or +inf (from q, k, the bias, the scale) is poisoned, as in PyTorch's softmax:
+// poisoned_row() fills p with NaN and returns the row's "maximum" as the lse the reference gives it, NaN when a
+// logit is NaN, else +inf; finish_row() then writes a NaN output row with that lse.
+template <typename P>
+float poisoned_row(int64_t L, P* p, float* sum, bool nan) {
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  std::fill(p, p + L, P(qnan));
+  *sum = qnan;
+  return nan ? qnan : -kNegInf;
+}
+
+template <typename P>
+float softmax_row_generic(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p,
+                          float* sum) {
+  const int64_t ay = g.ay, ax = g.ax;
+  float mx = kNegInf;
+  bool nan = false;
+  for (int64_t y = 0; y < ay; ++y) {
+    float* sy = s + y * ax;
+    for (int64_t x = 0; x < ax; ++x) {
+      const float t = sy[x] * scale + (h[y] + w[x]);
+      sy[x] = t;
+      nan = nan || std::isnan(t);
+      mx = std::max(mx, t);
+    }
+  }
+  const int64_t L = ay * ax;
+  if (nan || mx == -kNegInf) return poisoned_row(L, p, sum, nan);
+  if (mx == kNegInf) {
+    std::fill(p, p + L, P(0.0f));
+    *sum = 0.0f;
+    return mx;
+  }
+  float acc = 0.0f;
+  for (int64_t j = 0; j < L; ++j) {
+    const float e = std::exp(s[j] - mx);
+    p[j] = P(e);
+    acc += e;
+  }
+  *sum = acc;
+  return mx;
+}
+
+#ifdef SAM_FAST_X86_AVX512
+// exp(x) for x <= 0 (-inf included): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial
+// (truncation error below 6e-9 relative, under float32's half ulp), times 2^n. Inputs below -104 give 0.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 floats -> bf16 (round to nearest even; the values here are finite), the first n of them stored at dst
+__attribute__((target("avx512f"))) inline void store_bf16(at::BFloat16* dst, __mmask16 m, __m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  _mm512_mask_cvtepi32_storeu_epi16(dst, m, _mm512_srli_epi32(up, 16));
+}
+
+__attribute__((target("avx512f"))) inline void store_row(float* dst, __mmask16 m, __m512 x) {
+  _mm512_mask_storeu_ps(dst, m, x);
+}
+
+template <typename P>
+__attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyGrid& g, const float* h,
+                                                            const float* w, float scale, P* pr, float* sum) {
+  const int64_t ay = g.ay, ax = g.ax;
+  const __m512 vs = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(kNegInf);
+  __mmask16 nan = 0;  // lanes that saw a NaN logit (max_ps would drop it)
+  if (g.iy != nullptr) {  // a small grid: whole vectors over the flat row, the bias by permutes
+    const __m512 hv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ay) - 1u), h);
+    const __m512 wv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ax) - 1u), w);
+    const int64_t L = ay * ax;
+    for (int64_t j = 0; j < L; j += 16) {
+      const int64_t n = std::min<int64_t>(16, L - j);
+      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+      const __m512 bias = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(g.iy + j), hv),
+                                        _mm512_permutexvar_ps(_mm512_loadu_si512(g.ix + j), wv));
+      const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), vs), bias);
+      _mm512_mask_storeu_ps(s + j, m, t);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+      nan |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
+    }
+  }
+  for (int64_t x0 = 0; g.iy == nullptr && x0 < ax; x0 += 16) {
+    const int64_t n = std::min<int64_t>(16, ax - x0);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 wv = _mm512_maskz_loadu_ps(m, w + x0);
+    for (int64_t y = 0; y < ay; ++y) {
+      float* p = s + y * ax + x0;
+      // the bias is summed first, then added to the scaled logit: the rounding of a mask built ahead of time
+      const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p), vs),
+                                     _mm512_add_ps(_mm512_set1_ps(h[y]), wv));
+      _mm512_mask_storeu_ps(p, m, t);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+      nan |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
+    }
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  const int64_t L = ay * ax;
+  if (nan || mx == -kNegInf) return poisoned_row(L, pr, sum, nan != 0);
+  if (mx == kNegInf) {
+    std::fill(pr, pr + L, P(0.0f));
+    *sum = 0.0f;
+    return mx;
+  }
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; j += 16) {
+    const int64_t n = std::min<int64_t>(16, L - j);
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm));
+    if constexpr (std::is_same_v<P, float>) {
+      store_row(pr + j, m, e);
+    } else {
+      store_bf16(pr + j, m, e);
+    }
+    acc = _mm512_mask_add_ps(acc, m, acc, e);
+  }
+  *sum = _mm512_reduce_add_ps(acc);
+  return mx;
+}
+#endif
+
+template <typename P>
+float softmax_row(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p, float* sum) {
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return softmax_row_avx512(s, g, h, w, scale, p, sum);
+#endif
+  return softmax_row_generic(s, g, h, w, scale, p, sum);
+}
+
+// Query rows per block: their float32 logits over all Lk keys fill about `budget` bytes; at least 1 row, at most
+// 256. float32 (kFloatBlockBytes, 4 MiB): MKL's GEMMs run faster on taller blocks than they lose to the logits
+// spilling out of L2 (64 rows ran 3% slower, 32 rows 27% slower than 256 on ViT-B's global block). bf16
+// (kBf16BlockBytes, 1 MiB): the AMX GEMMs are fast enough that the logits' trips to memory dominated; 1 MiB of
+// logits plus their bf16 probabilities stay in a 2 MiB L2 (4 MiB blocks ran 10-15% slower, 256 KiB ones 35%).
+constexpr int64_t kFloatBlockBytes = int64_t{1} << 22;
+constexpr int64_t kBf16BlockBytes = int64_t{1} << 20;
+
+int64_t rows_per_block(int64_t Lq, int64_t Lk, int64_t budget) {
+  const int64_t rows = std::max<int64_t>(1, budget / (std::max<int64_t>(1, Lk) * 4));
+  return std::min<int64_t>({rows, int64_t{256}, std::max<int64_t>(1, Lq)});
+}
+
+
+// One finished row: acc / sum, rounded once to dst's dtype. Returns the row's lse, max + log(sum), or -inf (with
+// the row 0) for a row that saw no key; a poisoned row (NaN sum) is NaN, with the lse poisoned_row() chose.
+template <typename T>
+float finish_row(const float* acc, int64_t D, float sum, float mx, T* dst) {
+  if (std::isnan(sum)) {
+    std::fill(dst, dst + D, T(sum));
+    return mx;
+  }
+  const bool seen = sum > 0.0f;
+  const float inv = seen ? 1.0f / sum : 0.0f;
+  for (int64_t d = 0; d < D; ++d) dst[d] = T(acc[d] * inv);
+  return seen ? mx + std::log(sum) : kNegInf;
+}
+
+// VNNI panels for the bf16 path's AMX GEMMs (see Bf16Attend), in AVX-512 (every CPU with AMX has F, BW and VL),
+// or the scalar loops below them (SAM_FAST_CPU_NO_AVX512, as for the row pass).
+#ifdef SAM_FAST_X86_AVX512
+// k^T panel: (D / 2, ld) 32-bit pairs, [p][j] = (k[j][2p], k[j][2p + 1]) for the w <= 64 keys at k (row stride
+// ldk), zero for j in [w, ld). Sixteen keys of one pair at a time: one gather of 32-bit words, one store.
+__attribute__((target("avx512f"))) void pack_kt_panel_avx512(const at::BFloat16* k, int64_t ldk, int64_t D,
+                                                               int64_t w, int64_t ld, at::BFloat16* out) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  const int32_t step = static_cast<int32_t>(ldk * 2);  // bytes between keys
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, w - j0));
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j0))),
+                                           _mm512_set1_epi32(step));
+    for (int64_t p = 0; p < D / 2; ++p) {
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, k + 2 * p, 1);
+      _mm512_storeu_si512(dst + p * ld + j0, words);
+    }
+  }
+}
+
+// v panel: (ceil(L / 2), ld) 32-bit pairs, [p][c] = (v[2p][c], v[2p + 1][c]) for the w <= 64 channels at v (row
+// stride ldv, L rows; a missing odd row and the columns in [w, ld) are zero)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_v_panel_avx512(const at::BFloat16* v, int64_t ldv, int64_t L,
+                                                              int64_t w, int64_t ld, at::BFloat16* out) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  for (int64_t p = 0; p < (L + 1) / 2; ++p) {
+    const at::BFloat16* r0 = v + 2 * p * ldv;
+    const bool odd = 2 * p + 1 < L;
+    for (int64_t c0 = 0; c0 < ld; c0 += 16) {
+      const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, w - c0));
+      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + c0));
+      const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + ldv + c0))
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + p * ld + c0, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+#endif
+
+void pack_kt_panel(const at::BFloat16* k, int64_t ldk, int64_t D, int64_t w, int64_t ld, at::BFloat16* out) {
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return pack_kt_panel_avx512(k, ldk, D, w, ld, out);
+#endif
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+  for (int64_t j = 0; j < ld; ++j) {
+    for (int64_t p = 0; p < D / 2; ++p) {
+      uint32_t word = 0;
+      if (j < w) std::memcpy(&word, k + j * ldk + 2 * p, 4);
+      dst[p * ld + j] = word;
+    }
+  }
+}
+
+void pack_v_panel(const at::BFloat16* v, int64_t ldv, int64_t L, int64_t w, int64_t ld, at::BFloat16* out) {
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512_bw_vl()) return pack_v_panel_avx512(v, ldv, L, w, ld, out);
+#endif
+  const at::BFloat16 zero(0.0f);
+  for (int64_t p = 0; p < (L + 1) / 2; ++p) {
+    at::BFloat16* o = out + p * ld * 2;
+    for (int64_t c = 0; c < ld; ++c) {
+      o[2 * c] = c < w ? v[2 * p * ldv + c] : zero;
+      o[2 * c + 1] = c < w && 2 * p + 1 < L ? v[(2 * p + 1) * ldv + c] : zero;
+    }
+  }
+}
+
+// One thread's attention over one segment's keys, block of query rows by block: logits = q k^T, the biased
+// softmax of each row (softmax_row; h / w: the rows' rel-pos terms, ay / ax floats per row), acc = p v. After
+// block(), acc() holds the n rows' unnormalised outputs (D floats each) and sums / maxes their softmax sums and
+// maxima. keys() names the segment's k and v (row strides ldk, ldv; they must stay in place until the next
+// keys()).
+//
+// float32: at::mm_out (MKL's SGEMM) for both GEMMs, the probabilities left in the logits' buffer.
+class FloatAttend {
+ public:
+  FloatAttend(int64_t bq, int64_t Lk, int64_t D) : Lk_(Lk), D_(D), logits_(bq * Lk), acc_(bq * D) {}
+
+  void keys(const float* k, int64_t ldk, const float* v, int64_t ldv) {
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    kt_ = at::from_blob(const_cast<float*>(k), {Lk_, D_}, {ldk, 1}, opt).t();
+    v_ = at::from_blob(const_cast<float*>(v), {Lk_, D_}, {ldv, 1}, opt);
+  }
+
+  void block(const float* q, int64_t ldq, int64_t n, const float* h, const float* w, const KeyGrid& g, float scale,
+             float* sums, float* maxes) {
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor s = at::from_blob(logits_.data(), {n, Lk_}, opt);
+    at::Tensor o = at::from_blob(acc_.data(), {n, D_}, opt);
+    at::mm_out(s, at::from_blob(const_cast<float*>(q), {n, D_}, {ldq, 1}, opt), kt_);
+    float* sp = logits_.data();
+    for (int64_t i = 0; i < n; ++i) {
+      maxes[i] = softmax_row(sp + i * Lk_, g, h + i * g.ay, w + i * g.ax, scale, sp + i * Lk_, &sums[i]);
+    }
+    at::mm_out(o, s, v_);
+  }
+
+  const float* acc() const { return acc_.data(); }
+
+ private:
+  int64_t Lk_, D_;
+  std::vector<float> logits_, acc_;
+  at::Tensor kt_, v_;
+};
+
+// bf16: ATen's batch-reduce GEMM with bf16 operands and a float32 result. Where the CPU has AMX (could_pack),
+// oneDNN's micro-kernel reads B packed in VNNI pairs, in panels of at most 64 columns (the widths its packing
+// takes); keys() packs k^T and v once per segment, and every block of rows reuses them. Elsewhere the same call
+// runs oneDNN's bf16 GEMM on plain row-major B (k^T then a transposed copy). The probabilities are rounded to
+// bf16 for the second GEMM (as PyTorch's fused CPU kernel does).
+class Bf16Attend {
+ public:
+  Bf16Attend(int64_t bq, int64_t Lk, int64_t D)
+      // (AMX switched off takes the plain GEMM: how the tests reach it on a CPU with AMX)
+      : vnni_(cpu::amx(at::kBFloat16) && D % 2 == 0),
+        Lk_(Lk),
+        D_(D),
+        // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
+        Lk2_(vnni_ ? Lk + (Lk & 1) : Lk),
+        logits_(bq * Lk),
+        acc_(bq * D),
+        probs_(bq * Lk2_),
+        kt_(vnni_ ? 0 : D * Lk),
+        kpack_(vnni_ ? D * (Lk + kPanel) : 0),
+        vpack_(vnni_ ? Lk2_ * (D + kPanel) : 0) {}
+
+  Bf16Attend(const Bf16Attend&) = delete;
+  Bf16Attend& operator=(const Bf16Attend&) = delete;
+
+  ~Bf16Attend() {
+    if (vnni_) at::native::cpublas::brgemm_release(true);
+  }
+
+  void keys(const at::BFloat16* k, int64_t ldk, const at::BFloat16* v, int64_t ldv) {
+    if (vnni_) {
+      // VNNI pairs, the layout oneDNN's micro-kernel reads (what cpublas::pack writes), built straight from k and
+      // v: a (Kd, N) operand's panel of up to 64 columns is (Kd / 2, ld, 2), element [p][c][e] = B[2p + e][c],
+      // ld = its width rounded up to 16, columns past the width zero
+      for (int64_t c0 = 0; c0 < Lk_; c0 += kPanel) {  // k^T (D, Lk): [p][j][e] = k[c0 + j][2p + e]
+        const int64_t w = std::min(kPanel, Lk_ - c0);
+        pack_kt_panel(k + c0 * ldk, ldk, D_, w, panel_ld(w), kpack_.data() + D_ * c0);
+      }
+      for (int64_t c0 = 0; c0 < D_; c0 += kPanel) {  // v (Lk2, D): [p][c][e] = v[2p + e][c0 + c], v[Lk] = 0
+        const int64_t w = std::min(kPanel, D_ - c0);
+        pack_v_panel(v + c0, ldv, Lk_, w, panel_ld(w), vpack_.data() + Lk2_ * c0);
+      }
+    } else {
+      for (int64_t j = 0; j < Lk_; ++j) {
+        for (int64_t d = 0; d < D_; ++d) kt_[d * Lk_ + j] = k[j * ldk + d];
+      }
+      v_ = v;
+      ldv_ = ldv;
+    }
+  }
+
+  void block(const at::BFloat16* q, int64_t ldq, int64_t n, const float* h, const float* w, const KeyGrid& g,
+             float scale, float* sums, float* maxes) {
+    namespace blas = at::native::cpublas;
+    if (vnni_) {
+      for (int64_t c0 = 0; c0 < Lk_; c0 += kPanel) {
+        const int64_t cw = std::min(kPanel, Lk_ - c0);
+        blas::brgemm(n, cw, D_, ldq, panel_ld(cw), Lk_, false, q, kpack_.data() + D_ * c0, logits_.data() + c0,
+                     true);
+      }
+    } else {
+      blas::brgemm(n, Lk_, D_, ldq, Lk_, Lk_, false, q, kt_.data(), logits_.data(), false);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      maxes[i] = softmax_row(logits_.data() + i * Lk_, g, h + i * g.ay, w + i * g.ax, scale,
+                             probs_.data() + i * Lk2_, &sums[i]);
+      if (Lk2_ != Lk_) probs_[i * Lk2_ + Lk_] = at::BFloat16(0.0f);
+    }
+    if (vnni_) {
+      for (int64_t c0 = 0; c0 < D_; c0 += kPanel) {
+        const int64_t cw = std::min(kPanel, D_ - c0);
+        blas::brgemm(n, cw, Lk2_, Lk2_, panel_ld(cw), D_, false, probs_.data(), vpack_.data() + Lk2_ * c0,
+                     acc_.data() + c0, true);
+      }
+    } else {
+      blas::brgemm(n, D_, Lk_, Lk_, ldv_, D_, false, probs_.data(), v_, acc_.data(), false);
+    }
+  }
+
+  const float* acc() const { return acc_.data(); }
+
+ private:
+  static constexpr int64_t kPanel = 64;
+  static int64_t panel_ld(int64_t cols) { return (cols + 15) / 16 * 16; }  // 16, 32, 48 or 64
+
+  bool vnni_;
+  int64_t Lk_, D_, Lk2_;
+  std::vector<float> logits_, acc_;
+  std::vector<at::BFloat16> probs_, kt_, kpack_, vpack_;
+  const at::BFloat16* v_ = nullptr;
+  int64_t ldv_ = 0;
+};
+
+template <typename T>
+using Attend = std::conditional_t<std::is_same_v<T, float>, FloatAttend, Bf16Attend>;
+
+// Query rows per block for q's dtype: float32 logits over Lk keys of about kFloatBlockBytes / kBf16BlockBytes.
+template <typename T>
+int64_t block_rows(int64_t Lq, int64_t Lk) {
+  return rows_per_block(Lq, Lk, std::is_same_v<T, float> ? kFloatBlockBytes : kBf16BlockBytes);
+}
+
+// The key grid's row / column of each key, for grids of at most 16 x 16 on the AVX-512 row pass (see KeyGrid):
+// fills iy / ix and points g at them.
+void small_grid_index(KeyGrid& g, std::vector<int32_t>& iy, std::vector<int32_t>& ix) {
+  if (g.ay > 16 || g.ax > 16 || !cpu::avx512()) return;
+  const int64_t L = g.ay * g.ax;
+  const int64_t padded = (L + 15) / 16 * 16;
+  iy.assign(padded, 0);
+  ix.assign(padded, 0);
+  for (int64_t j = 0; j < L; ++j) {
+    iy[j] = static_cast<int32_t>(j / g.ax);
+    ix[j] = static_cast<int32_t>(j % g.ax);
+  }
+  g.iy = iy.data();
+  g.ix = ix.data();
+}
+
+// ---- sam_fast::sam_block_attention: SAM's window / global attention read straight from the qkv tensor ----
+
+}  // namespace
+}  // namespace sam_fast

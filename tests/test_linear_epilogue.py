@@ -1,0 +1,129 @@
+"""``linear_epilogue_``: bias, activation and residual after a bias-free GEMM, in place. The C++ op
+``sam_fast::linear_epilogue_`` against its reference and PyTorch's own ops, the public function's backends and
+argument checks, and ``fused_linear``, which runs a whole ``nn.Linear`` through it."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sam_fast
+from sam_fast.ops.linear_epilogue import linear_epilogue_
+from sam_fast.reference.linear_epilogue import linear_epilogue as reference
+
+
+@pytest.fixture(autouse=True)
+def _ops():
+    from sam_fast.ops._ext import extension_error
+
+    assert extension_error() is None  # (loads the C++ ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
+def test_linear_epilogue_op_matches_pytorch(activation, dtype):
+    """act(y + bias) + residual in place, over row blocks (300 rows of 700: several blocks and a partial one), with
+    and without bias or residual; the values are ATen's own kernels' (to an ulp: a block's vector tail may differ
+    from the whole tensor's)."""
+    gen = torch.Generator().manual_seed(7)
+    y = (torch.randn(3, 100, 700, generator=gen) * 3).to(dtype)
+    bias = torch.randn(700, generator=gen).to(dtype)
+    res = torch.randn(3, 100, 700, generator=gen).to(dtype)
+    approx = {"gelu": "none", "gelu_tanh": "tanh"}.get(activation)
+    for b, r in ((bias, res), (None, res), (bias, None), (None, None)):
+        want = y if b is None else y + b
+        if approx is not None:
+            want = F.gelu(want, approximate=approx)
+        if r is not None:
+            want = want + r
+        got = y.clone()
+        torch.ops.sam_fast.linear_epilogue_(got, b, activation, r)
+        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
+
+
+def test_linear_epilogue_op_refuses_bad_arguments():
+    y = torch.randn(4, 6)
+    op = torch.ops.sam_fast.linear_epilogue_
+    with pytest.raises(RuntimeError, match="activation must be"):
+        op(y, None, "relu", None)
+    with pytest.raises(RuntimeError, match="y must be a contiguous floating-point"):
+        op(torch.zeros(4, 6, dtype=torch.int32), None, "none", None)
+    with pytest.raises(RuntimeError, match="y must be a contiguous"):
+        op(torch.randn(6, 4).t(), None, "none", None)
+    with pytest.raises(RuntimeError, match="bias must be a \\(6,\\)"):
+        op(y, torch.zeros(4), "none", None)
+    with pytest.raises(RuntimeError, match="residual must be a contiguous"):
+        op(y, None, "none", torch.zeros(4, 5))
+    with pytest.raises(RuntimeError, match="single memory location"):
+        op(y, None, "none", y)
+    op(torch.empty(0, 6), torch.zeros(6), "gelu", torch.empty(0, 6))  # empty: nothing to do
+
+
+def test_fused_linear_matches_the_modules_and_steps_aside(cpu_rules):
+    """fused_linear: the layer, its GELU and a residual in one pass after the GEMM (float32, large enough outputs);
+    None (the caller runs the modules) for bf16, small outputs, another module type, or autograd recording."""
+    import sam_fast.ops.linear_epilogue as le
+
+    lin = torch.nn.Linear(48, 80)
+    x = torch.randn(2, 30, 48)
+    res = torch.randn(2, 30, 80)
+    cpu_rules(epilogue_min_bytes=0)
+    with torch.no_grad():
+        for act, approx in (("none", None), ("gelu", "none"), ("gelu_tanh", "tanh")):
+            want = lin(x) if approx is None else F.gelu(lin(x), approximate=approx)
+            torch.testing.assert_close(le.fused_linear(lin, x, act), want)
+            torch.testing.assert_close(le.fused_linear(lin, x, act, residual=res), want + res)
+        assert le.fused_linear(copy.deepcopy(lin).bfloat16(), x.bfloat16()) is None
+        assert le.fused_linear(torch.nn.Identity(), x) is None
+        cpu_rules(epilogue_min_bytes=1 << 30)
+        assert le.fused_linear(lin, x) is None
+    cpu_rules(epilogue_min_bytes=0)
+    assert le.fused_linear(lin, x) is None  # grad enabled, the weight requires grad
+    with pytest.raises(ValueError, match="activation must be one of"):
+        le.fused_linear(lin, x, "relu")
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
+def test_backends_agree_and_are_recorded(activation):
+    """The public function: the C++ backend under ``auto`` for CPU tensors, the reference where asked or where
+    autograd records (it differentiates), the same values either way."""
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(40, 300, generator=gen)
+    bias, res = torch.randn(300, generator=gen), torch.randn(40, 300, generator=gen)
+    want = reference(y, bias, activation, res)
+    with sam_fast.record_backends() as rec:
+        got = linear_epilogue_(y.clone(), bias, activation, res)
+        ref = linear_epilogue_(y.clone(), bias, activation, res, backend="reference")
+    assert rec.calls == [("linear_epilogue_", "cpu"), ("linear_epilogue_", "reference")]
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=2e-7)
+    assert torch.equal(ref, want)
+    leaf = y.clone().requires_grad_()
+    y2 = leaf * 1.0
+    with sam_fast.record_backends() as rec:
+        out = linear_epilogue_(y2, bias, activation, res)
+    assert rec.calls == [("linear_epilogue_", "reference")] and out is y2
+    out.sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == y.shape
+
+
+def test_public_function_refuses_bad_arguments_by_name():
+    y = torch.randn(4, 6)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        linear_epilogue_([1.0], None)
+    with pytest.raises(ValueError, match="y must be a contiguous floating-point"):
+        linear_epilogue_(torch.zeros(4, 6, dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="not contiguous"):
+        linear_epilogue_(torch.randn(6, 4).t(), None)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        linear_epilogue_(y, None, "relu")
+    with pytest.raises(ValueError, match="bias must be a \\(6,\\)"):
+        linear_epilogue_(y, torch.zeros(4))
+    with pytest.raises(ValueError, match="residual must be a \\(4, 6\\)"):
+        linear_epilogue_(y, None, "none", torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="bias must be"):
+        linear_epilogue_(y, torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor or None"):
+        linear_epilogue_(y, None, "none", 3.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_epilogue_(y, None, backend="gpu")
