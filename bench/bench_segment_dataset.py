@@ -1,12 +1,12 @@
 """Benchmark: segmenting a folder of images end to end, the Ray Data pipeline vs a plain loop, one device.
 
-Both run :class:`sam_fast.distributed.SegmentWorker` (everything mode) over the same images into per-shard
+Both run :class:`sam_fast.segment_dataset.SegmentWorker` (everything mode) over the same images into per-shard
 COCO JSON; the time is the whole job as a user runs it - model load, (Ray start and actor creation), every
 image read, segmented and written - so on few images the fixed costs show, and the rows say how many images
 they cover. Backends:
 
-* ``loop`` - :func:`sam_fast.distributed.run_shards` in this process (the ``--shard 0/1`` path);
-* ``ray(1 actor)`` - :func:`sam_fast.distributed.run_ray` with one actor (one GPU on a GPU machine) on a
+* ``loop`` - :func:`sam_fast.segment_dataset.run_shards` in this process (the ``--shard 0/1`` path);
+* ``ray(1 actor)`` - :func:`sam_fast.segment_dataset.run_ray` with one actor (one GPU on a GPU machine) on a
   local Ray instance started for the run (rows say "not installed" where Ray is absent).
 
 GPU case: ViT-B geometry (random weights), 32 points per side, 16 scikit-image photos. CPU case: the tiny test
@@ -59,9 +59,9 @@ def _folder(root: str, n: int, side: int) -> str:
 
 
 def run(out_dir: str, quick: bool = False, device: str = None):
-    from sam_fast.distributed import SegmentWorker, run_ray, run_shards
     from sam_fast.images import list_images
     from sam_fast.models import build_sam, save_sam, tiny_sam
+    from sam_fast.segment_dataset import SegmentWorker, run_ray, run_shards
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = dev.type == "cuda"

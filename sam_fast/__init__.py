@@ -50,8 +50,8 @@ _EXPORTS = {
 }
 
 
-_SUBMODULES = ("distill", "distributed", "everything", "images", "models", "nn", "pattern", "predictor", "quantize",
-               "reference", "testing")
+_SUBMODULES = ("coco", "cpu_features", "cpu_policy", "distill", "everything", "images", "models", "nn", "pattern",
+               "predictor", "quantize", "reference", "segment_dataset", "testing")
 
 
 def __getattr__(name):

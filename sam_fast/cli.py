@@ -42,7 +42,7 @@ included), ``OUT/train_log.csv`` and checkpoints; rerunning the same command res
 (:func:`sam_fast.distill.evaluate`) and writes ``OUT/eval.json`` and ``OUT/eval.png``.
 
 ``segment-dataset`` segments every image of a folder (recursively) into per-shard COCO JSON files in ``DST``
-(:mod:`sam_fast.distributed`): with ``--shard RANK/WORLD`` this process takes its exact part of the shards (for
+(:mod:`sam_fast.segment_dataset`): with ``--shard RANK/WORLD`` this process takes its exact part of the shards (for
 torchrun / SLURM ranks); otherwise Ray Data runs the shards on an actor pool (``--num-gpus N``: N actors of one
 GPU each; ``--ray-address``: an existing cluster). Reruns skip finished shards; a folder holding shards of another
 run (other images, boxes, settings or shard size) is refused with what changed (``--overwrite`` redoes those
@@ -525,8 +525,8 @@ def _segment_dataset(args) -> int:
     import json
 
     from sam_fast import SamFastConfig
-    from sam_fast.distributed import SegmentWorker, match_box_keys, parse_shard, run_ray, run_shards
     from sam_fast.images import list_images
+    from sam_fast.segment_dataset import SegmentWorker, match_box_keys, parse_shard, run_ray, run_shards
 
     missing = []
     try:

@@ -315,7 +315,7 @@ class SamFastAutomaticMaskGenerator:
                 candidates = tinysam_second_round_points(sparse, im_size, self.layer_sides[layer_idx])
             else:
                 candidates = dense
-            done = points_inside(confident, candidates, self.hierarchical_logit_thresh, self.predictor._padded_size,
+            done = points_inside(confident, candidates, self.hierarchical_logit_thresh, self.predictor.padded_size,
                                  self.predictor.input_size, im_size)
             self.last_stats["points_skipped"] += int(done.sum())
             second, _ = self._process_points(candidates[~done], im_size, crop_box, orig_size)
@@ -374,7 +374,7 @@ class SamFastAutomaticMaskGenerator:
             if self.pred_iou_thresh > 0.0:
                 keep = iou > self.pred_iou_thresh
                 low, iou, pts = low[keep], iou[keep], pts[keep.cpu()]
-            post = mask_postprocess(low, padded_size=predictor._padded_size, input_size=predictor.input_size,
+            post = mask_postprocess(low, padded_size=predictor.padded_size, input_size=predictor.input_size,
                                     original_size=im_size, mask_threshold=predictor.model.mask_threshold,
                                     stability_offset=self.stability_score_offset, crop_box=crop_box,
                                     image_size=orig_size, return_rle=True, backend=predictor.backend)

@@ -120,7 +120,9 @@ class SamFastPredictor(SamPredictor):
         return d
 
     @property
-    def _padded_size(self) -> Tuple[int, int]:
+    def padded_size(self) -> Tuple[int, int]:
+        """The encoder's square input, (img_size, img_size): the size images are resized and padded to, and the
+        frame the low-resolution masks cover (``mask_postprocess``'s ``padded_size``)."""
         s = self.model.image_encoder.img_size
         return (s, s)
 
@@ -212,9 +214,9 @@ class SamFastPredictor(SamPredictor):
     def _masks(self, low_res, input_size, original_size, return_logits):
         P, M = low_res.shape[:2]
         if return_logits:
-            up = upsample_logits(low_res.flatten(0, 1), self._padded_size, input_size, original_size)
+            up = upsample_logits(low_res.flatten(0, 1), self.padded_size, input_size, original_size)
             return up.view(P, M, *up.shape[-2:])
-        out = mask_postprocess(low_res.flatten(0, 1), padded_size=self._padded_size, input_size=input_size,
+        out = mask_postprocess(low_res.flatten(0, 1), padded_size=self.padded_size, input_size=input_size,
                                original_size=original_size, mask_threshold=self.model.mask_threshold,
                                return_rle=False, return_masks=True, backend=self.backend)
         return out.masks.view(P, M, *out.masks.shape[-2:])
@@ -292,7 +294,7 @@ class SamFastPredictor(SamPredictor):
                 records.append([])
                 continue
             H, W = self._batch["original_sizes"][i]
-            post = mask_postprocess(low[i].flatten(0, 1), padded_size=self._padded_size,
+            post = mask_postprocess(low[i].flatten(0, 1), padded_size=self.padded_size,
                                     input_size=self._batch["input_sizes"][i], original_size=(H, W),
                                     mask_threshold=self.model.mask_threshold, return_rle=True, backend=self.backend)
             segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))

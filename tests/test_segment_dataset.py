@@ -11,9 +11,9 @@ from PIL import Image
 
 from sam_fast import SamFastAutomaticMaskGenerator, SamFastPredictor
 from sam_fast.cli import main
-from sam_fast.distributed import SegmentWorker, make_shards, partition, read_results, run_ray, run_shards
 from sam_fast.images import list_images, read_rgb
 from sam_fast.models import save_sam, tiny_sam
+from sam_fast.segment_dataset import SegmentWorker, make_shards, partition, read_results, run_ray, run_shards
 
 # thresholds off: the tiny random model's masks pass them, so the comparisons below compare masks, not empty lists
 GEN = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 0.99}
