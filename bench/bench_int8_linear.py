@@ -59,7 +59,7 @@ def int_mm_separate(x, wq_t, ws, bias):
 
 
 def _sqnr(ref, y):
-    from sam_fast.reference.int8_linear import sqnr_db
+    from sam_fast.metrics import sqnr_db
 
     return sqnr_db(ref, y.float())
 
@@ -104,7 +104,7 @@ def planned_rows(targets: bool = True):
 
 def workload(B, model, K, N, dev, g, names, compiled=None):
     """One case: (case name, M, x, w, b, ref, {peer: callable}) for the peers ``names`` - the definition
-    this script times and bench/test_microbench.py benchmarks."""
+    this script times and tools/test_microbench.py benchmarks."""
     import sam_fast
 
     M = B * 4096 if dev.type == "cuda" else B  # on the CPU, B is M (see cases())

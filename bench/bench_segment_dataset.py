@@ -59,8 +59,9 @@ def _folder(root: str, n: int, side: int) -> str:
 
 
 def run(out_dir: str, quick: bool = False, device: str = None):
+    from sam_fast.checkpoint import save_sam
     from sam_fast.images import list_images
-    from sam_fast.models import build_sam, save_sam, tiny_sam
+    from sam_fast.models import build_sam, tiny_sam
     from sam_fast.segment_dataset import SegmentWorker, run_ray, run_shards
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -47,11 +47,14 @@ _EXPORTS = {
     "Int8": ".patch",
     "SamFastHandle": ".patch",
     "apply": ".patch",
+    "load_sam": ".checkpoint",
+    "save_sam": ".checkpoint",
+    "save_transformers": ".checkpoint",
 }
 
 
-_SUBMODULES = ("coco", "cpu_features", "cpu_policy", "distill", "everything", "images", "models", "nn", "pattern",
-               "predictor", "quantize", "reference", "segment_dataset", "testing")
+_SUBMODULES = ("checkpoint", "coco", "cpu_features", "cpu_policy", "distill", "everything", "images", "models", "nn",
+               "pattern", "predictor", "quantize", "reference", "segment_dataset", "testing")
 
 
 def __getattr__(name):

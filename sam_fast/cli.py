@@ -233,8 +233,8 @@ def _segment(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from sam_fast.checkpoint import load_sam
     from sam_fast.images import read_rgb
-    from sam_fast.models import load_sam
     from sam_fast.predictor import check_image_size
 
     prompts = bool(args.points or args.box)
@@ -285,7 +285,7 @@ def _segment(args) -> int:
     sam.to(device)
     if getattr(sam, "sam_fast_config", None) is not None:
         print(f"{args.checkpoint}: a distilled student; running the dilated attention it was trained for in blocks "
-              f"{sam.sam_fast_config.chosen_blocks()}")
+              f"{list(sam.sam_fast_config.chosen_blocks())}")
     from sam_fast.ops.mask_postprocess import coco_to_mask
 
     if args.everything:
@@ -358,7 +358,7 @@ def _load_error(exc: BaseException) -> str:
 
 
 def _inspect(args) -> int:
-    from sam_fast.models import load_sam
+    from sam_fast.checkpoint import load_sam
     from sam_fast.models.sam import known_model_type
     from sam_fast.models.tinyvit import TinyViT
     from sam_fast.models.vit import encoder_geometry
@@ -403,7 +403,7 @@ def _inspect(args) -> int:
     recorded = getattr(sam, "sam_fast_config", None)
     if recorded is not None:
         print("distilled student: trained for dilated attention (load_sam applies it):")
-        for index, pattern in sorted(recorded.dilated_pattern.items()):
+        for index, pattern in sorted(recorded.dilated.pattern.items()):
             print(f"  block {index}: " + ", ".join(f"segment {b.segment} dilation {b.dilation}" for b in pattern))
     blocks = vit_blocks(sam)
     slots = eligible_linears(sam)
@@ -429,7 +429,7 @@ def _parse_blocks(text: str):
 
 
 def _load_for(path: str, args):
-    from sam_fast.models import load_sam
+    from sam_fast.checkpoint import load_sam
 
     return load_sam(path, args.model_type, decoder_heads=args.decoder_heads)
 

@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import threading
 
+from ._args import int_arg
+
 
 @dataclasses.dataclass(frozen=True)
 class CpuPolicy:
@@ -54,10 +56,8 @@ class CpuPolicy:
             if f.type in (bool, "bool"):
                 if not isinstance(value, bool):
                     raise TypeError(f"CpuPolicy.{f.name} must be a bool, got {type(value).__name__}")
-            elif not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"CpuPolicy.{f.name} must be an int, got {type(value).__name__}")
-            elif value < 0:
-                raise ValueError(f"CpuPolicy.{f.name} must be >= 0, got {value}")
+            else:
+                int_arg(value, f"CpuPolicy.{f.name}", 0)
 
     def replace(self, **changes) -> "CpuPolicy":
         """A copy with ``changes``; an unknown field is a TypeError naming it."""

@@ -1,13 +1,13 @@
 """``sam_fast.apply(model, SamFastConfig(...)) -> SamFastHandle``: swap fast kernels into a model instance.
 
 Patching is explicit, per instance and reversible: :func:`apply` walks the model, recognises
-segment_anything image-encoder blocks by their structure (:func:`sam_fast.nn.is_sam_vit_block`) and
+segment_anything image-encoder blocks by their structure (:func:`sam_fast.surgery.is_sam_vit_block`) and
 replaces each, in its parent, by a :class:`sam_fast.nn.SamFastBlock` that shares the block's
 submodules (so parameters and state_dict keys are untouched). Library classes are never modified.
-With ``attention="dilated"`` the chosen blocks (``dilated_blocks``: ``"global"``, ``"all"`` or a list
-of block indices; or the keys of a per-block ``dilated_pattern`` dict) run dilated attention over the
-whole token grid with their own weights; every other block keeps exact fused attention.
-With ``quantize="int8"`` the linears of every ViT block become :class:`sam_fast.nn.Int8Linear`
+With ``attention=Dilated(pattern, blocks)`` the chosen blocks (``"global"``, ``"all"`` or a list of block
+indices; or the keys of a per-block pattern dict) run dilated attention over the whole token grid with their
+own weights; every other block keeps exact fused attention.
+With ``quantize=Int8(calibration)`` the linears of every ViT block become :class:`sam_fast.nn.Int8Linear`
 (W8A8; see :mod:`sam_fast.quantize`), composing with either attention mode, and the modules whose LayerNorm
 fuses into an int8 GEMM are swapped for their fused forms. Which modules qualify is decided in
 :mod:`sam_fast.surgery`.
@@ -29,31 +29,82 @@ from .nn.attention import SamFastBlock
 from .nn.quantized import Int8Linear
 from .pattern import check_pattern
 from .quantize import Calibration
-from .surgery import eligible_linears, fusable_modules, too_narrow, vit_blocks
+from .surgery import eligible_linears, fusable_modules, too_narrow, transformers_vit_layers, vit_blocks
 
 ATTENTION_MODES = ("exact", "dilated", "none")
 QUANTIZE_MODES = (None, "int8")
 BLOCK_CHOICES = ("global", "all")
 
 
+def _check_blocks(blocks, pattern):
+    """``Dilated.blocks``: None, ``"global"``, ``"all"`` or a list of block indices (each in the pattern dict, if
+    the pattern is one); returned as a tuple for a list."""
+    if blocks is None or (isinstance(blocks, str) and blocks in BLOCK_CHOICES):
+        return blocks
+    if isinstance(blocks, str):
+        raise ValueError(f"dilated_blocks must be one of {BLOCK_CHOICES} or a list of block indices, got {blocks!r}")
+    if not isinstance(blocks, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in blocks):
+        raise TypeError(f"dilated_blocks must be 'global', 'all' or a list of block indices, got {blocks!r}")
+    if any(i < 0 for i in blocks):
+        raise ValueError(f"dilated_blocks: block indices count from 0, got {blocks!r}")
+    if isinstance(pattern, dict):
+        missing = [i for i in blocks if i not in pattern]
+        if missing:
+            raise ValueError(f"dilated_blocks {missing} have no entry in the dilated_pattern dict")
+    return tuple(blocks)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dilated:
     """``SamFastConfig(attention=Dilated(pattern, blocks))``: dilated attention in the chosen blocks, exact
-    fused attention in the others.
+    fused attention in the others. Checked when made.
 
     Args:
         pattern: a :class:`sam_fast.Branch` or list of them used by every chosen block, or a dict
-            ``{block_index: pattern}`` giving each chosen block its own.
+            ``{block_index: pattern}`` giving each chosen block its own (stored as a tuple of Branch, or a dict of
+            them).
         blocks: ``"global"`` (SAM's global-attention blocks; the default), ``"all"``, or a list of block
-            indices; with a dict pattern the default is the dict's keys.
+            indices (stored as a tuple); with a dict pattern the default is the dict's keys.
     """
 
     pattern: Any
     blocks: Any = None
 
     def __post_init__(self):
-        if self.pattern is None:
-            raise ValueError("Dilated needs a pattern: a Branch, a list of Branch, or a dict {block_index: pattern}")
+        pat = self.pattern
+        if pat is None:
+            raise ValueError("Dilated needs a pattern (dilated_pattern): a Branch, a list of Branch, or a dict "
+                             "{block_index: pattern}")
+        if isinstance(pat, dict):
+            if not pat:
+                raise ValueError("dilated_pattern dict must name at least one block")
+            for key in pat:
+                if not isinstance(key, int) or isinstance(key, bool) or key < 0:
+                    raise TypeError(f"dilated_pattern keys must be block indices (ints >= 0), got {key!r}")
+            pat = {key: check_pattern(p, f"dilated_pattern[{key}]") for key, p in pat.items()}
+        else:
+            pat = check_pattern(pat, "dilated_pattern")
+        object.__setattr__(self, "pattern", pat)
+        object.__setattr__(self, "blocks", _check_blocks(self.blocks, pat))
+
+    def chosen_blocks(self):
+        """``"global"``, ``"all"`` or the tuple of block indices that get a pattern; a dict pattern without
+        ``blocks`` chooses its keys."""
+        if self.blocks is not None:
+            return self.blocks
+        return tuple(sorted(self.pattern)) if isinstance(self.pattern, dict) else "global"
+
+    def pattern_for(self, index: int, block: nn.Module):
+        """The pattern block ``index`` gets, or None (exact attention)."""
+        blocks = self.chosen_blocks()
+        if blocks == "global":
+            chosen = int(block.window_size) == 0
+        else:
+            chosen = blocks == "all" or index in blocks
+        if not chosen:
+            return None
+        return self.pattern.get(index) if isinstance(self.pattern, dict) else self.pattern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,133 +125,78 @@ class Int8:
                             f"{type(self.calibration).__name__}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class SamFastConfig:
-    """What :func:`apply` swaps.
+    """What :func:`apply` swaps: ``SamFastConfig(attention="exact" | "none" | Dilated(pattern, blocks),
+    quantize=None | Int8(calibration), backend="auto")``. Each part checks itself when made.
 
-    The nested forms say each choice once: ``SamFastConfig(attention=Dilated(pattern, blocks),
-    quantize=Int8(calibration))``. The flat forms (``attention="dilated", dilated_pattern=...,
-    dilated_blocks=...``, ``quantize="int8", calibration=...``) mean the same and stay accepted; a nested
-    form is stored as the flat one, so both compare equal.
+    Stored nested and typed: ``attention`` is ``"exact"``, ``"none"`` or a :class:`Dilated`; ``quantize`` is None or
+    an :class:`Int8`. The flat spellings (``attention="dilated", dilated_pattern=..., dilated_blocks=...``,
+    ``quantize="int8", calibration=...``) are accepted and stored nested, so both compare equal.
 
     Args:
         attention: ``"exact"`` - fused flash attention with SAM's rel-pos bias in every ViT block
             (global and windowed), numerically the original model; ``"none"`` - leave attention alone;
-            a :class:`Dilated` (or ``"dilated"`` with ``dilated_pattern``).
+            a :class:`Dilated` - dilated attention in its blocks, exact in the others.
         backend: handed to every op the swapped modules call (``"auto"``, ``"triton"``, ``"cuda"``,
             ``"cpu"``, ``"reference"``); e.g. ``"triton"`` forces the kernel (under TRITON_INTERPRET=1
             on a CPU).
-        dilated_pattern: with ``attention="dilated"``: a :class:`sam_fast.Branch` or list of them used by
-            every chosen block, or a dict ``{block_index: pattern}`` giving each chosen block its own.
-        dilated_blocks: which blocks (indices into the encoder's ``blocks``) get the dilated pattern:
-            ``"global"`` (SAM's global-attention blocks; the default), ``"all"``, or a list of indices.
-            With a dict pattern the default is the dict's keys.
-        quantize: None, an :class:`Int8`, or ``"int8"``: W8A8 for the linears of every ViT block (qkv, proj, MLP) with
-            :class:`sam_fast.nn.Int8Linear`; with ``attention="exact"``/``"dilated"`` the LayerNorms fuse
-            into the int8 GEMMs' input quantization (see :mod:`sam_fast.quantize`).
-        calibration: with ``quantize="int8"``: a :class:`sam_fast.quantize.Calibration` from
-            :func:`sam_fast.quantize.calibrate` (static scale for the MLP's second linear; layers it
-            marked float stay float), or None (dynamic per-token activations everywhere; only layers
-            too narrow for int8 stay float).
+        quantize: None or an :class:`Int8`: W8A8 for the linears of every ViT block (qkv, proj, MLP) with
+            :class:`sam_fast.nn.Int8Linear`; with exact or dilated attention the LayerNorms fuse into the int8
+            GEMMs' input quantization (see :mod:`sam_fast.quantize`).
     """
 
-    attention: str = "exact"
+    attention: Any = "exact"
     backend: str = "auto"
-    dilated_pattern: Any = None
-    dilated_blocks: Any = None
-    quantize: Optional[str] = None
-    calibration: Any = None
+    quantize: Optional[Int8] = None
 
-    def __post_init__(self):
-        if isinstance(self.attention, Dilated):
-            if self.dilated_pattern is not None or self.dilated_blocks is not None:
+    def __init__(self, attention="exact", backend="auto", quantize=None, *, dilated_pattern=None,
+                 dilated_blocks=None, calibration=None):
+        if isinstance(attention, str) and attention == "dilated":
+            if dilated_pattern is None:
+                raise ValueError("attention='dilated' needs dilated_pattern (a Branch, a list of Branch, or a dict "
+                                 "{block_index: pattern})")
+            attention = Dilated(dilated_pattern, dilated_blocks)
+        elif dilated_pattern is not None or dilated_blocks is not None:
+            if isinstance(attention, Dilated):
                 raise ValueError("attention=Dilated(...) already holds the pattern and blocks: leave "
                                  "dilated_pattern / dilated_blocks unset")
-            object.__setattr__(self, "dilated_pattern", self.attention.pattern)
-            object.__setattr__(self, "dilated_blocks", self.attention.blocks)
-            object.__setattr__(self, "attention", "dilated")
-        if isinstance(self.quantize, Int8):
-            if self.calibration is not None:
+            raise ValueError(f"dilated_pattern / dilated_blocks need attention='dilated', got attention={attention!r}")
+        if not isinstance(attention, Dilated):
+            if not isinstance(attention, str):
+                raise TypeError(f"SamFastConfig attention must be one of {ATTENTION_MODES} or a sam_fast.Dilated, "
+                                f"got {type(attention).__name__}")
+            if attention not in ("exact", "none"):
+                raise ValueError(f"SamFastConfig attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if isinstance(quantize, str) and quantize == "int8":
+            quantize = Int8(calibration)
+        elif calibration is not None:
+            if isinstance(quantize, Int8):
                 raise ValueError("quantize=Int8(...) already holds the calibration: leave calibration unset")
-            object.__setattr__(self, "calibration", self.quantize.calibration)
-            object.__setattr__(self, "quantize", "int8")
-        if not isinstance(self.attention, str):
-            raise TypeError(f"SamFastConfig attention must be one of {ATTENTION_MODES} or a sam_fast.Dilated, got "
-                            f"{type(self.attention).__name__}")
-        if self.quantize is not None and not isinstance(self.quantize, str):
-            raise TypeError(f"SamFastConfig quantize must be None, 'int8' or a sam_fast.Int8, got "
-                            f"{type(self.quantize).__name__}")
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"SamFastConfig attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        check_backend_name(self.backend)
-        if self.quantize not in QUANTIZE_MODES:
-            raise ValueError(f"SamFastConfig quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
-        if self.calibration is not None:
-            if self.quantize is None:
-                raise ValueError("calibration needs quantize='int8'")
-            if not isinstance(self.calibration, Calibration):
-                raise TypeError(f"calibration must be a sam_fast.quantize.Calibration (from calibrate()), got "
-                                f"{type(self.calibration).__name__}")
-        if self.attention != "dilated":
-            if self.dilated_pattern is not None or self.dilated_blocks is not None:
-                raise ValueError(f"dilated_pattern / dilated_blocks need attention='dilated', got "
-                                 f"attention={self.attention!r}")
-            return
-        pat = self.dilated_pattern
-        if pat is None:
-            raise ValueError("attention='dilated' needs dilated_pattern (a Branch, a list of Branch, or a dict "
-                             "{block_index: pattern})")
-        if isinstance(pat, dict):
-            if not pat:
-                raise ValueError("dilated_pattern dict must name at least one block")
-            for key, p in pat.items():
-                if not isinstance(key, int) or isinstance(key, bool) or key < 0:
-                    raise TypeError(f"dilated_pattern keys must be block indices (ints >= 0), got {key!r}")
-                check_pattern(p, f"dilated_pattern[{key}]")
-        else:
-            check_pattern(pat, "dilated_pattern")
-        blocks = self.dilated_blocks
-        if blocks is None or blocks in BLOCK_CHOICES:
-            return
-        if isinstance(blocks, str):
-            raise ValueError(f"dilated_blocks must be one of {BLOCK_CHOICES} or a list of block indices, "
-                             f"got {blocks!r}")
-        if not isinstance(blocks, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                            for i in blocks):
-            raise TypeError(f"dilated_blocks must be 'global', 'all' or a list of block indices, got {blocks!r}")
-        if any(i < 0 for i in blocks):
-            raise ValueError(f"dilated_blocks: block indices count from 0, got {blocks!r}")
-        if isinstance(pat, dict):
-            missing = [i for i in blocks if i not in pat]
-            if missing:
-                raise ValueError(f"dilated_blocks {missing} have no entry in the dilated_pattern dict")
+            raise ValueError("calibration needs quantize='int8'")
+        if quantize is not None and not isinstance(quantize, Int8):
+            if not isinstance(quantize, str):
+                raise TypeError(f"SamFastConfig quantize must be None, 'int8' or a sam_fast.Int8, got "
+                                f"{type(quantize).__name__}")
+            raise ValueError(f"SamFastConfig quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+        check_backend_name(backend)
+        object.__setattr__(self, "attention", attention)
+        object.__setattr__(self, "backend", backend)
+        object.__setattr__(self, "quantize", quantize)
+
+    @property
+    def dilated(self) -> Optional[Dilated]:
+        """The :class:`Dilated` part, or None (exact attention, or none)."""
+        return self.attention if isinstance(self.attention, Dilated) else None
 
     def chosen_blocks(self):
-        """``"global"``, ``"all"`` or the list of block indices that get a dilated pattern (None unless
-        attention is ``"dilated"``); a dict pattern without ``dilated_blocks`` chooses its keys."""
-        if self.attention != "dilated":
-            return None
-        if self.dilated_blocks is not None:
-            return self.dilated_blocks
-        return sorted(self.dilated_pattern) if isinstance(self.dilated_pattern, dict) else "global"
+        """``"global"``, ``"all"`` or the tuple of block indices that get a dilated pattern (None without
+        dilated attention)."""
+        return None if self.dilated is None else self.dilated.chosen_blocks()
 
     def pattern_for(self, index: int, block: nn.Module):
         """The dilated pattern block ``index`` gets, or None (exact attention)."""
-        blocks = self.chosen_blocks()
-        if blocks is None:
-            return None
-        pat = self.dilated_pattern
-        if blocks == "global":
-            chosen = int(block.window_size) == 0
-        elif blocks == "all":
-            chosen = True
-        else:
-            chosen = index in blocks
-        if not chosen:
-            return None
-        if isinstance(pat, dict):
-            return check_pattern(pat.get(index)) if index in pat else None
-        return check_pattern(pat)
+        return None if self.dilated is None else self.dilated.pattern_for(index, block)
 
 
 class SamFastHandle:
@@ -297,14 +293,14 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         config = recorded if recorded is not None else SamFastConfig()
     if not isinstance(config, SamFastConfig):
         raise TypeError(f"config must be a sam_fast.SamFastConfig, got {type(config).__name__}")
-    if recorded is not None and recorded.attention == "dilated":
+    if recorded is not None and recorded.dilated is not None:
         _warn_if_pattern_dropped(model, config, recorded)
     swaps, updates, overrides, hooks = [], [], [], []
     try:
-        if config.attention in ("exact", "dilated"):
+        if config.attention != "none":
             _swap_blocks(model, config, swaps, updates, overrides, hooks)
         left_float = {}
-        if config.quantize == "int8":
+        if config.quantize is not None:
             left_float = _quantize_linears(model, config, swaps)
             _fuse_int8_modules(model, swaps)
             _refuse_pretrained_saves(model, hooks)
@@ -386,8 +382,6 @@ def _patch_transformers_layers(model, config, layers, updates, overrides, hooks)
 def _swap_blocks(model, config, swaps, updates, overrides, hooks) -> None:
     found = vit_blocks(model)  # collected before any change
     if not found:
-        from .nn.transformers_sam import transformers_vit_layers
-
         layers = transformers_vit_layers(model)
         if layers:
             _patch_transformers_layers(model, config, layers, updates, overrides, hooks)
@@ -418,7 +412,7 @@ def _quantize_linears(model, config, swaps) -> Dict[str, str]:
     slots = eligible_linears(model)
     if not slots:
         raise ValueError("quantize='int8' found no segment_anything ViT (or TinyViT) block linears in the model")
-    cal = config.calibration
+    cal = config.quantize.calibration
     if cal is not None:
         unknown = [s.key for s in slots if s.key not in cal.layers]
         if unknown:

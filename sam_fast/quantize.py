@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .metrics import ratio_db, sqnr_db
 from .nn.quantized import Int8Linear
 from .ops.int8_linear import int8_linear, quantize_weight
-from .reference.int8_linear import QMAX, ratio_db, sqnr_db
+from .reference.int8_linear import QMAX
 from .surgery import MIN_FEATURES, eligible_linears, find_encoder, too_narrow
 
 __all__ = ["Calibration", "LayerCalibration", "calibrate", "eligible_linears", "quantize_weight", "sqnr_db",

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ._args import int_arg
 from ._files import write_atomic
 
 MODES = ("everything", "boxes")
@@ -47,9 +48,7 @@ MODES = ("everything", "boxes")
 def partition(items: Sequence, rank: int, world: int) -> list:
     """The ``rank``-th of ``world`` contiguous, near-equal parts of ``items``: together the parts hold every item
     exactly once (sizes differ by at most one)."""
-    for name, v in (("rank", rank), ("world", world)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    rank, world = int_arg(rank, "rank"), int_arg(world, "world")
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
     n = len(items)
@@ -71,11 +70,11 @@ class SegmentWorker:
     """Load and patch a model once; segment images into COCO records.
 
     Args:
-        checkpoint: anything :func:`sam_fast.models.load_sam` reads (a distilled student brings its pattern).
+        checkpoint: anything :func:`sam_fast.load_sam` reads (a distilled student brings its pattern).
         model_type, decoder_heads: as for ``load_sam``.
         config: a :class:`sam_fast.SamFastConfig` applied to the model (default: exact fused attention where the
             encoder has ViT blocks, nothing for TinyViT); ``None`` keeps a distilled student's own attention.
-        calibration_images: with ``config.quantize == "int8"``: images (paths or arrays) to calibrate on.
+        calibration_images: with ``config.quantize`` set (int8): images (paths or arrays) to calibrate on.
         mode: ``"everything"`` (the automatic mask generator) or ``"boxes"`` (one mask per given box, the
             predictor's single-mask output).
         generator_kwargs: for :class:`sam_fast.SamFastAutomaticMaskGenerator` (e.g. ``points_per_side``,
@@ -90,8 +89,8 @@ class SegmentWorker:
                  decoder_heads: Optional[int] = None, prompts: Optional[Dict[str, dict]] = None):
         import torch
 
-        from . import SamFastAutomaticMaskGenerator, SamFastConfig, SamFastPredictor, apply
-        from .models import load_sam
+        from . import Int8, SamFastAutomaticMaskGenerator, SamFastConfig, SamFastPredictor, apply
+        from .checkpoint import load_sam
         from .surgery import vit_blocks
 
         if mode not in MODES:
@@ -110,7 +109,7 @@ class SegmentWorker:
         if config is None and getattr(sam, "sam_fast_config", None) is None:
             config = SamFastConfig(attention="exact" if vit_blocks(sam) else "none")
         if config is not None:
-            if config.quantize == "int8" and calibration_images is not None and config.calibration is None:
+            if config.quantize is not None and calibration_images is not None and config.quantize.calibration is None:
                 from .quantize import calibrate
 
                 images = []
@@ -119,7 +118,7 @@ class SegmentWorker:
                         images.append(self._read(p) if isinstance(p, (str, os.PathLike)) else p)
                     except Exception as exc:
                         raise ValueError(f"calibration_images: cannot read {p} ({type(exc).__name__}: {exc})") from None
-                config = dataclasses.replace(config, calibration=calibrate(sam, images, progress=False))
+                config = dataclasses.replace(config, quantize=Int8(calibrate(sam, images, progress=False)))
             apply(sam, config)
         self.sam = sam
         self.prompts = None if prompts is None else normalize_prompts(prompts)
@@ -321,8 +320,7 @@ class Shard:
 def make_shards(files: Sequence[str], shard_size: int, settings: Optional[dict] = None,
                 prompts: Optional[Dict[str, dict]] = None) -> List[Shard]:
     """The shards of ``files`` (``shard_size`` consecutive images each) with their digests."""
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    shard_size = int_arg(shard_size, "shard_size", 1)
     settings_text = json.dumps(settings, sort_keys=True, default=repr)
     shards = []
     for k, i in enumerate(range(0, len(files), shard_size)):
@@ -498,8 +496,7 @@ def run_ray(files: Sequence[str], out_dir: str, worker_kwargs: dict, *, shard_si
         raise ImportError("the Ray engine needs Ray: pip install sam_fast[ray] (or use --shard RANK/WORLD)") from None
     from tqdm import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = int_arg(batch_size, "batch_size", 1)
     prompts = None if prompts is None else normalize_prompts(prompts)
     kwargs = dict(worker_kwargs)
     if prompts is not None:

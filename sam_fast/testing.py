@@ -1,4 +1,4 @@
-"""Accuracy rules shared by tests and benchmarks (docs/design.md, "Numerics and tests").
+"""Accuracy rules shared by tests and benchmarks (docs/maintainers/design.md, "Numerics and tests").
 
 A kernel's error against an fp32 (or fp64) reference must be at most ``factor`` times the error of
 PyTorch computing the same thing at the kernel's precision, plus a small epsilon: 2x for forward
@@ -32,7 +32,8 @@ def check_against_reference(name: str, actual, exact, same_precision, dtype, fac
     return err
 
 
-# W8A8 (docs/design.md: int8 accuracy is stated as SQNR in dB, per test; kernel vs reference to rounding level).
+# W8A8 (docs/maintainers/design.md: int8 accuracy is stated as SQNR in dB, per test; kernel vs reference to rounding
+# level).
 INT8_ROUNDING_ULPS = 2.0  # dequantized kernel output vs the reference with the same integer accumulator
 INT8_LINEAR_MIN_SQNR_DB = 30.0  # int8_linear vs fp32 F.linear, Gaussian inputs with a few outlier channels
 INT8_EMBEDDING_MIN_SQNR_DB = 25.0  # W8A8 image encoder's embedding vs float on real images

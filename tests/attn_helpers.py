@@ -1,5 +1,5 @@
 """Shared by the attention tests: run an attention call on fresh leaves and check a kernel's forward
-and gradients against the reference by the tolerance rule of docs/design.md."""
+and gradients against the reference by the tolerance rule of docs/maintainers/design.md."""
 
 import pytest
 import torch

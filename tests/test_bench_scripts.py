@@ -17,6 +17,7 @@ SCRIPTS = ["bench_dilated_attention", "bench_int8_linear", "bench_e2e", "bench_d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.whole_program
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_script_runs_on_cpu(script, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
@@ -46,6 +47,7 @@ def test_cpu_op_benchmark_times_both_backends(script, tmp_path):
     assert list(csv.DictReader(open(tmp_path / f"{script}.csv")))
 
 
+@pytest.mark.whole_program
 def test_e2e_released_geometry_on_cpu_interleaves_its_peers(tmp_path):
     """bench_e2e's CPU run of a released geometry at 1024 px (MobileSAM's TinyViT, the quickest): every config on
     its own copy of the encoder, timed in interleaved rounds, with the SQNR beside it."""
@@ -164,17 +166,18 @@ def test_padded_head_dim_peer_is_timed_where_the_kernels_split(monkeypatch):
         torch.testing.assert_close(g_split, t.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.whole_program
 def test_microbenchmark_suite_collects_and_runs(tmp_path):
-    """bench/test_microbench.py (pytest-benchmark) runs every case once with timing disabled, and the default
+    """tools/test_microbench.py (pytest-benchmark) runs every case once with timing disabled, and the default
     test run does not collect it."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_microbench.py", "--benchmark-disable", "-q",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tools/test_microbench.py", "--benchmark-disable", "-q",
                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ran = re.search(r"(\d+) passed", proc.stdout)
     assert ran and int(ran.group(1)) >= 20, proc.stdout[-2000:]
     listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert "bench/test_microbench.py" not in listed.stdout and "tests/" in listed.stdout
+    assert "tools/test_microbench.py" not in listed.stdout and "tests/" in listed.stdout
 
 
 def test_distill_peer_blocks_compute_the_students_function():

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.whole_program
 def test_bench_command_checks_triton_under_the_interpreter(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = "import sys; from sam_fast.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -6,8 +6,9 @@ import pytest
 import skimage.data as data
 from PIL import Image
 
+from sam_fast.checkpoint import save_sam
 from sam_fast.cli import main
-from sam_fast.models import save_sam, tiny_sam
+from sam_fast.models import tiny_sam
 
 
 @pytest.fixture(scope="module")

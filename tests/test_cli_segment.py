@@ -10,8 +10,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from skimage import data
 
+from sam_fast.checkpoint import load_sam
 from sam_fast.cli import main
-from sam_fast.models import load_sam, tiny_sam
+from sam_fast.models import tiny_sam
 from sam_fast.reference.mask_postprocess import coco_counts
 
 
@@ -250,8 +251,8 @@ def test_load_sam_checks_student_metadata_as_strictly_as_save_sam_writes_it(tmp_
     """A student checkpoint whose pattern does not tile the grid (tokens with zero attention) or whose metadata is
     malformed ("decoder_heads": true built num_heads=True) is refused, naming the checkpoint."""
     from sam_fast import Branch
+    from sam_fast.checkpoint import save_sam
     from sam_fast.distill import dilated_student
-    from sam_fast.models import save_sam
 
     save_sam(dilated_student(tiny_sam(), Branch((16, 16), (2, 1))), str(tmp_path / "ok.pt"))
     good = torch.load(tmp_path / "ok.pt", weights_only=True)

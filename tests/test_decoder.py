@@ -74,7 +74,8 @@ def test_batched_decoder_matches_segment_anything(sam, kind, multimask):
     ref_low, ref_iou = segment_anything(ref_model, torch.float64)
     sa_low, sa_iou = segment_anything(sam, torch.float32)
     assert got_low.shape == (P, 3 if multimask else 1, 64, 64) and got_iou.shape == (P, 3 if multimask else 1)
-    # docs/design.md's tolerance rule: error vs float64 at most 2x segment_anything's own float32 error (+ eps).
+    # docs/maintainers/design.md's tolerance rule: error vs float64 at most 2x segment_anything's own float32 error
+    # (+ eps).
     for got, ref, own in ((got_low, ref_low, sa_low), (got_iou, ref_iou, sa_iou)):
         err = (got.double() - ref).abs().max().item()
         own_err = (own.double() - ref).abs().max().item()

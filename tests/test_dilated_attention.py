@@ -117,7 +117,7 @@ def test_launch_groups():
 # ---------------------------------------------------------------------------------------------
 
 def _definition(q, k, v, pattern, grid, scale, rel_pos_h=None, rel_pos_w=None):
-    """The op contract of docs/design.md from scratch: for each head and branch an explicit N x N mask (same
+    """The op contract of docs/maintainers/design.md from scratch: for each head and branch an explicit N x N mask (same
     segment, both positions at the head's offset modulo the dilation); the branches' masked logits
     concatenated along the key axis and soft-maxed together, which is the lse-weighted merge."""
     B, N, H, D = q.shape

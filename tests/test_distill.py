@@ -1,6 +1,7 @@
 """sam_fast.distill on tiny random models and real photos: schedule, learning, resume, cache, errors, saving."""
 
 import csv
+import dataclasses
 import math
 import os
 import shutil
@@ -14,6 +15,7 @@ from PIL import Image
 
 import sam_fast
 from sam_fast import Branch
+from sam_fast.checkpoint import load_sam, save_sam
 from sam_fast.distill import (
     DLDSchedule,
     dilated_patterns,
@@ -27,7 +29,7 @@ from sam_fast.distill import (
 )
 from sam_fast.distill.prompts import sample_generator
 from sam_fast.distill.train import stream_indices
-from sam_fast.models import load_sam, save_sam, tiny_sam
+from sam_fast.models import tiny_sam
 from sam_fast.models.tiny import sam_around, tiny_image_encoder
 from sam_fast.nn.attention import SamFastBlock
 
@@ -293,7 +295,7 @@ def test_saved_student_loads_with_its_pattern(learned, tmp_path):
     res = r["dld_result"]
     loaded = load_sam(res.checkpoint)
     assert dilated_patterns(loaded) == {1: tuple(PATTERN), 3: tuple(PATTERN)}
-    assert loaded.sam_fast_config.chosen_blocks() == [1, 3]
+    assert loaded.sam_fast_config.chosen_blocks() == (1, 3)
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         torch.testing.assert_close(loaded.image_encoder(x), res.student.image_encoder(x))
@@ -521,3 +523,37 @@ def test_dilated_student_leaves_the_teacher_alone():
         dilated_student(teacher, PATTERN, blocks="odd")
     with pytest.raises(TypeError, match="pattern must be None, a sam_fast.Branch"):
         dilated_student(teacher, "16x16:2x1")
+
+
+def test_distill_config_checks_itself_and_is_the_only_way_in(tmp_path):
+    """DistillConfig: frozen, every setting checked by name when made (a wrong type a TypeError, a value out of range a
+    ValueError), defaults resolved (1000 steps, decoder_lr = lr, the default DLD schedule); distill() takes it or
+    its fields as keywords, never both, and names an unknown setting - all before any work."""
+    from sam_fast.distill import DistillConfig
+
+    cfg = DistillConfig(lr=3e-4)
+    assert cfg.steps == 1000 and cfg.decoder_lr == 3e-4 and cfg.schedule == DLDSchedule()
+    assert DistillConfig(epochs=2).steps == 0 and DistillConfig(cache_blocks=[3, 1, 3]).cache_blocks == (1, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    for kwargs, error, match in [
+        (dict(steps=1.5), TypeError, "steps must be an int"), (dict(batch_size=True), TypeError, "batch_size must be"),
+        (dict(batch_size=0), ValueError, "batch_size must be an int >= 1"),
+        (dict(lr=0), ValueError, "lr must be a positive number"), (dict(lr=float("nan")), ValueError, "lr must be a"),
+        (dict(weight_decay=-1.0), ValueError, "weight_decay must be a number >= 0"),
+        (dict(seed="0"), TypeError, "seed must be an int"), (dict(resume=1), TypeError, "resume must be a bool"),
+        (dict(method="kd"), ValueError, "method must be one of"), (dict(precision="fp16"), ValueError, "precision"),
+        (dict(steps=0), ValueError, "nothing to train"), (dict(steps=3, epochs=1), ValueError, "steps or epochs"),
+        (dict(cache_blocks=[1], method="embedding"), ValueError, "cache_blocks applies to method='dld' only"),
+        (dict(schedule="dld"), TypeError, "schedule must be a sam_fast.distill.DLDSchedule"),
+    ]:
+        with pytest.raises(error, match=match):
+            DistillConfig(**kwargs)
+    teacher = tiny_sam()
+    with pytest.raises(TypeError, match="unknown settings \\['step'\\]"):
+        distill(teacher, teacher, [], out_dir=tmp_path, step=3)
+    with pytest.raises(TypeError, match="not both"):
+        distill(teacher, teacher, [], out_dir=tmp_path, config=cfg, steps=3)
+    with pytest.raises(TypeError, match="config must be a sam_fast.distill.DistillConfig"):
+        distill(teacher, teacher, [], out_dir=tmp_path, config={"steps": 3})
+    assert not any(tmp_path.iterdir())

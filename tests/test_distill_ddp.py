@@ -27,28 +27,34 @@ def _log(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("method", ["dld", "full_stage"])
-def test_two_processes_match_one(tmp_path, method):
+METHODS = ("dld", "full_stage")
+
+
+@pytest.mark.whole_program
+def test_two_processes_match_one(tmp_path):
+    """Both methods in one launch each (one process, then torchrun with two), compared method by method."""
     images = tmp_path / "images"
     images.mkdir()
     for name in ("astronaut", "coffee", "chelsea", "rocket", "cat"):
         Image.fromarray(getattr(data, name)()).save(images / f"{name}.png")
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, WORKER, str(images), str(one), method])
+    _run([sys.executable, WORKER, str(images), str(tmp_path / "one"), ",".join(METHODS)])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
-          str(images), str(two), method])
-    assert sorted(f for f in os.listdir(two) if f.startswith("rank")) == ["rank0_of_2", "rank1_of_2"]
-    assert [f for f in os.listdir(one) if f.startswith("rank")] == ["rank0_of_1"]
-    rows1, rows2 = _log(one / "train_log.csv"), _log(two / "train_log.csv")
-    assert len(rows1) == len(rows2) == (5 if method == "dld" else 3)
-    for r1, r2 in zip(rows1, rows2):
-        assert r1["stage"] == r2["stage"]
-        for k in r1:
-            if k not in ("step", "stage"):
-                np.testing.assert_allclose(float(r2[k] or 0), float(r1[k] or 0), rtol=2e-4, atol=1e-7, err_msg=k)
-    s1 = torch.load(one / "student.pt", weights_only=True)["model"]
-    s2 = torch.load(two / "student.pt", weights_only=True)["model"]
-    for k in s1:
-        torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert sum(not torch.equal(s1[k], v) for k, v in torch.load(one / "checkpoints" / "last.pt",
-                                                                 weights_only=True)["student"].items()) == 0
+          str(images), str(tmp_path / "two"), ",".join(METHODS)])
+    for method in METHODS:
+        one, two = tmp_path / "one" / method, tmp_path / "two" / method
+        assert sorted(f for f in os.listdir(two) if f.startswith("rank")) == ["rank0_of_2", "rank1_of_2"]
+        assert [f for f in os.listdir(one) if f.startswith("rank")] == ["rank0_of_1"]
+        rows1, rows2 = _log(one / "train_log.csv"), _log(two / "train_log.csv")
+        assert len(rows1) == len(rows2) == (5 if method == "dld" else 3)
+        for r1, r2 in zip(rows1, rows2):
+            assert r1["stage"] == r2["stage"]
+            for k in r1:
+                if k not in ("step", "stage"):
+                    np.testing.assert_allclose(float(r2[k] or 0), float(r1[k] or 0), rtol=2e-4, atol=1e-7,
+                                               err_msg=f"{method} {k}")
+        s1 = torch.load(one / "student.pt", weights_only=True)["model"]
+        s2 = torch.load(two / "student.pt", weights_only=True)["model"]
+        for k in s1:
+            torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-5, msg=f"{method} {k}")
+        assert sum(not torch.equal(s1[k], v) for k, v in torch.load(one / "checkpoints" / "last.pt",
+                                                                     weights_only=True)["student"].items()) == 0

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BLOCKER = textwrap.dedent('''
@@ -74,6 +76,7 @@ BLOCKER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.whole_program
 def test_sam_fast_bench_imports_only_what_pip_install_brings(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", BLOCKER, os.path.join(ROOT, "pyproject.toml"), "bench", "--out",
@@ -84,6 +87,7 @@ def test_sam_fast_bench_imports_only_what_pip_install_brings(tmp_path):
     assert f"sam-fast bench: {len(BENCHES)} benchmark(s)" in proc.stdout
 
 
+@pytest.mark.whole_program
 def test_the_gate_refuses_a_dev_only_module(tmp_path):
     """The check can fail: pytest-benchmark comes with the dev extra only."""
     code = BLOCKER.replace("from sam_fast.cli import main\nsys.exit(main(sys.argv[2:]))",

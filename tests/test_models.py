@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import sam_fast
 from sam_fast import SamFastConfig
-from sam_fast.models import build_sam, load_sam
+from sam_fast.checkpoint import load_sam
+from sam_fast.models import build_sam
 from sam_fast.models.sam import known_model_type
 from sam_fast.models.vit import (
     BlockGeometry,
@@ -172,7 +173,8 @@ def test_pruned_encoder_fused_attention_and_int8(pruned):
             with sam_fast.record_backends() as rec:
                 fused = enc(x)
         assert rec.backends("dilated_attention") == {"triton"} and not rec.fallbacks
-        # the tolerance rule of docs/design.md: within 2x of segment_anything's own fp32 error against float64
+        # the tolerance rule of docs/maintainers/design.md: within 2x of segment_anything's own fp32 error against
+        # float64
         check_against_reference("fused attention", fused, exact, ref, torch.float32, 2.0)
         cal = calibrate(enc, IMAGES, num_images=3, progress=False)
         assert set(cal.layers) == {f"blocks.{i}.{r}" for i in range(4)

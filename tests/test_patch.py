@@ -1,5 +1,7 @@
 """Swapping fused attention into a segment_anything ImageEncoderViT (CPU, Triton interpreter)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -133,7 +135,7 @@ def test_nested_config_forms_say_each_choice_once():
     pat = {1: Branch((4, 4), 2)}
     nested = SamFastConfig(attention=Dilated(pat), quantize=Int8(), backend="reference")
     flat = SamFastConfig(attention="dilated", dilated_pattern=pat, quantize="int8", backend="reference")
-    assert nested == flat and nested.chosen_blocks() == [1]
+    assert nested == flat and nested.chosen_blocks() == (1,)
     enc = tiny_image_encoder(img_size=128, embed_dim=32, num_heads=2, depth=4, window_size=3,
                              global_attn_indexes=(1, 3))
     x = _image(128)
@@ -155,3 +157,38 @@ def test_nested_config_forms_say_each_choice_once():
         SamFastConfig(attention=Branch((4, 4), 2))
     with pytest.raises(TypeError, match="quantize must be None, 'int8' or a sam_fast.Int8"):
         SamFastConfig(quantize=8)
+
+
+def test_config_is_stored_nested_and_typed():
+    """Whatever the spelling, a config holds attention as "exact", "none" or a Dilated, and quantize as None or an
+    Int8: one name for the pattern (Dilated.pattern, normalised to a tuple of Branch, or a dict of them); each part
+    checks itself when it is made, so a bad pattern fails at Dilated(...), not at apply()."""
+    from sam_fast import Branch, Dilated, Int8, SamFastConfig
+
+    b = Branch((4, 4), 2)
+    cfg = SamFastConfig(attention="dilated", dilated_pattern=[b], dilated_blocks=[0, 2], quantize="int8")
+    assert cfg.attention == Dilated((b,), (0, 2)) and cfg.dilated is cfg.attention
+    assert cfg.quantize == Int8(None) and cfg.quantize.calibration is None
+    assert not hasattr(cfg, "dilated_pattern") and not hasattr(cfg, "calibration")
+    assert SamFastConfig().attention == "exact" and SamFastConfig().dilated is None and SamFastConfig().quantize is None
+    assert SamFastConfig(attention=Dilated(b)).chosen_blocks() == "global"
+    per_block = Dilated({3: b, 1: [b, Branch(16)]})
+    assert per_block.pattern == {3: (b,), 1: (b, Branch(16))} and per_block.chosen_blocks() == (1, 3)
+    with pytest.raises(TypeError, match="dilated_pattern\\[1\\] must be None, a sam_fast.Branch"):
+        Dilated({1: "2x2"})
+    with pytest.raises(TypeError, match="dilated_pattern keys must be block indices"):
+        Dilated({True: b})
+    with pytest.raises(ValueError, match="dilated_blocks \\[5\\] have no entry"):
+        Dilated({1: b}, [5])
+    with pytest.raises(ValueError, match="block indices count from 0"):
+        Dilated(b, [-1])
+    with pytest.raises(ValueError, match="dilated_blocks must be one of"):
+        Dilated(b, "odd")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.backend = "cpu"
+    with pytest.raises(ValueError, match="attention='dilated' needs dilated_pattern"):
+        SamFastConfig(attention="dilated")
+    with pytest.raises(ValueError, match="need attention='dilated'"):
+        SamFastConfig(dilated_blocks=[1])
+    with pytest.raises(ValueError, match="calibration needs quantize='int8'"):
+        SamFastConfig(calibration=object())

@@ -119,7 +119,7 @@ def test_public_function_refuses_bad_arguments_by_name():
         rel_pos_attention(q, k.double(), v, rh, rw, 0.5)
     with pytest.raises(ValueError, match="ay \\* ax = Lk = 12"):
         rel_pos_attention(q, k, v, rh[..., :2], rw, 0.5)
-    with pytest.raises(TypeError, match="scale must be a float"):
+    with pytest.raises(TypeError, match="scale must be a number"):
         rel_pos_attention(q, k, v, rh, rw, None)
     with pytest.raises(ValueError, match="out must be a contiguous \\(1, 12, 2, 8\\)"):
         rel_pos_attention(q, k, v, rh, rw, 0.5, out=torch.empty(1, 2, 12, 8))

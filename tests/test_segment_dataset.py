@@ -10,9 +10,10 @@ import skimage.data as data
 from PIL import Image
 
 from sam_fast import SamFastAutomaticMaskGenerator, SamFastPredictor
+from sam_fast.checkpoint import save_sam
 from sam_fast.cli import main
 from sam_fast.images import list_images, read_rgb
-from sam_fast.models import save_sam, tiny_sam
+from sam_fast.models import tiny_sam
 from sam_fast.segment_dataset import SegmentWorker, make_shards, partition, read_results, run_ray, run_shards
 
 # thresholds off: the tiny random model's masks pass them, so the comparisons below compare masks, not empty lists
@@ -34,7 +35,7 @@ def dataset(tmp_path_factory):
 
 
 def _direct(ckpt, path):
-    from sam_fast.models import load_sam
+    from sam_fast.checkpoint import load_sam
 
     sam = load_sam(ckpt)
     import sam_fast
@@ -137,7 +138,7 @@ def test_shard_option_splits_the_work_exactly(dataset, tmp_path, capsys):
 def test_boxes_mode_matches_the_predictor(dataset, tmp_path):
     from pycocotools import mask as mask_utils
 
-    from sam_fast.models import load_sam
+    from sam_fast.checkpoint import load_sam
 
     root, ckpt, _ = dataset
     path = str(root / "imgs" / "sub" / "coffee.png")
@@ -281,6 +282,7 @@ def test_boxes_keys_in_the_forms_people_write(dataset, tmp_path, capsys, monkeyp
     assert all(e["error"].startswith("no boxes") for e in empty["errors"])
 
 
+@pytest.mark.whole_program
 @pytest.mark.cpu_plain_gate  # Ray's worker processes run sam_fast as shipped (no conftest): so does the loop here
 def test_ray_engine_on_a_local_cluster_matches_the_loop(dataset, tmp_path):
     ray = pytest.importorskip("ray")

@@ -10,7 +10,8 @@ from segment_anything import SamPredictor
 
 import sam_fast
 from sam_fast import SamFastConfig, SamFastPredictor
-from sam_fast.models import TinyViT, build_vit_t, load_sam, tinyvit_config
+from sam_fast.checkpoint import load_sam
+from sam_fast.models import TinyViT, build_vit_t, tinyvit_config
 from sam_fast.models.tiny import sam_around
 from sam_fast.quantize import calibrate, prepare_image, sqnr_db
 from sam_fast.testing import INT8_EMBEDDING_MIN_SQNR_DB

@@ -6,7 +6,8 @@ import torch
 
 import sam_fast
 from sam_fast import Branch
-from sam_fast.models import load_sam, save_transformers, tiny_sam
+from sam_fast.checkpoint import load_sam, save_transformers
+from sam_fast.models import tiny_sam
 from sam_fast.quantize import sqnr_db
 
 transformers = pytest.importorskip("transformers")  # the optional extra; CI installs it with [dev]

@@ -8,7 +8,7 @@ Dilated attention, pruning or a smaller encoder make SAM faster and change the f
 >>> student = dilated_student(teacher, Branch((64, 64), (2, 2)))        # dilated global blocks
 >>> result = distill(teacher, student, "photos/", out_dir="run", method="dld", steps=2000)
 >>> print(evaluate(student, teacher, "held_out/").table())
->>> sam = sam_fast.models.load_sam("run/student.pt")                     # pattern restored and applied
+>>> sam = sam_fast.load_sam("run/student.pt")                     # pattern restored and applied
 
 Methods: ``"dld"`` (dynamic layer-wise distillation, :class:`DLDSchedule`), ``"embedding"`` and
 ``"full_stage"`` (encoder and decoder with online hard prompts); ``decoder_steps`` adds decoder alignment.
@@ -18,11 +18,10 @@ call with DistributedDataParallel.
 """
 
 from .evaluate import EvalResult, evaluate, plot_results
-from .losses import sqnr_db
 from .schedule import DLDSchedule, lr_factor, schedule_picture
 from .students import FeatureAdapters, check_pattern_covers, dilated_patterns, dilated_student
-from .train import METHODS, DistillResult, distill, read_log
+from .train import METHODS, DistillConfig, DistillResult, distill, read_log
 
-__all__ = ["DLDSchedule", "DistillResult", "EvalResult", "FeatureAdapters", "METHODS", "check_pattern_covers",
-           "dilated_patterns", "dilated_student", "distill", "evaluate", "lr_factor", "plot_results", "read_log",
-           "schedule_picture", "sqnr_db"]
+__all__ = ["DLDSchedule", "DistillConfig", "DistillResult", "EvalResult", "FeatureAdapters", "METHODS",
+           "check_pattern_covers", "dilated_patterns", "dilated_student", "distill", "evaluate", "lr_factor",
+           "plot_results", "read_log", "schedule_picture"]

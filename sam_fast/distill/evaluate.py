@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._args import int_arg
 from ..images import list_images, normalize, read_rgb, resize_pad
-from ..surgery import PIXEL_MEAN, PIXEL_STD
-from .losses import sqnr_db
+from ..metrics import ratio_db
+from ..surgery import PIXEL_MEAN, PIXEL_STD, sam_image_encoder
 from .prompts import best_masks, decode, mask_iou, object_prompts, sample_generator
-from .students import encoder_of
 
 PROMPT_KINDS = ("points", "boxes")
 
@@ -99,9 +99,8 @@ def evaluate(student: nn.Module, teacher: nn.Module, images, *, prompts: Sequenc
     bad = [p for p in prompts if p not in PROMPT_KINDS]
     if bad or not prompts:
         raise ValueError(f"prompts must be 'points', 'boxes' or both, got {prompts!r}")
-    if isinstance(prompts_per_image, bool) or not isinstance(prompts_per_image, int) or prompts_per_image < 1:
-        raise ValueError(f"prompts_per_image must be an int >= 1, got {prompts_per_image!r}")
-    t_enc, s_enc = encoder_of(teacher, "teacher"), encoder_of(student, "student")
+    prompts_per_image = int_arg(prompts_per_image, "prompts_per_image", 1)
+    t_enc, s_enc = sam_image_encoder(teacher, "teacher"), sam_image_encoder(student, "student")
     if int(t_enc.img_size) != int(s_enc.img_size):
         raise ValueError(f"student: its encoder takes {s_enc.img_size}-pixel images, the teacher's {t_enc.img_size}")
     arrays = _as_images(images)
@@ -134,7 +133,7 @@ def evaluate(student: nn.Module, teacher: nn.Module, images, *, prompts: Sequenc
                 t_low, t_iou = decode(teacher, t_emb, p)
                 s_low, s_iou = decode(student, s_emb, p)
                 ious[kind].append(mask_iou(best_masks(s_low, s_iou), best_masks(t_low, t_iou), hw, img_size).cpu())
-        sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
+        sqnr = ratio_db(signal, noise)
         teacher_ips = _ips(t_enc, inputs)
         student_ips = _ips(s_enc, inputs)
     finally:
@@ -179,4 +178,4 @@ def plot_results(results: Dict[str, EvalResult], path: str, title: Optional[str]
     return path
 
 
-__all__ = ["EvalResult", "PROMPT_KINDS", "evaluate", "plot_results", "sqnr_db"]
+__all__ = ["EvalResult", "PROMPT_KINDS", "evaluate", "plot_results"]

@@ -34,10 +34,3 @@ def mask_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
 def iou_loss(student_iou: torch.Tensor, teacher_iou: torch.Tensor) -> torch.Tensor:
     """Scalar: mean squared error of predicted IoUs."""
     return (student_iou.float() - teacher_iou.float()).pow(2).mean()
-
-
-def sqnr_db(student: torch.Tensor, teacher: torch.Tensor) -> float:
-    """SQNR (dB) of ``student`` against ``teacher`` over all elements."""
-    s, t = student.double(), teacher.double()
-    noise = (s - t).pow(2).sum().item()
-    return float("inf") if noise == 0 else 10 * torch.log10(t.pow(2).sum() / noise).item()

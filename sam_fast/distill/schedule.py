@@ -50,15 +50,7 @@ import dataclasses
 import math
 from typing import List
 
-
-def _check_number(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-        side = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {side}{low}, {high}], got {value}")
-    return value
+from .._args import float_arg, int_arg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +76,15 @@ class DLDSchedule:
     initial: int = 1
 
     def __post_init__(self):
-        if isinstance(self.focal, bool) or not isinstance(self.focal, int) or self.focal < 1:
-            raise ValueError(f"DLDSchedule focal must be an int >= 1, got {self.focal!r}")
-        if isinstance(self.initial, bool) or not isinstance(self.initial, int) or self.initial < 0:
-            raise ValueError(f"DLDSchedule initial must be an int >= 0, got {self.initial!r}")
-        object.__setattr__(self, "transition", _check_number(self.transition, "DLDSchedule transition", 0, 1,
-                                                             low_open=True))
-        object.__setattr__(self, "width", _check_number(self.width, "DLDSchedule width", 0, low_open=True))
-        object.__setattr__(self, "floor", _check_number(self.floor, "DLDSchedule floor", 0, 1))
-        object.__setattr__(self, "focal_weight", _check_number(self.focal_weight, "DLDSchedule focal_weight", 0,
-                                                               low_open=True))
-        object.__setattr__(self, "embedding_weight", _check_number(self.embedding_weight,
-                                                                   "DLDSchedule embedding_weight", 0))
+        checked = dict(focal=int_arg(self.focal, "DLDSchedule focal", 1),
+                       initial=int_arg(self.initial, "DLDSchedule initial", 0),
+                       transition=float_arg(self.transition, "DLDSchedule transition", positive=True, maximum=1),
+                       width=float_arg(self.width, "DLDSchedule width", positive=True),
+                       floor=float_arg(self.floor, "DLDSchedule floor", minimum=0, maximum=1),
+                       focal_weight=float_arg(self.focal_weight, "DLDSchedule focal_weight", positive=True),
+                       embedding_weight=float_arg(self.embedding_weight, "DLDSchedule embedding_weight", minimum=0))
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     def check_depth(self, depth: int, name: str = "student") -> None:
         if self.focal > depth:

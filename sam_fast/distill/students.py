@@ -2,7 +2,7 @@
 
 * :func:`dilated_student` - a copy of the teacher whose chosen blocks run dilated attention (with the
   teacher's weights as the starting point); its pattern travels with it (``student.sam_fast_config``,
-  and in the checkpoint :func:`sam_fast.models.save_sam` writes).
+  and in the checkpoint :func:`sam_fast.save_sam` writes).
 * any segment_anything ``Sam`` with a ViT encoder of the teacher's depth (a pruned one, SlimSAM's widths):
   all three methods; where widths differ, DLD compares block outputs through learned linear adapters
   (:class:`FeatureAdapters`, trained with the student and not part of it).
@@ -13,30 +13,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
 from ..nn.attention import SamFastBlock
 from ..pattern import check_pattern, check_pattern_covers
-from ..surgery import vit_blocks
-
-
-def encoder_of(model: nn.Module, name: str) -> nn.Module:
-    enc = getattr(model, "image_encoder", None)
-    if enc is None or not hasattr(enc, "img_size"):
-        raise TypeError(f"{name} must be a segment_anything Sam (with image_encoder, prompt_encoder and "
-                        f"mask_decoder), got {type(model).__name__}")
-    return enc
-
-
-def block_list(model: nn.Module) -> Optional[List[nn.Module]]:
-    """The ViT blocks of a Sam's image encoder in order (swapped SamFastBlocks included), or None for an
-    encoder without a ``blocks`` list (TinyViT)."""
-    enc = getattr(model, "image_encoder", model)
-    blocks = getattr(enc, "blocks", None)
-    return list(blocks) if isinstance(blocks, nn.ModuleList) else None
+from ..surgery import encoder_blocks, sam_image_encoder, vit_blocks
 
 
 def _block_width(block: nn.Module) -> int:
@@ -50,7 +34,7 @@ def dilated_student(teacher: nn.Module, pattern, blocks="global", *, backend: st
     ``student.sam_fast_config`` set (what :func:`sam_fast.apply` applies by default)."""
     from ..patch import Dilated, SamFastConfig, apply
 
-    enc = encoder_of(teacher, "teacher")
+    enc = sam_image_encoder(teacher, "teacher")
     if isinstance(pattern, dict):
         for key, p in pattern.items():
             check_pattern(p, f"pattern[{key!r}]")
@@ -89,7 +73,7 @@ def dilated_student(teacher: nn.Module, pattern, blocks="global", *, backend: st
 
 def dilated_patterns(model: nn.Module) -> Dict[int, tuple]:
     """``{block index: pattern}`` of the model's blocks that run dilated attention now."""
-    return {i: b.pattern for i, b in enumerate(block_list(model) or []) if isinstance(b, SamFastBlock)
+    return {i: b.pattern for i, b in enumerate(encoder_blocks(model) or []) if isinstance(b, SamFastBlock)
             and b.pattern is not None}
 
 
@@ -118,7 +102,7 @@ class FeatureAdapters(nn.Module):
 def check_pair(teacher: nn.Module, student: nn.Module, method: str) -> Optional[FeatureAdapters]:
     """Errors naming ``student`` before any work when it cannot be distilled from ``teacher`` with ``method``;
     the DLD adapters when widths differ."""
-    t_enc, s_enc = encoder_of(teacher, "teacher"), encoder_of(student, "student")
+    t_enc, s_enc = sam_image_encoder(teacher, "teacher"), sam_image_encoder(student, "student")
     if student is teacher:
         raise ValueError("student is the teacher itself: make a copy (e.g. sam_fast.distill.dilated_student)")
     from ..nn.quantized import Int8Linear
@@ -134,7 +118,7 @@ def check_pair(teacher: nn.Module, student: nn.Module, method: str) -> Optional[
             raise TypeError(f"student must be a segment_anything Sam with a {name}")
     if method != "dld":
         return None
-    t_blocks, s_blocks = block_list(teacher), block_list(student)
+    t_blocks, s_blocks = encoder_blocks(teacher), encoder_blocks(student)
     if s_blocks is None:
         raise ValueError(f"student: method='dld' distills block by block and needs a ViT encoder with the teacher's "
                          f"depth; this student's encoder is a {type(s_enc).__name__} without a blocks list: use "

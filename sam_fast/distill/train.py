@@ -28,7 +28,7 @@ TinyViT's, stay frozen; SAM has no dropout), so its function does not depend on 
 Files in ``out_dir``: ``teacher_cache/``; ``train_log.csv`` (one row per step: stage, learning rate, the
 total loss and every loss term, and the DLD block weights); ``checkpoints/last.pt`` (written atomically
 every ``checkpoint_every`` steps and at the end: student, adapters, optimizer, step); ``student.pt``, the
-final student in the official key format plus its dilated pattern (:func:`sam_fast.models.save_sam`).
+final student in the official key format plus its dilated pattern (:func:`sam_fast.save_sam`).
 """
 
 from __future__ import annotations
@@ -47,14 +47,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._args import float_arg, int_arg
 from .._files import write_atomic
+from ..checkpoint import save_sam
 from ..images import list_images
-from ..surgery import PIXEL_MEAN, PIXEL_STD
+from ..surgery import PIXEL_MEAN, PIXEL_STD, encoder_blocks
 from .cache import CACHE_DTYPES, BlockOutputs, TeacherCache, cache_key, teacher_cache
 from .losses import feature_loss, iou_loss, mask_loss
 from .prompts import decode, hard_point, object_prompts, sample_generator
 from .schedule import DLDSchedule, lr_factor
-from .students import block_list, check_pair, check_pattern_covers, dilated_patterns
+from .students import check_pair, check_pattern_covers, dilated_patterns
 
 METHODS = ("dld", "embedding", "full_stage")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -66,7 +68,7 @@ class DistillResult:
 
     Attributes:
         student: the trained student (the object passed in, trained in place).
-        checkpoint: path of ``student.pt`` (:func:`sam_fast.models.load_sam` restores it, pattern included).
+        checkpoint: path of ``student.pt`` (:func:`sam_fast.load_sam` restores it, pattern included).
         log: path of the per-step CSV log.
         steps: optimizer steps done in all (encoder + decoder stages).
         resumed_from: the step the run continued from, or None for a fresh run.
@@ -87,17 +89,106 @@ class DistillResult:
     world_size: int = 1
 
 
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How :func:`distill` trains: every setting of a run, checked when the config is made. A resumed run must have
+    the settings of the run it continues (out_dir's checkpoint records them).
 
+    Attributes:
+        method: ``"dld"``, ``"embedding"`` or ``"full_stage"`` (module docstring).
+        steps: optimizer steps of encoder distillation (may be 0 with ``decoder_steps``); default 1000.
+        epochs: instead of ``steps``: passes over the readable images, ``ceil(epochs * images / batch_size)``
+            steps.
+        batch_size: images per optimizer step, over all processes and accumulation steps (must divide
+            into world size x ``accumulate`` equal parts).
+        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW and its schedule (warm-up default
+            ``min(100, steps // 10)``; cosine to ``min_lr_ratio * lr``).
+        schedule: the DLD weights (default :class:`DLDSchedule()`).
+        decoder_steps, decoder_lr: the decoder-alignment stage after the encoder stage (lr default ``lr``).
+        prompts_per_image, hard_prompt_rounds: objects drawn per image, hard-point rounds per object.
+        mask_weight, iou_weight: weights of the prompt losses.
+        accumulate: micro-batches per optimizer step.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
+        activation_checkpointing: recompute the student's ViT blocks in the backward pass (less memory).
+        checkpoint_every: steps between checkpoints (also written at the end).
+        resume: continue the run in ``out_dir`` from its last checkpoint when there is one (its settings
+            must match); False starts afresh, replacing it.
+        seed: data order and prompt draws; the same seed gives the same run.
+        cache_blocks: the teacher blocks whose outputs are cached for DLD (default: all; a subset must
+            hold the focal blocks; the others then get no feature loss).
+        cache_dtype, cache_batch_size: the teacher cache's storage type and batch (:mod:`~.cache`).
+    """
 
-def _positive_float(value, name: str, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-    return float(value)
+    method: str = "dld"
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.01
+    schedule: Optional[DLDSchedule] = None
+    decoder_steps: int = 0
+    decoder_lr: Optional[float] = None
+    prompts_per_image: int = 4
+    hard_prompt_rounds: int = 1
+    mask_weight: float = 1.0
+    iou_weight: float = 1.0
+    accumulate: int = 1
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 100
+    resume: bool = True
+    seed: int = 0
+    cache_blocks: Optional[Sequence[int]] = None
+    cache_dtype: str = "float16"
+    cache_batch_size: int = 8
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        checked = dict(
+            epochs=None if self.epochs is None else float_arg(self.epochs, "epochs", positive=True),
+            steps=int_arg(1000 if self.steps is None and self.epochs is None else self.steps or 0, "steps", 0),
+            decoder_steps=int_arg(self.decoder_steps, "decoder_steps", 0),
+            batch_size=int_arg(self.batch_size, "batch_size", 1),
+            accumulate=int_arg(self.accumulate, "accumulate", 1),
+            checkpoint_every=int_arg(self.checkpoint_every, "checkpoint_every", 1),
+            prompts_per_image=int_arg(self.prompts_per_image, "prompts_per_image", 1),
+            hard_prompt_rounds=int_arg(self.hard_prompt_rounds, "hard_prompt_rounds", 0),
+            cache_batch_size=int_arg(self.cache_batch_size, "cache_batch_size", 1),
+            lr=float_arg(self.lr, "lr", positive=True),
+            weight_decay=float_arg(self.weight_decay, "weight_decay", minimum=0),
+            min_lr_ratio=float_arg(self.min_lr_ratio, "min_lr_ratio", minimum=0),
+            mask_weight=float_arg(self.mask_weight, "mask_weight", minimum=0),
+            iou_weight=float_arg(self.iou_weight, "iou_weight", minimum=0),
+            warmup_steps=None if self.warmup_steps is None else int_arg(self.warmup_steps, "warmup_steps", 0),
+            seed=int_arg(self.seed, "seed"),
+            schedule=DLDSchedule() if self.schedule is None else self.schedule,
+        )
+        checked["decoder_lr"] = checked["lr"] if self.decoder_lr is None else float_arg(self.decoder_lr, "decoder_lr",
+                                                                                          positive=True)
+        if self.epochs is None and checked["steps"] + checked["decoder_steps"] == 0:
+            raise ValueError("steps and decoder_steps are both 0: nothing to train")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("activation_checkpointing", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(checked["schedule"], DLDSchedule):
+            raise TypeError(f"schedule must be a sam_fast.distill.DLDSchedule, got {type(self.schedule).__name__}")
+        if self.cache_blocks is not None:
+            if self.method != "dld":
+                raise ValueError(f"cache_blocks applies to method='dld' only, got method={self.method!r}")
+            if isinstance(self.cache_blocks, (str, bytes)) or not hasattr(self.cache_blocks, "__iter__"):
+                raise TypeError(f"cache_blocks must be a list of block indices, got {self.cache_blocks!r}")
+            checked["cache_blocks"] = tuple(sorted(set(self.cache_blocks)))
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 def _distributed():
@@ -282,21 +373,14 @@ def _check_student_patterns(student) -> None:
         return
     enc = student.image_encoder
     grid = (enc.img_size // enc.patch_embed.proj.kernel_size[0],) * 2
-    blocks = block_list(student) or []
+    blocks = encoder_blocks(student) or []
     for i, pat in patterns.items():
         check_pattern_covers(pat, grid, blocks[i].attn.num_heads, f"student block {i}'s dilated pattern")
 
 
-def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, method: str = "dld",
-            steps: Optional[int] = None, epochs: Optional[float] = None, batch_size: int = 8, lr: float = 1e-4,
-            weight_decay: float = 0.01, warmup_steps: Optional[int] = None,
-            min_lr_ratio: float = 0.01, schedule: Optional[DLDSchedule] = None, decoder_steps: int = 0,
-            decoder_lr: Optional[float] = None, prompts_per_image: int = 4, hard_prompt_rounds: int = 1,
-            mask_weight: float = 1.0, iou_weight: float = 1.0, accumulate: int = 1, precision: str = "auto",
-            activation_checkpointing: bool = False, checkpoint_every: int = 100, resume: bool = True,
-            seed: int = 0, device=None, cache_blocks: Optional[Sequence[int]] = None, cache_dtype: str = "float16",
-            cache_batch_size: int = 8, progress: bool = True,
-            callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> DistillResult:
+def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, config: Optional[DistillConfig] = None,
+            device=None, progress: bool = True, callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
+            **settings) -> DistillResult:
     """Distil ``teacher`` (a segment_anything ``Sam``) into ``student`` (trained in place) on ``images``.
 
     Args:
@@ -306,77 +390,35 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
         images: a folder (searched recursively for JPEG / PNG, any sizes) or a list of image paths;
             unreadable files are skipped with a warning listing them.
         out_dir: where the cache, log, checkpoints and ``student.pt`` go.
-        method: ``"dld"``, ``"embedding"`` or ``"full_stage"`` (module docstring).
-        steps: optimizer steps of encoder distillation (may be 0 with ``decoder_steps``); default 1000.
-        epochs: instead of ``steps``: passes over the readable images, ``ceil(epochs * images / batch_size)``
-            steps.
-        batch_size: images per optimizer step, over all processes and accumulation steps (must divide
-            into world size x ``accumulate`` equal parts).
-        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW and its schedule (warm-up default
-            ``min(100, steps // 10)``; cosine to ``min_lr_ratio * lr``).
-        schedule: the DLD weights (default :class:`DLDSchedule()`).
-        decoder_steps, decoder_lr: the decoder-alignment stage after the encoder stage (lr default ``lr``).
-        prompts_per_image, hard_prompt_rounds: objects drawn per image, hard-point rounds per object.
-        mask_weight, iou_weight: weights of the prompt losses.
-        accumulate: micro-batches per optimizer step.
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` or ``"fp32"``.
-        activation_checkpointing: recompute the student's ViT blocks in the backward pass (less memory).
-        checkpoint_every: steps between checkpoints (also written at the end).
-        resume: continue the run in ``out_dir`` from its last checkpoint when there is one (its settings
-            must match); False starts afresh, replacing it.
-        seed: data order and prompt draws; the same seed gives the same run.
+        config: a :class:`DistillConfig`; or its fields as keyword arguments (``steps=200, lr=3e-4``), not both.
         device: default ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
-        cache_blocks: the teacher blocks whose outputs are cached for DLD (default: all; a subset must
-            hold the focal blocks; the others then get no feature loss).
-        cache_dtype, cache_batch_size: the teacher cache's storage type and batch (:mod:`~.cache`).
         progress: a progress bar (rank 0 only).
         callback: ``callback(step, losses)`` after every optimizer step (rank 0 only).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if steps is not None and epochs is not None:
-        raise ValueError("give steps or epochs, not both")
-    if epochs is not None:
-        epochs = _positive_float(epochs, "epochs")
-    steps = _positive_int(1000 if steps is None else steps, "steps", 0)
-    decoder_steps = _positive_int(decoder_steps, "decoder_steps", 0)
-    if epochs is None and steps + decoder_steps == 0:
-        raise ValueError("steps and decoder_steps are both 0: nothing to train")
-    batch_size = _positive_int(batch_size, "batch_size")
-    accumulate = _positive_int(accumulate, "accumulate")
-    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
-    prompts_per_image = _positive_int(prompts_per_image, "prompts_per_image")
-    hard_prompt_rounds = _positive_int(hard_prompt_rounds, "hard_prompt_rounds", 0)
-    cache_batch_size = _positive_int(cache_batch_size, "cache_batch_size")
-    lr = _positive_float(lr, "lr")
-    decoder_lr = lr if decoder_lr is None else _positive_float(decoder_lr, "decoder_lr")
-    weight_decay = _positive_float(weight_decay, "weight_decay", allow_zero=True)
-    min_lr_ratio = _positive_float(min_lr_ratio, "min_lr_ratio", allow_zero=True)
-    mask_weight = _positive_float(mask_weight, "mask_weight", allow_zero=True)
-    iou_weight = _positive_float(iou_weight, "iou_weight", allow_zero=True)
-    if warmup_steps is not None:
-        warmup_steps = _positive_int(warmup_steps, "warmup_steps", 0)
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {cache_dtype!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    schedule = DLDSchedule() if schedule is None else schedule
-    if not isinstance(schedule, DLDSchedule):
-        raise TypeError(f"schedule must be a sam_fast.distill.DLDSchedule, got {type(schedule).__name__}")
+    if config is None:
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(DistillConfig)})
+        if unknown:
+            raise TypeError(f"distill() got unknown settings {unknown}; DistillConfig's fields are "
+                            f"{[f.name for f in dataclasses.fields(DistillConfig)]}")
+        config = DistillConfig(**settings)
+    elif settings:
+        raise TypeError(f"give config or keyword settings, not both (got config and {sorted(settings)})")
+    elif not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a sam_fast.distill.DistillConfig, got {type(config).__name__}")
+    cfg = config
+    method, schedule, batch_size, accumulate = cfg.method, cfg.schedule, cfg.batch_size, cfg.accumulate
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     out_dir = os.fspath(out_dir)
 
     adapters = check_pair(teacher, student, method)
     _check_student_patterns(student)
-    depth = len(block_list(student) or [])
+    depth = len(encoder_blocks(student) or [])
     blocks: List[int] = []
     if method == "dld":
         schedule.check_depth(depth)
         all_blocks = list(range(depth))
-        blocks = all_blocks if cache_blocks is None else sorted(set(cache_blocks))
+        blocks = all_blocks if cfg.cache_blocks is None else list(cfg.cache_blocks)
         bad = [i for i in blocks if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < depth]
         if bad:
             raise ValueError(f"cache_blocks: {bad} are not block indices of the {depth}-block encoder")
@@ -384,8 +426,6 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
         if not set(focal) <= set(blocks):
             raise ValueError(f"cache_blocks must include the focal blocks {focal} (DLD always distills them), got "
                              f"{blocks}")
-    elif cache_blocks is not None:
-        raise ValueError(f"cache_blocks applies to method='dld' only, got method={method!r}")
     files = list_images(images, "images")
 
     rank, world, started = _distributed()
@@ -404,7 +444,7 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
         os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
     except OSError as exc:
         raise ValueError(f"out_dir: cannot create {out_dir} ({exc.strerror or exc})") from exc
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     import torch.distributed as dist
 
@@ -414,29 +454,31 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
     # Everything a resumed run must share with the run it continues, known before the teacher cache is touched: a
     # rerun with other images, another student or other settings is refused here, with the cache left as it was.
     enc = getattr(teacher, "image_encoder", teacher)
-    key = cache_key(enc, files, int(enc.img_size), tuple(sorted(set(blocks))), mean, std, cache_dtype)
-    settings = _settings(method=method, steps=None if epochs is not None else steps, epochs=epochs,
-                         decoder_steps=decoder_steps, batch_size=batch_size, accumulate=accumulate, lr=lr,
-                         decoder_lr=decoder_lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, schedule=dataclasses.asdict(schedule), blocks=blocks,
-                         prompts_per_image=prompts_per_image, hard_prompt_rounds=hard_prompt_rounds,
-                         mask_weight=mask_weight, iou_weight=iou_weight, seed=seed, cache=key, bf16=use_bf16,
-                         student=student_spec(student))
+    key = cache_key(enc, files, int(enc.img_size), tuple(sorted(set(blocks))), mean, std, cfg.cache_dtype)
+    settings = _settings(method=method, steps=None if cfg.epochs is not None else cfg.steps, epochs=cfg.epochs,
+                         decoder_steps=cfg.decoder_steps, batch_size=batch_size, accumulate=accumulate, lr=cfg.lr,
+                         decoder_lr=cfg.decoder_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                         min_lr_ratio=cfg.min_lr_ratio, schedule=dataclasses.asdict(schedule), blocks=blocks,
+                         prompts_per_image=cfg.prompts_per_image, hard_prompt_rounds=cfg.hard_prompt_rounds,
+                         mask_weight=cfg.mask_weight, iou_weight=cfg.iou_weight, seed=cfg.seed, cache=key,
+                         bf16=use_bf16, student=student_spec(student))
     ckpt_path = os.path.join(out_dir, "checkpoints", "last.pt")
-    state = _resume_state(ckpt_path, settings) if resume and os.path.isfile(ckpt_path) else None
+    state = _resume_state(ckpt_path, settings) if cfg.resume and os.path.isfile(ckpt_path) else None
     teacher_was = teacher.training
     student_was = student.training
     teacher.eval().to(device)
     student.to(device)
     try:
         cache = teacher_cache(teacher, files, out_dir, blocks, mean=mean, std=std, device=device,
-                              batch_size=cache_batch_size, cache_dtype=cache_dtype, progress=progress and rank == 0,
-                              rank=rank, barrier=barrier, key=key)
-        if epochs is not None:
-            steps = max(1, math.ceil(epochs * len(cache) / batch_size))
-        if warmup_steps is None:
-            warmup_steps = min(100, steps // 10)
-        return _train(**locals())
+                              batch_size=cfg.cache_batch_size, cache_dtype=cfg.cache_dtype,
+                              progress=progress and rank == 0, rank=rank, barrier=barrier, key=key)
+        steps = cfg.steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * len(cache) / batch_size))
+        warmup_steps = min(100, steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
+        return _train(_Run(teacher=teacher, student=student, adapters=adapters, cache=cache, out_dir=out_dir,
+                           config=cfg, steps=steps, warmup_steps=warmup_steps, micro=micro, blocks=blocks,
+                           use_bf16=use_bf16, device=device, rank=rank, world=world, progress=progress,
+                           callback=callback, mean=mean, std=std, settings=settings, ckpt_path=ckpt_path,
+                           state=state))
     finally:
         teacher.train(teacher_was)
         student.train(student_was)
@@ -444,30 +486,58 @@ def distill(teacher: nn.Module, student: nn.Module, images, *, out_dir: str, met
             dist.destroy_process_group()
 
 
-def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, steps, decoder_steps, batch_size,
-           micro, accumulate, lr, decoder_lr, weight_decay, warmup_steps, min_lr_ratio, schedule, blocks,
-           prompts_per_image, hard_prompt_rounds, mask_weight, iou_weight, use_bf16, activation_checkpointing,
-           checkpoint_every, resume, seed, device, rank, world, progress, callback, mean, std, settings, ckpt_path,
-           state, **_):
+@dataclasses.dataclass
+class _Run:
+    """One run of :func:`distill` as :func:`_train` needs it: the models and data, the checked config, and what the
+    call resolved (the step count, the micro-batch, this process's rank, the resume state)."""
+
+    teacher: nn.Module
+    student: nn.Module
+    adapters: Optional[nn.Module]
+    cache: TeacherCache
+    out_dir: str
+    config: DistillConfig
+    steps: int
+    warmup_steps: int
+    micro: int
+    blocks: List[int]
+    use_bf16: bool
+    device: torch.device
+    rank: int
+    world: int
+    progress: bool
+    callback: Optional[Callable[[int, Dict[str, float]], None]]
+    mean: List[float]
+    std: List[float]
+    settings: dict
+    ckpt_path: str
+    state: Optional[dict]
+
+
+def _train(run: _Run) -> DistillResult:
+    cfg = run.config
+    teacher, student, adapters, cache, device = run.teacher, run.student, run.adapters, run.cache, run.device
+    rank, world, steps, blocks = run.rank, run.world, run.steps, run.blocks
+    method, decoder_steps, batch_size = cfg.method, cfg.decoder_steps, cfg.batch_size
     import torch.distributed as dist
     from tqdm import tqdm
 
     total_steps = steps + decoder_steps
     if adapters is not None:
         adapters.to(device)
-    log_path = os.path.join(out_dir, "train_log.csv")
+    log_path = os.path.join(run.out_dir, "train_log.csv")
     start, opt_state, resumed_from = 0, None, None
-    if state is not None:  # checked against these settings before the cache was built
+    if run.state is not None:  # checked against these settings before the cache was built
         try:
-            student.load_state_dict(state["student"])
+            student.load_state_dict(run.state["student"])
             if adapters is not None:
-                adapters.load_state_dict(state["adapters"])
+                adapters.load_state_dict(run.state["adapters"])
         except RuntimeError as exc:
-            raise ValueError(f"resume: {ckpt_path} does not load into this student ({str(exc).splitlines()[0]}); use "
-                             "another out_dir, or resume=False to start afresh") from None
-        start, opt_state, resumed_from = int(state["step"]), state["optimizer"], int(state["step"])
-    elif rank == 0 and not resume and os.path.isfile(ckpt_path):
-        os.unlink(ckpt_path)
+            raise ValueError(f"resume: {run.ckpt_path} does not load into this student ({str(exc).splitlines()[0]}); "
+                             "use another out_dir, or resume=False to start afresh") from None
+        start, opt_state, resumed_from = int(run.state["step"]), run.state["optimizer"], int(run.state["step"])
+    elif rank == 0 and not cfg.resume and os.path.isfile(run.ckpt_path):
+        os.unlink(run.ckpt_path)
 
     block_names = [f"block_{i}" for i in blocks]
     columns = ["step", "stage", "lr", "loss"]
@@ -479,18 +549,18 @@ def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, ste
         _prepare_log(log_path, columns, start)
 
     flags = {p: p.requires_grad for p in student.parameters()}
-    ckpt_blocks = _Checkpointed(block_list(student) or []) if activation_checkpointing else None
+    ckpt_blocks = _Checkpointed(encoder_blocks(student) or []) if cfg.activation_checkpointing else None
     step_module = StudentStep(student, adapters)
     student.eval()
     img_size = int(teacher.image_encoder.img_size)
 
     def autocast():
-        if use_bf16:
+        if run.use_bf16:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     bar = tqdm(total=total_steps, initial=start, desc=f"distill ({method})", unit="step",
-               disable=not (progress and rank == 0))
+               disable=not (run.progress and rank == 0))
     last: Dict[str, float] = {}
     optimizer = wrapped = None
     stage = None
@@ -504,8 +574,8 @@ def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, ste
                     p.requires_grad_(False)
                 for p in trainable:
                     p.requires_grad_(True)
-                optimizer = torch.optim.AdamW(trainable, lr=lr if stage == "encoder" else decoder_lr,
-                                              weight_decay=weight_decay)
+                optimizer = torch.optim.AdamW(trainable, lr=cfg.lr if stage == "encoder" else cfg.decoder_lr,
+                                              weight_decay=cfg.weight_decay)
                 if opt_state is not None and step == start:
                     optimizer.load_state_dict(opt_state)
                 wrapped = step_module
@@ -516,30 +586,31 @@ def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, ste
                                   find_unused_parameters=True)
             stage_step = step if stage == "encoder" else step - steps
             stage_total = steps if stage == "encoder" else decoder_steps
-            base_lr = lr if stage == "encoder" else decoder_lr
-            cur_lr = base_lr * lr_factor(stage_step, stage_total, warmup_steps if stage == "encoder" else
-                                         min(warmup_steps, decoder_steps // 10), min_lr_ratio)
+            base_lr = cfg.lr if stage == "encoder" else cfg.decoder_lr
+            cur_lr = base_lr * lr_factor(stage_step, stage_total, run.warmup_steps if stage == "encoder" else
+                                         min(run.warmup_steps, decoder_steps // 10), cfg.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = cur_lr
-            weights = dict(zip(range(len(block_list(student) or [])),
-                               schedule.weights(len(block_list(student) or []), stage_step / max(stage_total - 1, 1))
+            depth = len(encoder_blocks(student) or [])
+            weights = dict(zip(range(depth), cfg.schedule.weights(depth, stage_step / max(stage_total - 1, 1))
                                if method == "dld" else []))
-            run_decoder = _decoder_losses(teacher, prompts_per_image, hard_prompt_rounds, seed, step, img_size)
-            order = stream_indices(step, batch_size, len(cache), seed)
+            run_decoder = _decoder_losses(teacher, cfg.prompts_per_image, cfg.hard_prompt_rounds, cfg.seed, step,
+                                          img_size)
+            order = stream_indices(step, batch_size, len(cache), cfg.seed)
             sums: Dict[str, torch.Tensor] = {}
             optimizer.zero_grad(set_to_none=True)
-            for a in range(accumulate):
-                lo = (a * world + rank) * micro
-                pos = list(range(step * batch_size + lo, step * batch_size + lo + micro))
-                batch = cache.batch(order[lo:lo + micro], device, mean, std)
+            for a in range(cfg.accumulate):
+                lo = (a * world + rank) * run.micro
+                pos = list(range(step * batch_size + lo, step * batch_size + lo + run.micro))
+                batch = cache.batch(order[lo:lo + run.micro], device, run.mean, run.std)
                 batch["positions"] = pos
-                sync = a == accumulate - 1 or world == 1
+                sync = a == cfg.accumulate - 1 or world == 1
                 ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
                 with ctx:
                     terms = wrapped(batch, stage=stage, method=method, blocks=blocks, run_decoder=run_decoder,
                                     autocast=autocast)
-                    per_image = weighted_total(terms, method, weights, schedule, mask_weight, iou_weight)
-                    (per_image.mean() / accumulate).backward()
+                    per_image = weighted_total(terms, method, weights, cfg.schedule, cfg.mask_weight, cfg.iou_weight)
+                    (per_image.mean() / cfg.accumulate).backward()
                 for name, v in terms.items():
                     sums[name] = sums.get(name, 0) + v.detach().float().sum()
                 sums["loss"] = sums.get("loss", 0) + per_image.detach().float().sum()
@@ -560,25 +631,23 @@ def _train(teacher, student, adapters, cache: TeacherCache, out_dir, method, ste
                 bar.set_postfix(loss=f"{last['loss']:.4g}", stage=stage)
                 bar.update(1)
             done = step + 1
-            if rank == 0 and (done % checkpoint_every == 0 or done == total_steps or done == steps):
-                _atomic_save({"step": done, "settings": settings, "student": student.state_dict(),
+            if rank == 0 and (done % cfg.checkpoint_every == 0 or done == total_steps or done == steps):
+                _atomic_save({"step": done, "settings": run.settings, "student": student.state_dict(),
                               "adapters": adapters.state_dict() if adapters is not None else {},
                               "optimizer": optimizer.state_dict() if done != steps or not decoder_steps else None},
-                             ckpt_path)
-            if world > 1 and (done % checkpoint_every == 0 or done == total_steps):
+                             run.ckpt_path)
+            if world > 1 and (done % cfg.checkpoint_every == 0 or done == total_steps):
                 dist.barrier()
-            if callback is not None and rank == 0:
-                callback(step, dict(last))
+            if run.callback is not None and rank == 0:
+                run.callback(step, dict(last))
     finally:
         bar.close()
         if ckpt_blocks is not None:
             ckpt_blocks.restore()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    final = os.path.join(out_dir, "student.pt")
+    final = os.path.join(run.out_dir, "student.pt")
     if rank == 0:
-        from ..models.sam import save_sam
-
         save_sam(student, final)
     if world > 1:
         dist.barrier()

@@ -245,22 +245,6 @@ class TinyViT(nn.Module):
         return self.neck(x.view(B, side, side, C).permute(0, 3, 1, 2))
 
 
-def tinyvit_blocks(model: nn.Module):
-    """(qualified name, block) of every TinyViT block in ``model``, recognised by structure: an ``attn``
-    with ``norm``, ``qkv``, ``proj`` and ``attention_biases`` and an ``mlp`` with ``norm``, ``fc1``, ``fc2``
-    (MobileSAM's own classes qualify as well as these)."""
-    found = []
-    for name, m in model.named_modules():
-        attn, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
-        if attn is None or mlp is None:
-            continue
-        if all(isinstance(getattr(attn, a, None), nn.Module) for a in ("norm", "qkv", "proj")) and \
-                isinstance(getattr(attn, "attention_biases", None), torch.Tensor) and \
-                all(isinstance(getattr(mlp, a, None), nn.Module) for a in ("norm", "fc1", "fc2")):
-            found.append((name, m))
-    return found
-
-
 def build_vit_t(img_size: int = VIT_T["img_size"], **tinyvit_kwargs) -> nn.Module:
     """segment_anything's ``Sam`` with MobileSAM's / TinySAM's TinyViT encoder (uninitialised weights)."""
     from .tiny import sam_around

@@ -2,7 +2,7 @@
 writes them; SlimSAM's uniform models are distributed this way), to and from segment_anything's keys.
 
 * :func:`read_transformers_dir` - a transformers SAM directory as a segment_anything state_dict, plus the
-  decoder head count its config records (used by :func:`sam_fast.models.load_sam` for a directory);
+  decoder head count its config records (used by :func:`sam_fast.checkpoint.load_sam` for a directory);
 * :func:`save_transformers` - a segment_anything ``Sam`` as such a directory (needs transformers).
 
 The two key sets differ by names only: transformers calls the image encoder ``vision_encoder`` and its blocks
@@ -257,22 +257,15 @@ def _uniform(values, what: str):
 
 
 def transformers_config(sam: nn.Module) -> dict:
-    """The ``SamConfig`` keyword arguments (vision, prompt encoder, mask decoder dicts) that describe ``sam``;
-    ``ValueError`` naming what transformers cannot describe."""
-    from ..nn.quantized import Int8Linear
-    from ..surgery import vit_blocks
+    """The ``SamConfig`` keyword arguments (vision, prompt encoder, mask decoder dicts) that describe ``sam``'s
+    geometry; ``ValueError`` naming what transformers cannot describe. (What sam_fast changed in a model - int8
+    layers, dilated blocks - is refused one level up, by :func:`sam_fast.checkpoint.save_transformers`.)"""
     from .vit import decoder_geometry, encoder_geometry
 
     enc = getattr(sam, "image_encoder", None)
     if enc is None or not hasattr(enc, "blocks"):
         raise ValueError(f"sam has no transformers form: transformers' SamModel has a ViT image encoder, this is a "
                          f"{type(enc).__name__}")
-    if any(isinstance(m, Int8Linear) for m in sam.modules()):
-        raise ValueError("sam has int8 layers: save the float model (undo() the handle first)")
-    dilated = [i for *_, b, i in vit_blocks(sam) if getattr(b, "pattern", None) is not None]
-    if dilated:
-        raise ValueError(f"sam has no transformers form: blocks {dilated} run dilated attention, which transformers' "
-                         "SamVisionLayer cannot (save it with sam_fast.models.save_sam)")
     state = sam.state_dict()
     geom = encoder_geometry(state)
     if any(not b.has_attention for b in geom.blocks):
@@ -304,24 +297,3 @@ def transformers_config(sam: nn.Module) -> dict:
                    num_multimask_outputs=int(md.num_multimask_outputs),
                    iou_head_depth=len(md.iou_prediction_head.layers), iou_head_hidden_dim=iou_hidden)
     return {"vision_config": vision, "prompt_encoder_config": prompt, "mask_decoder_config": decoder}
-
-
-def save_transformers(sam: nn.Module, directory: str) -> str:
-    """Write ``sam`` (a segment_anything ``Sam``, patched or not) as a transformers SAM directory that
-    ``SamModel.from_pretrained(directory)`` and :func:`sam_fast.models.load_sam` read. Needs transformers
-    (``pip install sam_fast[transformers]``). Returns ``directory``."""
-    try:
-        from transformers import SamConfig, SamModel
-    except ImportError:
-        raise ImportError("save_transformers needs transformers: pip install sam_fast[transformers]") from None
-    config = SamConfig(**transformers_config(sam))
-    state = sam_to_transformers_state({k: v.detach().cpu() for k, v in sam.state_dict().items()})
-    model = SamModel(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != _SHARED_PE]
-    if missing or unexpected:
-        raise ValueError(f"sam: its weights do not fill transformers' SamModel ({len(missing)} missing, e.g. "
-                         f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})")
-    os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    return directory

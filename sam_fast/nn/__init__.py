@@ -1,7 +1,7 @@
 """nn.Module drop-ins built on sam_fast ops."""
 
-from .attention import DilatedAttention, SamFastBlock, is_sam_vit_block, sam_attention
+from .attention import DilatedAttention, SamFastBlock, sam_attention
 from .decoder import BatchedMaskDecoder
 from .quantized import Int8Linear
 
-__all__ = ["BatchedMaskDecoder", "DilatedAttention", "Int8Linear", "SamFastBlock", "is_sam_vit_block", "sam_attention"]
+__all__ = ["BatchedMaskDecoder", "DilatedAttention", "Int8Linear", "SamFastBlock", "sam_attention"]

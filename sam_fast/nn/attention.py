@@ -335,23 +335,3 @@ class DilatedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, pattern={self.pattern}, backend={self.backend!r}"
-
-
-def is_sam_vit_block(m: nn.Module) -> bool:
-    """Whether ``m`` is structured like segment_anything's image-encoder Block (by attributes and
-    submodule types, not by class name): norm1, attn with Linear qkv/proj and num_heads, norm2, mlp,
-    integer window_size, and qkv width divisible into 3 * num_heads heads."""
-    attn = getattr(m, "attn", None)
-    if attn is None or isinstance(m, SamFastBlock):
-        return False
-    if not all(isinstance(getattr(m, n, None), nn.Module) for n in ("norm1", "norm2", "mlp")):
-        return False
-    if not isinstance(getattr(m, "window_size", None), int):
-        return False
-    qkv, proj, heads = getattr(attn, "qkv", None), getattr(attn, "proj", None), getattr(attn, "num_heads", None)
-    linear = (nn.Linear, Int8Linear)  # a block quantized in place (quantize="int8") is still one
-    if not (isinstance(qkv, linear) and isinstance(proj, linear) and isinstance(heads, int) and heads > 0):
-        return False
-    if qkv.out_features % (3 * heads) != 0 or not hasattr(attn, "scale"):
-        return False
-    return proj.in_features == qkv.out_features // 3

@@ -16,13 +16,10 @@ call asks for them (``output_attentions=True`` or ``config.output_attentions``).
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 from torch import nn
 
 from .._hooks import has_hooks
 from .attention import hooked_attention_fallback, vit_block_forward
-from .quantized import Int8Linear
 
 
 class _AttentionView:
@@ -57,37 +54,6 @@ class FastLayerForward:
 
     def __repr__(self):
         return f"FastLayerForward(backend={self.backend!r}, pattern={self.pattern})"
-
-
-def is_transformers_vit_layer(m: nn.Module) -> bool:
-    """Whether ``m`` is structured like transformers' SAM vision layer (by attributes, not class name):
-    ``layer_norm1`` / ``layer_norm2``, ``attn`` with linear ``qkv`` / ``proj``, ``num_attention_heads`` and
-    ``scale``, ``mlp`` with ``lin1`` / ``lin2``, an integer ``window_size``."""
-    attn, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
-    if attn is None or mlp is None or not isinstance(getattr(m, "window_size", None), int):
-        return False
-    if not all(isinstance(getattr(m, n, None), nn.Module) for n in ("layer_norm1", "layer_norm2")):
-        return False
-    linear = (nn.Linear, Int8Linear)
-    qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
-    heads = getattr(attn, "num_attention_heads", None)
-    if not (isinstance(qkv, linear) and isinstance(proj, linear) and isinstance(heads, int) and heads > 0
-            and hasattr(attn, "scale") and qkv.out_features % (3 * heads) == 0):
-        return False
-    return all(isinstance(getattr(mlp, n, None), linear) for n in ("lin1", "lin2"))
-
-
-def transformers_vit_layers(model: nn.Module) -> List[Tuple[nn.Module, nn.Module, int]]:
-    """(encoder, layer, index) of every transformers SAM vision layer in ``model``; ``encoder`` is the module
-    whose ``layers`` list holds it."""
-    found = []
-    for enc in model.modules():
-        layers = getattr(enc, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            for index, layer in enumerate(layers):
-                if is_transformers_vit_layer(layer):
-                    found.append((enc, layer, index))
-    return found
 
 
 def refuse_attention_weights(encoder: nn.Module, args, kwargs):

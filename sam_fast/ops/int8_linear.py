@@ -12,7 +12,7 @@ which shares the kernels' numerics operation for operation, is :mod:`sam_fast.re
 has its numerics. Under the Triton interpreter (CPU tensors, tests) the ``triton`` backend calls the launchers
 directly: the ops' CPU kernels are the C++ ones.
 
-Quantization scheme (docs/design.md, "W8A8 linear"): weights int8 symmetric per output channel;
+Quantization scheme (docs/maintainers/design.md, "W8A8 linear"): weights int8 symmetric per output channel;
 activations int8 symmetric per token (dynamic; the default) or per tensor with a calibrated scale
 (static); int32 accumulation; the epilogue dequantizes, adds the bias, applies GELU and casts or
 re-quantizes for the next GEMM.

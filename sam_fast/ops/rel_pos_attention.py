@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._args import float_arg
 from .._dispatch import Backend, Refusal, dispatch
 from ..reference import rel_pos_attention as _ref
 from ._ext import cpp_device_refusal, register_fake
@@ -98,8 +99,7 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: 
                          f"got {tuple(rel_h.shape)} and {tuple(rel_w.shape)}")
     if len({t.device for t in (q, k, v, rel_h, rel_w)}) != 1:
         raise ValueError("q, k, v, rel_h and rel_w must be on one device")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    scale = float_arg(scale, "scale")
     for name, t, shape, dtype in (("out", out, (S, Lq, H, D), q.dtype), ("lse", lse, (S, H, Lq), torch.float32)):
         if t is None:
             continue

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import cpu_policy
+from .._args import float_arg, int_arg
 from .._dispatch import Backend, Refusal, dispatch
 from ..reference import sam_block_attention as _ref
 from ._ext import cpp_device_refusal, register_fake
@@ -86,14 +87,6 @@ _TABLE = (
 )
 
 
-def _int(value, name, low):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: Optional[torch.Tensor],
                         rel_pos_w: Optional[torch.Tensor], pad_kv: Optional[Tuple[torch.Tensor, torch.Tensor]],
                         scale: float, qkv_bias: Optional[torch.Tensor] = None, *,
@@ -109,8 +102,7 @@ def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: O
     if not qkv.is_floating_point() or qkv.dim() != 4:
         raise ValueError(f"qkv must be a floating-point (B, Hg, Wg, 3 * heads * D) tensor, got {qkv.dtype} "
                          f"{tuple(qkv.shape)}")
-    _int(heads, "heads", 1)
-    _int(window, "window", 0)
+    heads, window = int_arg(heads, "heads", 1), int_arg(window, "window", 0)
     B, Hg, Wg, C3 = qkv.shape
     if C3 % (3 * heads) or C3 == 0:
         raise ValueError(f"qkv's last dim must be 3 * heads * D, got {C3} for heads={heads}")
@@ -132,7 +124,6 @@ def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: O
                 raise ValueError(f"{name} must be a (heads, D) = ({heads}, {D}) tensor")
     if qkv_bias is not None and (not isinstance(qkv_bias, torch.Tensor) or tuple(qkv_bias.shape) != (C3,)):
         raise ValueError(f"qkv_bias must be None or a ({C3},) tensor")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    scale = float_arg(scale, "scale")
     return dispatch("sam_block_attention", _TABLE, backend, qkv, heads, window, rel_pos_h, rel_pos_w, pad_kv,
                     float(scale), qkv_bias)

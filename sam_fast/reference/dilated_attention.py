@@ -1,7 +1,7 @@
 """Plain-PyTorch dilated attention: the CPU backend, the test oracle and the benchmark baseline.
 
-Implements the contract in docs/design.md ("Dilated flash attention") literally, one branch, offset group and
-segment at a
+Implements the contract in docs/maintainers/design.md ("Dilated flash attention") literally, one branch, offset
+group and segment at a
 time (see :mod:`sam_fast.pattern` for the pattern semantics). It computes in the inputs' dtype the way
 segment_anything's ``Attention`` does (``(q * scale) @ k^T``, decomposed rel-pos bias, softmax, ``@ v``),
 so in bfloat16 it is also "PyTorch at the same precision" for the tolerance rule; fed float32 or float64

@@ -19,7 +19,6 @@ operation, so results match across backends:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -108,18 +107,3 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     if out_dtype == torch.int8:
         return quantize(y, out_scale.float())
     return y.to(out_dtype)
-
-
-def ratio_db(power: float, noise: float) -> float:
-    """``10 log10(power / noise)`` in dB: inf when the noise is 0 (exact), -inf when the power is 0."""
-    if noise == 0.0:
-        return math.inf
-    if power == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(power / noise)
-
-
-def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum s^2 / sum (s - a)^2)`` in dB (inf if exact)."""
-    s = signal.detach().double()
-    return ratio_db(float(s.pow(2).sum()), float((s - approx.detach().double()).pow(2).sum()))

@@ -15,7 +15,7 @@ import pytest
 from tools import gpu_verify as gv
 from tools import targets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_dry_run_plans_every_stage_within_480_s_and_runs_nothing(tmp_path):
@@ -193,6 +193,7 @@ def test_execute_bounds_each_stage_and_skips_what_no_longer_fits(tmp_path):
     assert not (tmp_path / "pack" / "late.log").exists()
 
 
+@pytest.mark.whole_program
 def test_stage_package_assembles_sam_fast_from_the_working_tree(tmp_path, monkeypatch):
     """The prebuilt install path: sam_fast/ linked, kernels/ and bench/ as its subpackages, the extension
     copied in; a fresh interpreter imports it from there with its C++ ops registered."""

@@ -13,13 +13,14 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/ is imported from here
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/ is imported from here
 
 KERNELS = ("_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dq_kernel", "_dilated_attention_bwd_dkdv_kernel",
            "_quantize_rows_kernel", "_layer_norm_quantize_kernel", "_int8_gemm_kernel",
            "_small_key_attention_kernel", "_upscale_mask_product_kernel")
 
 
+@pytest.mark.whole_program
 @pytest.mark.parametrize("arch", [90, 80])
 def test_all_triton_kernels_compile(arch):
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -31,6 +32,7 @@ def test_all_triton_kernels_compile(arch):
     assert f"compiled for sm_{arch}" in proc.stdout
 
 
+@pytest.mark.whole_program
 def test_tuner_candidates_compile(tmp_path):
     """``--tune-candidates`` compiles what tools/tune_dilated_attention.py (here: one small case) and
     tools/tune_int8_linear.py (here: two candidates) would time, and writes one row per kernel and candidate."""
