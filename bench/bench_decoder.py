@@ -55,7 +55,7 @@ def postprocess_geometries(gpu, targets=False):
 
 def postprocess_workload(P, geometry, dev):
     """One case: (case name, logits, kwargs, {peer: callable}) - the definition this script times and
-    bench/test_microbench.py benchmarks. The baseline is segment_anything's path, in its batches of 192."""
+    tools/test_microbench.py benchmarks. The baseline is segment_anything's path, in its batches of 192."""
     from sam_fast.ops.mask_postprocess import mask_postprocess
 
     name, input_size, original = geometry

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 
 from sam_fast.kernels._interpreter import use_interpreter_without_gpu
 
@@ -200,42 +198,19 @@ class FlexMasked:
         return sum(wi[..., None].to(o.dtype) * o for wi, o in zip(w, outs)).transpose(1, 2)
 
 
-DENSE_V1_ENV = "SAM_FAST_DENSE_V1_KERNEL"
-
-
-def _dense_v1_source():
-    """The first dense kernel's source text: from git history, else from the file named by
-    $SAM_FAST_DENSE_V1_KERNEL (a GPU machine receives the working tree without .git; ``bash
-    tools/gpu_session.sh prepare`` writes that file). None, with the reason on stderr, if neither works."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        src = subprocess.run(["git", "show", f"{DENSE_V1_SHA}:kernels/dilated_attention.py"], cwd=root,
-                             capture_output=True, text=True, timeout=20)
-        if src.returncode == 0:
-            return src.stdout
-    except (OSError, subprocess.SubprocessError):
-        pass
-    path = os.environ.get(DENSE_V1_ENV)
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            return f.read()
-    print(f"bench_dilated_attention: no dense_v1@{DENSE_V1_SHA} row - not a git checkout and "
-          f"${DENSE_V1_ENV} names no file", file=sys.stderr)
-    return None
-
-
 def _dense_v1_kernel():
-    """The project's first dense kernel's attention launcher as a module (None when its source is unavailable)."""
-    src = _dense_v1_source()
-    if src is None:
+    """The project's first dense kernel as a module, from the checkout's maintainer tooling (tools/dense_v1.py: it
+    reads the kernel from git history); None, with the reason on stderr, where that is not at hand (an installed
+    package has no tools/)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "dense_v1.py")
+    if not os.path.isfile(path):
+        print("bench_dilated_attention: no dense_v1 row - the first dense kernel is loaded by tools/dense_v1.py, "
+              "which only a checkout of the repository has", file=sys.stderr)
         return None
-    path = os.path.join(tempfile.mkdtemp(prefix="sam_fast_dense_v1_"), "dense_v1_attention.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("dense_v1_attention", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    spec = importlib.util.spec_from_file_location("sam_fast_dense_v1_loader", path)
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    return loader.dense_v1_kernel(DENSE_V1_SHA)
 
 
 def _sam_fast(pattern, grid, backend):

@@ -25,7 +25,7 @@ CASES = ((27, 127), (127, 191))  # (table length, resized length): ViT-B/H windo
 
 def workload(L, length, dev):
     """One case: (case name, table, {peer: callable}) - the definition this script times and
-    bench/test_microbench.py benchmarks."""
+    tools/test_microbench.py benchmarks."""
     import sam_fast
     from sam_fast.reference.resize_rel_pos import resize_rel_pos as resize_rel_pos_reference
 

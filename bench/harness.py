@@ -1,7 +1,7 @@
 """Shared benchmark harness: timing, provenance, CSV results, tables and plots.
 
-Every row is one measured backend on one case, with its provenance (docs/design.md, "Benchmarks"), appended to
-``<out>/<script>.csv``. On CUDA, times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed,
+Every row is one measured backend on one case, with its provenance (docs/maintainers/design.md, "Benchmarks"),
+appended to ``<out>/<script>.csv``. On CUDA, times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed,
 median and 20th/80th percentiles); on CPU from ``time.perf_counter`` over repeated calls.
 """
 

@@ -3,9 +3,9 @@ define (their ``cases`` / ``workload`` functions; one definition serves both).
 
 Not part of the test run (``testpaths`` is ``tests``); run it explicitly::
 
-    python -m pytest bench/test_microbench.py --benchmark-only --benchmark-autosave
-    python -m pytest bench/test_microbench.py --benchmark-only --benchmark-compare
-    python -m pytest bench/test_microbench.py --benchmark-only -k int8_linear --benchmark-group-by=param:case
+    python -m pytest tools/test_microbench.py --benchmark-only --benchmark-autosave
+    python -m pytest tools/test_microbench.py --benchmark-only --benchmark-compare
+    python -m pytest tools/test_microbench.py --benchmark-only -k int8_linear --benchmark-group-by=param:case
 
 On a GPU every round ends with a device synchronisation (pedantic mode, warm-up rounds first, so compilation
 and autotuning stay out of the figures) and ``extra_info["cuda_event_ms"]`` holds the median of CUDA-event

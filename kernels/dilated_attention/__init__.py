@@ -1,7 +1,7 @@
 """Flash dilated attention with SAM's decomposed relative-position bias (Triton).
 
-One kernel family for every pattern of docs/design.md ("Dilated flash attention") (see :mod:`sam_fast.pattern`):
-dense attention, SAM's windows, dilated 1-D / 2-D branches and multi-branch mixes, forward and
+One kernel family for every pattern of docs/maintainers/design.md ("Dilated flash attention") (see
+:mod:`sam_fast.pattern`): dense attention, SAM's windows, dilated 1-D / 2-D branches and multi-branch mixes, forward and
 backward, with online softmax (no N x N matrix in memory), no gather/scatter or padding copies and no
 atomics. SAM-Lightening's dilated attention is what this serves; the rel-pos bias is segment_anything's
 ``add_decomposed_rel_pos`` with absolute grid coordinates.
