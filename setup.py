@@ -121,6 +121,7 @@ setup(
         "sam_fast.nn",
         "sam_fast.models",
         "sam_fast.distill",
+        "sam_fast.compress",
         "sam_fast.kernels",
         "sam_fast.kernels.dilated_attention",
         "sam_fast.bench",

@@ -53,8 +53,8 @@ _EXPORTS = {
 }
 
 
-_SUBMODULES = ("checkpoint", "coco", "cpu_features", "cpu_policy", "distill", "everything", "images", "models", "nn",
-               "pattern", "predictor", "quantize", "reference", "segment_dataset", "testing")
+_SUBMODULES = ("checkpoint", "coco", "compress", "cpu_features", "cpu_policy", "distill", "everything", "images",
+               "models", "nn", "pattern", "predictor", "quantize", "reference", "segment_dataset", "testing")
 
 
 def __getattr__(name):

@@ -1,0 +1,124 @@
+"""``sam_fast.compress``: structured pruning of a SAM ViT encoder to given widths. Every tensor a channel touches is
+sliced with it, the pruned model is what ``load_sam`` builds from its checkpoint and runs under ``apply``, a channel
+that carries nothing is the one removed, and bad widths are refused before any work."""
+
+import pytest
+import torch
+
+import sam_fast
+from sam_fast.compress import channel_groups, magnitude_scores, prune_to_widths
+from sam_fast.models import tiny_image_encoder, tiny_sam
+from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+
+def _image(size, seed=0):
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pruned_widths_reach_every_tensor_and_load_back(tmp_path):
+    """A tiny Sam pruned to embed 40, head dim 24 / 8 per block and MLP 100: every encoder tensor has exactly those
+    widths, the decoder is untouched (copied), the original is unchanged, and the checkpoint save_sam writes loads
+    back through load_sam("auto") as the same model, which apply() runs with the same embedding."""
+    sam = tiny_sam().eval()
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    pruned = prune_to_widths(sam, embed=40, head_dim=[24, 8, 24, 8], mlp=100).eval()
+    enc = pruned.image_encoder
+    assert enc.patch_embed.proj.weight.shape[0] == 40 and enc.pos_embed.shape[-1] == 40
+    assert enc.neck[0].weight.shape[1] == 40
+    for i, blk in enumerate(enc.blocks):
+        D = (24, 8, 24, 8)[i]
+        heads = blk.attn.num_heads
+        assert blk.norm1.weight.shape == blk.norm2.weight.shape == (40,)
+        assert blk.attn.qkv.weight.shape == (3 * heads * D, 40) and blk.attn.proj.weight.shape == (40, heads * D)
+        assert blk.attn.rel_pos_h.shape[1] == blk.attn.rel_pos_w.shape[1] == D
+        assert blk.attn.scale == pytest.approx(D ** -0.5)
+        assert blk.mlp.lin1.weight.shape == (100, 40) and blk.mlp.lin2.weight.shape == (40, 100)
+    assert all(torch.equal(v, before[k]) for k, v in sam.state_dict().items())  # the original untouched
+    assert pruned.mask_decoder is not sam.mask_decoder
+    for k, v in sam.mask_decoder.state_dict().items():
+        assert torch.equal(pruned.mask_decoder.state_dict()[k], v)
+    path = tmp_path / "pruned.pth"
+    sam_fast.save_sam(pruned, str(path))
+    loaded = sam_fast.load_sam(str(path)).eval()
+    x = _image(256)
+    with torch.no_grad():
+        want = pruned.image_encoder(x)
+        assert torch.equal(loaded.image_encoder(x), want)
+        exact = pruned.image_encoder.double()(x.double())
+        pruned.float()
+        with sam_fast.apply(loaded, sam_fast.SamFastConfig(attention="exact")):
+            got = loaded.image_encoder(x)
+    check_against_reference("pruned embedding", got, exact, want, torch.float32, FWD_FACTOR)
+
+
+def test_an_mlp_channel_that_carries_nothing_is_the_one_removed_and_the_output_stays():
+    """Zero one hidden channel of every block's MLP (its lin1 row and bias, its lin2 column): magnitude scores rank
+    it last, pruning one channel removes exactly it, and the encoder computes the same embedding without it."""
+    enc = tiny_image_encoder().eval()
+    dead = 5
+    with torch.no_grad():
+        for blk in enc.blocks:
+            blk.mlp.lin1.weight[dead] = 0
+            blk.mlp.lin1.bias[dead] = 0
+            blk.mlp.lin2.weight[:, dead] = 0
+    scores = magnitude_scores(enc)
+    hidden = enc.blocks[0].mlp.lin1.out_features
+    for i in range(len(enc.blocks)):
+        assert int(scores[("mlp", i)].argmin()) == dead
+    pruned = prune_to_widths(enc, mlp=hidden - 1).eval()
+    keep = [c for c in range(hidden) if c != dead]
+    for old, new in zip(enc.blocks, pruned.blocks):
+        assert torch.equal(new.mlp.lin1.weight, old.mlp.lin1.weight[keep])
+        assert torch.equal(new.mlp.lin2.weight, old.mlp.lin2.weight[:, keep])
+    x = _image(128, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), enc(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_dim_is_removed_from_q_k_v_of_every_head_the_proj_and_the_rel_pos_tables():
+    """Caller-given scores choose the dims: the kept dims are the same in every head and in q, k and v, proj's
+    columns follow v's, and the rel-pos tables keep the same columns."""
+    enc = tiny_image_encoder(embed_dim=32, num_heads=2).eval()
+    D = 16
+    groups = channel_groups(enc)
+    assert groups[("head_dim", 0)][0] == D and groups[("embed",)][0] == 32
+    scores = {g: torch.arange(width, dtype=torch.float64) for g, (width, _) in groups.items()}
+    scores[("head_dim", 0)] = torch.tensor([float(d in (1, 4, 9)) for d in range(D)])
+    pruned = prune_to_widths(enc, head_dim=[3, D, D, D], scores=scores)
+    old, new = enc.blocks[0].attn, pruned.blocks[0].attn
+    rows = [part * 2 * D + h * D + d for part in range(3) for h in range(2) for d in (1, 4, 9)]
+    assert torch.equal(new.qkv.weight, old.qkv.weight[rows]) and torch.equal(new.qkv.bias, old.qkv.bias[rows])
+    assert torch.equal(new.proj.weight, old.proj.weight[:, [h * D + d for h in range(2) for d in (1, 4, 9)]])
+    assert torch.equal(new.rel_pos_h, old.rel_pos_h[:, [1, 4, 9]])
+    assert torch.equal(new.rel_pos_w, old.rel_pos_w[:, [1, 4, 9]])
+    assert torch.equal(pruned.blocks[1].attn.qkv.weight, enc.blocks[1].attn.qkv.weight)  # full width: untouched
+
+
+def test_dc_vit_blocks_prune_their_mlp_only():
+    """An encoder with an attention-free (DC-ViT) block: that block has an MLP group and no head group, and prunes."""
+    from sam_fast.models.vit import MlpBlock
+
+    enc = tiny_image_encoder().eval()
+    enc.blocks[2] = MlpBlock(64, 96)
+    groups = channel_groups(enc)
+    assert ("head_dim", 2) not in groups and groups[("mlp", 2)][0] == 96
+    pruned = prune_to_widths(enc, embed=48, mlp=[200, 200, 50, 200])
+    assert isinstance(pruned.blocks[2], MlpBlock) and pruned.blocks[2].mlp.lin1.weight.shape == (50, 48)
+    with torch.no_grad():
+        assert pruned(_image(128)).shape == enc(_image(128)).shape
+
+
+def test_bad_widths_and_models_are_refused_by_name():
+    sam = tiny_sam()
+    for kwargs, error, match in [
+        (dict(embed=0), ValueError, "embed must be an int >= 1"),
+        (dict(embed=65), ValueError, "embed must be an int <= 64"),
+        (dict(embed=True), TypeError, "embed must be an int"),
+        (dict(mlp=[8, 8]), ValueError, "mlp must give one width per block \\(4\\)"),
+        (dict(head_dim=[8, 8, 8, 99]), ValueError, "head_dim\\[3\\] must be an int <= 32"),
+        (dict(scores={}), ValueError, "scores\\[\\('mlp', 0\\)\\] must be a \\(256,\\) tensor, got None"),
+    ]:
+        with pytest.raises(error, match=match):
+            prune_to_widths(sam, **kwargs)
+    with pytest.raises(TypeError, match="must be a segment_anything Sam or an image encoder"):
+        prune_to_widths(torch.nn.Linear(3, 3), embed=2)
