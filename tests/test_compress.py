@@ -122,3 +122,40 @@ def test_bad_widths_and_models_are_refused_by_name():
             prune_to_widths(sam, **kwargs)
     with pytest.raises(TypeError, match="must be a segment_anything Sam or an image encoder"):
         prune_to_widths(torch.nn.Linear(3, 3), embed=2)
+
+
+def test_disturbed_taylor_scores_are_zero_without_the_disturbance_and_informative_with_it(tmp_path):
+    """At the start the student is the teacher: without noise the distillation loss, its gradients and so every
+    Taylor score are exactly zero; with SlimSAM's disturbance every group gets scores, the same for the same seed.
+    Image files and preprocessed tensors both work, and the model's weights, requires_grad and grads are kept."""
+    import skimage.data as data
+    from PIL import Image
+
+    from sam_fast.compress import taylor_scores
+
+    enc = tiny_image_encoder().eval()
+    enc.blocks[0].mlp.lin1.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    x = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    plain = taylor_scores(enc, x, sigma=0.0)
+    assert set(plain) == set(channel_groups(enc)) and all(float(s.abs().max()) == 0 for s in plain.values())
+    disturbed = taylor_scores(enc, x, sigma=0.05, batch_size=2, seed=1)
+    assert all(float(s.min()) >= 0 and float(s.max()) > 0 for s in disturbed.values())
+    again = taylor_scores(enc, x, sigma=0.05, batch_size=2, seed=1)
+    assert all(torch.equal(disturbed[g], again[g]) for g in disturbed)
+    assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items())
+    assert not enc.blocks[0].mlp.lin1.weight.requires_grad and enc.blocks[0].mlp.lin1.weight.grad is None
+    assert all(p.grad is None for p in enc.parameters())
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(tmp_path / f"{name}.png")
+    from_files = taylor_scores(enc, str(tmp_path), sigma=0.05, num_images=2)
+    assert all(float(s.max()) > 0 for s in from_files.values())
+    pruned = prune_to_widths(enc, embed=48, head_dim=16, mlp=128, scores=disturbed)
+    assert pruned.blocks[0].mlp.lin1.weight.shape == (128, 48)
+    for kwargs, error, match in [(dict(sigma=-1.0), ValueError, "sigma must be a number >= 0"),
+                                 (dict(num_images=0), ValueError, "num_images must be an int >= 1"),
+                                 (dict(batch_size=1.5), TypeError, "batch_size must be an int")]:
+        with pytest.raises(error, match=match):
+            taylor_scores(enc, x, **kwargs)
+    with pytest.raises(ValueError, match="images as a tensor must be \\(N, 3, S, S\\)"):
+        taylor_scores(enc, x[0])

@@ -94,23 +94,31 @@ def channel_groups(model: nn.Module) -> Dict[Group, Tuple[int, List[Slice]]]:
     return groups
 
 
-def magnitude_scores(model: nn.Module) -> Dict[Group, torch.Tensor]:
-    """Per group, each channel's importance as the L2 norm of every weight it owns, each tensor's share first
-    divided by that tensor's mean square (so a wide tensor does not drown a narrow one)."""
-    enc, _, _ = find_encoder(model)
-    state = enc.state_dict()
+def group_totals(values: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[Group, torch.Tensor]:
+    """Per group of ``model``'s encoder, each channel's sum of ``values`` (one tensor per encoder parameter, shaped
+    like it: a per-weight importance) over every weight the channel owns. float64."""
     out = {}
     for group, (width, slices) in channel_groups(model).items():
         score = torch.zeros(width, dtype=torch.float64)
         for s in slices:
-            t = state[s.param].detach().double()
-            sq = t.pow(2)
-            per = sq.transpose(0, s.dim).reshape(sq.shape[s.dim], -1).sum(1)  # (tensor length along dim,)
+            t = values[s.param].detach().double().cpu()
+            per = t.transpose(0, s.dim).reshape(t.shape[s.dim], -1).sum(1)  # (tensor length along dim,)
             if s.repeat > 1:
                 per = per.view(s.repeat, s.period).sum(0)
-            score += per / max(float(sq.mean()), 1e-30)
-        out[group] = score.sqrt()
+            score += per
+        out[group] = score
     return out
+
+
+def magnitude_scores(model: nn.Module) -> Dict[Group, torch.Tensor]:
+    """Per group, each channel's importance as the L2 norm of every weight it owns, each tensor's squares first
+    divided by that tensor's mean square (so a wide tensor does not drown a narrow one)."""
+    enc, _, _ = find_encoder(model)
+    squares = {}
+    for name, t in enc.state_dict().items():
+        sq = t.detach().double().pow(2)
+        squares[name] = sq / max(float(sq.mean()), 1e-30) if sq.numel() else sq
+    return {group: total.sqrt() for group, total in group_totals(squares, model).items()}
 
 
 def _per_block(value, name: str, depth: int, blocks_with, full: Sequence[int]) -> Dict[int, int]:
