@@ -159,3 +159,36 @@ def test_disturbed_taylor_scores_are_zero_without_the_disturbance_and_informativ
             taylor_scores(enc, x, **kwargs)
     with pytest.raises(ValueError, match="images as a tensor must be \\(N, 3, S, S\\)"):
         taylor_scores(enc, x[0])
+
+
+def test_drop_attention_removes_the_least_needed_blocks_and_loads_as_dc_vit(tmp_path):
+    """Block compression: each block's SQNR with its attention removed is measured; a block whose attention adds
+    nothing (its proj zeroed) scores inf and is the one chosen; the copy computes x + mlp(norm2(x)) there, the original
+    is unchanged, and the result saves and loads back as a DC-ViT checkpoint with the same embedding."""
+    from sam_fast.compress import attention_removal_sqnr, drop_attention
+    from sam_fast.models.vit import MlpBlock
+
+    sam = tiny_sam().eval()
+    with torch.no_grad():
+        sam.image_encoder.blocks[2].attn.proj.weight.zero_()
+        sam.image_encoder.blocks[2].attn.proj.bias.zero_()
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    scores = attention_removal_sqnr(sam, x)
+    assert sorted(scores) == [0, 1, 2, 3] and scores[2] == float("inf")
+    assert all(torch.isfinite(torch.tensor(scores[i])) for i in (0, 1, 3))
+    compressed, chosen, same = drop_attention(sam, x, blocks=1)
+    assert chosen == [2] and same == scores
+    assert isinstance(compressed.image_encoder.blocks[2], MlpBlock)
+    assert not isinstance(sam.image_encoder.blocks[2], MlpBlock)  # the original keeps its attention
+    with torch.no_grad():
+        torch.testing.assert_close(compressed.image_encoder(x), sam.image_encoder(x), rtol=1e-5, atol=1e-5)
+    path = tmp_path / "dcvit.pth"
+    sam_fast.save_sam(compressed, str(path))
+    loaded = sam_fast.load_sam(str(path)).eval()
+    assert isinstance(loaded.image_encoder.blocks[2], MlpBlock)
+    with torch.no_grad():
+        assert torch.equal(loaded.image_encoder(x), compressed.image_encoder(x))
+    with pytest.raises(ValueError, match="at least one must keep its attention"):
+        drop_attention(sam, x, blocks=4)
+    with pytest.raises(ValueError, match="blocks must be an int >= 1"):
+        drop_attention(sam, x, blocks=0)
