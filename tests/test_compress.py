@@ -192,3 +192,29 @@ def test_drop_attention_removes_the_least_needed_blocks_and_loads_as_dc_vit(tmp_
         drop_attention(sam, x, blocks=4)
     with pytest.raises(ValueError, match="blocks must be an int >= 1"):
         drop_attention(sam, x, blocks=0)
+
+
+def test_width_plans_uniform_and_global():
+    """uniform: every block keeps round((1 - ratio) x width) of each kind (ViT-B at 0.5 would be 384 / 32 / 1536);
+    global: the head dims and MLP channels of all blocks ranked together (each block's scores over their mean), so
+    a block whose importance sits in 16 channels keeps those 16 and the others take the rest of the uniform total;
+    both prune to what they plan."""
+    from sam_fast.compress import plan_widths
+
+    sam = tiny_sam()
+    assert plan_widths(sam, 0.5) == {"embed": 32, "head_dim": [16] * 4, "mlp": [128] * 4}
+    scores = magnitude_scores(sam)
+    for i in range(4):
+        scores[("mlp", i)] = torch.rand(256, generator=torch.Generator().manual_seed(i)) + 0.5
+    scores[("mlp", 1)] = torch.cat([torch.ones(16), torch.zeros(240)]).double()
+    plan = plan_widths(sam, 0.5, "global", scores=scores)
+    assert plan["embed"] == 32 and sum(plan["mlp"]) == 512 and plan["mlp"][1] == 16
+    assert all(150 < plan["mlp"][i] <= 256 for i in (0, 2, 3))
+    pruned = prune_to_widths(sam, scores=scores, **plan)
+    assert [b.mlp.lin1.out_features for b in pruned.image_encoder.blocks] == plan["mlp"]
+    for ratio, error, match in [(0.0, ValueError, "ratio must be a positive number"), (1.0, ValueError, "below 1"),
+                                (1.5, ValueError, "ratio must be a number <= 1"), ("half", TypeError, "ratio must be")]:
+        with pytest.raises(error, match=match):
+            plan_widths(sam, ratio)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        plan_widths(sam, 0.5, "layerwise")

@@ -4,7 +4,7 @@ the attention of the blocks that need it least (:mod:`~.blocks`)."""
 
 from .blocks import attention_removal_sqnr, drop_attention
 from .importance import taylor_scores
-from .prune import channel_groups, group_totals, magnitude_scores, prune_to_widths
+from .prune import MODES, channel_groups, group_totals, magnitude_scores, plan_widths, prune_to_widths
 
-__all__ = ["attention_removal_sqnr", "channel_groups", "drop_attention", "group_totals", "magnitude_scores",
-           "prune_to_widths", "taylor_scores"]
+__all__ = ["MODES", "attention_removal_sqnr", "channel_groups", "drop_attention", "group_totals", "magnitude_scores",
+           "plan_widths", "prune_to_widths", "taylor_scores"]

@@ -179,3 +179,47 @@ def prune_to_widths(model: nn.Module, *, embed: Optional[int] = None,
         return new_enc
     # the rest of the model copied, with the new encoder in the old one's place (the old one is never copied)
     return copy.deepcopy(model, {id(enc): new_enc})
+
+
+MODES = ("uniform", "global")
+
+
+def plan_widths(model: nn.Module, ratio: float, mode: str = "uniform",
+                scores: Optional[Mapping[Group, torch.Tensor]] = None) -> Dict[str, object]:
+    """The widths that prune ``ratio`` of each kind of channel (0 < ratio < 1), as keywords for
+    :func:`prune_to_widths`: ``{"embed": int, "head_dim": [per block], "mlp": [per block]}``.
+
+    ``"uniform"``: every block keeps ``round((1 - ratio) * width)`` of its head dims and MLP channels (SlimSAM's
+    uniform models: ratio 0.5 takes ViT-B to embed 384 / head dim 32 / MLP 1536). ``"global"``: the head dims of
+    all blocks are ranked together by ``scores`` (each block's scores divided by their mean, so blocks compare), and
+    so are the MLP channels; each block keeps what it has among the top ``1 - ratio``, at least one. The embedding
+    width is shared by every block, so it is ``round((1 - ratio) * width)`` in both modes."""
+    from .._args import float_arg
+
+    ratio = float_arg(ratio, "ratio", positive=True, maximum=1)
+    if ratio >= 1:
+        raise ValueError(f"ratio must be below 1 (the fraction of channels removed), got {ratio!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    groups = channel_groups(model)
+    depth = max(g[1] for g in groups if g[0] == "mlp") + 1
+
+    def keep(width):
+        return max(1, round((1 - ratio) * width))
+
+    plan: Dict[str, object] = {"embed": keep(groups[("embed",)][0])}
+    if mode == "global" and scores is None:
+        scores = magnitude_scores(model)
+    for kind in ("head_dim", "mlp"):
+        present = [i for i in range(depth) if (kind, i) in groups]
+        widths = {i: groups[(kind, i)][0] for i in present}
+        if mode == "uniform":
+            kept = {i: keep(w) for i, w in widths.items()}
+        else:
+            pooled = torch.cat([scores[(kind, i)].double() / max(float(scores[(kind, i)].double().mean()), 1e-30)
+                                for i in present])
+            owner = torch.cat([torch.full((widths[i],), i) for i in present])
+            top = torch.topk(pooled, keep(int(pooled.numel()))).indices
+            kept = {i: max(1, int((owner[top] == i).sum())) for i in present}
+        plan[kind] = [kept.get(i, 1) for i in range(depth)]  # (1 for a block without this group: not read)
+    return plan
