@@ -218,3 +218,52 @@ def test_width_plans_uniform_and_global():
             plan_widths(sam, ratio)
     with pytest.raises(ValueError, match="mode must be one of"):
         plan_widths(sam, 0.5, "layerwise")
+
+
+def test_prune_runs_both_stages_with_recovery_and_resumes(tmp_path):
+    """prune(): the embedding width first, then head dims and MLPs, each stage recovered by sam_fast.distill and
+    checkpointed; the result has the planned widths and loads back; the report has both stages' SQNR; a rerun takes
+    the finished stages from their checkpoints (nothing retrained), and other settings in the same out_dir are
+    refused before any work."""
+    import os
+
+    import skimage.data as data
+    from PIL import Image
+
+    from sam_fast.compress import prune
+    from sam_fast.distill import DistillConfig
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(getattr(data, name)()).save(images / f"{name}.png")
+    teacher = tiny_sam().eval()
+    recover = DistillConfig(method="dld", steps=2, batch_size=2, cache_batch_size=2, prompts_per_image=1)
+    out = tmp_path / "run"
+    res = prune(teacher, str(images), out_dir=out, ratio=0.5, recover=recover, num_images=4, eval_images=2,
+                progress=False)
+    assert res.widths == {"embed": 32, "head_dim": [16] * 4, "mlp": [128] * 4}
+    enc = res.model.image_encoder
+    assert enc.patch_embed.proj.out_channels == 32 and enc.blocks[0].mlp.lin1.out_features == 128
+    assert enc.blocks[0].attn.rel_pos_h.shape[1] == 16
+    assert [s["stage"] for s in res.stages] == ["embed", "bottleneck"]
+    assert res.params_after < res.params_before and "encoder parameters" in res.summary()
+    assert all(s["sqnr_db"] == s["sqnr_db"] for s in res.stages)  # finite or inf, never NaN
+    final = sam_fast.load_sam(res.stages[-1]["checkpoint"])
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(final.image_encoder.eval()(x), enc.eval()(x))
+    stamps = {s["checkpoint"]: os.path.getmtime(s["checkpoint"]) for s in res.stages}
+    again = prune(teacher, str(images), out_dir=out, ratio=0.5, recover=recover, num_images=4, eval_images=2,
+                  progress=False)
+    assert {s["checkpoint"]: os.path.getmtime(s["checkpoint"]) for s in again.stages} == stamps
+    with torch.no_grad():
+        assert torch.equal(again.model.image_encoder.eval()(x), final.image_encoder.eval()(x))
+    with pytest.raises(ValueError, match="other settings \\(plan, ratio\\)"):
+        prune(teacher, str(images), out_dir=out, ratio=0.25, recover=recover, num_images=4, progress=False)
+    for kwargs, error, match in [(dict(), ValueError, "give ratio or widths"),
+                                 (dict(ratio=0.5, widths={"embed": 8}), ValueError, "give ratio or widths"),
+                                 (dict(ratio=0.5, importance="l1"), ValueError, "importance must be one of"),
+                                 (dict(ratio=0.5, recover={"steps": 2}), TypeError, "recover must be a")]:
+        with pytest.raises(error, match=match):
+            prune(teacher, str(images), out_dir=tmp_path / "other", **kwargs)
