@@ -434,6 +434,54 @@ def _load_for(path: str, args):
     return load_sam(path, args.model_type, decoder_heads=args.decoder_heads)
 
 
+def _parse_widths(text: str) -> dict:
+    """``embed=384,head_dim=32,mlp=1536`` -> the widths dict of ``sam_fast.compress.prune``."""
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("embed", "head_dim", "mlp") or key in out:
+            raise ValueError(f"--widths must be embed=N,head_dim=N,mlp=N (any of them, once each), got {text!r}")
+        if not (value.strip().isascii() and value.strip().isdigit()):
+            raise ValueError(f"--widths: {key} must be a positive integer, got {value!r}")
+        out[key] = int(value)
+    return out
+
+
+def _prune(args) -> int:
+    import warnings
+
+    from sam_fast.compress import prune
+    from sam_fast.distill import DistillConfig
+
+    try:
+        if (args.ratio is None) == (args.widths is None):
+            raise ValueError("give --ratio or --widths (one of them)")
+        widths = None if args.widths is None else _parse_widths(args.widths)
+        recover = DistillConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                seed=args.seed)
+    except (ValueError, TypeError) as exc:  # the arguments: no checkpoint is involved
+        print(f"sam-fast prune: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model = _load_for(args.checkpoint, args)
+    except Exception as exc:
+        print(f"sam-fast prune: --checkpoint: {_load_error(exc)}", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        try:
+            result = prune(model, args.images, out_dir=args.out, ratio=args.ratio, widths=widths, mode=args.mode,
+                           importance=args.importance, num_images=args.num_images, recover=recover,
+                           device=args.device, progress=not args.no_progress)
+        except (ValueError, TypeError, OSError) as exc:
+            print(f"sam-fast prune: {exc}", file=sys.stderr)
+            return 2
+    print(result.summary())
+    print(f"pruned model: {result.stages[-1]['checkpoint']} (sam_fast.load_sam reads it; sam-fast inspect shows it)")
+    return 0
+
+
 def _distill(args) -> int:
     import warnings
 
@@ -635,6 +683,23 @@ def main(argv=None) -> int:
     d.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     d.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a run")
     d.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    r = sub.add_parser("prune", help="prune a SAM's image encoder the SlimSAM way, recovering by distillation")
+    r.add_argument("--checkpoint", required=True, help="the model to prune (any checkpoint load_sam reads)")
+    r.add_argument("--images", required=True, help="folder of JPEG / PNG images: importance, recovery, SQNR")
+    r.add_argument("--out", required=True, help="run directory (each stage's checkpoint and distillation run)")
+    r.add_argument("--ratio", type=float, default=None, help="fraction of channels removed, e.g. 0.5")
+    r.add_argument("--widths", default=None, help="instead of --ratio: embed=N,head_dim=N,mlp=N")
+    r.add_argument("--mode", default="uniform", choices=("uniform", "global"), help="one width per kind (default) "
+                                                                                  "or ranked across blocks")
+    r.add_argument("--importance", default="disturbed_taylor", choices=("disturbed_taylor", "magnitude"))
+    r.add_argument("--num-images", type=int, default=64, help="images for the importance scores (default 64)")
+    r.add_argument("--method", default="dld", choices=("dld", "embedding", "full_stage"), help="recovery")
+    r.add_argument("--steps", type=int, default=None, help="recovery steps per stage (default 1000)")
+    r.add_argument("--batch-size", type=int, default=8, help="recovery images per step (default 8)")
+    r.add_argument("--lr", type=float, default=1e-4, help="recovery peak learning rate (default 1e-4)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--device", help="where the recovery trains (default: cuda when available, else cpu)")
     e = sub.add_parser("distill-eval", help="a student's mask mIoU against its teacher, embedding SQNR, speed")
     e.add_argument("--teacher", required=True)
     e.add_argument("--student", required=True)
@@ -661,7 +726,7 @@ def main(argv=None) -> int:
     g.add_argument("--attention", default="exact", choices=("exact", "none"), help="fused attention (default)")
     g.add_argument("--int8", action="store_true", help="W8A8 linears (dynamic scales)")
     g.add_argument("--device", help="default: cuda when available")
-    for p in (d, e, g):
+    for p in (d, e, g, r):
         p.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="the checkpoints' model type")
         p.add_argument("--decoder-heads", type=int, default=None,
                        help="mask decoder heads of a decoder narrower or wider than SAM's 256 (auto only)")
@@ -670,6 +735,8 @@ def main(argv=None) -> int:
         return _distill(args)
     if args.command == "distill-eval":
         return _distill_eval(args)
+    if args.command == "prune":
+        return _prune(args)
     if args.command == "segment-dataset":
         return _segment_dataset(args)
     if args.command == "bench":

@@ -69,7 +69,7 @@ def _embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = None,
           widths: Optional[Dict[str, object]] = None, mode: str = "uniform", importance: str = "disturbed_taylor",
           sigma: float = 0.01, num_images: int = 64, recover: Optional[DistillConfig] = None,
-          eval_images: int = 4, progress: bool = True) -> PruneResult:
+          eval_images: int = 4, device=None, progress: bool = True) -> PruneResult:
     """Prune ``model`` (a segment_anything ``Sam``; not modified) in SlimSAM's two stages (module docstring).
 
     Args:
@@ -82,6 +82,7 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
         recover: the distillation of each stage (default ``DistillConfig(method="dld")``: block-wise, through the
             width adapters).
         eval_images: images whose embedding SQNR against the original is reported.
+        device, progress: handed to each stage's :func:`sam_fast.distill.distill`.
     """
     if (ratio is None) == (widths is None):
         raise ValueError("give ratio or widths (one of them)")
@@ -144,7 +145,8 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
         else:
             student = prune_to_widths(current, scores=scores(current), **narrow)
             pruned_sqnr = sqnr_db(reference, _embedding(student, x))
-            distill(model, student, images, out_dir=os.path.join(out_dir, stage), config=recover, progress=progress)
+            distill(model, student, images, out_dir=os.path.join(out_dir, stage), config=recover, device=device,
+                    progress=progress)
             save_sam(student, done)
             current = student
         stages.append({"stage": stage, "checkpoint": done, "params": _params(current),
