@@ -24,7 +24,8 @@ from ..surgery import encoder_blocks, sam_image_encoder, vit_blocks
 
 
 def _block_width(block: nn.Module) -> int:
-    return int(block.norm1.normalized_shape[0])
+    """The residual width a block reads and writes (``norm2`` is in every kind: with attention or without)."""
+    return int(block.norm2.normalized_shape[0])
 
 
 def dilated_student(teacher: nn.Module, pattern, blocks="global", *, backend: str = "auto") -> nn.Module:
