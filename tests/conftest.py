@@ -133,12 +133,16 @@ def _dynamo_rules_built_unpatched():
     """torch.compile's tracer looks torch functions up in a table it builds once, by name (``torch.empty`` -> the
     object), and caches. Built while the poisoned ``torch.empty`` below is in place, the table holds the test's
     lambda instead, and every later trace of the real ``torch.empty`` fails ("marked as skipped"): which test
-    first built it decided which later compile test broke. So the table is built here first, unpatched."""
+    first built it decided which later compile test broke. So the table is built here first, unpatched. The same
+    holds for the set of factory functions a ``with torch.device("meta")`` block redirects (else a module built
+    there gets CPU weights)."""
     if not getattr(_dynamo_rules_built_unpatched, "done", False):
         from torch._dynamo import trace_rules
+        from torch.utils._device import _device_constructors
 
         trace_rules.get_torch_obj_rule_map()
         trace_rules.get_tensor_method()
+        _device_constructors()
         _dynamo_rules_built_unpatched.done = True
 
 
