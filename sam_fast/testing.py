@@ -54,3 +54,25 @@ def check_rounding_level(name: str, actual: torch.Tensor, expected: torch.Tensor
         raise AssertionError(f"{name}: kernel {a.flatten()[worst]:.8g} vs reference {e.flatten()[worst]:.8g} "
                              f"differs by more than {INT8_ROUNDING_ULPS:g} ulp of |ref| + max|ref| ({top:.3g})")
     return float(err.max()) / (eps * top) if top else 0.0
+
+
+def write_photos(folder, names) -> list:
+    """Write scikit-image's bundled sample photos ``names`` (e.g. ``"astronaut"``, ``"camera"``) into ``folder``
+    (created) as RGB PNG files - grey ones as three equal channels, an alpha channel dropped - so tests run on
+    real photographs without a download. Returns the paths, in the order of ``names``."""
+    import os
+
+    import numpy as np
+    import skimage.data as data
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name in names:
+        a = np.asarray(getattr(data, name)())
+        if a.dtype != np.uint8:
+            raise ValueError(f"skimage.data.{name} is not an 8-bit image ({a.dtype})")
+        a = np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a[..., :3]
+        paths.append(os.path.join(os.fspath(folder), f"{name}.png"))
+        Image.fromarray(np.ascontiguousarray(a)).save(paths[-1])
+    return paths

@@ -9,7 +9,8 @@ alone has its attention removed; the ``blocks`` with the highest SQNR (the least
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -61,24 +62,44 @@ def attention_removal_sqnr(model: nn.Module, images, *, num_images: int = 8,
     return out
 
 
-def drop_attention(model: nn.Module, images, *, blocks: int, num_images: int = 8,
-                   batch_size: int = 4) -> Tuple[nn.Module, List[int], Dict[int, float]]:
+def drop_attention(model: nn.Module, images, *, blocks: int, num_images: int = 8, batch_size: int = 4,
+                   out_dir: Optional[str] = None, recover=None, device=None,
+                   progress: bool = True) -> Tuple[nn.Module, List[int], Dict[int, float]]:
     """A copy of ``model`` in which the ``blocks`` attention blocks whose removal costs the least embedding SQNR
-    (:func:`attention_removal_sqnr`) compute ``x + mlp(norm2(x))`` only. Returns ``(compressed model, the blocks
-    chosen, every block's SQNR)``; the model passed in is not modified. Recover the loss with
-    :func:`sam_fast.distill.distill` (``method="embedding"`` or ``"full_stage"``)."""
+    (:func:`attention_removal_sqnr`, on ``num_images`` of ``images``) compute ``x + mlp(norm2(x))`` only. Returns
+    ``(compressed model, the blocks chosen, every block's SQNR)``; the model passed in is not modified.
+
+    With ``out_dir`` the copy is then recovered by distilling ``model`` into it on ``images`` (image files):
+    :func:`sam_fast.distill.distill` with ``recover`` (a ``DistillConfig``; default ``method="dld"``, block by
+    block: the compressed blocks learn to stand in for the attention they lost), ``device`` and ``progress``; the
+    run (resumable) and ``compressed.pth`` (a :func:`sam_fast.save_sam` checkpoint) go to ``out_dir``."""
+    from ..distill import DistillConfig, distill
+
     enc, _, _ = find_encoder(model)
     candidates = [i for i, b in enumerate(enc.blocks) if getattr(b, "attn", None) is not None]
     blocks = int_arg(blocks, "blocks", 1)
     if blocks >= len(candidates):
         raise ValueError(f"blocks={blocks}: the encoder has {len(candidates)} attention blocks and at least one "
                          "must keep its attention")
+    if out_dir is not None:
+        recover = DistillConfig(method="dld") if recover is None else recover
+        if not isinstance(recover, DistillConfig):
+            raise TypeError(f"recover must be a sam_fast.distill.DistillConfig, got {type(recover).__name__}")
+        if isinstance(images, torch.Tensor):
+            raise TypeError("images: the recovery (out_dir) reads image files; give a folder or a list of paths")
+    elif recover is not None:
+        raise ValueError("recover applies with out_dir (where the recovery's run and checkpoint go)")
     scores = attention_removal_sqnr(model, images, num_images=num_images, batch_size=batch_size)
     chosen = sorted(sorted(scores, key=lambda i: -scores[i])[:blocks])
     copied = copy.deepcopy(model)
     new_enc, _, _ = find_encoder(copied)
     for i in chosen:
         new_enc.blocks[i] = _without_attention(new_enc.blocks[i])
+    if out_dir is not None:
+        from ..checkpoint import save_sam
+
+        distill(model, copied, images, out_dir=out_dir, config=recover, device=device, progress=progress)
+        save_sam(copied, os.path.join(os.fspath(out_dir), "compressed.pth"))
     return copied, chosen, scores
 
 

@@ -8,7 +8,7 @@ gradient: plain Taylor scores ``|w * dL/dw|`` say nothing. SlimSAM disturbs the 
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def _encoder_inputs(model: nn.Module, images, num_images: int) -> torch.Tensor:
 
 
 def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: int = 64, batch_size: int = 4,
-                  seed: int = 0) -> Dict[Group, torch.Tensor]:
+                  seed: int = 0, draws: int = 1, teacher: Optional[nn.Module] = None) -> Dict[Group, torch.Tensor]:
     """Disturbed Taylor importance of every channel group of ``model``'s image encoder (see the module docstring).
 
     Args:
@@ -51,6 +51,12 @@ def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: 
             all zero for an unpruned model.
         num_images, batch_size: how many images, in batches of how many.
         seed: the noise.
+        draws: noise draws per batch, a forward and backward each. The scores are a Monte-Carlo estimate: for
+            weight w their mean over the noise is proportional to ``|w| * ||d embedding / d w||``, and each draw
+            is one random projection of that gradient, so few images need several draws to rank channels reliably.
+        teacher: whose embedding, disturbed, is the target (a ``Sam`` or encoder with ``model``'s embedding shape:
+            the original model when ``model`` is already pruned, as in the second stage of alternate slimming, so
+            the scores measure what the recovery will have to restore); default ``model`` itself.
     Returns:
         ``{group: (width,) float64 scores}``, as :func:`sam_fast.compress.prune_to_widths` takes them.
     """
@@ -58,36 +64,46 @@ def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: 
     num_images = int_arg(num_images, "num_images", 1)
     batch_size = int_arg(batch_size, "batch_size", 1)
     seed = int_arg(seed, "seed")
+    draws = int_arg(draws, "draws", 1)
     enc, _, _ = find_encoder(model)
+    target_enc = enc if teacher is None else find_encoder(teacher)[0]
     x = _encoder_inputs(model, images, num_images)
     params = dict(enc.named_parameters())
     saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
     dev = next(enc.parameters()).device
-    was = enc.training
+    was = enc.training, target_enc.training
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     try:
         enc.eval()
+        target_enc.eval()
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(dev)
             with torch.no_grad():
-                target = enc(xb)
-            if sigma:
-                noise = torch.randn(target.shape, generator=gen).to(target)
-                target = target + sigma * target.std() * noise
-            loss = (enc(xb) - target).pow(2).mean()
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (n, p), g in zip(params.items(), grads):
-                if g is not None:
-                    acc[n] += (p.detach().double() * g.double()).abs()
+                target = target_enc(xb.to(next(target_enc.parameters()).device)).to(dev)
+            scale = sigma * target.std()
+            for _ in range(draws if sigma else 1):
+                disturbed = target
+                if sigma:
+                    disturbed = target + scale * torch.randn(target.shape, generator=gen).to(target)
+                out = enc(xb)
+                if out.shape != target.shape:
+                    raise ValueError(f"teacher: its embedding is {tuple(target.shape)}, the model's "
+                                     f"{tuple(out.shape)}")
+                loss = (out - disturbed).pow(2).mean()
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for (n, p), g in zip(params.items(), grads):
+                    if g is not None:
+                        acc[n] += (p.detach().double() * g.double()).abs()
     finally:
         for n, p in params.items():
             p.requires_grad_(saved[n][0])
             p.grad = saved[n][1]
-        enc.train(was)
+        enc.train(was[0])
+        target_enc.train(was[1])
     return group_totals(acc, model)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._args import int_arg
-from ..models.vit import build_image_encoder, encoder_geometry
+from ..models.vit import EncoderGeometry, build_image_encoder, encoder_geometry
 from ..surgery import find_encoder
 
 Group = Tuple  # ("embed",) | ("head_dim", block) | ("mlp", block)
@@ -57,6 +57,14 @@ def _blocks(encoder: nn.Module) -> List[nn.Module]:
         raise TypeError(f"model must be a segment_anything Sam or ImageEncoderViT (blocks, patch_embed, neck), got "
                         f"{type(encoder).__name__}")
     return list(blocks)
+
+
+def geometry(encoder: nn.Module, state: Optional[Mapping[str, torch.Tensor]] = None) -> EncoderGeometry:
+    """The geometry of ``encoder`` (a segment_anything ``ImageEncoderViT``, pruned or not), read from ``state``
+    (default: its own state_dict) with its head count when it has no rel-pos tables to read it from."""
+    attn = next((b.attn for b in _blocks(encoder) if getattr(b, "attn", None) is not None), None)
+    heads = None if attn is None or getattr(attn, "use_rel_pos", False) else int(attn.num_heads)
+    return encoder_geometry(encoder.state_dict() if state is None else state, prefix="", num_heads=heads)
 
 
 def channel_groups(model: nn.Module) -> Dict[Group, Tuple[int, List[Slice]]]:
@@ -131,6 +139,22 @@ def _per_block(value, name: str, depth: int, blocks_with, full: Sequence[int]) -
     return {i: int_arg(value, name, 1, full[i]) for i in blocks_with}
 
 
+def target_widths(model: nn.Module, *, embed: Optional[int] = None, head_dim: Union[int, Sequence[int], None] = None,
+                  mlp: Union[int, Sequence[int], None] = None) -> Dict[Group, int]:
+    """Per group of ``model``'s encoder, the width :func:`prune_to_widths` would keep for these arguments; a width
+    outside [1, the current width], or a list of the wrong length, is a ValueError naming it (nothing is pruned)."""
+    groups = channel_groups(model)
+    depth = max(g[1] for g in groups if g[0] == "mlp") + 1
+    attn_blocks = [i for i in range(depth) if ("head_dim", i) in groups]
+    want: Dict[Group, int] = {("embed",): groups[("embed",)][0] if embed is None
+                              else int_arg(embed, "embed", 1, groups[("embed",)][0])}
+    full_d = [groups[("head_dim", i)][0] if ("head_dim", i) in groups else 0 for i in range(depth)]
+    full_m = [groups[("mlp", i)][0] for i in range(depth)]
+    want.update({("head_dim", i): w for i, w in _per_block(head_dim, "head_dim", depth, attn_blocks, full_d).items()})
+    want.update({("mlp", i): w for i, w in _per_block(mlp, "mlp", depth, range(depth), full_m).items()})
+    return want
+
+
 def prune_to_widths(model: nn.Module, *, embed: Optional[int] = None,
                     head_dim: Union[int, Sequence[int], None] = None, mlp: Union[int, Sequence[int], None] = None,
                     scores: Optional[Mapping[Group, torch.Tensor]] = None) -> nn.Module:
@@ -139,16 +163,8 @@ def prune_to_widths(model: nn.Module, *, embed: Optional[int] = None,
     block; None keeps the width), chosen by ``scores`` (per group, as :func:`channel_groups` names them; default
     :func:`magnitude_scores`). Widths must lie in [1, the current width]; the model is not modified."""
     enc, _, _ = find_encoder(model)
-    blocks = _blocks(enc)
     groups = channel_groups(model)
-    depth = len(blocks)
-    attn_blocks = [i for i in range(depth) if ("head_dim", i) in groups]
-    want: Dict[Group, int] = {("embed",): groups[("embed",)][0] if embed is None
-                              else int_arg(embed, "embed", 1, groups[("embed",)][0])}
-    full_d = [groups[("head_dim", i)][0] if ("head_dim", i) in groups else 0 for i in range(depth)]
-    full_m = [groups[("mlp", i)][0] for i in range(depth)]
-    want.update({("head_dim", i): w for i, w in _per_block(head_dim, "head_dim", depth, attn_blocks, full_d).items()})
-    want.update({("mlp", i): w for i, w in _per_block(mlp, "mlp", depth, range(depth), full_m).items()})
+    want = target_widths(model, embed=embed, head_dim=head_dim, mlp=mlp)
     if scores is None:
         scores = magnitude_scores(model)
     keep: Dict[Group, torch.Tensor] = {}
@@ -166,9 +182,7 @@ def prune_to_widths(model: nn.Module, *, embed: Optional[int] = None,
         for s in slices:
             t = state[s.param]
             state[s.param] = t.index_select(s.dim, s.indices(keep[group]).to(t.device)).contiguous()
-    first = blocks[attn_blocks[0]].attn if attn_blocks else None
-    heads = None if first is None or getattr(first, "use_rel_pos", False) else int(first.num_heads)
-    new_enc = build_image_encoder(encoder_geometry(state, prefix="", num_heads=heads))
+    new_enc = build_image_encoder(geometry(enc, state))
     missing, unexpected = new_enc.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"the pruned encoder does not take its weights: missing {missing[:3]}, unexpected "

@@ -88,10 +88,12 @@ def _ips(encoder: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def evaluate(student: nn.Module, teacher: nn.Module, images, *, prompts: Sequence[str] = PROMPT_KINDS,
-             prompts_per_image: int = 8, seed: int = 0, device=None, progress: bool = True) -> EvalResult:
+             prompts_per_image: int = 8, seed: int = 0, device=None, progress: bool = True,
+             timing: bool = True) -> EvalResult:
     """Score ``student`` against ``teacher`` (both segment_anything ``Sam``) on ``images`` (a folder, a list of
     paths, or HxWx3 uint8 arrays): mask mIoU for ``prompts`` (``"points"``, ``"boxes"`` or both), embedding
-    SQNR and encoder images/s (module docstring). Both models are used in eval mode and left as they were."""
+    SQNR and encoder images/s (module docstring; ``timing=False`` skips the timing, the speeds are then NaN).
+    Both models are used in eval mode and left as they were."""
     from tqdm import tqdm
 
     if isinstance(prompts, str):
@@ -134,8 +136,8 @@ def evaluate(student: nn.Module, teacher: nn.Module, images, *, prompts: Sequenc
                 s_low, s_iou = decode(student, s_emb, p)
                 ious[kind].append(mask_iou(best_masks(s_low, s_iou), best_masks(t_low, t_iou), hw, img_size).cpu())
         sqnr = ratio_db(signal, noise)
-        teacher_ips = _ips(t_enc, inputs)
-        student_ips = _ips(s_enc, inputs)
+        teacher_ips = _ips(t_enc, inputs) if timing else math.nan
+        student_ips = _ips(s_enc, inputs) if timing else math.nan
     finally:
         teacher.train(modes[0])
         student.train(modes[1])
