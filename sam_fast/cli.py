@@ -9,6 +9,8 @@
                      --images DIR --out DIR [--method dld|embedding|full_stage] [--steps N] [--decoder-steps N]
                      [--batch-size N] [--lr LR] [--no-resume] ...
     sam-fast distill-eval --teacher CKPT --student CKPT --images DIR [--prompts points,boxes] [--out DIR]
+    sam-fast prune --checkpoint CKPT --images DIR --out DIR [--ratio R [--mode uniform|global] | --widths W]
+                   [--drop-attention K] [--importance disturbed_taylor|magnitude] [--eval-images N|DIR] [--resume]
     sam-fast segment-dataset SRC --out DST --checkpoint CKPT [--shard RANK/WORLD | --ray-address ADDR]
                      [--num-gpus N | --num-workers N] [--shard-size 64] [--boxes PROMPTS.json] ...
 
@@ -40,6 +42,12 @@ included), ``OUT/train_log.csv`` and checkpoints; rerunning the same command res
 ``torchrun --nproc_per_node N sam-fast distill ...`` it trains on N processes (DistributedDataParallel).
 ``distill-eval`` prints the student's mask mIoU against the teacher, embedding SQNR and encoder speed
 (:func:`sam_fast.distill.evaluate`) and writes ``OUT/eval.json`` and ``OUT/eval.png``.
+
+``prune`` compresses a checkpoint's image encoder in stages (:func:`sam_fast.compress.prune`): the attention of
+``--drop-attention`` blocks, the embedding width, then head dims and MLP widths (``--ratio`` or ``--widths``), each
+recovered by distillation and written to ``OUT/<stage>/pruned.pth``; it prints the report (parameters, MACs, SQNR
+and point / box mIoU against the original before and after each recovery, wall time). ``--resume`` continues an
+interrupted run in ``OUT``.
 
 ``segment-dataset`` segments every image of a folder (recursively) into per-shard COCO JSON files in ``DST``
 (:mod:`sam_fast.segment_dataset`): with ``--shard RANK/WORLD`` this process takes its exact part of the shards (for
@@ -393,8 +401,10 @@ def _inspect(args) -> int:
                            if any(not b.has_attention for b in geom.blocks) else
                            "per-block pruned SAM ViT (SlimSAM-style)" if not geom.uniform
                            else "SAM ViT (custom widths)")
+        from sam_fast.compress import encoder_macs
+
         print(f"family: {family}, input {geom.img_size} x {geom.img_size}, patch {geom.patch_size}, "
-              f"embed {geom.embed_dim}, {len(geom.blocks)} blocks")
+              f"embed {geom.embed_dim}, {len(geom.blocks)} blocks, {encoder_macs(sam) / 1e9:.4g} GMACs per image")
         print(f"{'block':>5} {'attention':>16} {'heads':>5} {'head dim':>8} {'MLP':>6}")
         for n, b in enumerate(geom.blocks):
             kind = ("none (DC-ViT)" if not b.has_attention else
@@ -448,6 +458,11 @@ def _parse_widths(text: str) -> dict:
     return out
 
 
+def _eval_images(text: str):
+    """``--eval-images``: a count of the training images, or a folder of held-out ones."""
+    return int(text) if text.isascii() and text.isdigit() else text
+
+
 def _prune(args) -> int:
     import warnings
 
@@ -455,8 +470,10 @@ def _prune(args) -> int:
     from sam_fast.distill import DistillConfig
 
     try:
-        if (args.ratio is None) == (args.widths is None):
-            raise ValueError("give --ratio or --widths (one of them)")
+        if args.ratio is not None and args.widths is not None:
+            raise ValueError("give --ratio or --widths, not both")
+        if args.ratio is None and args.widths is None and not args.drop_attention:
+            raise ValueError("nothing to compress: give --ratio, --widths or --drop-attention")
         widths = None if args.widths is None else _parse_widths(args.widths)
         recover = DistillConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                 seed=args.seed)
@@ -472,8 +489,10 @@ def _prune(args) -> int:
         warnings.simplefilter("always")
         try:
             result = prune(model, args.images, out_dir=args.out, ratio=args.ratio, widths=widths, mode=args.mode,
-                           importance=args.importance, num_images=args.num_images, recover=recover,
-                           device=args.device, progress=not args.no_progress)
+                           importance=args.importance, drop_attention=args.drop_attention,
+                           num_images=args.num_images, draws=args.draws, recover=recover,
+                           eval_images=_eval_images(args.eval_images), resume=args.resume, device=args.device,
+                           progress=not args.no_progress)
         except (ValueError, TypeError, OSError) as exc:
             print(f"sam-fast prune: {exc}", file=sys.stderr)
             return 2
@@ -692,7 +711,14 @@ def main(argv=None) -> int:
     r.add_argument("--mode", default="uniform", choices=("uniform", "global"), help="one width per kind (default) "
                                                                                   "or ranked across blocks")
     r.add_argument("--importance", default="disturbed_taylor", choices=("disturbed_taylor", "magnitude"))
+    r.add_argument("--drop-attention", type=int, default=0, metavar="K",
+                   help="first remove the attention of the K blocks that need it least (DC-ViT; default 0)")
     r.add_argument("--num-images", type=int, default=64, help="images for the importance scores (default 64)")
+    r.add_argument("--draws", type=int, default=1, help="noise draws per image for disturbed Taylor (default 1)")
+    r.add_argument("--eval-images", default="4", help="the report's images: N of --images (default 4), or a "
+                                                      "folder of held-out images")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out (without it, an --out that "
+                                                         "holds a run is refused)")
     r.add_argument("--method", default="dld", choices=("dld", "embedding", "full_stage"), help="recovery")
     r.add_argument("--steps", type=int, default=None, help="recovery steps per stage (default 1000)")
     r.add_argument("--batch-size", type=int, default=8, help="recovery images per step (default 8)")
