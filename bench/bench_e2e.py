@@ -15,11 +15,14 @@ Backends per encoder (same weights, same input batch, one run):
   ``sam_fast_int8`` its W8A8 swap.
 
 ``sqnr_db`` is each output's SQNR against the bf16 segment_anything embedding. On the GPU the encoders
-are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning) and MobileSAM's TinyViT, with
+are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning), two that ``sam_fast.compress.prune``
+makes from ViT-B (``vit_b_global_50``: ratio 0.5 in global mode, per-block head dims and MLP widths, here
+ranked by weight magnitude on random weights; ``slimsam_50_dc2``: SlimSAM-50's widths with the attention of
+blocks 0 and 1 removed, as ``drop_attention=2`` might choose) and MobileSAM's TinyViT, with
 random weights (no checkpoint can be downloaded here, so the SQNR figures describe random weights, not
-a trained SAM), batch 8 (1 with
---quick); on a CPU the CPU backends run a small encoder and a small per-block pruned one, or with ``--models``
-the released geometries at 1024 px, one image at a time (``--dtypes float32,bfloat16``; int8 calibrated on 2
+a trained SAM), batch 8 (1 with --quick). On a CPU the CPU backends run a small encoder, a small per-block
+pruned one and that one with one block's attention removed, or with ``--models`` the released (and the two
+pruned) geometries at 1024 px, one image at a time (``--dtypes float32,bfloat16``; int8 calibrated on 2
 photos), with ``sdpa_bias`` (the same SDPA-with-mask attention, not compiled) as a further peer. On a CPU,
 ``quantize="int8"`` keeps linears with fewer than 256 input channels in float (all of SlimSAM-77's, TinyViT's
 first stages): the ``calibration:`` note counts them.
@@ -92,14 +95,46 @@ class _SdpaBias:
             del a.forward  # back to the class's forward
 
 
+#: geometries sam_fast.compress.prune makes from ViT-B (module docstring)
+PRUNED_MODELS = ("vit_b_global_50", "slimsam_50_dc2")
+
+
+def _without_attention(geom, blocks):
+    """``geom`` with the attention of ``blocks`` removed (DC-ViT's MLP-only blocks)."""
+    import dataclasses
+
+    from sam_fast.models import BlockGeometry
+
+    return dataclasses.replace(geom, blocks=tuple(BlockGeometry(0, 0, b.mlp_dim, 0) if i in blocks else b
+                                                  for i, b in enumerate(geom.blocks)))
+
+
+def _pruned_geometry(name):
+    from sam_fast.models.vit import slimsam_uniform_geometry
+
+    if name == "slimsam_50_dc2":
+        return _without_attention(slimsam_uniform_geometry("slimsam_50"), (0, 1))
+    if name == "vit_b_global_50":  # what prune(ratio=0.5, mode="global") plans, on random ViT-B weights
+        from sam_fast.compress import plan_widths, prune_to_widths
+        from sam_fast.compress.prune import geometry
+        from sam_fast.models import build_image_encoder, released_geometry
+
+        torch.manual_seed(0)
+        vit_b = build_image_encoder(released_geometry("vit_b"))
+        return geometry(prune_to_widths(vit_b, **plan_widths(vit_b, 0.5, "global")))
+    raise ValueError(f"unknown pruned geometry {name!r}")
+
+
 def _encoders(gpu: bool, wanted=()):
     """(name, encoder) pairs, built one at a time; with ``wanted`` only those names are built."""
     from sam_fast.models import BlockGeometry, EncoderGeometry, build_image_encoder, released_geometry
 
     released = ("vit_h", "vit_b", "slimsam_77", "slimsam_50")
-    if not gpu and wanted and all(w in released + ("vit_t",) for w in wanted):
-        # the released geometries on the CPU (--models): 1024 px, B=1; MobileSAM's TinyViT for vit_t
-        geoms = [(name, released_geometry(name)) for name in released]
+    every = released + PRUNED_MODELS
+    if not gpu and wanted and all(w in every + ("vit_t",) for w in wanted):
+        # the released and pruned geometries on the CPU (--models): 1024 px, B=1; MobileSAM's TinyViT for vit_t
+        geoms = [(name, released_geometry(name) if name in released else _pruned_geometry(name))
+                 for name in every if name in wanted]
         tinyvit = {}
     elif not gpu:
         from sam_fast.models import tiny_image_encoder
@@ -110,13 +145,14 @@ def _encoders(gpu: bool, wanted=()):
         pruned = EncoderGeometry(img_size=256, patch_size=16, embed_dim=84, out_chans=64, blocks=(
             BlockGeometry(6, 14, 300, 4), BlockGeometry(4, 14, 240, 0), BlockGeometry(2, 32, 200, 4),
             BlockGeometry(6, 14, 160, 0)))
-        geoms = [("tiny-pruned-256", pruned)]
+        geoms = [("tiny-pruned-256", pruned), ("tiny-pruned-dc-256", _without_attention(pruned, (1,)))]
         tinyvit = dict(img_size=256, embed_dims=(32, 64, 80, 160), depths=(1, 2, 2, 1), num_heads=(1, 2, 5, 5),
                        window_sizes=(7, 7, 7, 7))
     else:
         # random weights at the released geometries: SAM ViT-B / ViT-H and SlimSAM's uniform 50% / 77%
         # (head dim 32 / 14; SlimSAM-77's 4096-token global attention at head dim 14 is its hot spot)
-        geoms = [(name, released_geometry(name)) for name in released]
+        geoms = [(name, released_geometry(name) if name in released else _pruned_geometry(name))
+                 for name in every if not wanted or name in wanted]
         tinyvit = {}  # MobileSAM's / TinySAM's TinyViT-5M
     gen = torch.Generator().manual_seed(0)
     for name, geom in geoms:
@@ -177,13 +213,14 @@ def _interleaved_cpu_rows(enc, x, configs, cal, prov, name, batch, dtype, rounds
 
 # What the performance targets read (tools/targets.py): ViT-H at batch 8, W8A8 + fused attention against
 # fused attention alone (segment_anything's encoder beside them for the SQNR reference).
+# The targets run also times the pruned geometries (no target reads them yet: their GPU figures for the record).
 TARGET_MODELS = ("vit_h",)
 TARGET_BACKENDS = (BASELINE, "sam_fast_exact", "sam_fast_exact_int8")
 
 
 def planned_rows(targets=True):
     """The (op, case, backend, mode) rows a GPU run of the ViT encoders writes, without running it."""
-    models = TARGET_MODELS if targets else ("vit_h", "vit_b", "slimsam_77", "slimsam_50")
+    models = (TARGET_MODELS if targets else ("vit_h", "vit_b", "slimsam_77", "slimsam_50")) + PRUNED_MODELS
     return [dict(op="image_encoder", case=f"{name} B=8 bfloat16", backend=backend, mode="fwd")
             for name in models for backend in TARGET_BACKENDS]
 
@@ -203,7 +240,8 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
         if d not in names:
             raise ValueError(f"--dtypes: {d!r} is not one of {sorted(names)}")
     dtype_list = [names[d] for d in wanted_dtypes] or [torch.bfloat16 if gpu else torch.float32]
-    wanted = [m.strip() for m in models.split(",") if m.strip()] or (list(TARGET_MODELS) if targets else [])
+    wanted = [m.strip() for m in models.split(",") if m.strip()] or (list(TARGET_MODELS + PRUNED_MODELS) if targets
+                                                                      else [])
     full_cpu = not gpu and bool(wanted)  # released geometries on the CPU: one 1024 px image at a time
     batch = (1 if quick else 8) if gpu else (1 if full_cpu else 2)
     rows = LiveRows(out_dir, SCRIPT, ["sqnr_db"])
