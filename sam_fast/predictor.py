@@ -160,14 +160,17 @@ class SamFastPredictor(SamPredictor):
             if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != coords.shape[:1]:
                 raise ValueError(f"point_coords must be (N, 2) with point_labels (N,), got {coords.shape} and "
                                  f"{labels.shape}")
-            point_labels = labels
-        if box is not None and np.asarray(box).shape not in ((4,), (1, 4)):
-            raise ValueError(f"box must be (4,) XYXY, got {np.asarray(box).shape}")
+            point_coords, point_labels = coords, labels  # (lists and tuples too: segment_anything wants arrays)
+        if box is not None:
+            box = np.asarray(box)
+            if box.shape not in ((4,), (1, 4)):
+                raise ValueError(f"box must be (4,) XYXY, got {box.shape}")
         if mask_input is not None:
             side = tuple(4 * s for s in self.model.prompt_encoder.image_embedding_size)
-            if np.asarray(mask_input).shape != (1,) + side:
+            mask_input = np.asarray(mask_input)
+            if mask_input.shape != (1,) + side:
                 raise ValueError(f"mask_input must be (1, {side[0]}, {side[1]}) low-res logits, got "
-                                 f"{np.asarray(mask_input).shape}")
+                                 f"{mask_input.shape}")
         return super().predict(point_coords, point_labels, box, mask_input, multimask_output, return_logits)
 
     @torch.no_grad()

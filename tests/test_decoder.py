@@ -187,6 +187,23 @@ def test_predictor_matches_sam_predictor(sam, photo, multimask):
     assert ("mask_postprocess", "cpu") in rec.calls
 
 
+def test_predictor_takes_prompts_as_lists(sam):
+    """Prompts as plain lists (segment_anything's SamPredictor needs numpy arrays) give what arrays give."""
+    image = _photo("astronaut")
+    fast = SamFastPredictor(sam)
+    fast.set_image(image)
+    for lists, arrays in [
+            (dict(point_coords=[[100, 200], [300, 50]], point_labels=[1, 0]),
+             dict(point_coords=np.array([[100.0, 200.0], [300.0, 50.0]]), point_labels=np.array([1, 0]))),
+            (dict(box=[10, 20, 400, 300]), dict(box=np.array([10, 20, 400, 300])))]:
+        got, want = fast.predict(**lists), fast.predict(**arrays)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    low = fast.predict(box=[10, 20, 400, 300])[2][:1]
+    np.testing.assert_array_equal(fast.predict(box=[10, 20, 400, 300], mask_input=low.tolist())[2],
+                                  fast.predict(box=[10, 20, 400, 300], mask_input=low)[2])
+
+
 def test_predictor_sees_the_model_as_it_is_at_call_time():
     """Replacing sam.mask_decoder after the predictor was made: segment_anything's predictor uses the new
     decoder, and so must ours (it used the one captured at construction)."""
