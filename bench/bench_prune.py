@@ -3,7 +3,8 @@
 A user prunes on their own machine, so this runs on the CPU, on a tiny SAM (tiny_sam: 256 px, width 64, 4 blocks)
 and scikit-image's photos (8 to score and recover on, 6 others held out for the report). Per importance
 (``disturbed_taylor`` - 4 noise draws per image - and ``magnitude``, the baseline), one run of
-``prune(ratio=0.5, drop_attention=1)``, recovery by DLD distillation (16 steps of 2 images; 4 with --quick):
+``prune(ratio=0.5, drop_attention=1)``, recovery by DLD distillation (16 steps of 2 images; --quick: 2 steps, 4 + 2
+photos, one noise draw):
 
 * op ``prune``, mode = the stage (``attention``, ``embed``, ``bottleneck``): ``median_ms`` is the stage's wall time
   (scoring, pruning and recovery; the report's ``seconds``), ``value`` its embedding SQNR (dB) on the held-out
@@ -49,12 +50,12 @@ def teacher(seed: int, lazy: float = 0.0):
     return sam
 
 
-def _prune(model, train, held, out_dir, importance, steps, **kw):
+def _prune(model, train, held, out_dir, importance, steps, draws=4, **kw):
     from sam_fast.compress import prune
     from sam_fast.distill import DistillConfig
 
     recover = DistillConfig(method="dld", steps=steps, batch_size=2, cache_batch_size=2, prompts_per_image=1)
-    return prune(model, train, out_dir=out_dir, ratio=0.5, importance=importance, num_images=len(train), draws=4,
+    return prune(model, train, out_dir=out_dir, ratio=0.5, importance=importance, num_images=len(train), draws=draws,
                  recover=recover, eval_images=held, device="cpu", progress=False, **kw)
 
 
@@ -109,13 +110,14 @@ def run(out_dir: str, quick: bool = False):
     os.makedirs(out_dir, exist_ok=True)
     prov = provenance(torch.device("cpu"))
     rows = LiveRows(out_dir, SCRIPT, EXTRA_COLUMNS)
-    steps = 4 if quick else 16
+    steps = 2 if quick else 16
     with tempfile.TemporaryDirectory() as tmp:
-        train = write_photos(os.path.join(tmp, "train"), TRAIN)
-        held = write_photos(os.path.join(tmp, "held"), HELD)
+        train = write_photos(os.path.join(tmp, "train"), TRAIN[:4] if quick else TRAIN)
+        held = write_photos(os.path.join(tmp, "held"), HELD[:2] if quick else HELD)
         case = f"tiny-256 ratio 0.5 + 1 attention block, {steps} steps"
         for imp in progress(IMPORTANCES, "prune (stages)"):
-            res = _prune(teacher(0), train, held, os.path.join(tmp, imp), imp, steps, drop_attention=1)
+            res = _prune(teacher(0), train, held, os.path.join(tmp, imp), imp, steps, draws=1 if quick else 4,
+                         drop_attention=1)
             for st in res.stages:
                 rows.append(dict(prov, op="prune", case=case, backend=imp, mode=st["stage"], metric="sqnr_db",
                                  median_ms=st["seconds"] * 1e3, value=st["recovered"]["sqnr_db"],
