@@ -159,6 +159,10 @@ def test_disturbed_taylor_scores_are_zero_without_the_disturbance_and_informativ
             taylor_scores(enc, x, **kwargs)
     with pytest.raises(ValueError, match="images as a tensor must be \\(N, 3, S, S\\)"):
         taylor_scores(enc, x[0])
+    with pytest.raises(TypeError, match="teacher: model must be a segment_anything Sam"):
+        taylor_scores(enc, x, teacher=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="teacher: its encoder takes 256-pixel images, the model's 128"):
+        taylor_scores(enc, x, teacher=tiny_sam())
 
 
 def test_drop_attention_removes_the_least_needed_blocks_and_loads_as_dc_vit(tmp_path):
@@ -337,6 +341,7 @@ def test_prune_runs_every_stage_with_recovery_reports_it_and_resumes(tmp_path, c
             (teacher, images, dict(ratio=1.5), ValueError, "ratio must be a number <= 1"),
             (teacher, images, dict(widths={"mlp": 300}), ValueError, "mlp must be an int <= 256, got 300"),
             (teacher, images, dict(widths={"depth": 3}), ValueError, "widths must be a dict with keys among"),
+            (teacher, images, dict(widths={"embed": 64, "mlp": 256}), ValueError, "nothing to compress: widths"),
             (teacher, images, dict(drop_attention=4), ValueError, "at least one must keep its attention"),
             (teacher, images, dict(ratio=0.5, importance="l1"), ValueError, "importance must be one of"),
             (teacher, images, dict(ratio=0.5, recover={"steps": 2}), TypeError, "recover must be a"),
@@ -346,6 +351,8 @@ def test_prune_runs_every_stage_with_recovery_reports_it_and_resumes(tmp_path, c
         with pytest.raises(error, match=match):
             prune(model, imgs, out_dir=fresh, **args)
     assert not fresh.exists()  # refused before any work
+    with pytest.raises(TypeError, match="out_dir must be a path, got int"):
+        prune(teacher, images, out_dir=7, ratio=0.5)
 
 
 def test_an_interrupted_stage_resumes_its_recovery(tmp_path, monkeypatch):

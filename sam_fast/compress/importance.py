@@ -66,7 +66,15 @@ def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: 
     seed = int_arg(seed, "seed")
     draws = int_arg(draws, "draws", 1)
     enc, _, _ = find_encoder(model)
-    target_enc = enc if teacher is None else find_encoder(teacher)[0]
+    target_enc = enc
+    if teacher is not None:
+        try:
+            target_enc = find_encoder(teacher)[0]
+        except TypeError as exc:
+            raise TypeError(f"teacher: {exc}") from None
+        if int(getattr(target_enc, "img_size", 0)) != int(enc.img_size):
+            raise ValueError(f"teacher: its encoder takes {getattr(target_enc, 'img_size', '?')}-pixel images, the "
+                             f"model's {enc.img_size}")
     x = _encoder_inputs(model, images, num_images)
     params = dict(enc.named_parameters())
     saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}

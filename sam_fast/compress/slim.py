@@ -128,6 +128,9 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
             holds one.
         device, progress: handed to each stage's :func:`sam_fast.distill.distill`.
     """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.fspath(out_dir)
     if ratio is not None and widths is not None:
         raise ValueError("give ratio or widths, not both")
     if mode not in MODES:
@@ -180,7 +183,8 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
     elif target_widths(model, head_dim=target.get("head_dim"), mlp=target.get("mlp")) != full:
         stages.append("bottleneck")
 
-    out_dir = os.fspath(out_dir)
+    if not stages:
+        raise ValueError(f"nothing to compress: widths {widths!r} are the model's own")
     os.makedirs(out_dir, exist_ok=True)
     _settings_guard(out_dir, {"ratio": ratio, "widths": widths, "mode": mode, "importance": importance,
                               "drop_attention": drop_attention, "sigma": sigma, "num_images": num_images,
