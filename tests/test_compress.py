@@ -16,17 +16,17 @@ def _image(size, seed=0):
 
 
 def test_pruned_widths_reach_every_tensor_and_load_back(tmp_path):
-    """A tiny Sam pruned to embed 40, head dim 24 / 8 per block and MLP 100: every encoder tensor has exactly those
-    widths, the decoder is untouched (copied), the original is unchanged, and the checkpoint save_sam writes loads
-    back through load_sam("auto") as the same model, which apply() runs with the same embedding."""
+    """A tiny Sam pruned to embed 40, head dims 14 / 8 / 24 / 32 (kept) and MLP 100: every encoder tensor has exactly
+    those widths, the decoder is untouched (copied), the original is unchanged, and the checkpoint save_sam writes
+    loads back through load_sam("auto") as the same model, which apply() runs with the same embedding."""
     sam = tiny_sam().eval()
     before = {k: v.clone() for k, v in sam.state_dict().items()}
-    pruned = prune_to_widths(sam, embed=40, head_dim=[24, 8, 24, 8], mlp=100).eval()
+    pruned = prune_to_widths(sam, embed=40, head_dim=[14, 8, 24, 32], mlp=100).eval()
     enc = pruned.image_encoder
     assert enc.patch_embed.proj.weight.shape[0] == 40 and enc.pos_embed.shape[-1] == 40
     assert enc.neck[0].weight.shape[1] == 40
     for i, blk in enumerate(enc.blocks):
-        D = (24, 8, 24, 8)[i]
+        D = (14, 8, 24, 32)[i]
         heads = blk.attn.num_heads
         assert blk.norm1.weight.shape == blk.norm2.weight.shape == (40,)
         assert blk.attn.qkv.weight.shape == (3 * heads * D, 40) and blk.attn.proj.weight.shape == (40, heads * D)
