@@ -124,7 +124,7 @@ def test_bad_widths_and_models_are_refused_by_name():
         prune_to_widths(torch.nn.Linear(3, 3), embed=2)
 
 
-def test_disturbed_taylor_scores_are_zero_without_the_disturbance_and_informative_with_it(tmp_path):
+def test_disturbed_taylor_scores_are_zero_without_the_disturbance_and_informative_with_it(tmp_path, capsys):
     """At the start the student is the teacher: without noise the distillation loss, its gradients and so every
     Taylor score are exactly zero; with SlimSAM's disturbance every group gets scores, the same for the same seed.
     Image files and preprocessed tensors both work, and the model's weights, requires_grad and grads are kept."""
@@ -141,7 +141,8 @@ def test_disturbed_taylor_scores_are_zero_without_the_disturbance_and_informativ
     assert set(plain) == set(channel_groups(enc)) and all(float(s.abs().max()) == 0 for s in plain.values())
     disturbed = taylor_scores(enc, x, sigma=0.05, batch_size=2, seed=1)
     assert all(float(s.min()) >= 0 and float(s.max()) > 0 for s in disturbed.values())
-    again = taylor_scores(enc, x, sigma=0.05, batch_size=2, seed=1)
+    assert "channel importance" in capsys.readouterr().err  # the progress bar
+    again = taylor_scores(enc, x, sigma=0.05, batch_size=2, seed=1, progress=False)
     assert all(torch.equal(disturbed[g], again[g]) for g in disturbed)
     assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items())
     assert not enc.blocks[0].mlp.lin1.weight.requires_grad and enc.blocks[0].mlp.lin1.weight.grad is None

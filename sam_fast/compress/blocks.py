@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .._args import int_arg
 from ..metrics import sqnr_db
@@ -32,11 +33,12 @@ def _without_attention(block: nn.Module) -> MlpBlock:
     return mlp.to(device=param.device, dtype=param.dtype)
 
 
-def attention_removal_sqnr(model: nn.Module, images, *, num_images: int = 8,
-                           batch_size: int = 4) -> Dict[int, float]:
+def attention_removal_sqnr(model: nn.Module, images, *, num_images: int = 8, batch_size: int = 4,
+                           progress: bool = True) -> Dict[int, float]:
     """For every block of ``model``'s encoder that has attention: the embedding SQNR (dB) against the original
     when that block alone computes ``x + mlp(norm2(x))``, on ``num_images`` images (files, a folder, or encoder
-    inputs). Higher: the block's attention matters less. The model is not modified."""
+    inputs). Higher: the block's attention matters less. The model is not modified. ``progress``: a bar over the
+    blocks."""
     num_images = int_arg(num_images, "num_images", 1)
     batch_size = int_arg(batch_size, "batch_size", 1)
     enc, _, _ = find_encoder(model)
@@ -49,7 +51,8 @@ def attention_removal_sqnr(model: nn.Module, images, *, num_images: int = 8,
         with torch.no_grad():
             batches = [x[i:i + batch_size].to(dev) for i in range(0, x.shape[0], batch_size)]
             ref = torch.cat([enc(b) for b in batches])
-            for i, block in enumerate(enc.blocks):
+            for i, block in enumerate(tqdm(enc.blocks, desc="attention removal", unit="block",
+                                           disable=not progress)):
                 if getattr(block, "attn", None) is None:
                     continue
                 enc.blocks[i] = _without_attention(block)
@@ -72,7 +75,8 @@ def drop_attention(model: nn.Module, images, *, blocks: int, num_images: int = 8
     With ``out_dir`` the copy is then recovered by distilling ``model`` into it on ``images`` (image files):
     :func:`sam_fast.distill.distill` with ``recover`` (a ``DistillConfig``; default ``method="dld"``, block by
     block: the compressed blocks learn to stand in for the attention they lost), ``device`` and ``progress``; the
-    run (resumable) and ``compressed.pth`` (a :func:`sam_fast.save_sam` checkpoint) go to ``out_dir``."""
+    run (resumable) and ``compressed.pth`` (a :func:`sam_fast.save_sam` checkpoint) go to ``out_dir``. ``progress``
+    shows bars for the measurement and the recovery."""
     from ..distill import DistillConfig, distill
 
     enc, _, _ = find_encoder(model)
@@ -89,7 +93,7 @@ def drop_attention(model: nn.Module, images, *, blocks: int, num_images: int = 8
             raise TypeError("images: the recovery (out_dir) reads image files; give a folder or a list of paths")
     elif recover is not None:
         raise ValueError("recover applies with out_dir (where the recovery's run and checkpoint go)")
-    scores = attention_removal_sqnr(model, images, num_images=num_images, batch_size=batch_size)
+    scores = attention_removal_sqnr(model, images, num_images=num_images, batch_size=batch_size, progress=progress)
     chosen = sorted(sorted(scores, key=lambda i: -scores[i])[:blocks])
     copied = copy.deepcopy(model)
     new_enc, _, _ = find_encoder(copied)

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .._args import float_arg, int_arg
 from ..surgery import find_encoder
@@ -40,7 +41,8 @@ def _encoder_inputs(model: nn.Module, images, num_images: int) -> torch.Tensor:
 
 
 def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: int = 64, batch_size: int = 4,
-                  seed: int = 0, draws: int = 1, teacher: Optional[nn.Module] = None) -> Dict[Group, torch.Tensor]:
+                  seed: int = 0, draws: int = 1, teacher: Optional[nn.Module] = None,
+                  progress: bool = True) -> Dict[Group, torch.Tensor]:
     """Disturbed Taylor importance of every channel group of ``model``'s image encoder (see the module docstring).
 
     Args:
@@ -57,6 +59,7 @@ def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: 
         teacher: whose embedding, disturbed, is the target (a ``Sam`` or encoder with ``model``'s embedding shape:
             the original model when ``model`` is already pruned, as in the second stage of alternate slimming, so
             the scores measure what the recovery will have to restore); default ``model`` itself.
+        progress: a progress bar over the images' forward and backward passes.
     Returns:
         ``{group: (width,) float64 scores}``, as :func:`sam_fast.compress.prune_to_widths` takes them.
     """
@@ -88,6 +91,8 @@ def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: 
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
+        bar = tqdm(total=x.shape[0] * (draws if sigma else 1), desc="channel importance", unit="pass",
+                   disable=not progress)
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(dev)
             with torch.no_grad():
@@ -106,6 +111,8 @@ def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: 
                 for (n, p), g in zip(params.items(), grads):
                     if g is not None:
                         acc[n] += (p.detach().double() * g.double()).abs()
+                bar.update(xb.shape[0])
+        bar.close()
     finally:
         for n, p in params.items():
             p.requires_grad_(saved[n][0])

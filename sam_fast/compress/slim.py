@@ -126,7 +126,8 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
         prompts_per_image: prompts per report image, for the point and box mask mIoU.
         resume: continue the run in ``out_dir`` (finished stages are read back); False refuses an ``out_dir`` that
             holds one.
-        device, progress: handed to each stage's :func:`sam_fast.distill.distill`.
+        device: where each stage's :func:`sam_fast.distill.distill` trains.
+        progress: progress bars for the scoring, the attention measurement and each recovery.
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
@@ -194,7 +195,8 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
     def scores(m):
         if importance == "magnitude":
             return magnitude_scores(m)
-        return taylor_scores(m, files, sigma=sigma, num_images=num_images, draws=draws, teacher=model)
+        return taylor_scores(m, files, sigma=sigma, num_images=num_images, draws=draws, teacher=model,
+                             progress=progress)
 
     from ..images import read_rgb
 
@@ -211,7 +213,8 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
             t0 = time.perf_counter()
             row = {"stage": stage}
             if stage == "attention":
-                student, chosen, _ = _drop_attention(current, files, blocks=drop_attention, num_images=num_images)
+                student, chosen, _ = _drop_attention(current, files, blocks=drop_attention, num_images=num_images,
+                                                     progress=progress)
                 row["blocks"] = chosen
             else:
                 s = scores(current)
