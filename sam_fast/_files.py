@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from typing import Callable
@@ -24,3 +25,12 @@ def write_atomic(path: str, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, value, **dump_kwargs) -> None:
+    """``json.dump(value)`` to ``path`` through :func:`write_atomic` (``dump_kwargs``: ``indent``, ``default``...)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, **dump_kwargs)
+
+    write_atomic(path, write)

@@ -66,7 +66,7 @@ import math
 import os
 import sys
 
-from ._files import write_atomic
+from ._files import write_atomic, write_json_atomic
 
 BENCHES = {"attention": "bench_dilated_attention_sam", "dilated": "bench_dilated_attention",
            "relpos": "bench_resize_rel_pos",
@@ -234,7 +234,6 @@ def _plan_outputs(images, out_dir: str, overwrite: bool):
 
 
 def _segment(args) -> int:
-    import json
 
     import numpy as np
     import torch
@@ -336,12 +335,8 @@ def _segment(args) -> int:
         coco = {"images": [{"id": 1, "file_name": os.path.basename(path), "height": H, "width": W}],
                 "annotations": annotations}
 
-        def write_json(tmp, coco=coco):
-            with open(tmp, "w") as f:
-                json.dump(coco, f)
-
         try:
-            write_atomic(json_path, write_json)
+            write_json_atomic(json_path, coco)
             write_atomic(png_path, lambda tmp, o=_overlay(image, masks): Image.fromarray(o).save(tmp, format="PNG"))
         except OSError as exc:
             print(f"sam-fast segment: cannot write {json_path} ({exc.strerror or exc})", file=sys.stderr)
@@ -550,7 +545,6 @@ def _distill(args) -> int:
 
 
 def _distill_eval(args) -> int:
-    import json
 
     from sam_fast.distill import evaluate, plot_results
 
@@ -577,11 +571,7 @@ def _distill_eval(args) -> int:
         return 2
     print(result.table())
     data = dict(result.as_dict(), teacher=os.path.abspath(args.teacher), student=os.path.abspath(args.student))
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-
-    write_atomic(os.path.join(out, "eval.json"), write)
+    write_json_atomic(os.path.join(out, "eval.json"), data, indent=1)
     png = plot_results({os.path.basename(args.student): result}, os.path.join(out, "eval.png"),
                        title=f"{os.path.basename(args.student)} vs {os.path.basename(args.teacher)}")
     print(f"wrote {os.path.join(out, 'eval.json')} and {png}")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._files import write_json_atomic
 from .metrics import ratio_db, sqnr_db
 from .nn.quantized import Int8Linear
 from .ops.int8_linear import int8_linear, quantize_weight
@@ -134,8 +135,7 @@ class Calibration:
         return cls(layers, d["num_images"], d["min_sqnr_db"], d.get("embedding_sqnr_db"))
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, allow_nan=True)
+        write_json_atomic(path, self.to_dict(), indent=1, allow_nan=True)
 
     @classmethod
     def load(cls, path: str) -> "Calibration":

@@ -91,28 +91,27 @@ def taylor_scores(model: nn.Module, images, *, sigma: float = 0.01, num_images: 
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
-        bar = tqdm(total=x.shape[0] * (draws if sigma else 1), desc="channel importance", unit="pass",
-                   disable=not progress)
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(dev)
-            with torch.no_grad():
-                target = target_enc(xb.to(next(target_enc.parameters()).device)).to(dev)
-            scale = sigma * target.std()
-            for _ in range(draws if sigma else 1):
-                disturbed = target
-                if sigma:
-                    disturbed = target + scale * torch.randn(target.shape, generator=gen).to(target)
-                out = enc(xb)
-                if out.shape != target.shape:
-                    raise ValueError(f"teacher: its embedding is {tuple(target.shape)}, the model's "
-                                     f"{tuple(out.shape)}")
-                loss = (out - disturbed).pow(2).mean()
-                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                for (n, p), g in zip(params.items(), grads):
-                    if g is not None:
-                        acc[n] += (p.detach().double() * g.double()).abs()
-                bar.update(xb.shape[0])
-        bar.close()
+        with tqdm(total=x.shape[0] * (draws if sigma else 1), desc="channel importance", unit="pass",
+                  disable=not progress) as bar:
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i:i + batch_size].to(dev)
+                with torch.no_grad():
+                    target = target_enc(xb.to(next(target_enc.parameters()).device)).to(dev)
+                scale = sigma * target.std()
+                for _ in range(draws if sigma else 1):
+                    disturbed = target
+                    if sigma:
+                        disturbed = target + scale * torch.randn(target.shape, generator=gen).to(target)
+                    out = enc(xb)
+                    if out.shape != target.shape:
+                        raise ValueError(f"teacher: its embedding is {tuple(target.shape)}, the model's "
+                                         f"{tuple(out.shape)}")
+                    loss = (out - disturbed).pow(2).mean()
+                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                    for (n, p), g in zip(params.items(), grads):
+                        if g is not None:
+                            acc[n] += (p.detach().double() * g.double()).abs()
+                    bar.update(xb.shape[0])
     finally:
         for n, p in params.items():
             p.requires_grad_(saved[n][0])

@@ -25,10 +25,10 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from .._args import float_arg, int_arg
-from .._files import write_atomic
+from .._files import write_json_atomic
 from ..checkpoint import load_sam, save_sam
 from ..distill import DistillConfig, distill
-from ..images import list_images
+from ..images import list_images, read_rgb
 from .blocks import drop_attention as _drop_attention
 from .importance import taylor_scores
 from .prune import MODES, channel_groups, magnitude_scores, plan_widths, prune_to_widths, target_widths
@@ -77,11 +77,7 @@ class PruneResult:
 
 
 def _write_json(path: str, value) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(value, f, default=repr, indent=1)
-
-    write_atomic(path, write)
+    write_json_atomic(path, value, default=repr, indent=1)
 
 
 def _settings_guard(out_dir: str, settings: dict, resume: bool) -> None:
@@ -197,8 +193,6 @@ def prune(model: nn.Module, images, *, out_dir: str, ratio: Optional[float] = No
             return magnitude_scores(m)
         return taylor_scores(m, files, sigma=sigma, num_images=num_images, draws=draws, teacher=model,
                              progress=progress)
-
-    from ..images import read_rgb
 
     report_arrays = [read_rgb(f) for f in report_files]
     rows, current, dropped = [], model, []
