@@ -52,9 +52,15 @@ TORCH_LIBRARY(sam_fast, m) {
   // After a bias-free GEMM (csrc/cpu/linear_epilogue.cpp): y = act(y + bias) + residual in place, a cache-sized
   // block of rows at a time; activation 'none', 'gelu' (exact) or 'gelu_tanh'; bias (N,), residual shaped like y.
   m.def("linear_epilogue_(Tensor(a!) y, Tensor? bias, str activation, Tensor? residual) -> ()");
-  // The W8A8 path's CPU-only ops (csrc/cpu/int8_linear.cpp; the CPU kernels of sam_fast::quantize_per_token,
-  // ::quantize_static and ::layer_norm_quantize are there too, under the schemas sam_fast/ops/int8_linear.py defines
-  // for every device). int32 acc (M, N) -> ((float(acc) * a_scale) * w_scale) + bias [-> exact GELU] -> out_dtype
+  // The W8A8 quantisations, for every device: CPU kernels in csrc/cpu/int8_linear.cpp, CUDA kernels the Triton
+  // launchers that sam_fast/ops/int8_linear.py registers. Defined here (not by Python's torch.library.custom_op) so
+  // that an AOTInductor package whose graph calls them finds their schemas with this library loaded. x (M, K) float
+  // -> (int8 (M, K), float32 per-row scale (M,)): per-token max|x| / 127, or one calibrated scale (NaN for a row
+  // holding NaN / inf); layer_norm_quantize normalises each row first (float32).
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_static(Tensor x, Tensor scale) -> (Tensor, Tensor)");
+  m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  // The W8A8 path's CPU-only ops (csrc/cpu/int8_linear.cpp). int32 acc (M, N) -> ((float(acc) * a_scale) * w_scale) + bias [-> exact GELU] -> out_dtype
   // (float32, bfloat16, float16, or int8 re-quantised with out_scale); a_scale one value or (M,), w_scale (N,).
   m.def(
       "int8_epilogue(Tensor acc, Tensor a_scale, Tensor w_scale, Tensor? bias, bool gelu, ScalarType out_dtype, "

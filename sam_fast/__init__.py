@@ -17,6 +17,8 @@ Public API:
 * :func:`apply` / :class:`SamFastConfig` (with :class:`Dilated` / :class:`Int8`) - swap the kernels into a
   segment_anything model instance; ``handle.undo()`` restores it.
 * :func:`record_backends` - which backend every op call ran on.
+* :func:`export` - an encoder and / or decoder as an ONNX file or an AOTInductor package
+  (:mod:`sam_fast.exporting`).
 
 Importing sam_fast initialises no CUDA context and queries no GPU.
 """
@@ -50,11 +52,13 @@ _EXPORTS = {
     "load_sam": ".checkpoint",
     "save_sam": ".checkpoint",
     "save_transformers": ".checkpoint",
+    "export": ".exporting",
 }
 
 
-_SUBMODULES = ("checkpoint", "coco", "compress", "cpu_features", "cpu_policy", "distill", "everything", "images",
-               "models", "nn", "pattern", "predictor", "quantize", "reference", "segment_dataset", "testing")
+_SUBMODULES = ("checkpoint", "coco", "compress", "cpu_features", "cpu_policy", "distill", "everything", "exporting",
+               "images", "models", "nn", "onnx_translations", "pattern", "predictor", "quantize", "reference",
+               "segment_dataset", "testing")
 
 
 def __getattr__(name):

@@ -107,6 +107,36 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+#: what :func:`exporting` may name: an AOTInductor package, or an ONNX file
+EXPORT_TARGETS = ("aoti", "onnx")
+
+
+def export_target() -> Optional[str]:
+    """``"aoti"`` or ``"onnx"`` while :mod:`sam_fast.exporting` traces a model for that target (this thread), else
+    None. The CPU paths read it: for an AOTInductor package the C++ kernels go into the graph (the package calls
+    them through ``sam_fast._C``); for ONNX every op must be one that has a translation into standard ONNX ops."""
+    return getattr(_local, "export", None)
+
+
+def aoti_export() -> bool:
+    """Whether a trace for an AOTInductor package is under way: the C++ CPU kernels that step aside while
+    torch.compile traces (it fuses the plain ops around them itself) are wanted in the graph then."""
+    return export_target() == "aoti"
+
+
+@contextlib.contextmanager
+def exporting(target: str):
+    """Trace for ``target`` (one of :data:`EXPORT_TARGETS`) inside the ``with`` block (this thread)."""
+    if target not in EXPORT_TARGETS:
+        raise ValueError(f"target must be one of {EXPORT_TARGETS}, got {target!r}")
+    before = export_target()
+    _local.export = target
+    try:
+        yield
+    finally:
+        _local.export = before
+
+
 def _kernels_built_for_gpu() -> bool:
     if torch.compiler.is_compiling():  # tracing: the eager call before it already decided
         return False

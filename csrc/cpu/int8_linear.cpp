@@ -451,7 +451,6 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
 }
 
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
-  // the first three ops' schemas are Python's (torch.library.custom_op): these are their CPU kernels
   m.impl("quantize_per_token", [](const at::Tensor& x) { return quantize_rows_cpu(x, c10::nullopt); });
   m.impl("quantize_static", [](const at::Tensor& x, const at::Tensor& scale) { return quantize_rows_cpu(x, scale); });
   m.impl("layer_norm_quantize", &layer_norm_quantize_cpu);

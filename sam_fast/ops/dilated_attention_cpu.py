@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cpu_features, cpu_policy
+from .._dispatch import aoti_export, export_target
 from ..kernels._cache import persistent
 from ..pattern import ResolvedBranch
 from ..reference.dilated_attention import branch_attention as reference_branch
@@ -300,8 +301,11 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16)
 def fused_bias_kernel() -> bool:
     """Whether ``sam_fast::rel_pos_attention`` (the bias added inside the kernel) may run: the C++ extension
     loaded, the CPU has AVX-512 (the kernel's plain path, an exp per element, is slower than PyTorch's fused
-    kernel with a mask), and not while torch.compile traces (that path keeps PyTorch's kernel, which it knows)."""
-    return not (torch.compiler.is_compiling() or not _avx512() or extension_error() is not None)
+    kernel with a mask), and not while torch.compile traces (that path keeps PyTorch's kernel, which it knows) unless
+    the trace is for an AOTInductor package (:func:`sam_fast._dispatch.aoti_export`), which calls the kernel."""
+    if torch.compiler.is_compiling() and not aoti_export():
+        return False
+    return _avx512() and extension_error() is None
 
 
 def _fused_bias_branch(qs, ks, vs, lay: "_Layout", th, tw, neg, scale: float, B: int):
@@ -347,14 +351,12 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
         th = rel_pos_h.to(bias_dtype)[lay.rel_index(0, rel_pos_h.shape[0])]  # (ay, ay, D)
         tw = rel_pos_w.to(bias_dtype)[lay.rel_index(1, rel_pos_w.shape[0])]  # (ax, ax, D)
     neg = None if lay.all_keys else lay.key_neg(bias_dtype)
+    if export_target() == "onnx" or isinstance(B, torch.SymInt):
+        out, lse = _whole_branch(qs, ks, vs, lay, th, tw, neg, scale)
+        return _scatter_branch(lay, out.to(q.dtype), lse.to(lse_dtype), B)
     if th is not None and cdt in FUSED_DTYPES and L >= cpu_policy.policy().rel_pos_min_keys and fused_bias_kernel():
         out, lse = _fused_bias_branch(qs, ks, vs, lay, th, tw, neg, scale, B)
-        out = out.to(q.dtype)
-        lse = lse.to(lse_dtype)
-        lse_out = lay.scatter(lse[..., None], B, float("-inf"))[..., 0]
-        if lay.dilated:
-            return lay.scatter(out.transpose(1, 2), B, 0.0), lse_out
-        return lay.scatter_rows(out, B), lse_out
+        return _scatter_branch(lay, out.to(q.dtype), lse.to(lse_dtype), B)
     cs, cy = _chunks(lay, H, L, torch.finfo(bias_dtype).bits // 8)
     # results in (segment, query, head) order: the scatter reads them once; the kernel writes its output
     # in this order too (a (c, q, H, D) tensor seen as (c, H, q, D))
@@ -396,10 +398,42 @@ def _inference_branch(q, k, v, lay: _Layout, rel_pos_h, rel_pos_w, scale: float,
                     o, l = chunk(s0, s1, j0, j1, y0, y1)
                     out[s0:s1, y0 * ax:y1 * ax] = o.transpose(1, 2)
                     lse[s0:s1, :, y0 * ax:y1 * ax] = l
+    return _scatter_branch(lay, out, lse, B)
+
+
+def _scatter_branch(lay: _Layout, out, lse, B):
+    """A branch's segment results, out (B * S, L, H, D) and lse (B * S, H, L), back on the grid: (B, N, H, D) and
+    (B, N, H)."""
     lse_out = lay.scatter(lse[..., None], B, float("-inf"))[..., 0]
     if lay.dilated:
         return lay.scatter(out.transpose(1, 2), B, 0.0), lse_out
     return lay.scatter_rows(out, B), lse_out
+
+
+def _whole_branch(qs, ks, vs, lay: _Layout, th, tw, neg, scale: float):
+    """The branch for an exported graph: every segment of every image at once, as plain matrix products and a
+    softmax (no chunks, no loop over the batch, so the batch may be a dynamic axis; ONNX gets MatMul / Add /
+    Softmax). qs, ks, vs (B * S, H, L, D) -> out (B * S, L, H, D), lse (B * S, H, L) in the bias dtype."""
+    BS, H, L, D = qs.shape
+    ay, ax = lay.ay, lay.ax
+    dt = th.dtype if th is not None else torch.promote_types(qs.dtype, torch.float32)
+    scores = torch.matmul(qs.to(dt), ks.to(dt).transpose(-1, -2)) * scale
+    if th is not None or neg is not None:
+        rh = rw = None
+        if th is not None:
+            q5 = qs.reshape(BS, H, ay, ax, D).to(dt)
+            rh = torch.einsum("shyxd,ykd->shyxk", q5, th)
+            rw = torch.einsum("shyxd,xkd->shyxk", q5, tw)
+        if neg is not None:  # (n_seg, H, a): the same for every image
+            ny = neg[0][:, :, None, None, :].repeat(BS // lay.n_seg, 1, 1, 1, 1)
+            nx = neg[1][:, :, None, None, :].repeat(BS // lay.n_seg, 1, 1, 1, 1)
+            rh = ny if rh is None else rh + ny
+            rw = nx if rw is None else rw + nx
+        bias = rh[..., :, None] + rw[..., None, :]  # (BS, H, ay, ax, ay, ax), or broadcasting to it
+        scores = (scores.reshape(BS, H, ay, ax, ay, ax) + bias).reshape(BS, H, L, L)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), vs.to(dt))
+    return out.transpose(1, 2), lse
 
 
 def fused_ok(*tensors) -> bool:

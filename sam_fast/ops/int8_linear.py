@@ -1,21 +1,21 @@
 """W8A8 ops: ``sam_fast.quantize_per_token``, ``sam_fast.layer_norm_quantize``, ``sam_fast.int8_linear``.
 
-Layers: ``sam_fast::quantize_per_token``, ``sam_fast::quantize_static``, ``sam_fast::layer_norm_quantize`` and
-``sam_fast::int8_linear`` are custom ops defined here with fakes (inference ops: no autograd; a backward through
-them raises PyTorch's "no autograd formula" error). Each has one schema for every device: the Triton launchers of
-:mod:`sam_fast.kernels.int8_linear` are their CUDA kernels, and the three quantisations' CPU kernels are C++
-(``csrc/cpu/int8_linear.cpp``, registered under the same names; one pass per quantisation, LayerNorm fused into
-it). The CPU GEMM is ``torch._int_mm`` with the CPU-only ``sam_fast::int8_epilogue`` after it, or the AMX GEMM
-``sam_fast::int8_linear_amx`` on the weight's ``sam_fast::int8_pack_amx`` panels. The public functions validate,
+Layers: ``sam_fast::quantize_per_token``, ``sam_fast::quantize_static``, ``sam_fast::layer_norm_quantize`` (schemas in
+the C++ library, so that AOTInductor packages can call them; defined here when it did not load) and
+``sam_fast::int8_linear`` (a ``torch.library.custom_op``) are ops with fakes registered here (inference ops: no
+autograd; a backward through them raises PyTorch's "no autograd formula" error). Each has one schema for every device:
+the Triton launchers of :mod:`sam_fast.kernels.int8_linear` are their CUDA kernels, and the three quantisations' CPU
+kernels are C++ (``csrc/cpu/int8_linear.cpp``, registered under the same names; one pass per quantisation, LayerNorm
+fused into it). The CPU GEMM is ``torch._int_mm`` with the CPU-only ``sam_fast::int8_epilogue`` after it, or the AMX
+GEMM ``sam_fast::int8_linear_amx`` on the weight's ``sam_fast::int8_pack_amx`` panels. The public functions validate,
 flatten leading dims, pick a backend (``auto | triton | cpu | reference``) and run it. The plain-PyTorch reference,
-which shares the kernels' numerics operation for operation, is :mod:`sam_fast.reference.int8_linear`; every backend
-has its numerics. Under the Triton interpreter (CPU tensors, tests) the ``triton`` backend calls the launchers
-directly: the ops' CPU kernels are the C++ ones.
+which shares the kernels' numerics operation for operation, is :mod:`sam_fast.reference.int8_linear`; every backend has
+its numerics. Under the Triton interpreter (CPU tensors, tests) the ``triton`` backend calls the launchers directly: the
+ops' CPU kernels are the C++ ones.
 
-Quantization scheme (docs/maintainers/design.md, "W8A8 linear"): weights int8 symmetric per output channel;
-activations int8 symmetric per token (dynamic; the default) or per tensor with a calibrated scale
-(static); int32 accumulation; the epilogue dequantizes, adds the bias, applies GELU and casts or
-re-quantizes for the next GEMM.
+Quantization scheme (docs/maintainers/design.md, "W8A8 linear"): weights int8 symmetric per output channel; activations
+int8 symmetric per token (dynamic; the default) or per tensor with a calibrated scale (static); int32 accumulation; the
+epilogue dequantizes, adds the bias, applies GELU and casts or re-quantizes for the next GEMM.
 """
 
 from __future__ import annotations
@@ -47,33 +47,46 @@ MAX_ROW = 16384  # widest row the single-pass quantization kernels hold in regis
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sam_fast::quantize_per_token", mutates_args=(), device_types="cuda")
-def _quantize_per_token_op(x: Tensor) -> Tuple[Tensor, Tensor]:
+def _define(name: str, schema: str):
+    """The op ``sam_fast::name``: its schema is the C++ library's (csrc/ops.cpp, so that AOTInductor packages find
+    it), defined here only when the extension did not load (the Triton kernels still serve CUDA tensors then)."""
+    if extension_error() is not None:
+        torch.library.define(f"sam_fast::{name}", schema)
+    return getattr(torch.ops.sam_fast, name).default
+
+
+_quantize_per_token_op = _define("quantize_per_token", "(Tensor x) -> (Tensor, Tensor)")
+_quantize_static_op = _define("quantize_static", "(Tensor x, Tensor scale) -> (Tensor, Tensor)")
+_layer_norm_quantize_op = _define("layer_norm_quantize",
+                                  "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)")
+
+
+@torch.library.register_kernel("sam_fast::quantize_per_token", "cuda")
+def _(x: Tensor) -> Tuple[Tensor, Tensor]:
     return _k.quantize_rows(x)
 
 
-@_quantize_per_token_op.register_fake
+@torch.library.register_kernel("sam_fast::quantize_static", "cuda")
+def _(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    return _k.quantize_rows(x, scale)
+
+
+@torch.library.register_kernel("sam_fast::layer_norm_quantize", "cuda")
+def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    return _k.layer_norm_quantize(x, weight, bias, eps)
+
+
+@torch.library.register_fake("sam_fast::quantize_per_token")
 def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("sam_fast::quantize_static", mutates_args=(), device_types="cuda")
-def _quantize_static_op(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
-    return _k.quantize_rows(x, scale)
-
-
-@_quantize_static_op.register_fake
+@torch.library.register_fake("sam_fast::quantize_static")
 def _(x, scale):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("sam_fast::layer_norm_quantize", mutates_args=(), device_types="cuda")
-def _layer_norm_quantize_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                            eps: float) -> Tuple[Tensor, Tensor]:
-    return _k.layer_norm_quantize(x, weight, bias, eps)
-
-
-@_layer_norm_quantize_op.register_fake
+@torch.library.register_fake("sam_fast::layer_norm_quantize")
 def _(x, weight, bias, eps):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import cpu_policy
-from .._dispatch import Backend, Refusal, dispatch
+from .._dispatch import Backend, Refusal, aoti_export, dispatch
 from .._hooks import has_hooks
 from ..reference import linear_epilogue as _ref
 from ._ext import cpp_device_refusal, extension_error, register_fake
@@ -88,14 +88,15 @@ def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
     """``activation(lin(x)) + residual`` in one pass after a bias-free GEMM, or None where it does not apply (the
     caller then runs the module itself): ``lin`` a plain ``nn.Linear`` without hooks, x a CPU tensor in
     :data:`EPILOGUE_DTYPES` matching its weight, an output of at least the policy's ``epilogue_min_bytes``
-    (:mod:`sam_fast.cpu_policy`), nothing for autograd to record, not while torch.compile traces, the C++ extension
-    loaded. ``activation``: ``"none"``, ``"gelu"`` (exact) or ``"gelu_tanh"``; ``residual`` shaped like the output,
-    in its dtype."""
+    (:mod:`sam_fast.cpu_policy`; any size in a trace for an AOTInductor package), nothing for autograd to record,
+    not while torch.compile traces (but while it traces for an AOTInductor package), the C++ extension loaded.
+    ``activation``: ``"none"``, ``"gelu"`` (exact) or ``"gelu_tanh"``; ``residual`` shaped like the output, in its
+    dtype."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if type(lin) is not nn.Linear or x.device.type != "cpu" or x.dtype not in EPILOGUE_DTYPES or has_hooks(lin):
         return None
-    if x.dtype != lin.weight.dtype or torch.compiler.is_compiling():
+    if x.dtype != lin.weight.dtype or (torch.compiler.is_compiling() and not aoti_export()):
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lin.weight, lin.bias, residual)):
         return None
@@ -104,7 +105,9 @@ def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
     if residual is not None and (residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1]
                                  or residual.shape[-1] != lin.out_features):
         return None
-    if x.numel() // max(1, x.shape[-1]) * lin.out_features * x.element_size() < cpu_policy.policy().epilogue_min_bytes:
+    rows = x.numel() // max(1, x.shape[-1])
+    # (a package serves every batch its batch axis allows: no size rule that would guard on it)
+    if not aoti_export() and rows * lin.out_features * x.element_size() < cpu_policy.policy().epilogue_min_bytes:
         return None
     y = F.linear(x, lin.weight)
     if not y.is_contiguous():

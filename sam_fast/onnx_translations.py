@@ -1,0 +1,141 @@
+"""Translations of sam_fast's custom ops into standard ONNX ops (opset 18), for ``torch.onnx.export(dynamo=True)``.
+
+:func:`sam_fast.exporting.export` traces a model for ONNX with the CPU paths that keep every op in the graph
+either a plain ATen op (which the exporter translates itself: attention is MatMul / Add / Softmax, dilated
+attention the gather -> attention -> scatter of its segments) or one of the ops below. The W8A8 linears stay
+integer: the activations are quantised per token (or with their calibrated scale) by ``QuantizeLinear``, the
+GEMM is ``MatMulInteger`` (int8 x int8 -> int32) and the epilogue dequantises, so ONNX Runtime and OpenVINO run
+the same integer arithmetic as the C++ and Triton kernels.
+
+Each function is traced by the exporter (the ``op.*`` calls record nodes; Python arguments that are ONNX
+attributes - flags, dtypes, epsilons - are plain values). The numerics follow
+:mod:`sam_fast.reference.int8_linear`: ``scale = max|x| / 127`` per row (1 for a zero row),
+``q = clamp(round(x / scale), -127, 127)``, ``y = ((float(acc) * a_scale) * w_scale) + bias`` [-> exact GELU].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from onnxscript import FLOAT, INT8, INT32, ir
+from onnxscript import opset18 as op
+
+QMAX = 127.0
+
+
+def _vec(*values: int):
+    return op.Constant(value=ir.tensor(list(values), dtype=ir.DataType.INT64))
+
+
+def _scalar(value: float):
+    return op.Constant(value=ir.tensor(value, dtype=ir.DataType.FLOAT))
+
+
+def _row_scale(x):
+    """(M, K) float -> (M,) float32: max|x| / 127, 1 for an all-zero row, NaN for a row holding NaN or +-inf."""
+    xf = op.Cast(x, to=ir.DataType.FLOAT)
+    amax = op.ReduceMax(op.Abs(xf), _vec(-1), keepdims=0)
+    scale = op.Div(amax, _scalar(QMAX))
+    scale = op.Where(op.Equal(scale, _scalar(0.0)), _scalar(1.0), scale)
+    finite = op.Not(op.Or(op.IsNaN(amax), op.IsInf(amax)))
+    return op.Where(finite, scale, _scalar(float("nan")))
+
+
+def _quantize(x, scale):
+    """int8 clamp(round(x / scale), -127, 127); ``scale`` broadcasts against x; NaN -> 0, +-inf -> +-127."""
+    y = op.Round(op.Div(op.Cast(x, to=ir.DataType.FLOAT), scale))
+    y = op.Where(op.IsNaN(y), _scalar(0.0), y)
+    y = op.Clip(y, _scalar(-QMAX), _scalar(QMAX))
+    return op.Cast(y, to=ir.DataType.INT8)
+
+
+def quantize_per_token(x: FLOAT):
+    """``sam_fast::quantize_per_token(x (M, K)) -> (q int8 (M, K), scale float32 (M,))``."""
+    scale = _row_scale(x)
+    return _quantize(x, op.Unsqueeze(scale, _vec(-1))), scale
+
+
+def quantize_static(x: FLOAT, scale: FLOAT):
+    """``sam_fast::quantize_static(x (M, K), scale ()) -> (q int8, row scale (M,))``: NaN scale for a non-finite
+    row."""
+    xf = op.Cast(x, to=ir.DataType.FLOAT)
+    s = op.Cast(scale, to=ir.DataType.FLOAT)
+    finite = op.Not(op.Or(op.IsNaN(xf), op.IsInf(xf)))
+    row_ok = op.Cast(op.ReduceMin(op.Cast(finite, to=ir.DataType.FLOAT), _vec(-1), keepdims=0), to=ir.DataType.BOOL)
+    rows = op.Expand(s, op.Shape(row_ok))
+    return _quantize(x, s), op.Where(row_ok, rows, _scalar(float("nan")))
+
+
+def layer_norm_quantize(x: FLOAT, weight: Optional[FLOAT], bias: Optional[FLOAT], eps: float):
+    """``sam_fast::layer_norm_quantize``: LayerNorm over the last dim in float32, then per-token int8."""
+    xf = op.Cast(x, to=ir.DataType.FLOAT)
+    width = op.Slice(op.Shape(xf), _vec(-1), _vec(2**62))
+    if weight is None:
+        weight = op.Expand(_scalar(1.0), width)
+    if bias is None:
+        bias = op.Expand(_scalar(0.0), width)
+    y = op.LayerNormalization(xf, op.Cast(weight, to=ir.DataType.FLOAT), op.Cast(bias, to=ir.DataType.FLOAT),
+                              axis=-1, epsilon=eps)
+    return quantize_per_token(y)
+
+
+def int_mm(a: INT8, b: INT8):
+    """``aten::_int_mm(a (M, K) int8, b (K, N) int8) -> int32``: ``MatMulInteger``."""
+    return op.MatMulInteger(a, b)
+
+
+def _epilogue(acc, a_scale, w_scale, bias, gelu: bool, out_dtype, out_scale):
+    y = op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Reshape(op.Cast(a_scale, to=ir.DataType.FLOAT), _vec(-1, 1)))
+    y = op.Mul(y, op.Cast(w_scale, to=ir.DataType.FLOAT))
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=ir.DataType.FLOAT))
+    if gelu:  # exact GELU (opset 18 has no Gelu op)
+        y = op.Mul(op.Mul(y, _scalar(0.5)), op.Add(op.Erf(op.Div(y, _scalar(math.sqrt(2.0)))), _scalar(1.0)))
+    dtype = _onnx_dtype(out_dtype)
+    if dtype == ir.DataType.INT8:
+        return _quantize(y, op.Cast(out_scale, to=ir.DataType.FLOAT))
+    if dtype == ir.DataType.INT32:
+        return acc
+    return op.Cast(y, to=dtype)
+
+
+def _onnx_dtype(dtype) -> ir.DataType:
+    if isinstance(dtype, torch.dtype):
+        from torch.onnx._internal.exporter._core import torch_dtype_to_onnx_dtype
+
+        return torch_dtype_to_onnx_dtype(dtype)
+    return ir.DataType(int(dtype))
+
+
+def int8_epilogue(acc: INT32, a_scale: FLOAT, w_scale: FLOAT, bias: Optional[FLOAT], gelu: bool, out_dtype: int,
+                  out_scale: Optional[FLOAT]):
+    """``sam_fast::int8_epilogue``: the int32 accumulator dequantised (+ bias [-> GELU]) to ``out_dtype``."""
+    return _epilogue(acc, a_scale, w_scale, bias, gelu, out_dtype, out_scale)
+
+
+def int8_linear(a: INT8, a_scale: FLOAT, w: INT8, w_scale: FLOAT, bias: Optional[FLOAT], activation: Optional[str],
+                out_dtype: int, out_scale: Optional[FLOAT]):
+    """``sam_fast::int8_linear`` (the GPU path's GEMM): ``MatMulInteger(a, w^T)`` and the epilogue."""
+    acc = op.MatMulInteger(a, op.Transpose(w, perm=[1, 0]))
+    return _epilogue(acc, a_scale, w_scale, bias, activation == "gelu", out_dtype, out_scale)
+
+
+def translation_table() -> dict:
+    """``{op overload: translation}`` for ``torch.onnx.export(custom_translation_table=...)``; the C++ extension
+    is loaded first, so that every ``sam_fast::`` op it defines resolves."""
+    from .ops import int8_linear as _int8  # noqa: F401  (registers the ops' schemas and fakes)
+
+    ops = torch.ops.sam_fast
+    return {
+        ops.quantize_per_token.default: quantize_per_token,
+        ops.quantize_static.default: quantize_static,
+        ops.layer_norm_quantize.default: layer_norm_quantize,
+        ops.int8_epilogue.default: int8_epilogue,
+        ops.int8_linear.default: int8_linear,
+        torch.ops.aten._int_mm.default: int_mm,
+    }
+
+
+__all__ = ["translation_table"]
