@@ -11,6 +11,9 @@
     sam-fast distill-eval --teacher CKPT --student CKPT --images DIR [--prompts points,boxes] [--out DIR]
     sam-fast prune --checkpoint CKPT --images DIR --out DIR [--ratio R [--mode uniform|global] | --widths W]
                    [--drop-attention K] [--importance disturbed_taylor|magnitude] [--eval-images N|DIR] [--resume]
+    sam-fast export --checkpoint CKPT --out FILE [--format onnx|aoti] [--parts encoder|decoder|both]
+                    [--attention exact|none | --pattern P [--blocks B]] [--int8 [--calibration DIR]]
+                    [--batch N|dynamic] [--image-size S] [--overwrite] [--no-check]
     sam-fast segment-dataset SRC --out DST --checkpoint CKPT [--shard RANK/WORLD | --ray-address ADDR]
                      [--num-gpus N | --num-workers N] [--shard-size 64] [--boxes PROMPTS.json] ...
 
@@ -48,6 +51,12 @@ included), ``OUT/train_log.csv`` and checkpoints; rerunning the same command res
 recovered by distillation and written to ``OUT/<stage>/pruned.pth``; it prints the report (parameters, MACs, SQNR
 and point / box mIoU against the original before and after each recovery, wall time). ``--resume`` continues an
 interrupted run in ``OUT``.
+
+``export`` writes a checkpoint's image encoder (and / or its prompt encoder + mask decoder) as an ONNX file or an
+AOTInductor package (:func:`sam_fast.export`), with the kernels ``--attention`` / ``--pattern`` / ``--int8`` choose
+swapped in first (a distilled student's own pattern by default; ``--calibration DIR``: static int8 scales calibrated
+on those images). It refuses an existing output without ``--overwrite`` and prints the file's size, its operators
+and, unless ``--no-check``, its difference from PyTorch on a photo.
 
 ``segment-dataset`` segments every image of a folder (recursively) into per-shard COCO JSON files in ``DST``
 (:mod:`sam_fast.segment_dataset`): with ``--shard RANK/WORLD`` this process takes its exact part of the shards (for
@@ -496,6 +505,71 @@ def _prune(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import warnings
+
+    from sam_fast import Dilated, Int8, SamFastConfig, apply
+    from sam_fast.exporting import export
+    from sam_fast.images import list_images, read_rgb
+    from sam_fast.pattern import parse_pattern
+    from sam_fast.surgery import vit_blocks
+
+    try:
+        batch = args.batch if args.batch == "dynamic" else int(args.batch)
+    except ValueError:
+        print(f"sam-fast export: --batch must be a number or 'dynamic', got {args.batch!r}", file=sys.stderr)
+        return 2
+    try:
+        if args.calibration is not None and not args.int8:
+            raise ValueError("--calibration needs --int8")
+        if args.pattern is not None and args.attention != "exact":
+            raise ValueError("--pattern replaces --attention: give one of them")
+        pattern = None if args.pattern is None else parse_pattern(args.pattern)
+        blocks = _parse_blocks(args.blocks)
+        calibration = None if args.calibration is None else list_images(args.calibration, "--calibration")
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"sam-fast export: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sam = _load_for(args.checkpoint, args)
+    except Exception as exc:
+        print(f"sam-fast export: --checkpoint: {_load_error(exc)}", file=sys.stderr)
+        return 2
+    sam.eval()
+    recorded = getattr(sam, "sam_fast_config", None)
+    if pattern is not None:
+        attention = Dilated(pattern, blocks)
+    elif recorded is not None and args.attention == "exact":
+        attention = recorded.attention  # a distilled student: the pattern it was trained for
+        print(f"{args.checkpoint}: a distilled student; exporting the dilated attention it was trained for")
+    else:
+        attention = args.attention if vit_blocks(sam) else "none"  # (TinyViT keeps its own attention)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        try:
+            quantize = None
+            if args.int8:
+                cal = None
+                if calibration is not None:
+                    from sam_fast.quantize import calibrate
+
+                    handle = apply(sam, SamFastConfig(attention))  # calibrated with the attention it will run
+                    cal = calibrate(sam, [read_rgb(p) for p in calibration], num_images=len(calibration))
+                    handle.undo()
+                quantize = Int8(cal)
+            apply(sam, SamFastConfig(attention, quantize=quantize))
+            result = export(sam, args.out, format=args.format, parts=args.parts, image_size=args.image_size,
+                            batch=batch, overwrite=args.overwrite, check=not args.no_check)
+        except (ValueError, TypeError, OSError) as exc:
+            print(f"sam-fast export: {exc}", file=sys.stderr)
+            return 2
+    print(result.summary())
+    if args.format == "aoti":
+        print("run it with sam_fast.exporting.load_aoti(path) (or torch.ops.load_library on sam_fast's _C library, "
+              "then torch._inductor.aoti_load_package(path))")
+    return 0
+
+
 def _distill(args) -> int:
     import warnings
 
@@ -724,6 +798,21 @@ def main(argv=None) -> int:
     e.add_argument("--prompts-per-image", type=int, default=8)
     e.add_argument("--out", help="where eval.json / eval.png go (default: the student's folder)")
     e.add_argument("--device", help="default: cuda when available")
+    x = sub.add_parser("export", help="an encoder / decoder as an ONNX file or an AOTInductor package")
+    x.add_argument("--checkpoint", required=True, help="any checkpoint load_sam reads")
+    x.add_argument("--out", required=True, help="the file (.onnx / .pt2); with --parts both a folder")
+    x.add_argument("--format", default="onnx", choices=("onnx", "aoti"))
+    x.add_argument("--parts", default="encoder", choices=("encoder", "decoder", "both"),
+                   help="decoder: segment_anything's SamOnnxModel interface (ONNX only)")
+    x.add_argument("--attention", default="exact", choices=("exact", "none"), help="fused attention (default)")
+    x.add_argument("--pattern", help="dilated pattern instead, e.g. 64x64:2x2 (see distill)")
+    x.add_argument("--blocks", default="global", help="blocks that get --pattern (default: global)")
+    x.add_argument("--int8", action="store_true", help="W8A8 linears (dynamic scales, or --calibration)")
+    x.add_argument("--calibration", metavar="DIR", help="calibrate static int8 scales on these images")
+    x.add_argument("--batch", default="1", help="the encoder's batch: a number or 'dynamic' (default 1)")
+    x.add_argument("--image-size", type=int, default=None, help="the encoder's input side (default: the model's)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--no-check", action="store_true", help="skip the run on a photo against PyTorch")
     g = sub.add_parser("segment-dataset", help="segment a folder of images into per-shard COCO JSON (Ray or ranks)")
     g.add_argument("src", help="folder of JPEG / PNG images (searched recursively)")
     g.add_argument("--out", required=True, help="output folder (shard-<k>.json files)")
@@ -742,7 +831,7 @@ def main(argv=None) -> int:
     g.add_argument("--attention", default="exact", choices=("exact", "none"), help="fused attention (default)")
     g.add_argument("--int8", action="store_true", help="W8A8 linears (dynamic scales)")
     g.add_argument("--device", help="default: cuda when available")
-    for p in (d, e, g, r):
+    for p in (d, e, g, r, x):
         p.add_argument("--model-type", default="auto", choices=MODEL_TYPES, help="the checkpoints' model type")
         p.add_argument("--decoder-heads", type=int, default=None,
                        help="mask decoder heads of a decoder narrower or wider than SAM's 256 (auto only)")
@@ -755,6 +844,8 @@ def main(argv=None) -> int:
         return _prune(args)
     if args.command == "segment-dataset":
         return _segment_dataset(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "bench":
         return _bench(args)
     if args.command == "segment":

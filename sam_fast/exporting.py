@@ -26,10 +26,14 @@ runs once on a real photo against the eager model and :class:`ExportResult` repo
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import io
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Dict, Optional, Union
@@ -40,7 +44,7 @@ from torch import nn
 
 from ._dispatch import exporting
 from ._files import write_atomic
-from ._hooks import has_hooks
+from ._hooks import _TRANSFORMERS_CAPTURE, has_hooks
 
 FORMATS = ("onnx", "aoti")
 PARTS = ("encoder", "decoder", "both")
@@ -202,10 +206,13 @@ def _check_args(model, path, format, parts, image_size, batch, dtype, overwrite)
     if model.training:
         raise ValueError("model is in training mode: call model.eval() before exporting (dropout and batch-norm "
                          "statistics would otherwise be traced as in training)")
-    hooked = [name or type(model).__name__ for name, m in model.named_modules() if has_hooks(m)]
+    if has_hooks(nn.Identity()):
+        raise ValueError("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook "
+                         "and its kin): an exported file would run without them; remove them first")
+    hooked = [name or type(model).__name__ for name, m in model.named_modules() if _user_hooks(m)]
     if hooked:
-        raise ValueError(f"model has module hooks (on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}, or "
-                         f"global module hooks): an exported file would run without them; remove them first")
+        raise ValueError(f"model has module hooks (on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}): "
+                         f"an exported file would run without them; remove them first")
     device = _device(model)
     if format == "onnx" and device.type != "cpu":
         raise ValueError(f"ONNX export traces the CPU paths: move the model to the CPU first (it is on {device})")
@@ -216,6 +223,17 @@ def _check_args(model, path, format, parts, image_size, batch, dtype, overwrite)
     if format == "onnx" and want_dtype != torch.float32:
         raise ValueError(f"ONNX export is float32 (or int8 through sam_fast's W8A8 layers); got {want_dtype}")
     return want_dtype
+
+
+def _user_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has hooks of its own other than sam_fast's (a patched transformers layer's guard against
+    ``output_attentions``, which a traced graph has no use for) and transformers' output capturing."""
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+        for hook in getattr(m, name, {}).values():
+            where = getattr(hook, "__module__", None) or ""
+            if not (where.startswith("sam_fast.") or where == _TRANSFORMERS_CAPTURE):
+                return True
+    return False
 
 
 def _targets(path: str, format: str, parts: str, overwrite: bool) -> Dict[str, str]:
@@ -353,10 +371,23 @@ def _export_decoder(model, target) -> Dict[str, int]:
     points = torch.export.Dim("points", min=1, max=1024)
     dynamic = {"image_embeddings": None, "point_coords": {1: points}, "point_labels": {1: points}, "mask_input": None,
                "has_mask_input": None, "orig_im_size": None}
-    with torch.no_grad(), exporting("onnx"):
-        program = torch.onnx.export(wrapper, inputs, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
-                                    input_names=list(DECODER_INPUTS), output_names=list(DECODER_OUTPUTS),
-                                    dynamic_shapes=dynamic)
+    # The output size comes from orig_im_size's values: the exporter's first capture stops at that data-dependent
+    # size (torch prints its partial graph and a warning) and its next one succeeds. That chatter is kept back and
+    # shown only if the export fails.
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    chatter = io.StringIO()
+    try:
+        with exporting("onnx"), contextlib.redirect_stderr(chatter):
+            program = torch.onnx.export(wrapper, inputs, dynamo=True, opset_version=ONNX_OPSET, verbose=False,
+                                        input_names=list(DECODER_INPUTS), output_names=list(DECODER_OUTPUTS),
+                                        dynamic_shapes=dynamic)
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
+    finally:
+        shapes_log.setLevel(level)
     _save_onnx(program, target)
     return _onnx_ops(target)
 
