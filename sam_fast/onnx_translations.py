@@ -39,8 +39,14 @@ def _row_scale(x):
     amax = op.ReduceMax(op.Abs(xf), _vec(-1), keepdims=0)
     scale = op.Div(amax, _scalar(QMAX))
     scale = op.Where(op.Equal(scale, _scalar(0.0)), _scalar(1.0), scale)
-    finite = op.Not(op.Or(op.IsNaN(amax), op.IsInf(amax)))
-    return op.Where(finite, scale, _scalar(float("nan")))
+    return op.Where(_finite_rows(xf), scale, _scalar(float("nan")))
+
+
+def _finite_rows(xf):
+    """(M, K) float32 -> (M,) bool: the rows holding no NaN and no inf (read from the elements: a runtime's ReduceMax
+    may skip NaN)."""
+    bad = op.Cast(op.Or(op.IsNaN(xf), op.IsInf(xf)), to=ir.DataType.FLOAT)
+    return op.Equal(op.ReduceMax(bad, _vec(-1), keepdims=0), _scalar(0.0))
 
 
 def _quantize(x, scale):
@@ -62,8 +68,7 @@ def quantize_static(x: FLOAT, scale: FLOAT):
     row."""
     xf = op.Cast(x, to=ir.DataType.FLOAT)
     s = op.Cast(scale, to=ir.DataType.FLOAT)
-    finite = op.Not(op.Or(op.IsNaN(xf), op.IsInf(xf)))
-    row_ok = op.Cast(op.ReduceMin(op.Cast(finite, to=ir.DataType.FLOAT), _vec(-1), keepdims=0), to=ir.DataType.BOOL)
+    row_ok = _finite_rows(xf)
     rows = op.Expand(s, op.Shape(row_ok))
     return _quantize(x, s), op.Where(row_ok, rows, _scalar(float("nan")))
 
@@ -78,6 +83,8 @@ def layer_norm_quantize(x: FLOAT, weight: Optional[FLOAT], bias: Optional[FLOAT]
         bias = op.Expand(_scalar(0.0), width)
     y = op.LayerNormalization(xf, op.Cast(weight, to=ir.DataType.FLOAT), op.Cast(bias, to=ir.DataType.FLOAT),
                               axis=-1, epsilon=eps)
+    if isinstance(y, (tuple, list)):  # (Y, Mean, InvStdDev): the normalised rows are the first
+        y = y[0]
     return quantize_per_token(y)
 
 

@@ -1,0 +1,354 @@
+"""sam_fast.export: ONNX files in ONNX Runtime and OpenVINO, AOTInductor packages in a fresh process, against eager.
+
+Tiny models of every family (SAM ViT exact / dilated / W8A8 dynamic and calibrated, SlimSAM-pruned with a DC-ViT
+block, TinyViT, transformers' SamModel) on real photos, batch 1 and 2 through a dynamic batch axis. Float files
+follow the tolerance rule against the original model (the dilated one for a dilated student) in float64 (error at
+most twice PyTorch's own float32 error, plus eps); int8 files are compared by SQNR with the float model and the
+eager int8 one (a value on a rounding tie may quantise to the neighbouring integer in another runtime) and must hold
+one integer MatMul per int8 linear.
+"""
+
+import copy
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sam_fast
+from sam_fast import exporting
+from sam_fast.models.tiny import tiny_sam
+from sam_fast.pattern import Branch
+from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+onnx = pytest.importorskip("onnx")
+
+#: an exported int8 encoder is as close to the float model as the eager int8 one (SQNR within this margin), and
+#: differs from the eager int8 one by less than W8A8's own error (SQNR above it by this margin): the runtimes divide
+#: and sum in other orders, so a value on a rounding tie may quantise to the neighbouring integer (measured on the
+#: tiny ViT with every linear int8: float 44.3 dB, export vs eager 53 dB; eager vs sam_fast's reference: 62 dB)
+INT8_EXPORT_MARGIN_DB = 6.0
+
+
+def _tinyvit_sam():
+    from test_tinyvit import SMALL, _randomize
+
+    from sam_fast.models.tiny import sam_around
+    from sam_fast.models.tinyvit import TinyViT
+
+    return sam_around(_randomize(TinyViT(**SMALL), 1), 128, 32, 2, 64, 64).eval()
+
+
+def _pruned_dcvit():
+    from sam_fast.compress import prune_to_widths
+    from sam_fast.models.vit import MlpBlock
+
+    model = prune_to_widths(tiny_sam(), embed=40, head_dim=[14, 8, 24, 32], mlp=100).eval()
+    model.image_encoder.blocks[2] = MlpBlock(40, 100)  # a DC-ViT block: attention removed
+    return model
+
+
+def _calibrated(model):
+    import skimage.data as data
+
+    from sam_fast.quantize import calibrate
+
+    cal = calibrate(model, [data.astronaut(), data.coffee()], num_images=2, progress=False)
+    return sam_fast.SamFastConfig("exact", quantize=sam_fast.Int8(cal))
+
+
+def _transformers():
+    pytest.importorskip("transformers")
+    from test_transformers import _sam_model
+
+    return _sam_model()
+
+
+DILATED = sam_fast.Dilated([Branch((4, 4)), Branch((16, 16), (2, 2))], "global")
+FAMILIES = {  # name: (model builder, config builder or None for apply's default, int8)
+    "vit_exact": (tiny_sam, lambda m: sam_fast.SamFastConfig("exact"), False),
+    "vit_dilated": (tiny_sam, lambda m: sam_fast.SamFastConfig(DILATED), False),
+    "vit_int8": (tiny_sam, lambda m: sam_fast.SamFastConfig("exact", quantize="int8"), True),
+    "vit_int8_calibrated": (tiny_sam, _calibrated, True),
+    "slimsam_dcvit": (_pruned_dcvit, lambda m: sam_fast.SamFastConfig("exact"), False),
+    "tinyvit_int8": (_tinyvit_sam, lambda m: sam_fast.SamFastConfig("none", quantize="int8"), True),
+    "transformers": (_transformers, lambda m: None, False),
+}
+
+
+def _int8_linears(model) -> int:
+    from sam_fast.nn import Int8Linear
+
+    return sum(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def _encoder_out(model, x):
+    with torch.no_grad():
+        return exporting._Encoder(model)(x)
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory):
+    """Each family exported once (dynamic batch), with its eager model and, for float families, the unpatched
+    model in float64."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            build, config, int8 = FAMILIES[name]
+            model = build().eval()
+            original = copy.deepcopy(model)
+            sam_fast.apply(model, config(model))
+            if name == "vit_dilated":  # the function itself changes: the reference is the dilated model
+                original = copy.deepcopy(model)
+            path = str(tmp_path_factory.mktemp(name) / f"{name}.onnx")
+            result = sam_fast.export(model, path, batch="dynamic", check=False)
+            made[name] = (model, original, int8, path, result)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_onnx_encoder_matches_eager_in_onnxruntime_and_openvino(family, family_files):
+    model, original, int8, path, result = family_files(family)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    size = exporting._image_size(model)
+    x = exporting.photo_input(model, size, batch=2)
+    want = _encoder_out(model, x)
+    session = exporting.onnx_session(path)
+    runs = {}
+    for b in (1, 2):
+        runs[f"onnxruntime batch {b}"] = torch.from_numpy(session.run(None, {"image": x[:b].numpy()})[0])
+        runs[f"openvino batch {b}"] = torch.from_numpy(exporting.openvino_model(path, batch=b)(x[:b].numpy())[0])
+    runs["openvino dynamic batch 2"] = torch.from_numpy(exporting.openvino_model(path)(x.numpy())[0])
+    if int8:
+        assert result.ops["encoder"].get("MatMulInteger", 0) == _int8_linears(model) > 0
+        fp32 = _encoder_out(original, x)
+        noise = exporting.sqnr_db(want, fp32)  # what W8A8 itself costs, eagerly
+        for what, got in runs.items():
+            n = got.shape[0]
+            assert exporting.sqnr_db(got, fp32[:n]) > noise - INT8_EXPORT_MARGIN_DB, what
+            assert exporting.sqnr_db(got, want[:n]) > noise + INT8_EXPORT_MARGIN_DB, what
+        return
+    assert "MatMulInteger" not in result.ops["encoder"]
+    original = original.double()
+    exact = _encoder_out(original, x.double())
+    fp32 = _encoder_out(original.float(), x)
+    for what, got in runs.items():
+        n = got.shape[0]
+        check_against_reference(f"{family}: {what}", got, exact[:n], fp32[:n], torch.float32, FWD_FACTOR)
+
+
+def test_int8_onnx_translations_match_the_reference_on_hostile_rows(tmp_path):
+    """The ONNX forms of the W8A8 ops, run in ONNX Runtime, equal sam_fast's reference: integers exactly, scales
+    and dequantised outputs to float rounding; a zero row gets scale 1, a row holding NaN or inf a NaN scale (and
+    int8 zeros); a calibrated scale saturates at +-127."""
+    import onnxruntime as ort
+
+    from sam_fast.onnx_translations import translation_table
+    from sam_fast.reference import int8_linear as ref
+
+    class Ops(torch.nn.Module):
+        def forward(self, x, w, w_scale, bias, s):
+            q, qs = torch.ops.sam_fast.quantize_per_token(x)
+            st, sts = torch.ops.sam_fast.quantize_static(x, s)
+            ln, lns = torch.ops.sam_fast.layer_norm_quantize(x, bias[: x.shape[1]] + 1, bias[: x.shape[1]], 1e-6)
+            acc = torch._int_mm(q, w.t())
+            y = torch.ops.sam_fast.int8_epilogue(acc, qs, w_scale, bias, True, torch.float32, None)
+            y8 = torch.ops.sam_fast.int8_epilogue(acc, qs, w_scale, None, False, torch.int8, s)
+            return q, qs, st, sts, ln, lns, acc, y, y8
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=gen) * 3
+    x[1] = 0
+    x[2, 5] = float("nan")
+    x[3, 7] = float("inf")
+    x[4, 0] = 1e4  # beyond the calibrated range: saturates
+    w, w_scale = ref.quantize_weight(torch.randn(32, 32, generator=gen))
+    bias, s = torch.randn(32, generator=gen), torch.tensor(0.02)
+    args = (x, w, w_scale, bias, s)
+    program = torch.onnx.export(Ops().eval(), args, dynamo=True, custom_translation_table=translation_table(),
+                                verbose=False)
+    path = str(tmp_path / "ops.onnx")
+    program.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = [torch.from_numpy(a) for a in session.run(None, {i.name: a.numpy() for i, a in
+                                                              zip(session.get_inputs(), args)})]
+    q, qs = ref.quantize_per_token(x)
+    ln, lns = ref.layer_norm_quantize(x, bias[:32] + 1, bias[:32], 1e-6)
+    finite = torch.isfinite(x).all(1)
+    acc = ref.int8_mm(q, w)
+    want = [q, qs, ref.quantize_static(x, s), ref.static_row_scale(x, s), ln, lns, acc,
+            ref.int8_gemm(q, qs, w, w_scale, bias, "gelu"), ref.int8_gemm(q, qs, w, w_scale, None, None, torch.int8, s)]
+    names = ["q", "scale", "static q", "static scale", "ln q", "ln scale", "acc", "y", "y int8"]
+    for name, g, e in zip(names, got, want):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        if g.dtype.is_floating_point:
+            both_nan = torch.isnan(g) & torch.isnan(e)
+            assert torch.equal(torch.isnan(g), torch.isnan(e)), name
+            torch.testing.assert_close(g[~both_nan], e[~both_nan], rtol=2e-6, atol=1e-6, msg=name)
+        elif name in ("y int8", "acc"):  # rows of a NaN scale: compared where finite
+            assert torch.equal(g[finite], e[finite]), name
+        else:
+            assert torch.equal(g, e), (name, (g != e).nonzero().tolist()[:5], g[g != e][:5], e[g != e][:5])
+    assert qs[1] == 1 and torch.isnan(qs[2]) and torch.isnan(qs[3]) and not q[2].any() and not q[3].any()
+
+
+def test_onnx_decoder_matches_segment_anythings_own_export(tmp_path):
+    """The decoder file has SamOnnxModel's interface (a dynamic point count, the mask input, orig_im_size) and, in
+    ONNX Runtime and OpenVINO, gives the outputs of segment_anything's own ONNX export of the same weights."""
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    model = tiny_sam()
+    sam_fast.apply(model)
+    ours = str(tmp_path / "decoder.onnx")
+    result = sam_fast.export(model, ours, parts="decoder")
+    assert result.checks["decoder"]["sqnr_db"] > 90
+    theirs = str(tmp_path / "sa_decoder.onnx")
+    feeds = exporting.decoder_inputs(model, points=4)
+    torch.onnx.export(SamOnnxModel(model, return_single_mask=False), tuple(torch.from_numpy(feeds[n]) for n in
+                                                                            exporting.DECODER_INPUTS),
+                      theirs, dynamo=False, opset_version=17, input_names=list(exporting.DECODER_INPUTS),
+                      output_names=list(exporting.DECODER_OUTPUTS),
+                      dynamic_axes={"point_coords": {1: "n"}, "point_labels": {1: "n"}})
+    ort_ours, ort_theirs = exporting.onnx_session(ours), exporting.onnx_session(theirs)
+    assert [i.name for i in ort_ours.get_inputs()] == [i.name for i in ort_theirs.get_inputs()]
+    import openvino as ov
+
+    ov_ours = ov.Core().compile_model(ours, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    eager = SamOnnxModel(model, return_single_mask=False).eval()
+    traced_size = tuple(feeds["orig_im_size"].astype(int))
+    # segment_anything's file is compared at the image size it was traced with: the TorchScript exporter bakes the
+    # crop to that size (it warns so); at other sizes this file is compared with SamOnnxModel in PyTorch
+    for points, size in ((1, traced_size), (6, traced_size), (3, (200, 256)), (2, (256, 120))):
+        f = exporting.decoder_inputs(model, points=points, seed=points)
+        f["orig_im_size"] = np.array(size, np.float32)
+        a = ort_ours.run(None, f)
+        if size == traced_size:
+            b = ort_theirs.run(None, f)
+        else:
+            with torch.no_grad():
+                b = [t.numpy() for t in eager(*(torch.from_numpy(f[n]) for n in exporting.DECODER_INPUTS))]
+        c = list(ov_ours(f).values())
+        assert a[0].shape == (1, 4, *size)
+        for name, x, y, z in zip(exporting.DECODER_OUTPUTS, a, b, c):
+            scale = float(np.abs(y).max())
+            assert np.abs(x - y).max() <= 1e-5 * scale + 1e-6, (name, points, size)
+            assert np.abs(z - y).max() <= 1e-5 * scale + 1e-6, (name, points, size)
+
+
+@pytest.mark.whole_program
+def test_aoti_package_runs_in_a_fresh_process_without_sam_fast(tmp_path, cpu_rules):
+    """A dilated int8 encoder (exact attention in its window blocks) as an AOTInductor package: its graph calls
+    sam_fast's C++ kernels, and a fresh process that only loads the C++ library (no sam_fast import) runs it at
+    batch 1 and 3 through the dynamic batch axis, matching eager; sam_fast.exporting.load_aoti does the same."""
+    cpu_rules(sam_block_min_keys=9)  # the 3 x 3 windows through the SAM block kernel too
+    model = tiny_sam()
+    float_model = copy.deepcopy(model)
+    sam_fast.apply(model, sam_fast.SamFastConfig(DILATED, quantize="int8"))
+    path = str(tmp_path / "enc.pt2")
+    result = sam_fast.export(model, path, format="aoti", batch="dynamic", check=False)
+    ops = result.ops["encoder"]
+    assert ops.get("sam_fast.sam_block_attention.default", 0) + ops.get("auto_functionalized", 0) >= 2
+    assert ops.get("sam_fast.quantize_per_token.default", 0) + ops.get("sam_fast.layer_norm_quantize.default", 0) \
+        == _int8_linears(model) > 0
+    x = exporting.photo_input(model, 256, batch=3)
+    torch.save(x, tmp_path / "x.pt")
+    lib = glob.glob(os.path.join(os.path.dirname(sam_fast.__file__), "_C*.so"))[0]
+    code = ("import sys, torch\n"
+            f"torch.ops.load_library({lib!r})\n"
+            f"run = torch._inductor.aoti_load_package({path!r})\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            "outs = [run(x[:1]), run(x)]\n"
+            f"torch.save(outs, {str(tmp_path / 'out.pt')!r})\n"
+            "assert 'sam_fast' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, three = torch.load(tmp_path / "out.pt")
+    want, fp32 = _encoder_out(model, x), _encoder_out(float_model_dilated(float_model), x)
+    noise = exporting.sqnr_db(want, fp32)
+    assert one.shape == want[:1].shape and three.shape == want.shape
+    for got, n in ((one, 1), (three, 3)):
+        assert exporting.sqnr_db(got, fp32[:n]) > noise - INT8_EXPORT_MARGIN_DB
+        assert exporting.sqnr_db(got, want[:n]) > noise + INT8_EXPORT_MARGIN_DB
+    runner = exporting.load_aoti(path)
+    assert "sam_fast._C" in runner.get_metadata()["needs"]
+    torch.testing.assert_close(runner(x), three)
+
+
+def float_model_dilated(model):
+    """``model`` with the dilated pattern alone (the float function an int8 dilated student approximates)."""
+    sam_fast.apply(model, sam_fast.SamFastConfig(DILATED))
+    return model
+
+
+def test_export_refuses_before_any_work(tmp_path):
+    model = tiny_sam()
+    target = tmp_path / "enc.onnx"
+    target.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        sam_fast.export(model, target)
+    assert target.read_bytes() == b"keep me"
+    with pytest.raises(ValueError, match=r"\.pt2"):
+        sam_fast.export(model, tmp_path / "enc.onnx", format="aoti")
+    with pytest.raises(ValueError, match="format"):
+        sam_fast.export(model, tmp_path / "e.onnx", format="tensorrt")
+    with pytest.raises(ValueError, match="parts"):
+        sam_fast.export(model, tmp_path / "e.onnx", parts="everything")
+    with pytest.raises(ValueError, match="batch"):
+        sam_fast.export(model, tmp_path / "e.onnx", batch=0)
+    with pytest.raises(ValueError, match="batch"):
+        sam_fast.export(model, tmp_path / "e.onnx", batch="many")
+    with pytest.raises(ValueError, match="ONNX only"):
+        sam_fast.export(model, tmp_path / "d.pt2", format="aoti", parts="decoder")
+    with pytest.raises(ValueError, match="no decoder"):
+        sam_fast.export(model.image_encoder, tmp_path / "d.onnx", parts="decoder")
+    with pytest.raises(ValueError, match="dtype"):
+        sam_fast.export(model, tmp_path / "e.onnx", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="model"):
+        sam_fast.export("sam.pth", tmp_path / "e.onnx")
+    with pytest.raises(TypeError, match="path"):
+        sam_fast.export(model, 3)
+    with pytest.raises(ValueError, match="folder"):
+        sam_fast.export(model, tmp_path / "missing" / "e.onnx")
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        sam_fast.export(model, tmp_path / "e.onnx")
+    model.eval()
+    handle = model.image_encoder.blocks[1].register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(ValueError, match="hooks.*blocks.1"):
+        sam_fast.export(model, tmp_path / "e.onnx")
+    handle.remove()
+    assert sorted(os.listdir(tmp_path)) == ["enc.onnx"]  # nothing written by any refusal
+
+
+def test_cli_export_int8_calibrated_with_summary(tmp_path, capsys):
+    from sam_fast.cli import main
+    from sam_fast.testing import write_photos
+
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(tiny_sam().state_dict(), ckpt)
+    photos = tmp_path / "photos"
+    write_photos(photos, ["astronaut", "coffee"])
+    out = tmp_path / "enc.onnx"
+    argv = ["export", "--checkpoint", str(ckpt), "--decoder-heads", "2", "--out", str(out), "--int8", "--calibration",
+            str(photos), "--batch", "dynamic"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "MatMulInteger x" in text and "SQNR" in text and str(out) in text
+    assert exporting.onnx_session(out).get_inputs()[0].shape[0] != 1  # the dynamic batch axis
+    assert main(argv) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--calibration",
+                 str(photos), "--decoder-heads", "2"]) == 2
+    assert "--calibration needs --int8" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--batch", "two",
+                 "--decoder-heads", "2"]) == 2
+    assert not (tmp_path / "x.onnx").exists()
