@@ -1,6 +1,7 @@
 """The ``sam-fast`` command.
 
-    sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything,distill,prune] [--out DIR] [--full]
+    sam-fast bench [--ops attention,dilated,relpos,int8,e2e,decoder,everything,distill,prune,export] [--out DIR]
+                   [--full]
     sam-fast segment IMAGE... --checkpoint PATH --model-type vit_b|vit_l|vit_h|slimsam_50|slimsam_77|vit_t|auto|tiny
                      [--points x,y[,label] ...] [--box x0,y0,x1,y1] [--everything [--hierarchical]]
                      [--points-per-side N] [--device cpu|cuda] --out DIR [--overwrite]
@@ -80,7 +81,8 @@ from ._files import write_atomic, write_json_atomic
 BENCHES = {"attention": "bench_dilated_attention_sam", "dilated": "bench_dilated_attention",
            "relpos": "bench_resize_rel_pos",
            "int8": "bench_int8_linear", "e2e": "bench_e2e", "decoder": "bench_decoder",
-           "everything": "bench_everything", "distill": "bench_distill", "prune": "bench_prune"}
+           "everything": "bench_everything", "distill": "bench_distill", "prune": "bench_prune",
+           "export": "bench_export"}
 
 
 def _interpreter_for_bench(argv) -> None:
