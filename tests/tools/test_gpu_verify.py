@@ -30,9 +30,10 @@ def test_dry_run_plans_every_stage_within_480_s_and_runs_nothing(tmp_path):
     assert re.search(rf"^total\s+{sum(s.budget for s in stages)}s\s+of 480 s$", res.stdout, re.M)
     assert not out.exists()  # planned, not executed
     names = [s.name for s in stages]
-    # ordered by value: install, smoke, the targets, the sanitizer, the table
-    assert names[:2] == ["install", "smoke"] and names[-2:] == ["sanitize", "report"]
-    assert all(n.startswith("targets:") for n in names[2:-2])
+    # ordered by value: install, smoke, the targets, the export measurements (no target yet), the sanitizer, the
+    # table
+    assert names[:2] == ["install", "smoke"] and names[-3:] == ["bench_export", "sanitize", "report"]
+    assert all(n.startswith("targets:") for n in names[2:-3])
     budget = {s.name: s.budget for s in stages}
     assert budget["smoke"] <= 120 and budget["sanitize"] <= 60
 
