@@ -290,6 +290,7 @@ def export(model: nn.Module, path, *, format: str = "onnx", parts: str = "encode
     ``Sam.preprocess`` makes it); its output ``image_embeddings``.
     """
     dtype = _check_args(model, path, format, parts, image_size, batch, dtype, overwrite)
+    _check_installed(format, parts, check)
     files = _targets(path, format, parts, overwrite)
     if parts == "both":
         os.makedirs(os.fspath(path), exist_ok=True)
@@ -309,6 +310,22 @@ def export(model: nn.Module, path, *, format: str = "onnx", parts: str = "encode
             result.checks[part] = (check_encoder(model, target, size, format, dtype=dtype) if part == "encoder"
                                    else check_decoder(model, target))
     return result
+
+
+def _check_installed(format: str, parts: str, check) -> None:
+    """The optional packages the export needs, before any work: ONNX export needs onnx and onnxscript (torch's
+    exporter), its check onnxruntime."""
+    import importlib.util
+
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be a bool, got {type(check).__name__}")
+    needed = []
+    if format == "onnx" or parts != "encoder":
+        needed += ["onnx", "onnxscript"] + (["onnxruntime"] if check else [])
+    absent = [m for m in needed if importlib.util.find_spec(m) is None]
+    if absent:
+        raise ImportError(f"format={format!r} needs {', '.join(absent)}: pip install 'sam_fast[export]'"
+                          + (" (or check=False, without onnxruntime)" if absent == ["onnxruntime"] else ""))
 
 
 def _size(path: str) -> int:

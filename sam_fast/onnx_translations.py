@@ -5,7 +5,8 @@ either a plain ATen op (which the exporter translates itself: attention is MatMu
 attention the gather -> attention -> scatter of its segments) or one of the ops below. The W8A8 linears stay
 integer: the activations are quantised per token (or with their calibrated scale) by ``QuantizeLinear``, the
 GEMM is ``MatMulInteger`` (int8 x int8 -> int32) and the epilogue dequantises, so ONNX Runtime and OpenVINO run
-the same integer arithmetic as the C++ and Triton kernels.
+the same integer arithmetic as the C++ and Triton kernels. A rel-pos table a dilated pattern widens is resized by
+``sam_fast::resize_rel_pos``, translated into two gathers and their interpolation weights.
 
 Each function is traced by the exporter (the ``op.*`` calls record nodes; Python arguments that are ONNX
 attributes - flags, dtypes, epsilons - are plain values). The numerics follow
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from onnxscript import FLOAT, INT8, INT32, ir
 from onnxscript import opset18 as op
@@ -129,10 +131,32 @@ def int8_linear(a: INT8, a_scale: FLOAT, w: INT8, w_scale: FLOAT, bias: Optional
     return _epilogue(acc, a_scale, w_scale, bias, activation == "gelu", out_dtype, out_scale)
 
 
+def resize_rel_pos(rel_pos: FLOAT, length: int):
+    """``sam_fast::resize_rel_pos(rel_pos (L, C), length) -> (length, C)``: segment_anything's linear resize
+    (``F.interpolate(mode="linear", align_corners=False)``) as two row gathers and their weights, which depend on L
+    and length only (both fixed when a model is exported): ``w0 * rel_pos[i0] + w1 * rel_pos[i1]``."""
+    L = rel_pos.shape[0] if rel_pos.shape is not None else None
+    if not isinstance(L, int):
+        raise ValueError("sam_fast::resize_rel_pos exports for a table of fixed length only")
+    # float32 throughout, as PyTorch's CPU kernel computes the source positions and weights
+    scale = np.float32(np.float32(L) / np.float32(length))
+    src = np.maximum(scale * (np.arange(length, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), L - 1)
+    i1 = np.minimum(i0 + 1, L - 1)
+    lam = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    w0 = (np.float32(1.0) - lam)[:, None]
+    w1 = lam[:, None]
+    x = op.Cast(rel_pos, to=ir.DataType.FLOAT)
+    rows0 = op.Gather(x, op.Constant(value=ir.tensor(i0)), axis=0)
+    rows1 = op.Gather(x, op.Constant(value=ir.tensor(i1)), axis=0)
+    return op.Add(op.Mul(rows0, op.Constant(value=ir.tensor(w0))), op.Mul(rows1, op.Constant(value=ir.tensor(w1))))
+
+
 def translation_table() -> dict:
     """``{op overload: translation}`` for ``torch.onnx.export(custom_translation_table=...)``; the C++ extension
     is loaded first, so that every ``sam_fast::`` op it defines resolves."""
     from .ops import int8_linear as _int8  # noqa: F401  (registers the ops' schemas and fakes)
+    from .ops import resize_rel_pos as _resize  # noqa: F401
 
     ops = torch.ops.sam_fast
     return {
@@ -141,6 +165,7 @@ def translation_table() -> dict:
         ops.layer_norm_quantize.default: layer_norm_quantize,
         ops.int8_epilogue.default: int8_epilogue,
         ops.int8_linear.default: int8_linear,
+        ops.resize_rel_pos.default: resize_rel_pos,
         torch.ops.aten._int_mm.default: int_mm,
     }
 

@@ -162,7 +162,8 @@ def test_int8_onnx_translations_match_the_reference_on_hostile_rows(tmp_path):
             acc = torch._int_mm(q, w.t())
             y = torch.ops.sam_fast.int8_epilogue(acc, qs, w_scale, bias, True, torch.float32, None)
             y8 = torch.ops.sam_fast.int8_epilogue(acc, qs, w_scale, None, False, torch.int8, s)
-            return q, qs, st, sts, ln, lns, acc, y, y8
+            lin = torch.ops.sam_fast.int8_linear(q, qs, w, w_scale, bias, "gelu", torch.float32, None)
+            return q, qs, st, sts, ln, lns, acc, y, y8, lin
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 32, generator=gen) * 3
@@ -185,8 +186,9 @@ def test_int8_onnx_translations_match_the_reference_on_hostile_rows(tmp_path):
     finite = torch.isfinite(x).all(1)
     acc = ref.int8_mm(q, w)
     want = [q, qs, ref.quantize_static(x, s), ref.static_row_scale(x, s), ln, lns, acc,
-            ref.int8_gemm(q, qs, w, w_scale, bias, "gelu"), ref.int8_gemm(q, qs, w, w_scale, None, None, torch.int8, s)]
-    names = ["q", "scale", "static q", "static scale", "ln q", "ln scale", "acc", "y", "y int8"]
+            ref.int8_gemm(q, qs, w, w_scale, bias, "gelu"), ref.int8_gemm(q, qs, w, w_scale, None, None, torch.int8, s),
+            ref.int8_gemm(q, qs, w, w_scale, bias, "gelu")]
+    names = ["q", "scale", "static q", "static scale", "ln q", "ln scale", "acc", "y", "y int8", "int8_linear"]
     for name, g, e in zip(names, got, want):
         assert g.dtype == e.dtype and g.shape == e.shape, name
         if g.dtype.is_floating_point:
@@ -198,6 +200,25 @@ def test_int8_onnx_translations_match_the_reference_on_hostile_rows(tmp_path):
         else:
             assert torch.equal(g, e), (name, (g != e).nonzero().tolist()[:5], g[g != e][:5], e[g != e][:5])
     assert qs[1] == 1 and torch.isnan(qs[2]) and torch.isnan(qs[3]) and not q[2].any() and not q[3].any()
+
+
+@pytest.mark.parametrize("length", [27, 9, 15])
+def test_resize_rel_pos_translation_matches_segment_anythings_resize(length, tmp_path):
+    """A rel-pos table widened (or narrowed) for a dilated pattern: the ONNX form equals get_rel_pos's resize."""
+    from sam_fast.onnx_translations import translation_table
+    from sam_fast.reference.resize_rel_pos import resize_rel_pos
+
+    class Resize(torch.nn.Module):
+        def forward(self, table):
+            return torch.ops.sam_fast.resize_rel_pos(table, length)
+
+    table = torch.randn(15, 16, generator=torch.Generator().manual_seed(length))
+    program = torch.onnx.export(Resize().eval(), (table,), dynamo=True, custom_translation_table=translation_table(),
+                                verbose=False)
+    path = str(tmp_path / "resize.onnx")
+    program.save(path)
+    (got,) = exporting.onnx_session(path).run(None, {"table": table.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), resize_rel_pos(table, length), rtol=1e-5, atol=4e-6)
 
 
 def test_onnx_decoder_matches_segment_anythings_own_export(tmp_path):

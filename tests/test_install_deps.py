@@ -82,9 +82,12 @@ def test_sam_fast_bench_imports_only_what_pip_install_brings(tmp_path):
     proc = subprocess.run([sys.executable, "-c", BLOCKER, os.path.join(ROOT, "pyproject.toml"), "bench", "--out",
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=900, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    from sam_fast.cli import BENCHES
+    from sam_fast.cli import BENCH_EXTRAS, BENCHES
 
-    assert f"sam-fast bench: {len(BENCHES)} benchmark(s)" in proc.stdout
+    # the benchmarks of optional extras (export: onnxruntime, openvino) are left out, and said so
+    for op, (_, extra) in BENCH_EXTRAS.items():
+        assert f"leaving out {op}" in proc.stdout and f"sam_fast[{extra}]" in proc.stdout
+    assert f"sam-fast bench: {len(BENCHES) - len(BENCH_EXTRAS)} benchmark(s)" in proc.stdout
 
 
 @pytest.mark.whole_program
