@@ -213,6 +213,10 @@ def _check_args(model, path, format, parts, image_size, batch, dtype, overwrite)
     if hooked:
         raise ValueError(f"model has module hooks (on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}): "
                          f"an exported file would run without them; remove them first")
+    forced = sorted({m.backend for m in model.modules() if getattr(m, "backend", "auto") in ("triton", "cuda")})
+    if format == "onnx" and forced:
+        raise ValueError(f"the model was patched with backend={forced[0]!r}: ONNX export traces the CPU paths, so "
+                         f"apply sam_fast with backend='auto' (or 'cpu') before exporting")
     device = _device(model)
     if format == "onnx" and device.type != "cpu":
         raise ValueError(f"ONNX export traces the CPU paths: move the model to the CPU first (it is on {device})")

@@ -339,6 +339,10 @@ def test_export_refuses_before_any_work(tmp_path):
         sam_fast.export(model, 3)
     with pytest.raises(ValueError, match="folder"):
         sam_fast.export(model, tmp_path / "missing" / "e.onnx")
+    forced = tiny_sam()
+    sam_fast.apply(forced, sam_fast.SamFastConfig("exact", backend="triton"))
+    with pytest.raises(ValueError, match="backend='auto'"):
+        sam_fast.export(forced, tmp_path / "e.onnx")
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         sam_fast.export(model, tmp_path / "e.onnx")
