@@ -295,12 +295,16 @@ def export(model: nn.Module, path, *, format: str = "onnx", parts: str = "encode
     """
     dtype = _check_args(model, path, format, parts, image_size, batch, dtype, overwrite)
     _check_installed(format, parts, check)
+    native = _image_size(model)
+    size = image_size or native
+    if size is None:
+        raise ValueError(f"cannot tell {type(model).__name__}'s input size: pass image_size")
+    if native is not None and size != native:
+        raise ValueError(f"image_size={size}, but the model's image encoder takes {native} x {native} images (its "
+                         f"position embedding is fixed to that grid): leave image_size unset")
     files = _targets(path, format, parts, overwrite)
     if parts == "both":
         os.makedirs(os.fspath(path), exist_ok=True)
-    size = image_size or _image_size(model)
-    if size is None:
-        raise ValueError(f"cannot tell {type(model).__name__}'s input size: pass image_size")
     result = ExportResult(format, {}, {}, {}, {}, {})
     for part, target in files.items():
         t0 = time.perf_counter()

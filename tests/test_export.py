@@ -331,6 +331,8 @@ def test_export_refuses_before_any_work(tmp_path):
         sam_fast.export(model, tmp_path / "d.pt2", format="aoti", parts="decoder")
     with pytest.raises(ValueError, match="no decoder"):
         sam_fast.export(model.image_encoder, tmp_path / "d.onnx", parts="decoder")
+    with pytest.raises(ValueError, match="256 x 256"):
+        sam_fast.export(model, tmp_path / "e.onnx", image_size=512)
     with pytest.raises(ValueError, match="dtype"):
         sam_fast.export(model, tmp_path / "e.onnx", dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="model"):
