@@ -167,7 +167,8 @@ def _plot(rows, path):
         bars = ax.bar([i + j * width for i in range(len(cases))], ys, width, label=b, color=f"C{j}")
         for bar, y in zip(bars, ys):
             ax.text(bar.get_x() + bar.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
+    labels = [c.replace(" batch 1", "").replace("px ", "px\n") for c in cases]
+    ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(cases))], labels, fontsize=8)
     ax.set_ylabel("images / s (higher is better)")
     ax.set_title(f"exported encoders on the CPU ({cpu[0]['device']})", fontsize=9)
     ax.legend(fontsize=8)
