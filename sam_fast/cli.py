@@ -477,6 +477,15 @@ def _load_for(path: str, args):
     return load_sam(path, args.model_type, decoder_heads=args.decoder_heads)
 
 
+def _checkpoint_for(command: str, args):
+    """``--checkpoint`` loaded for ``sam-fast command``, or None after saying why on stderr (never a traceback)."""
+    try:
+        return _load_for(args.checkpoint, args)
+    except Exception as exc:
+        print(f"sam-fast {command}: --checkpoint: {_load_error(exc)}", file=sys.stderr)
+        return None
+
+
 def _parse_widths(text: str) -> dict:
     """``embed=384,head_dim=32,mlp=1536`` -> the widths dict of ``sam_fast.compress.prune``."""
     out = {}
@@ -513,10 +522,8 @@ def _prune(args) -> int:
     except (ValueError, TypeError) as exc:  # the arguments: no checkpoint is involved
         print(f"sam-fast prune: {exc}", file=sys.stderr)
         return 2
-    try:
-        model = _load_for(args.checkpoint, args)
-    except Exception as exc:
-        print(f"sam-fast prune: --checkpoint: {_load_error(exc)}", file=sys.stderr)
+    model = _checkpoint_for("prune", args)
+    if model is None:
         return 2
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -559,10 +566,8 @@ def _export(args) -> int:
     except (ValueError, TypeError, OSError) as exc:
         print(f"sam-fast export: {exc}", file=sys.stderr)
         return 2
-    try:
-        sam = _load_for(args.checkpoint, args)
-    except Exception as exc:
-        print(f"sam-fast export: --checkpoint: {_load_error(exc)}", file=sys.stderr)
+    sam = _checkpoint_for("export", args)
+    if sam is None:
         return 2
     sam.eval()
     recorded = getattr(sam, "sam_fast_config", None)
