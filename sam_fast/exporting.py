@@ -508,7 +508,8 @@ def run_file(path, x: torch.Tensor, format: str) -> torch.Tensor:
         session = onnx_session(path)
         return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0])
     with torch.no_grad():
-        out = load_aoti(path, device_index=x.device.index if x.device.type == "cuda" else -1)(x)
+        index = (x.device.index or 0) if x.device.type == "cuda" else -1
+        out = load_aoti(path, device_index=index)(x)
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
