@@ -379,3 +379,22 @@ def test_cli_export_int8_calibrated_with_summary(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--batch", "two",
                  "--decoder-heads", "2"]) == 2
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["exact", "int8"])
+def test_aoti_package_of_a_cuda_model_matches_eager(config, tmp_path):
+    """On a GPU the package's graph holds the Triton ops (as custom ops, called back into Python until they are
+    triton_ops): it must load in this process and match eager."""
+    model = tiny_sam().cuda()
+    sam_fast.apply(model, sam_fast.SamFastConfig("exact", quantize="int8" if config == "int8" else None))
+    path = str(tmp_path / "enc.pt2")
+    result = sam_fast.export(model, path, format="aoti", batch="dynamic")
+    x = exporting.photo_input(model, 256, batch=2, device="cuda")
+    got = exporting.load_aoti(path, device_index=0)(x)
+    want = _encoder_out(model, x)
+    if config == "int8":
+        assert exporting.sqnr_db(got, want) > 40
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert result.checks["encoder"]["sqnr_db"] > 40
