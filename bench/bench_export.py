@@ -77,7 +77,7 @@ def _cpu_rows(rows, prov, quick: bool, tmp: str):
             stats = _interleaved(fns, rounds=3 if quick else 5)
         case = f"{name} {size}px {quant} batch 1"
         for backend, st in stats.items():
-            sqnr = float("inf") if backend == BASELINE else exporting.sqnr_db(outs[backend], want)
+            sqnr = float("inf") if backend == BASELINE else exporting.sqnr_db(want, outs[backend])
             rows.append(dict(prov, op="export_cpu", case=case, backend=backend, mode=quant, metric="img_per_s",
                              value=1e3 / st["median_ms"], export_s=export_s, file_mb=file_mb, sqnr_db=sqnr,
                              note=f"{torch.get_num_threads()} threads; file {file_mb:.0f} MiB, exported in "
@@ -137,7 +137,7 @@ def _gpu_rows(rows, prov, tmp: str):
         case = f"vit_b {size}px bf16 batch 1"
         for backend, fn in fns.items():
             st = measure(fn, dev, warmup_ms=200, rep_ms=1000)
-            sqnr = float("inf") if backend == BASELINE else exporting.sqnr_db(got[backend], want)
+            sqnr = float("inf") if backend == BASELINE else exporting.sqnr_db(want, got[backend])
             rows.append(dict(prov, op="export_gpu", case=case, backend=backend, mode="bf16", metric="img_per_s",
                              value=1e3 / st["median_ms"], export_s=export_s if backend == "aoti" else float("nan"),
                              file_mb=os.path.getsize(path) / 2**20 if backend == "aoti" else float("nan"),

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import math
 import os
 import shutil
 import sys
@@ -45,6 +44,7 @@ from torch import nn
 from ._dispatch import exporting
 from ._files import write_atomic
 from ._hooks import _TRANSFORMERS_CAPTURE, has_hooks
+from .metrics import sqnr_db
 
 FORMATS = ("onnx", "aoti")
 PARTS = ("encoder", "decoder", "both")
@@ -154,16 +154,12 @@ def photo_input(model: nn.Module, image_size: int, batch: int = 1, dtype=torch.f
     """A real photograph (scikit-image's astronaut, then its coffee, camera... for a batch) as the encoder input:
     resized and padded as segment_anything does, normalised with the model's pixel statistics (SAM's for a bare
     encoder). (batch, 3, image_size, image_size)."""
-    import skimage.data as data
-
-    from .images import normalize, resize_pad
+    from .images import normalize, resize_pad, sample_photo
 
     names = ("astronaut", "coffee", "chelsea", "rocket", "camera")
     images, sizes = [], []
     for i in range(batch):
-        a = np.asarray(getattr(data, names[i % len(names)])())
-        a = np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a[..., :3]
-        img, hw = resize_pad(np.ascontiguousarray(a), image_size)
+        img, hw = resize_pad(sample_photo(names[i % len(names)]), image_size)
         images.append(torch.from_numpy(img))
         sizes.append(hw)
     mean, std = _pixel_stats(model)
@@ -494,14 +490,6 @@ def openvino_model(path, batch: Optional[int] = None, precision: str = "f32", th
     return core.compile_model(model, "CPU", config)
 
 
-def sqnr_db(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio of ``got`` against ``want`` in dB (inf when equal)."""
-    want = want.detach().double()
-    noise = float(((got.detach().double() - want) ** 2).sum())
-    signal = float((want ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
-
-
 def run_file(path, x: torch.Tensor, format: str) -> torch.Tensor:
     """An encoder file on ``x`` (ONNX: in ONNX Runtime; AOTI: the package in this process)."""
     if format == "onnx":
@@ -519,7 +507,7 @@ def check_encoder(model, path, image_size: int, format: str, dtype=torch.float32
     with torch.no_grad():
         want = _Encoder(model)(x)
     got = run_file(path, x, format).to(want.device)
-    return {"max_abs": float((got.float() - want.float()).abs().max()), "sqnr_db": sqnr_db(got.float(), want.float())}
+    return {"max_abs": float((got.float() - want.float()).abs().max()), "sqnr_db": sqnr_db(want.float(), got.float())}
 
 
 def decoder_inputs(model, points: int = 3, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -551,4 +539,4 @@ def check_decoder(model, path, points: int = 3) -> Dict[str, float]:
     with torch.no_grad():
         want = SamOnnxModel(model, return_single_mask=False).eval()(
             *(torch.from_numpy(feeds[n]) for n in DECODER_INPUTS))[0]
-    return {"max_abs": float((got - want).abs().max()), "sqnr_db": sqnr_db(got, want)}
+    return {"max_abs": float((got - want).abs().max()), "sqnr_db": sqnr_db(want, got)}

@@ -89,6 +89,19 @@ def list_images(source, name: str = "images") -> List[str]:
     return paths
 
 
+def sample_photo(name: str) -> np.ndarray:
+    """scikit-image's bundled sample photo ``name`` (e.g. ``"astronaut"``, ``"camera"``) as HxWx3 uint8 RGB: a grey
+    one as three equal channels, an alpha channel dropped. Real photographs without a download, for examples,
+    checks and tests."""
+    import skimage.data as data
+
+    a = np.asarray(getattr(data, name)())
+    if a.dtype != np.uint8:
+        raise ValueError(f"skimage.data.{name} is not an 8-bit image ({a.dtype})")
+    a = np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a[..., :3]
+    return np.ascontiguousarray(a)
+
+
 def resize_pad(image: np.ndarray, img_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
     """``image`` (HxWx3 uint8) resized as segment_anything's ``ResizeLongestSide(img_size)`` does and
     zero-padded at the bottom / right: ((3, img_size, img_size) uint8, (h, w) of the resized image)."""

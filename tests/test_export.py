@@ -130,11 +130,11 @@ def test_onnx_encoder_matches_eager_in_onnxruntime_and_openvino(family, family_f
     if int8:
         assert result.ops["encoder"].get("MatMulInteger", 0) == _int8_linears(model) > 0
         fp32 = _encoder_out(original, x)
-        noise = exporting.sqnr_db(want, fp32)  # what W8A8 itself costs, eagerly
+        noise = exporting.sqnr_db(fp32, want)  # what W8A8 itself costs, eagerly
         for what, got in runs.items():
             n = got.shape[0]
-            assert exporting.sqnr_db(got, fp32[:n]) > noise - INT8_EXPORT_MARGIN_DB, what
-            assert exporting.sqnr_db(got, want[:n]) > noise + INT8_EXPORT_MARGIN_DB, what
+            assert exporting.sqnr_db(fp32[:n], got) > noise - INT8_EXPORT_MARGIN_DB, what
+            assert exporting.sqnr_db(want[:n], got) > noise + INT8_EXPORT_MARGIN_DB, what
         return
     assert "MatMulInteger" not in result.ops["encoder"]
     original = original.double()
@@ -294,11 +294,11 @@ def test_aoti_package_runs_in_a_fresh_process_without_sam_fast(tmp_path, cpu_rul
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, three = torch.load(tmp_path / "out.pt")
     want, fp32 = _encoder_out(model, x), _encoder_out(float_model_dilated(float_model), x)
-    noise = exporting.sqnr_db(want, fp32)
+    noise = exporting.sqnr_db(fp32, want)
     assert one.shape == want[:1].shape and three.shape == want.shape
     for got, n in ((one, 1), (three, 3)):
-        assert exporting.sqnr_db(got, fp32[:n]) > noise - INT8_EXPORT_MARGIN_DB
-        assert exporting.sqnr_db(got, want[:n]) > noise + INT8_EXPORT_MARGIN_DB
+        assert exporting.sqnr_db(fp32[:n], got) > noise - INT8_EXPORT_MARGIN_DB
+        assert exporting.sqnr_db(want[:n], got) > noise + INT8_EXPORT_MARGIN_DB
     runner = exporting.load_aoti(path)
     assert "sam_fast._C" in runner.get_metadata()["needs"]
     torch.testing.assert_close(runner(x), three)
@@ -394,7 +394,7 @@ def test_aoti_package_of_a_cuda_model_matches_eager(config, tmp_path):
     got = exporting.load_aoti(path, device_index=0)(x)
     want = _encoder_out(model, x)
     if config == "int8":
-        assert exporting.sqnr_db(got, want) > 40
+        assert exporting.sqnr_db(want, got) > 40
     else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert result.checks["encoder"]["sqnr_db"] > 40
