@@ -33,8 +33,21 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 _TRANSFORMERS_CAPTURE = "transformers.utils.output_capturing"
 
 
-def _user_hooks(hooks: dict) -> bool:
-    return any(getattr(h, "__module__", None) != _TRANSFORMERS_CAPTURE for h in hooks.values())
+def _user_hooks(hooks: dict, sam_fast_own: bool = False) -> bool:
+    """Whether ``hooks`` holds one that is not transformers' output capturing (nor, with ``sam_fast_own``, one of
+    sam_fast's own guards, such as a patched transformers layer's refusal of ``output_attentions``)."""
+    for h in hooks.values():
+        where = getattr(h, "__module__", None) or ""
+        if where != _TRANSFORMERS_CAPTURE and not (sam_fast_own and where.startswith("sam_fast.")):
+            return True
+    return False
+
+
+def has_foreign_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has hooks of its own that neither sam_fast nor transformers' output capturing installed: what
+    an exported graph would run without."""
+    return any(_user_hooks(getattr(m, name, {}), sam_fast_own=True)
+               for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
 def has_hooks(*modules) -> bool:

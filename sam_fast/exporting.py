@@ -43,7 +43,7 @@ from torch import nn
 
 from ._dispatch import exporting
 from ._files import write_atomic
-from ._hooks import _TRANSFORMERS_CAPTURE, has_hooks
+from ._hooks import has_foreign_hooks, has_hooks
 from .metrics import sqnr_db
 
 FORMATS = ("onnx", "aoti")
@@ -205,7 +205,7 @@ def _check_args(model, path, format, parts, image_size, batch, dtype, overwrite)
     if has_hooks(nn.Identity()):
         raise ValueError("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook "
                          "and its kin): an exported file would run without them; remove them first")
-    hooked = [name or type(model).__name__ for name, m in model.named_modules() if _user_hooks(m)]
+    hooked = [name or type(model).__name__ for name, m in model.named_modules() if has_foreign_hooks(m)]
     if hooked:
         raise ValueError(f"model has module hooks (on {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}): "
                          f"an exported file would run without them; remove them first")
@@ -223,17 +223,6 @@ def _check_args(model, path, format, parts, image_size, batch, dtype, overwrite)
     if format == "onnx" and want_dtype != torch.float32:
         raise ValueError(f"ONNX export is float32 (or int8 through sam_fast's W8A8 layers); got {want_dtype}")
     return want_dtype
-
-
-def _user_hooks(m: nn.Module) -> bool:
-    """Whether ``m`` has hooks of its own other than sam_fast's (a patched transformers layer's guard against
-    ``output_attentions``, which a traced graph has no use for) and transformers' output capturing."""
-    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-        for hook in getattr(m, name, {}).values():
-            where = getattr(hook, "__module__", None) or ""
-            if not (where.startswith("sam_fast.") or where == _TRANSFORMERS_CAPTURE):
-                return True
-    return False
 
 
 def _targets(path: str, format: str, parts: str, overwrite: bool) -> Dict[str, str]:
