@@ -55,7 +55,7 @@ def _dilated_attention_fwd_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
     slb, slh, srb, srh, srn, swb, swh, swn,
     H, D, ROWS, COLS, BSEG_H, BSEG_W, RY, RX, NSEG_W, qk_scale,
-    BRANCHES,
+    BRANCHES: tl.constexpr,
     NB: tl.constexpr, BLOCK_M: tl.constexpr, BKY: tl.constexpr, BKX: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DT: tl.constexpr, TAIL: tl.constexpr,
     HAS_REL: tl.constexpr, REL_ROWS: tl.constexpr, SINGLE_KX: tl.constexpr, PADDED: tl.constexpr, PREC: tl.constexpr,
