@@ -16,3 +16,15 @@ def device_arch(device: torch.device) -> str:
         return "cpu"
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
+
+
+def launchable(kernel, traceable: bool = False):
+    """``kernel`` for ``kernel[grid](...)``; with ``traceable`` wrapped by ``torch.library.wrap_triton``, as the
+    bodies of the ``torch.library.triton_op`` forms of the ops launch it: a trace for Inductor (an AOTInductor
+    package) then records the launch itself, and Inductor compiles the kernel into what it writes. Eagerly the
+    wrapped kernel runs as the bare one."""
+    if not traceable:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._arch import COMPILE_OPTIONS, device_arch
+from ._arch import COMPILE_OPTIONS, device_arch, launchable
 
 ACTIVATIONS = {None: 0, "gelu": 1}
 _OUT_FLOAT, _OUT_INT8, _OUT_INT32 = 0, 1, 2
@@ -223,7 +223,10 @@ def heuristic_config(m: int, n: int, k: int) -> dict:
 
 def gemm_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """The tuned entry for this GPU's architecture and (N, K) whose M bucket is nearest to M's (in
-    powers of two), else :func:`heuristic_config`."""
+    powers of two), else :func:`heuristic_config`. A symbolic M (a trace with a dynamic batch, where M is the
+    batch times the tokens) is taken as large: the config of the biggest bucket, with no guard on the batch."""
+    if isinstance(m, torch.SymInt):
+        m = 1 << 20
     entries = [e for e in tuned_table().get(device_arch(device), []) if e["n"] == n and e["k"] == k]
     if not entries:
         return heuristic_config(m, n, k)
@@ -243,7 +246,7 @@ def _rows_config(k: int):
 # ------------------------------------------------------------------------------------------------
 
 
-def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
+def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None, traceable: bool = False):
     """Symmetric int8 quantization of the rows of ``x`` (M, K).
 
     Returns ``(q, scale)``: ``q`` (M, K) int8 and ``scale`` (M,) fp32 per row: each row's own, or with a 0-d fp32
@@ -254,21 +257,20 @@ def quantize_rows(x: torch.Tensor, static_scale: Optional[torch.Tensor] = None):
     static = static_scale is not None
     scale = torch.empty(M, device=x.device, dtype=torch.float32)
     rows, block_k, warps = _rows_config(K)
-    _quantize_rows_kernel[(triton.cdiv(M, rows),)](x, q, scale, static_scale if static else scale, M, K, x.stride(0),
-                                                   q.stride(0),
-                                                   STATIC=static, ROWS=rows, BLOCK_K=block_k, num_warps=warps,
-                                                   **COMPILE_OPTIONS)
+    launchable(_quantize_rows_kernel, traceable)[(triton.cdiv(M, rows),)](
+        x, q, scale, static_scale if static else scale, M, K, x.stride(0), q.stride(0),
+        STATIC=static, ROWS=rows, BLOCK_K=block_k, num_warps=warps, **COMPILE_OPTIONS)
     return q, scale
 
 
 def layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                        eps: float):
+                        eps: float, traceable: bool = False):
     """LayerNorm over the last dim of ``x`` (M, K), then per-token int8: ``(q (M, K) int8, scale (M,))``."""
     M, K = x.shape
     q = torch.empty((M, K), device=x.device, dtype=torch.int8)
     scale = torch.empty(M, device=x.device, dtype=torch.float32)
     rows, block_k, warps = _rows_config(K)
-    _layer_norm_quantize_kernel[(triton.cdiv(M, rows),)](
+    launchable(_layer_norm_quantize_kernel, traceable)[(triton.cdiv(M, rows),)](
         x, weight if weight is not None else x, bias if bias is not None else x, q, scale, M, K,
         x.stride(0), q.stride(0), float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
         ROWS=rows, BLOCK_K=block_k, num_warps=warps, **COMPILE_OPTIONS)
@@ -278,7 +280,7 @@ def layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: O
 def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
               out_dtype: torch.dtype = torch.bfloat16, out_scale: Optional[torch.Tensor] = None,
-              config: Optional[dict] = None) -> torch.Tensor:
+              config: Optional[dict] = None, traceable: bool = False) -> torch.Tensor:
     """``epilogue(a @ w.T)`` for int8 ``a`` (M, K) and ``w`` (N, K).
 
     ``a_scale``: (M,) per-token or 0-d per-tensor fp32; ``w_scale``: (N,) fp32; ``bias``: (N,) or None;
@@ -292,7 +294,7 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     out_mode = {torch.int8: _OUT_INT8, torch.int32: _OUT_INT32}.get(out_dtype, _OUT_FLOAT)
     cfg = dict(config) if config is not None else gemm_config(M, N, K, a.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _int8_gemm_kernel[grid](
+    launchable(_int8_gemm_kernel, traceable)[grid](
         a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
         out_scale if out_scale is not None else w_scale,
         M, N, K, a.stride(0), w.stride(0), c.stride(0),

@@ -124,6 +124,13 @@ def aoti_export() -> bool:
     return export_target() == "aoti"
 
 
+def triton_op_wanted(t: torch.Tensor) -> bool:
+    """Whether a Triton op on ``t`` runs in its ``torch.library.triton_op`` form: in a trace for an AOTInductor
+    package of CUDA tensors, where Inductor compiles the kernels into the package. Everywhere else the ops are
+    ``custom_op``s, which the Triton interpreter (CPU tests) and torch.compile's opaque-op path serve."""
+    return aoti_export() and t.device.type == "cuda"
+
+
 @contextlib.contextmanager
 def exporting(target: str):
     """Trace for ``target`` (one of :data:`EXPORT_TARGETS`) inside the ``with`` block (this thread)."""

@@ -14,8 +14,10 @@ transformers' ``SamModel``) and / or its prompt encoder + mask decoder:
 * ``format="aoti"``: ``torch.export`` then ``torch._inductor.aoti_compile_and_package`` into a ``.pt2`` package. On
   the CPU the C++ kernels of ``sam_fast._C`` (the SAM block attention, the rel-pos attention, the fused linear
   epilogues, the int8 quantisation and epilogue) are in the graph and the package calls them through PyTorch's
-  dispatcher, so the library must be loaded in the process that runs it: :func:`load_aoti` does that. No Python
-  kernel of sam_fast runs from a package.
+  dispatcher, so the library must be loaded in the process that runs it: :func:`load_aoti` does that. On a GPU the
+  Triton ops are traced in their ``torch.library.triton_op`` forms (:func:`sam_fast._dispatch.triton_op_wanted`), so
+  Inductor compiles the kernels themselves into the package, which then needs torch alone. No Python kernel of
+  sam_fast runs from a package.
 
 Before any work, :func:`export` refuses what it could not export faithfully: a model with module hooks (they would
 not be in the file), a model in training mode, an ONNX export of a model on a GPU, an output that exists (unless
@@ -351,7 +353,7 @@ def _export_encoder(model, target, format, size, batch, dtype) -> Dict[str, int]
     ops = collections.Counter(_op_name(n.target) for n in ep.graph.nodes if n.op == "call_function")
     from . import __version__
 
-    metadata = {"sam_fast_version": __version__, "needs": "sam_fast._C (sam_fast.exporting.load_aoti loads it)",
+    metadata = {"sam_fast_version": __version__, "needs": _package_needs(ops),
                 "input": f"image ({'B' if batch == 'dynamic' else batch}, 3, {size}, {size}) {dtype}"}
 
     def write(tmp):
@@ -360,6 +362,15 @@ def _export_encoder(model, target, format, size, batch, dtype) -> Dict[str, int]
 
     write_atomic(target, write)
     return dict(ops)
+
+
+def _package_needs(ops) -> str:
+    """What a process must load to run the package: ``sam_fast._C`` where the graph calls the C++ kernels (CPU models;
+    a mutating op shows as ``auto_functionalized``), nothing but torch where all of it is Inductor's code and the
+    Triton kernels it compiled into the package (the ``sam_fast::triton_*`` ops of a CUDA model)."""
+    cpp = [op for op in ops if op == "auto_functionalized"
+           or (op.startswith("sam_fast.") and not op.startswith("sam_fast.triton_"))]
+    return "sam_fast._C (sam_fast.exporting.load_aoti loads it)" if cpp else "torch"
 
 
 def _op_name(target) -> str:
@@ -430,9 +441,9 @@ def _onnx_ops(path: str) -> Dict[str, int]:
 
 
 def load_aoti(path, device_index: int = -1):
-    """Load an AOTInductor package :func:`export` wrote, with ``sam_fast._C`` (the C++ kernels its graph calls)
-    loaded first. Returns the callable ``runner(image) -> image_embeddings``; ``runner.get_metadata()`` tells what
-    it was exported from."""
+    """Load an AOTInductor package :func:`export` wrote, with ``sam_fast._C`` (the C++ kernels a CPU package's graph
+    calls) loaded first. Returns the callable ``runner(image) -> image_embeddings``; ``runner.get_metadata()`` tells
+    what it was exported from and what it needs (``"needs"``)."""
     from .ops._ext import extension_error
 
     why = extension_error()

@@ -8,8 +8,10 @@ eager int8 one (a value on a rounding tie may quantise to the neighbouring integ
 one integer MatMul per int8 linear.
 """
 
+import collections
 import copy
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -264,6 +266,23 @@ def test_onnx_decoder_matches_segment_anythings_own_export(tmp_path):
             assert np.abs(z - y).max() <= 1e-5 * scale + 1e-6, (name, points, size)
 
 
+def _run_in_fresh_process(path, x, tmp_path, load_library=None, device_index=-1):
+    """The package at ``path`` run on ``x[:1]`` and ``x`` in a new Python process that never imports sam_fast (after
+    ``torch.ops.load_library(load_library)`` where given)."""
+    torch.save(x.cpu(), tmp_path / "x.pt")
+    code = ("import sys, torch\n"
+            + (f"torch.ops.load_library({load_library!r})\n" if load_library else "")
+            + f"run = torch._inductor.aoti_load_package({path!r}, device_index={device_index})\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}).to({str(x.device)!r})\n"
+            "outs = [run(x[:1]).cpu(), run(x).cpu()]\n"
+            f"torch.save(outs, {str(tmp_path / 'out.pt')!r})\n"
+            "assert 'sam_fast' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [t.to(x.device) for t in torch.load(tmp_path / "out.pt")]
+
+
 @pytest.mark.whole_program
 def test_aoti_package_runs_in_a_fresh_process_without_sam_fast(tmp_path, cpu_rules):
     """A dilated int8 encoder (exact attention in its window blocks) as an AOTInductor package: its graph calls
@@ -280,19 +299,8 @@ def test_aoti_package_runs_in_a_fresh_process_without_sam_fast(tmp_path, cpu_rul
     assert ops.get("sam_fast.quantize_per_token.default", 0) + ops.get("sam_fast.layer_norm_quantize.default", 0) \
         == _int8_linears(model) > 0
     x = exporting.photo_input(model, 256, batch=3)
-    torch.save(x, tmp_path / "x.pt")
     lib = glob.glob(os.path.join(os.path.dirname(sam_fast.__file__), "_C*.so"))[0]
-    code = ("import sys, torch\n"
-            f"torch.ops.load_library({lib!r})\n"
-            f"run = torch._inductor.aoti_load_package({path!r})\n"
-            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-            "outs = [run(x[:1]), run(x)]\n"
-            f"torch.save(outs, {str(tmp_path / 'out.pt')!r})\n"
-            "assert 'sam_fast' not in sys.modules\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, three = torch.load(tmp_path / "out.pt")
+    one, three = _run_in_fresh_process(path, x, tmp_path, load_library=lib)
     want, fp32 = _encoder_out(model, x), _encoder_out(float_model_dilated(float_model), x)
     noise = exporting.sqnr_db(fp32, want)
     assert one.shape == want[:1].shape and three.shape == want.shape
@@ -302,6 +310,39 @@ def test_aoti_package_runs_in_a_fresh_process_without_sam_fast(tmp_path, cpu_rul
     runner = exporting.load_aoti(path)
     assert "sam_fast._C" in runner.get_metadata()["needs"]
     torch.testing.assert_close(runner(x), three)
+
+
+TRACE_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aoti_cuda_trace_worker.py")
+#: what each Triton kernel of an encoder writes: its outputs, nothing it reads
+KERNEL_OUTPUTS = {"_dilated_attention_fwd_kernel": ["LSE", "O"], "_int8_gemm_kernel": ["c_ptr"],
+                  "_quantize_rows_kernel": ["q_ptr", "scale_ptr"],
+                  "_layer_norm_quantize_kernel": ["q_ptr", "scale_ptr"]}
+
+
+def test_aoti_trace_of_a_cuda_model_compiles_the_triton_kernels_into_the_package():
+    """A CUDA model's trace for an AOTInductor package (a dilated int8 encoder, and an exact one with calibrated
+    int8) holds the ``triton_op`` forms of the Triton ops and nothing that calls back into Python; lowered as Inductor
+    lowers it, every op becomes Triton launches whose kernels compile to TTIR for sm_90 with the arguments they get
+    (Inductor's analysis then knows exactly which tensors each writes: its outputs). Run in a process without the
+    interpreter, on fake CUDA tensors (tests/aoti_cuda_trace_worker.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, TRACE_WORKER], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert sorted(report) == ["dilated_int8", "exact_int8_calibrated"]
+    for name, got in report.items():
+        exported = got["exported"]
+        assert exported and all(op.startswith("sam_fast.triton_") for op in exported), (name, exported)
+        assert got["lowered"] == {}, (name, got["lowered"])  # no sam_fast op left: all of it is Triton launches
+        kernels = collections.Counter(kernel for kernel, _ in got["launches"])
+        assert set(kernels) == set(KERNEL_OUTPUTS), (name, kernels)
+        # one GEMM per int8 linear, each fed by one quantisation (or an int8 output of the GEMM before it)
+        gemms = exported["sam_fast.triton_int8_linear.default"]
+        assert kernels["_int8_gemm_kernel"] == gemms == 16
+        assert kernels["_quantize_rows_kernel"] + kernels["_layer_norm_quantize_kernel"] <= gemms
+        assert kernels["_dilated_attention_fwd_kernel"] >= exported["sam_fast.triton_dilated_attention_fwd.default"]
+        for kernel, writes in got["launches"]:
+            assert writes == KERNEL_OUTPUTS[kernel], (name, kernel, writes)
 
 
 def float_model_dilated(model):
@@ -382,19 +423,29 @@ def test_cli_export_int8_calibrated_with_summary(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", ["exact", "int8"])
-def test_aoti_package_of_a_cuda_model_matches_eager(config, tmp_path):
-    """On a GPU the package's graph holds the Triton ops (as custom ops, called back into Python until they are
-    triton_ops): it must load in this process and match eager."""
-    model = tiny_sam().cuda()
-    sam_fast.apply(model, sam_fast.SamFastConfig("exact", quantize="int8" if config == "int8" else None))
+@pytest.mark.parametrize("config", ["exact", "dilated_int8"])
+def test_aoti_package_of_a_cuda_model_runs_with_torch_alone(config, tmp_path):
+    """On a GPU the package holds the Triton kernels themselves (the ops' triton_op forms): a fresh process with torch
+    alone (no sam_fast, no sam_fast._C) runs it at batch 1 and 2 through the dynamic axis, matching eager."""
+    model = tiny_sam().cuda().eval()
+    if config == "exact":
+        sam_fast.apply(model, sam_fast.SamFastConfig("exact"))
+    else:
+        sam_fast.apply(model, sam_fast.SamFastConfig(DILATED, quantize="int8"))
     path = str(tmp_path / "enc.pt2")
     result = sam_fast.export(model, path, format="aoti", batch="dynamic")
+    ops = result.ops["encoder"]
+    assert all(op.startswith("sam_fast.triton_") for op in ops if op.startswith("sam_fast")), ops
+    assert ops.get("sam_fast.triton_dilated_attention_fwd.default", 0) > 0
     x = exporting.photo_input(model, 256, batch=2, device="cuda")
-    got = exporting.load_aoti(path, device_index=0)(x)
+    one, two = _run_in_fresh_process(path, x, tmp_path, device_index=0)
     want = _encoder_out(model, x)
-    if config == "int8":
-        assert exporting.sqnr_db(want, got) > 40
-    else:
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert one.shape == want[:1].shape and two.shape == want.shape
+    for got, n in ((one, 1), (two, 2)):
+        if config == "exact":
+            torch.testing.assert_close(got, want[:n], rtol=1e-4, atol=1e-4)
+        else:
+            assert exporting.sqnr_db(want[:n], got) > 40
+    runner = exporting.load_aoti(path, device_index=0)
+    assert runner.get_metadata()["needs"] == "torch"
     assert result.checks["encoder"]["sqnr_db"] > 40

@@ -24,6 +24,10 @@ NO_TENSORS = {"sam_fast::parallel_threads", "sam_fast::cpu_features"}
 #: the Triton ops run under the interpreter here: the schema and fake checks, not opcheck's repeated AOT runs
 #: (test_dilated_attention_sam.py opchecks the forward with autograd as well)
 TRITON = ("test_schema", "test_faketensor")
+#: the ``triton_op`` forms of the Triton ops (what a trace for an AOTInductor package of a CUDA model calls): the schema
+#: check alone, as their fakes are their bodies on fake tensors, which the interpreter cannot run
+#: (test_export.py lowers them as Inductor does, for sm_90, in a process without the interpreter)
+TRITON_OP = ("test_schema",)
 #: ops with an output whose size depends on the data: a fake cannot make its AOT graph
 DYNAMIC = ("test_schema", "test_faketensor")
 
@@ -70,6 +74,15 @@ def _cases():
         "sam_fast::int8_linear": [((xq, torch.rand(9, generator=g), w8, ws, None, "gelu", torch.float32, None),
                                    TRITON)],
         "sam_fast::dilated_attention_fwd": [((q, k, v, geom, None, None, None, None, 0.3), TRITON)],
+        "sam_fast::triton_dilated_attention_fwd": [((q, k, v, geom, None, None, None, None, 0.3), TRITON_OP)],
+        "sam_fast::triton_quantize_per_token": [((x,), TRITON_OP)],
+        "sam_fast::triton_quantize_static": [((x, torch.tensor(0.05)), TRITON_OP)],
+        "sam_fast::triton_layer_norm_quantize": [((x, randn(32), randn(32), 1e-6), TRITON_OP),
+                                                 ((x, None, None, 1e-5), TRITON_OP)],
+        "sam_fast::triton_int8_linear": [((xq, torch.rand(9, generator=g), w8, ws, randn(16), "gelu", torch.bfloat16,
+                                          None), TRITON_OP),
+                                         ((xq, torch.tensor(0.02), w8, ws, None, None, torch.int8, torch.tensor(0.1)),
+                                          TRITON_OP)],
         "sam_fast::dilated_attention_bwd": [((randn(1, 20, 2, 8), q, k, v, out, lse, None, geom, None, None, None,
                                               None, 0.3), TRITON)],
         "sam_fast::small_key_attention": [((randn(2, 40, 32), torch.tensor([0, 0, 1]), randn(3, 5, 32),
@@ -110,3 +123,14 @@ def test_every_registered_op_has_a_case():
     missing = sorted(names - NO_TENSORS - set(CASES))
     assert not missing, f"ops without an opcheck case: {missing}"
     assert NO_TENSORS <= names
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n.startswith("sam_fast::triton_")))
+def test_triton_op_form_computes_what_the_op_does(name):
+    """Each ``triton_op`` form gives what its op gives on the same inputs: the dilated forward and the int8 GEMM the
+    same Triton kernels' results, the quantisations the C++ kernels' (one schema serves both: the same integers, and
+    scales within an ulp, as the C++ LayerNorm sums its statistics in another order)."""
+    twin = getattr(torch.ops.sam_fast, name.split("::")[1]).default
+    op = getattr(torch.ops.sam_fast, name.split("::triton_")[1]).default
+    for args, _ in CASES[name]:
+        torch.testing.assert_close(twin(*args), op(*args), rtol=1e-6, atol=0)

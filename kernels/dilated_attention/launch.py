@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from .._arch import COMPILE_OPTIONS
+from .._arch import COMPILE_OPTIONS, launchable
 from .._tl import precision as _precision
 from .._tl import upcast as _upcast
 from . import tuning as _tuning  # by module: the tuner spies on tuning.config_for
@@ -36,9 +36,11 @@ def dilated_attention_fwd(
     pad_k: Optional[torch.Tensor],
     pad_v: Optional[torch.Tensor],
     scale: float,
+    traceable: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of a whole pattern (``geometry`` from :func:`encode_pattern`).
-    Returns (out (B, N, H, D), lse (B, H, N) fp32, natural log)."""
+    Returns (out (B, N, H, D), lse (B, H, N) fp32, natural log). ``traceable``: launch through
+    :func:`~sam_fast.kernels._arch.launchable` (the body of the op's ``triton_op`` form)."""
     B, N, H, D = q.shape
     tokens, branches = decode_pattern(geometry)
     groups = plan_groups(branches)
@@ -59,7 +61,7 @@ def dilated_attention_fwd(
             rel_offs = None
         qh, qw = group.class_extent(False)
         grid = (triton.cdiv(qh * qw, cfg["BLOCK_M"]), group.n_class_tiles(), B * H)
-        _dilated_attention_fwd_kernel[grid](
+        launchable(_dilated_attention_fwd_kernel, traceable)[grid](
             q, k, v, out, lse, rh, rw, pk, pv,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

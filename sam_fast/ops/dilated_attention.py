@@ -5,9 +5,11 @@ Layers: the Triton launchers in :mod:`sam_fast.kernels.dilated_attention` are re
 autograd; :func:`dilated_attention` validates, picks a backend (``auto | triton | cuda | cpu |
 reference``) and runs it. The plain-PyTorch reference is :mod:`sam_fast.reference.dilated_attention`.
 
-The ops are ``torch.library.custom_op``s (opaque to torch.compile) rather than ``triton_op``s: a
-``triton_op`` is traced into by AOTAutograd, which cannot run a kernel under ``TRITON_INTERPRET=1``,
-so neither ``opcheck`` nor a compiled model could be tested on a CPU machine.
+The ops are ``torch.library.custom_op``s (opaque to torch.compile): a ``triton_op`` is traced into by
+AOTAutograd, which cannot run a kernel under ``TRITON_INTERPRET=1``, so neither ``opcheck`` nor a compiled model
+could be tested on a CPU machine. The forward also exists as the ``triton_op``
+``sam_fast::triton_dilated_attention_fwd``, which a trace for an AOTInductor package of a CUDA model calls instead, so
+that the package holds the compiled kernel.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import numbers
 from typing import List, Optional, Tuple
 
 import torch
+from torch.library import triton_op
 
-from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
+from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal, triton_op_wanted
 from ..kernels import dilated_attention as _k
 from ..pattern import ResolvedBranch, check_grid, resolve_pattern
 from ..reference.dilated_attention import dilated_attention_reference
@@ -88,6 +91,18 @@ def _backward(ctx, dout, dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@triton_op("sam_fast::triton_dilated_attention_fwd", mutates_args=())
+def _fwd_twin(
+    q: Tensor, k: Tensor, v: Tensor, geometry: List[int],
+    rel_pos_h: Optional[Tensor], rel_pos_w: Optional[Tensor],
+    pad_k: Optional[Tensor], pad_v: Optional[Tensor], scale: float,
+) -> Tuple[Tensor, Tensor]:
+    """The forward as a ``triton_op``, for AOTInductor packages of CUDA models
+    (:func:`sam_fast._dispatch.triton_op_wanted`): Inductor sees its launches and compiles the kernel into the
+    package. Inference only (an export traces without autograd)."""
+    return _k.dilated_attention_fwd(q, k, v, geometry, rel_pos_h, rel_pos_w, pad_k, pad_v, scale, traceable=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Backends
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +131,8 @@ def _triton_run(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv):
     tokens = grid if grid is not None else (1, q.shape[1])
     geometry = _k.encode_pattern(*tokens, [(br.rows, br.cols, *br.seg, *br.dil) for br in branches])
     pad_k, pad_v = pad_kv if pad_kv is not None else (None, None)
-    return _fwd_op(q, k, v, geometry, rel_pos_h, rel_pos_w, pad_k, pad_v, float(scale))
+    op = _fwd_twin if triton_op_wanted(q) else _fwd_op
+    return op(q, k, v, geometry, rel_pos_h, rel_pos_w, pad_k, pad_v, float(scale))
 
 
 def _reference_run(q, k, v, branches, grid, rel_pos_h, rel_pos_w, scale, pad_kv):

@@ -28,9 +28,10 @@ import weakref
 from typing import Optional, Tuple
 
 import torch
+from torch.library import triton_op
 
 from .. import cpu_features, cpu_policy
-from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
+from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal, triton_op_wanted
 from ..kernels import int8_linear as _k
 from ..kernels._cache import persistent
 from ..reference import int8_linear as _ref
@@ -102,6 +103,34 @@ def _(a, a_scale, w, w_scale, bias, activation, out_dtype, out_scale):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
+# The same four CUDA kernels as ``torch.library.triton_op``s, for AOTInductor packages of CUDA models (see
+# :func:`sam_fast._dispatch.triton_op_wanted`): Inductor traces their bodies, sees the Triton launches and compiles
+# the kernels into the package, which then needs neither Python nor sam_fast. Their fakes are their bodies run on fake
+# tensors, which the Triton interpreter cannot do: CPU tests and torch.compile keep the custom ops above.
+
+
+@triton_op("sam_fast::triton_quantize_per_token", mutates_args=())
+def _quantize_per_token_twin(x: Tensor) -> Tuple[Tensor, Tensor]:
+    return _k.quantize_rows(x, traceable=True)
+
+
+@triton_op("sam_fast::triton_quantize_static", mutates_args=())
+def _quantize_static_twin(x: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    return _k.quantize_rows(x, scale, traceable=True)
+
+
+@triton_op("sam_fast::triton_layer_norm_quantize", mutates_args=())
+def _layer_norm_quantize_twin(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                              eps: float) -> Tuple[Tensor, Tensor]:
+    return _k.layer_norm_quantize(x, weight, bias, eps, traceable=True)
+
+
+@triton_op("sam_fast::triton_int8_linear", mutates_args=())
+def _int8_gemm_twin(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                    activation: Optional[str], out_dtype: torch.dtype, out_scale: Optional[Tensor]) -> Tensor:
+    return _k.int8_gemm(a, a_scale, w, w_scale, bias, activation, out_dtype, out_scale, traceable=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Backends
 # ------------------------------------------------------------------------------------------------
@@ -162,30 +191,35 @@ def _any_supports(*args, explicit, **kwargs):
     return None
 
 
-def _on_device(op, launcher):
-    """The op (its CUDA kernel, the Triton launcher) for CUDA tensors; the launcher itself under the Triton
-    interpreter, since the op's CPU kernel is the C++ one. While torch.compile traces, the op whatever the device
-    (a traced graph holds ops, not launchers): on CPU tensors the C++ kernel then runs, with the same numerics."""
+def _on_device(op, launcher, twin):
+    """The op (its CUDA kernel, the Triton launcher) for CUDA tensors, or its ``triton_op`` form ``twin`` in a trace
+    for an AOTInductor package; the launcher itself under the Triton interpreter, since the op's CPU kernel is the
+    C++ one. While torch.compile traces, the op whatever the device (a traced graph holds ops, not launchers): on CPU
+    tensors the C++ kernel then runs, with the same numerics."""
     def run(x, *args):
+        if triton_op_wanted(x):
+            return twin(x, *args)
         if x.device.type == "cuda" or torch.compiler.is_compiling():
             return op(x, *args)
         return launcher(x, *args)
     return run
 
 
-def _table(triton_supports, op, launcher, reference_run):
+def _table(triton_supports, op, launcher, twin, reference_run):
     """The op's CPU kernel (C++) and its CUDA one (Triton) share one schema, ``op``."""
     return (
-        Backend("triton", triton_supports, _on_device(op, launcher)),
+        Backend("triton", triton_supports, _on_device(op, launcher, twin)),
         Backend("cpu", _cpu_supports, op),
         Backend("reference", _any_supports, reference_run),
     )
 
 
-_QUANT_TABLE = _table(_rows_supports, _quantize_per_token_op, _k.quantize_rows, _ref.quantize_per_token)
-_LN_TABLE = _table(_rows_supports, _layer_norm_quantize_op, _k.layer_norm_quantize, _ref.layer_norm_quantize)
-_quantize_triton = _on_device(_quantize_per_token_op, _k.quantize_rows)
-_quantize_static_triton = _on_device(_quantize_static_op, _k.quantize_rows)
+_QUANT_TABLE = _table(_rows_supports, _quantize_per_token_op, _k.quantize_rows, _quantize_per_token_twin,
+                      _ref.quantize_per_token)
+_LN_TABLE = _table(_rows_supports, _layer_norm_quantize_op, _k.layer_norm_quantize, _layer_norm_quantize_twin,
+                   _ref.layer_norm_quantize)
+_quantize_triton = _on_device(_quantize_per_token_op, _k.quantize_rows, _quantize_per_token_twin)
+_quantize_static_triton = _on_device(_quantize_static_op, _k.quantize_rows, _quantize_static_twin)
 
 
 def _linear_triton_supports(x, x_scale, w, *args, explicit, **kwargs):
@@ -271,7 +305,8 @@ def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_sca
 def _linear_triton_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
     if x.dtype != torch.int8:
         x, x_scale = _quantize_triton(x) if x_scale is None else _quantize_static_triton(x, x_scale)
-    return _int8_gemm_op(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale)
+    gemm = _int8_gemm_twin if triton_op_wanted(x) else _int8_gemm_op
+    return gemm(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale)
 
 
 def _linear_reference_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
