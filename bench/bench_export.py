@@ -9,8 +9,8 @@ the file's size and the runtime's SQNR against the eager model. --quick: a tiny 
 
 GPU (op ``export_gpu``, when CUDA is present; ``--targets``: the same, ViT-B only): ViT-B at 1024 px, bf16, batch
 1 - eager sam_fast, ``torch.compile`` of it, and the AOTInductor package of it (``format="aoti"``); op
-``cold_start``: seconds from a fresh process's start to its first embedding, for the package (load + first call)
-and for ``torch.compile`` (build, apply, compile, first call), in subprocesses.
+``cold_start``: seconds from a fresh process's start to its first embedding, for the package (torch alone: load +
+first call) and for ``torch.compile`` (build, apply, compile, first call), in subprocesses.
 
     python bench/bench_export.py [--out bench/results] [--quick]
 """
@@ -90,9 +90,8 @@ t0 = time.perf_counter()
 import torch
 mode, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 x = torch.randn(1, 3, size, size, device="cuda", dtype=torch.bfloat16)
-if mode == "aoti":
-    import sam_fast.exporting as e
-    run = e.load_aoti(path, device_index=0)
+if mode == "aoti":  # the package of a CUDA model holds its kernels: torch alone loads it (no sam_fast import)
+    run = torch._inductor.aoti_load_package(path, device_index=0)
     out = run(x)
 else:
     import sam_fast
