@@ -425,7 +425,7 @@ def test_cli_export_int8_calibrated_with_summary(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", ["exact", "dilated_int8"])
+@pytest.mark.parametrize("config", ["exact", pytest.param("dilated_int8", marks=pytest.mark.smoke)])
 def test_aoti_package_of_a_cuda_model_runs_with_torch_alone(config, tmp_path):
     """On a GPU the package holds the Triton kernels themselves (the ops' triton_op forms): a fresh process with torch
     alone (no sam_fast, no sam_fast._C) runs it at batch 1 and 2 through the dynamic axis, matching eager."""
