@@ -112,10 +112,10 @@ def provenance(device: torch.device) -> Dict[str, str]:
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-    else:
-        import platform
+    else:  # the model and its instruction sets: which CPU path ran depends on them
+        from sam_fast.cpu_features import describe
 
-        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        name = f"cpu ({describe()})"
     return {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),

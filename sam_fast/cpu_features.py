@@ -23,7 +23,7 @@ import os
 
 import torch
 
-__all__ = ["env_flag", "switched_off", "avx512", "amx", "disable"]
+__all__ = ["env_flag", "switched_off", "avx512", "amx", "disable", "describe"]
 
 AVX512, AMX = 1, 2  # the bits of the C++ mask (csrc/cpu/cpu.h)
 _OFF_WORDS = ("", "0", "false", "no", "off")
@@ -87,3 +87,37 @@ def disable(*, avx512: bool = False, amx: bool = False):
         yield
     finally:
         _mask(before)
+
+
+#: /proc/cpuinfo flags -> the names :func:`describe` gives them (the instruction sets the CPU paths choose between)
+_FLAGS = (("avx512f", "avx512"), ("avx512_vnni", "vnni"), ("avx512_bf16", "avx512-bf16"), ("amx_bf16", "amx-bf16"),
+          ("amx_int8", "amx-int8"))
+
+
+@functools.lru_cache(maxsize=None)
+def describe() -> str:
+    """This CPU in one line for benchmark rows: its model name and the instruction sets that decide the CPU paths,
+    e.g. ``"AMD EPYC 9R14, 2 cores; avx512 vnni avx512-bf16"`` (``"no avx512"`` without them). Linux reads
+    /proc/cpuinfo; elsewhere the platform's processor name and PyTorch's capability stand in."""
+    import platform
+
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not name:
+                    name = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    if flags:
+        features = [label for flag, label in _FLAGS if flag in flags]
+    else:
+        features = [_cpu_capability().lower()] if _cpu_capability() else []
+    return f"{name}, {os.cpu_count()} cores; {' '.join(features) or 'no avx512'}"

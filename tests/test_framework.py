@@ -1,5 +1,6 @@
 """Package install, lean import, and the backend dispatch mechanism."""
 
+import io
 import os
 import subprocess
 import sys
@@ -226,6 +227,34 @@ def test_cpu_features_switch_in_process_and_come_back():
     with pytest.raises(TypeError, match="avx512 must be a bool"):
         with cpu_features.disable(avx512="yes"):
             pass
+
+
+def test_cpu_description_names_the_instruction_sets_the_paths_choose_by(monkeypatch):
+    """Benchmark rows say which CPU measured them: its model name, core count and the instruction sets that decide
+    the CPU paths, as /proc/cpuinfo lists them (read from a file like it here, since CI's CPU differs)."""
+    import builtins
+
+    from sam_fast import cpu_features
+
+    real_open = builtins.open
+    info = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+            "flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+            "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu\n")
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            return io.StringIO(info)
+        return real_open(path, *args, **kwargs)
+
+    cpu_features.describe.cache_clear()
+    monkeypatch.setattr(builtins, "open", fake_open)
+    try:
+        got = cpu_features.describe()
+    finally:
+        monkeypatch.undo()
+        cpu_features.describe.cache_clear()
+    assert got == f"Intel(R) Xeon(R) Platinum 8480+, {os.cpu_count()} cores; avx512 vnni avx512-bf16 amx-bf16 amx-int8"
+    assert cpu_features.describe().count(";") == 1  # this machine's own line
 
 
 def test_cpu_policy_is_one_frozen_checked_object():
