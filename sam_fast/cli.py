@@ -82,7 +82,7 @@ BENCHES = {"attention": "bench_dilated_attention_sam", "dilated": "bench_dilated
            "relpos": "bench_resize_rel_pos",
            "int8": "bench_int8_linear", "e2e": "bench_e2e", "decoder": "bench_decoder",
            "everything": "bench_everything", "distill": "bench_distill", "prune": "bench_prune",
-           "export": "bench_export"}
+           "export": "bench_export", "runtimes": "bench_cpu_runtimes"}
 
 
 def _interpreter_for_bench(argv) -> None:
@@ -95,7 +95,8 @@ def _interpreter_for_bench(argv) -> None:
 
 
 #: benchmarks that need an optional extra: op -> (modules, the extra)
-BENCH_EXTRAS = {"export": (("onnx", "onnxscript", "onnxruntime", "openvino"), "export")}
+BENCH_EXTRAS = {"export": (("onnx", "onnxscript", "onnxruntime", "openvino"), "export"),
+                "runtimes": (("onnx", "onnxscript", "onnxruntime", "openvino"), "export")}
 
 
 def _missing_extras(ops) -> dict:

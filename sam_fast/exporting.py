@@ -455,8 +455,10 @@ def load_aoti(path, device_index: int = -1):
     return torch._inductor.aoti_load_package(path, device_index=device_index)
 
 
-def onnx_session(path, threads: Optional[int] = None):
-    """An ONNX Runtime CPU session on ``path`` (``threads``: intra-op threads, default ONNX Runtime's)."""
+def onnx_session(path, threads: Optional[int] = None, spinning: bool = True):
+    """An ONNX Runtime CPU session on ``path`` (``threads``: intra-op threads, default ONNX Runtime's). With
+    ``spinning=False`` its worker threads sleep between runs instead of spinning (ONNX Runtime's default), which
+    would take the cores from whatever runs next in the process (a benchmark's interleaved contenders)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -464,13 +466,16 @@ def onnx_session(path, threads: Optional[int] = None):
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
 def openvino_model(path, batch: Optional[int] = None, precision: str = "f32", threads: Optional[int] = None):
-    """An OpenVINO CPU compiled model of an encoder file, at a fixed ``batch`` when given (the dynamic batch axis
-    reshaped to it: OpenVINO's fastest mode). ``precision``: the CPU plugin's inference precision (``"f32"``:
-    the file's numerics; OpenVINO's own default on CPUs with bf16 arithmetic is bf16).
+    """An OpenVINO CPU compiled model of an encoder file (or of an ``openvino.Model`` read from one, e.g. after NNCF
+    quantised it), at a fixed ``batch`` when given (the dynamic batch axis reshaped to it: OpenVINO's fastest mode).
+    ``precision``: the CPU plugin's inference precision (``"f32"``: the file's numerics; OpenVINO's own default on
+    CPUs with bf16 arithmetic is bf16).
 
     With the batch left dynamic the CPU plugin's executor cache is switched off: with it, OpenVINO 2026.4 reuses a
     reduction's executor across the two branches of a dilated pattern and returns wrong values."""
@@ -479,7 +484,7 @@ def openvino_model(path, batch: Optional[int] = None, precision: str = "f32", th
     except ImportError as exc:
         raise ImportError("running an ONNX file in OpenVINO needs openvino: pip install 'sam_fast[export]'") from exc
     core = ov.Core()
-    model = core.read_model(os.fspath(path))
+    model = path if isinstance(path, ov.Model) else core.read_model(os.fspath(path))
     config = {"INFERENCE_PRECISION_HINT": precision}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads

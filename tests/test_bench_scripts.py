@@ -13,7 +13,7 @@ import pytest
 
 SCRIPTS = ["bench_dilated_attention", "bench_int8_linear", "bench_e2e", "bench_decoder", "bench_everything",
            "bench_resize_rel_pos", "bench_distill", "bench_segment_dataset", "bench_cpu_blocks", "bench_prune",
-           "bench_export"]
+           "bench_export", "bench_cpu_runtimes"]
 # bench_dilated_attention_sam: tests/test_cli_bench.py runs it via `sam-fast bench`
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
