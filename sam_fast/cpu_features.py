@@ -2,10 +2,12 @@
 
 Two paths can be switched off, for the whole process:
 
-* ``avx512``: the C++ kernels' AVX-512 loops, and the choice of the bias-inside attention kernel (which needs them
-  to beat PyTorch's fused kernel); the plain loops run, as on a CPU without AVX-512.
+* ``avx512``: the C++ kernels' AVX-512 loops (AVX512-BF16's dot products among them), and the choice of the
+  bias-inside attention kernel (which needs them to beat PyTorch's fused kernel); the plain loops run, as on a CPU
+  without AVX-512.
 * ``amx``: oneDNN's AMX micro-kernels (bf16 attention GEMMs on VNNI panels, the int8 GEMM with its fused
-  epilogue); bf16 GEMMs then run on row-major operands and int8 GEMMs through ``torch._int_mm``.
+  epilogue); bf16 attention GEMMs then run as AVX512-BF16 dot products where the CPU has them (else on row-major
+  operands through ATen) and int8 GEMMs through ``torch._int_mm``.
 
 The environment decides at start: ``SAM_FAST_CPU_NO_AVX512`` and ``SAM_FAST_CPU_NO_AMX`` switch a path off when set
 to anything but ``""``, ``"0"``, ``"false"``, ``"no"`` or ``"off"``. :func:`disable` changes it in process (tests

@@ -16,8 +16,8 @@ _OP_SHAPES = [(2, 3, 20, 15, 14), (1, 2, 7, 9, 80), (3, 1, 1, 1, 8), (1, 2, 3, 1
 @pytest.mark.parametrize("S,H,ay,ax,D", _OP_SHAPES)
 def test_rel_pos_attention_op_matches_its_reference(S, H, ay, ax, D, dtype, cpu_paths):
     """The kernel with the bias inside its row blocks, float32 and bf16, on each of its paths (``cpu_paths``: with
-    AVX-512 off, the scalar row pass and VNNI packing; with AMX off, bf16 GEMMs on plain row-major operands, as on a
-    CPU without AMX): q, k, v strided (views of one qkv
+    AVX-512 off, the scalar row pass and ATen's bf16 GEMMs on plain row-major operands; with AMX off, the AVX512-BF16
+    dot products on VNNI panels where the CPU has them, as on a CPU without AMX): q, k, v strided (views of one qkv
     tensor); more than one block of rows (300 queries: 256 + 44 in float32; bf16 blocks are shorter still); key
     counts past one 64-key panel with a partial last panel, odd key counts (bf16's VNNI pairs get a zero key),
     odd head dims; masked keys as -inf in rel_h / rel_w, a query row that sees no key at all (out 0, lse -inf);

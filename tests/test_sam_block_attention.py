@@ -72,7 +72,8 @@ def test_sam_block_attention_op_matches_segment_anything(B, grid, heads, D, wind
     """The op against segment_anything's attention in float64 (the tolerance rule, with the same computation in
     the op's dtype as the yardstick): with the padded keys' pad_k / pad_v, and with qkv holding x W^T alone and the
     bias handed to the kernel (the same result as the biased qkv); on each path (``cpu_paths``: the scalar row pass,
-    rel-pos products and VNNI packing with AVX-512 off; bf16 GEMMs on plain row-major operands with AMX off)."""
+    rel-pos products and ATen's bf16 GEMMs on plain row-major operands with AVX-512 off; bf16 GEMMs in AVX512-BF16
+    dot products on VNNI panels with AMX off, where the CPU has them)."""
     qkv, rel_h, rel_w, bias = _inputs(B, grid, heads, D, window, seed=B * 31 + D)
     C = heads * D
     scale = D ** -0.5

@@ -254,6 +254,60 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_v_panel_avx512(co
 }
 #endif
 
+#ifdef SAM_FAST_X86_AVX512
+// C (n, w) = A (n, 2 * K2) times B (2 * K2, w) in AVX512-BF16, for CPUs without AMX: A bf16 row-major (row stride
+// lda), B one VNNI panel as the packers above write it ((K2, ld) 32-bit pairs, ld = w rounded up to 16, at most 64),
+// C float32 (row stride ldc), its w columns overwritten. R rows by NV vectors of 16 columns in registers (4 x 4: 16
+// accumulators, 4 panel vectors, one broadcast pair of A); each step over a pair of the reduction is one vdpbf16ps
+// per accumulator. The products of two bf16 are exact in float32; vdpbf16ps rounds its sums to nearest even and
+// flushes denormals, within the tolerance the bf16 path already has.
+template <int R, int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) inline void dot_rows_bf16(
+    const at::BFloat16* a, int64_t lda, int64_t K2, const uint32_t* B, int64_t ld, int64_t w, float* c,
+    int64_t ldc) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < K2; ++p) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + p * ld + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, 4);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, b[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = std::min<int64_t>(16, w - 16 * v);
+    if (n <= 0) break;
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, m, acc[r][v]);
+  }
+}
+
+template <int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dot_panel_bf16_nv(
+    const at::BFloat16* a, int64_t lda, int64_t n, int64_t K2, const uint32_t* B, int64_t ld, int64_t w, float* c,
+    int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) dot_rows_bf16<4, NV>(a + i * lda, lda, K2, B, ld, w, c + i * ldc, ldc);
+  for (; i < n; ++i) dot_rows_bf16<1, NV>(a + i * lda, lda, K2, B, ld, w, c + i * ldc, ldc);
+}
+
+void dot_panel_bf16(const at::BFloat16* a, int64_t lda, int64_t n, int64_t K2, const at::BFloat16* panel,
+                    int64_t ld, int64_t w, float* c, int64_t ldc) {
+  const uint32_t* B = reinterpret_cast<const uint32_t*>(panel);
+  switch (ld / 16) {
+    case 1: return dot_panel_bf16_nv<1>(a, lda, n, K2, B, ld, w, c, ldc);
+    case 2: return dot_panel_bf16_nv<2>(a, lda, n, K2, B, ld, w, c, ldc);
+    case 3: return dot_panel_bf16_nv<3>(a, lda, n, K2, B, ld, w, c, ldc);
+    default: return dot_panel_bf16_nv<4>(a, lda, n, K2, B, ld, w, c, ldc);
+  }
+}
+#endif
+
 void pack_kt_panel(const at::BFloat16* k, int64_t ldk, int64_t D, int64_t w, int64_t ld, at::BFloat16* out) {
 #ifdef SAM_FAST_X86_AVX512
   if (cpu::avx512()) return pack_kt_panel_avx512(k, ldk, D, w, ld, out);
@@ -320,16 +374,24 @@ class FloatAttend {
   at::Tensor kt_, v_;
 };
 
-// bf16: ATen's batch-reduce GEMM with bf16 operands and a float32 result. Where the CPU has AMX (could_pack),
-// oneDNN's micro-kernel reads B packed in VNNI pairs, in panels of at most 64 columns (the widths its packing
-// takes); keys() packs k^T and v once per segment, and every block of rows reuses them. Elsewhere the same call
-// runs oneDNN's bf16 GEMM on plain row-major B (k^T then a transposed copy). The probabilities are rounded to
-// bf16 for the second GEMM (as PyTorch's fused CPU kernel does).
+// bf16, three ways to the same float32 results. Where the CPU has AMX (could_pack), ATen's batch-reduce GEMM runs
+// oneDNN's micro-kernel on B packed in VNNI pairs, in panels of at most 64 columns (the widths its packing takes);
+// keys() packs k^T and v once per segment, and every block of rows reuses them. Where it has AVX512-BF16 but no AMX,
+// the same panels go through dot_panel_bf16 (vdpbf16ps: twice float32's multiply-adds per instruction; ATen's GEMM
+// there converts to float32 and runs at float32's speed). Elsewhere ATen's GEMM runs on plain row-major B (k^T then a
+// transposed copy). The probabilities are rounded to bf16 for the second GEMM (as PyTorch's fused CPU kernel does).
 class Bf16Attend {
  public:
+  enum class Gemm { kAmx, kDot, kPlain };
+
   Bf16Attend(int64_t bq, int64_t Lk, int64_t D)
-      // (AMX switched off takes the plain GEMM: how the tests reach it on a CPU with AMX)
-      : vnni_(cpu::amx(at::kBFloat16) && D % 2 == 0),
+      // (AMX switched off takes the dot-product path, AVX-512 switched off the plain GEMM: how the tests reach each
+      // on a CPU that has more)
+      : gemm_(D % 2 != 0                    ? Gemm::kPlain
+              : cpu::amx(at::kBFloat16)     ? Gemm::kAmx
+              : cpu::avx512_bf16()          ? Gemm::kDot
+                                            : Gemm::kPlain),
+        vnni_(gemm_ != Gemm::kPlain),
         Lk_(Lk),
         D_(D),
         // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
@@ -345,7 +407,7 @@ class Bf16Attend {
   Bf16Attend& operator=(const Bf16Attend&) = delete;
 
   ~Bf16Attend() {
-    if (vnni_) at::native::cpublas::brgemm_release(true);
+    if (gemm_ == Gemm::kAmx) at::native::cpublas::brgemm_release(true);
   }
 
   void keys(const at::BFloat16* k, int64_t ldk, const at::BFloat16* v, int64_t ldv) {
@@ -376,8 +438,12 @@ class Bf16Attend {
     if (vnni_) {
       for (int64_t c0 = 0; c0 < Lk_; c0 += kPanel) {
         const int64_t cw = std::min(kPanel, Lk_ - c0);
-        blas::brgemm(n, cw, D_, ldq, panel_ld(cw), Lk_, false, q, kpack_.data() + D_ * c0, logits_.data() + c0,
-                     true);
+        if (gemm_ == Gemm::kDot) {
+          dot(q, ldq, n, D_, kpack_.data() + D_ * c0, panel_ld(cw), cw, logits_.data() + c0, Lk_);
+        } else {
+          blas::brgemm(n, cw, D_, ldq, panel_ld(cw), Lk_, false, q, kpack_.data() + D_ * c0, logits_.data() + c0,
+                       true);
+        }
       }
     } else {
       blas::brgemm(n, Lk_, D_, ldq, Lk_, Lk_, false, q, kt_.data(), logits_.data(), false);
@@ -390,8 +456,12 @@ class Bf16Attend {
     if (vnni_) {
       for (int64_t c0 = 0; c0 < D_; c0 += kPanel) {
         const int64_t cw = std::min(kPanel, D_ - c0);
-        blas::brgemm(n, cw, Lk2_, Lk2_, panel_ld(cw), D_, false, probs_.data(), vpack_.data() + Lk2_ * c0,
-                     acc_.data() + c0, true);
+        if (gemm_ == Gemm::kDot) {
+          dot(probs_.data(), Lk2_, n, Lk2_, vpack_.data() + Lk2_ * c0, panel_ld(cw), cw, acc_.data() + c0, D_);
+        } else {
+          blas::brgemm(n, cw, Lk2_, Lk2_, panel_ld(cw), D_, false, probs_.data(), vpack_.data() + Lk2_ * c0,
+                       acc_.data() + c0, true);
+        }
       }
     } else {
       blas::brgemm(n, D_, Lk_, Lk_, ldv_, D_, false, probs_.data(), v_, acc_.data(), false);
@@ -404,6 +474,17 @@ class Bf16Attend {
   static constexpr int64_t kPanel = 64;
   static int64_t panel_ld(int64_t cols) { return (cols + 15) / 16 * 16; }  // 16, 32, 48 or 64
 
+  // C (n, w) = A (n, K) B for one VNNI panel B (K even) on the dot-product path
+  static void dot(const at::BFloat16* a, int64_t lda, int64_t n, int64_t K, const at::BFloat16* panel, int64_t ld,
+                  int64_t w, float* c, int64_t ldc) {
+#ifdef SAM_FAST_X86_AVX512
+    dot_panel_bf16(a, lda, n, K / 2, panel, ld, w, c, ldc);
+#else
+    TORCH_CHECK(false, "the AVX512-BF16 path needs an x86-64 build");
+#endif
+  }
+
+  Gemm gemm_;
   bool vnni_;
   int64_t Lk_, D_, Lk2_;
   std::vector<float> logits_, acc_;

@@ -5,7 +5,8 @@
 // Overrides: the environment at the first decision (SAM_FAST_CPU_NO_AVX512, SAM_FAST_CPU_NO_AMX), or, in process, the
 // op sam_fast::cpu_features (csrc/cpu/cpu_features.cpp; Python: sam_fast.cpu_features.disable):
 //   avx512 off  every AVX-512 path off: the plain loops run, as on a CPU without AVX-512
-//   amx off     every AMX path off: bf16 GEMMs on row-major operands, int8 GEMMs through torch._int_mm
+//   amx off     every AMX path off: bf16 attention GEMMs as AVX512-BF16 dot products (where the CPU has them, else
+//               on row-major operands through ATen), int8 GEMMs through torch._int_mm
 // An environment flag is on when it holds anything but "", "0", "false", "no" or "off" (in any case), the same
 // rule as sam_fast/cpu_features.py: `SAM_FAST_CPU_NO_AVX512=0` leaves AVX-512 on.
 #pragma once
@@ -70,6 +71,17 @@ inline bool avx512_bw_vl() {
 #ifdef SAM_FAST_X86_AVX512
   static const bool has = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return has && avx512();
+#else
+  return false;
+#endif
+}
+
+// AVX512-BF16 (vdpbf16ps: bf16 pairs multiplied and summed into float32 lanes) with F, BW and VL: the bf16 attention
+// GEMMs of CPUs without AMX (csrc/cpu/attention_rows.h)
+inline bool avx512_bf16() {
+#ifdef SAM_FAST_X86_AVX512
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has && avx512_bw_vl();
 #else
   return false;
 #endif
