@@ -49,6 +49,11 @@ class CpuPolicy:
     #: under ``quantize="int8"``, a bf16 / fp16 model's CPU linears stay in that dtype where the CPU multiplies it in
     #: hardware (AMX / AVX512-BF16 GEMMs outrun torch._int_mm; bench_e2e.py)
     int8_half_stays_float: bool = True
+    #: under ``quantize="int8"``, a float32 model's SAM blocks (the C++ block kernel's) run their attention in bf16
+    #: where the CPU multiplies bf16 in hardware (AVX512-BF16 / AMX): the qkv GEMM's epilogue writes bf16 and the
+    #: projection reads it, writing float32 again. The attention's two GEMMs are half the int8 encoder's time in
+    #: float32, and bf16 rounding costs far less accuracy than W8A8 itself (bench_cpu_runtimes.py)
+    int8_attention_bf16: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -57,6 +57,8 @@ def pytest_configure(config):
                                        "(cpu_policy int8_min_in_features, int8_half_stays_float) instead of lifting it")
     config.addinivalue_line("markers", "cpu_plain_gate: a test that keeps the plain-PyTorch gate for tiny CPU "
                                        "blocks (cpu_policy plain_max_tokens) instead of turning it off")
+    config.addinivalue_line("markers", "cpu_int8_bf16_attention: a test that keeps an int8 model's bf16 attention on "
+                                       "CPUs with bf16 arithmetic (cpu_policy int8_attention_bf16)")
 
 
 # sam_fast's CPU policy (sam_fast.cpu_policy) as the tests run it: rules that every test model trips are lifted,
@@ -65,12 +67,15 @@ def pytest_configure(config):
 # one):
 # - quantize="int8" keeps linears with fewer than 256 input channels in float, and a bf16 / fp16 model's linears
 #   where the CPU multiplies those in hardware: every test model is narrower than that;
-# - tiny SAM blocks run plain PyTorch at inference: every test model is tiny.
+# - tiny SAM blocks run plain PyTorch at inference: every test model is tiny;
+# - an int8 float32 model runs its SAM attention in bf16 where the CPU multiplies bf16 in hardware: the int8 tests
+#   check W8A8's own numerics, which would otherwise depend on the machine.
 from sam_fast import cpu_policy as _cpu_policy  # noqa: E402
 
 _LIFTED = {  # marker: {policy field: value in tests}
     "cpu_int8_widths": {"int8_min_in_features": 0, "int8_half_stays_float": False},
     "cpu_plain_gate": {"plain_max_tokens": 0},
+    "cpu_int8_bf16_attention": {"int8_attention_bf16": False},
 }
 _TEST_POLICY = _cpu_policy.DEFAULT.replace(**{k: v for lifted in _LIFTED.values() for k, v in lifted.items()})
 _cpu_policy.set_policy(_TEST_POLICY)

@@ -477,3 +477,41 @@ def test_vit_t_w8a8_on_gpu():
             out = enc(x.bfloat16())
     assert rec.backends() == {"triton"} and not rec.fallbacks
     assert sqnr_db(ref.float(), out.float()) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+@pytest.mark.cpu_int8_bf16_attention
+def test_int8_model_runs_its_attention_in_bf16_where_the_cpu_multiplies_bf16(monkeypatch):
+    """On a CPU with bf16 arithmetic (AVX512-BF16 or AMX) a float32 int8 model's SAM blocks take bf16 qkv from the int8
+    GEMM into the C++ block kernel, and the int8 projection writes float32 again; the embedding stays as close to
+    the float model as the float32-attention int8 model (within 1 dB). Elsewhere, or with the policy's
+    int8_attention_bf16 off, the attention stays float32."""
+    from sam_fast import cpu_policy
+    from sam_fast.models import tiny_sam
+    from sam_fast.nn import attention as attention_module
+    from sam_fast.ops.dilated_attention_cpu import compute_dtype
+
+    seen = []
+    real = attention_module.sam_block_attention
+
+    def spy(qkv, *args, **kwargs):
+        seen.append(qkv.dtype)
+        return real(qkv, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "sam_block_attention", spy)
+    model = tiny_sam().eval()
+    enc = model.image_encoder
+    x = _batch(enc, IMAGES[:1])
+    with torch.no_grad(), cpu_policy.use(int8_min_in_features=0, sam_block_min_keys=16, plain_max_tokens=0):
+        ref = enc(x)
+        sam_fast.apply(enc, SamFastConfig("exact", quantize="int8"))
+        with cpu_policy.use(int8_attention_bf16=False):
+            out32 = enc(x)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        out = enc(x)
+    hardware = compute_dtype(torch.bfloat16) == torch.bfloat16
+    assert set(seen) == ({torch.bfloat16} if hardware else {torch.float32})
+    assert out.dtype == torch.float32
+    assert sqnr_db(ref, out) >= sqnr_db(ref, out32) - 1.0
+    if not hardware:
+        assert torch.equal(out, out32)

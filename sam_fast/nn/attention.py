@@ -25,6 +25,7 @@ from .. import cpu_policy
 from .._dispatch import check_backend_name, note_fallback
 from .._hooks import has_hooks, share_hooks
 from ..ops.dilated_attention import dilated_attention, needed_rel_rows
+from ..ops.dilated_attention_cpu import compute_dtype, fused_bias_kernel
 from ..ops.linear_epilogue import fused_linear
 from ..ops.resize_rel_pos import resize_rel_pos
 from ..ops.sam_block_attention import sam_block_attention, sam_block_fits
@@ -171,8 +172,12 @@ def _add_residual(fresh: torch.Tensor, made_by: Optional[nn.Module], residual: O
 
 
 def _project(attn: nn.Module, out: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """``attn.proj(out)`` (+ ``residual``), the bias and residual fused after the GEMM where they can be."""
-    fused = fused_linear(attn.proj, out, residual=residual)
+    """``attn.proj(out)`` (+ ``residual``), the bias and residual fused after the GEMM where they can be. An int8
+    projection of bf16 attention (:func:`_int8_attention_dtype`) writes the residual's dtype itself."""
+    proj = attn.proj
+    if residual is not None and out.dtype != residual.dtype and type(proj) is Int8Linear and not has_hooks(proj):
+        return _add_residual(proj(out, out_dtype=residual.dtype), proj, residual)
+    fused = fused_linear(proj, out, residual=residual)
     return fused if fused is not None else _add_residual(attn.proj(out), attn.proj, residual)
 
 
@@ -190,6 +195,24 @@ def _mlp_fused(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> Optio
     return out if out is not None else _add_residual(lin2(hidden), lin2, residual)
 
 
+def _int8_attention_dtype(attn: nn.Module, x: torch.Tensor, window_size: int, backend: str, pattern,
+                          inplace: bool) -> torch.dtype:
+    """The dtype the int8 qkv GEMM writes for the attention: bf16 where the CPU policy's ``int8_attention_bf16``
+    asks for it (the C++ block kernel then runs bf16 GEMMs: AVX512-BF16 dot products or AMX) - a float32 CPU
+    block at inference with SAM's rel-pos attention, the kernel's segment size, int8 qkv and proj layers, and a
+    CPU that multiplies bf16 in hardware - else ``x``'s dtype."""
+    if not (inplace and pattern is None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and backend in ("auto", "cpu") and getattr(attn, "use_rel_pos", False)
+            and type(attn.qkv) is Int8Linear and type(attn.proj) is Int8Linear
+            and cpu_policy.policy().int8_attention_bf16):
+        return x.dtype
+    keys = window_size * window_size if window_size > 0 else x.shape[1] * x.shape[2]
+    if keys < cpu_policy.policy().sam_block_min_keys or compute_dtype(torch.bfloat16) != torch.bfloat16 \
+            or not fused_bias_kernel():
+        return x.dtype
+    return torch.bfloat16
+
+
 def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module, mlp: nn.Module, window_size: int,
                       backend: str, pattern) -> torch.Tensor:
     """segment_anything's ViT block on x (B, Hg, Wg, C) with fused attention (:func:`sam_attention`); with
@@ -202,7 +225,7 @@ def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module,
         x = x + _hooked_attention(attn, norm1(x), window_size, backend, pattern)
         return x + mlp(norm2(x))
     inplace = _inplace_ok()
-    qkv = norm_int8_linear(norm1, attn.qkv, x)
+    qkv = norm_int8_linear(norm1, attn.qkv, x, _int8_attention_dtype(attn, x, window_size, backend, pattern, inplace))
     if qkv is None:
         out = sam_attention(attn, norm1(x), window_size, backend, pattern, residual=x if inplace else None)
     else:

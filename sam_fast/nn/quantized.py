@@ -101,10 +101,11 @@ class Int8Linear(nn.Module):
         """The float weight this layer computes with: ``weight * weight_scale[:, None]`` (fp32)."""
         return self.weight.float() * self.weight_scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x`` quantized and multiplied; the output in ``out_dtype`` (default: ``x``'s dtype)."""
         # the module's scales were checked at construction / load: no per-call value check (device sync)
         return int8_linear_op(x, self.weight, self.weight_scale, self.bias, act_scale=self.act_scale,
-                            backend=self.backend, check_scale_values=False)
+                            out_dtype=out_dtype, backend=self.backend, check_scale_values=False)
 
     def forward_int8(self, x_int8: torch.Tensor, x_scale: torch.Tensor, *, activation: Optional[str] = None,
                      out_dtype: Optional[torch.dtype] = None, out_scale=None) -> torch.Tensor:
@@ -171,15 +172,16 @@ def _is_exact_gelu(m: nn.Module) -> bool:
     return getattr(m, "act", None) is torch.nn.functional.gelu and not list(m.children())
 
 
-def norm_int8_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def norm_int8_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor,
+                     out_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """``linear(norm(x))`` as LayerNorm-quantize + int8 GEMM when ``linear`` is a dynamic
-    :class:`Int8Linear` and ``norm`` an ``nn.LayerNorm``; None when the pair does not fuse (or either has hooks,
-    which a fused call would skip)."""
+    :class:`Int8Linear` and ``norm`` an ``nn.LayerNorm``, in ``out_dtype`` (default ``x``'s); None when the pair
+    does not fuse (or either has hooks, which a fused call would skip)."""
     if not (isinstance(linear, Int8Linear) and linear.act_scale is None and _is_layer_norm(norm)) \
             or has_hooks(norm, linear):
         return None
     xq, xs = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, backend=linear.backend)
-    return linear.forward_int8(xq, xs, out_dtype=x.dtype)
+    return linear.forward_int8(xq, xs, out_dtype=out_dtype or x.dtype)
 
 
 def int8_norm_mlp(norm: nn.Module, lin1: nn.Module, act: nn.Module, lin2: nn.Module,
