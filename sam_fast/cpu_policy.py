@@ -43,8 +43,10 @@ class CpuPolicy:
     #: between calls when it holds at most this many bytes (a fresh allocation this large comes from the OS and
     #: page-faults on first touch)
     int8_workspace_bytes: int = 256 << 20
-    #: under ``quantize="int8"``, CPU linears with fewer input channels stay in float (quantising the input and the
-    #: epilogue cost about what the int8 GEMM saves; bench_int8_linear.py, bench_e2e.py)
+    #: under ``quantize="int8"``, on a CPU whose int8 GEMM is ``torch._int_mm`` (no AMX int8, no AVX512-VNNI), linears
+    #: with fewer input channels stay in float (quantising the input and the epilogue pass over the int32 accumulator
+    #: cost about what the int8 GEMM saves; bench_int8_linear.py, bench_e2e.py). The fused GEMM of the other CPUs
+    #: pays at every width
     int8_min_in_features: int = 256
     #: under ``quantize="int8"``, a bf16 / fp16 model's CPU linears stay in that dtype where the CPU multiplies it in
     #: hardware (AMX / AVX512-BF16 GEMMs outrun torch._int_mm; bench_e2e.py)

@@ -30,6 +30,7 @@ from .models.vit import MlpBlock
 from .nn.attention import SamFastBlock
 from .nn.quantized import FUSED_INT8_MODULES, Int8Linear
 from .ops.dilated_attention_cpu import compute_dtype
+from .ops.int8_linear import fused_int8_gemm
 
 ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "lin1"), ("mlp", "lin2"))
 TINYVIT_ROLES = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))
@@ -166,17 +167,20 @@ def eligible_linears(model: nn.Module) -> List[LinearSlot]:
 
 def too_narrow(lin: nn.Module) -> Optional[str]:
     """Why ``lin`` stays in float under W8A8, or None: fewer than :data:`MIN_FEATURES` channels anywhere, or on a
-    CPU (where its weight lives when quantised) fewer than the policy's ``int8_min_in_features`` input channels, or
-    a bf16 / fp16 weight the CPU multiplies in hardware (``int8_half_stays_float``; :mod:`sam_fast.cpu_policy`):
-    there int8 would make the layer slower."""
+    CPU (where its weight lives when quantised) whose int8 GEMM is ``torch._int_mm`` (no AMX int8, no AVX512-VNNI:
+    the int32 accumulator's round trip through memory costs what the GEMM saves) fewer than the policy's
+    ``int8_min_in_features`` input channels, or a bf16 / fp16 weight the CPU multiplies in hardware
+    (``int8_half_stays_float``; :mod:`sam_fast.cpu_policy`): there int8 would make the layer slower. With the fused
+    GEMM (AMX or VNNI, epilogue per tile) int8 pays at every width SAM's pruned encoders have (bench_int8_linear.py:
+    SlimSAM-77's 168-channel layers run in about half their float32 time)."""
     if min(lin.in_features, lin.out_features) < MIN_FEATURES:
         return (f"too few channels ({lin.in_features} -> {lin.out_features}, < {MIN_FEATURES}) for int8 to pay")
     weight = getattr(lin, "weight", None)
     on_cpu = weight is not None and weight.device.type == "cpu"
     rules = cpu_policy.policy()
-    if on_cpu and lin.in_features < rules.int8_min_in_features:
-        return (f"on a CPU int8 is slower than float below {rules.int8_min_in_features} input channels "
-                f"({lin.in_features} -> {lin.out_features})")
+    if on_cpu and lin.in_features < rules.int8_min_in_features and not fused_int8_gemm():
+        return (f"on a CPU without the fused int8 GEMM (AMX int8 or AVX512-VNNI) int8 is slower than float below "
+                f"{rules.int8_min_in_features} input channels ({lin.in_features} -> {lin.out_features})")
     if on_cpu and rules.int8_half_stays_float and weight.dtype in (torch.bfloat16, torch.float16):
         if compute_dtype(weight.dtype) == weight.dtype:
             return (f"this CPU multiplies {str(weight.dtype)[6:]} in hardware (AMX / AVX512-BF16), faster than "

@@ -147,9 +147,10 @@ def test_cpu_layer_norm_quantize_equals_the_reference(m, k, affine, dtype):
 
 @pytest.fixture
 def amx_int8():
-    """``amx_int8(False)`` switches the AMX paths off for the rest of the test (``True``: as the CPU has them)."""
+    """``amx_int8(False)`` switches the fused int8 GEMM off for the rest of the test - AMX and AVX-512, so neither
+    AMX int8 nor AVX512-VNNI runs and torch._int_mm does (``True``: as the CPU has them)."""
     with contextlib.ExitStack() as stack:
-        yield lambda on: stack.enter_context(cpu_features.disable(amx=not on))
+        yield lambda on: stack.enter_context(cpu_features.disable(amx=not on, avx512=not on))
 
 
 @pytest.mark.parametrize("amx", [True, False])
@@ -212,9 +213,9 @@ def test_cpu_accumulator_memory_is_never_shared_with_a_result(monkeypatch, cpu_r
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("m,k,n", [(300, 96, 200), (1, 64, 64), (129, 40, 70), (5, 30, 8)])
 def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypatch, amx_int8):
-    """float32 results: with AMX int8 (where the CPU has it and K is a multiple of 4) the GEMM and its epilogue run
-    tile by tile (sam_fast::int8_linear_amx: 128-row tiles with a partial last one, 64-channel panels with a
-    partial last one); otherwise torch._int_mm and the in-place epilogue. Both equal the reference: bit for bit
+    """float32 results: with AMX int8 or AVX512-VNNI (where the CPU has it and K is a multiple of 4) the GEMM and its
+    epilogue run tile by tile (sam_fast::int8_linear_amx: 128-row tiles with a partial last one, 64-channel panels
+    with a partial last one); otherwise torch._int_mm and the in-place epilogue. Both equal the reference: bit for bit
     without GELU, to rounding level with it; per-row and static input scales, with and without bias."""
     from sam_fast.ops import int8_linear as ops
 
@@ -235,7 +236,7 @@ def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypa
             assert torch.equal(y, yr)
         else:
             check_rounding_level("int8_linear", y, yr)
-    can = torch.ops.sam_fast.int8_pack_amx(wq).numel() > 0  # (this CPU has AMX int8 and k % 4 == 0)
+    can = torch.ops.sam_fast.int8_pack_amx(wq).numel() > 0  # (AMX int8 or AVX512-VNNI here, and k % 4 == 0)
     assert bool(calls) == (amx and can)
     if can:
         assert k % 4 == 0

@@ -165,26 +165,34 @@ def test_narrow_layers_stay_float():
 
 @pytest.mark.cpu_int8_widths
 def test_cpu_keeps_layers_with_few_input_channels_float():
-    """On a CPU, int8 is slower than float for linears with fewer than 256 input channels: they stay float,
-    with why, in both the plain swap and the calibration; wider ones (the MLP's 256 -> 64 here) go int8. A bf16
+    """On a CPU whose int8 GEMM is torch._int_mm (no AMX int8 or AVX512-VNNI, or both switched off), int8 is slower
+    than float for linears with fewer than 256 input channels: they stay float, with why, in both the plain swap and
+    the calibration; wider ones (the MLP's 256 -> 64 here) go int8. With the fused GEMM every layer goes int8. A bf16
     model stays bf16 where the CPU multiplies bf16 in hardware."""
+    from sam_fast import cpu_features
+    from sam_fast.ops.int8_linear import fused_int8_gemm
 
     assert cpu_policy.policy().int8_min_in_features == 256 and cpu_policy.policy().int8_half_stays_float
     enc = tiny_image_encoder(embed_dim=64, num_heads=2, out_chans=8)  # qkv 64->192, proj 64->64, MLP 64->256->64
     x = _batch(enc)[:1]
     with torch.no_grad():
         ref = enc(x)
-    with sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8")) as handle:
-        kept = {key.rsplit(".", 1)[1] for key in handle.left_float}
-        assert kept == {"qkv", "proj", "lin1"} and len(handle.left_float) == 12
-        assert all("on a CPU int8 is slower than float below 256 input channels" in why
-                   for why in handle.left_float.values())
-        assert all(isinstance(b.mlp.lin2, Int8Linear) and isinstance(b.mlp.lin1, nn.Linear) for b in enc.blocks)
-        with torch.no_grad():
-            assert sqnr_db(ref, enc(x)) > INT8_EMBEDDING_MIN_SQNR_DB
-    cal = calibrate(enc, IMAGES[:1], progress=False)
-    assert {k for k, e in cal.layers.items() if e.mode != "float"} == {f"blocks.{i}.mlp.lin2" for i in range(4)}
-    assert "below 256 input channels" in cal.layers["blocks.0.attn.qkv"].reason
+    if fused_int8_gemm():
+        with sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8")) as handle:
+            assert not handle.left_float and len(handle.swapped) == 16
+    with cpu_features.disable(amx=True, avx512=True):
+        assert not fused_int8_gemm()
+        with sam_fast.apply(enc, SamFastConfig(attention="none", quantize="int8")) as handle:
+            kept = {key.rsplit(".", 1)[1] for key in handle.left_float}
+            assert kept == {"qkv", "proj", "lin1"} and len(handle.left_float) == 12
+            assert all("int8 is slower than float below 256 input channels" in why
+                       for why in handle.left_float.values())
+            assert all(isinstance(b.mlp.lin2, Int8Linear) and isinstance(b.mlp.lin1, nn.Linear) for b in enc.blocks)
+            with torch.no_grad():
+                assert sqnr_db(ref, enc(x)) > INT8_EMBEDDING_MIN_SQNR_DB
+        cal = calibrate(enc, IMAGES[:1], progress=False)
+        assert {k for k, e in cal.layers.items() if e.mode != "float"} == {f"blocks.{i}.mlp.lin2" for i in range(4)}
+        assert "below 256 input channels" in cal.layers["blocks.0.attn.qkv"].reason
     # a bf16 model on a CPU that multiplies bf16 in hardware keeps every linear in bf16
     from sam_fast.ops.dilated_attention_cpu import compute_dtype
 

@@ -87,6 +87,17 @@ inline bool avx512_bf16() {
 #endif
 }
 
+// AVX512-VNNI (vpdpbusd: four u8 x s8 products summed into int32 lanes) with F, BW and VL: the int8 GEMM of CPUs
+// without AMX (csrc/cpu/int8_linear.cpp)
+inline bool avx512_vnni() {
+#ifdef SAM_FAST_X86_AVX512
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has && avx512_bw_vl();
+#else
+  return false;
+#endif
+}
+
 // oneDNN's AMX micro-kernel may run on `dtype` operands (kBFloat16 or kChar): the CPU has AMX for it and AMX is
 // not switched off
 inline bool amx(at::ScalarType dtype) {

@@ -341,11 +341,67 @@ void int8_epilogue_cpu_(at::Tensor& acc, const at::Tensor& a_scale, const at::Te
 // The weight (N, K) is packed once (sam_fast::int8_pack_amx) into panels of 64 output channels, each
 // (K / 4, 64, 4): [p][c][e] = w[c0 + c][4p + e], the VNNI layout AMX's int8 dot products read, channels past N
 // zero. K must be a multiple of 4; CPUs without AMX get an empty tensor and the caller keeps torch._int_mm.
+//
+// Without AMX, on AVX512-VNNI, the same panels and the same fused epilogue serve vnni_tile below in place of
+// oneDNN's micro-kernel: torch._int_mm there leaves the int32 accumulator's round trip through memory, which costs
+// as much as the GEMM at SAM's widths.
 namespace {
 constexpr int64_t kAmxPanel = 64;
 constexpr int64_t kAmxRows = 128;
 
 bool amx_int8() { return cpu::amx(at::kChar); }
+bool vnni_int8() { return cpu::avx512_vnni(); }
+bool panel_gemm() { return amx_int8() || vnni_int8(); }
+
+#ifdef SAM_FAST_X86_AVX512
+// R rows of x (row stride K) times one (K / 4, 64, 4) panel into `tile` (row stride 64), exact int32. vpdpbusd
+// multiplies unsigned by signed bytes: x's bytes go in shifted by 128 (x ^ 0x80 = x + 128 as u8), and 128 times each
+// channel's weight sum (`shift`) comes off again. Sixteen channels per vector, four vectors per row.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) inline void vnni_rows(
+    const int8_t* x, int64_t K, const __m512i* B, const __m512i* shift, int32_t* tile) {
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+  }
+  for (int64_t p = 0; p < K / 4; ++p) {
+    const __m512i b0 = _mm512_loadu_si512(B + 4 * p), b1 = _mm512_loadu_si512(B + 4 * p + 1);
+    const __m512i b2 = _mm512_loadu_si512(B + 4 * p + 2), b3 = _mm512_loadu_si512(B + 4 * p + 3);
+    for (int r = 0; r < R; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, x + r * K + 4 * p, 4);
+      const __m512i a = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], a, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], a, b3);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < 4; ++v) {
+      _mm512_storeu_si512(tile + r * kAmxPanel + 16 * v, _mm512_sub_epi32(acc[r][v], shift[v]));
+    }
+  }
+}
+
+// `rows` rows of x (row stride K, K a multiple of 4) times the panel at `panel` into tile (rows x 64 int32)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void vnni_tile(int64_t rows, int64_t K,
+                                                                               const int8_t* x, const int8_t* panel,
+                                                                               int32_t* tile) {
+  const __m512i* B = reinterpret_cast<const __m512i*>(panel);
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i shift[4];
+  for (int v = 0; v < 4; ++v) shift[v] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < K / 4; ++p) {  // each channel's weight sum, four bytes per lane at a time
+    for (int v = 0; v < 4; ++v) shift[v] = _mm512_dpbusd_epi32(shift[v], ones, _mm512_loadu_si512(B + 4 * p + v));
+  }
+  for (int v = 0; v < 4; ++v) shift[v] = _mm512_slli_epi32(shift[v], 7);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) vnni_rows<4>(x + r * K, K, B, shift, tile + r * kAmxPanel);
+  for (; r < rows; ++r) vnni_rows<1>(x + r * K, K, B, shift, tile + r * kAmxPanel);
+}
+#endif
 }  // namespace
 
 at::Tensor int8_pack_amx(const at::Tensor& w) {
@@ -353,7 +409,7 @@ at::Tensor int8_pack_amx(const at::Tensor& w) {
               "int8_pack_amx: w must be a 2-D int8 CPU tensor, got ", w.scalar_type(), " ", w.sizes(), " on ",
               w.device());
   const int64_t N = w.size(0), K = w.size(1);
-  if (!amx_int8() || K == 0 || K % 4 != 0 || N == 0) return at::empty({0}, w.options());
+  if (!panel_gemm() || K == 0 || K % 4 != 0 || N == 0) return at::empty({0}, w.options());
   const at::Tensor wc = w.contiguous();
   const int64_t panels = (N + kAmxPanel - 1) / kAmxPanel;
   at::Tensor out = at::zeros({panels * K * kAmxPanel}, w.options());
@@ -385,7 +441,9 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
               "int8_linear_amx: w_packed must be sam_fast::int8_pack_amx of an (N = ", N, ", K = ", K,
               ") weight (contiguous), K a multiple of 4, got ", w_packed.numel(), " values with strides ",
               w_packed.strides());
-  TORCH_CHECK(amx_int8(), "int8_linear_amx: this CPU has no AMX int8, or AMX is switched off (SAM_FAST_CPU_NO_AMX)");
+  TORCH_CHECK(panel_gemm(), "int8_linear_amx: this CPU has no AMX int8 nor AVX512-VNNI, or they are switched off "
+              "(SAM_FAST_CPU_NO_AMX, SAM_FAST_CPU_NO_AVX512)");
+  const bool amx = amx_int8();
   const EpilogueArgs args =
       epilogue_args("int8_linear_amx", "x_scale", M, N, x_scale_in, w_scale_in, bias_in, out_dtype, out_scale);
   const float o_scale = args.o_scale;
@@ -408,8 +466,14 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = (t / panels) * kAmxRows, c0 = (t % panels) * kAmxPanel;
       const int64_t rows = std::min(kAmxRows, M - m0), width = std::min(kAmxPanel, N - c0);
-      at::native::cpublas::brgemm(rows, width, K, K, kAmxPanel, kAmxPanel, false, xp + m0 * K, wp + c0 * K,
-                                  tile.data(), true);
+      if (amx) {
+        at::native::cpublas::brgemm(rows, width, K, K, kAmxPanel, kAmxPanel, false, xp + m0 * K, wp + c0 * K,
+                                    tile.data(), true);
+      } else {
+#ifdef SAM_FAST_X86_AVX512
+        vnni_tile(rows, K, xp + m0 * K, wp + c0 * K, tile.data());
+#endif
+      }
       const float* wsc = wsp + c0;
       const float* bc = bp != nullptr ? bp + c0 : nullptr;
       if (direct) {
@@ -445,7 +509,7 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
         }
       }
     }
-    at::native::cpublas::brgemm_release(true);
+    if (amx) at::native::cpublas::brgemm_release(true);
   });
   return out;
 }

@@ -168,23 +168,42 @@ def _(x, x_scale, w_packed, N, w_scale, bias, gelu, out_dtype, out_scale):
 def _(w):
     # the panels (64-channel, K a multiple of 4) where the AMX int8 path runs, else an empty tensor, as the kernel
     N, K = w.shape
-    packs = _amx_int8_hardware() and cpu_features.amx() and K > 0 and K % 4 == 0 and N > 0
+    packs = _panel_gemm_runs() and K > 0 and K % 4 == 0 and N > 0
     return w.new_empty(((N + 63) // 64 * K * 64,) if packs else (0,))
 
 
 @functools.lru_cache(maxsize=None)
-def _amx_int8_hardware() -> bool:
-    """Whether this CPU has AMX int8, AMX switched off or not: the kernel asked once, at import (outside tracing)."""
+def _panel_hardware() -> Tuple[bool, bool]:
+    """(AMX int8, AVX512-VNNI): which GEMM of ``sam_fast::int8_linear_amx`` this CPU has, whatever is switched off
+    now; the kernel asked once, at import (outside tracing), with one path switched off at a time."""
     if extension_error() is not None:
-        return False
+        return False, False
     before = cpu_features._mask(0)
     try:
-        return torch.ops.sam_fast.int8_pack_amx(torch.zeros(1, 4, dtype=torch.int8)).numel() > 0
+        def packs(off: int) -> bool:
+            cpu_features._mask(off)
+            return torch.ops.sam_fast.int8_pack_amx(torch.zeros(1, 4, dtype=torch.int8)).numel() > 0
+
+        return packs(cpu_features.AVX512), packs(cpu_features.AMX)
     finally:
         cpu_features._mask(before)
 
 
-_amx_int8_hardware()
+def _panel_gemm_runs() -> bool:
+    """Whether ``sam_fast::int8_linear_amx`` runs now: AMX int8 with AMX on, or AVX512-VNNI with AVX-512 on (the C++
+    kernel's own rule, csrc/cpu/int8_linear.cpp)."""
+    amx, vnni = _panel_hardware()
+    return (amx and cpu_features.amx()) or (vnni and cpu_features.avx512())
+
+
+_panel_hardware()
+
+
+def fused_int8_gemm() -> bool:
+    """Whether CPU int8 linears run the GEMM with its epilogue fused per tile (AMX int8 or AVX512-VNNI, not switched
+    off) rather than ``torch._int_mm`` and a pass over its int32 accumulator: the CPU int8 width rule
+    (``cpu_policy.int8_min_in_features``) holds only for the latter."""
+    return _panel_gemm_runs()
 
 
 def _any_supports(*args, explicit, **kwargs):
@@ -260,9 +279,9 @@ _AMX_PANELS: dict = {}
 
 def _amx_weight(w: Tensor) -> Optional[Tensor]:
     """``w``'s panels for ``sam_fast::int8_linear_amx`` (as much memory again as the int8 weight), packed once per
-    weight tensor; None where that path does not run (no AMX int8, K not a multiple of 4, while torch.compile
-    traces, or AMX switched off: :mod:`sam_fast.cpu_features`)."""
-    if torch.compiler.is_compiling() or not cpu_features.amx() or w.shape[1] % 4 or w.requires_grad:
+    weight tensor; None where that path does not run (neither AMX int8 nor AVX512-VNNI, or both switched off:
+    :mod:`sam_fast.cpu_features`; K not a multiple of 4; while torch.compile traces)."""
+    if torch.compiler.is_compiling() or not _panel_gemm_runs() or w.shape[1] % 4 or w.requires_grad:
         return None
     if w.is_inference():  # made under torch.inference_mode: no version counter shows an in-place change, so no cache
         packed = torch.ops.sam_fast.int8_pack_amx(w)
@@ -280,8 +299,8 @@ def _amx_weight(w: Tensor) -> Optional[Tensor]:
 
 
 def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
-    """The C++ quantisation, then the AMX int8 GEMM with its epilogue fused per tile where the CPU has it
-    (:func:`_amx_weight`), else ``torch._int_mm`` (:func:`_ref.int8_mm`) and one epilogue pass over the
+    """The C++ quantisation, then the int8 GEMM with its epilogue fused per tile where the CPU has AMX int8 or
+    AVX512-VNNI (:func:`_amx_weight`), else ``torch._int_mm`` (:func:`_ref.int8_mm`) and one epilogue pass over the
     accumulator: the reference's numerics, instead of its four to seven passes."""
     if x.dtype != torch.int8:
         x, x_scale = _quantize_per_token_op(x) if x_scale is None else _quantize_static_op(x, x_scale)
