@@ -114,6 +114,36 @@ __attribute__((target("avx512f"))) inline void store_row(float* dst, __mmask16 m
   _mm512_mask_storeu_ps(dst, m, x);
 }
 
+// The bf16 numerators of a row on CPUs with AVX512-BF16: p[j] = exp(s[j] - mx) as bf16, returning the sum of the
+// float32 values. The probabilities are rounded to bf16 (a relative step of 2^-8), so exp needs less than float32's
+// precision: its Taylor polynomial stops at degree 5 (truncation below 3e-6 relative), and vcvtneps2bf16 rounds to
+// nearest even in one instruction (what store_bf16 does in five).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp_row_bf16(const float* s, int64_t L,
+                                                                                          float mx,
+                                                                                          at::BFloat16* pr) {
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; j += 16) {
+    const int64_t n = std::min<int64_t>(16, L - j);
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+    __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm), _mm512_set1_ps(-104.0f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f));
+    const __m512 e = _mm512_maskz_mov_ps(m, _mm512_scalef_ps(p, k));
+    _mm256_mask_storeu_epi16(pr + j, m, (__m256i)_mm512_cvtneps_pbh(e));
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 template <typename P>
 __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyGrid& g, const float* h,
                                                             const float* w, float scale, P* pr, float* sum) {
@@ -157,6 +187,12 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyG
     std::fill(pr, pr + L, P(0.0f));
     *sum = 0.0f;
     return mx;
+  }
+  if constexpr (!std::is_same_v<P, float>) {
+    if (cpu::avx512_bf16()) {
+      *sum = exp_row_bf16(s, L, mx, pr);
+      return mx;
+    }
   }
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
