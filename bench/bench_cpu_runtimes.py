@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from sam_fast.bench.bench_export import _encoder, _interleaved
 from sam_fast.bench.harness import LiveRows, bench_main, progress, provenance
 
 SCRIPT = "bench_cpu_runtimes"
@@ -43,20 +44,6 @@ EXTRA_COLUMNS = ["precision", "threads", "sqnr_db", "prepare_s"]
 MODELS = ("vit_b", "slimsam_77", "slimsam_50", "vit_t")
 THREADS = (1, 2)
 PRECISIONS = ("fp32", "bf16", "int8")
-
-
-def _encoder(name: str):
-    from sam_fast.bench.bench_e2e import _encoders
-
-    if name == "tiny-256":
-        return next(iter(_encoders(False)))[1]
-    return dict(_encoders(False, wanted=(name,)))[name]
-
-
-def _interleaved(fns, rounds):
-    from sam_fast.bench.bench_cpu_blocks import _stats, interleaved
-
-    return {name: _stats(ms) for name, ms in interleaved(fns, rounds).items()}
 
 
 def _has(module: str) -> bool:
