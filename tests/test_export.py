@@ -72,8 +72,8 @@ def _transformers():
 
 
 DILATED = sam_fast.Dilated([Branch((4, 4)), Branch((16, 16), (2, 2))], "global")
-FAMILIES = {  # name: (model builder, config builder or None for apply's default, int8)
-    "vit_exact": (tiny_sam, lambda m: sam_fast.SamFastConfig("exact"), False),
+FAMILIES = {  # name: (model builder, config builder or None for apply's default, int8); exact attention in SAM's
+    # ViT blocks is in vit_dilated's window blocks and in slimsam_dcvit
     "vit_dilated": (tiny_sam, lambda m: sam_fast.SamFastConfig(DILATED), False),
     "vit_int8": (tiny_sam, lambda m: sam_fast.SamFastConfig("exact", quantize="int8"), True),
     "vit_int8_calibrated": (tiny_sam, _calibrated, True),

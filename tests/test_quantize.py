@@ -80,7 +80,7 @@ def test_calibration_report(calibrated, tmp_path):
 @pytest.mark.parametrize("attention", ["exact", "dilated"])
 def test_swapped_encoder_runs_int8_on_real_images(calibrated, attention):
     enc, cal = calibrated
-    x = _batch(enc)
+    x = _batch(enc, IMAGES[:2])  # two of the calibration photos: a batch, at half the interpreter's time of four
     with torch.no_grad():
         ref = enc(x)
         extra = dict(dilated_pattern=Branch((4, 4), 2)) if attention == "dilated" else {}
