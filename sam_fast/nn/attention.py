@@ -25,7 +25,6 @@ from .. import cpu_policy
 from .._dispatch import check_backend_name, note_fallback
 from .._hooks import has_hooks, share_hooks
 from ..ops.dilated_attention import dilated_attention, needed_rel_rows
-from ..ops.dilated_attention_cpu import compute_dtype, fused_bias_kernel
 from ..ops.linear_epilogue import fused_linear
 from ..ops.resize_rel_pos import resize_rel_pos
 from ..ops.sam_block_attention import sam_block_attention, sam_block_fits
@@ -198,19 +197,15 @@ def _mlp_fused(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> Optio
 def _int8_attention_dtype(attn: nn.Module, x: torch.Tensor, window_size: int, backend: str, pattern,
                           inplace: bool) -> torch.dtype:
     """The dtype the int8 qkv GEMM writes for the attention: bf16 where the CPU policy's ``int8_attention_bf16``
-    asks for it (the C++ block kernel then runs bf16 GEMMs: AVX512-BF16 dot products or AMX) - a float32 CPU
-    block at inference with SAM's rel-pos attention, the kernel's segment size, int8 qkv and proj layers, and a
-    CPU that multiplies bf16 in hardware - else ``x``'s dtype."""
-    if not (inplace and pattern is None and x.dtype == torch.float32 and x.device.type == "cpu"
-            and backend in ("auto", "cpu") and getattr(attn, "use_rel_pos", False)
-            and type(attn.qkv) is Int8Linear and type(attn.proj) is Int8Linear
-            and cpu_policy.policy().int8_attention_bf16):
+    asks for it (the C++ block kernel then runs bf16 GEMMs: AVX512-BF16 dot products or AMX) - a float32 block at
+    inference with int8 qkv and proj layers that the block kernel takes in bf16 (:func:`sam_block_fits`: a CPU that
+    multiplies bf16 in hardware, the rel-pos bias, the segment size) - else ``x``'s dtype."""
+    if not (inplace and pattern is None and x.dtype == torch.float32 and cpu_policy.policy().int8_attention_bf16
+            and type(attn.qkv) is Int8Linear and type(attn.proj) is Int8Linear):
         return x.dtype
-    keys = window_size * window_size if window_size > 0 else x.shape[1] * x.shape[2]
-    if keys < cpu_policy.policy().sam_block_min_keys or compute_dtype(torch.bfloat16) != torch.bfloat16 \
-            or not fused_bias_kernel():
-        return x.dtype
-    return torch.bfloat16
+    rel_h = attn.rel_pos_h if getattr(attn, "use_rel_pos", False) else None
+    fits = sam_block_fits(x, window_size, rel_h, None, backend, dtype=torch.bfloat16)
+    return torch.bfloat16 if fits else x.dtype
 
 
 def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module, mlp: nn.Module, window_size: int,

@@ -33,15 +33,18 @@ def _(qkv, heads, window, rel_pos_h, rel_pos_w, qkv_bias, pad_k, pad_v, scale, o
     return None
 
 
-def sam_block_fits(qkv: torch.Tensor, window: int, rel_pos_h, rel_pos_w, backend: str, *params) -> bool:
+def sam_block_fits(qkv: torch.Tensor, window: int, rel_pos_h, rel_pos_w, backend: str, *params,
+                   dtype: Optional[torch.dtype] = None) -> bool:
     """Whether a SAM block on ``qkv`` (B, Hg, Wg, 3C) takes the C++ kernel: backend ``auto`` / ``cpu``, a CPU tensor
     in a compute dtype the kernel keeps (:data:`~sam_fast.ops.dilated_attention_cpu.FUSED_DTYPES`), a rel-pos bias,
     segments (the window, or the grid of a global block) of at least ``cpu_policy.policy().sam_block_min_keys``
     keys, nothing for autograd to record (``params``: the block's parameters that feed it), and the kernel
-    available (:func:`~sam_fast.ops.dilated_attention_cpu.fused_bias_kernel`)."""
+    available (:func:`~sam_fast.ops.dilated_attention_cpu.fused_bias_kernel`). ``dtype``: ask for qkv in that dtype
+    instead of its own (the grid is all that is read of a tensor that does not exist yet)."""
     if backend not in ("auto", "cpu") or qkv.device.type != "cpu" or qkv.dim() != 4 or rel_pos_h is None:
         return False
-    if qkv.dtype not in FUSED_DTYPES or compute_dtype(qkv.dtype) != qkv.dtype:
+    dtype = qkv.dtype if dtype is None else dtype
+    if dtype not in FUSED_DTYPES or compute_dtype(dtype) != dtype:
         return False
     keys = window * window if window > 0 else qkv.shape[1] * qkv.shape[2]
     if keys < cpu_policy.policy().sam_block_min_keys or not fused_ok(qkv, rel_pos_h, rel_pos_w, *params):
