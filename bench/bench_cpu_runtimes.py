@@ -53,9 +53,9 @@ def _has(module: str) -> bool:
 def _bf16_hardware() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): OpenVINO's bf16 hint means something
     there, and only there."""
-    from sam_fast.cpu_features import describe
+    from sam_fast.ops.dilated_attention_cpu import compute_dtype
 
-    return "bf16" in describe()
+    return compute_dtype(torch.bfloat16) == torch.bfloat16
 
 
 class _Contenders:
@@ -158,10 +158,10 @@ class _Contenders:
         if precision == "int8":
             if self.ort_int8:
                 out["onnxruntime_int8"] = ort(self.ort_int8, "ort_int8")
-            if self.nncf is not None:  # a copy each: a fixed batch reshapes the model it is given
-                out["openvino_nncf"] = ov(self.nncf.clone(), "f32", "nncf")
+            if self.nncf is not None:
+                out["openvino_nncf"] = ov(self.nncf, "f32", "nncf")
                 if _bf16_hardware():
-                    out["openvino_nncf_bf16"] = ov(self.nncf.clone(), "bf16", "nncf")
+                    out["openvino_nncf_bf16"] = ov(self.nncf, "bf16", "nncf")
         return out
 
 

@@ -484,7 +484,7 @@ def openvino_model(path, batch: Optional[int] = None, precision: str = "f32", th
     except ImportError as exc:
         raise ImportError("running an ONNX file in OpenVINO needs openvino: pip install 'sam_fast[export]'") from exc
     core = ov.Core()
-    model = path if isinstance(path, ov.Model) else core.read_model(os.fspath(path))
+    model = path.clone() if isinstance(path, ov.Model) else core.read_model(os.fspath(path))  # the caller's untouched
     config = {"INFERENCE_PRECISION_HINT": precision}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
