@@ -79,18 +79,14 @@ class _Contenders:
             self.prepare[label] = time.perf_counter() - t0
             return out
 
-        # SAM's ViT blocks take the fused attention; TinyViT keeps its own (its linears still go int8)
-        from sam_fast.models import TinyViT
-
-        attention = "none" if isinstance(enc, TinyViT) else "exact"
+        # SAM's ViT blocks take the fused attention, a TinyViT its fast forms
+        attention = "exact"
         self.models = {}
         fp32 = copy.deepcopy(enc)
-        if attention != "none":
-            sam_fast.apply(fp32, sam_fast.SamFastConfig(attention))
+        sam_fast.apply(fp32, sam_fast.SamFastConfig(attention))
         self.models["fp32"] = fp32
         bf16 = copy.deepcopy(enc).to(torch.bfloat16)
-        if attention != "none":
-            sam_fast.apply(bf16, sam_fast.SamFastConfig(attention))
+        sam_fast.apply(bf16, sam_fast.SamFastConfig(attention))
         self.models["bf16"] = bf16
         int8 = copy.deepcopy(enc)
         sam_fast.apply(int8, sam_fast.SamFastConfig(attention, quantize="int8"))

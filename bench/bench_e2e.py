@@ -10,9 +10,10 @@ Backends per encoder (same weights, same input batch, one run):
   int8 / sparsity steps: segment_anything's blocks with the rel-pos bias handed to SDPA as ``attn_mask``,
   bf16, ``torch.compile`` of the whole encoder - and ``sam_fast_exact+compile``, sam_fast's fused
   attention under the same ``torch.compile`` (its ops are opaque custom ops to the compiler);
-* TinyViT (MobileSAM / TinySAM, ``vit_t``): ``segment_anything`` is sam_fast's TinyViT module in bf16
-  (the same computation as MobileSAM's code, with SDPA for its biased window attention) and
-  ``sam_fast_int8`` its W8A8 swap.
+* TinyViT (MobileSAM / TinySAM, ``vit_t``): ``segment_anything`` is sam_fast's TinyViT module as written
+  (the same computation as MobileSAM's code, with SDPA for its biased window attention), ``sam_fast_exact``
+  its fast forms (``attention="exact"``: the fused attention kernel, folded BatchNorms, channels-last
+  convolutions, fused MLP epilogues) and ``sam_fast_exact_int8`` those with W8A8 linears.
 
 ``sqnr_db`` is each output's SQNR against the bf16 segment_anything embedding. On the GPU the encoders
 are ViT-B, ViT-H, SlimSAM-50 and SlimSAM-77 shaped (uniform pruning), two that ``sam_fast.compress.prune``
@@ -259,9 +260,9 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
                 configs.insert(1, ("sdpa_bias", "sdpa"))
             if compile:
                 configs += [("sdpa_bias+compile", "sdpa"), ("sam_fast_exact+compile", SamFastConfig(attention="exact"))]
-        else:  # TinyViT keeps its own window attention (SDPA with its bias table); W8A8 linears only
-            configs = [(BASELINE, None), ("sam_fast_int8", SamFastConfig(attention="none", quantize="int8",
-                                                                         calibration=cal))]
+        else:  # TinyViT: its fast forms (sam_fast.nn.tinyvit), then with W8A8 linears
+            configs = [(BASELINE, None), ("sam_fast_exact", SamFastConfig(attention="exact")),
+                       ("sam_fast_exact_int8", SamFastConfig(attention="exact", quantize="int8", calibration=cal))]
         if full_cpu:  # seconds per call on a shared 2-core machine: the peers interleaved, round by round
             rows += _interleaved_cpu_rows(enc, x, configs, cal, prov, name, batch, dtype, rounds=1 if quick else 3)
             continue

@@ -404,6 +404,7 @@ def _inspect(args) -> int:
     from sam_fast.models.sam import known_model_type
     from sam_fast.models.tinyvit import TinyViT
     from sam_fast.models.vit import encoder_geometry
+    from sam_fast.nn.tinyvit import tinyvit_fast_modules
     from sam_fast.surgery import eligible_linears, too_narrow, vit_blocks
 
     try:
@@ -455,6 +456,9 @@ def _inspect(args) -> int:
     if blocks:
         dims = sorted({blk.attn.qkv.out_features // 3 // blk.attn.num_heads for *_, blk, _ in blocks})
         print(f'sam_fast: attention="exact" / "dilated" fuse the attention of {len(blocks)} blocks (head dims {dims})')
+    elif tinyvit_fast_modules(sam):
+        print('sam_fast: TinyViT encoder: attention="exact" swaps in its fast forms (fused window attention with its '
+              'bias, BatchNorms folded into the convolutions, fused MLP epilogues); no dilated patterns')
     else:
         print('sam_fast: no SAM ViT attention blocks; use attention="none" (the encoder keeps its own attention)')
     print(f'sam_fast: quantize="int8" swaps {len(slots) - len(narrow)} of {len(slots)} linears for W8A8'
@@ -578,7 +582,8 @@ def _export(args) -> int:
         attention = recorded.attention  # a distilled student: the pattern it was trained for
         print(f"{args.checkpoint}: a distilled student; exporting the dilated attention it was trained for")
     else:
-        attention = args.attention if vit_blocks(sam) else "none"  # (TinyViT keeps its own attention)
+        # (a TinyViT is exported as written: ONNX Runtime and OpenVINO fold its BatchNorms themselves)
+        attention = args.attention if vit_blocks(sam) else "none"
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         try:

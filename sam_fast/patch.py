@@ -21,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from ._dispatch import check_backend_name
 from ._hooks import share_hooks
+from .models.tinyvit import TinyViT
 from .nn.attention import SamFastBlock
 from .nn.quantized import Int8Linear
+from .nn.tinyvit import _FastForm, tinyvit_fast_modules
 from .pattern import check_pattern
 from .quantize import Calibration
 from .surgery import eligible_linears, fusable_modules, too_narrow, transformers_vit_layers, vit_blocks
@@ -136,8 +139,11 @@ class SamFastConfig:
 
     Args:
         attention: ``"exact"`` - fused flash attention with SAM's rel-pos bias in every ViT block
-            (global and windowed), numerically the original model; ``"none"`` - leave attention alone;
-            a :class:`Dilated` - dilated attention in its blocks, exact in the others.
+            (global and windowed), numerically the original model; in a TinyViT encoder (MobileSAM, TinySAM),
+            its fast forms (:mod:`sam_fast.nn.tinyvit`: fused attention with its learned bias, BatchNorms folded
+            into the convolutions, channels-last convolutions, the MLP's GELU and residual in the linears'
+            epilogues); ``"none"`` - leave attention alone; a :class:`Dilated` - dilated attention in its
+            blocks, exact in the others.
         backend: handed to every op the swapped modules call (``"auto"``, ``"triton"``, ``"cuda"``,
             ``"cpu"``, ``"reference"``); e.g. ``"triton"`` forces the kernel (under TRITON_INTERPRET=1
             on a CPU).
@@ -386,9 +392,12 @@ def _swap_blocks(model, config, swaps, updates, overrides, hooks) -> None:
         if layers:
             _patch_transformers_layers(model, config, layers, updates, overrides, hooks)
             return
-        raise ValueError(f"attention={config.attention!r} found no segment_anything ViT blocks in the model (a "
-                         "TinyViT encoder - MobileSAM, TinySAM - keeps its own window attention): use "
-                         "attention='none', with quantize='int8' for W8A8")
+        tinyvit = tinyvit_fast_modules(model)
+        if not tinyvit and not any(isinstance(m, _FastForm) for m in model.modules()):
+            raise ValueError(f"attention={config.attention!r} found no segment_anything ViT blocks (nor a TinyViT "
+                             "encoder) in the model")
+        _swap_tinyvit(model, config, tinyvit, swaps, hooks)
+        return
     wanted = config.chosen_blocks()
     if isinstance(wanted, (list, tuple)):
         missing = sorted(set(wanted) - {index for *_, index in found})
@@ -405,6 +414,31 @@ def _swap_blocks(model, config, swaps, updates, overrides, hooks) -> None:
             new.train(child.training)
             parent._modules[name] = new
             swaps.append((parent, name, child, new))
+
+
+def _contiguous_output(module, args, output):
+    return output.contiguous() if isinstance(output, torch.Tensor) else output
+
+
+def _swap_tinyvit(model, config, found, swaps, hooks) -> None:
+    """A TinyViT encoder's fast forms (sam_fast.nn.tinyvit) for attention="exact": the same function, on PyTorch's
+    fused attention, folded convolutions and the C++ linear epilogues. Dilated patterns and explicit kernel
+    backends are for SAM's ViT blocks: refused, not ignored."""
+    if config.attention != "exact":
+        raise ValueError("a TinyViT encoder (MobileSAM, TinySAM) has no ViT blocks for dilated attention: use "
+                         "attention='exact' (its fast forms) or 'none'")
+    if config.backend not in ("auto", "cpu", "reference") and config.quantize is None:
+        raise ValueError(f"backend={config.backend!r}: a TinyViT encoder's fast forms run PyTorch's fused attention "
+                         "and sam_fast's CPU epilogues, not a chosen kernel backend; use backend='auto'")
+    for parent, name, child, fast in found:
+        new = fast(child)
+        parent._modules[name] = new
+        swaps.append((parent, name, child, new))
+    # the fast forms keep tokens in channels-last order through the neck: the embedding comes out contiguous, as
+    # the original's does (code that .view()s it keeps working)
+    for enc in model.modules():
+        if isinstance(enc, TinyViT) and found:
+            hooks.append(enc.register_forward_hook(_contiguous_output))
 
 
 def _quantize_linears(model, config, swaps) -> Dict[str, str]:

@@ -73,7 +73,7 @@ class SegmentWorker:
         checkpoint: anything :func:`sam_fast.load_sam` reads (a distilled student brings its pattern).
         model_type, decoder_heads: as for ``load_sam``.
         config: a :class:`sam_fast.SamFastConfig` applied to the model (default: exact fused attention where the
-            encoder has ViT blocks, nothing for TinyViT); ``None`` keeps a distilled student's own attention.
+            encoder has ViT blocks, the fast forms of a TinyViT); ``None`` keeps a distilled student's own attention.
         calibration_images: with ``config.quantize`` set (int8): images (paths or arrays) to calibrate on.
         mode: ``"everything"`` (the automatic mask generator) or ``"boxes"`` (one mask per given box, the
             predictor's single-mask output).
@@ -91,6 +91,7 @@ class SegmentWorker:
 
         from . import Int8, SamFastAutomaticMaskGenerator, SamFastConfig, SamFastPredictor, apply
         from .checkpoint import load_sam
+        from .nn.tinyvit import tinyvit_fast_modules
         from .surgery import vit_blocks
 
         if mode not in MODES:
@@ -107,7 +108,7 @@ class SegmentWorker:
             sam = checkpoint  # a model object (a plain loop in the caller's process)
         sam.to(self.device).eval()
         if config is None and getattr(sam, "sam_fast_config", None) is None:
-            config = SamFastConfig(attention="exact" if vit_blocks(sam) else "none")
+            config = SamFastConfig(attention="exact" if vit_blocks(sam) or tinyvit_fast_modules(sam) else "none")
         if config is not None:
             if config.quantize is not None and calibration_images is not None and config.quantize.calibration is None:
                 from .quantize import calibrate

@@ -1,6 +1,9 @@
 """MobileSAM / TinySAM TinyViT encoders ("vit_t"): the module against a plain computation from the
 state_dict, checkpoint loading, W8A8 swapped in (Triton under the interpreter) and the predictor."""
 
+import collections
+import copy
+
 import numpy as np
 import pytest
 import skimage.data
@@ -166,7 +169,8 @@ def test_vit_t_checkpoint_loads(tmp_path, small, capsys):
 
     assert main(["inspect", str(nested)]) == 0
     out = capsys.readouterr().out
-    assert "family: TinyViT (vit_t" in out and 'use attention="none"' in out and "swaps 40 of 40 linears" in out
+    assert "family: TinyViT (vit_t" in out and 'attention="exact" swaps in its fast forms' in out
+    assert "swaps 40 of 40 linears" in out
     # a TinyViT with another decoder width and stage layout loads with "auto" too
     path = tmp_path / "small.pt"
     torch.save(small.state_dict(), path)
@@ -179,8 +183,6 @@ def test_tinyvit_int8(small, tmp_path):
     state_dict round trip are exact."""
     enc = small.image_encoder
     x = _images(enc, IMAGES[:1])
-    with pytest.raises(ValueError, match="attention='none'"):
-        sam_fast.apply(small, SamFastConfig())
     cal = calibrate(small, IMAGES, num_images=3, progress=False)
     blocks = [f"layers.{i}.blocks.{b}" for i, d in enumerate(SMALL["depths"]) if i for b in range(d)]
     assert list(cal.layers) == [f"{b}.{r}" for b in blocks for r in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
@@ -212,6 +214,93 @@ def test_tinyvit_int8(small, tmp_path):
     # per block: LN-quantize for qkv and fc1, GEMMs for qkv, proj, fc1 (writing int8) and fc2
     assert sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * len(blocks)
     assert sum(op == "int8_linear" for op, _ in rec.calls) == 4 * len(blocks)
+    assert sqnr_db(ref, out) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_forms_compute_the_tinyvit(small, dtype, cpu_rules):
+    """attention="exact" on a TinyViT swaps in its fast forms (folded convolutions, channels-last input, the fused
+    attention with the bias it takes, the MLP's epilogues): the same function by the tolerance rule against float64,
+    the parameters the original's under the same keys, a contiguous embedding; undo() gives the original back."""
+    from sam_fast.nn import tinyvit as fast
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    cpu_rules(epilogue_min_bytes=0)  # the MLP epilogues at these tiny widths too
+    model = copy.deepcopy(small).to(dtype)
+    enc = model.image_encoder
+    x = _images(enc, IMAGES[:2])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = enc(x.to(dtype))
+        exact = copy.deepcopy(small).double().image_encoder(x.double())
+        same_precision = copy.deepcopy(small).image_encoder(x) if dtype == torch.float32 else ref
+        handle = sam_fast.apply(model, SamFastConfig())
+        kinds = collections.Counter(type(m).__name__ for m in enc.modules())
+        n_blocks = sum(SMALL["depths"][1:])
+        assert kinds["FastTinyViTBlock"] == kinds["FastTinyViTAttention"] == n_blocks and kinds["TinyViTBlock"] == 0
+        assert kinds["ChannelsLastPatchEmbed"] == 1 and kinds["Conv2dBN"] == 0
+        assert kinds["FoldedConv2dBN"] == sum(isinstance(m, fast.Conv2dBN) for m in small.modules())
+        got = model.state_dict()
+        assert list(got) == list(state) and all(torch.equal(got[k], v) for k, v in state.items())
+        with sam_fast.record_backends() as rec:
+            out = enc(x.to(dtype))
+        assert out.is_contiguous() and out.shape == ref.shape
+        check_against_reference(f"TinyViT fast forms {dtype}", out.double(), exact, same_precision.double(), dtype,
+                                FWD_FACTOR)
+        # float32 on the CPU: both MLP linears of every block through the C++ epilogue (GELU, then the residual)
+        epilogues = sum(op == "linear_epilogue_" for op, _ in rec.calls)
+        assert epilogues == (2 * n_blocks if dtype == torch.float32 else 0)
+        handle.undo()
+        assert not any(isinstance(m, fast._FastForm) for m in enc.modules())
+        assert not enc._forward_hooks
+        assert torch.equal(enc(x.to(dtype)), ref)
+
+
+def test_fast_forms_fall_back_where_they_would_change_something(small):
+    """In training mode the BatchNorms use batch statistics (and update their running ones) as the original's do;
+    a hook on a module the fast form would skip still runs; dilated patterns and an explicit Triton backend for a
+    float TinyViT are refused, not ignored."""
+    x = _images(small.image_encoder, IMAGES[:2])
+    model, twin = copy.deepcopy(small), copy.deepcopy(small)
+    with sam_fast.apply(model, SamFastConfig()):
+        model.train()
+        twin.train()
+        # (float rounding apart: the fused attention and channels-last convolutions sum in other orders; running
+        # statistics in a folded convolution would be off by the whole normalisation)
+        torch.testing.assert_close(model.image_encoder(x), twin.image_encoder(x), rtol=1e-3, atol=1e-3)
+        for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        model.eval()
+        seen = []
+        bn = model.image_encoder.layers[1].blocks[0].local_conv.bn
+        hook = bn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        with torch.no_grad():
+            model.image_encoder(x)
+        hook.remove()
+        assert len(seen) == 1
+    with pytest.raises(ValueError, match="no ViT blocks for dilated attention"):
+        sam_fast.apply(model, SamFastConfig(sam_fast.Dilated(sam_fast.Branch((4, 4), 2))))
+    with pytest.raises(ValueError, match="backend='triton'.*use backend='auto'"):
+        sam_fast.apply(model, SamFastConfig(backend="triton"))
+    assert not any(type(m).__name__.startswith(("Fast", "Folded", "ChannelsLast")) for m in model.modules())
+
+
+def test_fast_forms_with_int8(small):
+    """exact + W8A8: the fast attention takes the int8 qkv with its LayerNorm fused into the quantization; the MLP
+    takes the fused int8 form; the embedding keeps int8's SQNR."""
+    enc = small.image_encoder
+    x = _images(enc, IMAGES[:1])
+    with torch.no_grad():
+        ref = enc(x)
+        with sam_fast.apply(small, SamFastConfig(quantize="int8", backend="triton")):
+            kinds = collections.Counter(type(m).__name__ for m in enc.modules())
+            with sam_fast.record_backends() as rec:
+                out = enc(x)
+        assert torch.equal(enc(x), ref)
+    n_blocks = sum(SMALL["depths"][1:])
+    assert kinds["FastTinyViTAttention"] == kinds["FusedInt8NormMlp"] == n_blocks
+    assert sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * n_blocks
+    assert rec.backends() == {"triton"} and not rec.fallbacks
     assert sqnr_db(ref, out) >= INT8_EMBEDDING_MIN_SQNR_DB
 
 

@@ -1,0 +1,116 @@
+"""Fast forms of a TinyViT encoder's modules (MobileSAM, TinySAM), swapped in by ``sam_fast.apply`` with
+``attention="exact"``. Each holds the original module's parameters (the same tensors: state_dict keys and values
+unchanged) and computes the same function:
+
+* :class:`FoldedConv2dBN` - a convolution followed by an eval-mode BatchNorm as one convolution, its weight and bias
+  folded from the current parameters at every call (nothing cached that a ``load_state_dict`` could leave stale);
+  in training mode, BatchNorm's batch statistics make it the original pair.
+* :class:`ChannelsLastPatchEmbed` - the encoder's input in channels-last memory order. The MBConv stage then runs
+  oneDNN's convolutions in the order they compute in, without a reorder before and after each, and its 3-D tokens
+  for the attention stages come out of ``flatten(2).transpose(1, 2)`` already contiguous.
+* :class:`FastTinyViTAttention` - the window attention through PyTorch's fused attention kernel: the learned
+  per-offset bias is handed over with a batch axis (``(1, heads, N, N)``), the form that kernel takes; a 3-D bias
+  sends the CPU to the unfused path (a third of the speed at TinyViT's windows). An int8 ``qkv`` gets its
+  LayerNorm fused into its input quantization.
+* :class:`FastTinyViTBlock` - on the CPU in float32, the MLP's first linear with its GELU in the GEMM's epilogue
+  and the second with the block's residual add in its epilogue (:func:`sam_fast.ops.linear_epilogue.fused_linear`).
+
+Where a fast form does not apply (hooks on the modules it would skip, an int8 or otherwise replaced submodule, a
+tensor autograd tracks where the fused op has no backward) it runs the original forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._hooks import has_hooks
+from ..models.tinyvit import Conv2dBN, PatchEmbed, TinyViTAttention, TinyViTBlock, TinyViTMlp
+from ..ops.linear_epilogue import fused_linear
+from .quantized import _is_exact_gelu, _SharedModule, norm_int8_linear
+
+
+class _FastForm(_SharedModule):
+    def extra_repr(self) -> str:
+        return f"fast form of {self._original_class.__name__}"
+
+
+class FoldedConv2dBN(_FastForm):
+    """``bn(c(x))`` as one convolution at inference (BatchNorm in eval mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, bn = self.c, self.bn
+        if bn.training or not bn.track_running_stats or bn.running_var is None or has_hooks(c, bn) \
+                or type(c) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+            return bn(c(x))  # (the original is an nn.Sequential of the two)
+        # the fold in float32 whatever the weights' dtype, rounded once to it
+        s = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:
+            s = s * bn.weight.float()
+        shift = -bn.running_mean.float() * s
+        if bn.bias is not None:
+            shift = shift + bn.bias.float()
+        if c.bias is not None:
+            shift = shift + c.bias.float() * s
+        w = (c.weight.float() * s.view(-1, 1, 1, 1)).to(c.weight.dtype)
+        return c._conv_forward(x, w, shift.to(c.weight.dtype))
+
+
+class ChannelsLastPatchEmbed(_FastForm):
+    """The patch embedding on its input in channels-last memory order (every convolution after it keeps it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.float_forward(x)
+
+
+class FastTinyViTAttention(_FastForm):
+    """TinyViT's window attention (``attend(qkv(norm(x)))``) through the fused attention kernel; with an int8
+    ``qkv``, the LayerNorm fused into its input quantization."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = norm_int8_linear(self.norm, self.qkv, x)
+        if qkv is None:
+            qkv = self.qkv(self.norm(x))
+        B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(B, N, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+        bias = self.bias().to(q.dtype).unsqueeze(0)  # (1, heads, N, N): the fused kernel's form
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class FastTinyViTBlock(_FastForm):
+    """A TinyViT block whose MLP runs its GELU and the residual add in the linears' epilogues (float32, CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = self.resolution
+        B, L, C = x.shape
+        x = x + self._windowed_attention(x)
+        x = self.local_conv(x.transpose(1, 2).reshape(B, C, H, W)).view(B, C, L).transpose(1, 2)
+        m = self.mlp
+        if type(m) is TinyViTMlp and _is_exact_gelu(m.act) and not has_hooks(m, m.act):
+            h = fused_linear(m.fc1, m.norm(x), "gelu")
+            if h is not None:
+                y = fused_linear(m.fc2, h, residual=x)
+                return x + m.fc2(h) if y is None else y
+        return x + m(x)
+
+
+#: the fast form of each TinyViT class (sam_fast.models.tinyvit); containers after the modules inside them, since a
+#: fast form copies its original's submodule table when it is made
+FAST_TINYVIT_MODULES = ((Conv2dBN, FoldedConv2dBN), (TinyViTAttention, FastTinyViTAttention),
+                        (TinyViTBlock, FastTinyViTBlock), (PatchEmbed, ChannelsLastPatchEmbed))
+
+
+def tinyvit_fast_modules(model: nn.Module):
+    """(parent, name, module, fast class) of every TinyViT module of ``model`` that has a fast form and is not one
+    already, leaves before the containers holding them."""
+    found = []
+    for cls, fast in FAST_TINYVIT_MODULES:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if type(child) is cls:
+                    found.append((parent, name, child, fast))
+    return found
