@@ -49,6 +49,14 @@ TORCH_LIBRARY(sam_fast, m) {
   m.def(
       "sam_block_attention(Tensor qkv, int heads, int window, Tensor rel_pos_h, Tensor rel_pos_w, Tensor? qkv_bias, "
       "Tensor? pad_k, Tensor? pad_v, float scale, Tensor(a!) out) -> ()");
+  // TinyViT's window attention the same way (csrc/cpu/sam_block_attention.cpp): qkv (B, Hg, Wg, 3 * heads * D) in
+  // TinyViT's channel order (heads, 3, D), float32 or bfloat16 (last dim contiguous); (window x window) segments over
+  // the grid padded to a multiple of window, the padded keys reading pad_k / pad_v (heads, D) (zeros when None);
+  // bias float32 (heads, L, L), L = window^2, added to the scaled logits (row: the query's place in its window);
+  // out (B, Hg, Wg, heads * D) written for every real position.
+  m.def(
+      "window_bias_attention(Tensor qkv, int heads, int window, Tensor bias, Tensor? pad_k, Tensor? pad_v, "
+      "float scale, Tensor(a!) out) -> ()");
   // After a bias-free GEMM (csrc/cpu/linear_epilogue.cpp): y = act(y + bias) + residual in place, a cache-sized
   // block of rows at a time; activation 'none', 'gelu' (exact) or 'gelu_tanh'; bias (N,), residual shaped like y.
   m.def("linear_epilogue_(Tensor(a!) y, Tensor? bias, str activation, Tensor? residual) -> ()");

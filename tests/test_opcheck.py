@@ -61,6 +61,9 @@ def _cases():
         "sam_fast::sam_block_attention": [  # a partial-window block, and a global block with the qkv bias inside
             ((qkv, 2, 3, randn(5, 8), randn(5, 8), None, None, None, 0.35, torch.empty(1, 5, 6, 16)), None),
             ((qkv, 2, 0, randn(9, 8), randn(11, 8), randn(48), None, None, 0.35, torch.empty(1, 5, 6, 16)), None)],
+        "sam_fast::window_bias_attention": [  # padded 3 x 3 windows with pad_kv, and one whole 5 x 6 ... 2 x 2
+            ((qkv, 2, 3, randn(2, 9, 9), randn(2, 8), randn(2, 8), 0.35, torch.empty(1, 5, 6, 16)), None),
+            ((qkv, 2, 2, randn(2, 4, 4), None, None, 0.35, torch.empty(1, 5, 6, 16)), None)],
         "sam_fast::linear_epilogue_": [((randn(9, 16), randn(16), "gelu", randn(9, 16)), None)],
         # one schema per quantisation for every device: on CPU tensors the C++ kernels, opchecked in full
         "sam_fast::quantize_per_token": [((x,), None)],

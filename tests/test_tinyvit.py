@@ -223,6 +223,7 @@ def test_fast_forms_compute_the_tinyvit(small, dtype, cpu_rules):
     attention with the bias it takes, the MLP's epilogues): the same function by the tolerance rule against float64,
     the parameters the original's under the same keys, a contiguous embedding; undo() gives the original back."""
     from sam_fast.nn import tinyvit as fast
+    from sam_fast.ops.dilated_attention_cpu import compute_dtype, fused_bias_kernel
     from sam_fast.testing import FWD_FACTOR, check_against_reference
 
     cpu_rules(epilogue_min_bytes=0)  # the MLP epilogues at these tiny widths too
@@ -247,9 +248,12 @@ def test_fast_forms_compute_the_tinyvit(small, dtype, cpu_rules):
         assert out.is_contiguous() and out.shape == ref.shape
         check_against_reference(f"TinyViT fast forms {dtype}", out.double(), exact, same_precision.double(), dtype,
                                 FWD_FACTOR)
-        # float32 on the CPU: both MLP linears of every block through the C++ epilogue (GELU, then the residual)
+        # float32 on the CPU: both MLP linears of every block through the C++ epilogue (GELU, then the residual);
+        # every block's attention through the C++ window kernel where the CPU computes in the dtype
         epilogues = sum(op == "linear_epilogue_" for op, _ in rec.calls)
         assert epilogues == (2 * n_blocks if dtype == torch.float32 else 0)
+        kernel = compute_dtype(dtype) == dtype and fused_bias_kernel()
+        assert sum(op == "window_bias_attention" for op, _ in rec.calls) == (n_blocks if kernel else 0)
         handle.undo()
         assert not any(isinstance(m, fast._FastForm) for m in enc.modules())
         assert not enc._forward_hooks
@@ -299,8 +303,13 @@ def test_fast_forms_with_int8(small):
         assert torch.equal(enc(x), ref)
     n_blocks = sum(SMALL["depths"][1:])
     assert kinds["FastTinyViTAttention"] == kinds["FusedInt8NormMlp"] == n_blocks
-    assert sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * n_blocks
-    assert rec.backends() == {"triton"} and not rec.fallbacks
+    # qkv and fc1 per block, and the qkv of a padded token (norm(0)) in the blocks whose grid windows do not tile
+    res = [SMALL["img_size"] // 4 // 2 ** min(i, len(SMALL["depths"]) - 2) for i in range(len(SMALL["depths"]))]
+    padded = sum(d for i, d in enumerate(SMALL["depths"]) if i and res[i] % SMALL["window_sizes"][i])
+    assert padded == 4 and sum(op == "layer_norm_quantize" for op, _ in rec.calls) == 2 * n_blocks + padded
+    assert rec.backends("int8_linear") == {"triton"} and not rec.fallbacks
+    assert rec.backends("window_bias_attention") == {"cpu"}  # the attention kernel: C++, whatever the int8 backend
+    assert sum(op == "window_bias_attention" for op, _ in rec.calls) == n_blocks
     assert sqnr_db(ref, out) >= INT8_EMBEDDING_MIN_SQNR_DB
 
 

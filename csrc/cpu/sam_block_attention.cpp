@@ -1,8 +1,10 @@
-// CPU kernel of sam_fast::sam_block_attention (schema in csrc/ops.cpp): segment_anything's window / global
-// attention with the decomposed rel-pos bias, read straight from a block's qkv tensor. Each (image, segment, head)
-// gathers its keys once (padded positions read pad_k / pad_v), its real queries block by block; the two rel-pos
-// terms of a block come from one small GEMM against each table, and are added inside the softmax row pass that
-// sam_fast::rel_pos_attention uses (csrc/cpu/attention_rows.h); each output row goes straight to its place in out.
+// CPU kernels of sam_fast::sam_block_attention and sam_fast::window_bias_attention (schemas in csrc/ops.cpp).
+// sam_block_attention: segment_anything's window / global attention with the decomposed rel-pos bias, read straight
+// from a block's qkv tensor. Each (image, segment, head) gathers its keys once (padded positions read pad_k /
+// pad_v), its real queries block by block; the two rel-pos terms of a block come from one small GEMM against each
+// table, and are added inside the softmax row pass that sam_fast::rel_pos_attention uses
+// (csrc/cpu/attention_rows.h); each output row goes straight to its place in out. window_bias_attention: TinyViT's
+// window attention through the same gathers and row pass, its channel order and a dense per-head bias table.
 #include "attention_rows.h"
 
 namespace sam_fast {
@@ -91,29 +93,46 @@ void gather_row(T* dst, const T* src, const T* bias, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = T(static_cast<float>(src[d]) + static_cast<float>(bias[d]));
 }
 
+// Where head h's q, k and v lie in a token's 3 * C channels: q at h * head_stride, k and v k_off / v_off after it.
+// segment_anything's qkv linear writes (3, heads, D): {D, C, 2C}; TinyViT's writes (heads, 3, D): {3D, D, 2D}.
+struct QkvLayout {
+  int64_t head_stride, k_off, v_off;
+};
+
+// The bias of a segment's logits: SAM's decomposed rel-pos terms from the tables (transposed: thT, twT), or, when
+// `dense` is set, one (L, L) float32 table per head (heads, L, L), L = sh * sw, row = the query's place in its
+// window: TinyViT's learned per-offset bias, expanded.
+struct SegmentBias {
+  const float* thT;
+  const float* twT;
+  const float* dense;
+};
+
 // Tasks (image, segment, head, block of rows). A segment is a (sh, sw) window of the grid (the whole grid for a
 // global block); its keys are gathered once per segment and head (positions past the grid read pad_k / pad_v),
-// its real queries block by block, with their rel-pos terms computed from the gathered rows; each output row
-// goes straight to its place in out (B, Hg, Wg, heads * D). With qkv_bias (3 * C values), qkv holds x W^T alone
-// and every row read from it gets its part of the bias as it is gathered.
+// its real queries block by block, with their bias rows computed from the gathered rows (rel-pos) or copied from
+// the dense table; each output row goes straight to its place in out (B, Hg, Wg, heads * D). With qkv_bias (3 * C
+// values, in qkv's channel order), qkv holds x W^T alone and every row read from it gets its part of the bias as
+// it is gathered. A dense bias runs the row pass over a 1 x L key grid: the row's zero "h" term plus its bias row.
 template <typename T>
-void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, const float* thT, const float* twT,
-                 const T* qkv_bias, const T* pad_k, const T* pad_v, float scale, T* op) {
+void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, const QkvLayout& lay,
+                 const SegmentBias& bias, const T* qkv_bias, const T* pad_k, const T* pad_v, float scale, T* op) {
+  const bool dense = bias.dense != nullptr;
   const int64_t rhp = (2 * sh - 1 + 15) / 16 * 16, rwp = (2 * sw - 1 + 15) / 16 * 16;
   const int64_t B = qkv.size(0), Hg = qkv.size(1), Wg = qkv.size(2), C = qkv.size(3) / 3, D = C / heads;
   const int64_t sB = qkv.stride(0), sH = qkv.stride(1), sW = qkv.stride(2);
   const int64_t nsy = (Hg + sh - 1) / sh, nsx = (Wg + sw - 1) / sw, Lk = sh * sw;
   const int64_t bq = block_rows<T>(Lk, Lk);
   const int64_t nb = (Lk + bq - 1) / bq;
-  KeyGrid g{sh, sw, nullptr, nullptr};
+  KeyGrid g{dense ? 1 : sh, dense ? Lk : sw, nullptr, nullptr};
   std::vector<int32_t> iy, ix;
-  small_grid_index(g, iy, ix);
+  if (!dense) small_grid_index(g, iy, ix);
   const T* base = qkv.const_data_ptr<T>();
   cpu::parallel_for(0, B * nsy * nsx * heads * nb, 1, [&](int64_t begin, int64_t end) {
     Attend<T> att(bq, Lk, D);
     std::vector<T> kbuf(Lk * D), vbuf(Lk * D), qbuf(bq * D);
-    std::vector<float> qf(std::is_same_v<T, float> ? 0 : bq * D), rh(bq * sh), rw(bq * sw);
-    std::vector<float> prod(bq * std::max(rhp, rwp));
+    std::vector<float> qf(std::is_same_v<T, float> || dense ? 0 : bq * D), rh(bq * g.ay, 0.0f), rw(bq * g.ax);
+    std::vector<float> prod(dense ? 0 : bq * std::max(rhp, rwp));
     std::vector<int32_t> sy(bq), sx(bq);
     std::vector<T*> dst(bq);
     float sums[256];
@@ -125,17 +144,17 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
       const int64_t nry = std::min(sh, Hg - y0), nrx = std::min(sw, Wg - x0);
       const int64_t r0 = rb * bq, n = std::min(bq, nry * nrx - r0);
       if (n <= 0) continue;  // a block of rows past a partial window's real queries
-      const T* img = base + b * sB + h * D;
-      const T* bias_q = qkv_bias == nullptr ? nullptr : qkv_bias + h * D;
-      const T* bias_k = qkv_bias == nullptr ? nullptr : qkv_bias + C + h * D;
-      const T* bias_v = qkv_bias == nullptr ? nullptr : qkv_bias + 2 * C + h * D;
+      const T* img = base + b * sB + h * lay.head_stride;
+      const T* bias_q = qkv_bias == nullptr ? nullptr : qkv_bias + h * lay.head_stride;
+      const T* bias_k = qkv_bias == nullptr ? nullptr : bias_q + lay.k_off;
+      const T* bias_v = qkv_bias == nullptr ? nullptr : bias_q + lay.v_off;
       if (loaded != seg * heads + h) {
         for (int64_t j = 0; j < Lk; ++j) {
           const int64_t y = y0 + j / sw, x = x0 + j % sw;
           const bool real = y < Hg && x < Wg;
           if (real) {
-            gather_row(kbuf.data() + j * D, img + y * sH + x * sW + C, bias_k, D);
-            gather_row(vbuf.data() + j * D, img + y * sH + x * sW + 2 * C, bias_v, D);
+            gather_row(kbuf.data() + j * D, img + y * sH + x * sW + lay.k_off, bias_k, D);
+            gather_row(vbuf.data() + j * D, img + y * sH + x * sW + lay.v_off, bias_v, D);
           } else {
             std::memcpy(kbuf.data() + j * D, pad_k + h * D, D * sizeof(T));
             std::memcpy(vbuf.data() + j * D, pad_v + h * D, D * sizeof(T));
@@ -150,6 +169,12 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
         sy[i] = static_cast<int32_t>(qy);
         sx[i] = static_cast<int32_t>(qx);
         dst[i] = op + ((b * Hg + y0 + qy) * Wg + x0 + qx) * C + h * D;
+        if (dense) std::memcpy(rw.data() + i * Lk, bias.dense + (h * Lk + qy * sw + qx) * Lk, Lk * sizeof(float));
+      }
+      if (dense) {
+        att.block(qbuf.data(), D, n, rh.data(), rw.data(), g, scale, sums, maxes);
+        for (int64_t i = 0; i < n; ++i) finish_row(att.acc() + i * D, D, sums[i], maxes[i], dst[i]);
+        continue;
       }
       const float* qfp;
       if constexpr (std::is_same_v<T, float>) {
@@ -159,9 +184,9 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
         qfp = qf.data();
       }
       // SAM's terms: the unscaled q against the tables, added to the scaled logits
-      rel_products(qfp, n, D, thT, rhp, prod.data());
+      rel_products(qfp, n, D, bias.thT, rhp, prod.data());
       rel_terms(prod.data(), n, rhp, sy.data(), sh, rh.data());
-      rel_products(qfp, n, D, twT, rwp, prod.data());
+      rel_products(qfp, n, D, bias.twT, rwp, prod.data());
       rel_terms(prod.data(), n, rwp, sx.data(), sw, rw.data());
       att.block(qbuf.data(), D, n, rh.data(), rw.data(), g, scale, sums, maxes);
       for (int64_t i = 0; i < n; ++i) finish_row(att.acc() + i * D, D, sums[i], maxes[i], dst[i]);
@@ -224,18 +249,70 @@ void sam_block_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t windo
   const std::vector<float> thT = transposed_table(rel_pos_h.const_data_ptr<float>(), 2 * sh - 1, D);
   const std::vector<float> twT = transposed_table(rel_pos_w.const_data_ptr<float>(), 2 * sw - 1, D);
   const float fscale = static_cast<float>(scale);
+  const QkvLayout lay{D, C, 2 * C};
+  const SegmentBias bias{thT.data(), twT.data(), nullptr};
   if (dt == at::kFloat) {
-    attend_grid(qkv, heads, sh, sw, thT.data(), twT.data(),
-                qkv_bias.has_value() ? qkv_bias->const_data_ptr<float>() : nullptr, pk.const_data_ptr<float>(),
-                pv.const_data_ptr<float>(), fscale, out.data_ptr<float>());
+    attend_grid(qkv, heads, sh, sw, lay, bias, qkv_bias.has_value() ? qkv_bias->const_data_ptr<float>() : nullptr,
+                pk.const_data_ptr<float>(), pv.const_data_ptr<float>(), fscale, out.data_ptr<float>());
   } else {
-    attend_grid(qkv, heads, sh, sw, thT.data(), twT.data(),
+    attend_grid(qkv, heads, sh, sw, lay, bias,
                 qkv_bias.has_value() ? qkv_bias->const_data_ptr<at::BFloat16>() : nullptr,
                 pk.const_data_ptr<at::BFloat16>(), pv.const_data_ptr<at::BFloat16>(), fscale,
                 out.data_ptr<at::BFloat16>());
   }
 }
 
-TORCH_LIBRARY_IMPL(sam_fast, CPU, m) { m.impl("sam_block_attention", &sam_block_attention_cpu); }
+// TinyViT's window attention (schema in csrc/ops.cpp): the machinery above with its channel layout and a dense bias.
+void window_bias_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t window, const at::Tensor& bias,
+                               const std::optional<at::Tensor>& pad_k, const std::optional<at::Tensor>& pad_v,
+                               double scale, at::Tensor out) {
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(qkv.dim() == 4 && (dt == at::kFloat || dt == at::kBFloat16) && qkv.device().is_cpu(),
+              "window_bias_attention: qkv must be a 4-D (B, Hg, Wg, 3 * C) float32 or bfloat16 tensor on the CPU, "
+              "got ", qkv.sizes(), " ", dt, " on ", qkv.device());
+  TORCH_CHECK(heads >= 1 && qkv.size(3) > 0 && qkv.size(3) % (3 * heads) == 0,
+              "window_bias_attention: qkv's last dim must be 3 * heads * head_dim with heads >= 1, got ", qkv.size(3),
+              " for heads = ", heads);
+  TORCH_CHECK(qkv.stride(3) == 1, "window_bias_attention: qkv needs a contiguous last dim");
+  TORCH_CHECK(window >= 1 && window <= 64, "window_bias_attention: window must be in [1, 64], got ", window);
+  const int64_t B = qkv.size(0), Hg = qkv.size(1), Wg = qkv.size(2), C = qkv.size(3) / 3, D = C / heads;
+  const int64_t L = window * window;
+  TORCH_CHECK(out.scalar_type() == dt && out.device().is_cpu() && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef({B, Hg, Wg, C}),
+              "window_bias_attention: out must be a contiguous (", B, ", ", Hg, ", ", Wg, ", ", C, ") ", dt,
+              " tensor on the CPU, got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.device().is_cpu() && bias.is_contiguous() &&
+                  bias.sizes() == at::IntArrayRef({heads, L, L}),
+              "window_bias_attention: bias must be a contiguous float32 (", heads, ", ", L, ", ", L,
+              ") tensor on the CPU, got ", bias.sizes(), " ", bias.scalar_type(), " on ", bias.device());
+  TORCH_CHECK(pad_k.has_value() == pad_v.has_value(), "window_bias_attention: give both pad_k and pad_v, or neither");
+  at::Tensor zeros;
+  if (!pad_k.has_value()) zeros = at::zeros({heads, D}, qkv.options());
+  const at::Tensor& pk = pad_k.has_value() ? *pad_k : zeros;
+  const at::Tensor& pv = pad_v.has_value() ? *pad_v : zeros;
+  for (const at::Tensor* t : {&pk, &pv}) {
+    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu() && t->is_contiguous() &&
+                    t->sizes() == at::IntArrayRef({heads, D}),
+                "window_bias_attention: pad_k and pad_v must be contiguous (", heads, ", ", D, ") ", dt,
+                " tensors on the CPU, got ", t->sizes(), " ", t->scalar_type());
+  }
+  for (const at::Tensor* t : {&qkv, &bias, &pk, &pv}) at::assert_no_overlap(out, *t);
+  if (B == 0 || Hg == 0 || Wg == 0) return;
+  const QkvLayout lay{3 * D, D, 2 * D};
+  const SegmentBias dense{nullptr, nullptr, bias.const_data_ptr<float>()};
+  const float fscale = static_cast<float>(scale);
+  if (dt == at::kFloat) {
+    attend_grid<float>(qkv, heads, window, window, lay, dense, nullptr, pk.const_data_ptr<float>(),
+                       pv.const_data_ptr<float>(), fscale, out.data_ptr<float>());
+  } else {
+    attend_grid<at::BFloat16>(qkv, heads, window, window, lay, dense, nullptr, pk.const_data_ptr<at::BFloat16>(),
+                              pv.const_data_ptr<at::BFloat16>(), fscale, out.data_ptr<at::BFloat16>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
+  m.impl("sam_block_attention", &sam_block_attention_cpu);
+  m.impl("window_bias_attention", &window_bias_attention_cpu);
+}
 
 }  // namespace sam_fast

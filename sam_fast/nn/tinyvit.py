@@ -21,14 +21,19 @@ tensor autograd tracks where the fused op has no backward) it runs the original 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_policy
 from .._hooks import has_hooks
 from ..models.tinyvit import Conv2dBN, PatchEmbed, TinyViTAttention, TinyViTBlock, TinyViTMlp
+from ..ops.dilated_attention_cpu import FUSED_DTYPES, compute_dtype, fused_bias_kernel, fused_ok
 from ..ops.linear_epilogue import fused_linear
-from .quantized import _is_exact_gelu, _SharedModule, norm_int8_linear
+from ..ops.window_bias_attention import window_bias_attention
+from .quantized import Int8Linear, _is_exact_gelu, _SharedModule, norm_int8_linear
 
 
 class _FastForm(_SharedModule):
@@ -87,7 +92,8 @@ class FastTinyViTBlock(_FastForm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = self.resolution
         B, L, C = x.shape
-        x = x + self._windowed_attention(x)
+        y = self._kernel_attention(x)
+        x = x + (self._windowed_attention(x) if y is None else y)
         x = self.local_conv(x.transpose(1, 2).reshape(B, C, H, W)).view(B, C, L).transpose(1, 2)
         m = self.mlp
         if type(m) is TinyViTMlp and _is_exact_gelu(m.act) and not has_hooks(m, m.act):
@@ -96,6 +102,40 @@ class FastTinyViTBlock(_FastForm):
                 y = fused_linear(m.fc2, h, residual=x)
                 return x + m.fc2(h) if y is None else y
         return x + m(x)
+
+    def _kernel_attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The block's window attention and projection through the C++ kernel (the tokens' qkv read in place: no
+        padded copy, no partition), or None where it does not apply: not a CPU tensor in a dtype it takes, autograd
+        recording, hooks on the attention (its forward is not called), the extension absent. An int8 model runs
+        the attention in bf16 where the CPU policy's ``int8_attention_bf16`` asks for it."""
+        attn = self.attn
+        if type(attn) is not FastTinyViTAttention or has_hooks(attn) or x.device.type != "cpu" \
+                or x.dtype not in FUSED_DTYPES or compute_dtype(x.dtype) != x.dtype \
+                or not fused_ok(x, *attn.parameters()) or not fused_bias_kernel():
+            return None
+        H, W = self.resolution
+        B, L, C = x.shape
+        ws = self.window_size
+        dtype = x.dtype
+        int8 = type(attn.qkv) is Int8Linear and type(attn.proj) is Int8Linear
+        if int8 and dtype == torch.float32 and cpu_policy.policy().int8_attention_bf16 \
+                and compute_dtype(torch.bfloat16) == torch.bfloat16:
+            dtype = torch.bfloat16
+        pad_kv = None
+        if H % ws or W % ws:  # a padded token is zeros before the norm: its k and v are the qkv of norm(0)
+            zero = self._qkv(x.new_zeros(1, 1, C), dtype).reshape(attn.num_heads, 3, attn.head_dim)
+            pad_kv = (zero[:, 1], zero[:, 2])
+        qkv = self._qkv(x, dtype).view(B, H, W, 3 * C)
+        out = window_bias_attention(qkv, attn.num_heads, ws, attn.bias().float(), pad_kv, attn.scale, backend="cpu")
+        out = out.view(B, L, C)
+        if out.dtype != x.dtype:
+            return attn.proj(out, out_dtype=x.dtype) if int8 else attn.proj(out.to(x.dtype))
+        return attn.proj(out)
+
+    def _qkv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        attn = self.attn
+        qkv = norm_int8_linear(attn.norm, attn.qkv, x, out_dtype=dtype)
+        return (attn.qkv(attn.norm(x)) if qkv is None else qkv).to(dtype)
 
 
 #: the fast form of each TinyViT class (sam_fast.models.tinyvit); containers after the modules inside them, since a
