@@ -240,6 +240,7 @@ def test_fast_forms_compute_the_tinyvit(small, dtype, cpu_rules):
         n_blocks = sum(SMALL["depths"][1:])
         assert kinds["FastTinyViTBlock"] == kinds["FastTinyViTAttention"] == n_blocks and kinds["TinyViTBlock"] == 0
         assert kinds["ChannelsLastPatchEmbed"] == 1 and kinds["Conv2dBN"] == 0
+        assert kinds["FastMBConv"] == SMALL["depths"][0] and kinds["FastPatchMerging"] == len(SMALL["depths"]) - 1
         assert kinds["FoldedConv2dBN"] == sum(isinstance(m, fast.Conv2dBN) for m in small.modules())
         got = model.state_dict()
         assert list(got) == list(state) and all(torch.equal(got[k], v) for k, v in state.items())

@@ -8,12 +8,17 @@ unchanged) and computes the same function:
 * :class:`ChannelsLastPatchEmbed` - the encoder's input in channels-last memory order. The MBConv stage then runs
   oneDNN's convolutions in the order they compute in, without a reorder before and after each, and its 3-D tokens
   for the attention stages come out of ``flatten(2).transpose(1, 2)`` already contiguous.
+* :class:`FastMBConv`, :class:`FastPatchMerging` (and the patch embedding) - their GELUs in place on the
+  convolutions' fresh outputs, MBConv's residual added in place: a new tensor per activation at the first stage's
+  256 x 256 x 256 cost five times the GELU itself on the development machine.
 * :class:`FastTinyViTAttention` - the window attention through PyTorch's fused attention kernel: the learned
   per-offset bias is handed over with a batch axis (``(1, heads, N, N)``), the form that kernel takes; a 3-D bias
   sends the CPU to the unfused path (a third of the speed at TinyViT's windows). An int8 ``qkv`` gets its
   LayerNorm fused into its input quantization.
-* :class:`FastTinyViTBlock` - on the CPU in float32, the MLP's first linear with its GELU in the GEMM's epilogue
-  and the second with the block's residual add in its epilogue (:func:`sam_fast.ops.linear_epilogue.fused_linear`).
+* :class:`FastTinyViTBlock` - on the CPU, the window attention through the C++ kernel ``window_bias_attention``
+  (the tokens' qkv read in place: no padded copy, no partition; bf16 for an int8 model where the CPU policy asks);
+  in float32 the MLP's first linear with its GELU in the GEMM's epilogue and the second with the block's residual
+  add in its epilogue (:func:`sam_fast.ops.linear_epilogue.fused_linear`).
 
 Where a fast form does not apply (hooks on the modules it would skip, an int8 or otherwise replaced submodule, a
 tensor autograd tracks where the fused op has no backward) it runs the original forward.
@@ -29,7 +34,7 @@ from torch import nn
 
 from .. import cpu_policy
 from .._hooks import has_hooks
-from ..models.tinyvit import Conv2dBN, PatchEmbed, TinyViTAttention, TinyViTBlock, TinyViTMlp
+from ..models.tinyvit import Conv2dBN, MBConv, PatchEmbed, PatchMerging, TinyViTAttention, TinyViTBlock, TinyViTMlp
 from ..ops.dilated_attention_cpu import FUSED_DTYPES, compute_dtype, fused_bias_kernel, fused_ok
 from ..ops.linear_epilogue import fused_linear
 from ..ops.window_bias_attention import window_bias_attention
@@ -62,13 +67,54 @@ class FoldedConv2dBN(_FastForm):
         return c._conv_forward(x, w, shift.to(c.weight.dtype))
 
 
+def _inplace_ok(*acts, tensors=()) -> bool:
+    """Whether the GELUs ``acts`` may run in place on the fresh convolution outputs: exact GELUs without hooks, and
+    nothing for autograd to record (GELU's backward reads the input an in-place GELU overwrites)."""
+    if not all(_is_exact_gelu(a) for a in acts) or has_hooks(*acts):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _gelu_(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_(x)
+
+
 class ChannelsLastPatchEmbed(_FastForm):
-    """The patch embedding on its input in channels-last memory order (every convolution after it keeps it)."""
+    """The patch embedding on its input in channels-last memory order (every convolution after it keeps it), its
+    GELU in place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        seq = self.seq
+        if len(seq) == 3 and not has_hooks(seq) and _inplace_ok(seq[1], tensors=(x, *self.parameters())):
+            return seq[2](_gelu_(seq[0](x)))
         return self.float_forward(x)
+
+
+class FastMBConv(_FastForm):
+    """The MBConv block with its GELUs in place on the convolutions' fresh outputs and the residual added in place:
+    no new tensor per activation (at 256 x 256 x 256 a fresh output cost five times the GELU itself here, most of
+    it the operating system handing over new pages)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _inplace_ok(self.act1, self.act2, self.act3, tensors=(x, *self.parameters())):
+            return self.float_forward(x)
+        y = self.conv3(_gelu_(self.conv2(_gelu_(self.conv1(x)))))
+        return _gelu_(y.add_(x))
+
+
+class FastPatchMerging(_FastForm):
+    """Patch merging with its GELUs in place (see :class:`FastMBConv`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _inplace_ok(self.act, tensors=(x, *self.parameters())):
+            return self.float_forward(x)
+        if x.dim() == 3:  # tokens (B, H*W, C) from a TinyViT stage
+            H, W = self.resolution
+            x = x.view(x.shape[0], H, W, -1).permute(0, 3, 1, 2)
+        x = self.conv3(_gelu_(self.conv2(_gelu_(self.conv1(x)))))
+        return x.flatten(2).transpose(1, 2)
 
 
 class FastTinyViTAttention(_FastForm):
@@ -141,7 +187,8 @@ class FastTinyViTBlock(_FastForm):
 #: the fast form of each TinyViT class (sam_fast.models.tinyvit); containers after the modules inside them, since a
 #: fast form copies its original's submodule table when it is made
 FAST_TINYVIT_MODULES = ((Conv2dBN, FoldedConv2dBN), (TinyViTAttention, FastTinyViTAttention),
-                        (TinyViTBlock, FastTinyViTBlock), (PatchEmbed, ChannelsLastPatchEmbed))
+                        (TinyViTBlock, FastTinyViTBlock), (PatchEmbed, ChannelsLastPatchEmbed), (MBConv, FastMBConv),
+                        (PatchMerging, FastPatchMerging))
 
 
 def tinyvit_fast_modules(model: nn.Module):
