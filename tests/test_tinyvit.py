@@ -9,6 +9,7 @@ import pytest
 import skimage.data
 import torch
 import torch.nn.functional as F
+from devices import gpu
 from segment_anything import SamPredictor
 
 import sam_fast
@@ -312,6 +313,27 @@ def test_fast_forms_with_int8(small):
     assert rec.backends("window_bias_attention") == {"cpu"}  # the attention kernel: C++, whatever the int8 backend
     assert sum(op == "window_bias_attention" for op, _ in rec.calls) == n_blocks
     assert sqnr_db(ref, out) >= INT8_EMBEDDING_MIN_SQNR_DB
+
+
+@gpu
+def test_fast_forms_on_the_gpu():
+    """MobileSAM's geometry at 1024 px on CUDA in bf16: the fast forms (folded convolutions, channels-last, the fused
+    attention with its 4-D bias; the C++ window kernel is the CPU's) compute the original's embedding by the
+    tolerance rule against float64, and undo() restores it."""
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    sam = _randomize(build_vit_t(), seed=3).cuda()
+    enc = sam.image_encoder
+    x = torch.randn(1, 3, 1024, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        exact = copy.deepcopy(enc).double()(x.double())
+        bf16 = enc.to(torch.bfloat16)
+        ref = bf16(x.bfloat16())
+        with sam_fast.apply(bf16, SamFastConfig()):
+            out = bf16(x.bfloat16())
+        assert torch.equal(bf16(x.bfloat16()), ref)
+    check_against_reference("TinyViT fast forms, CUDA bf16", out.double(), exact, ref.double(), torch.bfloat16,
+                            FWD_FACTOR)
 
 
 def test_model_classes_are_plain_pytorch():
