@@ -194,6 +194,24 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
   });
 }
 
+// The padded keys' k and v (zeros when neither is given), checked: both or neither, (heads, D) in qkv's dtype.
+std::pair<at::Tensor, at::Tensor> pad_kv(const char* op, const std::optional<at::Tensor>& pad_k,
+                                         const std::optional<at::Tensor>& pad_v, const at::Tensor& qkv,
+                                         int64_t heads, int64_t D) {
+  TORCH_CHECK(pad_k.has_value() == pad_v.has_value(), op, ": give both pad_k and pad_v, or neither");
+  if (!pad_k.has_value()) {
+    at::Tensor zeros = at::zeros({heads, D}, qkv.options());
+    return {zeros, zeros};
+  }
+  for (const at::Tensor* t : {&*pad_k, &*pad_v}) {
+    TORCH_CHECK(t->scalar_type() == qkv.scalar_type() && t->device().is_cpu() && t->is_contiguous() &&
+                    t->sizes() == at::IntArrayRef({heads, D}),
+                op, ": pad_k and pad_v must be contiguous (", heads, ", ", D, ") ", qkv.scalar_type(),
+                " tensors on the CPU, got ", t->sizes(), " ", t->scalar_type());
+  }
+  return {*pad_k, *pad_v};
+}
+
 }  // namespace
 
 void sam_block_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t window, const at::Tensor& rel_pos_h,
@@ -233,17 +251,7 @@ void sam_block_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t windo
                 "sam_block_attention: qkv_bias must be a contiguous (", 3 * C, ",) ", dt, " tensor on the CPU, got ",
                 qkv_bias->sizes(), " ", qkv_bias->scalar_type(), " on ", qkv_bias->device());
   }
-  TORCH_CHECK(pad_k.has_value() == pad_v.has_value(), "sam_block_attention: give both pad_k and pad_v, or neither");
-  at::Tensor zeros;
-  if (!pad_k.has_value()) zeros = at::zeros({heads, D}, qkv.options());
-  const at::Tensor& pk = pad_k.has_value() ? *pad_k : zeros;
-  const at::Tensor& pv = pad_v.has_value() ? *pad_v : zeros;
-  for (const at::Tensor* t : {&pk, &pv}) {
-    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu() && t->is_contiguous() &&
-                    t->sizes() == at::IntArrayRef({heads, D}),
-                "sam_block_attention: pad_k and pad_v must be contiguous (", heads, ", ", D, ") ", dt,
-                " tensors on the CPU, got ", t->sizes(), " ", t->scalar_type());
-  }
+  const auto [pk, pv] = pad_kv("sam_block_attention", pad_k, pad_v, qkv, heads, D);
   for (const at::Tensor* t : {&rel_pos_h, &rel_pos_w, &pk, &pv}) at::assert_no_overlap(out, *t);
   if (qkv_bias.has_value()) at::assert_no_overlap(out, *qkv_bias);
   const std::vector<float> thT = transposed_table(rel_pos_h.const_data_ptr<float>(), 2 * sh - 1, D);
@@ -285,17 +293,7 @@ void window_bias_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t win
                   bias.sizes() == at::IntArrayRef({heads, L, L}),
               "window_bias_attention: bias must be a contiguous float32 (", heads, ", ", L, ", ", L,
               ") tensor on the CPU, got ", bias.sizes(), " ", bias.scalar_type(), " on ", bias.device());
-  TORCH_CHECK(pad_k.has_value() == pad_v.has_value(), "window_bias_attention: give both pad_k and pad_v, or neither");
-  at::Tensor zeros;
-  if (!pad_k.has_value()) zeros = at::zeros({heads, D}, qkv.options());
-  const at::Tensor& pk = pad_k.has_value() ? *pad_k : zeros;
-  const at::Tensor& pv = pad_v.has_value() ? *pad_v : zeros;
-  for (const at::Tensor* t : {&pk, &pv}) {
-    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu() && t->is_contiguous() &&
-                    t->sizes() == at::IntArrayRef({heads, D}),
-                "window_bias_attention: pad_k and pad_v must be contiguous (", heads, ", ", D, ") ", dt,
-                " tensors on the CPU, got ", t->sizes(), " ", t->scalar_type());
-  }
+  const auto [pk, pv] = pad_kv("window_bias_attention", pad_k, pad_v, qkv, heads, D);
   for (const at::Tensor* t : {&qkv, &bias, &pk, &pv}) at::assert_no_overlap(out, *t);
   if (B == 0 || Hg == 0 || Wg == 0) return;
   const QkvLayout lay{3 * D, D, 2 * D};

@@ -90,6 +90,32 @@ _TABLE = (
 )
 
 
+def check_qkv(qkv, heads) -> Tuple[int, int]:
+    """(heads, D) of a block's qkv tensor (B, Hg, Wg, 3 * heads * D), or a TypeError / ValueError naming what is
+    wrong (shared with :func:`~sam_fast.ops.window_bias_attention.window_bias_attention`)."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if not qkv.is_floating_point() or qkv.dim() != 4:
+        raise ValueError(f"qkv must be a floating-point (B, Hg, Wg, 3 * heads * D) tensor, got {qkv.dtype} "
+                         f"{tuple(qkv.shape)}")
+    heads = int_arg(heads, "heads", 1)
+    C3 = qkv.shape[-1]
+    if C3 % (3 * heads) or C3 == 0:
+        raise ValueError(f"qkv's last dim must be 3 * heads * D, got {C3} for heads={heads}")
+    return heads, C3 // (3 * heads)
+
+
+def check_pad_kv(pad_kv, heads: int, D: int) -> None:
+    """A TypeError / ValueError unless ``pad_kv`` is None or a (pad_k, pad_v) pair of (heads, D) tensors."""
+    if pad_kv is None:
+        return
+    if not isinstance(pad_kv, (tuple, list)) or len(pad_kv) != 2:
+        raise TypeError("pad_kv must be None or a (pad_k, pad_v) pair")
+    for name, t in zip(("pad_k", "pad_v"), pad_kv):
+        if not isinstance(t, torch.Tensor) or t.numel() != heads * D:
+            raise ValueError(f"{name} must be a (heads, D) = ({heads}, {D}) tensor")
+
+
 def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: Optional[torch.Tensor],
                         rel_pos_w: Optional[torch.Tensor], pad_kv: Optional[Tuple[torch.Tensor, torch.Tensor]],
                         scale: float, qkv_bias: Optional[torch.Tensor] = None, *,
@@ -100,16 +126,9 @@ def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: O
     ``rel_pos_w`` span ``2 * segment - 1`` offsets (segment: the window, or the grid's height / width), or are both
     None. ``qkv_bias`` (3 * heads * D,), when given, is added to every row read (qkv is then ``x W^T`` alone: the
     bias costs no pass of its own). Returns (B, Hg, Wg, heads * D) in qkv's dtype."""
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
-    if not qkv.is_floating_point() or qkv.dim() != 4:
-        raise ValueError(f"qkv must be a floating-point (B, Hg, Wg, 3 * heads * D) tensor, got {qkv.dtype} "
-                         f"{tuple(qkv.shape)}")
-    heads, window = int_arg(heads, "heads", 1), int_arg(window, "window", 0)
+    heads, D = check_qkv(qkv, heads)
+    window = int_arg(window, "window", 0)
     B, Hg, Wg, C3 = qkv.shape
-    if C3 % (3 * heads) or C3 == 0:
-        raise ValueError(f"qkv's last dim must be 3 * heads * D, got {C3} for heads={heads}")
-    D = C3 // (3 * heads)
     if (rel_pos_h is None) != (rel_pos_w is None):
         raise ValueError("rel_pos_h and rel_pos_w must both be given or both be None")
     if rel_pos_h is not None:
@@ -119,12 +138,7 @@ def sam_block_attention(qkv: torch.Tensor, heads: int, window: int, rel_pos_h: O
                 raise TypeError(f"{name} must be a floating-point tensor")
             if tuple(t.shape) != (2 * seg - 1, D):
                 raise ValueError(f"{name} must be (2 * {seg} - 1, D) = ({2 * seg - 1}, {D}), got {tuple(t.shape)}")
-    if pad_kv is not None:
-        if not isinstance(pad_kv, (tuple, list)) or len(pad_kv) != 2:
-            raise TypeError("pad_kv must be None or a (pad_k, pad_v) pair")
-        for name, t in zip(("pad_k", "pad_v"), pad_kv):
-            if not isinstance(t, torch.Tensor) or t.numel() != heads * D:
-                raise ValueError(f"{name} must be a (heads, D) = ({heads}, {D}) tensor")
+    check_pad_kv(pad_kv, heads, D)
     if qkv_bias is not None and (not isinstance(qkv_bias, torch.Tensor) or tuple(qkv_bias.shape) != (C3,)):
         raise ValueError(f"qkv_bias must be None or a ({C3},) tensor")
     scale = float_arg(scale, "scale")

@@ -22,6 +22,7 @@ from .._dispatch import Backend, Refusal, dispatch
 from ..reference import window_bias_attention as _ref
 from ._ext import cpp_device_refusal, register_fake
 from .dilated_attention_cpu import FUSED_DTYPES, fused_ok
+from .sam_block_attention import check_pad_kv, check_qkv
 
 
 @register_fake("sam_fast::window_bias_attention")
@@ -71,28 +72,15 @@ def window_bias_attention(qkv: torch.Tensor, heads: int, window: int, bias: torc
     whole windows, the padded keys carrying ``pad_kv`` (the k and v of a padded token, each (heads, D); zeros when
     None). ``bias`` (heads, window^2, window^2): row = the query's place in its window. Returns (B, Hg, Wg,
     heads * D) in qkv's dtype, heads in order."""
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
-    if not qkv.is_floating_point() or qkv.dim() != 4:
-        raise ValueError(f"qkv must be a floating-point (B, Hg, Wg, 3 * heads * D) tensor, got {qkv.dtype} "
-                         f"{tuple(qkv.shape)}")
-    heads, window = int_arg(heads, "heads", 1), int_arg(window, "window", 1)
+    heads, D = check_qkv(qkv, heads)
+    window = int_arg(window, "window", 1)
     if window > 64:
         raise ValueError(f"window must be at most 64, got {window}")
-    C3 = qkv.shape[-1]
-    if C3 % (3 * heads) or C3 == 0:
-        raise ValueError(f"qkv's last dim must be 3 * heads * D, got {C3} for heads={heads}")
-    D = C3 // (3 * heads)
     L = window * window
     if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
         raise TypeError("bias must be a floating-point tensor")
     if tuple(bias.shape) != (heads, L, L):
         raise ValueError(f"bias must be (heads, window^2, window^2) = ({heads}, {L}, {L}), got {tuple(bias.shape)}")
-    if pad_kv is not None:
-        if not isinstance(pad_kv, (tuple, list)) or len(pad_kv) != 2:
-            raise TypeError("pad_kv must be None or a (pad_k, pad_v) pair")
-        for name, t in zip(("pad_k", "pad_v"), pad_kv):
-            if not isinstance(t, torch.Tensor) or t.numel() != heads * D:
-                raise ValueError(f"{name} must be a (heads, D) = ({heads}, {D}) tensor")
+    check_pad_kv(pad_kv, heads, D)
     scale = float_arg(scale, "scale")
     return dispatch("window_bias_attention", _TABLE, backend, qkv, heads, window, bias, pad_kv, float(scale))
