@@ -251,8 +251,8 @@ def run(out_dir: str, quick: bool = False, device: str = None, compile: bool = F
         enc = enc.to(device=dev, dtype=dtype)
         x = torch.randn(batch, 3, enc.img_size, enc.img_size, device=dev, generator=torch.Generator(device=dev)
                         .manual_seed(0)).to(dtype)
-        # (2 images at 1024 px on a CPU: calibration runs the float encoder three times per image)
-        cal = calibrate(enc, images, num_images=2 if full_cpu else 8)
+        # (2 images at 1024 px on a CPU, 1 with --quick: calibration runs the float encoder three times per image)
+        cal = calibrate(enc, images, num_images=(1 if quick else 2) if full_cpu else 8)
         if hasattr(enc, "blocks"):
             configs = [(BASELINE, None), ("sam_fast_exact", SamFastConfig(attention="exact")),
                        ("sam_fast_exact_int8", SamFastConfig(attention="exact", quantize="int8", calibration=cal))]
