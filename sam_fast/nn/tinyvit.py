@@ -140,7 +140,10 @@ class FastTinyViTBlock(_FastForm):
         B, L, C = x.shape
         y = self._kernel_attention(x)
         x = x + (self._windowed_attention(x) if y is None else y)
-        x = self.local_conv(x.transpose(1, 2).reshape(B, C, H, W)).view(B, C, L).transpose(1, 2)
+        # the tokens as a channels-last image whose batch stride is H * W * C (transpose + reshape gives an equal view
+        # whose batch stride oneDNN reads as "not channels-last" at B = 1: it then reorders in and writes NCHW, and the
+        # tokens come back strided, to be copied by each LayerNorm after)
+        x = self.local_conv(x.view(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, L, C)
         m = self.mlp
         if type(m) is TinyViTMlp and _is_exact_gelu(m.act) and not has_hooks(m, m.act):
             h = fused_linear(m.fc1, m.norm(x), "gelu")
