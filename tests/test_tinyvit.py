@@ -284,6 +284,16 @@ def test_fast_forms_fall_back_where_they_would_change_something(small):
             model.image_encoder(x)
         hook.remove()
         assert len(seen) == 1
+        # outputs a hook keeps are not written over by the in-place residuals
+        kept = []
+        blk = model.image_encoder.layers[2].blocks[0]
+        hooks = [m.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+                 for m in (blk.attn.proj, blk.mlp.fc2)]
+        with torch.no_grad():
+            model.image_encoder(x)
+        for h in hooks:
+            h.remove()
+        assert len(kept) == 2 and all(torch.equal(o, c) for o, c in kept)
     with pytest.raises(ValueError, match="no ViT blocks for dilated attention"):
         sam_fast.apply(model, SamFastConfig(sam_fast.Dilated(sam_fast.Branch((4, 4), 2))))
     with pytest.raises(ValueError, match="backend='triton'.*use backend='auto'"):

@@ -133,23 +133,29 @@ class FastTinyViTAttention(_FastForm):
 
 
 class FastTinyViTBlock(_FastForm):
-    """A TinyViT block whose MLP runs its GELU and the residual add in the linears' epilogues (float32, CPU)."""
+    """A TinyViT block with its window attention through the C++ kernel (CPU) and its MLP's GELU and residual add in
+    the linears' epilogues (float32, CPU) or in place on their fresh outputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = self.resolution
         B, L, C = x.shape
         y = self._kernel_attention(x)
-        x = x + (self._windowed_attention(x) if y is None else y)
+        if y is None:
+            x = x + self._windowed_attention(x)
+        else:  # y is proj's fresh output: the residual in place, unless a hook on proj may hold it
+            x = x + y if has_hooks(self.attn.proj) else y.add_(x)
         # the tokens as a channels-last image whose batch stride is H * W * C (transpose + reshape gives an equal view
         # whose batch stride oneDNN reads as "not channels-last" at B = 1: it then reorders in and writes NCHW, and the
         # tokens come back strided, to be copied by each LayerNorm after)
         x = self.local_conv(x.view(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, L, C)
         m = self.mlp
-        if type(m) is TinyViTMlp and _is_exact_gelu(m.act) and not has_hooks(m, m.act):
+        if type(m) is TinyViTMlp and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear \
+                and _inplace_ok(m.act, tensors=(x, *m.parameters())) and not has_hooks(m, m.fc1, m.fc2):
             h = fused_linear(m.fc1, m.norm(x), "gelu")
-            if h is not None:
-                y = fused_linear(m.fc2, h, residual=x)
-                return x + m.fc2(h) if y is None else y
+            if h is None:  # (bf16, small outputs) the GELU and the residual in place on the linears' fresh outputs
+                return m.fc2(_gelu_(m.fc1(m.norm(x)))).add_(x)
+            y = fused_linear(m.fc2, h, residual=x)
+            return m.fc2(h).add_(x) if y is None else y
         return x + m(x)
 
     def _kernel_attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
