@@ -9,7 +9,7 @@ import pytest
 import skimage.data
 import torch
 import torch.nn.functional as F
-from devices import gpu
+from devices import gpu, smoke
 from segment_anything import SamPredictor
 
 import sam_fast
@@ -326,6 +326,7 @@ def test_fast_forms_with_int8(small):
 
 
 @gpu
+@smoke  # (not a kernel: the forms are PyTorch ops on the GPU; one cheap check in the one GPU stage that runs tests)
 def test_fast_forms_on_the_gpu():
     """MobileSAM's geometry at 1024 px on CUDA in bf16: the fast forms (folded convolutions, channels-last, the fused
     attention with its 4-D bias; the C++ window kernel is the CPU's) compute the original's embedding by the

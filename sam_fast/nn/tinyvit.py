@@ -147,7 +147,7 @@ class FastTinyViTBlock(_FastForm):
         # the tokens as a channels-last image whose batch stride is H * W * C (transpose + reshape gives an equal view
         # whose batch stride oneDNN reads as "not channels-last" at B = 1: it then reorders in and writes NCHW, and the
         # tokens come back strided, to be copied by each LayerNorm after)
-        x = self.local_conv(x.view(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, L, C)
+        x = self.local_conv(x.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, L, C)
         m = self.mlp
         if type(m) is TinyViTMlp and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear \
                 and _inplace_ok(m.act, tensors=(x, *m.parameters())) and not has_hooks(m, m.fc1, m.fc2):
@@ -161,11 +161,12 @@ class FastTinyViTBlock(_FastForm):
     def _kernel_attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The block's window attention and projection through the C++ kernel (the tokens' qkv read in place: no
         padded copy, no partition), or None where it does not apply: not a CPU tensor in a dtype it takes, autograd
-        recording, hooks on the attention (its forward is not called), the extension absent. An int8 model runs
+        recording, hooks on the attention (its forward is not called), windows over 64 tokens a side, the extension
+        absent. An int8 model runs
         the attention in bf16 where the CPU policy's ``int8_attention_bf16`` asks for it."""
         attn = self.attn
         if type(attn) is not FastTinyViTAttention or has_hooks(attn) or x.device.type != "cpu" \
-                or x.dtype not in FUSED_DTYPES or compute_dtype(x.dtype) != x.dtype \
+                or self.window_size > 64 or x.dtype not in FUSED_DTYPES or compute_dtype(x.dtype) != x.dtype \
                 or not fused_ok(x, *attn.parameters()) or not fused_bias_kernel():
             return None
         H, W = self.resolution
