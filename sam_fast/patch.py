@@ -421,15 +421,17 @@ def _contiguous_output(module, args, output):
 
 
 def _swap_tinyvit(model, config, found, swaps, hooks) -> None:
-    """A TinyViT encoder's fast forms (sam_fast.nn.tinyvit) for attention="exact": the same function, on PyTorch's
-    fused attention, folded convolutions and the C++ linear epilogues. Dilated patterns and explicit kernel
-    backends are for SAM's ViT blocks: refused, not ignored."""
+    """A TinyViT encoder's fast forms (sam_fast.nn.tinyvit) for attention="exact": the same function, on sam_fast's
+    C++ window-attention kernel and linear epilogues (CPU), PyTorch's fused attention (elsewhere) and folded
+    convolutions. Dilated patterns, and a kernel backend other than the C++ one for a float model, are refused, not
+    ignored (with int8, the backend is the int8 ops')."""
     if config.attention != "exact":
         raise ValueError("a TinyViT encoder (MobileSAM, TinySAM) has no ViT blocks for dilated attention: use "
                          "attention='exact' (its fast forms) or 'none'")
-    if config.backend not in ("auto", "cpu", "reference") and config.quantize is None:
-        raise ValueError(f"backend={config.backend!r}: a TinyViT encoder's fast forms run PyTorch's fused attention "
-                         "and sam_fast's CPU epilogues, not a chosen kernel backend; use backend='auto'")
+    if config.backend not in ("auto", "cpu") and config.quantize is None:
+        raise ValueError(f"backend={config.backend!r}: a TinyViT encoder's fast forms run sam_fast's C++ CPU kernels "
+                         "(PyTorch's fused attention off the CPU), not a chosen backend; use backend='auto' (or "
+                         "attention='none' for the model as written)")
     for parent, name, child, fast in found:
         new = fast(child)
         parent._modules[name] = new
