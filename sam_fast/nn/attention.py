@@ -165,7 +165,8 @@ def _add_residual(fresh: torch.Tensor, made_by: Optional[nn.Module], residual: O
     if residual is None:
         return fresh
     same = fresh.dtype == residual.dtype and fresh.shape == residual.shape
-    if same and _inplace_ok() and isinstance(made_by, _OWN_OUTPUT):
+    # (never into an output a hook on made_by saw: the hook may hold it)
+    if same and _inplace_ok() and isinstance(made_by, _OWN_OUTPUT) and not has_hooks(made_by):
         return fresh.add_(residual)
     return residual + fresh
 
@@ -184,7 +185,13 @@ def _mlp_fused(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> Optio
     """segment_anything ``MLPBlock`` (lin1 -> GELU -> lin2) on x, plus ``residual``, at inference: the bias, GELU and
     residual fused after each GEMM (:func:`~sam_fast.ops.linear_epilogue.fused_linear`), or in place on the
     linears' fresh outputs where that does not apply. None for any other MLP."""
-    lin1, act, lin2 = (getattr(mlp, n, None) for n in ("lin1", "act", "lin2"))
+    return mlp_layers_fused(*(getattr(mlp, n, None) for n in ("lin1", "act", "lin2")), x, residual)
+
+
+def mlp_layers_fused(lin1, act, lin2, x: torch.Tensor, residual: torch.Tensor) -> Optional[torch.Tensor]:
+    """``residual + lin2(act(lin1(x)))`` at inference as :func:`_mlp_fused` runs it, for any MLP of a linear, a GELU
+    and a linear (TinyViT's fc1 / act / fc2 too). None unless act is an ``nn.GELU`` and lin1 a layer returning new
+    tensors."""
     if type(act) is not nn.GELU or not isinstance(lin1, _OWN_OUTPUT) or lin2 is None:
         return None
     hidden = fused_linear(lin1, x, "gelu" if act.approximate == "none" else "gelu_tanh")

@@ -36,14 +36,20 @@ from .. import cpu_policy
 from .._hooks import has_hooks
 from ..models.tinyvit import Conv2dBN, MBConv, PatchEmbed, PatchMerging, TinyViTAttention, TinyViTBlock, TinyViTMlp
 from ..ops.dilated_attention_cpu import FUSED_DTYPES, compute_dtype, fused_bias_kernel, fused_ok
-from ..ops.linear_epilogue import fused_linear
 from ..ops.window_bias_attention import window_bias_attention
+from .attention import _project, mlp_layers_fused
 from .quantized import Int8Linear, _is_exact_gelu, _SharedModule, norm_int8_linear
 
 
 class _FastForm(_SharedModule):
     def extra_repr(self) -> str:
         return f"fast form of {self._original_class.__name__}"
+
+
+def _tinyvit_qkv(attn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``attn.qkv(attn.norm(x))`` in ``dtype``: an int8 qkv with the LayerNorm fused into its input quantization."""
+    qkv = norm_int8_linear(attn.norm, attn.qkv, x, out_dtype=dtype)
+    return (attn.qkv(attn.norm(x)) if qkv is None else qkv).to(dtype)
 
 
 class FoldedConv2dBN(_FastForm):
@@ -122,9 +128,7 @@ class FastTinyViTAttention(_FastForm):
     ``qkv``, the LayerNorm fused into its input quantization."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = norm_int8_linear(self.norm, self.qkv, x)
-        if qkv is None:
-            qkv = self.qkv(self.norm(x))
+        qkv = _tinyvit_qkv(self, x, x.dtype)
         B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(B, N, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         bias = self.bias().to(q.dtype).unsqueeze(0)  # (1, heads, N, N): the fused kernel's form
@@ -140,30 +144,25 @@ class FastTinyViTBlock(_FastForm):
         H, W = self.resolution
         B, L, C = x.shape
         y = self._kernel_attention(x)
-        if y is None:
-            x = x + self._windowed_attention(x)
-        else:  # y is proj's fresh output: the residual in place, unless a hook on proj may hold it
-            x = x + y if has_hooks(self.attn.proj) else y.add_(x)
+        x = x + self._windowed_attention(x) if y is None else y
         # the tokens as a channels-last image whose batch stride is H * W * C (transpose + reshape gives an equal view
         # whose batch stride oneDNN reads as "not channels-last" at B = 1: it then reorders in and writes NCHW, and the
         # tokens come back strided, to be copied by each LayerNorm after)
         x = self.local_conv(x.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, L, C)
         m = self.mlp
-        if type(m) is TinyViTMlp and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear \
-                and _inplace_ok(m.act, tensors=(x, *m.parameters())) and not has_hooks(m, m.fc1, m.fc2):
-            h = fused_linear(m.fc1, m.norm(x), "gelu")
-            if h is None:  # (bf16, small outputs) the GELU and the residual in place on the linears' fresh outputs
-                return m.fc2(_gelu_(m.fc1(m.norm(x)))).add_(x)
-            y = fused_linear(m.fc2, h, residual=x)
-            return m.fc2(h).add_(x) if y is None else y
+        if type(m) is TinyViTMlp and _inplace_ok(m.act, tensors=(x, *m.parameters())) \
+                and not has_hooks(m, m.fc1, m.fc2):
+            y = mlp_layers_fused(m.fc1, m.act, m.fc2, m.norm(x), x)  # (SAM's blocks' MLP path)
+            if y is not None:
+                return y
         return x + m(x)
 
     def _kernel_attention(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The block's window attention and projection through the C++ kernel (the tokens' qkv read in place: no
-        padded copy, no partition), or None where it does not apply: not a CPU tensor in a dtype it takes, autograd
-        recording, hooks on the attention (its forward is not called), windows over 64 tokens a side, the extension
-        absent. An int8 model runs
-        the attention in bf16 where the CPU policy's ``int8_attention_bf16`` asks for it."""
+        """x plus the block's window attention and projection, the attention through the C++ kernel (the tokens'
+        qkv read in place: no padded copy, no partition), or None where it does not apply: not a CPU tensor in a
+        dtype it takes, autograd recording, hooks on the attention (its forward is not called), windows over 64
+        tokens a side, the extension absent. An int8 model runs the attention in bf16 where the CPU policy's
+        ``int8_attention_bf16`` asks for it."""
         attn = self.attn
         if type(attn) is not FastTinyViTAttention or has_hooks(attn) or x.device.type != "cpu" \
                 or self.window_size > 64 or x.dtype not in FUSED_DTYPES or compute_dtype(x.dtype) != x.dtype \
@@ -179,19 +178,12 @@ class FastTinyViTBlock(_FastForm):
             dtype = torch.bfloat16
         pad_kv = None
         if H % ws or W % ws:  # a padded token is zeros before the norm: its k and v are the qkv of norm(0)
-            zero = self._qkv(x.new_zeros(1, 1, C), dtype).reshape(attn.num_heads, 3, attn.head_dim)
+            zero = _tinyvit_qkv(attn, x.new_zeros(1, 1, C), dtype).reshape(attn.num_heads, 3, attn.head_dim)
             pad_kv = (zero[:, 1], zero[:, 2])
-        qkv = self._qkv(x, dtype).view(B, H, W, 3 * C)
+        qkv = _tinyvit_qkv(attn, x, dtype).view(B, H, W, 3 * C)
         out = window_bias_attention(qkv, attn.num_heads, ws, attn.bias().float(), pad_kv, attn.scale, backend="cpu")
-        out = out.view(B, L, C)
-        if out.dtype != x.dtype:
-            return attn.proj(out, out_dtype=x.dtype) if int8 else attn.proj(out.to(x.dtype))
-        return attn.proj(out)
+        return _project(attn, out.view(B, L, C), x)  # (SAM's blocks' projection: residual fused or in place)
 
-    def _qkv(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        attn = self.attn
-        qkv = norm_int8_linear(attn.norm, attn.qkv, x, out_dtype=dtype)
-        return (attn.qkv(attn.norm(x)) if qkv is None else qkv).to(dtype)
 
 
 #: the fast form of each TinyViT class (sam_fast.models.tinyvit); containers after the modules inside them, since a
