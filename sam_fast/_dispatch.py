@@ -215,6 +215,11 @@ def note_fallback(op: str, chosen: str, reason: str, passed: str = "fused") -> N
     _note(op, chosen, ((passed, reason),))
 
 
+def note_call(op: str, chosen: str) -> None:
+    """Record that ``op`` ran on ``chosen`` by the policy's choice, outside a dispatch table (no fallback)."""
+    _note(op, chosen, ())
+
+
 def _note(op: str, chosen: str, passed_over: tuple) -> None:
     if _compiling():
         return

@@ -60,7 +60,7 @@ def test_cpu_op_benchmark_times_both_backends(script, tmp_path):
 
     mod = importlib.import_module(f"sam_fast.bench.{script}")
     rows, png = mod.run(str(tmp_path), quick=True)
-    assert {r["backend"] for r in rows} == {"reference", "sam_fast(cpu)"}
+    assert {"reference", "sam_fast(cpu)"} <= {r["backend"] for r in rows}
     assert all(r["median_ms"] > 0 and r["value"] > 0 and r["max_err"] < 1e-4 for r in rows), rows
     assert list(csv.DictReader(open(tmp_path / f"{script}.csv")))
 

@@ -60,28 +60,66 @@ def test_linear_epilogue_op_refuses_bad_arguments():
     op(torch.empty(0, 6), torch.zeros(6), "gelu", torch.empty(0, 6))  # empty: nothing to do
 
 
-def test_fused_linear_matches_the_modules_and_steps_aside(cpu_rules):
-    """fused_linear: the layer, its GELU and a residual in one pass after the GEMM (float32, large enough outputs);
-    None (the caller runs the modules) for bf16, small outputs, another module type, or autograd recording."""
+#: float32 results against float64: K = 48 products summed in some order
+FLOAT32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "epilogue"])
+def test_fused_linear_matches_the_modules_and_steps_aside(cpu_rules, onednn):
+    """fused_linear: the layer, its GELU and a residual in one call, matching float64. With the policy's
+    ``fp32_gemm_onednn`` (and oneDNN in this PyTorch) oneDNN's GEMM with them as post-ops, at any size, an activation
+    and a residual together excepted; otherwise the bias-free GEMM and the C++ epilogue, for large enough outputs.
+    None (the caller runs the modules) for bf16, small outputs off the oneDNN path, another module type, or autograd
+    recording."""
     import sam_fast.ops.linear_epilogue as le
 
     lin = torch.nn.Linear(48, 80)
     x = torch.randn(2, 30, 48)
     res = torch.randn(2, 30, 80)
-    cpu_rules(epilogue_min_bytes=0)
+    cpu_rules(epilogue_min_bytes=0, fp32_gemm_onednn=onednn)
+    onednn = onednn and le._onednn_linear_present()
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     with torch.no_grad():
         for act, approx in (("none", None), ("gelu", "none"), ("gelu_tanh", "tanh")):
-            want = lin(x) if approx is None else F.gelu(lin(x), approximate=approx)
-            torch.testing.assert_close(le.fused_linear(lin, x, act), want)
-            torch.testing.assert_close(le.fused_linear(lin, x, act, residual=res), want + res)
+            want = exact if approx is None else F.gelu(exact, approximate=approx)
+            with sam_fast.record_backends() as rec:
+                torch.testing.assert_close(le.fused_linear(lin, x, act).double(), want, **FLOAT32)
+                torch.testing.assert_close(le.fused_linear(lin, x, act, residual=res).double(), want + res,
+                                           **FLOAT32)
+            # oneDNN takes one post-op chain: an activation and a residual together take the epilogue
+            paths = [b for op, b in rec.calls if op == "fused_linear"]
+            assert paths == ["onednn" if onednn else "epilogue", "onednn" if onednn and act == "none" else "epilogue"]
         assert le.fused_linear(copy.deepcopy(lin).bfloat16(), x.bfloat16()) is None
         assert le.fused_linear(torch.nn.Identity(), x) is None
         cpu_rules(epilogue_min_bytes=1 << 30)
-        assert le.fused_linear(lin, x) is None
+        small = le.fused_linear(lin, x)
+        assert small is None if not onednn else torch.allclose(small.double(), exact, **FLOAT32)
     cpu_rules(epilogue_min_bytes=0)
     assert le.fused_linear(lin, x) is None  # grad enabled, the weight requires grad
     with pytest.raises(ValueError, match="activation must be one of"):
         le.fused_linear(lin, x, "relu")
+
+
+def test_gemm_takes_onednn_only_at_eager_float32_inference(cpu_rules):
+    """``gemm`` (the bias-free GEMM the SAM block kernel reads): oneDNN's where the policy asks, plain F.linear for
+    bf16, with autograd recording, or with the policy off; the same product every way."""
+    import sam_fast.ops.linear_epilogue as le
+
+    w = torch.randn(40, 24)
+    x = torch.randn(5, 7, 24)
+    exact = F.linear(x.double(), w.double())
+    with torch.no_grad():
+        assert le.onednn_gemm_wanted(x, w) == le._onednn_linear_present()
+        torch.testing.assert_close(le.gemm(x, w).double(), exact, **FLOAT32)
+        assert not le.onednn_gemm_wanted(x.bfloat16(), w.bfloat16())
+        cpu_rules(fp32_gemm_onednn=False)
+        assert not le.onednn_gemm_wanted(x, w)
+        torch.testing.assert_close(le.gemm(x, w).double(), exact, **FLOAT32)
+    cpu_rules(fp32_gemm_onednn=True)
+    xg = x.clone().requires_grad_(True)
+    assert not le.onednn_gemm_wanted(xg, w)
+    le.gemm(xg, w).sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand_as(x))
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])

@@ -73,7 +73,8 @@ def test_sam_block_attention_op_matches_segment_anything(B, grid, heads, D, wind
     the op's dtype as the yardstick): with the padded keys' pad_k / pad_v, and with qkv holding x W^T alone and the
     bias handed to the kernel (the same result as the biased qkv); on each path (``cpu_paths``: the scalar row pass,
     rel-pos products and ATen's bf16 GEMMs on plain row-major operands with AVX-512 off; bf16 GEMMs in AVX512-BF16
-    dot products on VNNI panels with AMX off, where the CPU has them)."""
+    dot products on VNNI panels with AMX off, where the CPU has them). float32 at head dims up to 32 (the cases of
+    7-32) runs the kernel's own AVX-512 GEMMs, MKL's above (80) and with AVX-512 off."""
     qkv, rel_h, rel_w, bias = _inputs(B, grid, heads, D, window, seed=B * 31 + D)
     C = heads * D
     scale = D ** -0.5
@@ -226,10 +227,9 @@ def test_sam_fast_block_runs_the_block_kernel_at_inference(window, grid, dtype, 
     cpu_rules(sam_block_min_keys=16)  # the 4 x 4 windows here
     cpu_rules(epilogue_min_bytes=0)
     calls = []
-    for name in ("sam_block_attention", "linear_epilogue_"):
-        real = getattr(torch.ops.sam_fast, name)
-        monkeypatch.setattr(torch.ops.sam_fast, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a),
-                            raising=False)
+    real = torch.ops.sam_fast.sam_block_attention
+    monkeypatch.setattr(torch.ops.sam_fast, "sam_block_attention", lambda *a: calls.append("sam_block_attention")
+                        or real(*a), raising=False)
     blk = _sam_block(32, 2, window, grid)
     x = torch.randn(2, *grid, 32)
     with torch.no_grad():
@@ -237,13 +237,15 @@ def test_sam_fast_block_runs_the_block_kernel_at_inference(window, grid, dtype, 
         same = copy.deepcopy(blk).to(dtype)(x.to(dtype))
         xd = x.to(dtype)
         keep = xd.clone()
-        out = SamFastBlock(copy.deepcopy(blk).to(dtype))(xd)
+        with sam_fast.record_backends() as rec:
+            out = SamFastBlock(copy.deepcopy(blk).to(dtype))(xd)
     assert torch.equal(xd, keep)
     check_against_reference("block", out, exact, same, dtype, FWD_FACTOR)
     # the kernel needs AVX-512, and a bf16 model a CPU that multiplies bf16 in hardware (elsewhere the batched path
     # computes bf16 in float32)
     assert ("sam_block_attention" in calls) == (cpu.fused_bias_kernel() and cpu.compute_dtype(dtype) == dtype)
-    assert ("linear_epilogue_" in calls) == (dtype == torch.float32)
+    # float32: the projection (with its residual) and both MLP linears (GELU; the residual)
+    assert len([op for op, _ in rec.calls if op == "fused_linear"]) == (3 if dtype == torch.float32 else 0)
     calls.clear()
     with torch.no_grad():
         ref_backend = SamFastBlock(copy.deepcopy(blk).to(dtype), backend="reference")(xd)

@@ -251,10 +251,10 @@ def test_fast_forms_compute_the_tinyvit(small, dtype, cpu_rules):
         check_against_reference(f"TinyViT fast forms {dtype}", out.double(), exact, same_precision.double(), dtype,
                                 FWD_FACTOR)
         # every block's attention through the C++ window kernel where the CPU computes in the dtype; float32 on the
-        # CPU: both MLP linears of every block through the C++ epilogue (GELU, then the residual), and after the
+        # CPU: both MLP linears of every block through fused_linear (GELU, then the residual), and after the
         # kernel the projection with its residual
         kernel = compute_dtype(dtype) == dtype and fused_bias_kernel()
-        epilogues = sum(op == "linear_epilogue_" for op, _ in rec.calls)
+        epilogues = sum(op == "fused_linear" for op, _ in rec.calls)
         assert epilogues == ((2 + kernel) * n_blocks if dtype == torch.float32 else 0)
         assert sum(op == "window_bias_attention" for op, _ in rec.calls) == (n_blocks if kernel else 0)
         handle.undo()

@@ -18,14 +18,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import cpu_policy
 from .._dispatch import check_backend_name, note_fallback
 from .._hooks import has_hooks, share_hooks
 from ..ops.dilated_attention import dilated_attention, needed_rel_rows
-from ..ops.linear_epilogue import fused_linear
+from ..ops.linear_epilogue import fused_linear, gemm
 from ..ops.resize_rel_pos import resize_rel_pos
 from ..ops.sam_block_attention import sam_block_attention, sam_block_fits
 from ..pattern import Branch, check_pattern, resolve_pattern
@@ -102,7 +101,7 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
             if qkv is None:
                 if type(attn.qkv) is nn.Linear and bias is not None and x.dtype == torch.float32 \
                         and not has_hooks(attn.qkv):
-                    qkv, qkv_bias = F.linear(x, attn.qkv.weight), bias  # the kernel adds the bias as it reads
+                    qkv, qkv_bias = gemm(x, attn.qkv.weight), bias  # the kernel adds the bias as it reads
                 else:
                     qkv = attn.qkv(x)
             out = sam_block_attention(qkv, heads, window_size, rel_h, rel_w, _pad_kv(attn, Hg, Wg, window_size),
