@@ -372,18 +372,93 @@ void pack_v_panel(const at::BFloat16* v, int64_t ldv, int64_t L, int64_t w, int6
   }
 }
 
+#ifdef SAM_FAST_X86_AVX512
+// C (R rows, w <= 16 * NV columns, row stride ldc) = A (R rows, K, row stride lda) B (K rows of w columns, row stride
+// ldb), float32: R x NV accumulators, each step over the reduction loads NV vectors of B (masked past w, so B needs
+// no padding) and broadcasts one element of A per row. The attention's GEMMs at small head dims, where MKL's SGEMM
+// (tuned for wide operands) ran at a third of the FMA rate: q k^T with K = the head dim, p v with w = the head dim.
+template <int R, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void gemm_rows_f32(const float* a, int64_t lda, int64_t K,
+                                                                            const float* b, int64_t ldb, int64_t w,
+                                                                            float* c, int64_t ldc) {
+  __m512 acc[R][NV];
+  __mmask16 m[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = std::min<int64_t>(16, w - 16 * v);
+    m[v] = static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
+    for (int r = 0; r < R; ++r) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < K; ++p) {
+    __m512 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + p * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * lda + p]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, m[v], acc[r][v]);
+  }
+}
+
+// Rows of A in tiles of R (the tile that keeps loads and multiply-adds balanced at NV vectors), then one at a time.
+template <int R, int NV>
+__attribute__((target("avx512f"))) void gemm_cols_f32(const float* a, int64_t lda, int64_t n, int64_t K,
+                                                      const float* b, int64_t ldb, int64_t w, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + R <= n; i += R) gemm_rows_f32<R, NV>(a + i * lda, lda, K, b, ldb, w, c + i * ldc, ldc);
+  for (; i < n; ++i) gemm_rows_f32<1, NV>(a + i * lda, lda, K, b, ldb, w, c + i * ldc, ldc);
+}
+
+// C (n, w) = A (n, K) B (K, w), float32, every stride a row stride, C overwritten: 64 columns of B at a time.
+void gemm_f32_avx512(const float* a, int64_t lda, int64_t n, int64_t K, const float* b, int64_t ldb, int64_t w,
+                     float* c, int64_t ldc) {
+  for (int64_t c0 = 0; c0 < w; c0 += 64) {
+    const int64_t cw = std::min<int64_t>(64, w - c0);
+    switch ((cw + 15) / 16) {
+      case 1: gemm_cols_f32<8, 1>(a, lda, n, K, b + c0, ldb, cw, c + c0, ldc); break;
+      case 2: gemm_cols_f32<6, 2>(a, lda, n, K, b + c0, ldb, cw, c + c0, ldc); break;
+      case 3: gemm_cols_f32<4, 3>(a, lda, n, K, b + c0, ldb, cw, c + c0, ldc); break;
+      default: gemm_cols_f32<4, 4>(a, lda, n, K, b + c0, ldb, cw, c + c0, ldc); break;
+    }
+  }
+}
+#endif
+
+// Head dims up to this take FloatAttend's own AVX-512 GEMMs instead of MKL's (SlimSAM's pruned heads, TinyViT's 32).
+constexpr int64_t kOwnGemmMaxHeadDim = 32;
+
 // One thread's attention over one segment's keys, block of query rows by block: logits = q k^T, the biased
 // softmax of each row (softmax_row; h / w: the rows' rel-pos terms, ay / ax floats per row), acc = p v. After
 // block(), acc() holds the n rows' unnormalised outputs (D floats each) and sums / maxes their softmax sums and
 // maxima. keys() names the segment's k and v (row strides ldk, ldv; they must stay in place until the next
 // keys()).
 //
-// float32: at::mm_out (MKL's SGEMM) for both GEMMs, the probabilities left in the logits' buffer.
+// float32: at::mm_out (MKL's SGEMM) for both GEMMs, the probabilities left in the logits' buffer. With AVX-512 and a
+// head dim of at most kOwnGemmMaxHeadDim, gemm_f32_avx512 instead, on k^T transposed once per keys() and v in place.
 class FloatAttend {
  public:
-  FloatAttend(int64_t bq, int64_t Lk, int64_t D) : Lk_(Lk), D_(D), logits_(bq * Lk), acc_(bq * D) {}
+  FloatAttend(int64_t bq, int64_t Lk, int64_t D)
+      : own_(own_gemm(D)), Lk_(Lk), D_(D), logits_(bq * Lk), acc_(bq * D), kt_own_(own_ ? D * Lk : 0) {}
+
+  static bool own_gemm(int64_t D) {
+#ifdef SAM_FAST_X86_AVX512
+    return D <= kOwnGemmMaxHeadDim && cpu::avx512();
+#else
+    (void)D;
+    return false;
+#endif
+  }
 
   void keys(const float* k, int64_t ldk, const float* v, int64_t ldv) {
+    if (own_) {
+      for (int64_t j = 0; j < Lk_; ++j) {
+        for (int64_t d = 0; d < D_; ++d) kt_own_[d * Lk_ + j] = k[j * ldk + d];
+      }
+      v_own_ = v;
+      ldv_ = ldv;
+      return;
+    }
     const auto opt = at::TensorOptions().dtype(at::kFloat);
     kt_ = at::from_blob(const_cast<float*>(k), {Lk_, D_}, {ldk, 1}, opt).t();
     v_ = at::from_blob(const_cast<float*>(v), {Lk_, D_}, {ldv, 1}, opt);
@@ -391,6 +466,17 @@ class FloatAttend {
 
   void block(const float* q, int64_t ldq, int64_t n, const float* h, const float* w, const KeyGrid& g, float scale,
              float* sums, float* maxes) {
+#ifdef SAM_FAST_X86_AVX512
+    if (own_) {
+      float* sp = logits_.data();
+      gemm_f32_avx512(q, ldq, n, D_, kt_own_.data(), Lk_, Lk_, sp, Lk_);
+      for (int64_t i = 0; i < n; ++i) {
+        maxes[i] = softmax_row(sp + i * Lk_, g, h + i * g.ay, w + i * g.ax, scale, sp + i * Lk_, &sums[i]);
+      }
+      gemm_f32_avx512(sp, Lk_, n, Lk_, v_own_, ldv_, D_, acc_.data(), D_);
+      return;
+    }
+#endif
     const auto opt = at::TensorOptions().dtype(at::kFloat);
     at::Tensor s = at::from_blob(logits_.data(), {n, Lk_}, opt);
     at::Tensor o = at::from_blob(acc_.data(), {n, D_}, opt);
@@ -405,8 +491,11 @@ class FloatAttend {
   const float* acc() const { return acc_.data(); }
 
  private:
+  bool own_;
   int64_t Lk_, D_;
-  std::vector<float> logits_, acc_;
+  std::vector<float> logits_, acc_, kt_own_;
+  const float* v_own_ = nullptr;
+  int64_t ldv_ = 0;
   at::Tensor kt_, v_;
 };
 
