@@ -96,7 +96,7 @@ def _interpreter_for_bench(argv) -> None:
 
 #: benchmarks that need an optional extra: op -> (modules, the extra)
 BENCH_EXTRAS = {"export": (("onnx", "onnxscript", "onnxruntime", "openvino"), "export"),
-                "runtimes": (("onnx", "onnxscript", "onnxruntime", "openvino"), "export")}
+                "runtimes": (("onnx", "onnxscript", "onnxruntime", "openvino"), "runtimes")}
 
 
 def _missing_extras(ops) -> dict:
