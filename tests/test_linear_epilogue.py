@@ -115,6 +115,11 @@ def test_gemm_takes_onednn_only_at_eager_float32_inference(cpu_rules):
         cpu_rules(fp32_gemm_onednn=False)
         assert not le.onednn_gemm_wanted(x, w)
         torch.testing.assert_close(le.gemm(x, w).double(), exact, **FLOAT32)
+        # empty shapes: no rows is a product like any other; an empty reduction or width is not oneDNN's
+        assert le.gemm(x[:0], w).shape == (0, 7, 40)
+        cpu_rules(fp32_gemm_onednn=True)
+        assert not le.onednn_gemm_wanted(x[..., :0], w[:, :0]) and not le.onednn_gemm_wanted(x, w[:0])
+        torch.testing.assert_close(le.gemm(x[..., :0], w[:, :0]), torch.zeros(5, 7, 40))
     cpu_rules(fp32_gemm_onednn=True)
     xg = x.clone().requires_grad_(True)
     assert not le.onednn_gemm_wanted(xg, w)

@@ -113,6 +113,8 @@ def onednn_gemm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     nothing for autograd to record: the op has no backward)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or weight.dim() != 2:
         return False
+    if weight.numel() == 0:  # (oneDNN has no primitive for an empty reduction or output width)
+        return False
     if not cpu_policy.policy().fp32_gemm_onednn or not torch.backends.mkldnn.enabled:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or aoti_export():
