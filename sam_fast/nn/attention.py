@@ -106,7 +106,7 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
                     qkv = attn.qkv(x)
             out = sam_block_attention(qkv, heads, window_size, rel_h, rel_w, _pad_kv(attn, Hg, Wg, window_size),
                                       attn.scale, qkv_bias=qkv_bias, backend="cpu")
-            return _project(attn, out, residual)
+            return _project(attn, out, residual, backend)
     if qkv is None and _plain_cpu_fits(attn, x, pattern, backend):
         Hg, Wg = x.shape[1], x.shape[2]
         size_h, size_w = (window_size, window_size) if window_size > 0 else (Hg, Wg)
@@ -144,7 +144,7 @@ def sam_attention(attn: nn.Module, x: Optional[torch.Tensor], window_size: int =
         rel_w = _rel_table(attn.rel_pos_w, size_w)
     out = dilated_attention(q, k, v, pattern, grid=(Hg, Wg), rel_pos_h=rel_h, rel_pos_w=rel_w,
                             softmax_scale=attn.scale, backend=backend, pad_kv=pad_kv)
-    return _project(attn, out.reshape(B, Hg, Wg, heads * head_dim), residual)
+    return _project(attn, out.reshape(B, Hg, Wg, heads * head_dim), residual, backend)
 
 
 #: modules whose output is a new tensor nobody else holds (so the block may add into it in place)
@@ -170,33 +170,44 @@ def _add_residual(fresh: torch.Tensor, made_by: Optional[nn.Module], residual: O
     return residual + fresh
 
 
-def _project(attn: nn.Module, out: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """``attn.proj(out)`` (+ ``residual``), the bias and residual fused after the GEMM where they can be. An int8
-    projection of bf16 attention (:func:`_int8_attention_dtype`) writes the residual's dtype itself."""
+def _fused_linear(backend: str, lin: nn.Module, x: torch.Tensor, activation: str = "none",
+                  residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """:func:`~sam_fast.ops.linear_epilogue.fused_linear` under the CPU backends (``"auto"``, ``"cpu"``); None under
+    an explicit other one (``"triton"``, ``"reference"``: the block's linears then run as the modules are written)."""
+    return fused_linear(lin, x, activation, residual) if backend in ("auto", "cpu") else None
+
+
+def _project(attn: nn.Module, out: torch.Tensor, residual: Optional[torch.Tensor], backend: str = "auto"
+             ) -> torch.Tensor:
+    """``attn.proj(out)`` (+ ``residual``), the bias and residual fused after the GEMM where they can be
+    (:func:`_fused_linear`). An int8 projection of bf16 attention (:func:`_int8_attention_dtype`) writes the
+    residual's dtype itself."""
     proj = attn.proj
     if residual is not None and out.dtype != residual.dtype and type(proj) is Int8Linear and not has_hooks(proj):
         return _add_residual(proj(out, out_dtype=residual.dtype), proj, residual)
-    fused = fused_linear(proj, out, residual=residual)
+    fused = _fused_linear(backend, proj, out, residual=residual)
     return fused if fused is not None else _add_residual(attn.proj(out), attn.proj, residual)
 
 
-def _mlp_fused(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> Optional[torch.Tensor]:
+def _mlp_fused(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor, backend: str = "auto"
+               ) -> Optional[torch.Tensor]:
     """segment_anything ``MLPBlock`` (lin1 -> GELU -> lin2) on x, plus ``residual``, at inference: the bias, GELU and
-    residual fused after each GEMM (:func:`~sam_fast.ops.linear_epilogue.fused_linear`), or in place on the
-    linears' fresh outputs where that does not apply. None for any other MLP."""
-    return mlp_layers_fused(*(getattr(mlp, n, None) for n in ("lin1", "act", "lin2")), x, residual)
+    residual fused with each GEMM (:func:`_fused_linear`), or in place on the linears' fresh outputs where that does
+    not apply. None for any other MLP."""
+    return mlp_layers_fused(*(getattr(mlp, n, None) for n in ("lin1", "act", "lin2")), x, residual, backend)
 
 
-def mlp_layers_fused(lin1, act, lin2, x: torch.Tensor, residual: torch.Tensor) -> Optional[torch.Tensor]:
+def mlp_layers_fused(lin1, act, lin2, x: torch.Tensor, residual: torch.Tensor, backend: str = "auto"
+                     ) -> Optional[torch.Tensor]:
     """``residual + lin2(act(lin1(x)))`` at inference as :func:`_mlp_fused` runs it, for any MLP of a linear, a GELU
     and a linear (TinyViT's fc1 / act / fc2 too). None unless act is an ``nn.GELU`` and lin1 a layer returning new
     tensors."""
     if type(act) is not nn.GELU or not isinstance(lin1, _OWN_OUTPUT) or lin2 is None:
         return None
-    hidden = fused_linear(lin1, x, "gelu" if act.approximate == "none" else "gelu_tanh")
+    hidden = _fused_linear(backend, lin1, x, "gelu" if act.approximate == "none" else "gelu_tanh")
     if hidden is None:
         hidden = torch.ops.aten.gelu_(lin1(x), approximate=act.approximate)
-    out = fused_linear(lin2, hidden, residual=residual)
+    out = _fused_linear(backend, lin2, hidden, residual=residual)
     return out if out is not None else _add_residual(lin2(hidden), lin2, residual)
 
 
@@ -236,7 +247,7 @@ def vit_block_forward(x: torch.Tensor, norm1: nn.Module, attn, norm2: nn.Module,
     if hidden is not None:
         return _add_residual(hidden, getattr(mlp, "lin2", None), x) if inplace else x + hidden
     if inplace:
-        fused = _mlp_fused(mlp, norm2(x), x)
+        fused = _mlp_fused(mlp, norm2(x), x, backend)
         if fused is not None:
             return fused
     return x + mlp(norm2(x))
