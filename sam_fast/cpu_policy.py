@@ -36,12 +36,13 @@ class CpuPolicy:
     bias_chunk_bytes: int = 1 << 21
     #: bytes of the two decomposed bias terms ``sam_fast::rel_pos_attention``'s caller computes at once
     rel_terms_bytes: int = 32 << 20
-    #: float32 linears whose output is smaller keep ``nn.Linear`` (+ in-place ops) instead of
-    #: ``sam_fast::linear_epilogue_`` (while the output fits a core's L2 the extra passes are cheap; sam-fast bench)
+    #: off the oneDNN path (``fp32_gemm_onednn``), float32 linears whose output is smaller keep ``nn.Linear``
+    #: (+ in-place ops) instead of ``sam_fast::linear_epilogue_`` (while the output fits a core's L2 the extra passes
+    #: are cheap; sam-fast bench)
     epilogue_min_bytes: int = 1 << 21
     #: float32 linears of the fused block paths run oneDNN's GEMM with the bias, GELU and residual as post-ops
     #: (``torch.ops.mkldnn._linear_pointwise``) instead of ATen's addmm (MKL's sgemm) and ``linear_epilogue_``
-    #: (bench_linear_epilogue.py: oneDNN 10-15% faster at ViT-B's shapes on an AVX-512 EPYC)
+    #: at any size (bench_linear_epilogue.py: 4-43% faster at ViT-B's shapes on an AVX-512 EPYC)
     fp32_gemm_onednn: bool = True
     #: the int32 accumulator of a CPU int8 GEMM whose output is not float32 goes into a per-thread buffer kept
     #: between calls when it holds at most this many bytes (a fresh allocation this large comes from the OS and

@@ -133,11 +133,12 @@ def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
                  residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """``activation(lin(x)) + residual`` in one pass after a bias-free GEMM, or None where it does not apply (the
-    caller then runs the module itself): ``lin`` a plain ``nn.Linear`` without hooks, x a CPU tensor in
-    :data:`EPILOGUE_DTYPES` matching its weight, an output of at least the policy's ``epilogue_min_bytes``
-    (:mod:`sam_fast.cpu_policy`; any size in a trace for an AOTInductor package), nothing for autograd to record,
-    not while torch.compile traces (but while it traces for an AOTInductor package), the C++ extension loaded.
+    """``activation(lin(x)) + residual`` in one oneDNN call with post-ops (:func:`onednn_gemm_wanted`, any size; an
+    activation and a residual together excepted) or in one pass after a bias-free GEMM, or None where neither applies
+    (the caller then runs the module itself): ``lin`` a plain ``nn.Linear`` without hooks, x a CPU tensor in
+    :data:`EPILOGUE_DTYPES` matching its weight, nothing for autograd to record, not while torch.compile traces (but
+    while it traces for an AOTInductor package), the C++ extension loaded; on the epilogue path an output of at least
+    the policy's ``epilogue_min_bytes`` (:mod:`sam_fast.cpu_policy`; any size in a trace for an AOTInductor package).
     ``activation``: ``"none"``, ``"gelu"`` (exact) or ``"gelu_tanh"``; ``residual`` shaped like the output, in its
     dtype."""
     if activation not in ACTIVATIONS:
