@@ -57,6 +57,14 @@ TORCH_LIBRARY(sam_fast, m) {
   m.def(
       "window_bias_attention(Tensor qkv, int heads, int window, Tensor bias, Tensor? pad_k, Tensor? pad_v, "
       "float scale, Tensor(a!) out) -> ()");
+  // SAM 2's Hiera attention the same way, without a bias (csrc/cpu/sam_block_attention.cpp): qkv (B, Hg, Wg, 3 * heads
+  // * D) in SAM's channel order (3, heads, D), float32 or bfloat16 (last dim contiguous); window 0: global, else
+  // (window x window) segments over the grid padded to a multiple of window, the padded keys reading pad_k / pad_v
+  // (heads, D) (zeros when None); q_stride s >= 1 (dividing window): each segment's queries max-pooled s x s;
+  // qkv_bias as for sam_block_attention; out (B, Hg / s, Wg / s, heads * D) (floor), every position written.
+  m.def(
+      "hiera_attention(Tensor qkv, int heads, int window, int q_stride, Tensor? qkv_bias, Tensor? pad_k, "
+      "Tensor? pad_v, float scale, Tensor(a!) out) -> ()");
   // After a bias-free GEMM (csrc/cpu/linear_epilogue.cpp): y = act(y + bias) + residual in place, a cache-sized
   // block of rows at a time; activation 'none', 'gelu' (exact) or 'gelu_tanh'; bias (N,), residual shaped like y.
   m.def("linear_epilogue_(Tensor(a!) y, Tensor? bias, str activation, Tensor? residual) -> ()");

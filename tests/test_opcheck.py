@@ -64,6 +64,9 @@ def _cases():
         "sam_fast::window_bias_attention": [  # padded 3 x 3 windows with pad_kv, and one whole 5 x 6 ... 2 x 2
             ((qkv, 2, 3, randn(2, 9, 9), randn(2, 8), randn(2, 8), 0.35, torch.empty(1, 5, 6, 16)), None),
             ((qkv, 2, 2, randn(2, 4, 4), None, None, 0.35, torch.empty(1, 5, 6, 16)), None)],
+        "sam_fast::hiera_attention": [  # padded 4 x 4 windows pooling their queries 2 x 2, and a global block
+            ((qkv, 2, 4, 2, randn(48), randn(2, 8), randn(2, 8), 0.35, torch.empty(1, 2, 3, 16)), None),
+            ((qkv, 2, 0, 1, None, None, None, 0.35, torch.empty(1, 5, 6, 16)), None)],
         "sam_fast::linear_epilogue_": [((randn(9, 16), randn(16), "gelu", randn(9, 16)), None)],
         # one schema per quantisation for every device: on CPU tensors the C++ kernels, opchecked in full
         "sam_fast::quantize_per_token": [((x,), None)],

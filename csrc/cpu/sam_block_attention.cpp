@@ -5,6 +5,8 @@
 // table, and are added inside the softmax row pass that sam_fast::rel_pos_attention uses
 // (csrc/cpu/attention_rows.h); each output row goes straight to its place in out. window_bias_attention: TinyViT's
 // window attention through the same gathers and row pass, its channel order and a dense per-head bias table.
+// hiera_attention: SAM 2's Hiera window / global attention (no bias), its queries optionally max-pooled q_stride x
+// q_stride within each window as they are gathered (the first block of a stage), the output on the pooled grid.
 #include "attention_rows.h"
 
 namespace sam_fast {
@@ -108,31 +110,51 @@ struct SegmentBias {
   const float* dense;
 };
 
+// The max over the q_stride x q_stride cell at (y, x) of a token grid of q rows (rows sH / sW apart, each of D values),
+// plus bias (nullptr: none), rounded once to T. Rounding is monotone, so this is the max of the biased rows.
+template <typename T>
+void pooled_row(T* dst, const T* src, int64_t sH, int64_t sW, int64_t y, int64_t x, int64_t s, const T* bias,
+                int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    float m = static_cast<float>(src[y * sH + x * sW + d]);
+    for (int64_t dy = 0; dy < s; ++dy) {
+      for (int64_t dx = 0; dx < s; ++dx) m = std::max(m, static_cast<float>(src[(y + dy) * sH + (x + dx) * sW + d]));
+    }
+    dst[d] = T(bias == nullptr ? m : m + static_cast<float>(bias[d]));
+  }
+}
+
 // Tasks (image, segment, head, block of rows). A segment is a (sh, sw) window of the grid (the whole grid for a
 // global block); its keys are gathered once per segment and head (positions past the grid read pad_k / pad_v),
 // its real queries block by block, with their bias rows computed from the gathered rows (rel-pos) or copied from
 // the dense table; each output row goes straight to its place in out (B, Hg, Wg, heads * D). With qkv_bias (3 * C
 // values, in qkv's channel order), qkv holds x W^T alone and every row read from it gets its part of the bias as
-// it is gathered. A dense bias runs the row pass over a 1 x L key grid: the row's zero "h" term plus its bias row.
+// it is gathered. A dense bias runs the row pass over a 1 x L key grid: the row's zero "h" term plus its bias row;
+// no bias at all (every table nullptr) runs it with both terms zero. With q_stride s > 1 (no bias; sh and sw
+// multiples of s) a segment's queries are the s x s max-pools of its grid cells, the output grid is (Hg / s, Wg / s)
+// (floor: a pooled cell past it is not computed) and out is (B, Hg / s, Wg / s, heads * D).
 template <typename T>
 void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, const QkvLayout& lay,
-                 const SegmentBias& bias, const T* qkv_bias, const T* pad_k, const T* pad_v, float scale, T* op) {
+                 const SegmentBias& bias, const T* qkv_bias, const T* pad_k, const T* pad_v, float scale, T* op,
+                 int64_t qs = 1) {
   const bool dense = bias.dense != nullptr;
+  const bool flat = dense || bias.thT == nullptr;  // the row pass over a 1 x L key grid
   const int64_t rhp = (2 * sh - 1 + 15) / 16 * 16, rwp = (2 * sw - 1 + 15) / 16 * 16;
   const int64_t B = qkv.size(0), Hg = qkv.size(1), Wg = qkv.size(2), C = qkv.size(3) / 3, D = C / heads;
   const int64_t sB = qkv.stride(0), sH = qkv.stride(1), sW = qkv.stride(2);
   const int64_t nsy = (Hg + sh - 1) / sh, nsx = (Wg + sw - 1) / sw, Lk = sh * sw;
-  const int64_t bq = block_rows<T>(Lk, Lk);
-  const int64_t nb = (Lk + bq - 1) / bq;
-  KeyGrid g{dense ? 1 : sh, dense ? Lk : sw, nullptr, nullptr};
+  const int64_t Hq = Hg / qs, Wq = Wg / qs, qh = sh / qs, qw = sw / qs;  // the (pooled) query grid and segment
+  const int64_t bq = block_rows<T>(qh * qw, Lk);
+  const int64_t nb = (qh * qw + bq - 1) / bq;
+  KeyGrid g{flat ? 1 : sh, flat ? Lk : sw, nullptr, nullptr};
   std::vector<int32_t> iy, ix;
-  if (!dense) small_grid_index(g, iy, ix);
+  if (!flat) small_grid_index(g, iy, ix);
   const T* base = qkv.const_data_ptr<T>();
   cpu::parallel_for(0, B * nsy * nsx * heads * nb, 1, [&](int64_t begin, int64_t end) {
     Attend<T> att(bq, Lk, D);
     std::vector<T> kbuf(Lk * D), vbuf(Lk * D), qbuf(bq * D);
-    std::vector<float> qf(std::is_same_v<T, float> || dense ? 0 : bq * D), rh(bq * g.ay, 0.0f), rw(bq * g.ax);
-    std::vector<float> prod(dense ? 0 : bq * std::max(rhp, rwp));
+    std::vector<float> qf(std::is_same_v<T, float> || flat ? 0 : bq * D), rh(bq * g.ay, 0.0f), rw(bq * g.ax, 0.0f);
+    std::vector<float> prod(flat ? 0 : bq * std::max(rhp, rwp));
     std::vector<int32_t> sy(bq), sx(bq);
     std::vector<T*> dst(bq);
     float sums[256];
@@ -141,8 +163,8 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
     for (int64_t t = begin; t < end; ++t) {
       const int64_t rb = t % nb, h = (t / nb) % heads, seg = t / (nb * heads);
       const int64_t b = seg / (nsy * nsx), y0 = (seg / nsx) % nsy * sh, x0 = seg % nsx * sw;
-      const int64_t nry = std::min(sh, Hg - y0), nrx = std::min(sw, Wg - x0);
-      const int64_t r0 = rb * bq, n = std::min(bq, nry * nrx - r0);
+      const int64_t nry = std::min(qh, Hq - y0 / qs), nrx = std::min(qw, Wq - x0 / qs);
+      const int64_t r0 = rb * bq, n = nry <= 0 || nrx <= 0 ? 0 : std::min(bq, nry * nrx - r0);
       if (n <= 0) continue;  // a block of rows past a partial window's real queries
       const T* img = base + b * sB + h * lay.head_stride;
       const T* bias_q = qkv_bias == nullptr ? nullptr : qkv_bias + h * lay.head_stride;
@@ -165,13 +187,17 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t qy = (r0 + i) / nrx, qx = (r0 + i) % nrx;
-        gather_row(qbuf.data() + i * D, img + (y0 + qy) * sH + (x0 + qx) * sW, bias_q, D);
+        if (qs == 1) {
+          gather_row(qbuf.data() + i * D, img + (y0 + qy) * sH + (x0 + qx) * sW, bias_q, D);
+        } else {
+          pooled_row(qbuf.data() + i * D, img, sH, sW, y0 + qy * qs, x0 + qx * qs, qs, bias_q, D);
+        }
         sy[i] = static_cast<int32_t>(qy);
         sx[i] = static_cast<int32_t>(qx);
-        dst[i] = op + ((b * Hg + y0 + qy) * Wg + x0 + qx) * C + h * D;
+        dst[i] = op + ((b * Hq + y0 / qs + qy) * Wq + x0 / qs + qx) * C + h * D;
         if (dense) std::memcpy(rw.data() + i * Lk, bias.dense + (h * Lk + qy * sw + qx) * Lk, Lk * sizeof(float));
       }
-      if (dense) {
+      if (flat) {
         att.block(qbuf.data(), D, n, rh.data(), rw.data(), g, scale, sums, maxes);
         for (int64_t i = 0; i < n; ++i) finish_row(att.acc() + i * D, D, sums[i], maxes[i], dst[i]);
         continue;
@@ -308,7 +334,56 @@ void window_bias_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t win
   }
 }
 
+// SAM 2's Hiera attention (schema in csrc/ops.cpp): the machinery above without a bias, SAM's channel order, and the
+// queries max-pooled q_stride x q_stride within each segment where q_stride > 1.
+void hiera_attention_cpu(const at::Tensor& qkv, int64_t heads, int64_t window, int64_t q_stride,
+                         const std::optional<at::Tensor>& qkv_bias, const std::optional<at::Tensor>& pad_k,
+                         const std::optional<at::Tensor>& pad_v, double scale, at::Tensor out) {
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(qkv.dim() == 4 && (dt == at::kFloat || dt == at::kBFloat16) && qkv.device().is_cpu(),
+              "hiera_attention: qkv must be a 4-D (B, Hg, Wg, 3 * C) float32 or bfloat16 tensor on the CPU, got ",
+              qkv.sizes(), " ", dt, " on ", qkv.device());
+  TORCH_CHECK(heads >= 1 && qkv.size(3) > 0 && qkv.size(3) % (3 * heads) == 0,
+              "hiera_attention: qkv's last dim must be 3 * heads * head_dim with heads >= 1, got ", qkv.size(3),
+              " for heads = ", heads);
+  TORCH_CHECK(qkv.stride(3) == 1, "hiera_attention: qkv needs a contiguous last dim");
+  TORCH_CHECK(window >= 0, "hiera_attention: window must be >= 0 (0: global attention), got ", window);
+  TORCH_CHECK(q_stride >= 1 && (window == 0 || window % q_stride == 0),
+              "hiera_attention: q_stride must be >= 1 and divide the window, got q_stride = ", q_stride,
+              " for window = ", window);
+  const int64_t B = qkv.size(0), Hg = qkv.size(1), Wg = qkv.size(2), C = qkv.size(3) / 3, D = C / heads;
+  const int64_t Hq = Hg / q_stride, Wq = Wg / q_stride;
+  TORCH_CHECK(out.scalar_type() == dt && out.device().is_cpu() && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef({B, Hq, Wq, C}),
+              "hiera_attention: out must be a contiguous (", B, ", ", Hq, ", ", Wq, ", ", C, ") ", dt,
+              " tensor on the CPU, got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  if (qkv_bias.has_value()) {
+    TORCH_CHECK(qkv_bias->scalar_type() == dt && qkv_bias->device().is_cpu() && qkv_bias->is_contiguous() &&
+                    qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * C,
+                "hiera_attention: qkv_bias must be a contiguous (", 3 * C, ",) ", dt, " tensor on the CPU, got ",
+                qkv_bias->sizes(), " ", qkv_bias->scalar_type(), " on ", qkv_bias->device());
+    at::assert_no_overlap(out, *qkv_bias);
+  }
+  const auto [pk, pv] = pad_kv("hiera_attention", pad_k, pad_v, qkv, heads, D);
+  for (const at::Tensor* t : {&qkv, &pk, &pv}) at::assert_no_overlap(out, *t);
+  if (B == 0 || Hq == 0 || Wq == 0) return;
+  const int64_t sh = window > 0 ? window : Hg, sw = window > 0 ? window : Wg;
+  const QkvLayout lay{D, C, 2 * C};
+  const SegmentBias none{nullptr, nullptr, nullptr};
+  const float fscale = static_cast<float>(scale);
+  if (dt == at::kFloat) {
+    attend_grid(qkv, heads, sh, sw, lay, none, qkv_bias.has_value() ? qkv_bias->const_data_ptr<float>() : nullptr,
+                pk.const_data_ptr<float>(), pv.const_data_ptr<float>(), fscale, out.data_ptr<float>(), q_stride);
+  } else {
+    attend_grid(qkv, heads, sh, sw, lay, none,
+                qkv_bias.has_value() ? qkv_bias->const_data_ptr<at::BFloat16>() : nullptr,
+                pk.const_data_ptr<at::BFloat16>(), pv.const_data_ptr<at::BFloat16>(), fscale,
+                out.data_ptr<at::BFloat16>(), q_stride);
+  }
+}
+
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
+  m.impl("hiera_attention", &hiera_attention_cpu);
   m.impl("sam_block_attention", &sam_block_attention_cpu);
   m.impl("window_bias_attention", &window_bias_attention_cpu);
 }
