@@ -28,6 +28,7 @@ from ._dispatch import check_backend_name
 from ._hooks import share_hooks
 from .models.tinyvit import TinyViT
 from .nn.attention import SamFastBlock
+from .nn.hiera import FastHieraBlock, hiera_blocks
 from .nn.quantized import Int8Linear
 from .nn.tinyvit import _FastForm, tinyvit_fast_modules
 from .pattern import check_pattern
@@ -306,6 +307,8 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         if config.attention != "none":
             _swap_blocks(model, config, swaps, updates, overrides, hooks)
         left_float = {}
+        if config.quantize is not None and (hiera_blocks(model) or _fast_hiera(model)):
+            raise ValueError("quantize='int8' does not cover SAM 2's Hiera encoder yet: use quantize=None")
         if config.quantize is not None:
             left_float = _quantize_linears(model, config, swaps)
             _fuse_int8_modules(model, swaps)
@@ -387,6 +390,9 @@ def _patch_transformers_layers(model, config, layers, updates, overrides, hooks)
 
 def _swap_blocks(model, config, swaps, updates, overrides, hooks) -> None:
     found = vit_blocks(model)  # collected before any change
+    if not found and (hiera_blocks(model) or _fast_hiera(model)):
+        _swap_hiera(model, config, swaps, updates)
+        return
     if not found:
         layers = transformers_vit_layers(model)
         if layers:
@@ -414,6 +420,31 @@ def _swap_blocks(model, config, swaps, updates, overrides, hooks) -> None:
             new.train(child.training)
             parent._modules[name] = new
             swaps.append((parent, name, child, new))
+
+
+def _fast_hiera(model) -> List[FastHieraBlock]:
+    return [m for m in model.modules() if isinstance(m, FastHieraBlock)]
+
+
+def _swap_hiera(model, config, swaps, updates) -> None:
+    """SAM 2's Hiera blocks (sam2's ``MultiScaleBlock``) in their fast form (sam_fast.nn.hiera) for
+    attention="exact": the C++ CPU kernel and fused linears at CPU inference, the original forward elsewhere. Dilated
+    patterns and the Triton backend are refused, not ignored."""
+    if config.attention != "exact":
+        raise ValueError("SAM 2's Hiera encoder takes attention='exact' (its fast blocks) or 'none'; dilated "
+                         "patterns are not available for its blocks")
+    if config.backend not in ("auto", "cpu", "reference"):
+        raise ValueError(f"backend={config.backend!r}: SAM 2's Hiera blocks run sam_fast's C++ CPU kernel ('auto', "
+                         "'cpu') or its PyTorch reference ('reference'); off the CPU they run their own forward")
+    for block in _fast_hiera(model):
+        updates.append((block, block.backend, block.pattern))
+        block.backend = config.backend
+    for parent, name, child in hiera_blocks(model):
+        new = FastHieraBlock(child)
+        new.backend = config.backend
+        new.train(child.training)
+        parent._modules[name] = new
+        swaps.append((parent, name, child, new))
 
 
 def _contiguous_output(module, args, output):

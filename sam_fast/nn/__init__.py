@@ -2,6 +2,7 @@
 
 from .attention import DilatedAttention, SamFastBlock, sam_attention
 from .decoder import BatchedMaskDecoder
+from .hiera import FastHieraBlock
 from .quantized import Int8Linear
 
-__all__ = ["BatchedMaskDecoder", "DilatedAttention", "Int8Linear", "SamFastBlock", "sam_attention"]
+__all__ = ["BatchedMaskDecoder", "DilatedAttention", "FastHieraBlock", "Int8Linear", "SamFastBlock", "sam_attention"]

@@ -1,0 +1,283 @@
+"""SAM 2's Hiera encoder: ``hiera_attention`` (the C++ kernel and the reference against a float64 computation written
+from the definition, on each instruction-set path), and ``sam_fast.apply`` on Meta's own Hiera (the ``sam2`` package:
+the same function at every returned feature level, undo, fallbacks, refusals)."""
+
+import collections
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sam_fast
+from sam_fast.ops.hiera_attention import hiera_attention
+from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+
+def _definition(qkv, heads, window, stride, pad_k, pad_v, scale):
+    """float64, one window at a time, from SAM 2's block: pad the tokens' qkv (padded k / v: pad_k / pad_v), max-pool
+    each window's queries stride x stride, attend, keep the pooled cells inside the floor-pooled grid."""
+    B, Hg, Wg, C3 = qkv.shape
+    D = C3 // 3 // heads
+    sh, sw = (window, window) if window else (Hg, Wg)
+    Hq, Wq = Hg // stride, Wg // stride
+    out = torch.full((B, Hq, Wq, heads, D), float("nan"), dtype=torch.float64)
+    for b in range(B):
+        for y0 in range(0, Hg, sh):
+            for x0 in range(0, Wg, sw):
+                q = torch.full((sh, sw, heads, D), -float("inf"), dtype=torch.float64)
+                k, v = (t.double().expand(sh, sw, heads, D).clone() for t in (pad_k, pad_v))
+                for y in range(y0, min(y0 + sh, Hg)):
+                    for x in range(x0, min(x0 + sw, Wg)):
+                        t = qkv[b, y, x].double().view(3, heads, D)
+                        q[y - y0, x - x0], k[y - y0, x - x0], v[y - y0, x - x0] = t[0], t[1], t[2]
+                qh, qw = sh // stride, sw // stride  # (a global block's odd side: its last row is not pooled)
+                qp = q[:qh * stride, :qw * stride].reshape(qh, stride, qw, stride, heads, D).amax(dim=(1, 3))
+                qp = qp.reshape(-1, heads, D).transpose(0, 1)  # (heads, Lq, D)
+                kk, vv = (t.reshape(-1, heads, D).transpose(0, 1) for t in (k, v))
+                o = F.softmax(qp @ kk.transpose(1, 2) * scale, -1) @ vv  # (heads, Lq, D)
+                for i in range(qp.shape[1]):
+                    py, px = y0 // stride + i // qw, x0 // stride + i % qw
+                    if py < Hq and px < Wq:
+                        out[b, py, px] = o[:, i]
+    return out.reshape(B, Hq, Wq, heads * D)
+
+
+# (B, grid, heads, D, window, q_stride): Hiera's windows of 8 and 4 pooling their queries (a stage's first block),
+# padded windows (14 and 7 at SAM 2's third and fourth stages), a global block, global pooling, head dims of SAM 2.1's
+# sizes (56 base+, 72 large, 96 tiny / small) and odd grids whose last pooled row is dropped
+CASES = [(2, (8, 8), 1, 96, 4, 2), (1, (9, 10), 2, 56, 4, 1), (1, (10, 13), 1, 72, 6, 2), (1, (6, 7), 3, 16, 0, 1),
+         (1, (7, 5), 2, 8, 0, 2), (1, (13, 9), 2, 24, 4, 2), (1, (5, 5), 1, 8, 8, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-{c[1][0]}x{c[1][1]}-H{c[2]}-D{c[3]}-w{c[4]}-s{c[5]}")
+def test_kernel_and_reference_match_the_definition(case, dtype, cpu_paths):
+    B, (Hg, Wg), heads, D, window, stride = case
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, Hg, Wg, 3 * heads * D, generator=g).to(dtype)
+    bias = torch.randn(3 * heads * D, generator=g).to(dtype)
+    pad = tuple(torch.randn(heads, D, generator=g).to(dtype) for _ in range(2))
+    scale = D ** -0.5
+    exact = _definition((qkv.double() + bias.double()).to(dtype), heads, window, stride, *pad, scale)
+    same = hiera_attention(qkv, heads, window, stride, pad, scale, bias, backend="reference")
+    got = hiera_attention(qkv, heads, window, stride, pad, scale, bias, backend="cpu")
+    assert got.dtype == dtype and got.shape == (B, Hg // stride, Wg // stride, heads * D)
+    check_against_reference(f"hiera_attention {dtype} {cpu_paths}", got.double(), exact, same.double(), dtype,
+                            FWD_FACTOR)
+    check_against_reference("reference", same.double(), exact, same.double(), dtype, 1.0)
+
+
+def test_defaults_padded_keys_zeros_and_scale():
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(1, 5, 5, 24, generator=g)
+    zeros = (torch.zeros(2, 4), torch.zeros(2, 4))
+    want = hiera_attention(qkv, 2, 3, 1, zeros, 0.5, backend="cpu")
+    torch.testing.assert_close(hiera_attention(qkv, 2, 3, 1, None, 0.5, backend="cpu"), want)
+    torch.testing.assert_close(hiera_attention(qkv, 2, 3, 1, None, 0.5, backend="reference"), want)
+    torch.testing.assert_close(hiera_attention(qkv, 2, 3, backend="cpu"),
+                               hiera_attention(qkv, 2, 3, 1, None, 4 ** -0.5, backend="cpu"))
+
+
+def test_autograd_takes_the_reference():
+    """The kernel has no backward: with autograd recording, "auto" runs the differentiable reference."""
+    qkv = torch.randn(1, 4, 4, 24, requires_grad=True)
+    with sam_fast.record_backends() as rec:
+        out = hiera_attention(qkv, 2, 2, 2)
+    assert rec.backends() == {"reference"} and out.shape == (1, 2, 2, 8)
+    out.sum().backward()
+    assert qkv.grad is not None and torch.isfinite(qkv.grad).all()
+
+
+def test_bad_arguments_are_refused_by_name():
+    qkv = torch.randn(1, 6, 6, 48)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        hiera_attention(qkv.numpy(), 2, 3)
+    with pytest.raises(ValueError, match="qkv must be a floating-point"):
+        hiera_attention(qkv[0], 2, 3)
+    with pytest.raises(ValueError, match="3 \\* heads \\* D"):
+        hiera_attention(qkv, 5, 3)
+    with pytest.raises(ValueError, match="window"):
+        hiera_attention(qkv, 2, -1)
+    with pytest.raises(ValueError, match="q_stride"):
+        hiera_attention(qkv, 2, 3, 0)
+    with pytest.raises(ValueError, match="q_stride \\(2\\) must divide window \\(3\\)"):
+        hiera_attention(qkv, 2, 3, 2)
+    with pytest.raises(ValueError, match="pad_k must be a \\(heads, D\\) = \\(2, 8\\)"):
+        hiera_attention(qkv, 2, 3, 1, (torch.zeros(3), torch.zeros(16)))
+    with pytest.raises(ValueError, match="qkv_bias must be None or a \\(48,\\) tensor"):
+        hiera_attention(qkv, 2, 3, 1, qkv_bias=torch.zeros(16))
+    with pytest.raises((TypeError, ValueError), match="scale"):
+        hiera_attention(qkv, 2, 3, 1, None, "half")
+    op = torch.ops.sam_fast.hiera_attention
+    out = torch.empty(1, 3, 3, 16)
+    with pytest.raises(RuntimeError, match="out must be a contiguous \\(1, 3, 3, 16\\)"):
+        op(qkv, 2, 4, 2, None, None, None, 0.5, torch.empty(1, 6, 6, 16))
+    with pytest.raises(RuntimeError, match="q_stride must be >= 1 and divide the window"):
+        op(qkv, 2, 3, 2, None, None, None, 0.5, out)
+    with pytest.raises(RuntimeError, match="qkv_bias must be a contiguous \\(48,\\)"):
+        op(qkv, 2, 4, 2, torch.zeros(8), None, None, 0.5, out)
+    with pytest.raises(RuntimeError, match="both pad_k and pad_v"):
+        op(qkv, 2, 4, 2, None, torch.zeros(2, 8), None, 0.5, out)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        op(qkv, 2, 4, 2, None, None, None, 0.5, qkv.view(-1)[: 9 * 16].view(1, 3, 3, 16))
+
+
+# --- sam_fast.apply on Meta's Hiera (the sam2 package) --------------------------------------------------------------
+
+#: small Hiera configurations at 128 px (grids 32, 16, 8, 4): a global block in the third stage, windows that pad
+#: (6 on the 8 x 8 grid, 3 on 4 x 4), every stage change pooling its queries; head dims 24 and 56
+HIERAS = {"t": dict(embed_dim=24, num_heads=1, stages=(1, 2, 2, 1), window_spec=(8, 4, 6, 3), global_att_blocks=(4,)),
+          "b": dict(embed_dim=56, num_heads=1, stages=(1, 1, 2, 1), window_spec=(8, 4, 6, 4), global_att_blocks=(3,),
+                    head_mul=1.0)}
+
+
+def _hiera(name, seed=0):
+    hieradet = pytest.importorskip("sam2.modeling.backbones.hieradet")
+    torch.manual_seed(seed)
+    model = hieradet.Hiera(**HIERAS[name], window_pos_embed_bkg_spatial_size=(4, 4)).eval()
+    with torch.no_grad():  # weights far from zero-initialised embeddings, so that every term matters
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.5)
+    return model
+
+
+def _image_encoder(name):
+    """Meta's ImageEncoder (the Hiera trunk and its FPN neck), as SAM 2 builds it."""
+    pytest.importorskip("sam2")
+    from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+    trunk = _hiera(name)
+    neck = FpnNeck(PositionEmbeddingSine(num_pos_feats=32), 32, trunk.channel_list, fpn_top_down_levels=[2, 3])
+    return ImageEncoder(trunk, neck, scalp=1).eval()
+
+
+@pytest.mark.parametrize("name", sorted(HIERAS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_computes_metas_hiera_at_every_level(name, dtype, cpu_rules):
+    """attention="exact" on SAM 2's image encoder swaps every Hiera block for its fast form: every returned feature
+    level (and the position encodings) by the tolerance rule against float64, the parameters the original's under
+    the same keys, each block's attention through the C++ kernel where the CPU computes in the dtype (the stage
+    changes pooling their queries in it) and float32's linears through the fused epilogues; undo() gives the original
+    back, bit for bit."""
+    from sam_fast.nn.hiera import FastHieraBlock
+    from sam_fast.ops.dilated_attention_cpu import compute_dtype, fused_bias_kernel
+
+    cpu_rules(epilogue_min_bytes=0)  # the epilogues at these tiny widths too
+    base = _image_encoder(name)
+    enc = copy.deepcopy(base).to(dtype)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    state = {k: v.clone() for k, v in enc.state_dict().items()}
+    blocks = len(base.trunk.blocks)
+    with torch.no_grad():
+        ref = enc(x.to(dtype))
+        exact = copy.deepcopy(base).double()(x.double())
+        same_precision = base(x) if dtype == torch.float32 else ref
+        handle = sam_fast.apply(enc, sam_fast.SamFastConfig())
+        assert collections.Counter(type(m) for m in enc.modules())[FastHieraBlock] == blocks
+        assert len(handle.swapped) == blocks and handle.swapped[0] == "trunk.blocks.0"
+        got = enc.state_dict()
+        assert list(got) == list(state) and all(torch.equal(got[k], v) for k, v in state.items())
+        with sam_fast.record_backends() as rec:
+            out = enc(x.to(dtype))
+        for key in ("vision_features", "backbone_fpn", "vision_pos_enc"):
+            outs, wants, sames, refs = ([r[key]] if torch.is_tensor(r[key]) else r[key]
+                                        for r in (out, exact, same_precision, ref))
+            assert len(outs) == len(wants) >= 1
+            for i, (o, e, s, r) in enumerate(zip(outs, wants, sames, refs)):
+                assert o.shape == e.shape and o.dtype == r.dtype  # (the neck's top-down sums are float32)
+                check_against_reference(f"Hiera {name} {dtype} {key}[{i}]", o.double(), e, s.double(), dtype,
+                                        FWD_FACTOR)
+        kernel = compute_dtype(dtype) == dtype and fused_bias_kernel()
+        assert sum(op == "hiera_attention" for op, _ in rec.calls) == (blocks if kernel else 0)
+        if kernel:
+            assert rec.backends() >= {"cpu"} and "reference" not in rec.backends()
+        if kernel and dtype == torch.float32:  # proj (with its residual), fc1 (+ GELU), fc2 (+ residual) per block
+            assert sum(op == "fused_linear" for op, _ in rec.calls) == 3 * blocks
+        handle.undo()
+        assert not any(isinstance(m, FastHieraBlock) for m in enc.modules())
+        again = enc(x.to(dtype))
+        assert all(torch.equal(a, b) for a, b in zip(again["backbone_fpn"], ref["backbone_fpn"]))
+
+
+def test_fast_blocks_fall_back_where_they_would_change_something():
+    """Training mode, autograd, a hook on a layer the fast block skips and a device or backend without the kernel run
+    the original forward (the same numbers, bit for bit, where nothing else differs); a configuration that Meta's
+    block itself rejects fails as it does. Re-applying takes the new backend, and undo restores the old one."""
+    from sam_fast.nn.hiera import FastHieraBlock
+
+    model = _hiera("t")
+    twin = copy.deepcopy(model)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    with sam_fast.apply(model, sam_fast.SamFastConfig()):
+        model.train()
+        twin.train()
+        with sam_fast.record_backends() as rec:
+            assert all(torch.equal(a, b) for a, b in zip(model(x), twin(x)))  # training: the original forward
+        assert not rec.calls
+        model.eval()
+        twin.eval()
+        with sam_fast.record_backends() as rec:
+            a, b = model(x.requires_grad_()), twin(x)
+        assert all(torch.equal(p, q) for p, q in zip(a, b)) and not rec.calls  # autograd recording
+        x = x.detach()
+        seen = []
+        block = model.blocks[1]
+        handle = block.mlp.layers[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        assert seen == [(1, 16, 16, 192)]  # the hooked layer was called as a module
+        with torch.no_grad(), sam_fast.record_backends() as rec:
+            model(x)
+        assert {op for op, _ in rec.calls} >= {"hiera_attention"}
+        again = sam_fast.apply(model, sam_fast.SamFastConfig(backend="reference"))
+        assert {blk.backend for blk in model.blocks} == {"reference"}
+        with torch.no_grad(), sam_fast.record_backends() as rec:
+            model(x)
+        assert rec.backends() == {"reference"}
+        again.undo()
+        assert {blk.backend for blk in model.blocks} == {"auto"}
+        assert all(isinstance(blk, FastHieraBlock) for blk in model.blocks)
+    assert not any(isinstance(m, FastHieraBlock) for m in model.modules())
+
+    # Meta's block cannot re-partition a pooled grid into another number of windows (window 3 pooled by 2): the fast
+    # block does not invent an answer, it fails as the original does
+    hieradet = pytest.importorskip("sam2.modeling.backbones.hieradet")
+    bad = hieradet.Hiera(embed_dim=16, num_heads=1, stages=(1, 1, 1, 1), window_spec=(4, 4, 3, 2),
+                         global_att_blocks=(), window_pos_embed_bkg_spatial_size=(4, 4)).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError) as theirs:
+        bad(torch.zeros(1, 3, 96, 96))
+    with torch.no_grad(), sam_fast.apply(bad, sam_fast.SamFastConfig()), pytest.raises(RuntimeError) as ours:
+        bad(torch.zeros(1, 3, 96, 96))
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_what_hiera_does_not_take_is_refused():
+    """Dilated patterns, the Triton backend and int8 are refused for a Hiera encoder with errors that say so, and a
+    refused apply leaves the model as it was."""
+    model = _hiera("t")
+    blocks = list(model.blocks)
+    dilated = sam_fast.Dilated([sam_fast.Branch((4, 4))], "all")
+    for config, match in ((sam_fast.SamFastConfig(dilated), "dilated"),
+                          (sam_fast.SamFastConfig(backend="triton"), "backend='triton'"),
+                          (sam_fast.SamFastConfig(quantize="int8"), "quantize='int8' does not cover SAM 2's Hiera")):
+        with pytest.raises(ValueError, match=match):
+            sam_fast.apply(model, config)
+        assert list(model.blocks) == blocks
+
+
+def test_sam2_benchmark_times_both_peers(tmp_path):
+    """bench_sam2 (in process, small images) times Meta's encoder and sam_fast's in every dtype, and sam_fast's
+    features agree with Meta's float32 ones."""
+    pytest.importorskip("sam2")
+    from sam_fast.bench import bench_sam2
+
+    rows, png = bench_sam2.run(str(tmp_path), quick=True, size="128")
+    assert png and (tmp_path / "bench_sam2.csv").exists()
+    by = {(r["case"], r["backend"]): r for r in rows}
+    assert {b for _, b in by} == {"sam2", "sam_fast(cpu)"} and all(r["value"] > 0 for r in rows)
+    assert all(r["max_err"] < (1e-4 if "float32" in case else 5e-2) for (case, _), r in by.items())
+    with pytest.raises(ValueError, match="--models"):
+        bench_sam2.run(str(tmp_path), models="hiera_xl")
