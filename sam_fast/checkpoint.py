@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ._files import write_atomic
 from .models.sam import MODEL_TYPES, build_sam, known_model_type
+from .models.sam2 import build_sam2, is_sam2_state, sam2_model_type
 from .models.tiny import sam_around
 from .models.tinyvit import TinyViT, is_tinyvit_state, tinyvit_config
 from .models.transformers_format import (
@@ -136,6 +137,8 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
         _check_meta(meta, checkpoint)
     if decoder_heads is None and model_type == "auto" and meta is not None and "decoder_heads" in meta:
         decoder_heads = meta["decoder_heads"]  # save_sam records it
+    if is_sam2_state(state):
+        return _load_sam2(checkpoint, state, model_type)
     tinyvit = is_tinyvit_state(state)
     try:
         geom = None if tinyvit else encoder_geometry(state)
@@ -165,20 +168,8 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
             sam = build_sam_from_geometry(geom, width, decoder_heads, mlp_dim, iou_hidden)
     else:
         sam = build_sam(model_type)
-    expected = sam.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if shapes:
-            k, got, want = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {got}, {model_type} {want})")
+    parts = _state_mismatch(sam, state, model_type)
+    if parts:
         hint = ""
         if tinyvit and model_type not in ("vit_t", "auto"):
             hint = "; it looks like a vit_t (MobileSAM / TinySAM TinyViT) checkpoint"
@@ -201,6 +192,55 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
 # ------------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = 1
+
+
+def _state_mismatch(model: nn.Module, state, model_type: str) -> List[str]:
+    """What keeps ``state`` from loading into ``model`` strictly: missing and unexpected keys, shape mismatches."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if shapes:
+        k, got, want = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: checkpoint {got}, {model_type} {want})")
+    return parts
+
+
+def _load_sam2(checkpoint, state, model_type: str) -> nn.Module:
+    """A SAM 2 / 2.1 checkpoint (Meta's ``{"model": state_dict}``) as Meta's ``SAM2Base`` with its weights."""
+    try:
+        found = sam2_model_type(state)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {checkpoint} holds a SAM 2 image encoder, but {exc}") from None
+    if model_type != "auto":
+        raise ValueError(f"checkpoint {checkpoint} is a SAM 2 checkpoint ({found}), not a {model_type} one: load it "
+                         "with model_type='auto'")
+    model = build_sam2(found)
+    parts = _state_mismatch(model, state, found)
+    if parts:
+        raise ValueError(f"checkpoint {checkpoint} does not match {found} (its Hiera trunk's size): "
+                         + ", ".join(parts))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def is_sam2_model(model) -> bool:
+    """Whether ``model`` is one of Meta's SAM 2 models (what :func:`load_sam` returns for a SAM 2 checkpoint)."""
+    return type(model).__module__.startswith("sam2.")
+
+
+def refuse_sam2(model, what: str):
+    """``model``, or a ValueError where it is a SAM 2 model and ``what`` takes only the SAM 1 family so far."""
+    if is_sam2_model(model):
+        raise ValueError(f"the checkpoint holds a SAM 2 model: {what} takes SAM 1-family models (SAM, SlimSAM, "
+                         "MobileSAM / TinySAM, DC-ViT) so far; sam_fast.load_sam and sam_fast.apply take SAM 2's")
+    return model
 
 
 def _pattern_to_json(pattern):

@@ -279,7 +279,7 @@ def _segment(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from sam_fast.checkpoint import load_sam
+    from sam_fast.checkpoint import load_sam, refuse_sam2
     from sam_fast.images import read_rgb
     from sam_fast.predictor import check_image_size
 
@@ -323,7 +323,8 @@ def _segment(args) -> int:
         print(f"sam-fast segment: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        sam = load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads)
+        sam = refuse_sam2(load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads),
+                          "sam-fast segment")
     except Exception as exc:  # every load failure is a message, never a traceback
         print(f"sam-fast segment: {_load_error(exc)}", file=sys.stderr)
         return 2
@@ -412,6 +413,10 @@ def _inspect(args) -> int:
     except Exception as exc:  # every load failure is a message, never a traceback
         print(f"sam-fast inspect: {_load_error(exc)}", file=sys.stderr)
         return 2
+    from sam_fast.checkpoint import is_sam2_model
+
+    if is_sam2_model(sam):
+        return _inspect_sam2(args.checkpoint, sam)
     enc = sam.image_encoder
 
     def millions(module):
@@ -467,6 +472,35 @@ def _inspect(args) -> int:
     return 0
 
 
+def _inspect_sam2(checkpoint: str, sam) -> int:
+    """``sam-fast inspect`` of a SAM 2 checkpoint: its model, parts, Hiera stages and what sam_fast does with it."""
+    from sam_fast.models.sam2 import sam2_model_type
+    from sam_fast.nn.hiera import hiera_blocks
+
+    def millions(module):
+        return sum(p.numel() for p in module.parameters()) / 1e6
+
+    trunk = sam.image_encoder.trunk
+    decoder = millions(sam.sam_prompt_encoder) + millions(sam.sam_mask_decoder)
+    print(f"checkpoint {checkpoint}: {millions(sam):.2f} M parameters (image encoder {millions(sam.image_encoder):.2f} "
+          f"M, prompt encoder + mask decoder {decoder:.2f} M, memory and video parts "
+          f"{millions(sam) - millions(sam.image_encoder) - decoder:.2f} M)")
+    print(f"family: SAM 2 ({sam2_model_type(sam.state_dict())}), Hiera image encoder, input {sam.image_size} x "
+          f"{sam.image_size}")
+    print(f"{'stage':>5} {'blocks':>6} {'width':>6} {'heads':>5} {'head dim':>8} {'window':>6} {'global blocks':>14}")
+    start = 0
+    for n, end in enumerate(trunk.stage_ends):
+        blocks = trunk.blocks[start:end + 1]
+        last = blocks[-1]
+        globals_ = [i for i in range(start, end + 1) if trunk.blocks[i].window_size == 0]
+        print(f"{n:>5} {len(blocks):>6} {last.dim_out:>6} {last.attn.num_heads:>5} "
+              f"{last.dim_out // last.attn.num_heads:>8} {last.window_size:>6} {str(globals_ or '-'):>14}")
+        start = end + 1
+    print(f'sam_fast: attention="exact" swaps {len(hiera_blocks(sam))} Hiera blocks for their fast form (C++ attention '
+          'pooling queries in place, fused linear epilogues; CPU); no dilated patterns or int8 for Hiera yet')
+    return 0
+
+
 def _parse_blocks(text: str):
     if text in ("global", "all"):
         return text
@@ -477,9 +511,9 @@ def _parse_blocks(text: str):
 
 
 def _load_for(path: str, args):
-    from sam_fast.checkpoint import load_sam
+    from sam_fast.checkpoint import load_sam, refuse_sam2
 
-    return load_sam(path, args.model_type, decoder_heads=args.decoder_heads)
+    return refuse_sam2(load_sam(path, args.model_type, decoder_heads=args.decoder_heads), f"sam-fast {args.command}")
 
 
 def _checkpoint_for(command: str, args):

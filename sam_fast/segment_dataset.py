@@ -90,7 +90,7 @@ class SegmentWorker:
         import torch
 
         from . import Int8, SamFastAutomaticMaskGenerator, SamFastConfig, SamFastPredictor, apply
-        from .checkpoint import load_sam
+        from .checkpoint import load_sam, refuse_sam2
         from .nn.tinyvit import tinyvit_fast_modules
         from .surgery import vit_blocks
 
@@ -103,7 +103,7 @@ class SegmentWorker:
         self.mode = mode
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(checkpoint, (str, os.PathLike)):
-            sam = load_sam(checkpoint, model_type, decoder_heads=decoder_heads)
+            sam = refuse_sam2(load_sam(checkpoint, model_type, decoder_heads=decoder_heads), "segment_dataset")
         else:
             sam = checkpoint  # a model object (a plain loop in the caller's process)
         sam.to(self.device).eval()

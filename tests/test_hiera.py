@@ -281,3 +281,76 @@ def test_sam2_benchmark_times_both_peers(tmp_path):
     assert all(r["max_err"] < (1e-4 if "float32" in case else 5e-2) for (case, _), r in by.items())
     with pytest.raises(ValueError, match="--models"):
         bench_sam2.run(str(tmp_path), models="hiera_xl")
+
+
+# --- SAM 2 checkpoints: load_sam, inspect, and the commands that do not take them yet -------------------------------
+
+@pytest.fixture(scope="module")
+def sam2_checkpoint(tmp_path_factory):
+    """Meta's SAM 2.1 Hiera-T (random weights) saved as Meta's release is: ``{"model": state_dict}``."""
+    pytest.importorskip("sam2")
+    from sam_fast.models.sam2 import build_sam2
+
+    model = build_sam2("sam2.1_hiera_t")
+    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path, model
+
+
+def test_load_sam_reads_metas_sam2_checkpoint_and_apply_runs_it(sam2_checkpoint):
+    """load_sam builds Meta's SAM2Base of the checkpoint's size and version with every tensor as saved; apply swaps
+    its Hiera blocks and forward_image's features match the model as loaded."""
+    from sam_fast.models.sam2 import sam2_model_type
+
+    path, model = sam2_checkpoint
+    sam = sam_fast.load_sam(str(path))
+    assert type(sam).__name__ == "SAM2Base" and not sam.training
+    want, got = model.state_dict(), sam.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert sam2_model_type(want) == "sam2.1_hiera_t"
+    assert sam2_model_type({k: v for k, v in want.items() if k != "no_obj_embed_spatial"}) == "sam2_hiera_t"
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = sam.forward_image(x)
+        with sam_fast.apply(sam, sam_fast.SamFastConfig()) as handle:
+            assert len(handle.swapped) == len(sam.image_encoder.trunk.blocks) == 12
+            out = sam.forward_image(x)
+    for a, b in zip(out["backbone_fpn"], ref["backbone_fpn"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def test_tampered_or_foreign_sam2_checkpoints_get_clear_errors(sam2_checkpoint, tmp_path):
+    path, model = sam2_checkpoint
+    state = model.state_dict()
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "sam_mask_decoder.iou_token.weight"},
+                    "does not match sam2.1_hiera_t .*1 missing keys .*iou_token"),
+        "shape": (dict(state, **{"sam_mask_decoder.iou_token.weight": torch.zeros(1, 128)}),
+                  "1 shape mismatches \\(e.g. sam_mask_decoder.iou_token.weight: checkpoint \\(1, 128\\)"),
+        "size": ({k: v for k, v in state.items() if not k.startswith("image_encoder.trunk.blocks.11.")},
+                 "Hiera trunk \\(96 wide, 11 blocks\\) is none of SAM 2's released ones"),
+    }
+    for name, (tampered, match) in cases.items():
+        torch.save({"model": tampered}, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=match):
+            sam_fast.load_sam(str(tmp_path / f"{name}.pt"))
+    with pytest.raises(ValueError, match="is a SAM 2 checkpoint \\(sam2.1_hiera_t\\), not a vit_b one"):
+        sam_fast.load_sam(str(path), "vit_b")
+
+
+def test_cli_inspects_sam2_and_refuses_it_where_not_built(sam2_checkpoint, tmp_path, capsys):
+    from sam_fast.cli import main
+
+    path, _ = sam2_checkpoint
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "family: SAM 2 (sam2.1_hiera_t)" in out and "[5, 7, 9]" in out and "swaps 12 Hiera blocks" in out
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["segment", str(image), "--checkpoint", str(path), "--model-type", "auto", "--points", "4,4",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "holds a SAM 2 model: sam-fast segment takes SAM 1-family models" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "e.onnx")]) == 2
+    assert "sam-fast export takes SAM 1-family models" in capsys.readouterr().err

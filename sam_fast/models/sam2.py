@@ -56,3 +56,50 @@ def build_sam2_image_encoder(name: str, seed: int = 0) -> nn.Module:
             if "pos_embed" in pname:
                 p.normal_(0.0, 0.2)
     return encoder.eval()
+
+
+# --- SAM 2 / 2.1 checkpoints (Meta's .pt files: {"model": state_dict}) ------------------------------------------------
+
+#: SAM 2's released models: the config inside Meta's sam2 package that builds each
+SAM2_MODEL_TYPES: Dict[str, str] = {
+    f"{version}_{trunk}": f"configs/{version}/{version}_{trunk}.yaml"
+    for version in ("sam2", "sam2.1") for trunk in HIERA_CONFIGS}
+
+#: (embedding width, blocks) of each released Hiera trunk
+_TRUNKS = {(96, 12): "hiera_t", (96, 16): "hiera_s", (112, 24): "hiera_b+", (144, 48): "hiera_l"}
+_TRUNK = "image_encoder.trunk."
+
+
+def is_sam2_state(state) -> bool:
+    """Whether a state_dict is a SAM 2 model's (its image encoder a Hiera trunk)."""
+    return any(isinstance(k, str) and k.startswith(_TRUNK) for k in state)
+
+
+def sam2_model_type(state) -> str:
+    """The released SAM 2 model (a key of :data:`SAM2_MODEL_TYPES`) a state_dict belongs to, read from its trunk's
+    width and depth; SAM 2.1 by the keys it added (``no_obj_embed_spatial``). ``ValueError`` for a trunk that is not
+    a released one."""
+    w = state.get(f"{_TRUNK}patch_embed.proj.weight")
+    if not isinstance(w, torch.Tensor) or w.dim() != 4:
+        raise ValueError(f"it has no 4-D {_TRUNK}patch_embed.proj.weight (Hiera's patch embedding)")
+    blocks = {k[len(_TRUNK) + len("blocks."):].split(".")[0] for k in state if k.startswith(f"{_TRUNK}blocks.")}
+    depth = 1 + max((int(b) for b in blocks if b.isdigit()), default=-1)
+    trunk = _TRUNKS.get((int(w.shape[0]), depth))
+    if trunk is None:
+        known = ", ".join(f"{name} ({dim} wide, {n} blocks)" for (dim, n), name in _TRUNKS.items())
+        raise ValueError(f"its Hiera trunk ({int(w.shape[0])} wide, {depth} blocks) is none of SAM 2's released ones: "
+                         f"{known}")
+    return f"{'sam2.1' if 'no_obj_embed_spatial' in state else 'sam2'}_{trunk}"
+
+
+def build_sam2(model_type: str) -> nn.Module:
+    """SAM 2's model ``model_type`` (a key of :data:`SAM2_MODEL_TYPES`) as Meta's ``build_sam2`` builds it, with random
+    weights, on the CPU, in eval mode."""
+    if model_type not in SAM2_MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {sorted(SAM2_MODEL_TYPES)}, got {model_type!r}")
+    try:
+        from sam2.build_sam import build_sam2 as meta_build
+    except ImportError as exc:
+        raise ImportError("SAM 2's models need Meta's sam2 package: pip install 'sam_fast[sam2]' (with "
+                          "SAM2_BUILD_CUDA=0 to skip its CUDA extension)") from exc
+    return meta_build(SAM2_MODEL_TYPES[model_type], None, device="cpu", mode="eval")
