@@ -428,14 +428,11 @@ def _fast_hiera(model) -> List[FastHieraBlock]:
 
 def _swap_hiera(model, config, swaps, updates) -> None:
     """SAM 2's Hiera blocks (sam2's ``MultiScaleBlock``) in their fast form (sam_fast.nn.hiera) for
-    attention="exact": the C++ CPU kernel and fused linears at CPU inference, the original forward elsewhere. Dilated
-    patterns and the Triton backend are refused, not ignored."""
+    attention="exact": the C++ kernel and fused linears at CPU inference, the Triton kernel on a GPU, the original
+    forward elsewhere. Dilated patterns are refused, not ignored."""
     if config.attention != "exact":
         raise ValueError("SAM 2's Hiera encoder takes attention='exact' (its fast blocks) or 'none'; dilated "
                          "patterns are not available for its blocks")
-    if config.backend not in ("auto", "cpu", "reference"):
-        raise ValueError(f"backend={config.backend!r}: SAM 2's Hiera blocks run sam_fast's C++ CPU kernel ('auto', "
-                         "'cpu') or its PyTorch reference ('reference'); off the CPU they run their own forward")
     for block in _fast_hiera(model):
         updates.append((block, block.backend, block.pattern))
         block.backend = config.backend

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import gpu, smoke
 
 import sam_fast
 from sam_fast.ops.hiera_attention import hiera_attention
@@ -66,6 +67,50 @@ def test_kernel_and_reference_match_the_definition(case, dtype, cpu_paths):
     check_against_reference(f"hiera_attention {dtype} {cpu_paths}", got.double(), exact, same.double(), dtype,
                             FWD_FACTOR)
     check_against_reference("reference", same.double(), exact, same.double(), dtype, 1.0)
+
+
+# the Triton kernel's cases (the interpreter is slow: small grids): a window of 8 pooling its queries, padded
+# windows of 6 with a head dim of 56 (padded to 64 inside the program), and a global block whose keys span two blocks
+TRITON_CASES = [(2, (8, 8), 1, 16, 8, 2), (1, (8, 7), 2, 56, 6, 1), (1, (9, 10), 1, 16, 0, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"B{c[0]}-{c[1][0]}x{c[1][1]}-D{c[3]}-w{c[4]}-s{c[5]}")
+def test_triton_kernel_matches_the_definition(case, dtype, device):
+    B, (Hg, Wg), heads, D, window, stride = case
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(B, Hg, Wg, 3 * heads * D, generator=g).to(dtype)
+    bias = torch.randn(3 * heads * D, generator=g).to(dtype)
+    pad = tuple(torch.randn(heads, D, generator=g).to(dtype) for _ in range(2))
+    exact = _definition((qkv.double() + bias.double()).to(dtype), heads, window, stride, *pad, D ** -0.5)
+    same = hiera_attention(qkv, heads, window, stride, pad, None, bias, backend="reference")
+    with sam_fast.record_backends() as rec:
+        got = hiera_attention(qkv.to(device), heads, window, stride, tuple(p.to(device) for p in pad), None,
+                              bias.to(device), backend="triton")
+    assert rec.calls == [("hiera_attention", "triton")]
+    assert got.dtype == dtype and got.shape == (B, Hg // stride, Wg // stride, heads * D)
+    check_against_reference(f"hiera_attention triton {dtype}", got.double().cpu(), exact, same.double(), dtype,
+                            FWD_FACTOR)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=smoke), torch.float16, torch.float32])
+@pytest.mark.parametrize("case", [("hiera_t stage 1", 256, 1, 96, 8, 1), ("hiera_t stage 2 pooling", 256, 2, 96, 8, 2),
+                                  ("hiera_l stage 3", 64, 8, 72, 16, 1), ("hiera_b+ global", 64, 8, 56, 0, 1),
+                                  ("hiera_t stage 4 padded", 32, 8, 96, 7, 1)], ids=lambda c: c[0])
+def test_triton_kernel_at_sam2_shapes(case, dtype):
+    """SAM 2's real grids at 1024 px on the GPU: the kernel against the reference (SDPA on SAM 2's partition)."""
+    _, grid, heads, D, window, stride = case
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(1, grid, grid, 3 * heads * D, device="cuda", generator=g).to(dtype)
+    pad = tuple(torch.randn(heads, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    exact = hiera_attention(qkv.double(), heads, window, stride, tuple(p.double() for p in pad), backend="reference")
+    same = hiera_attention(qkv, heads, window, stride, pad, backend="reference")
+    with sam_fast.record_backends() as rec:
+        got = hiera_attention(qkv, heads, window, stride, pad)
+    assert rec.backends() == {"triton"}
+    check_against_reference(f"hiera_attention {case[0]} {dtype}", got.double(), exact, same.double(), dtype,
+                            FWD_FACTOR)
 
 
 def test_defaults_padded_keys_zeros_and_scale():
@@ -254,14 +299,28 @@ def test_fast_blocks_fall_back_where_they_would_change_something():
     assert str(ours.value) == str(theirs.value)
 
 
+def test_triton_backend_runs_metas_hiera(device):
+    """backend="triton" (on the CPU under the interpreter, on a GPU as "auto" chooses it): every block's attention
+    through the Triton kernel, the trunk's every level as Meta's computes it."""
+    model = _hiera("t").to(device)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6)).to(device)
+    with torch.no_grad():
+        ref = model(x)
+        with sam_fast.apply(model, sam_fast.SamFastConfig(backend="triton" if device.type == "cpu" else "auto")):
+            with sam_fast.record_backends() as rec:
+                out = model(x)
+    assert [c for c in rec.calls if c[0] == "hiera_attention"] == [("hiera_attention", "triton")] * len(model.blocks)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
 def test_what_hiera_does_not_take_is_refused():
-    """Dilated patterns, the Triton backend and int8 are refused for a Hiera encoder with errors that say so, and a
-    refused apply leaves the model as it was."""
+    """Dilated patterns and int8 are refused for a Hiera encoder with errors that say so, and a refused apply leaves
+    the model as it was."""
     model = _hiera("t")
     blocks = list(model.blocks)
     dilated = sam_fast.Dilated([sam_fast.Branch((4, 4))], "all")
     for config, match in ((sam_fast.SamFastConfig(dilated), "dilated"),
-                          (sam_fast.SamFastConfig(backend="triton"), "backend='triton'"),
                           (sam_fast.SamFastConfig(quantize="int8"), "quantize='int8' does not cover SAM 2's Hiera")):
         with pytest.raises(ValueError, match=match):
             sam_fast.apply(model, config)

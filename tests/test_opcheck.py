@@ -91,6 +91,8 @@ def _cases():
                                           TRITON_OP)],
         "sam_fast::dilated_attention_bwd": [((randn(1, 20, 2, 8), q, k, v, out, lse, None, geom, None, None, None,
                                               None, 0.3), TRITON)],
+        "sam_fast::hiera_attention_triton": [((randn(1, 5, 6, 48), 2, 4, 2, randn(48), randn(2, 8), randn(2, 8),
+                                               0.35), TRITON)],
         "sam_fast::small_key_attention": [((randn(2, 40, 32), torch.tensor([0, 0, 1]), randn(3, 5, 32),
                                             randn(3, 5, 32), 2), TRITON)],
         "sam_fast::upscale_mask_product": [((randn(2, 8, 4, 3), randn(8, 4, 2, 2), randn(4), randn(2, 3, 4)),

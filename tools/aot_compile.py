@@ -219,6 +219,26 @@ def compile_decoder(rec, quick, dtypes):
             small_key_attention(q, torch.arange(P) * 3 // P, kv, kv, 8, backend="triton")
 
 
+def compile_hiera(rec, quick, dtypes):
+    """SAM 2's Hiera attention at 1024 px: every window geometry of the released trunks (windows 8 / 4 / 14 / 7, 16 at
+    Hiera-L's third stage, the stage changes pooling queries, the global blocks) and their head dims."""
+    from sam_fast.ops.hiera_attention import hiera_attention
+
+    cases = [("hiera_t stage 1", 256, 1, 96, 8, 1), ("hiera_t stage 2 pooling", 256, 2, 96, 8, 2),
+             ("hiera_t stage 2", 128, 2, 96, 4, 1), ("hiera_t stage 3 pooling", 128, 4, 96, 4, 2),
+             ("hiera_t stage 3", 64, 4, 96, 14, 1), ("hiera_t global", 64, 4, 96, 0, 1),
+             ("hiera_t stage 4 pooling", 64, 8, 96, 14, 2), ("hiera_t stage 4", 32, 8, 96, 7, 1),
+             ("hiera_b+ stage 1", 256, 2, 56, 8, 1), ("hiera_l stage 3", 64, 8, 72, 16, 1),
+             ("hiera_l global", 64, 8, 72, 0, 1)]
+    for name, grid, heads, D, window, stride in cases[:3] if quick else cases:
+        for dtype in dtypes:
+            rec.case = f"hiera_attention {name} {str(dtype)[6:]}"
+            qkv = torch.zeros(1, grid, grid, 3 * heads * D, dtype=dtype)
+            pad = (torch.zeros(heads, D, dtype=dtype), torch.zeros(heads, D, dtype=dtype))
+            hiera_attention(qkv, heads, window, stride, pad, None, torch.zeros(3 * heads * D, dtype=dtype),
+                            backend="triton")
+
+
 def compile_tune_candidates(rec, quick, dtypes):
     """Every candidate ``tools/tune_dilated_attention.py`` would time on a GPU, for its cases in bf16: which fit the
     architecture's shared memory, and their registers and spills (cases named ``tune <case> <dir> <config>``)."""
@@ -268,7 +288,7 @@ def run(arch: int = 90, quick: bool = False, progress: bool = False, tune_candid
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     failures = []
     parts = (compile_tune_candidates, compile_int8_tune_candidates) if tune_candidates else \
-        (compile_attention, compile_int8, compile_decoder)
+        (compile_attention, compile_int8, compile_decoder, compile_hiera)
     with CompileRecorder(progress) as rec:
         for part in parts:
             try:

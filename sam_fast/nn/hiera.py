@@ -14,8 +14,12 @@ At inference on the CPU (float32, or bfloat16 where the CPU multiplies it in har
   input) and the MLP's GELU and residual in the GEMMs' epilogues
   (:func:`~sam_fast.ops.linear_epilogue.fused_linear`), or in place on the linears' fresh outputs.
 
-Elsewhere (another device, autograd recording, training mode, hooks on a layer it would skip, a replaced submodule,
-shapes the original itself rejects) it runs the original forward, unchanged.
+On a CUDA GPU the attention runs the Triton kernel (:mod:`sam_fast.kernels.hiera_attention`: every window in one
+launch, several per program, queries pooled as they are loaded) and the residuals are added in place on the linears'
+fresh outputs. Elsewhere (autograd recording, training mode, hooks on a layer it would skip, a replaced submodule,
+shapes the original itself rejects, a CPU without the C++ kernel's instructions) it runs the original forward,
+unchanged. ``backend``: ``"auto"``, ``"cpu"`` (the C++ kernel), ``"triton"`` (the Triton kernel; on the CPU under
+``TRITON_INTERPRET=1`` only) or ``"reference"`` (the op's PyTorch form).
 """
 
 from __future__ import annotations
@@ -73,12 +77,13 @@ class FastHieraBlock(_SharedModule):
                 shortcut = F.max_pool2d(shortcut.permute(0, 3, 1, 2), stride, stride).permute(0, 2, 3, 1)
         lin = attn.qkv
         qkv_bias = None
-        if type(lin) is nn.Linear and lin.bias is not None and xn.dtype == torch.float32:
+        cpu = x.device.type == "cpu" and self.backend in ("auto", "cpu")
+        if cpu and type(lin) is nn.Linear and lin.bias is not None and xn.dtype == torch.float32:
             qkv, qkv_bias = gemm(xn, lin.weight), lin.bias  # the kernel adds the bias as it reads
         else:
             qkv = lin(xn)
         out = hiera_attention(qkv, attn.num_heads, self.window_size, stride, self._pad_kv(x), None, qkv_bias,
-                              backend="reference" if self.backend == "reference" else "cpu")
+                              backend="cpu" if cpu else self.backend)
         x = _project(attn, out, shortcut.contiguous(), self.backend)
         m = self.mlp
         y = mlp_layers_fused(m.layers[0], m.act, m.layers[1], self.norm2(x), x, self.backend)
@@ -87,9 +92,15 @@ class FastHieraBlock(_SharedModule):
     def _stride(self, x: torch.Tensor) -> Optional[int]:
         """The block's query stride (1 without pooling) where the fast path applies to ``x``, else None."""
         attn, m = self.attn, self.mlp
-        if self.training or self.backend not in ("auto", "cpu", "reference") or not isinstance(x, torch.Tensor) \
-                or x.dim() != 4 or x.device.type != "cpu" or x.dtype not in FUSED_DTYPES \
-                or compute_dtype(x.dtype) != x.dtype or torch.compiler.is_compiling():
+        if self.training or not isinstance(x, torch.Tensor) or x.dim() != 4 or torch.compiler.is_compiling():
+            return None
+        if x.device.type == "cpu" and self.backend in ("auto", "cpu"):  # the C++ kernel
+            if x.dtype not in FUSED_DTYPES or compute_dtype(x.dtype) != x.dtype or not fused_bias_kernel():
+                return None
+        elif x.device.type == "cuda" or self.backend in ("triton", "reference"):  # the Triton kernel or the reference
+            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or self.backend == "cpu":
+                return None
+        else:
             return None
         if type(attn).__name__ != "MultiScaleAttention" or type(attn).__module__ != HIERA_MODULE \
                 or not isinstance(attn.qkv, _OWN_OUTPUT) or not isinstance(attn.proj, _OWN_OUTPUT) \
@@ -99,7 +110,7 @@ class FastHieraBlock(_SharedModule):
         if has_hooks(self.norm1, attn, attn.qkv, attn.proj, self.norm2, m, *m.layers, m.act, self.drop_path,
                      getattr(self, "proj", None)):
             return None
-        if not fused_ok(x, *self.parameters()) or (self.backend != "reference" and not fused_bias_kernel()):
+        if not fused_ok(x, *self.parameters()):
             return None
         stride = 1
         if self.pool is not None:

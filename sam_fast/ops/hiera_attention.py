@@ -10,6 +10,9 @@ Backends (``sam_fast._dispatch``):
   ``sam_block_attention`` with no bias: each window's keys gathered once (the padded ones read from ``pad_kv``), its
   queries block by block (max-pooled as they are gathered), each output row written in place on the (pooled) grid.
   No padded copy, no window partition, no pooled copy of q. float32 or bfloat16 qkv, nothing for autograd to record.
+* ``triton`` (:mod:`sam_fast.kernels.hiera_attention`): one launch for every window of the grid, several windows per
+  program, queries pooled as they are loaded, keys in blocks with the online softmax; CUDA tensors (float32, float16,
+  bfloat16), or CPU tensors under ``TRITON_INTERPRET=1`` when asked for. No backward.
 * ``reference`` (:mod:`sam_fast.reference.hiera_attention`): the padding, partition, max-pool and SDPA of SAM 2's
   own block, differentiable.
 """
@@ -21,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._args import float_arg, int_arg
-from .._dispatch import Backend, Refusal, dispatch
+from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal
 from ..reference import hiera_attention as _ref
 from ._ext import cpp_device_refusal, register_fake
 from .dilated_attention_cpu import FUSED_DTYPES, fused_ok
@@ -57,6 +60,48 @@ def _cpu_run(qkv, heads, window, q_stride, pad_kv, scale, qkv_bias):
     return out
 
 
+@torch.library.custom_op("sam_fast::hiera_attention_triton", mutates_args=())
+def _triton_op(qkv: torch.Tensor, heads: int, window: int, q_stride: int, qkv_bias: Optional[torch.Tensor],
+               pad_k: torch.Tensor, pad_v: torch.Tensor, scale: float) -> torch.Tensor:
+    from ..kernels import hiera_attention as kernel
+
+    return kernel.hiera_attention(qkv, heads, window, q_stride, qkv_bias, pad_k, pad_v, scale)
+
+
+@_triton_op.register_fake
+def _(qkv, heads, window, q_stride, qkv_bias, pad_k, pad_v, scale):
+    B, Hg, Wg, C3 = qkv.shape
+    return qkv.new_empty((B, Hg // q_stride, Wg // q_stride, C3 // 3))
+
+
+def _triton_supports(qkv, heads, window, q_stride, pad_kv, scale, qkv_bias, *, explicit):
+    refusal = triton_device_refusal(qkv, explicit)
+    if refusal is not None:
+        return refusal
+    from ..kernels.hiera_attention import MAX_HEAD_DIM
+
+    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return Refusal(f"the Triton kernel takes float32, float16 or bfloat16 qkv, got {qkv.dtype}")
+    if qkv.shape[-1] // 3 // heads > MAX_HEAD_DIM:
+        return Refusal(f"head dims up to {MAX_HEAD_DIM}, got {qkv.shape[-1] // 3 // heads}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qkv, qkv_bias, *(pad_kv or ()))):
+        return Refusal("the Triton kernel has no backward; autograd is recording")
+    return None
+
+
+def _triton_run(qkv, heads, window, q_stride, pad_kv, scale, qkv_bias):
+    D = qkv.shape[-1] // 3 // heads
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    if pad_kv is None:
+        pad_k = pad_v = qkv.new_zeros(heads, D)
+    else:
+        pad_k, pad_v = (p.to(qkv.dtype).reshape(heads, D).contiguous() for p in pad_kv)
+    if qkv_bias is not None:
+        qkv_bias = qkv_bias.to(qkv.dtype).contiguous()
+    return _triton_op(qkv, heads, window, q_stride, qkv_bias, pad_k, pad_v, scale)
+
+
 def _reference_run(qkv, heads, window, q_stride, pad_kv, scale, qkv_bias):
     pad_k, pad_v = (None, None) if pad_kv is None else pad_kv
     return _ref.hiera_attention(qkv, heads, window, q_stride, qkv_bias, pad_k, pad_v, scale)
@@ -64,6 +109,7 @@ def _reference_run(qkv, heads, window, q_stride, pad_kv, scale, qkv_bias):
 
 _TABLE = (
     Backend("cpu", _cpu_supports, _cpu_run),
+    Backend("triton", _triton_supports, _triton_run),
     Backend("reference", lambda *a, explicit: None, _reference_run),
 )
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 KERNELS = ("_dilated_attention_fwd_kernel", "_dilated_attention_bwd_dq_kernel", "_dilated_attention_bwd_dkdv_kernel",
            "_quantize_rows_kernel", "_layer_norm_quantize_kernel", "_int8_gemm_kernel",
-           "_small_key_attention_kernel", "_upscale_mask_product_kernel")
+           "_small_key_attention_kernel", "_upscale_mask_product_kernel", "_hiera_attention_kernel")
 
 
 @pytest.mark.whole_program
