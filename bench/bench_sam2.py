@@ -20,24 +20,17 @@ Meta's float32 encoder, relative to their largest magnitude. Needs ``pip install
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 import time
 
 import torch
 
+from sam_fast.bench.bench_cpu_blocks import _stats, fast_bf16
 from sam_fast.bench.harness import bench_main, progress, provenance, save_results
 
 SCRIPT = "bench_sam2"
 BASELINE = "sam2"
 MODELS = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")
-
-
-def fast_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX tiles)."""
-    cpu = getattr(torch, "cpu", None)
-    return bool(cpu is not None and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                                     or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
 
 
 def _features(out) -> torch.Tensor:
@@ -96,13 +89,10 @@ def run(out_dir: str, quick: bool = False, device: str = None, no_compile: bool 
                 fn()
                 times[peer].append((time.perf_counter() - t0) * 1e3)
         for peer, ms in times.items():
-            ms = sorted(ms)
-            q = statistics.quantiles(ms, n=5) if len(ms) > 1 else [ms[0]] * 4
-            med = statistics.median(ms)
+            st = _stats(ms)
             rows.append(dict(prov, op="sam2_encoder", case=f"{name} {size}px {str(dtype)[6:]}", backend=peer,
-                             mode="fwd", median_ms=med, p20_ms=q[0], p80_ms=q[3], metric="img_per_s",
-                             value=1e3 / med, max_err=errs[peer], peak_mem_mb=float("nan"),
-                             note=f"{threads} thread(s), {rounds} interleaved rounds"))
+                             mode="fwd", metric="img_per_s", value=1e3 / st["median_ms"], max_err=errs[peer],
+                             note=f"{threads} thread(s), {rounds} interleaved rounds", **st))
     return save_results(out_dir, SCRIPT, rows, BASELINE, "SAM 2.1 image encoders on the CPU (B=1)")
 
 

@@ -28,7 +28,7 @@ from ._dispatch import check_backend_name
 from ._hooks import share_hooks
 from .models.tinyvit import TinyViT
 from .nn.attention import SamFastBlock
-from .nn.hiera import FastHieraBlock, hiera_blocks
+from .nn.hiera import FastHieraBlock, FastHieraLayerForward, hiera_blocks, transformers_hiera_layers
 from .nn.quantized import Int8Linear
 from .nn.tinyvit import _FastForm, tinyvit_fast_modules
 from .pattern import check_pattern
@@ -307,7 +307,7 @@ def apply(model: nn.Module, config: SamFastConfig = None) -> SamFastHandle:
         if config.attention != "none":
             _swap_blocks(model, config, swaps, updates, overrides, hooks)
         left_float = {}
-        if config.quantize is not None and (hiera_blocks(model) or _fast_hiera(model)):
+        if config.quantize is not None and _has_hiera(model):
             raise ValueError("quantize='int8' does not cover SAM 2's Hiera encoder yet: use quantize=None")
         if config.quantize is not None:
             left_float = _quantize_linears(model, config, swaps)
@@ -390,8 +390,8 @@ def _patch_transformers_layers(model, config, layers, updates, overrides, hooks)
 
 def _swap_blocks(model, config, swaps, updates, overrides, hooks) -> None:
     found = vit_blocks(model)  # collected before any change
-    if not found and (hiera_blocks(model) or _fast_hiera(model)):
-        _swap_hiera(model, config, swaps, updates)
+    if not found and _has_hiera(model):
+        _swap_hiera(model, config, swaps, updates, overrides, hooks)
         return
     if not found:
         layers = transformers_vit_layers(model)
@@ -426,7 +426,12 @@ def _fast_hiera(model) -> List[FastHieraBlock]:
     return [m for m in model.modules() if isinstance(m, FastHieraBlock)]
 
 
-def _swap_hiera(model, config, swaps, updates) -> None:
+def _has_hiera(model) -> bool:
+    """Whether ``model`` holds SAM 2 Hiera blocks (Meta's or transformers', patched or not)."""
+    return bool(hiera_blocks(model) or _fast_hiera(model) or transformers_hiera_layers(model))
+
+
+def _swap_hiera(model, config, swaps, updates, overrides, hooks) -> None:
     """SAM 2's Hiera blocks (sam2's ``MultiScaleBlock``) in their fast form (sam_fast.nn.hiera) for
     attention="exact": the C++ kernel and fused linears at CPU inference, the Triton kernel on a GPU, the original
     forward elsewhere. Dilated patterns are refused, not ignored."""
@@ -442,6 +447,21 @@ def _swap_hiera(model, config, swaps, updates) -> None:
         new.train(child.training)
         parent._modules[name] = new
         swaps.append((parent, name, child, new))
+    from .nn.transformers_sam import refuse_attention_weights
+
+    encoders = []
+    for enc, layer in transformers_hiera_layers(model):  # transformers' layers keep their objects (as SAM's do)
+        current = layer.__dict__.get("forward")
+        if isinstance(current, FastHieraLayerForward):
+            updates.append((current, current.backend, current.pattern))
+            current.backend = config.backend
+        else:
+            layer.forward = FastHieraLayerForward(layer, config.backend)
+            overrides.append(layer)
+            if not any(e is enc for e in encoders):
+                encoders.append(enc)
+    for enc in encoders:
+        hooks.append(enc.register_forward_pre_hook(refuse_attention_weights, with_kwargs=True))
 
 
 def _contiguous_output(module, args, output):

@@ -413,3 +413,53 @@ def test_cli_inspects_sam2_and_refuses_it_where_not_built(sam2_checkpoint, tmp_p
     assert "holds a SAM 2 model: sam-fast segment takes SAM 1-family models" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "e.onnx")]) == 2
     assert "sam-fast export takes SAM 1-family models" in capsys.readouterr().err
+
+
+# --- transformers' SAM 2 -------------------------------------------------------------------------------------------
+
+def _transformers_sam2_vision(seed=0):
+    """transformers' Sam2VisionModel with a small Hiera (4 stages, a global block, windows that pad, every stage
+    change pooling queries, head dim 24 then 48) at 128 px, random weights far from zero."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    backbone = transformers.Sam2HieraDetConfig(
+        hidden_size=24, num_attention_heads=1, image_size=128, blocks_per_stage=[1, 2, 2, 1],
+        embed_dim_per_stage=[24, 48, 96, 192], num_attention_heads_per_stage=[1, 2, 2, 4],
+        window_size_per_stage=[8, 4, 6, 3], global_attention_blocks=[4],
+        window_positional_embedding_background_size=[4, 4])
+    config = transformers.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[192, 96, 48, 24],
+                                           backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]], fpn_hidden_size=32)
+    model = transformers.Sam2VisionModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.5)
+    return model
+
+
+def test_apply_computes_transformers_sam2_vision_model():
+    """apply on transformers' Sam2VisionModel gives each Sam2MultiScaleBlock sam_fast's forward (the layer objects
+    stay): the same hidden states and FPN levels, every block's attention through sam_fast's kernel; hidden states
+    are still returned on request, attention weights are refused (the kernels never form them); undo restores the
+    class's forward."""
+    model = _transformers_sam2_vision()
+    layers = list(model.backbone.blocks)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_hidden_states=True)
+        handle = sam_fast.apply(model, sam_fast.SamFastConfig())
+        assert list(model.backbone.blocks) == layers and len(handle.swapped) == len(layers)
+        with sam_fast.record_backends() as rec:
+            out = model(pixel_values=x, output_hidden_states=True)
+        assert sum(op == "hiera_attention" for op, _ in rec.calls) == len(layers)
+        for name in ("last_hidden_state", "fpn_hidden_states", "hidden_states"):
+            got, want = getattr(out, name), getattr(ref, name)
+            got, want = ([got], [want]) if torch.is_tensor(got) else (got, want)
+            assert len(got) == len(want) >= 1, name
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            model(pixel_values=x, output_attentions=True)
+        handle.undo()
+        assert all("forward" not in layer.__dict__ for layer in layers)
+        again = model(pixel_values=x)
+    assert torch.equal(again.last_hidden_state, ref.last_hidden_state)

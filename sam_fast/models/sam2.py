@@ -32,6 +32,12 @@ def sam2_available() -> bool:
     return True
 
 
+def _require_sam2() -> None:
+    if not sam2_available():
+        raise ImportError("SAM 2's models need Meta's sam2 package: pip install 'sam_fast[sam2]' (with "
+                          "SAM2_BUILD_CUDA=0 to skip its CUDA extension)")
+
+
 def build_sam2_image_encoder(name: str, seed: int = 0) -> nn.Module:
     """SAM 2.1's image encoder ``name`` (a key of :data:`HIERA_CONFIGS`) as Meta's ``ImageEncoder``: the Hiera trunk
     and the FPN neck (256 channels, sine position encodings, nearest-neighbour top-down sums into the two finest
@@ -39,13 +45,11 @@ def build_sam2_image_encoder(name: str, seed: int = 0) -> nn.Module:
     initialises them, the position embeddings N(0, 0.2) (SAM 2 initialises them to zero, which would hide them)."""
     if name not in HIERA_CONFIGS:
         raise ValueError(f"name must be one of {sorted(HIERA_CONFIGS)}, got {name!r}")
-    try:
-        from sam2.modeling.backbones.hieradet import Hiera
-        from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
-        from sam2.modeling.position_encoding import PositionEmbeddingSine
-    except ImportError as exc:
-        raise ImportError("SAM 2's models need Meta's sam2 package: pip install 'sam_fast[sam2]' (with "
-                          "SAM2_BUILD_CUDA=0 to skip its CUDA extension)") from exc
+    _require_sam2()
+    from sam2.modeling.backbones.hieradet import Hiera
+    from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+
     torch.manual_seed(seed)
     trunk = Hiera(**HIERA_CONFIGS[name])
     neck = FpnNeck(PositionEmbeddingSine(num_pos_feats=256, normalize=True, temperature=10000), 256,
@@ -97,9 +101,7 @@ def build_sam2(model_type: str) -> nn.Module:
     weights, on the CPU, in eval mode."""
     if model_type not in SAM2_MODEL_TYPES:
         raise ValueError(f"model_type must be one of {sorted(SAM2_MODEL_TYPES)}, got {model_type!r}")
-    try:
-        from sam2.build_sam import build_sam2 as meta_build
-    except ImportError as exc:
-        raise ImportError("SAM 2's models need Meta's sam2 package: pip install 'sam_fast[sam2]' (with "
-                          "SAM2_BUILD_CUDA=0 to skip its CUDA extension)") from exc
+    _require_sam2()
+    from sam2.build_sam import build_sam2 as meta_build
+
     return meta_build(SAM2_MODEL_TYPES[model_type], None, device="cpu", mode="eval")

@@ -54,9 +54,134 @@ def hiera_blocks(model: nn.Module):
             if child is not None and is_hiera_block(child)]
 
 
+class _Parts:
+    """A Hiera block's pieces under one set of names: Meta's ``MultiScaleBlock`` (norm1 / attn.qkv / attn.proj /
+    norm2 / mlp.layers / pool) or transformers' ``Sam2MultiScaleBlock`` (layer_norm1 / ... / mlp.proj_in /
+    mlp.proj_out / query_stride)."""
+
+    __slots__ = ("norm1", "attn", "qkv", "proj", "heads", "norm2", "mlp", "fc1", "act", "fc2", "shortcut", "stride",
+                 "window", "skipped")
+
+    @classmethod
+    def of_meta(cls, block: nn.Module) -> Optional["_Parts"]:
+        attn, m = block.attn, block.mlp
+        if type(attn).__name__ != "MultiScaleAttention" or type(attn).__module__ != HIERA_MODULE \
+                or len(getattr(m, "layers", ())) != 2 or getattr(m, "sigmoid_output", True) \
+                or type(m.act) is not nn.GELU or attn.q_pool is not block.pool:
+            return None
+        stride = 1
+        if block.pool is not None:
+            pool = block.pool
+            k, s = pool.kernel_size, pool.stride
+            if type(pool) is not nn.MaxPool2d or k != s or pool.padding not in (0, (0, 0)) or pool.ceil_mode \
+                    or pool.dilation not in (1, (1, 1)) or len(set(_pair(k))) != 1:
+                return None
+            stride = _pair(k)[0]
+        p = cls()
+        p.norm1, p.attn, p.qkv, p.proj, p.heads, p.norm2, p.mlp = (block.norm1, attn, attn.qkv, attn.proj,
+                                                                   attn.num_heads, block.norm2, m)
+        p.fc1, p.act, p.fc2 = m.layers[0], m.act, m.layers[1]
+        p.shortcut = getattr(block, "proj", None) if block.dim != block.dim_out else None
+        p.stride, p.window = stride, block.window_size
+        p.skipped = (block.drop_path,)
+        if block.dim != block.dim_out and p.shortcut is None or stride > 1 and block.dim == block.dim_out:
+            return None  # (the original adds an unpooled shortcut to a pooled output there: it fails)
+        return p
+
+    @classmethod
+    def of_transformers(cls, layer: nn.Module) -> Optional["_Parts"]:
+        attn, m = layer.attn, layer.mlp
+        act = getattr(m, "activation", None)
+        exact_gelu = type(act) is nn.GELU and act.approximate == "none" or \
+            type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
+        if len(getattr(m, "layers", ())) != 0 or getattr(m, "sigmoid_output", True) or not exact_gelu:
+            return None
+        stride = layer.query_stride
+        if stride is not None and (len(set(_pair(stride))) != 1 or attn.query_stride != stride):
+            return None
+        p = cls()
+        p.norm1, p.attn, p.qkv, p.proj, p.heads, p.norm2, p.mlp = (layer.layer_norm1, attn, attn.qkv, attn.proj,
+                                                                   attn.num_attention_heads, layer.layer_norm2, m)
+        p.fc1, p.act, p.fc2 = m.proj_in, _EXACT_GELU, m.proj_out
+        p.shortcut = getattr(layer, "proj", None) if layer.dim != layer.dim_out else None
+        p.stride, p.window = 1 if stride is None else _pair(stride)[0], layer.window_size
+        p.skipped = (act,)
+        if layer.dim != layer.dim_out and p.shortcut is None or stride is not None and layer.dim == layer.dim_out:
+            return None
+        return p
+
+
+_EXACT_GELU = nn.GELU()  # (what transformers' GELUActivation computes, as the fused MLP path recognises it)
+
+
+def _fast_stride(parts: _Parts, backend: str, x: torch.Tensor, params) -> Optional[int]:
+    """The block's query stride (1 without pooling) where its fast path applies to ``x``, else None."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or torch.compiler.is_compiling():
+        return None
+    if x.device.type == "cpu" and backend in ("auto", "cpu"):  # the C++ kernel
+        if x.dtype not in FUSED_DTYPES or compute_dtype(x.dtype) != x.dtype or not fused_bias_kernel():
+            return None
+    elif x.device.type == "cuda" or backend in ("triton", "reference"):  # the Triton kernel or the reference
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or backend == "cpu":
+            return None
+    else:
+        return None
+    if not isinstance(parts.qkv, _OWN_OUTPUT) or not isinstance(parts.proj, _OWN_OUTPUT):
+        return None
+    if has_hooks(parts.norm1, parts.attn, parts.qkv, parts.proj, parts.norm2, parts.mlp, parts.fc1, parts.fc2,
+                 *parts.skipped, parts.shortcut):
+        return None
+    if not fused_ok(x, *params):
+        return None
+    stride, ws = parts.stride, parts.window
+    if stride > 1 and ws > 0:
+        # the original re-partitions the pooled output with the pooled window: it needs as many windows
+        H, W = x.shape[1], x.shape[2]
+        if ws % stride or any(-(-n // ws) != -(-(n // stride) // (ws // stride)) for n in (H, W)):
+            return None
+    return stride
+
+
+def hiera_block_forward(parts: _Parts, x: torch.Tensor, backend: str, params) -> Optional[torch.Tensor]:
+    """A Hiera block on ``x`` (B, H, W, C) through sam_fast's kernels (module docstring), or None where that does not
+    apply (the caller then runs the block's own forward). ``params``: the block's parameters (autograd's check)."""
+    stride = _fast_stride(parts, backend, x, params)
+    if stride is None:
+        return None
+    xn = parts.norm1(x)
+    shortcut = x
+    if parts.shortcut is not None:
+        shortcut = parts.shortcut(xn)
+        if stride > 1:
+            shortcut = F.max_pool2d(shortcut.permute(0, 3, 1, 2), stride, stride).permute(0, 2, 3, 1)
+    lin = parts.qkv
+    qkv_bias = None
+    cpu = x.device.type == "cpu" and backend in ("auto", "cpu")
+    if cpu and type(lin) is nn.Linear and lin.bias is not None and xn.dtype == torch.float32:
+        qkv, qkv_bias = gemm(xn, lin.weight), lin.bias  # the kernel adds the bias as it reads
+    else:
+        qkv = lin(xn)
+    out = hiera_attention(qkv, parts.heads, parts.window, stride, _pad_kv(parts, x), None, qkv_bias,
+                          backend="cpu" if cpu else backend)
+    x = _project(parts, out, shortcut.contiguous(), backend)
+    y = mlp_layers_fused(parts.fc1, parts.act, parts.fc2, parts.norm2(x), x, backend)
+    return y if y is not None else _add_residual(parts.mlp(parts.norm2(x)), None, x)
+
+
+def _pad_kv(parts: _Parts, x: torch.Tensor):
+    """The k and v of a padded position (the original pads the normed tokens with zeros: qkv(0) is the qkv bias), or
+    None where no window is padded."""
+    ws = parts.window
+    if ws <= 0 or (x.shape[1] % ws == 0 and x.shape[2] % ws == 0):
+        return None
+    lin = parts.qkv
+    zero = lin(x.new_zeros(1, lin.in_features)).reshape(3, parts.heads, -1)
+    return zero[1], zero[2]
+
+
 class FastHieraBlock(_SharedModule):
-    """SAM 2's Hiera block with its attention through the C++ kernel and its linears' biases, GELU and residuals
-    fused after their GEMMs (CPU, inference); the original forward elsewhere."""
+    """Meta's SAM 2 Hiera block with its attention through sam_fast's kernels and its linears' biases, GELU and
+    residuals fused after their GEMMs (inference); the original forward elsewhere."""
 
     backend = "auto"
     pattern = None  # (no dilated patterns: apply's updates restore it with the backend)
@@ -65,80 +190,48 @@ class FastHieraBlock(_SharedModule):
         return f"fast form of {self._original_class.__name__}, backend={self.backend!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stride = self._stride(x)
-        if stride is None:
-            return self.float_forward(x)
-        attn = self.attn
-        xn = self.norm1(x)
-        shortcut = x
-        if self.dim != self.dim_out:
-            shortcut = self.proj(xn)
-            if self.pool is not None:
-                shortcut = F.max_pool2d(shortcut.permute(0, 3, 1, 2), stride, stride).permute(0, 2, 3, 1)
-        lin = attn.qkv
-        qkv_bias = None
-        cpu = x.device.type == "cpu" and self.backend in ("auto", "cpu")
-        if cpu and type(lin) is nn.Linear and lin.bias is not None and xn.dtype == torch.float32:
-            qkv, qkv_bias = gemm(xn, lin.weight), lin.bias  # the kernel adds the bias as it reads
-        else:
-            qkv = lin(xn)
-        out = hiera_attention(qkv, attn.num_heads, self.window_size, stride, self._pad_kv(x), None, qkv_bias,
-                              backend="cpu" if cpu else self.backend)
-        x = _project(attn, out, shortcut.contiguous(), self.backend)
-        m = self.mlp
-        y = mlp_layers_fused(m.layers[0], m.act, m.layers[1], self.norm2(x), x, self.backend)
-        return y if y is not None else _add_residual(m(self.norm2(x)), None, x)
+        parts = None if self.training else _Parts.of_meta(self)
+        y = None if parts is None else hiera_block_forward(parts, x, self.backend, tuple(self.parameters()))
+        return self.float_forward(x) if y is None else y
 
-    def _stride(self, x: torch.Tensor) -> Optional[int]:
-        """The block's query stride (1 without pooling) where the fast path applies to ``x``, else None."""
-        attn, m = self.attn, self.mlp
-        if self.training or not isinstance(x, torch.Tensor) or x.dim() != 4 or torch.compiler.is_compiling():
-            return None
-        if x.device.type == "cpu" and self.backend in ("auto", "cpu"):  # the C++ kernel
-            if x.dtype not in FUSED_DTYPES or compute_dtype(x.dtype) != x.dtype or not fused_bias_kernel():
-                return None
-        elif x.device.type == "cuda" or self.backend in ("triton", "reference"):  # the Triton kernel or the reference
-            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or self.backend == "cpu":
-                return None
-        else:
-            return None
-        if type(attn).__name__ != "MultiScaleAttention" or type(attn).__module__ != HIERA_MODULE \
-                or not isinstance(attn.qkv, _OWN_OUTPUT) or not isinstance(attn.proj, _OWN_OUTPUT) \
-                or len(getattr(m, "layers", ())) != 2 or getattr(m, "sigmoid_output", True) \
-                or type(m.act) is not nn.GELU or attn.q_pool is not self.pool:
-            return None
-        if has_hooks(self.norm1, attn, attn.qkv, attn.proj, self.norm2, m, *m.layers, m.act, self.drop_path,
-                     getattr(self, "proj", None)):
-            return None
-        if not fused_ok(x, *self.parameters()):
-            return None
-        stride = 1
-        if self.pool is not None:
-            pool = self.pool
-            k, s = pool.kernel_size, pool.stride
-            if type(pool) is not nn.MaxPool2d or k != s or pool.padding not in (0, (0, 0)) or pool.ceil_mode \
-                    or pool.dilation not in (1, (1, 1)) or len(set(_pair(k))) != 1:
-                return None
-            stride = _pair(k)[0]
-            if self.dim == self.dim_out:
-                return None  # the original adds an unpooled shortcut to the pooled output: it fails there
-        ws = self.window_size
-        if stride > 1 and ws > 0:
-            # the original re-partitions the pooled output with the pooled window: it needs as many windows
-            H, W = x.shape[1], x.shape[2]
-            if ws % stride or any(-(-n // ws) != -(-(n // stride) // (ws // stride)) for n in (H, W)):
-                return None
-        return stride
 
-    def _pad_kv(self, x: torch.Tensor):
-        """The k and v of a padded position (the original pads the normed tokens with zeros: qkv(0) is the qkv
-        bias), or None where no window is padded."""
-        ws = self.window_size
-        if ws <= 0 or (x.shape[1] % ws == 0 and x.shape[2] % ws == 0):
-            return None
-        lin, heads = self.attn.qkv, self.attn.num_heads
-        zero = lin(x.new_zeros(1, lin.in_features)).reshape(3, heads, -1)
-        return zero[1], zero[2]
+# --- transformers' SAM 2 (Sam2Model, Sam2VisionModel, Sam2HieraDetModel) --------------------------------------------
+
+#: where transformers defines SAM 2's Hiera block
+TRANSFORMERS_HIERA_MODULE = "transformers.models.sam2.modeling_sam2"
+
+
+def transformers_hiera_layers(model: nn.Module):
+    """(encoder, layer) of every transformers SAM 2 Hiera block (``Sam2MultiScaleBlock``) in ``model``; ``encoder``
+    is the module whose ``blocks`` list holds it."""
+    found = []
+    for enc in model.modules():
+        blocks = getattr(enc, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            found += [(enc, layer) for layer in blocks if type(layer).__name__ == "Sam2MultiScaleBlock"
+                      and type(layer).__module__ == TRANSFORMERS_HIERA_MODULE]
+    return found
+
+
+class FastHieraLayerForward:
+    """The instance ``forward`` sam_fast gives a transformers SAM 2 Hiera block: the layer object stays (its class,
+    its gradient checkpointing, transformers' hidden-state capture), its forward runs sam_fast's kernels where they
+    apply and the class's own forward elsewhere."""
+
+    pattern = None
+
+    def __init__(self, layer: nn.Module, backend: str):
+        self.layer, self.backend = layer, backend
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        layer = self.layer
+        parts = None if layer.training or args else _Parts.of_transformers(layer)
+        y = None if parts is None else hiera_block_forward(parts, hidden_states, self.backend,
+                                                           tuple(layer.parameters()))
+        return type(layer).forward(layer, hidden_states, *args, **kwargs) if y is None else y
+
+    def __repr__(self):
+        return f"FastHieraLayerForward(backend={self.backend!r})"
 
 
 def _pair(v):
