@@ -62,6 +62,7 @@ SMOKE_KERNELS: Dict[str, Sequence[str]] = {
     "triton _int8_gemm_kernel": ("test_int8_gemm_real_shapes",),
     "triton _small_key_attention_kernel": ("test_small_key_attention_sam_shapes",),
     "triton _upscale_mask_product_kernel": ("test_upscale_mask_product_sam_shapes",),
+    "triton _hiera_attention_kernel": ("test_triton_kernel_at_sam2_shapes",),
     "cuda mask_postprocess": ("test_mask_postprocess_cuda_matches_cpu",),
     "cuda resize_rel_pos": ("test_resize_rel_pos_cuda_matches_cpu",),
 }
