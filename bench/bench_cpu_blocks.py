@@ -17,7 +17,7 @@ Peers in the same run, all in the block's dtype:
 fp32 always; bf16 where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX). Each thread count
 (1 and all cores) is timed with the peers interleaved: one call of each per round, the median of the
 rounds (7, or as many as fill about 2 s per peer for a block of a few milliseconds, up to 300; with --quick 3, or
-0.5 s per peer), so a slow
+0.15 s per peer), so a slow
 spell of a shared machine hits every peer alike. ``max_err`` is the largest absolute
 difference from segment_anything's block run in float64.
 
@@ -163,11 +163,11 @@ def run(out_dir: str, quick: bool = False, device: str = None, no_compile: bool 
                 rows.append(dict(prov, op="cpu_block", case=f"{name} {str(dtype)[6:]}", backend=peer, mode="fwd",
                                  median_ms="", metric="blocks_per_s", value="",
                                  note=f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
-        # at least ``rounds`` rounds, more for a block of a few milliseconds (about 2 s of calls per peer, 0.5 s
+        # at least ``rounds`` rounds, more for a block of a few milliseconds (about 2 s of calls per peer, 0.15 s
         # with --quick)
         t0 = time.perf_counter()
         next(iter(fns.values()))()
-        n_rounds = max(rounds, min(300, int((0.5 if quick else 2.0) / max(time.perf_counter() - t0, 1e-6))))
+        n_rounds = max(rounds, min(300, int((0.15 if quick else 2.0) / max(time.perf_counter() - t0, 1e-6))))
         for t in threads:
             torch.set_num_threads(t)
             try:
