@@ -31,7 +31,7 @@ def test_bench_script_runs_on_cpu(script, tmp_path):
 
 
 CPU_OP_BENCHES = ["bench_decomposed_bias", "bench_linear_epilogue", "bench_rel_pos_attention",
-                  "bench_sam_block_attention"]
+                  "bench_sam_block_attention", "bench_hiera_attention"]
 
 
 def test_every_bench_script_is_run_somewhere():

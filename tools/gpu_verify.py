@@ -274,7 +274,7 @@ def _prebuilt_refusal(env: dict) -> Optional[str]:
 # package vs eager and torch.compile, cold starts in subprocesses) is measured only, no target reads it yet; it runs
 # on whatever the stages before it saved. None of these budgets has been measured on a GPU yet.
 TARGET_SCRIPTS = (("bench_int8_linear", 30), ("bench_dilated_attention", 75), ("bench_e2e", 45),
-                  ("bench_everything", 25), ("bench_decoder", 20), ("bench_distill", 40))
+                  ("bench_everything", 25), ("bench_decoder", 20), ("bench_distill", 30))
 
 
 def _pytest(marker: str, junit: str, timeout_each: int) -> List[str]:
@@ -300,6 +300,9 @@ def verify_stages(pack: str) -> List[Stage]:
         Stage("bench_export", 15, "ViT-B bf16 as an AOTInductor package vs eager vs torch.compile, and both cold "
                                   "starts (bench_export.py)",
               command=[PY, "bench/bench_export.py", "--targets", "--out", results], measures=("bench_export",)),
+        Stage("bench_hiera_attention", 10, "SAM 2's Hiera attention at SAM 2.1's grids: the Triton kernel vs SAM 2's "
+                                           "partition + SDPA (bench_hiera_attention.py)",
+              command=[PY, "bench/bench_hiera_attention.py", "--out", results], measures=("bench_hiera_attention",)),
         Stage("sanitize", 50, "compute-sanitizer memcheck: every CUDA op and Triton kernel on small ragged inputs",
               command=["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", PY,
                        "-m", "tools.sanitize_ops", "--triton"]),
@@ -317,7 +320,8 @@ def full_stages(pack: str) -> List[Stage]:
                              "-m", "tools.sanitize_ops"])]
     for script, budget in (("bench_dilated_attention", 200), ("bench_int8_linear", 120),
                            ("bench_dilated_attention_sam", 150), ("bench_e2e", 150), ("bench_everything", 100),
-                           ("bench_decoder", 60), ("bench_distill", 120), ("bench_segment_dataset", 90)):
+                           ("bench_decoder", 60), ("bench_distill", 120), ("bench_segment_dataset", 90),
+                           ("bench_hiera_attention", 30)):
         stages.append(Stage(script, budget, f"every case of {script}",
                             command=[PY, f"bench/{script}.py", "--out", results], measures=(script,)))
     stages += [

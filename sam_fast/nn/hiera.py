@@ -32,7 +32,7 @@ from torch import nn
 
 from .._hooks import has_hooks
 from ..ops.dilated_attention_cpu import FUSED_DTYPES, compute_dtype, fused_bias_kernel, fused_ok
-from ..ops.hiera_attention import hiera_attention
+from ..ops.hiera_attention import hiera_attention, sdpa_global_wins
 from ..ops.linear_epilogue import gemm
 from .attention import _OWN_OUTPUT, _add_residual, _project, mlp_layers_fused
 from .quantized import _SharedModule
@@ -157,7 +157,8 @@ def hiera_block_forward(parts: _Parts, x: torch.Tensor, backend: str, params) ->
     lin = parts.qkv
     qkv_bias = None
     cpu = x.device.type == "cpu" and backend in ("auto", "cpu")
-    if cpu and type(lin) is nn.Linear and lin.bias is not None and xn.dtype == torch.float32:
+    if cpu and type(lin) is nn.Linear and lin.bias is not None and xn.dtype == torch.float32 \
+            and not sdpa_global_wins(xn.dtype, parts.window, stride):
         qkv, qkv_bias = gemm(xn, lin.weight), lin.bias  # the kernel adds the bias as it reads
     else:
         qkv = lin(xn)
