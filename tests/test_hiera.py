@@ -3,8 +3,10 @@ from the definition, on each instruction-set path), and ``sam_fast.apply`` on Me
 the same function at every returned feature level, undo, fallbacks, refusals)."""
 
 import collections
+import contextlib
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -469,3 +471,32 @@ def test_apply_computes_transformers_sam2_vision_model():
         assert all("forward" not in layer.__dict__ for layer in layers)
         again = model(pixel_values=x)
     assert torch.equal(again.last_hidden_state, ref.last_hidden_state)
+
+
+def test_metas_image_predictor_runs_the_patched_encoder(sam2_checkpoint):
+    """SAM2ImagePredictor on a model after apply (the encoder patched, Meta's decoder as it is): its image features
+    (the embedding and both high-resolution levels) and the logits it predicts for a point and a box match the
+    unpatched model's."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    path, _ = sam2_checkpoint
+    sam = sam_fast.load_sam(str(path))
+    image = (torch.rand(200, 300, 3, generator=torch.Generator().manual_seed(8)) * 255).byte().numpy()
+    prompts = dict(point_coords=np.array([[120.0, 80.0]]), point_labels=np.array([1]),
+                   box=np.array([40.0, 30.0, 250.0, 180.0]), return_logits=True)
+    results = []
+    for patched in (False, True):
+        predictor = SAM2ImagePredictor(sam)
+        with sam_fast.apply(sam, sam_fast.SamFastConfig()) if patched else contextlib.nullcontext():
+            with sam_fast.record_backends() as rec:
+                predictor.set_image(image)
+            results.append((predictor._features, predictor.predict(**prompts)))
+        assert sum(op == "hiera_attention" for op, _ in rec.calls) == (12 if patched else 0)
+    (ref_feats, ref_out), (feats, out) = results
+    for a, b in zip([feats["image_embed"], *feats["high_res_feats"]],
+                    [ref_feats["image_embed"], *ref_feats["high_res_feats"]]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    logits, want = out[0], ref_out[0]
+    assert logits.shape == want.shape == (3, 200, 300)
+    assert np.abs(logits - want).max() <= 1e-3 * np.abs(want).max()
+    np.testing.assert_allclose(out[1], ref_out[1], rtol=1e-3, atol=1e-4)  # the IoU predictions
