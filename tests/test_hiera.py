@@ -53,16 +53,23 @@ CASES = [(2, (8, 8), 1, 96, 4, 2), (1, (9, 10), 2, 56, 4, 1), (1, (10, 13), 1, 7
          (1, (7, 5), 2, 8, 0, 2), (1, (13, 9), 2, 24, 4, 2), (1, (5, 5), 1, 8, 8, 1)]
 
 
+def _case_inputs(case, dtype, seed):
+    """qkv (x W^T alone), its bias, pad_kv and the float64 definition's output for a case of CASES / TRITON_CASES."""
+    B, (Hg, Wg), heads, D, window, stride = case
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, Hg, Wg, 3 * heads * D, generator=g).to(dtype)
+    bias = torch.randn(3 * heads * D, generator=g).to(dtype)
+    pad = tuple(torch.randn(heads, D, generator=g).to(dtype) for _ in range(2))
+    exact = _definition((qkv.double() + bias.double()).to(dtype), heads, window, stride, *pad, D ** -0.5)
+    return qkv, bias, pad, exact
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-{c[1][0]}x{c[1][1]}-H{c[2]}-D{c[3]}-w{c[4]}-s{c[5]}")
 def test_kernel_and_reference_match_the_definition(case, dtype, cpu_paths):
     B, (Hg, Wg), heads, D, window, stride = case
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(B, Hg, Wg, 3 * heads * D, generator=g).to(dtype)
-    bias = torch.randn(3 * heads * D, generator=g).to(dtype)
-    pad = tuple(torch.randn(heads, D, generator=g).to(dtype) for _ in range(2))
+    qkv, bias, pad, exact = _case_inputs(case, dtype, seed=0)
     scale = D ** -0.5
-    exact = _definition((qkv.double() + bias.double()).to(dtype), heads, window, stride, *pad, scale)
     same = hiera_attention(qkv, heads, window, stride, pad, scale, bias, backend="reference")
     got = hiera_attention(qkv, heads, window, stride, pad, scale, bias, backend="cpu")
     assert got.dtype == dtype and got.shape == (B, Hg // stride, Wg // stride, heads * D)
@@ -80,11 +87,7 @@ TRITON_CASES = [(2, (8, 8), 1, 16, 8, 2), (1, (8, 7), 2, 56, 6, 1), (1, (9, 10),
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"B{c[0]}-{c[1][0]}x{c[1][1]}-D{c[3]}-w{c[4]}-s{c[5]}")
 def test_triton_kernel_matches_the_definition(case, dtype, device):
     B, (Hg, Wg), heads, D, window, stride = case
-    g = torch.Generator().manual_seed(2)
-    qkv = torch.randn(B, Hg, Wg, 3 * heads * D, generator=g).to(dtype)
-    bias = torch.randn(3 * heads * D, generator=g).to(dtype)
-    pad = tuple(torch.randn(heads, D, generator=g).to(dtype) for _ in range(2))
-    exact = _definition((qkv.double() + bias.double()).to(dtype), heads, window, stride, *pad, D ** -0.5)
+    qkv, bias, pad, exact = _case_inputs(case, dtype, seed=2)
     same = hiera_attention(qkv, heads, window, stride, pad, None, bias, backend="reference")
     with sam_fast.record_backends() as rec:
         got = hiera_attention(qkv.to(device), heads, window, stride, tuple(p.to(device) for p in pad), None,
