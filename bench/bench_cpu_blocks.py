@@ -96,9 +96,10 @@ def fast_bf16() -> bool:
                                      or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
 
 
-def interleaved(fns, rounds):
-    """{name: [ms, ...]}: ``rounds`` rounds, each calling every fn once (after one warm-up call each)."""
-    for fn in fns.values():
+def interleaved(fns, rounds, warmup: bool = True):
+    """{name: [ms, ...]}: ``rounds`` rounds, each calling every fn once (after one warm-up call each, unless the
+    caller has run them already: ``warmup=False``)."""
+    for fn in fns.values() if warmup else ():
         fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):

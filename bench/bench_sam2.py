@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 
 import torch
 
-from sam_fast.bench.bench_cpu_blocks import _stats, fast_bf16
+from sam_fast.bench.bench_cpu_blocks import _stats, fast_bf16, interleaved
 from sam_fast.bench.harness import bench_main, progress, provenance, save_results
 
 SCRIPT = "bench_sam2"
@@ -82,12 +81,7 @@ def run(out_dir: str, quick: bool = False, device: str = None, no_compile: bool 
                 rows.append(dict(prov, op="sam2_encoder", case=f"{name} {str(dtype)[6:]}", backend=peer, mode="fwd",
                                  median_ms="", metric="img_per_s", value="",
                                  note=f"failed: {type(exc).__name__}: {str(exc)[:120]}"))
-        times = {peer: [] for peer in fns}
-        for _ in range(rounds):
-            for peer, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[peer].append((time.perf_counter() - t0) * 1e3)
+        times = interleaved(fns, rounds, warmup=False)  # (each peer ran once above: its warm-up)
         for peer, ms in times.items():
             st = _stats(ms)
             rows.append(dict(prov, op="sam2_encoder", case=f"{name} {size}px {str(dtype)[6:]}", backend=peer,

@@ -176,7 +176,11 @@ def _pad_kv(parts: _Parts, x: torch.Tensor):
     if ws <= 0 or (x.shape[1] % ws == 0 and x.shape[2] % ws == 0):
         return None
     lin = parts.qkv
-    zero = lin(x.new_zeros(1, lin.in_features)).reshape(3, parts.heads, -1)
+    if type(lin) is nn.Linear:  # qkv(0) is its bias (or zeros): no GEMM per call
+        zero = lin.bias if lin.bias is not None else x.new_zeros(lin.out_features)
+        zero = zero.to(x.dtype).reshape(3, parts.heads, -1)
+    else:  # an int8 or other replaced linear: ask it
+        zero = lin(x.new_zeros(1, lin.in_features)).reshape(3, parts.heads, -1)
     return zero[1], zero[2]
 
 
