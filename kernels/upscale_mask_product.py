@@ -14,13 +14,19 @@ a program takes BLOCK_N input pixels of one prompt, and for each of the kernel's
     o = y @ hyper[p]^T                              (BLOCK_N, M)     tl.dot, y cast to the input dtype
                                                                       (as the unfused bf16 model does)
 
-and stores o at output pixels (2i + a, 2j + b). Tensor contract (validated by
+and stores o at output pixels (2i + a, 2j + b). SAM 2's decoder adds a high-resolution skip feature before
+that GELU (``GELU(conv(x) + bias + skip[image])``, the stride-4 features of its image encoder): with
+HAS_SKIP the kernel reads skip (I, COUT, 2h, 2w) at the prompt's image ``skip_index[p]``, so the
+per-prompt copy of the image's skip features is never made either. Tensor contract (validated by
 :mod:`sam_fast.ops.upscale_mask_product`): x (P, CIN, h, w) contiguous; weight (CIN, COUT, 2, 2) contiguous (the
-ConvTranspose2d layout); bias (COUT,); hyper (P, M, COUT) contiguous; out (P, M, 2h, 2w) contiguous,
-float32/float16/bfloat16, all one dtype except fp32 bias handling inside.
+ConvTranspose2d layout); bias (COUT,); hyper (P, M, COUT) contiguous; skip (I, COUT, 2h, 2w) contiguous and
+skip_index (P,) int64 in [0, I) when HAS_SKIP; out (P, M, 2h, 2w) contiguous, float32/float16/bfloat16, all one
+dtype except fp32 bias handling inside.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -46,10 +52,10 @@ def _round_bf16(y, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _upscale_mask_product_kernel(x_ptr, w_ptr, b_ptr, hyper_ptr, out_ptr, HW, W_IN, M,
+def _upscale_mask_product_kernel(x_ptr, w_ptr, b_ptr, hyper_ptr, skip_ptr, skip_index_ptr, out_ptr, HW, W_IN, M,
                                  CIN: tl.constexpr, COUT: tl.constexpr, CIN_P: tl.constexpr,
                                  COUT_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+                                 HAS_SKIP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_n = tl.program_id(0)
     p = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,15 +71,20 @@ def _upscale_mask_product_kernel(x_ptr, w_ptr, b_ptr, hyper_ptr, out_ptr, HW, W_
     row = offs_n // W_IN
     col = offs_n - row * W_IN
     out_base = out_ptr + p * M * (4 * HW) + mm[None, :] * (4 * HW)
+    if HAS_SKIP:
+        skip_base = skip_ptr + tl.load(skip_index_ptr + p) * (COUT * 4 * HW) + co[None, :] * (4 * HW)
     for a in tl.static_range(2):
         for b in tl.static_range(2):
             w = tl.load(w_ptr + ci[:, None] * (COUT * 4) + co[None, :] * 4 + (a * 2 + b),
                         mask=(ci[:, None] < CIN) & (co[None, :] < COUT), other=0.0)
             y = _dot(x, w, PREC, UPCAST) + bias[None, :]
+            pix = (2 * row + a) * (2 * W_IN) + (2 * col + b)
+            if HAS_SKIP:
+                y += tl.load(skip_base + pix[:, None], mask=n_ok[:, None] & (co[None, :] < COUT),
+                             other=0.0).to(tl.float32)
             y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))  # nn.GELU(): the exact erf form
             # Padded channels hold GELU(0) = 0, so they add nothing to the product below.
             o = _dot(_round_bf16(y, UPCAST).to(x_ptr.dtype.element_ty), tl.trans(hyper), PREC, UPCAST)
-            pix = (2 * row + a) * (2 * W_IN) + (2 * col + b)
             tl.store(out_base + pix[:, None], _round_bf16(o, UPCAST).to(out_ptr.dtype.element_ty),
                      mask=n_ok[:, None] & (mm[None, :] < M))
 
@@ -85,9 +96,10 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def upscale_mask_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         hyper: torch.Tensor) -> torch.Tensor:
-    """Launch: ``hyper @ GELU(conv_transpose2d(x, weight, bias, stride=2))`` -> (P, M, 2h, 2w)."""
+def upscale_mask_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hyper: torch.Tensor,
+                         skip: Optional[torch.Tensor] = None,
+                         skip_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch: ``hyper @ GELU(conv_transpose2d(x, weight, bias, stride=2) [+ skip[skip_index]])`` -> (P, M, 2h, 2w)."""
     P, CIN, h, w = x.shape
     COUT = weight.shape[1]
     M = hyper.shape[1]
@@ -103,7 +115,9 @@ def upscale_mask_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     for p0 in range(0, P, _MAX_GRID_Y):  # the grid's second dimension holds at most 65535 prompts
         p1 = min(P, p0 + _MAX_GRID_Y)
         _upscale_mask_product_kernel[(triton.cdiv(HW, BLOCK_N), p1 - p0)](
-            x[p0:p1], weight, bias, hyper[p0:p1], out[p0:p1], HW, w, M, CIN=CIN, COUT=COUT, CIN_P=CIN_P,
-            COUT_P=COUT_P, BLOCK_N=BLOCK_N, BLOCK_M=_pow2_at_least_16(M), PREC=_precision(x.dtype),
+            x[p0:p1], weight, bias, hyper[p0:p1], x if skip is None else skip,
+            x if skip_index is None else skip_index[p0:p1], out[p0:p1], HW, w, M, CIN=CIN, COUT=COUT, CIN_P=CIN_P,
+            COUT_P=COUT_P, BLOCK_N=BLOCK_N, BLOCK_M=_pow2_at_least_16(M), HAS_SKIP=skip is not None,
+            PREC=_precision(x.dtype),
             UPCAST=_upcast(x.dtype), num_warps=4, **COMPILE_OPTIONS)
     return out

@@ -13,7 +13,8 @@ Public API:
   box, COCO RLE) as one C++ / CUDA op; :func:`rles_to_coco` / :func:`coco_to_mask` convert its RLE
   to pycocotools' strings and back to masks; :class:`SamFastPredictor` and
   :class:`SamFastAutomaticMaskGenerator` - ``SamPredictor`` / ``SamAutomaticMaskGenerator`` drop-ins
-  on the batched decoder (:class:`sam_fast.nn.BatchedMaskDecoder`) and that op.
+  on the batched decoder (:class:`sam_fast.nn.BatchedMaskDecoder`) and that op; :class:`Sam2FastPredictor`
+  (what ``SamFastPredictor(sam2_model)`` returns) is SAM 2's ``SAM2ImagePredictor`` drop-in.
 * :func:`apply` / :class:`SamFastConfig` (with :class:`Dilated` / :class:`Int8`) - swap the kernels into a
   segment_anything model instance; ``handle.undo()`` restores it.
 * :func:`record_backends` - which backend every op call ran on.
@@ -42,6 +43,7 @@ _EXPORTS = {
     "rles_to_coco": ".ops.mask_postprocess",
     "coco_to_mask": ".ops.mask_postprocess",
     "SamFastPredictor": ".predictor",
+    "Sam2FastPredictor": ".predictor_sam2",
     "SamFastAutomaticMaskGenerator": ".everything",
     "Branch": ".pattern",
     "SamFastConfig": ".patch",
@@ -57,8 +59,8 @@ _EXPORTS = {
 
 
 _SUBMODULES = ("checkpoint", "coco", "compress", "cpu_features", "cpu_policy", "distill", "everything", "exporting",
-               "images", "models", "nn", "onnx_translations", "pattern", "predictor", "quantize", "reference",
-               "segment_dataset", "testing")
+               "images", "models", "nn", "onnx_translations", "pattern", "predictor", "predictor_sam2", "quantize",
+               "reference", "segment_dataset", "testing")
 
 
 def __getattr__(name):

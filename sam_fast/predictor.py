@@ -99,6 +99,14 @@ class SamFastPredictor(SamPredictor):
     input_w = _PerThread()
     _batch = _PerThread()
 
+    def __new__(cls, sam_model=None, *args, **kwargs):
+        # A SAM 2 model gets SAM 2's predictor API (SAM2ImagePredictor's drop-in), not SamPredictor's.
+        if cls is SamFastPredictor and _is_sam2_model(sam_model):
+            from .predictor_sam2 import Sam2FastPredictor
+
+            return Sam2FastPredictor(sam_model, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, sam_model, backend: str = "auto") -> None:
         self.backend = check_backend_name(backend)
         if self.backend not in POSTPROCESS_BACKENDS:
@@ -398,6 +406,12 @@ class SamFastPredictor(SamPredictor):
         count = counts[0] if counts else 0
         key = (None if coords is None else coords.shape[1], boxes is not None, masks is not None)
         return {"count": count, "key": key, "coords": coords, "labels": labels, "boxes": boxes, "masks": masks}
+
+
+def _is_sam2_model(model) -> bool:
+    from .checkpoint import is_sam2_model
+
+    return is_sam2_model(model)
 
 
 def _prompt_count(point_coords, boxes, mask_input) -> int:

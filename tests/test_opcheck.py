@@ -96,7 +96,9 @@ def _cases():
         "sam_fast::small_key_attention": [((randn(2, 40, 32), torch.tensor([0, 0, 1]), randn(3, 5, 32),
                                             randn(3, 5, 32), 2), TRITON)],
         "sam_fast::upscale_mask_product": [((randn(2, 8, 4, 3), randn(8, 4, 2, 2), randn(4), randn(2, 3, 4)),
-                                            TRITON)],
+                                            TRITON),
+                                           ((randn(2, 8, 4, 3), randn(8, 4, 2, 2), randn(4), randn(2, 3, 4),
+                                             randn(2, 4, 8, 6), torch.tensor([1, 0])), TRITON)],
     }
     if packed.numel():  # a CPU with AMX int8: the GEMM on its panels
         cases["sam_fast::int8_linear_amx"] = [((xq, torch.rand(9, generator=g), packed, 16, ws, None, True,

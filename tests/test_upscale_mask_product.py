@@ -132,3 +132,28 @@ def test_upscale_mask_product_sam_shapes(dtype, P, M):
     exact = reference.upscale_mask_product(*[a.double() for a in args])
     same = reference.upscale_mask_product(*args)
     check_against_reference("upscale_mask_product", got, exact, same, dtype, FWD_FACTOR)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_upscale_mask_product_sam2_skip_shapes(dtype):
+    """SAM 2's decoder tail: the stride-4 skip features of 3 images added per prompt through the index."""
+    from sam_fast.ops.upscale_mask_product import upscale_mask_product
+    from sam_fast.reference import upscale_mask_product as reference
+    from sam_fast.testing import FWD_FACTOR, check_against_reference
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    P = 100
+    x = torch.randn(P, 64, 128, 128, device="cuda", generator=g)
+    weight = torch.randn(64, 32, 2, 2, device="cuda", generator=g) / 8
+    bias = torch.randn(32, device="cuda", generator=g) * 0.1
+    hyper = torch.randn(P, 3, 32, device="cuda", generator=g)
+    skip = torch.randn(3, 32, 256, 256, device="cuda", generator=g)
+    index = torch.randint(0, 3, (P,), device="cuda", generator=g)
+    args = [t.to(dtype) for t in (x, weight, bias, hyper, skip)]
+    with sam_fast.record_backends() as rec:
+        got = upscale_mask_product(*args, index)
+    assert rec.calls == [("upscale_mask_product", "triton")]
+    exact = reference.upscale_mask_product(*[a.double() for a in args], index)
+    same = reference.upscale_mask_product(*args, index)
+    check_against_reference("upscale_mask_product", got, exact, same, dtype, FWD_FACTOR)

@@ -212,6 +212,11 @@ def compile_decoder(rec, quick, dtypes):
             rec.case = f"upscale_mask_product P={P} M={M} {str(dtype)[6:]}"
             upscale_mask_product(torch.zeros(P, 64, 128, 128, dtype=dtype), torch.zeros(64, 32, 2, 2, dtype=dtype),
                                  torch.zeros(32, dtype=dtype), torch.zeros(P, M, 32, dtype=dtype), backend="triton")
+        rec.case = f"upscale_mask_product SAM 2 skip P=64 M=3 {str(dtype)[6:]}"
+        upscale_mask_product(torch.zeros(64, 64, 128, 128, dtype=dtype), torch.zeros(64, 32, 2, 2, dtype=dtype),
+                             torch.zeros(32, dtype=dtype), torch.zeros(64, 3, 32, dtype=dtype),
+                             torch.zeros(2, 32, 256, 256, dtype=dtype), torch.zeros(64, dtype=torch.int64),
+                             backend="triton")
         for P, T in ((300, 7), (1, 5)):
             rec.case = f"small_key_attention P={P} T={T} {str(dtype)[6:]}"
             q = torch.zeros(3, 4096, 128, dtype=dtype)

@@ -26,12 +26,18 @@ convolution and its GELU (``sam_fast::upscale_mask_product``, a Triton kernel), 
 of the decoder, the (C/8, 4h, 4w) upscaled embedding per prompt, is never written. Parameters are the wrapped
 segment_anything modules'
 (``from_sam`` shares them), so state_dict keys are Sam's ``prompt_encoder.*`` / ``mask_decoder.*``.
+
+SAM 2's prompt encoder and mask decoder (Meta's ``sam2`` package) take the same path: the same two-way
+transformer, plus an object-score token before the IoU token, point labels 2 / 3 (box corners given as
+points), the high-resolution skip features of the image encoder's first two stages added inside the
+upscaling (per image, through the index: the stride-4 one inside the fused kernel), and, for a single
+mask, the choice by stability among the multimask outputs (``dynamic_multimask_via_stability``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +87,19 @@ class BatchedMaskDecoder(nn.Module):
 
     @classmethod
     def from_sam(cls, sam: nn.Module, backend: str = "auto") -> "BatchedMaskDecoder":
-        """Wrap a ``Sam``'s prompt encoder and mask decoder (parameters shared, not copied)."""
+        """Wrap a ``Sam``'s prompt encoder and mask decoder, or a SAM 2 model's ``sam_prompt_encoder`` and
+        ``sam_mask_decoder`` (parameters shared, not copied)."""
+        prefix = "sam_" if isinstance(getattr(sam, "sam_mask_decoder", None), nn.Module) else ""
         for name in ("prompt_encoder", "mask_decoder"):
-            if not isinstance(getattr(sam, name, None), nn.Module):
-                raise TypeError(f"sam must be a segment_anything Sam with a {name}, got {type(sam).__name__}")
-        return cls(sam.prompt_encoder, sam.mask_decoder, backend)
+            if not isinstance(getattr(sam, prefix + name, None), nn.Module):
+                raise TypeError(f"sam must be a segment_anything Sam (or a SAM 2 model) with a {name}, got "
+                                f"{type(sam).__name__}")
+        return cls(getattr(sam, prefix + "prompt_encoder"), getattr(sam, prefix + "mask_decoder"), backend)
+
+    @property
+    def is_sam2(self) -> bool:
+        """Whether the wrapped decoder is SAM 2's (object-score token, high-resolution features, labels 2 / 3)."""
+        return hasattr(self.mask_decoder, "pred_obj_scores")
 
     def _fusable_tail(self):
         """(stem, conv) when output_upscaling ends in SAM's ConvTranspose2d(k=2, s=2) + exact GELU, else None."""
@@ -102,7 +116,8 @@ class BatchedMaskDecoder(nn.Module):
 
     # -- inputs -----------------------------------------------------------------------------------------
 
-    def _check(self, image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs):
+    def _check(self, image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs,
+               high_res_features=None):
         if not isinstance(image_embeddings, torch.Tensor) or image_embeddings.dim() != 4:
             raise ValueError("image_embeddings must be a (I, C, h, w) tensor, got "
                              f"{getattr(image_embeddings, 'shape', type(image_embeddings).__name__)}")
@@ -133,11 +148,34 @@ class BatchedMaskDecoder(nn.Module):
                 raise ValueError(f"mask_inputs must have shape {want}, got {tuple(mask_inputs.shape)}")
         if point_coords is None and boxes is None and mask_inputs is None and P:
             raise ValueError("each prompt needs point_coords, boxes or mask_inputs; none were given")
+        self._check_high_res(high_res_features, I, image_embeddings.dtype, emb)
         if P:
-            self._check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs)
+            self._check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs,
+                               3 if self.is_sam2 else 1)
+
+    def _check_high_res(self, high_res_features, I, dtype, emb):
+        """SAM 2's (feat_s0 (I, C/8, 4h, 4w), feat_s1 (I, C/4, 2h, 2w)), required exactly when the decoder uses them."""
+        wanted = bool(getattr(self.mask_decoder, "use_high_res_features", False))
+        if not wanted:
+            if high_res_features is not None:
+                raise ValueError("high_res_features given, but this mask decoder does not use high-resolution "
+                                 "features")
+            return
+        if not isinstance(high_res_features, (list, tuple)) or len(high_res_features) != 2:
+            raise ValueError("this SAM 2 mask decoder needs high_res_features: a (feat_s0, feat_s1) pair, got "
+                             f"{type(high_res_features).__name__}")
+        C = self.mask_decoder.transformer_dim
+        for name, feat, c, f in (("feat_s0", high_res_features[0], C // 8, 4), ("feat_s1", high_res_features[1],
+                                                                                C // 4, 2)):
+            want = (I, c, f * emb[0], f * emb[1])
+            if not isinstance(feat, torch.Tensor) or tuple(feat.shape) != want:
+                raise ValueError(f"high_res_features' {name} must have shape {want}, got "
+                                 f"{tuple(getattr(feat, 'shape', ())) or type(feat).__name__}")
+            if not feat.is_floating_point():
+                raise TypeError(f"high_res_features' {name} must be a float tensor, got {feat.dtype}")
 
     @staticmethod
-    def _check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs):
+    def _check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs, max_label=1):
         """Index range, point labels and finite prompts, read back from the device in one synchronisation."""
         named = [(n, t) for n, t in (("point_coords", point_coords), ("boxes", boxes), ("mask_inputs", mask_inputs))
                  if t is not None and t.numel()]
@@ -149,10 +187,11 @@ class BatchedMaskDecoder(nn.Module):
         nonfinite = rest[:len(named)]
         if lo < 0 or hi >= I:
             raise ValueError(f"image_index must lie in [0, {I}), got values in [{lo}, {hi}]")
-        if has_labels and (rest[-2] < -1 or rest[-1] > 1):
-            # SAM's prompt encoder embeds these three; any other label would get no label embedding at all
-            raise ValueError("point_labels must be 1 (foreground), 0 (background) or -1 (padding), got values in "
-                             f"[{rest[-2]}, {rest[-1]}]")
+        if has_labels and (rest[-2] < -1 or rest[-1] > max_label):
+            # SAM's prompt encoder embeds these; any other label would get no label embedding at all
+            extra = ", 2 / 3 (box corners)" if max_label == 3 else ""
+            raise ValueError(f"point_labels must be 1 (foreground), 0 (background){extra} or -1 (padding), got "
+                             f"values in [{rest[-2]}, {rest[-1]}]")
         for (name, _), bad in zip(named, nonfinite):
             if bad:
                 raise ValueError(f"{name} holds NaN or infinite values")
@@ -168,19 +207,29 @@ class BatchedMaskDecoder(nn.Module):
         boxes: Optional[torch.Tensor] = None,
         mask_inputs: Optional[torch.Tensor] = None,
         multimask_output: bool = True,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        high_res_features: Optional[Sequence[torch.Tensor]] = None,
+        return_object_scores: bool = False,
+    ):
         """Decode P prompts over I images.
 
-        Coordinates are in the encoder's input frame (after ``ResizeLongestSide``), as
-        ``SamPredictor.predict_torch`` takes them. Returns ``(low_res_logits (P, M, 4h, 4w),
-        iou_predictions (P, M))`` with M = 3 for ``multimask_output`` else 1, in the prompts' order.
+        Coordinates are in the encoder's input frame (after ``ResizeLongestSide`` for SAM; SAM 2's 1024 x 1024
+        frame for SAM 2), as the predictors' ``predict_torch`` / ``_predict`` take them. SAM 2's decoder also
+        needs ``high_res_features`` = (feat_s0 (I, C/8, 4h, 4w), feat_s1 (I, C/4, 2h, 2w)), the image
+        encoder's first two levels after the decoder's ``conv_s0`` / ``conv_s1`` (``SAM2ImagePredictor``'s
+        ``_features["high_res_feats"]``).
+
+        Returns ``(low_res_logits (P, M, 4h, 4w), iou_predictions (P, M))`` with M = 3 for
+        ``multimask_output`` else 1, in the prompts' order; with ``return_object_scores`` also the object
+        score logits (P, 1) (SAM 2's object-score head; 10.0 for a decoder without one, as SAM 2 does).
         """
-        self._check(image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs)
+        self._check(image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs,
+                    high_res_features)
         if has_hooks(*self.prompt_encoder.modules(), *self.mask_decoder.modules()):
             note_fallback("batched_mask_decoder", "reference", "modules of the prompt encoder or mask decoder have "
-                          "hooks: segment_anything's modules run, image by image, so that they do")
-            return self._module_forward(image_embeddings, image_index, point_coords, point_labels, boxes,
-                                        mask_inputs, multimask_output)
+                          "hooks: the original modules run, image by image, so that they do")
+            out = self._module_forward(image_embeddings, image_index, point_coords, point_labels, boxes,
+                                       mask_inputs, multimask_output, high_res_features)
+            return out if return_object_scores else out[:2]
         dec = self.mask_decoder
         dtype = dec.iou_token.weight.dtype
         P = image_index.shape[0]
@@ -188,7 +237,8 @@ class BatchedMaskDecoder(nn.Module):
         h, w = image_embeddings.shape[-2:]
         if P == 0:
             empty = image_embeddings.new_zeros((0, M, 4 * h, 4 * w), dtype=dtype)
-            return empty, image_embeddings.new_zeros((0, M), dtype=dtype)
+            out = (empty, image_embeddings.new_zeros((0, M), dtype=dtype))
+            return out + (image_embeddings.new_zeros((0, 1), dtype=dtype),) if return_object_scores else out
 
         boxes = None if boxes is None else boxes.reshape(P, 4)
         sparse, dense = self._encode_prompts(point_coords, point_labels, boxes, mask_inputs, P)
@@ -206,7 +256,9 @@ class BatchedMaskDecoder(nn.Module):
         # and the mask generator pass them sorted already: then nothing is permuted).
         order = None if P < 2 or bool((group[1:] >= group[:-1]).all()) else torch.argsort(group, stable=True)
         counts = torch.bincount(group, minlength=keys0.shape[0]).tolist()
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        s = 1 if getattr(dec, "pred_obj_scores", False) else 0  # SAM 2's object-score token comes first
+        output_tokens = torch.cat(([dec.obj_score_token.weight] if s else []) + [dec.iou_token.weight,
+                                                                                  dec.mask_tokens.weight], dim=0)
         sparse = sparse.to(dtype) if order is None else sparse.to(dtype)[order]
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(P, -1, -1), sparse], dim=1)
 
@@ -217,47 +269,97 @@ class BatchedMaskDecoder(nn.Module):
         attn_out = _attend(transformer.final_attn_token_to_image, queries + tokens, keys + pe, keys)
         queries = transformer.norm_final_attn(queries + attn_out)
 
-        iou_pred = dec.iou_prediction_head(queries[:, 0, :])
-        first = 1 if multimask_output else 0
-        wanted = range(first, first + M)
+        iou_pred = dec.iou_prediction_head(queries[:, s, :])
+        if s:
+            object_scores = dec.pred_obj_score_head(queries[:, 0, :])
+        else:
+            object_scores = 10.0 * iou_pred.new_ones(P, 1)
+        dynamic = (not multimask_output and getattr(dec, "dynamic_multimask_via_stability", False)
+                   and not dec.training)
+        first = 0 if dynamic else 1 if multimask_output else 0
+        count = dec.num_mask_tokens if dynamic else M
+        wanted = range(first, first + count)
         src = keys.transpose(1, 2).reshape(P, -1, h, w)
-        hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in wanted], dim=1)
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, s + 1 + i, :]) for i in wanted], dim=1)
+        skip_index = image_index.long() if order is None else image_index.long()[order]
+        masks = self._upscale_product(src, hyper, high_res_features, skip_index)
+        iou_pred = iou_pred[:, first:first + count]
+        if dynamic:
+            masks, iou_pred = self._stable_single_mask(masks, iou_pred)
+        out = (masks, iou_pred, object_scores)
+        if order is not None:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(P, device=order.device)
+            out = tuple(t[inverse] for t in out)
+        return out if return_object_scores else out[:2]
+
+    def _upscale_product(self, src, hyper, high_res_features, skip_index):
+        """``output_upscaling`` (SAM 2: with its high-resolution features added) and the hypernetwork product."""
+        dec = self.mask_decoder
         tail = self._fusable_tail()
-        if tail is not None:
+        if high_res_features is not None:
+            dc1, ln1, act1, dc2, act2 = dec.output_upscaling  # SAM 2's layout, as its decoder unpacks it
+            feat_s0, feat_s1 = (f.to(src.dtype) for f in high_res_features)
+            stem = act1(ln1(dc1(src) + feat_s1[skip_index]))
+            if tail is not None:
+                conv = tail[1]
+                return upscale_mask_product(stem, conv.weight, conv.bias, hyper, feat_s0, skip_index,
+                                            backend=self.backend, check_index=False)  # validated with image_index
+            upscaled = act2(dc2(stem) + feat_s0[skip_index])
+        elif tail is not None:
             stem, conv = tail
-            masks = upscale_mask_product(stem(src), conv.weight, conv.bias, hyper, backend=self.backend)
-        else:  # an output_upscaling of another shape: segment_anything's unfused product
+            return upscale_mask_product(stem(src), conv.weight, conv.bias, hyper, backend=self.backend)
+        else:  # an output_upscaling of another shape: the unfused product
             upscaled = dec.output_upscaling(src)
-            B, c, uh, uw = upscaled.shape
-            masks = (hyper @ upscaled.view(B, c, uh * uw)).view(B, M, uh, uw)
-        iou_pred = iou_pred[:, first:first + M]
-        if order is None:
-            return masks, iou_pred
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(P, device=order.device)
-        return masks[inverse], iou_pred[inverse]
+        B, c, uh, uw = upscaled.shape
+        return (hyper @ upscaled.view(B, c, uh * uw)).view(B, -1, uh, uw)
+
+    def _stable_single_mask(self, masks, iou_pred):
+        """SAM 2's single-mask choice: the single-mask output where its stability score (area above +delta over
+        area above -delta) reaches the threshold, else the multimask output of highest predicted IoU."""
+        dec = self.mask_decoder
+        delta = dec.dynamic_multimask_stability_delta
+        single = masks[:, 0:1]
+        flat = single.flatten(-2)
+        inter = (flat > delta).sum(-1).float()
+        union = (flat > -delta).sum(-1).float()
+        stable = torch.where(union > 0, inter / union, 1.0) >= dec.dynamic_multimask_stability_thresh  # (P, 1)
+        best = iou_pred[:, 1:].argmax(dim=-1)
+        rows = torch.arange(masks.shape[0], device=masks.device)
+        best_masks = masks[:, 1:][rows, best].unsqueeze(1)
+        best_iou = iou_pred[:, 1:][rows, best].unsqueeze(1)
+        return (torch.where(stable[..., None, None], single, best_masks),
+                torch.where(stable, iou_pred[:, 0:1], best_iou))
 
     def _module_forward(self, image_embeddings, image_index, point_coords, point_labels, boxes, mask_inputs,
-                        multimask_output):
-        """:meth:`forward` through segment_anything's own modules (their hooks run), one image at a time, as
-        ``SamPredictor.predict_torch`` calls them."""
+                        multimask_output, high_res_features=None):
+        """:meth:`forward` through the original modules (their hooks run), one image at a time, as
+        ``SamPredictor.predict_torch`` / ``SAM2ImagePredictor._predict`` call them: (low-res logits, IoU
+        predictions, object score logits)."""
         P = image_index.shape[0]
-        low = iou = None
+        low = iou = obj = None
         for i in image_index.unique().tolist():
             sel = (image_index == i).nonzero().squeeze(1)
             sparse, dense = self.prompt_encoder(
                 points=None if point_coords is None else (point_coords[sel], point_labels[sel]),
                 boxes=None if boxes is None else boxes.reshape(P, 4)[sel],
                 masks=None if mask_inputs is None else mask_inputs[sel])
-            masks, scores = self.mask_decoder(image_embeddings=image_embeddings[i:i + 1],
-                                              image_pe=self.prompt_encoder.get_dense_pe(),
-                                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                              multimask_output=multimask_output)
+            kwargs = dict(image_embeddings=image_embeddings[i:i + 1], image_pe=self.prompt_encoder.get_dense_pe(),
+                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                          multimask_output=multimask_output)
+            if self.is_sam2:
+                kwargs.update(repeat_image=True, high_res_features=None if high_res_features is None else
+                              [f[i:i + 1] for f in high_res_features])
+                masks, scores, _, objects = self.mask_decoder(**kwargs)
+            else:
+                masks, scores = self.mask_decoder(**kwargs)
+                objects = 10.0 * scores.new_ones(scores.shape[0], 1)
             if low is None:
                 low = masks.new_empty((P, *masks.shape[1:]))
                 iou = scores.new_empty((P, *scores.shape[1:]))
-            low[sel], iou[sel] = masks, scores
-        return low, iou
+                obj = objects.new_empty((P, 1))
+            low[sel], iou[sel], obj[sel] = masks, scores, objects
+        return low, iou, obj
 
     # -- prompt encoding ----------------------------------------------------------------------------------
     # segment_anything's PromptEncoder, with its random-Fourier positional encoding always in float32:
@@ -294,6 +396,9 @@ class BatchedMaskDecoder(nn.Module):
             emb = torch.where((labels == -1).unsqueeze(-1), enc.not_a_point_embed.weight.float(), emb)
             emb = emb + (labels == 0).unsqueeze(-1) * enc.point_embeddings[0].weight.float()
             emb = emb + (labels == 1).unsqueeze(-1) * enc.point_embeddings[1].weight.float()
+            # box corners given as points (SAM 2 only; _check_values refuses labels 2 / 3 for SAM)
+            emb = emb + (labels == 2).unsqueeze(-1) * enc.point_embeddings[2].weight.float()
+            emb = emb + (labels == 3).unsqueeze(-1) * enc.point_embeddings[3].weight.float()
             parts.append(emb)
         if boxes is not None:
             corners = self._fourier((boxes.float() + 0.5).reshape(-1, 2, 2) / scale)
