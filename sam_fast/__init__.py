@@ -14,7 +14,8 @@ Public API:
   to pycocotools' strings and back to masks; :class:`SamFastPredictor` and
   :class:`SamFastAutomaticMaskGenerator` - ``SamPredictor`` / ``SamAutomaticMaskGenerator`` drop-ins
   on the batched decoder (:class:`sam_fast.nn.BatchedMaskDecoder`) and that op; :class:`Sam2FastPredictor`
-  (what ``SamFastPredictor(sam2_model)`` returns) is SAM 2's ``SAM2ImagePredictor`` drop-in.
+  (what ``SamFastPredictor(sam2_model)`` returns) and :class:`Sam2FastAutomaticMaskGenerator` are SAM 2's
+  ``SAM2ImagePredictor`` / ``SAM2AutomaticMaskGenerator`` drop-ins.
 * :func:`apply` / :class:`SamFastConfig` (with :class:`Dilated` / :class:`Int8`) - swap the kernels into a
   segment_anything model instance; ``handle.undo()`` restores it.
 * :func:`record_backends` - which backend every op call ran on.
@@ -45,6 +46,7 @@ _EXPORTS = {
     "SamFastPredictor": ".predictor",
     "Sam2FastPredictor": ".predictor_sam2",
     "SamFastAutomaticMaskGenerator": ".everything",
+    "Sam2FastAutomaticMaskGenerator": ".everything_sam2",
     "Branch": ".pattern",
     "SamFastConfig": ".patch",
     "Dilated": ".patch",
@@ -58,8 +60,8 @@ _EXPORTS = {
 }
 
 
-_SUBMODULES = ("checkpoint", "coco", "compress", "cpu_features", "cpu_policy", "distill", "everything", "exporting",
-               "images", "models", "nn", "onnx_translations", "pattern", "predictor", "predictor_sam2", "quantize",
+_SUBMODULES = ("checkpoint", "coco", "compress", "cpu_features", "cpu_policy", "distill", "everything",
+               "everything_sam2", "exporting", "images", "models", "nn", "onnx_translations", "pattern", "predictor", "predictor_sam2", "quantize",
                "reference", "segment_dataset", "testing")
 
 

@@ -36,7 +36,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from .coco import coco_record
 from .ops.mask_postprocess import coco_to_mask, mask_postprocess, rles_to_coco
-from .predictor import SamFastPredictor, check_image_size
+from .predictor import SamFastPredictor, _is_sam2_model, check_image_size
 
 _OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -142,6 +142,14 @@ class SamFastAutomaticMaskGenerator:
     post-processing op's backend; ``progress`` shows a bar over crops and batches.
     """
 
+    def __new__(cls, model=None, *args, **kwargs):
+        # A SAM 2 model gets SAM2AutomaticMaskGenerator's drop-in (its defaults, use_m2m, multimask_output).
+        if cls is SamFastAutomaticMaskGenerator and _is_sam2_model(model):
+            from .everything_sam2 import Sam2FastAutomaticMaskGenerator
+
+            return super().__new__(Sam2FastAutomaticMaskGenerator)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model,
@@ -221,7 +229,7 @@ class SamFastAutomaticMaskGenerator:
             self.sparse_grids = [build_all_layer_point_grids(max(1, s // 4), 0, 1)[0] for s in self.layer_sides]
         else:
             self.point_grids = point_grids
-        self.predictor = SamFastPredictor(model, backend=backend)
+        self.predictor = self._make_predictor(model, backend, min_mask_region_area)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -250,10 +258,10 @@ class SamFastAutomaticMaskGenerator:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be an HxWx3 uint8 array, got "
                              f"{getattr(image, 'shape', type(image).__name__)} {getattr(image, 'dtype', '')}")
-        check_image_size(image.shape[:2], self.predictor.model.image_encoder.img_size)
+        self._check_image_size(image.shape[:2])
         self.last_stats = {"points_decoded": 0, "points_skipped": 0, "decoder_calls": 0}
         data = self._generate_masks(image)
-        if self.min_mask_region_area > 0:
+        if self.min_mask_region_area > 0 and self._cleans_small_regions:
             data = self._postprocess_small_regions(data, self.min_mask_region_area,
                                                    max(self.box_nms_thresh, self.crop_nms_thresh))
         rles = data["rles"]
@@ -268,6 +276,15 @@ class SamFastAutomaticMaskGenerator:
                 for i in range(len(rles))]
 
     # -- stages -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _make_predictor(model, backend, min_mask_region_area):
+        return SamFastPredictor(model, backend=backend)
+
+    _cleans_small_regions = True  # min_mask_region_area > 0 cleans the final masks (SAM 2's generator does not)
+
+    def _check_image_size(self, hw) -> None:
+        check_image_size(hw, self.predictor.model.image_encoder.img_size)
 
     @staticmethod
     def _coco(rles):
@@ -322,7 +339,7 @@ class SamFastAutomaticMaskGenerator:
             data = _cat([first, second])
         else:
             data, _ = self._process_points(dense, im_size, crop_box, orig_size)
-        self.predictor.reset_image()
+        self._reset_image()
         if len(data["rles"]):
             keep = batched_nms(data["boxes"].float(), data["iou_preds"],
                                torch.zeros(len(data["boxes"]), device=data["boxes"].device),
@@ -334,12 +351,15 @@ class SamFastAutomaticMaskGenerator:
                                           dtype=torch.int64).reshape(-1, 4)
         return data
 
+    def _reset_image(self) -> None:
+        self.predictor.reset_image()
+
     def _batch_size(self, total: int) -> int:
         if self.points_per_batch is not None:
             return self.points_per_batch
         # Peak memory per point: three masks' upscaled embeddings (C/8 x 4h x 4w) and logits, the keys.
-        dec = self.predictor.model.mask_decoder
-        h, w = self.predictor.model.prompt_encoder.image_embedding_size
+        dec = self.predictor.decoder.mask_decoder
+        h, w = self.predictor.decoder.prompt_encoder.image_embedding_size
         C = dec.transformer_dim
         elem = dec.iou_token.weight.element_size()
         per_point = elem * (C // 8 * 16 * h * w + 6 * C * h * w) + 3 * 4 * 16 * h * w
@@ -362,20 +382,14 @@ class SamFastAutomaticMaskGenerator:
         step = self._batch_size(n) if n else 1
         for start in self._progress(range(0, n, step), "batches", total=(n + step - 1) // step):
             batch = points[start:start + step]
-            coords = torch.as_tensor(predictor.transform.apply_coords(batch, im_size), device=device)
-            labels = torch.ones(len(batch), dtype=torch.int, device=device)
-            low, iou = predictor.decoder(predictor.features, torch.zeros(len(batch), dtype=torch.int64, device=device),
-                                         coords[:, None, :].float(), labels[:, None], multimask_output=True)
+            low, iou, pts = self._decode_points(batch, im_size)
             self.last_stats["decoder_calls"] += 1
             self.last_stats["points_decoded"] += len(batch)
-            low = low.flatten(0, 1)
-            iou = iou.flatten(0, 1).float()
-            pts = torch.as_tensor(batch.repeat(3, axis=0))
             if self.pred_iou_thresh > 0.0:
                 keep = iou > self.pred_iou_thresh
                 low, iou, pts = low[keep], iou[keep], pts[keep.cpu()]
             post = mask_postprocess(low, padded_size=predictor.padded_size, input_size=predictor.input_size,
-                                    original_size=im_size, mask_threshold=predictor.model.mask_threshold,
+                                    original_size=im_size, mask_threshold=self._mask_threshold(),
                                     stability_offset=self.stability_score_offset, crop_box=crop_box,
                                     image_size=orig_size, return_rle=True, backend=predictor.backend)
             keep = torch.ones(len(iou), dtype=torch.bool, device=iou.device)
@@ -406,9 +420,23 @@ class SamFastAutomaticMaskGenerator:
             parts.append(_empty(device))
         conf = torch.cat(confident) if confident else None
         if keep_confident and conf is None:
-            side = 4 * predictor.model.prompt_encoder.image_embedding_size[0]
+            side = 4 * predictor.decoder.prompt_encoder.image_embedding_size[0]
             conf = torch.zeros((0, side, side), device=device)
         return _cat(parts), conf
+
+    def _decode_points(self, batch: np.ndarray, im_size):
+        """One batch of (K, 2) XY points in crop pixels -> low-res logits (K * M, h, w), IoU (K * M,) float32 and the
+        points (K * M, 2) their records name, masks of a point consecutive."""
+        predictor = self.predictor
+        device = predictor.device
+        coords = torch.as_tensor(predictor.transform.apply_coords(batch, im_size), device=device)
+        labels = torch.ones(len(batch), dtype=torch.int, device=device)
+        low, iou = predictor.decoder(predictor.features, torch.zeros(len(batch), dtype=torch.int64, device=device),
+                                     coords[:, None, :].float(), labels[:, None], multimask_output=True)
+        return low.flatten(0, 1), iou.flatten(0, 1).float(), torch.as_tensor(batch.repeat(low.shape[1], axis=0))
+
+    def _mask_threshold(self) -> float:
+        return self.predictor.model.mask_threshold
 
     def _postprocess_small_regions(self, data, min_area, nms_thresh):
         from segment_anything.utils.amg import batched_mask_to_box, mask_to_rle_pytorch

@@ -71,6 +71,15 @@ class Sam2FastPredictor(SAM2ImagePredictor):
             self._decoder = d = BatchedMaskDecoder.from_sam(m)
         return d
 
+    @property
+    def padded_size(self) -> Tuple[int, int]:
+        """The low-resolution logits' (4h, 4w): SAM 2 resizes them straight to the image (no padded frame to crop), so
+        for ``mask_postprocess`` the padded and input frames are the logits' own (its first resize is the identity)."""
+        h, w = self.model.sam_prompt_encoder.image_embedding_size
+        return (4 * h, 4 * w)
+
+    input_size = padded_size
+
     # -- images: SAM 2's, with named errors where it asserts or fails inside -----------------------------
 
     def set_image(self, image) -> None:
@@ -188,8 +197,7 @@ class Sam2FastPredictor(SAM2ImagePredictor):
             masks = t.postprocess_masks(low, orig_hw)
             return masks if return_logits else masks > self.mask_threshold
         P, M, h, w = low.shape
-        # SAM 2 resizes the (h, w) logits straight to the image: the op's first resize is then the identity.
-        out = mask_postprocess(low.flatten(0, 1), padded_size=(h, w), input_size=(h, w),
+        out = mask_postprocess(low.flatten(0, 1), padded_size=(h, w), input_size=(h, w),  # see padded_size
                                original_size=tuple(int(v) for v in orig_hw), mask_threshold=self.mask_threshold,
                                return_rle=False, return_masks=True, backend=self.backend)
         return out.masks.view(P, M, *out.masks.shape[-2:])

@@ -19,10 +19,10 @@ pytest.importorskip("sam2")
 
 @pytest.fixture(scope="module")
 def sam2():
-    from sam_fast.models.sam2 import build_sam2
+    """SAM 2.1 as Meta builds it (decoder at full size) with a tiny Hiera trunk: the predictor's real feature sizes."""
+    from sam_fast.models.sam2 import tiny_sam2
 
-    torch.manual_seed(0)
-    return build_sam2("sam2.1_hiera_t")
+    return tiny_sam2()
 
 
 def _features(I, seed=1):
@@ -307,3 +307,101 @@ def test_predictor_errors_are_named(sam2, photos):
         fast.predict_batch(box_batch=[np.array([1.0, 2, 3, 4])])
     with pytest.raises(ValueError, match="backend is the mask post-processing's"):
         sam_fast.SamFastPredictor(sam2, backend="triton")
+
+
+# -- segment everything ---------------------------------------------------------------------------------------
+
+EVERYTHING = {
+    "plain": dict(output_mode="coco_rle"),
+    "m2m": dict(output_mode="coco_rle", use_m2m=True, points_per_side=3),
+    "crops-single-mask": dict(output_mode="uncompressed_rle", crop_n_layers=1, crop_n_points_downscale_factor=2,
+                              multimask_output=False),
+    "binary-threshold": dict(output_mode="binary_mask", mask_threshold=1.5, stability_score_offset=0.5),
+}
+KEEP_ALL = dict(points_per_side=4, pred_iou_thresh=-1.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+                crop_nms_thresh=1.0)
+
+
+def _same_records(want, got):
+    """SAM2AutomaticMaskGenerator's records, in its order: the same points, crops, masks, areas and boxes; IoU
+    predictions to float rounding; stability scores to 0.1% (their counts at threshold +- offset may differ by a
+    pixel or two whose logit lies on those cuts, computed in another order); a mask may differ for the same reason
+    in a pixel or two (0.1% of its area), and only a few masks may."""
+    from pycocotools import mask as mask_utils
+
+    def binary(seg):
+        if isinstance(seg, np.ndarray):
+            return seg
+        if isinstance(seg["counts"], str):
+            return mask_utils.decode(dict(seg, counts=seg["counts"].encode())).astype(bool)
+        return mask_utils.decode(mask_utils.frPyObjects(seg, *seg["size"])).astype(bool)
+
+    assert len(got) == len(want) > 0
+    flips = 0
+    for a, b in zip(want, got):
+        assert a.keys() == b.keys()
+        assert a["point_coords"] == b["point_coords"] and a["crop_box"] == b["crop_box"]
+        assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-5
+        ma, mb = binary(a["segmentation"]), binary(b["segmentation"])
+        if np.array_equal(ma, mb):
+            assert a["area"] == b["area"] and a["bbox"] == b["bbox"]
+            assert a["stability_score"] == pytest.approx(b["stability_score"], rel=1e-3)
+        else:
+            flips += 1
+            assert (ma != mb).sum() <= max(2, a["area"] // 1000)
+    assert flips <= max(2, len(want) // 8)
+
+
+@pytest.mark.parametrize("case", EVERYTHING, ids=str)
+def test_everything_gives_sam2_automatic_mask_generators_records(sam2, case):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    image = np.ascontiguousarray(data.astronaut()[::2, ::3])
+    kw = dict(KEEP_ALL, **EVERYTHING[case])
+    want = SAM2AutomaticMaskGenerator(sam2, **kw).generate(image)
+    fast = sam_fast.SamFastAutomaticMaskGenerator(sam2, **kw)
+    assert isinstance(fast, sam_fast.Sam2FastAutomaticMaskGenerator)
+    with sam_fast.record_backends() as rec:
+        got = fast.generate(image)
+    assert rec.backends("mask_postprocess") == {"cpu"}
+    crops = 1 + 4 * kw.get("crop_n_layers", 0)
+    assert fast.last_stats["decoder_calls"] == crops  # a crop's points in one call (the m2m pass is one more each)
+    _same_records(want, got)
+
+
+def test_everything_min_region_area_is_sam2s_hole_filling(sam2):
+    """SAM 2 turns min_mask_region_area into its predictor's hole / sprinkle filling, by its CUDA extension (warning
+    and skipping where that is not built): the same records, the same warning."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    image = np.ascontiguousarray(data.coffee()[::2, ::2])
+    kw = dict(KEEP_ALL, output_mode="coco_rle", min_mask_region_area=50)
+    with pytest.warns(UserWarning) as meta_warnings:
+        want = SAM2AutomaticMaskGenerator(sam2, **kw).generate(image)
+    with pytest.warns(UserWarning) as our_warnings:
+        got = sam_fast.SamFastAutomaticMaskGenerator(sam2, **kw).generate(image)
+    assert {str(w.message) for w in meta_warnings if "post-processing" in str(w.message)} == \
+        {str(w.message) for w in our_warnings if "post-processing" in str(w.message)} != set()
+    _same_records(want, got)
+
+
+def test_everything_sam2_defaults_hierarchical_and_errors(sam2):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    fast, meta = sam_fast.SamFastAutomaticMaskGenerator(sam2), SAM2AutomaticMaskGenerator(sam2)
+    for name in ("pred_iou_thresh", "stability_score_thresh", "mask_threshold", "box_nms_thresh", "use_m2m",
+                 "multimask_output", "crop_overlap_ratio", "output_mode"):
+        assert getattr(fast, name) == getattr(meta, name), name
+    image = np.ascontiguousarray(data.astronaut()[::2, ::3])
+    two = sam_fast.SamFastAutomaticMaskGenerator(sam2, **dict(KEEP_ALL, points_per_side=8), hierarchical=True,
+                                                 hierarchical_logit_thresh=2.0)
+    records = two.generate(image)
+    assert two.last_stats["decoder_calls"] == 2 and two.last_stats["points_skipped"] > 0 and records
+    with pytest.raises(TypeError, match="use_m2m must be a bool"):
+        sam_fast.SamFastAutomaticMaskGenerator(sam2, use_m2m="yes")
+    with pytest.raises(ValueError, match="mask_threshold must be a finite number"):
+        sam_fast.SamFastAutomaticMaskGenerator(sam2, mask_threshold=float("nan"))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_an_option'"):
+        sam_fast.SamFastAutomaticMaskGenerator(sam2, not_an_option=1)
+    with pytest.raises(ValueError, match="image must be an HxWx3 uint8 array"):
+        fast.generate(np.zeros((5, 5), np.uint8))

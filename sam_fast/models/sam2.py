@@ -105,3 +105,30 @@ def build_sam2(model_type: str) -> nn.Module:
     from sam2.build_sam import build_sam2 as meta_build
 
     return meta_build(SAM2_MODEL_TYPES[model_type], None, device="cpu", mode="eval")
+
+
+def tiny_sam2(seed: int = 0, logit_scale: float = 20.0) -> nn.Module:
+    """SAM 2.1 (Meta's ``SAM2Base``, built as ``sam2.1_hiera_t`` is, decoder and all) with a tiny Hiera trunk (width
+    24, one head, blocks 1 / 2 / 2 / 1, windows 8 / 4 / 6 / 3), random weights, 1024 px: the 256 / 128 / 64 feature
+    levels SAM 2's predictor expects, at a fraction of Hiera-T's encoder time - for tests and examples. The
+    hypernetworks' last layers are scaled by ``logit_scale`` so that mask logits span about +-10 as a trained
+    model's do (random ones hug 0, where thresholds and stability scores mean nothing)."""
+    _require_sam2()
+    from sam2.modeling.backbones.hieradet import Hiera
+    from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+    model = build_sam2("sam2.1_hiera_t")
+    torch.manual_seed(seed)
+    trunk = Hiera(embed_dim=24, num_heads=1, stages=(1, 2, 2, 1), window_spec=(8, 4, 6, 3), global_att_blocks=(4,),
+                  window_pos_embed_bkg_spatial_size=(4, 4))
+    neck = FpnNeck(PositionEmbeddingSine(num_pos_feats=256, normalize=True, temperature=10000), 256,
+                   trunk.channel_list, fpn_top_down_levels=[2, 3], fpn_interp_model="nearest")
+    model.image_encoder = ImageEncoder(trunk, neck, scalp=1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "pos_embed" in pname and "image_encoder" in pname:
+                p.normal_(0.0, 0.2)
+        for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(logit_scale)
+    return model.eval()
