@@ -61,8 +61,8 @@ _EXPORTS = {
 
 
 _SUBMODULES = ("checkpoint", "coco", "compress", "cpu_features", "cpu_policy", "distill", "everything",
-               "everything_sam2", "exporting", "images", "models", "nn", "onnx_translations", "pattern", "predictor", "predictor_sam2", "quantize",
-               "reference", "segment_dataset", "testing")
+               "everything_sam2", "exporting", "images", "models", "nn", "onnx_translations", "pattern", "predictor",
+               "predictor_sam2", "quantize", "reference", "segment_dataset", "testing")
 
 
 def __getattr__(name):
