@@ -279,7 +279,7 @@ def _segment(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from sam_fast.checkpoint import load_sam, refuse_sam2
+    from sam_fast.checkpoint import is_sam2_model, load_sam
     from sam_fast.images import read_rgb
     from sam_fast.predictor import check_image_size
 
@@ -323,13 +323,13 @@ def _segment(args) -> int:
         print(f"sam-fast segment: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        sam = refuse_sam2(load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads),
-                          "sam-fast segment")
+        sam = load_sam(args.checkpoint, args.model_type, decoder_heads=args.decoder_heads)
     except Exception as exc:  # every load failure is a message, never a traceback
         print(f"sam-fast segment: {_load_error(exc)}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sam.to(device)
+    sam2 = is_sam2_model(sam)
     if getattr(sam, "sam_fast_config", None) is not None:
         print(f"{args.checkpoint}: a distilled student; running the dilated attention it was trained for in blocks "
               f"{list(sam.sam_fast_config.chosen_blocks())}")
@@ -354,7 +354,8 @@ def _segment(args) -> int:
             continue
         H, W = image.shape[:2]
         try:
-            check_image_size((H, W), sam.image_encoder.img_size)
+            if not sam2:  # SAM resizes the long side to its input size: a thin image can vanish (SAM 2: a square)
+                check_image_size((H, W), sam.image_encoder.img_size)
         except ValueError as exc:
             failed.append(path)
             print(f"sam-fast segment: cannot segment {path}: {exc}", file=sys.stderr)
@@ -362,7 +363,7 @@ def _segment(args) -> int:
         if args.everything:
             records = engine.generate(image)
         else:
-            engine.set_images([image])
+            engine.set_image_batch([image]) if sam2 else engine.set_images([image])
             prompt = {}
             if points:
                 prompt["point_coords"] = np.array([[p[:2] for p in points]], dtype=np.float64)

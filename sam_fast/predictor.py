@@ -298,28 +298,9 @@ class SamFastPredictor(SamPredictor):
         from the low-resolution logits in one post-processing pass: no full-size float mask is formed. A prompt
         gives its M masks in order (M = 3 with ``multimask_output``, else 1)."""
         parsed, low, iou = self._decode_batch(prompts, multimask_output)
-        records = []
-        for i, prompt in enumerate(prompts):
-            K, M = low[i].shape[:2]
-            if K == 0:
-                records.append([])
-                continue
-            H, W = self._batch["original_sizes"][i]
-            post = mask_postprocess(low[i].flatten(0, 1), padded_size=self.padded_size,
-                                    input_size=self._batch["input_sizes"][i], original_size=(H, W),
-                                    mask_threshold=self.model.mask_threshold, return_rle=True, backend=self.backend)
-            segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))
-            points = prompt.get("point_coords")
-            points = [] if points is None else np.asarray(points, dtype=np.float64).reshape(K, -1, 2).tolist()
-            boxes = prompt.get("boxes")
-            boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(K, 4).tolist()
-            scores = iou[i].float().tolist()
-            records.append([coco_record(segs[k * M + m], int(post.area[k * M + m]), post.boxes[k * M + m],
-                                        scores[k][m], points[k] if points else [],
-                                        float(post.stability_score[k * M + m]), (0, 0, W, H),
-                                        box_prompt=None if boxes is None else boxes[k])
-                            for k in range(K) for m in range(M)])
-        return records
+        return [prompt_records(low[i], iou[i], prompt, self.padded_size, self._batch["input_sizes"][i],
+                               self._batch["original_sizes"][i], self.model.mask_threshold, self.backend)
+                for i, prompt in enumerate(prompts)]
 
     def _decode_batch(self, prompts, multimask_output: bool):
         """The decoder over a prompt set per image set by :meth:`set_images`: (parsed prompts, low-res logits
@@ -406,6 +387,29 @@ class SamFastPredictor(SamPredictor):
         count = counts[0] if counts else 0
         key = (None if coords is None else coords.shape[1], boxes is not None, masks is not None)
         return {"count": count, "key": key, "coords": coords, "labels": labels, "boxes": boxes, "masks": masks}
+
+
+def prompt_records(low: torch.Tensor, iou: torch.Tensor, prompt: Dict[str, np.ndarray], padded_size, input_size,
+                   original_size, mask_threshold: float, backend: str) -> List[dict]:
+    """COCO records of one image's K prompts x M masks from their low-resolution logits (K, M, h, w) and IoU (K, M), in
+    one post-processing pass; ``prompt`` is the prompt set they were decoded from (its points and boxes, in image
+    pixels, go into the records)."""
+    K, M = low.shape[:2]
+    if K == 0:
+        return []
+    H, W = original_size
+    post = mask_postprocess(low.flatten(0, 1), padded_size=padded_size, input_size=input_size, original_size=(H, W),
+                            mask_threshold=mask_threshold, return_rle=True, backend=backend)
+    segs = rles_to_coco(post.rle_counts, post.rle_offsets, (H, W))
+    points = prompt.get("point_coords")
+    points = [] if points is None else np.asarray(points, dtype=np.float64).reshape(K, -1, 2).tolist()
+    boxes = prompt.get("boxes")
+    boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(K, 4).tolist()
+    scores = iou.float().tolist()
+    return [coco_record(segs[k * M + m], int(post.area[k * M + m]), post.boxes[k * M + m], scores[k][m],
+                        points[k] if points else [], float(post.stability_score[k * M + m]), (0, 0, W, H),
+                        box_prompt=None if boxes is None else boxes[k])
+            for k in range(K) for m in range(M)]
 
 
 def _is_sam2_model(model) -> bool:

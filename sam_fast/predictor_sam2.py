@@ -19,7 +19,7 @@ This module imports Meta's ``sam2`` package (``pip install sam_fast[sam2]``);
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 from ._dispatch import check_backend_name
 from .nn.decoder import BatchedMaskDecoder
 from .ops.mask_postprocess import mask_postprocess
-from .predictor import POSTPROCESS_BACKENDS, _integer_labels
+from .predictor import POSTPROCESS_BACKENDS, _integer_labels, prompt_records
 
 
 class Sam2FastPredictor(SAM2ImagePredictor):
@@ -161,6 +161,38 @@ class Sam2FastPredictor(SAM2ImagePredictor):
             for acc, t in zip(out, (masks, iou, torch.clamp(low, -32.0, 32.0))):
                 acc.append(t.squeeze(0).float().cpu().numpy())
         return out
+
+    @torch.no_grad()
+    def coco_records(self, prompts: Sequence[Dict[str, np.ndarray]], multimask_output: bool = True) -> List[List[dict]]:
+        """COCO records (as ``SamFastPredictor.coco_records``) of a prompt set per image set by :meth:`set_image` or
+        :meth:`set_image_batch`: ``prompts[i]`` holds ``point_coords`` (K, n, 2) with ``point_labels`` (K, n) and / or
+        ``boxes`` (K, 4) and / or ``mask_input`` (K, 1, 256, 256), in image pixels (a (n, 2) / (n,) / (4,) array is
+        one prompt); a prompt gives its M masks in order."""
+        if not self._is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) or .set_image_batch(...) first.")
+        n = len(self._features["image_embed"])
+        if isinstance(prompts, dict) or len(prompts) != n:
+            raise ValueError(f"prompts must be a sequence of one dict per image set ({n})")
+        items = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, dict):
+                raise TypeError(f"prompts[{i}] must be a dict of arrays, got {type(prompt).__name__}")
+            unknown = set(prompt) - {"point_coords", "point_labels", "boxes", "mask_input"}
+            if unknown:
+                raise ValueError(f"prompts[{i}] has unknown keys {sorted(unknown)}; expected point_coords, "
+                                 "point_labels, boxes, mask_input")
+            if not any(prompt.get(k) is not None for k in ("point_coords", "boxes", "mask_input")):
+                continue  # no prompt for this image: no records
+            mask_input, coords, labels, box = self._prep_prompts(prompt.get("point_coords"), prompt.get("point_labels"),
+                                                                 prompt.get("boxes"), prompt.get("mask_input"), True,
+                                                                 img_idx=i)
+            items.append((i, coords, labels, box, mask_input))
+        records: List[List[dict]] = [[] for _ in prompts]
+        for item, (low, iou) in zip(items, self._decode(items, multimask_output)):
+            i = item[0]
+            records[i] = prompt_records(low, iou, prompts[i], self.padded_size, self.input_size,
+                                        tuple(self._orig_hw[i]), self.mask_threshold, self.backend)
+        return records
 
     def _decode(self, items, multimask_output: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(img_idx, coords, labels, boxes, mask_input) per image -> (low-res logits, IoU) per item; items of the

@@ -408,7 +408,9 @@ def test_tampered_or_foreign_sam2_checkpoints_get_clear_errors(sam2_checkpoint, 
         sam_fast.load_sam(str(path), "vit_b")
 
 
-def test_cli_inspects_sam2_and_refuses_it_where_not_built(sam2_checkpoint, tmp_path, capsys):
+def test_cli_inspects_and_segments_sam2_and_refuses_it_where_not_built(sam2_checkpoint, tmp_path, capsys):
+    import json
+
     from sam_fast.cli import main
 
     path, _ = sam2_checkpoint
@@ -419,9 +421,16 @@ def test_cli_inspects_sam2_and_refuses_it_where_not_built(sam2_checkpoint, tmp_p
     from PIL import Image
 
     Image.new("RGB", (32, 32)).save(image)
+    # segment: a point and a box (SAM 2's predictor), then everything (its mask generator), COCO records out
     assert main(["segment", str(image), "--checkpoint", str(path), "--model-type", "auto", "--points", "4,4",
-                 "--out", str(tmp_path / "out")]) == 2
-    assert "holds a SAM 2 model: sam-fast segment takes SAM 1-family models" in capsys.readouterr().err
+                 "--box", "2,2,20,25", "--out", str(tmp_path / "out")]) == 0
+    records = json.loads((tmp_path / "out" / "x.json").read_text())["annotations"]
+    assert len(records) == 1 and records[0]["box_prompt"] == [2.0, 2.0, 20.0, 25.0]
+    assert records[0]["segmentation"]["size"] == [32, 32] and (tmp_path / "out" / "x.png").exists()
+    assert main(["segment", str(image), "--checkpoint", str(path), "--model-type", "auto", "--everything",
+                 "--points-per-side", "2",
+                 "--out", str(tmp_path / "all")]) == 0
+    assert "wrote 1 of 1 image(s)" in capsys.readouterr().out
     assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "e.onnx")]) == 2
     assert "sam-fast export takes SAM 1-family models" in capsys.readouterr().err
 

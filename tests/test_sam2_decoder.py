@@ -284,6 +284,29 @@ def test_predict_batch_decodes_all_images_together(sam2, photos, monkeypatch):
         fast.predict_batch(box_batch=[np.array([1.0, 2, 3, 4])])
 
 
+def test_coco_records_are_the_predicted_masks(sam2, photos):
+    """coco_records: per image set, each prompt's masks as COCO records whose decoded masks, IoU and boxes are
+    predict's; an image without prompts gets none."""
+    from sam_fast.ops.mask_postprocess import coco_to_mask
+
+    images, features = photos
+    fast = sam_fast.SamFastPredictor(sam2)
+    _set(fast, images, features)
+    prompt = dict(point_coords=np.array([[[60.0, 40.0]], [[150.0, 90.0]]]), point_labels=np.array([[1], [0]]),
+                  boxes=np.array([[10.0, 10, 120, 150], [50, 30, 200, 170]]))
+    records = fast.coco_records([prompt, {}])
+    assert len(records[0]) == 6 and records[1] == []
+    _set(fast, images, features, 0)
+    masks, iou, _ = fast.predict(prompt["point_coords"], prompt["point_labels"], prompt["boxes"])
+    for k in range(2):
+        for m in range(3):
+            r = records[0][3 * k + m]
+            assert np.array_equal(coco_to_mask(r["segmentation"]), masks[k, m])
+            assert r["predicted_iou"] == pytest.approx(float(iou[k, m]), abs=1e-6)
+            assert r["area"] == int(masks[k, m].sum()) and r["box_prompt"] == prompt["boxes"][k].tolist()
+            assert r["point_coords"] == prompt["point_coords"][k].tolist()
+
+
 def test_predictor_errors_are_named(sam2, photos):
     images, features = photos
     fast = sam_fast.SamFastPredictor(sam2)
