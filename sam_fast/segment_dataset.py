@@ -90,7 +90,7 @@ class SegmentWorker:
         import torch
 
         from . import Int8, SamFastAutomaticMaskGenerator, SamFastConfig, SamFastPredictor, apply
-        from .checkpoint import load_sam, refuse_sam2
+        from .checkpoint import is_sam2_model, load_sam
         from .nn.tinyvit import tinyvit_fast_modules
         from .surgery import vit_blocks
 
@@ -103,12 +103,14 @@ class SegmentWorker:
         self.mode = mode
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(checkpoint, (str, os.PathLike)):
-            sam = refuse_sam2(load_sam(checkpoint, model_type, decoder_heads=decoder_heads), "segment_dataset")
+            sam = load_sam(checkpoint, model_type, decoder_heads=decoder_heads)
         else:
             sam = checkpoint  # a model object (a plain loop in the caller's process)
         sam.to(self.device).eval()
+        self.sam2 = is_sam2_model(sam)  # SAM 2: its predictor's API (set_image_batch), its generator's defaults
         if config is None and getattr(sam, "sam_fast_config", None) is None:
-            config = SamFastConfig(attention="exact" if vit_blocks(sam) or tinyvit_fast_modules(sam) else "none")
+            exact = vit_blocks(sam) or tinyvit_fast_modules(sam) or self.sam2
+            config = SamFastConfig(attention="exact" if exact else "none")
         if config is not None:
             if config.quantize is not None and calibration_images is not None and config.quantize.calibration is None:
                 from .quantize import calibrate
@@ -141,7 +143,7 @@ class SegmentWorker:
         boxes = np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.float64).reshape(-1, 4)
         if not len(boxes):
             return []
-        self.engine.set_images([image])
+        self.engine.set_image_batch([image]) if self.sam2 else self.engine.set_images([image])
         return self.engine.coco_records([{"boxes": boxes}], multimask_output=False)[0]
 
     def process_image(self, path, image_id: int, boxes=None, name: Optional[str] = None) -> dict:

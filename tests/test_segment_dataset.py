@@ -336,3 +336,30 @@ def test_worker_calibrates_int8_from_images(dataset):
     assert lin2 and all(m.act_scale is not None for m in lin2)  # static scales: calibration ran
     row = worker.process_image(files[0], 1)
     assert row["error"] == "" and row["height"] > 0
+
+
+def test_worker_segments_with_a_sam2_model(dataset):
+    """A SAM 2 model: its Hiera blocks swapped (exact attention), the boxes mode's records those of SAM 2's predictor
+    (single mask per box) and the everything mode's those of its generator."""
+    pytest.importorskip("sam2")
+    import sam_fast
+    from sam_fast.models.sam2 import tiny_sam2
+
+    root, _, _ = dataset
+    path = str(root / "imgs" / "sub" / "coffee.png")
+    image = read_rgb(path)
+    boxes = [[10, 20, 120, 100], [50, 40, 150, 160]]
+    worker = SegmentWorker(tiny_sam2(), mode="boxes", device="cpu")
+    with sam_fast.record_backends() as rec:
+        row = worker.process_image(path, 1, boxes)
+    assert row["error"] == "" and len(row["annotations"]) == 2
+    assert ("hiera_attention", "cpu") in rec.calls  # the encoder runs sam_fast's kernel
+    predictor = SamFastPredictor(worker.sam)
+    predictor.set_image(image)
+    masks = predictor.predict(box=np.array(boxes, dtype=float), multimask_output=False)[0]
+    for r, m, box in zip(row["annotations"], masks[:, 0], boxes):
+        _check_record_fields(r, m)
+        assert r["box_prompt"] == [float(v) for v in box]
+    everything = SegmentWorker(worker.sam, generator_kwargs=GEN, device="cpu")
+    want = SamFastAutomaticMaskGenerator(worker.sam, output_mode="coco_rle", **GEN).generate(image)
+    assert _strip(everything.process_image(path, 2)["annotations"]) == _strip(want) != []
