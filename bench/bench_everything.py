@@ -28,7 +28,16 @@ sam_fast runs in bf16 and, for the same-precision comparison, in float32 (``sam_
 256 x 256 image, 16 x 16 points. Thresholds are lowered (``pred_iou_thresh`` off,
 ``stability_score_thresh`` 0) so every backend post-processes every mask: the same work for all.
 
+SAM 2 (``--family sam2``): Meta's ``SAM2AutomaticMaskGenerator`` (baseline ``sam2``, 64 points per call; ``sam2_b256``;
+on the GPU also under ``torch.autocast`` bf16, as SAM 2's examples run it) against ``SamFastAutomaticMaskGenerator``
+on the same SAM 2.1 model (its decoder at full size, a tiny Hiera trunk whose image features are computed once and
+served by a stub, as above; random decoder weights with scaled logits, ``sam_fast.models.sam2.tiny_sam2``), box NMS
+off so that every mask is post-processed and recorded (a random decoder's masks overlap). The note
+says how many of sam_fast's masks equal Meta's (float32). CPU: a 256 x 256 image, 8 x 8 points (``--quick``:
+2 x 2); GPU: 1024 x 1024, 32 x 32 (``--quick``: 16 x 16).
+
     python bench/bench_everything.py [--out bench/results] [--quick | --targets] [--decoder trained|random]
+                                     [--family sam|sam2]
 """
 
 from __future__ import annotations
@@ -95,7 +104,12 @@ def planned_rows(targets=True):
     return [dict(op="everything", case=_case(1024, 32, "trained"), backend=b, mode="fwd") for b in names]
 
 
-def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "trained", targets: bool = False):
+def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "trained", targets: bool = False,
+        family: str = "sam"):
+    if family == "sam2":
+        return run_sam2(out_dir, quick, device)
+    if family not in (None, "", "sam"):
+        raise ValueError(f"family must be 'sam' or 'sam2', got {family!r}")
     from segment_anything import SamAutomaticMaskGenerator
     from skimage import data
 
@@ -162,10 +176,87 @@ def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "t
                         f"segment everything (decoder side): speedup over segment_anything ({prov['device']})")
 
 
+class FixedBackbone(nn.Module):
+    """Stands in for SAM 2's image encoder: returns precomputed trunk + neck outputs (fresh lists: SAM 2's
+    ``forward_image`` replaces the first two levels with their projections)."""
+
+    def __init__(self, out: dict):
+        super().__init__()
+        self.register_buffer("features", out["vision_features"])
+        self.levels = len(out["backbone_fpn"])
+        for i in range(self.levels):
+            self.register_buffer(f"fpn{i}", out["backbone_fpn"][i])
+            self.register_buffer(f"pos{i}", out["vision_pos_enc"][i])
+
+    def forward(self, x):
+        return {"vision_features": self.features,
+                "vision_pos_enc": [getattr(self, f"pos{i}") for i in range(self.levels)],
+                "backbone_fpn": [getattr(self, f"fpn{i}") for i in range(self.levels)]}
+
+
+def run_sam2(out_dir: str, quick: bool = False, device: str = None):
+    """SAM 2's segment everything, decoder side (module docstring)."""
+    import contextlib
+
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+    from skimage import data
+
+    from sam_fast import SamFastAutomaticMaskGenerator
+    from sam_fast.models.sam2 import tiny_sam2
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = dev.type == "cuda"
+    prov = provenance(dev)
+    side, pps = (1024, 16 if quick else 32) if gpu else (256, 2 if quick else 8)
+    image = np.ascontiguousarray(data.astronaut()[:512, :512])
+    image = np.asarray(torch.nn.functional.interpolate(
+        torch.as_tensor(image).permute(2, 0, 1)[None].float(), (side, side), mode="bilinear")[0]
+        .permute(1, 2, 0).round().clamp(0, 255).byte())
+    model = tiny_sam2().to(dev)
+    with torch.no_grad():  # the image features, once; the stub serves them to every generator
+        from sam2.utils.transforms import SAM2Transforms
+
+        x = SAM2Transforms(model.image_size, 0.0)(image)[None].to(dev)
+        model.image_encoder = FixedBackbone(model.image_encoder(x)).to(dev)
+    # thresholds off and NMS keeping every mask: a random decoder's masks overlap, and all of them should be
+    # post-processed, encoded and compared
+    kw = dict(points_per_side=pps, pred_iou_thresh=-1.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+              output_mode="coco_rle")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16) if gpu else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else contextlib.nullcontext
+    generators = [("sam2", SAM2AutomaticMaskGenerator(model, **kw), contextlib.nullcontext, "float32"),
+                  ("sam2_b256", SAM2AutomaticMaskGenerator(model, points_per_batch=256, **kw), contextlib.nullcontext,
+                   "float32")]
+    if gpu:
+        generators.append(("sam2_autocast_bf16", SAM2AutomaticMaskGenerator(model, **kw), autocast, "autocast bf16"))
+    generators.append(("sam_fast", SamFastAutomaticMaskGenerator(model, **kw), contextlib.nullcontext, "float32"))
+    if gpu:
+        generators.append(("sam_fast_bf16", SamFastAutomaticMaskGenerator(bf16, **kw), contextlib.nullcontext,
+                           "bf16"))
+    rows, records = LiveRows(out_dir, SCRIPT), {}
+    case = f"SAM 2.1 {side}x{side} {pps}x{pps} points, random decoder"
+    with torch.no_grad():
+        for backend, gen, context, precision in generators:
+            with context():
+                records[backend] = gen.generate(image)
+                m = measure(lambda: gen.generate(image), dev, cpu_reps=3, warmup_ms=50, rep_ms=500)
+            note = f"{precision}, {len(records[backend])} masks"
+            if backend.startswith("sam_fast"):
+                same = sum(a["segmentation"] == b["segmentation"] and a["point_coords"] == b["point_coords"]
+                           for a, b in zip(records["sam2"], records[backend]))
+                note += f"; masks equal to Meta's float32 ones: {same} of {len(records['sam2'])}"
+            rows.append(dict(prov, op="everything_sam2", case=case, backend=backend, mode="fwd", metric="img_per_s",
+                             value=1e3 / m["median_ms"], note=note, **m))
+    return save_results(out_dir, SCRIPT, rows, "sam2",
+                        f"SAM 2 segment everything (decoder side): speedup over Meta's sam2 ({prov['device']})")
+
+
 def main(argv=None):
     return bench_main(__doc__, run, BASELINE, argv, options=[
         ("--decoder", "store", "'trained' (default: a decoder trained here to segment a synthetic scene, so masks "
-                               "survive and the hierarchical mode has confident masks) or 'random' weights")])
+                               "survive and the hierarchical mode has confident masks) or 'random' weights"),
+        ("--family", "store", "'sam' (default: segment_anything's generator against sam_fast's) or 'sam2' (Meta's "
+                              "SAM2AutomaticMaskGenerator against sam_fast's, on a SAM 2.1 model)")])
 
 
 if __name__ == "__main__":

@@ -223,3 +223,18 @@ def test_distill_peer_blocks_compute_the_students_function():
     gb = peer.image_encoder.blocks[1].attn.rel_pos_h.grad
     assert ga.abs().max() > 0
     torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-4)
+
+
+def test_everything_sam2_times_metas_generator_and_ours(tmp_path):
+    """bench_everything --family sam2 (in process, --quick): Meta's SAM2AutomaticMaskGenerator and sam_fast's on the
+    same model and features, every mask kept, and the note counting the masks equal to Meta's."""
+    pytest.importorskip("sam2")
+    from sam_fast.bench.bench_everything import run
+
+    rows, png = run(str(tmp_path), quick=True, family="sam2")
+    assert [r["backend"] for r in rows] == ["sam2", "sam2_b256", "sam_fast"]
+    assert all(r["op"] == "everything_sam2" and r["median_ms"] > 0 for r in rows)
+    masks = int(re.search(r"(\d+) masks", rows[0]["note"]).group(1))
+    same = re.search(r"masks equal to Meta's float32 ones: (\d+) of (\d+)", rows[2]["note"])
+    assert masks == 12 and int(same.group(2)) == masks and int(same.group(1)) >= masks - 2
+    check_bench_rows(tmp_path / "bench_everything.csv")

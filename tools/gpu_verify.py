@@ -202,7 +202,7 @@ def install(session: Session, timeout: float) -> Result:
     notes = []
     wheels = sorted(f for f in os.listdir(CARRY) if f.endswith(".whl")) if os.path.isdir(CARRY) else []
     site = os.path.join(ROOT, ".site")
-    if wheels and not (_has_module("segment_anything", env) and _has_module("pycocotools", env)):
+    if wheels and not all(_has_module(m, env) for m in ("segment_anything", "pycocotools", "sam2")):
         code = subprocess.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                                "--target", site] + [os.path.join(CARRY, w) for w in wheels],
                               capture_output=True, text=True)
@@ -273,8 +273,8 @@ def _prebuilt_refusal(env: dict) -> Optional[str]:
 # geometries (sam_fast.compress; odd per-block head dims). The export stage after them (ViT-B as an AOTInductor
 # package vs eager and torch.compile, cold starts in subprocesses) is measured only, no target reads it yet; it runs
 # on whatever the stages before it saved. None of these budgets has been measured on a GPU yet.
-TARGET_SCRIPTS = (("bench_int8_linear", 30), ("bench_dilated_attention", 75), ("bench_e2e", 45),
-                  ("bench_everything", 25), ("bench_decoder", 20), ("bench_distill", 30))
+TARGET_SCRIPTS = (("bench_int8_linear", 30), ("bench_dilated_attention", 75), ("bench_e2e", 40),
+                  ("bench_everything", 25), ("bench_decoder", 20), ("bench_distill", 20))
 
 
 def _pytest(marker: str, junit: str, timeout_each: int) -> List[str]:
@@ -303,6 +303,11 @@ def verify_stages(pack: str) -> List[Stage]:
         Stage("bench_hiera_attention", 10, "SAM 2's Hiera attention at SAM 2.1's grids: the Triton kernel vs SAM 2's "
                                            "partition + SDPA (bench_hiera_attention.py)",
               command=[PY, "bench/bench_hiera_attention.py", "--out", results], measures=("bench_hiera_attention",)),
+        Stage("bench_everything_sam2", 15, "SAM 2's segment everything, decoder side: Meta's SAM2AutomaticMaskGenerator "
+                                           "(float32, autocast bf16) vs sam_fast's, 16 x 16 points (bench_everything.py "
+                                           "--family sam2 --quick)",
+              command=[PY, "bench/bench_everything.py", "--family", "sam2", "--quick", "--out", results],
+              measures=("bench_everything",)),
         Stage("sanitize", 50, "compute-sanitizer memcheck: every CUDA op and Triton kernel on small ragged inputs",
               command=["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", PY,
                        "-m", "tools.sanitize_ops", "--triton"]),
@@ -325,6 +330,10 @@ def full_stages(pack: str) -> List[Stage]:
         stages.append(Stage(script, budget, f"every case of {script}",
                             command=[PY, f"bench/{script}.py", "--out", results], measures=(script,)))
     stages += [
+        Stage("bench_everything_sam2", 60, "SAM 2's segment everything, decoder side, 32 x 32 points: Meta's generator "
+                                           "vs sam_fast's (bench_everything.py --family sam2)",
+              command=[PY, "bench/bench_everything.py", "--family", "sam2", "--out", results],
+              measures=("bench_everything",)),
         Stage("bench_export", 150, "ViT-B bf16 as an AOTInductor package vs eager vs torch.compile, cold starts",
               command=[PY, "bench/bench_export.py", "--out", results], measures=("bench_export",)),
         Stage("bench_e2e_compile", 200, "ViT-B/H and pruned ViT-B encoders under torch.compile: SDPA+bias vs "
@@ -525,8 +534,9 @@ def build_prebuilt() -> str:
 
 
 def prepare() -> int:
-    """Fill .whl/ (git-ignored) with what the offline GPU machine lacks: segment-anything, pycocotools and
-    pytest-timeout (pyproject's `timeout` option) wheels for its Python, the first attention kernel's source (the
+    """Fill .whl/ (git-ignored) with what the offline GPU machine lacks: segment-anything, pycocotools,
+    pytest-timeout (pyproject's `timeout` option) and Meta's sam2 (with hydra-core, omegaconf, iopath) wheels for
+    its Python, the first attention kernel's source (the
     dense-pattern peer, from git history; the device gets no .git), the commit being measured, and the prebuilt
     extension."""
     os.makedirs(CARRY, exist_ok=True)
@@ -534,6 +544,11 @@ def prepare() -> int:
           DEVICE_PYTHON, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
           "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", CARRY, "segment-anything",
           "pycocotools", "pytest-timeout"])
+    # Meta's SAM 2 (the reference of the SAM 2 tests and the peer of its benchmarks) and its pure-Python
+    # dependencies; sam2 is an sdist: built here without its optional CUDA extension (a py3-none-any wheel)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", CARRY, "sam2==1.1.0",
+          "antlr4-python3-runtime==4.9.3", "omegaconf>=2.2,<2.4", "hydra-core>=1.3.2", "iopath>=0.1.10",
+          "portalocker"], env=dict(os.environ, SAM2_BUILD_CUDA="0"))
     sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,

@@ -30,11 +30,11 @@ def test_dry_run_plans_every_stage_within_480_s_and_runs_nothing(tmp_path):
     assert re.search(rf"^total\s+{sum(s.budget for s in stages)}s\s+of 480 s$", res.stdout, re.M)
     assert not out.exists()  # planned, not executed
     names = [s.name for s in stages]
-    # ordered by value: install, smoke, the targets, the measurements no target reads yet (export, Hiera attention),
-    # the sanitizer, the table
+    # ordered by value: install, smoke, the targets, the measurements no target reads yet (export, Hiera attention,
+    # SAM 2's segment everything), the sanitizer, the table
     assert names[:2] == ["install", "smoke"]
-    assert names[-4:] == ["bench_export", "bench_hiera_attention", "sanitize", "report"]
-    assert all(n.startswith("targets:") for n in names[2:-4])
+    assert names[-5:] == ["bench_export", "bench_hiera_attention", "bench_everything_sam2", "sanitize", "report"]
+    assert all(n.startswith("targets:") for n in names[2:-5])
     budget = {s.name: s.budget for s in stages}
     assert budget["smoke"] <= 120 and budget["sanitize"] <= 60
 
