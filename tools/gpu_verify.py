@@ -303,8 +303,8 @@ def verify_stages(pack: str) -> List[Stage]:
         Stage("bench_hiera_attention", 10, "SAM 2's Hiera attention at SAM 2.1's grids: the Triton kernel vs SAM 2's "
                                            "partition + SDPA (bench_hiera_attention.py)",
               command=[PY, "bench/bench_hiera_attention.py", "--out", results], measures=("bench_hiera_attention",)),
-        Stage("bench_everything_sam2", 15, "SAM 2's segment everything, decoder side: Meta's SAM2AutomaticMaskGenerator "
-                                           "(float32, autocast bf16) vs sam_fast's, 16 x 16 points (bench_everything.py "
+        Stage("bench_everything_sam2", 15, "SAM 2's segment everything, decoder side: Meta's generator (float32, "
+                                           "autocast bf16) vs sam_fast's, 16 x 16 points (bench_everything.py "
                                            "--family sam2 --quick)",
               command=[PY, "bench/bench_everything.py", "--family", "sam2", "--quick", "--out", results],
               measures=("bench_everything",)),
