@@ -30,11 +30,11 @@ sam_fast runs in bf16 and, for the same-precision comparison, in float32 (``sam_
 
 SAM 2 (``--family sam2``): Meta's ``SAM2AutomaticMaskGenerator`` (baseline ``sam2``, 64 points per call; ``sam2_b256``;
 on the GPU also under ``torch.autocast`` bf16, as SAM 2's examples run it) against ``SamFastAutomaticMaskGenerator``
-on the same SAM 2.1 model (its decoder at full size, a tiny Hiera trunk whose image features are computed once and
-served by a stub, as above; random decoder weights with scaled logits, ``sam_fast.models.sam2.tiny_sam2``), box NMS
-off so that every mask is post-processed and recorded (a random decoder's masks overlap). The note
-says how many of sam_fast's masks equal Meta's (float32). CPU: a 256 x 256 image, 8 x 8 points (``--quick``:
-2 x 2); GPU: 1024 x 1024, 32 x 32 (``--quick``: 16 x 16).
+(float32; on the GPU also under autocast and on the model cast to bf16) on the same SAM 2.1 model (its decoder at
+full size, a tiny Hiera trunk whose image features are computed once and served by a stub, as above; random decoder
+weights with scaled logits, ``sam_fast.models.sam2.tiny_sam2``), box NMS off so that every mask is post-processed and
+recorded (a random decoder's masks overlap). The note says how many of sam_fast's masks equal Meta's (float32). CPU:
+a 256 x 256 image, 8 x 8 points (``--quick``: 2 x 2); GPU: 1024 x 1024, 32 x 32 (``--quick``: 16 x 16).
 
     python bench/bench_everything.py [--out bench/results] [--quick | --targets] [--decoder trained|random]
                                      [--family sam|sam2]
@@ -231,8 +231,9 @@ def run_sam2(out_dir: str, quick: bool = False, device: str = None):
         generators.append(("sam2_autocast_bf16", SAM2AutomaticMaskGenerator(model, **kw), autocast, "autocast bf16"))
     generators.append(("sam_fast", SamFastAutomaticMaskGenerator(model, **kw), contextlib.nullcontext, "float32"))
     if gpu:
-        generators.append(("sam_fast_bf16", SamFastAutomaticMaskGenerator(bf16, **kw), contextlib.nullcontext,
-                           "bf16"))
+        generators += [("sam_fast_autocast_bf16", SamFastAutomaticMaskGenerator(model, **kw), autocast,
+                        "autocast bf16"),
+                       ("sam_fast_bf16", SamFastAutomaticMaskGenerator(bf16, **kw), contextlib.nullcontext, "bf16")]
     rows, records = LiveRows(out_dir, SCRIPT), {}
     case = f"SAM 2.1 {side}x{side} {pps}x{pps} points, random decoder"
     with torch.no_grad():

@@ -307,6 +307,25 @@ def test_coco_records_are_the_predicted_masks(sam2, photos):
             assert r["point_coords"] == prompt["point_coords"][k].tolist()
 
 
+def test_predictor_under_autocast_as_sam2_runs_it(sam2, photos):
+    """SAM 2's examples run the predictor under torch.autocast(bfloat16): the fused decoder then computes in bf16 as
+    Meta's modules do; its logits stay within bf16 rounding of Meta's and its IoU predictions match."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    images, features = photos
+    meta, fast = SAM2ImagePredictor(sam2), sam_fast.SamFastPredictor(sam2)
+    _set(meta, images, features, 1)
+    _set(fast, images, features, 1)
+    kw = dict(point_coords=np.array([[40.0, 60.0], [150, 100]]), point_labels=np.array([1, 0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = meta.predict(**kw)
+        got = fast.predict(**kw)
+    scale = np.abs(want[2]).max()
+    assert np.abs(got[2] - want[2]).max() <= 0.03 * scale
+    np.testing.assert_allclose(got[1], want[1], atol=0.02)
+    assert (got[0] != want[0]).mean() < 0.01
+
+
 def test_predictor_errors_are_named(sam2, photos):
     images, features = photos
     fast = sam_fast.SamFastPredictor(sam2)

@@ -302,17 +302,24 @@ class BatchedMaskDecoder(nn.Module):
             feat_s0, feat_s1 = (f.to(src.dtype) for f in high_res_features)
             stem = act1(ln1(dc1(src) + feat_s1[skip_index]))
             if tail is not None:
-                conv = tail[1]
-                return upscale_mask_product(stem, conv.weight, conv.bias, hyper, feat_s0, skip_index,
-                                            backend=self.backend, check_index=False)  # validated with image_index
+                return self._fused(stem, tail[1], hyper, feat_s0, skip_index)
             upscaled = act2(dc2(stem) + feat_s0[skip_index])
         elif tail is not None:
             stem, conv = tail
-            return upscale_mask_product(stem(src), conv.weight, conv.bias, hyper, backend=self.backend)
+            return self._fused(stem(src), conv, hyper)
         else:  # an output_upscaling of another shape: the unfused product
             upscaled = dec.output_upscaling(src)
         B, c, uh, uw = upscaled.shape
         return (hyper @ upscaled.view(B, c, uh * uw)).view(B, -1, uh, uw)
+
+    def _fused(self, x, conv, hyper, skip=None, skip_index=None):
+        """The fused last upscaling + product, all its inputs in one dtype: the autocast dtype where autocast is on
+        (as the unfused convolution and product would run), else x's."""
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        return upscale_mask_product(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), hyper.to(dtype),
+                                    None if skip is None else skip.to(dtype), skip_index, backend=self.backend,
+                                    check_index=False)  # skip_index: built from the validated image_index
 
     def _stable_single_mask(self, masks, iou_pred):
         """SAM 2's single-mask choice: the single-mask output where its stability score (area above +delta over
