@@ -69,6 +69,20 @@ def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return attn.out_proj(_merge(out))
 
 
+def _per_prompt(feat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Image-level features (I, ...) for prompts of images ``index``: broadcast when there is one image (no copy)."""
+    return feat if feat.shape[0] == 1 else feat[index]
+
+
+def _channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SAM's ``LayerNorm2d`` (over the channels of each pixel, written with mean / var passes) as one fused
+    ``layer_norm`` on the channels-last view; any other module as it is."""
+    if type(norm).__name__ != "LayerNorm2d" or not all(hasattr(norm, a) for a in ("weight", "bias", "eps")):
+        return norm(x)
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 3, 1, 2)
+
+
 class BatchedMaskDecoder(nn.Module):
     """Batched drop-in for ``Sam.prompt_encoder`` + ``Sam.mask_decoder`` (see the module docstring).
 
@@ -300,10 +314,10 @@ class BatchedMaskDecoder(nn.Module):
         if high_res_features is not None:
             dc1, ln1, act1, dc2, act2 = dec.output_upscaling  # SAM 2's layout, as its decoder unpacks it
             feat_s0, feat_s1 = (f.to(src.dtype) for f in high_res_features)
-            stem = act1(ln1(dc1(src) + feat_s1[skip_index]))
+            stem = act1(_channel_norm(ln1, dc1(src) + _per_prompt(feat_s1, skip_index)))
             if tail is not None:
                 return self._fused(stem, tail[1], hyper, feat_s0, skip_index)
-            upscaled = act2(dc2(stem) + feat_s0[skip_index])
+            upscaled = act2(dc2(stem) + _per_prompt(feat_s0, skip_index))
         elif tail is not None:
             stem, conv = tail
             return self._fused(stem(src), conv, hyper)

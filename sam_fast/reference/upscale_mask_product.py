@@ -19,8 +19,8 @@ def upscale_mask_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """x (P, CIN, h, w), weight (CIN, COUT, 2, 2), bias (COUT,), hyper (P, M, COUT), skip (I, COUT, 2h, 2w) with
     skip_index (P,) -> (P, M, 2h, 2w)."""
     up = F.conv_transpose2d(x, weight, bias, stride=2)
-    if skip is not None:
-        up = up + skip[skip_index.long()]
+    if skip is not None:  # one image: broadcast, no per-prompt copy of its features
+        up = up + (skip if skip.shape[0] == 1 else skip[skip_index.long()])
     up = F.gelu(up)
     P, c, H, W = up.shape
     return (hyper @ up.view(P, c, H * W)).view(P, -1, H, W)
