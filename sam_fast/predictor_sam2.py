@@ -104,6 +104,13 @@ class Sam2FastPredictor(SAM2ImagePredictor):
             raise ValueError("point_coords and point_labels must be given together")
         if point_labels is not None:
             point_labels = _integer_labels(point_labels, "point_labels")
+        if point_coords is not None:
+            coords = np.asarray(point_coords, dtype=np.float64)
+            if coords.ndim not in (2, 3) or coords.shape[-1] != 2 or np.shape(point_labels) != coords.shape[:-1]:
+                raise ValueError(f"point_coords must be (N, 2) or (B, N, 2) with point_labels (N,) or (B, N), got "
+                                 f"{coords.shape} and {np.shape(point_labels)}")
+        if box is not None and (np.ndim(box) not in (1, 2) or np.shape(box)[-1] != 4):
+            raise ValueError(f"box must be (4,) or (B, 4) XYXY, got shape {np.shape(box)}")
         return super()._prep_prompts(point_coords, point_labels, box, mask_logits, normalize_coords, img_idx)
 
     # -- decoding -------------------------------------------------------------------------------------------

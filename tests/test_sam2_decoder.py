@@ -341,6 +341,12 @@ def test_predictor_errors_are_named(sam2, photos):
                      box=np.array([[0, 0, 5, 5], [1, 1, 6, 6.0]]))
     with pytest.raises(ValueError, match="needs point_coords, box or mask_input"):
         fast.predict()
+    with pytest.raises(ValueError, match=r"box must be \(4,\) or \(B, 4\) XYXY, got shape \(3,\)"):
+        fast.predict(box=np.array([1.0, 2, 3]))
+    with pytest.raises(ValueError, match=r"point_coords must be \(N, 2\) or \(B, N, 2\)"):
+        fast.predict(point_coords=np.array([[1.0, 2.0, 3.0]]), point_labels=np.array([1]))
+    with pytest.raises(ValueError, match="point_coords holds NaN"):
+        fast.predict(point_coords=np.array([[np.nan, 2.0]]), point_labels=np.array([1]))
     with pytest.raises(ValueError, match=r"image must be an HxWx3 RGB array"):
         fast.set_image(np.zeros((20, 20), np.uint8))
     with pytest.raises(ValueError, match="image_list must be a non-empty list"):
