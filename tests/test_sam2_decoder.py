@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from devices import gpu
 from skimage import data
 
 import sam_fast
@@ -453,3 +454,55 @@ def test_everything_sam2_defaults_hierarchical_and_errors(sam2):
         sam_fast.SamFastAutomaticMaskGenerator(sam2, not_an_option=1)
     with pytest.raises(ValueError, match="image must be an HxWx3 uint8 array"):
         fast.generate(np.zeros((5, 5), np.uint8))
+
+
+# -- CUDA (pytest -m gpu): the decoder's Triton kernels under SAM 2's predictor and generator ------------------------
+
+@gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+def test_predictor_on_cuda_matches_sam2_image_predictor(autocast):
+    """On CUDA (the fused upscale kernel with SAM 2's skip input, small-key attention, the CUDA post-processing), in
+    float32 and under bf16 autocast as SAM 2's examples run: logits within the precision's rounding of Meta's, IoU
+    predictions close, binary masks differing in under 1% of pixels."""
+    import contextlib
+
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from sam_fast.models.sam2 import tiny_sam2
+
+    model = tiny_sam2().cuda()
+    image = np.ascontiguousarray(data.astronaut()[::2, ::2])
+    meta, fast = SAM2ImagePredictor(model), sam_fast.SamFastPredictor(model)
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    H, W = image.shape[:2]
+    with context:
+        meta.set_image(image)
+        fast._features, fast._orig_hw, fast._is_image_set = meta._features, meta._orig_hw, True
+        with sam_fast.record_backends() as rec:
+            for kw in _cases(H, W):
+                want = meta.predict(**kw)
+                got = fast.predict(**kw)
+                scale = np.abs(want[2]).max()
+                assert np.abs(got[2] - want[2]).max() <= (0.03 if autocast else 2e-3) * scale
+                np.testing.assert_allclose(got[1], want[1], atol=0.02 if autocast else 1e-3)
+                assert (got[0] != want[0]).mean() < 0.01
+    assert ("upscale_mask_product", "triton") in rec.calls and ("mask_postprocess", "cuda") in rec.calls
+
+
+@gpu
+def test_everything_on_cuda_gives_sam2_generators_masks():
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from sam_fast.models.sam2 import tiny_sam2
+
+    model = tiny_sam2().cuda()
+    image = np.ascontiguousarray(data.astronaut()[::2, ::3])
+    kw = dict(KEEP_ALL, points_per_side=8, output_mode="uncompressed_rle")
+    want = SAM2AutomaticMaskGenerator(model, **kw).generate(image)
+    with sam_fast.record_backends() as rec:
+        got = sam_fast.SamFastAutomaticMaskGenerator(model, **kw).generate(image)
+    assert rec.backends("mask_postprocess") == {"cuda"} and rec.backends("upscale_mask_product") == {"triton"}
+    assert len(got) == len(want) == 192
+    same = sum(a["segmentation"] == b["segmentation"] and a["point_coords"] == b["point_coords"]
+               for a, b in zip(want, got))
+    assert same >= len(want) - max(2, len(want) // 20)  # the rest differ at pixels whose logit is on the threshold
