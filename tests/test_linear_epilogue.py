@@ -69,8 +69,8 @@ def test_fused_linear_matches_the_modules_and_steps_aside(cpu_rules, onednn):
     """fused_linear: the layer, its GELU and a residual in one call, matching float64. With the policy's
     ``fp32_gemm_onednn`` (and oneDNN in this PyTorch) oneDNN's GEMM with them as post-ops, at any size, an activation
     and a residual together excepted; otherwise the bias-free GEMM and the C++ epilogue, for large enough outputs.
-    None (the caller runs the modules) for bf16, small outputs off the oneDNN path, another module type, or autograd
-    recording."""
+    None (the caller runs the modules) for bf16 off the oneDNN path, small outputs off it, another module type, or
+    autograd recording."""
     import sam_fast.ops.linear_epilogue as le
 
     lin = torch.nn.Linear(48, 80)
@@ -89,7 +89,9 @@ def test_fused_linear_matches_the_modules_and_steps_aside(cpu_rules, onednn):
             # oneDNN takes one post-op chain: an activation and a residual together take the epilogue
             paths = [b for op, b in rec.calls if op == "fused_linear"]
             assert paths == ["onednn" if onednn else "epilogue", "onednn" if onednn and act == "none" else "epilogue"]
-        assert le.fused_linear(copy.deepcopy(lin).bfloat16(), x.bfloat16()) is None
+        cpu_rules(bf16_gemm_onednn=False)
+        assert le.fused_linear(copy.deepcopy(lin).bfloat16(), x.bfloat16()) is None  # bf16: the oneDNN path only
+        cpu_rules(bf16_gemm_onednn=True)
         assert le.fused_linear(torch.nn.Identity(), x) is None
         cpu_rules(epilogue_min_bytes=1 << 30)
         small = le.fused_linear(lin, x)
@@ -100,9 +102,35 @@ def test_fused_linear_matches_the_modules_and_steps_aside(cpu_rules, onednn):
         le.fused_linear(lin, x, "relu")
 
 
+def test_bf16_linears_take_onednn_with_post_ops_where_the_cpu_has_bf16(cpu_rules):
+    """bf16 linears on a CPU that multiplies bf16 in hardware (AMX, AVX512-BF16): oneDNN's GEMM with the bias, GELU
+    (on the float32 accumulator) or residual as post-ops, within bf16 rounding of float64; elsewhere, or with the
+    policy's ``bf16_gemm_onednn`` off, None (the modules run)."""
+    import sam_fast.ops.linear_epilogue as le
+
+    lin = torch.nn.Linear(64, 96).bfloat16()
+    x = torch.randn(3, 40, 64).bfloat16()
+    res = torch.randn(3, 40, 96).bfloat16()
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    native = le._bf16_hardware() and le._onednn_linear_present()
+    with torch.no_grad():
+        for act, want in (("gelu", F.gelu(exact)), ("none", exact)):
+            with sam_fast.record_backends() as rec:
+                got = le.fused_linear(lin, x, act, residual=res if act == "none" else None)
+            if not native:
+                assert got is None and not rec.calls
+                continue
+            want = want + res.double() if act == "none" else want
+            assert rec.calls == [("fused_linear", "onednn")] and got.dtype == torch.bfloat16
+            modules = F.gelu(lin(x)) if act == "gelu" else lin(x) + res  # PyTorch's bf16 error, as the rule wants
+            assert (got.double() - want).abs().max() <= 2 * (modules.double() - want).abs().max() + 1e-2
+        cpu_rules(bf16_gemm_onednn=False)
+        assert le.fused_linear(lin, x, "gelu") is None
+
+
 def test_gemm_takes_onednn_only_at_eager_float32_inference(cpu_rules):
-    """``gemm`` (the bias-free GEMM the SAM block kernel reads): oneDNN's where the policy asks, plain F.linear for
-    bf16, with autograd recording, or with the policy off; the same product every way."""
+    """``gemm`` (the bias-free GEMM the SAM block kernel reads): oneDNN's where the policy asks (bf16: on a CPU with
+    bf16 arithmetic), plain F.linear with autograd recording, or with the policy off; the same product every way."""
     import sam_fast.ops.linear_epilogue as le
 
     w = torch.randn(40, 24)
@@ -111,7 +139,11 @@ def test_gemm_takes_onednn_only_at_eager_float32_inference(cpu_rules):
     with torch.no_grad():
         assert le.onednn_gemm_wanted(x, w) == le._onednn_linear_present()
         torch.testing.assert_close(le.gemm(x, w).double(), exact, **FLOAT32)
+        cpu_rules(bf16_gemm_onednn=False)
         assert not le.onednn_gemm_wanted(x.bfloat16(), w.bfloat16())
+        cpu_rules(bf16_gemm_onednn=True)
+        assert le.onednn_gemm_wanted(x.bfloat16(), w.bfloat16()) == (le._bf16_hardware()
+                                                                        and le._onednn_linear_present())
         cpu_rules(fp32_gemm_onednn=False)
         assert not le.onednn_gemm_wanted(x, w)
         torch.testing.assert_close(le.gemm(x, w).double(), exact, **FLOAT32)

@@ -108,20 +108,32 @@ def _onednn_linear_present() -> bool:
 
 
 def onednn_gemm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a float32 CPU linear of ``x`` by ``weight`` runs oneDNN's GEMM here: the policy's
-    ``fp32_gemm_onednn``, oneDNN present and not switched off (``torch.backends.mkldnn``), eager inference (no trace,
-    nothing for autograd to record: the op has no backward)."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or weight.dim() != 2:
+    """Whether a float32 (or bfloat16) CPU linear of ``x`` by ``weight`` runs oneDNN's GEMM here: the policy's
+    ``fp32_gemm_onednn`` (``bf16_gemm_onednn``, on a CPU that multiplies bf16 in hardware), oneDNN present and not
+    switched off (``torch.backends.mkldnn``), eager inference (no trace, nothing for autograd to record: the op has no
+    backward)."""
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" \
+            or weight.dim() != 2:
         return False
     if weight.numel() == 0:  # (oneDNN has no primitive for an empty reduction or output width)
         return False
-    if not cpu_policy.policy().fp32_gemm_onednn or not torch.backends.mkldnn.enabled:
+    policy = cpu_policy.policy()
+    if x.dtype == torch.bfloat16 and not (policy.bf16_gemm_onednn and _bf16_hardware()):
+        return False
+    if not policy.fp32_gemm_onednn or not torch.backends.mkldnn.enabled:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or aoti_export():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     return _onednn_linear_present()
+
+
+def _bf16_hardware() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16), where oneDNN's bf16 GEMM runs natively."""
+    from .dilated_attention_cpu import compute_dtype
+
+    return compute_dtype(torch.bfloat16) == torch.bfloat16
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -143,9 +155,11 @@ def fused_linear(lin: nn.Module, x: torch.Tensor, activation: str = "none",
     dtype."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if type(lin) is not nn.Linear or x.device.type != "cpu" or x.dtype not in EPILOGUE_DTYPES or has_hooks(lin):
+    if type(lin) is not nn.Linear or x.device.type != "cpu" or has_hooks(lin):
         return None
     if x.dtype != lin.weight.dtype or (torch.compiler.is_compiling() and not aoti_export()):
+        return None
+    if x.dtype not in EPILOGUE_DTYPES and not onednn_gemm_wanted(x, lin.weight):  # bf16: the oneDNN path only
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lin.weight, lin.bias, residual)):
         return None
