@@ -153,6 +153,10 @@ def test_batched_decoder_sam2_errors(sam2):
         dec(emb, one, pts, lab)
     with pytest.raises(ValueError, match=r"feat_s1 must have shape \(1, 64, 128, 128\)"):
         dec(emb, one, pts, lab, high_res_features=(s0, s0))
+    with pytest.raises(TypeError, match="feat_s0 must be a float tensor"):
+        dec(emb, one, pts, lab, high_res_features=(s0.long(), s1))
+    with pytest.raises(ValueError, match="feat_s1 must be on meta with image_embeddings"):
+        dec(emb.to("meta"), one.to("meta"), pts, lab, high_res_features=(s0.to("meta"), s1))
     with pytest.raises(ValueError, match=r"2 / 3 \(box corners\).*got values in \[1, 4\]"):
         dec(emb, torch.zeros(2, dtype=torch.int64), torch.zeros(2, 1, 2), torch.tensor([[1], [4]]),
             high_res_features=(s0, s1))

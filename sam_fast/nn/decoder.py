@@ -162,12 +162,12 @@ class BatchedMaskDecoder(nn.Module):
                 raise ValueError(f"mask_inputs must have shape {want}, got {tuple(mask_inputs.shape)}")
         if point_coords is None and boxes is None and mask_inputs is None and P:
             raise ValueError("each prompt needs point_coords, boxes or mask_inputs; none were given")
-        self._check_high_res(high_res_features, I, image_embeddings.dtype, emb)
+        self._check_high_res(high_res_features, I, image_embeddings.device, emb)
         if P:
             self._check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs,
                                3 if self.is_sam2 else 1)
 
-    def _check_high_res(self, high_res_features, I, dtype, emb):
+    def _check_high_res(self, high_res_features, I, device, emb):
         """SAM 2's (feat_s0 (I, C/8, 4h, 4w), feat_s1 (I, C/4, 2h, 2w)), required exactly when the decoder uses them."""
         wanted = bool(getattr(self.mask_decoder, "use_high_res_features", False))
         if not wanted:
@@ -187,6 +187,9 @@ class BatchedMaskDecoder(nn.Module):
                                  f"{tuple(getattr(feat, 'shape', ())) or type(feat).__name__}")
             if not feat.is_floating_point():
                 raise TypeError(f"high_res_features' {name} must be a float tensor, got {feat.dtype}")
+            if feat.device != device:
+                raise ValueError(f"high_res_features' {name} must be on {device} with image_embeddings, got "
+                                 f"{feat.device}")
 
     @staticmethod
     def _check_values(I, image_index, point_coords, point_labels, boxes, mask_inputs, max_label=1):
