@@ -116,7 +116,8 @@ class BatchedMaskDecoder(nn.Module):
         return hasattr(self.mask_decoder, "pred_obj_scores")
 
     def _fusable_tail(self):
-        """(stem, conv) when output_upscaling ends in SAM's ConvTranspose2d(k=2, s=2) + exact GELU, else None."""
+        """The last ConvTranspose2d when output_upscaling ends in SAM's ConvTranspose2d(k=2, s=2) + exact GELU (what
+        the fused kernel computes), else None."""
         seq = self.mask_decoder.output_upscaling
         if not isinstance(seq, nn.Sequential) or len(seq) < 2:
             return None
@@ -126,7 +127,7 @@ class BatchedMaskDecoder(nn.Module):
                 and conv.output_padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
                 and conv.bias is not None):
             return None
-        return seq[:-2], conv
+        return conv
 
     # -- inputs -----------------------------------------------------------------------------------------
 
@@ -293,12 +294,14 @@ class BatchedMaskDecoder(nn.Module):
             object_scores = 10.0 * iou_pred.new_ones(P, 1)
         dynamic = (not multimask_output and getattr(dec, "dynamic_multimask_via_stability", False)
                    and not dec.training)
-        first = 0 if dynamic else 1 if multimask_output else 0
+        first = 1 if multimask_output else 0
         count = dec.num_mask_tokens if dynamic else M
         wanted = range(first, first + count)
         src = keys.transpose(1, 2).reshape(P, -1, h, w)
         hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, s + 1 + i, :]) for i in wanted], dim=1)
-        skip_index = image_index.long() if order is None else image_index.long()[order]
+        skip_index = None
+        if high_res_features is not None:  # each prompt's image, in the decoder's (sorted) prompt order
+            skip_index = image_index.long() if order is None else image_index.long()[order]
         masks = self._upscale_product(src, hyper, high_res_features, skip_index)
         iou_pred = iou_pred[:, first:first + count]
         if dynamic:
@@ -313,21 +316,30 @@ class BatchedMaskDecoder(nn.Module):
     def _upscale_product(self, src, hyper, high_res_features, skip_index):
         """``output_upscaling`` (SAM 2: with its high-resolution features added) and the hypernetwork product."""
         dec = self.mask_decoder
-        tail = self._fusable_tail()
+        conv = self._fusable_tail()
         if high_res_features is not None:
-            dc1, ln1, act1, dc2, act2 = dec.output_upscaling  # SAM 2's layout, as its decoder unpacks it
+            dc2, act2 = dec.output_upscaling[-2:]  # SAM 2's layout (dc1, ln1, act1, dc2, act2), as it unpacks it
             feat_s0, feat_s1 = (f.to(src.dtype) for f in high_res_features)
-            stem = act1(_channel_norm(ln1, dc1(src) + _per_prompt(feat_s1, skip_index)))
-            if tail is not None:
-                return self._fused(stem, tail[1], hyper, feat_s0, skip_index)
+            stem = self._stem(src, _per_prompt(feat_s1, skip_index))
+            if conv is not None:
+                return self._fused(stem, conv, hyper, feat_s0, skip_index)
             upscaled = act2(dc2(stem) + _per_prompt(feat_s0, skip_index))
-        elif tail is not None:
-            stem, conv = tail
-            return self._fused(stem(src), conv, hyper)
+        elif conv is not None:
+            return self._fused(self._stem(src), conv, hyper)
         else:  # an output_upscaling of another shape: the unfused product
             upscaled = dec.output_upscaling(src)
         B, c, uh, uw = upscaled.shape
         return (hyper @ upscaled.view(B, c, uh * uw)).view(B, -1, uh, uw)
+
+    def _stem(self, src, skip=None):
+        """``output_upscaling`` up to its last convolution (SAM's and SAM 2's: ConvTranspose2d, LayerNorm2d, GELU),
+        the LayerNorm2d as one fused ``layer_norm``; SAM 2 adds its stride-8 features after the first convolution."""
+        x = src
+        for i, module in enumerate(self.mask_decoder.output_upscaling[:-2]):
+            x = _channel_norm(module, x)
+            if i == 0 and skip is not None:
+                x = x + skip
+        return x
 
     def _fused(self, x, conv, hyper, skip=None, skip_index=None):
         """The fused last upscaling + product, all its inputs in one dtype: the autocast dtype where autocast is on
@@ -420,9 +432,9 @@ class BatchedMaskDecoder(nn.Module):
             emb = torch.where((labels == -1).unsqueeze(-1), enc.not_a_point_embed.weight.float(), emb)
             emb = emb + (labels == 0).unsqueeze(-1) * enc.point_embeddings[0].weight.float()
             emb = emb + (labels == 1).unsqueeze(-1) * enc.point_embeddings[1].weight.float()
-            # box corners given as points (SAM 2 only; _check_values refuses labels 2 / 3 for SAM)
-            emb = emb + (labels == 2).unsqueeze(-1) * enc.point_embeddings[2].weight.float()
-            emb = emb + (labels == 3).unsqueeze(-1) * enc.point_embeddings[3].weight.float()
+            if self.is_sam2:  # box corners given as points (_check_values refuses labels 2 / 3 for SAM)
+                emb = emb + (labels == 2).unsqueeze(-1) * enc.point_embeddings[2].weight.float()
+                emb = emb + (labels == 3).unsqueeze(-1) * enc.point_embeddings[3].weight.float()
             parts.append(emb)
         if boxes is not None:
             corners = self._fourier((boxes.float() + 0.5).reshape(-1, 2, 2) / scale)
