@@ -112,7 +112,9 @@ def test_bf16_linears_take_onednn_with_post_ops_where_the_cpu_has_bf16(cpu_rules
     x = torch.randn(3, 40, 64).bfloat16()
     res = torch.randn(3, 40, 96).bfloat16()
     exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    native = le._bf16_hardware() and le._onednn_linear_present()
+    from sam_fast.ops.dilated_attention_cpu import compute_dtype
+
+    native = compute_dtype(torch.bfloat16) == torch.bfloat16 and le._onednn_linear_present()
     with torch.no_grad():
         for act, want in (("gelu", F.gelu(exact)), ("none", exact)):
             with sam_fast.record_backends() as rec:
@@ -142,7 +144,9 @@ def test_gemm_takes_onednn_only_at_eager_float32_inference(cpu_rules):
         cpu_rules(bf16_gemm_onednn=False)
         assert not le.onednn_gemm_wanted(x.bfloat16(), w.bfloat16())
         cpu_rules(bf16_gemm_onednn=True)
-        assert le.onednn_gemm_wanted(x.bfloat16(), w.bfloat16()) == (le._bf16_hardware()
+        from sam_fast.ops.dilated_attention_cpu import compute_dtype
+
+        assert le.onednn_gemm_wanted(x.bfloat16(), w.bfloat16()) == (compute_dtype(torch.bfloat16) == torch.bfloat16
                                                                         and le._onednn_linear_present())
         cpu_rules(fp32_gemm_onednn=False)
         assert not le.onednn_gemm_wanted(x, w)

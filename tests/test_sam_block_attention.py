@@ -248,7 +248,7 @@ def test_sam_fast_block_runs_the_block_kernel_at_inference(window, grid, dtype, 
     # bf16 GEMM where the CPU multiplies bf16 in hardware
     import sam_fast.ops.linear_epilogue as le
 
-    fused = dtype == torch.float32 or (le._bf16_hardware() and le._onednn_linear_present())
+    fused = dtype == torch.float32 or (cpu.compute_dtype(dtype) == dtype and le._onednn_linear_present())
     assert len([op for op, _ in rec.calls if op == "fused_linear"]) == (3 if fused else 0)
     calls.clear()
     with torch.no_grad():

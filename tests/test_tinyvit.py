@@ -257,7 +257,7 @@ def test_fast_forms_compute_the_tinyvit(small, dtype, cpu_rules):
         epilogues = sum(op == "fused_linear" for op, _ in rec.calls)
         import sam_fast.ops.linear_epilogue as le  # bf16: oneDNN's bf16 GEMM where the CPU has bf16 arithmetic
 
-        fused = dtype == torch.float32 or (le._bf16_hardware() and le._onednn_linear_present())
+        fused = dtype == torch.float32 or (compute_dtype(dtype) == dtype and le._onednn_linear_present())
         assert epilogues == ((2 + kernel) * n_blocks if fused else 0)
         assert sum(op == "window_bias_attention" for op, _ in rec.calls) == (n_blocks if kernel else 0)
         handle.undo()

@@ -118,8 +118,11 @@ def onednn_gemm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if weight.numel() == 0:  # (oneDNN has no primitive for an empty reduction or output width)
         return False
     policy = cpu_policy.policy()
-    if x.dtype == torch.bfloat16 and not (policy.bf16_gemm_onednn and _bf16_hardware()):
-        return False
+    if x.dtype == torch.bfloat16:
+        from .dilated_attention_cpu import compute_dtype  # (bf16 in hardware: AMX or AVX512-BF16)
+
+        if not (policy.bf16_gemm_onednn and compute_dtype(torch.bfloat16) == torch.bfloat16):
+            return False
     if not policy.fp32_gemm_onednn or not torch.backends.mkldnn.enabled:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or aoti_export():
@@ -127,13 +130,6 @@ def onednn_gemm_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     return _onednn_linear_present()
-
-
-def _bf16_hardware() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16), where oneDNN's bf16 GEMM runs natively."""
-    from .dilated_attention_cpu import compute_dtype
-
-    return compute_dtype(torch.bfloat16) == torch.bfloat16
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
