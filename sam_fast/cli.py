@@ -353,9 +353,8 @@ def _segment(args) -> int:
             print(f"sam-fast segment: cannot read image {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
             continue
         H, W = image.shape[:2]
-        try:
-            if not sam2:  # SAM resizes the long side to its input size: a thin image can vanish (SAM 2: a square)
-                check_image_size((H, W), sam.image_encoder.img_size)
+        try:  # SAM resizes the long side to its input size: a thin image can vanish (SAM 2: to a square)
+            check_image_size((H, W), None if sam2 else sam.image_encoder.img_size)
         except ValueError as exc:
             failed.append(path)
             print(f"sam-fast segment: cannot segment {path}: {exc}", file=sys.stderr)

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from .everything import SamFastAutomaticMaskGenerator
+from .predictor import check_image_size
 
 
 class Sam2FastAutomaticMaskGenerator(SamFastAutomaticMaskGenerator):
     """Drop-in for ``SAM2AutomaticMaskGenerator(model, ...)`` (what ``SamFastAutomaticMaskGenerator(sam2_model)``
-    builds). Beyond SAM 2's arguments: ``points_per_batch=None`` (the default: as many points per decoder call as
-    memory allows), ``hierarchical`` and its thresholds (TinySAM's two rounds), ``backend``, ``progress``."""
+    builds): its arguments in its order. ``points_per_batch=None`` (the default) decodes as many points per call as
+    memory allows; ``options`` are :class:`~sam_fast.SamFastAutomaticMaskGenerator`'s own keywords (``hierarchical``
+    and its thresholds, ``backend``, ``progress``), anything else a TypeError."""
 
     _cleans_small_regions = False
 
@@ -52,12 +54,7 @@ class Sam2FastAutomaticMaskGenerator(SamFastAutomaticMaskGenerator):
         output_mode: str = "binary_mask",
         use_m2m: bool = False,
         multimask_output: bool = True,
-        hierarchical=False,
-        hierarchical_iou_thresh: Optional[float] = None,
-        hierarchical_stability_thresh: Optional[float] = None,
-        hierarchical_logit_thresh: float = 8.5,
-        backend: str = "auto",
-        progress: bool = False,
+        **options,
     ) -> None:
         for name, value in (("use_m2m", use_m2m), ("multimask_output", multimask_output)):
             if not isinstance(value, bool):
@@ -74,10 +71,7 @@ class Sam2FastAutomaticMaskGenerator(SamFastAutomaticMaskGenerator):
                          crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
                          crop_overlap_ratio=crop_overlap_ratio,
                          crop_n_points_downscale_factor=crop_n_points_downscale_factor, point_grids=point_grids,
-                         min_mask_region_area=min_mask_region_area, output_mode=output_mode,
-                         hierarchical=hierarchical, hierarchical_iou_thresh=hierarchical_iou_thresh,
-                         hierarchical_stability_thresh=hierarchical_stability_thresh,
-                         hierarchical_logit_thresh=hierarchical_logit_thresh, backend=backend, progress=progress)
+                         min_mask_region_area=min_mask_region_area, output_mode=output_mode, **options)
 
     @staticmethod
     def _make_predictor(model, backend, min_mask_region_area):
@@ -87,8 +81,7 @@ class Sam2FastAutomaticMaskGenerator(SamFastAutomaticMaskGenerator):
                                  backend=backend)
 
     def _check_image_size(self, hw) -> None:
-        if int(hw[0]) < 1 or int(hw[1]) < 1:  # SAM 2 resizes any image to its square input
-            raise ValueError(f"image is empty ({int(hw[1])}x{int(hw[0])} pixels)")
+        check_image_size(hw, None)  # SAM 2 resizes any non-empty image to its square input
 
     def _mask_threshold(self) -> float:
         return self.mask_threshold

@@ -29,13 +29,14 @@ from .reference.mask_postprocess import upsample_logits
 POSTPROCESS_BACKENDS = ("auto", "cuda", "cpu", "reference")  # sam_fast::mask_postprocess's
 
 
-def check_image_size(hw, img_size: int, name: str = "image") -> None:
+def check_image_size(hw, img_size: Optional[int], name: str = "image") -> None:
     """ValueError unless SAM can resize an (H, W) image: both sides at least 1 pixel after its long side
-    is scaled to ``img_size`` (a 1-pixel side of a long image rounds to 0)."""
+    is scaled to ``img_size`` (a 1-pixel side of a long image rounds to 0). ``img_size=None`` (SAM 2, which
+    resizes any image to its square input): only that the image is not empty."""
     h, w = int(hw[0]), int(hw[1])
     if h < 1 or w < 1:
         raise ValueError(f"{name} is empty ({h}x{w} pixels)")
-    if int(min(h, w) * img_size / max(h, w) + 0.5) < 1:
+    if img_size is not None and int(min(h, w) * img_size / max(h, w) + 0.5) < 1:
         raise ValueError(f"{name} is {w}x{h} pixels: resized to SAM's {img_size} on its long side, its short side "
                          "becomes 0 pixels")
 
@@ -341,12 +342,7 @@ class SamFastPredictor(SamPredictor):
         return parsed, low, iou
 
     def _parse(self, i: int, prompt) -> dict:
-        if not isinstance(prompt, dict):
-            raise TypeError(f"prompts[{i}] must be a dict of arrays, got {type(prompt).__name__}")
-        unknown = set(prompt) - {"point_coords", "point_labels", "boxes", "mask_input"}
-        if unknown:
-            raise ValueError(f"prompts[{i}] has unknown keys {sorted(unknown)}; expected point_coords, "
-                             "point_labels, boxes, mask_input")
+        check_prompt_dict(i, prompt)
         original_size = self._batch["original_sizes"][i]
         coords = prompt.get("point_coords")
         labels = prompt.get("point_labels")
@@ -387,6 +383,16 @@ class SamFastPredictor(SamPredictor):
         count = counts[0] if counts else 0
         key = (None if coords is None else coords.shape[1], boxes is not None, masks is not None)
         return {"count": count, "key": key, "coords": coords, "labels": labels, "boxes": boxes, "masks": masks}
+
+
+def check_prompt_dict(i: int, prompt) -> None:
+    """``prompts[i]`` of a batch API: a dict whose keys are among point_coords, point_labels, boxes, mask_input."""
+    if not isinstance(prompt, dict):
+        raise TypeError(f"prompts[{i}] must be a dict of arrays, got {type(prompt).__name__}")
+    unknown = set(prompt) - {"point_coords", "point_labels", "boxes", "mask_input"}
+    if unknown:
+        raise ValueError(f"prompts[{i}] has unknown keys {sorted(unknown)}; expected point_coords, point_labels, "
+                         "boxes, mask_input")
 
 
 def prompt_records(low: torch.Tensor, iou: torch.Tensor, prompt: Dict[str, np.ndarray], padded_size, input_size,

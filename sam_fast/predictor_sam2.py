@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 from ._dispatch import check_backend_name
 from .nn.decoder import BatchedMaskDecoder
 from .ops.mask_postprocess import mask_postprocess
-from .predictor import POSTPROCESS_BACKENDS, _integer_labels, prompt_records
+from .predictor import POSTPROCESS_BACKENDS, _integer_labels, check_image_size, check_prompt_dict, prompt_records
 
 
 class Sam2FastPredictor(SAM2ImagePredictor):
@@ -182,12 +182,7 @@ class Sam2FastPredictor(SAM2ImagePredictor):
             raise ValueError(f"prompts must be a sequence of one dict per image set ({n})")
         items = []
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, dict):
-                raise TypeError(f"prompts[{i}] must be a dict of arrays, got {type(prompt).__name__}")
-            unknown = set(prompt) - {"point_coords", "point_labels", "boxes", "mask_input"}
-            if unknown:
-                raise ValueError(f"prompts[{i}] has unknown keys {sorted(unknown)}; expected point_coords, "
-                                 "point_labels, boxes, mask_input")
+            check_prompt_dict(i, prompt)
             if not any(prompt.get(k) is not None for k in ("point_coords", "boxes", "mask_input")):
                 continue  # no prompt for this image: no records
             mask_input, coords, labels, box = self._prep_prompts(prompt.get("point_coords"), prompt.get("point_labels"),
@@ -214,12 +209,11 @@ class Sam2FastPredictor(SAM2ImagePredictor):
             groups.setdefault(key, []).append(j)
         results: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(items)
         feats = self._features
+        high_res = feats["high_res_feats"] if getattr(decoder.mask_decoder, "use_high_res_features", False) else None
         for members in groups.values():
             parts = [prepared[j] for j in members]
             index = torch.cat([torch.full((p[4],), p[0], dtype=torch.int64) for p in parts]).to(self.device)
             cat = [None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in (1, 2, 3)]
-            uses_high_res = getattr(decoder.mask_decoder, "use_high_res_features", False)
-            high_res = feats["high_res_feats"] if uses_high_res else None
             low, iou = decoder(feats["image_embed"], index, cat[0], cat[1], None, cat[2], multimask_output,
                                high_res_features=high_res)
             start = 0
@@ -235,8 +229,8 @@ class Sam2FastPredictor(SAM2ImagePredictor):
         if return_logits or t.max_hole_area > 0 or t.max_sprinkle_area > 0 or low.shape[0] * low.shape[1] == 0:
             masks = t.postprocess_masks(low, orig_hw)
             return masks if return_logits else masks > self.mask_threshold
-        P, M, h, w = low.shape
-        out = mask_postprocess(low.flatten(0, 1), padded_size=(h, w), input_size=(h, w),  # see padded_size
+        P, M = low.shape[:2]
+        out = mask_postprocess(low.flatten(0, 1), padded_size=self.padded_size, input_size=self.input_size,
                                original_size=tuple(int(v) for v in orig_hw), mask_threshold=self.mask_threshold,
                                return_rle=False, return_masks=True, backend=self.backend)
         return out.masks.view(P, M, *out.masks.shape[-2:])
@@ -245,8 +239,7 @@ class Sam2FastPredictor(SAM2ImagePredictor):
 def _check_image(image: np.ndarray, name: str) -> None:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{name} must be an HxWx3 RGB array, got shape {image.shape}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"{name} is empty ({image.shape[1]}x{image.shape[0]} pixels)")
+    check_image_size(image.shape[:2], None, name)  # SAM 2 resizes any non-empty image to its square input
 
 
 def _sam2_points(coords, labels, boxes, mask_input):
