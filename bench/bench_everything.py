@@ -94,6 +94,15 @@ def _agreement(reference, other) -> float:
 TARGET_BACKENDS = (BASELINE, "segment_anything_b256", "sam_fast", "sam_fast_hierarchical")
 
 
+def _photo(side: int) -> np.ndarray:
+    """The astronaut photo's top-left 512 x 512, resized to side x side: HxWx3 uint8."""
+    from skimage import data
+
+    image = torch.as_tensor(np.ascontiguousarray(data.astronaut()[:512, :512])).permute(2, 0, 1)[None].float()
+    image = torch.nn.functional.interpolate(image, (side, side), mode="bilinear")[0]
+    return np.asarray(image.permute(1, 2, 0).round().clamp(0, 255).byte())
+
+
 def _case(side, pps, decoder):
     return f"{side}x{side} {pps}x{pps} points, {decoder} decoder"
 
@@ -111,7 +120,6 @@ def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "t
     if family not in (None, "", "sam"):
         raise ValueError(f"family must be 'sam' or 'sam2', got {family!r}")
     from segment_anything import SamAutomaticMaskGenerator
-    from skimage import data
 
     from sam_fast import SamFastAutomaticMaskGenerator
     from sam_fast.models import sam_decoder, tiny_sam
@@ -123,10 +131,7 @@ def run(out_dir: str, quick: bool = False, device: str = None, decoder: str = "t
         sam, side, pps, dtype = sam_decoder(), 1024, (16 if quick else 32), torch.bfloat16
     else:
         sam, side, pps, dtype = tiny_sam(), 256, 16, torch.float32
-    image = np.ascontiguousarray(data.astronaut()[: 512, : 512])
-    image = np.asarray(torch.nn.functional.interpolate(
-        torch.as_tensor(image).permute(2, 0, 1)[None].float(), (side, side), mode="bilinear")[0]
-        .permute(1, 2, 0).round().clamp(0, 255).byte())
+    image = _photo(side)
     sam = sam.to(device=dev)
     decoder = decoder or "trained"
     if decoder == "random":
@@ -199,7 +204,6 @@ def run_sam2(out_dir: str, quick: bool = False, device: str = None):
     import contextlib
 
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-    from skimage import data
 
     from sam_fast import SamFastAutomaticMaskGenerator
     from sam_fast.models.sam2 import tiny_sam2
@@ -208,10 +212,7 @@ def run_sam2(out_dir: str, quick: bool = False, device: str = None):
     gpu = dev.type == "cuda"
     prov = provenance(dev)
     side, pps = (1024, 16 if quick else 32) if gpu else (256, 2 if quick else 8)
-    image = np.ascontiguousarray(data.astronaut()[:512, :512])
-    image = np.asarray(torch.nn.functional.interpolate(
-        torch.as_tensor(image).permute(2, 0, 1)[None].float(), (side, side), mode="bilinear")[0]
-        .permute(1, 2, 0).round().clamp(0, 255).byte())
+    image = _photo(side)
     model = tiny_sam2().to(dev)
     with torch.no_grad():  # the image features, once; the stub serves them to every generator
         from sam2.utils.transforms import SAM2Transforms
