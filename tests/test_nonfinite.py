@@ -96,7 +96,11 @@ def _rel_pos_op_case(dtype, where, L=64, a=8):
     rh, rw = torch.randn(1, 2, L, a, generator=g) * 0.1, torch.randn(1, 2, L, L // a, generator=g) * 0.1
     if where == "scale":
         return q, k, v, rh, rw, NAN
-    t = _poisoned({"q": q, "k": k, "rh": rh}, OP_SPOTS, where)
+    spots = dict(OP_SPOTS)
+    if L > 64:  # the poisoned key in the last chunk of a long row (bf16 on VNNI panels takes rows in chunks)
+        spots = {name: (t, (*at[:2], at[2] + L - 64, at[3]) if t == "k" else at, val)
+                 for name, (t, at, val) in OP_SPOTS.items()}
+    t = _poisoned({"q": q, "k": k, "rh": rh}, spots, where)
     return t["q"], t["k"], v, t["rh"], rw, 0.25
 
 
@@ -111,14 +115,14 @@ def _rel_pos_op_reference(q, k, v, rh, rw, scale):
 
 @pytest.mark.skipif(extension_error() is not None, reason="the C++ extension is required by this project's install")
 @pytest.mark.parametrize("where", ["q", "k", "k_inf", "rel_h", "scale"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rel_pos_attention_op_propagates_nonfinite(dtype, where, cpu_paths):
+@pytest.mark.parametrize("dtype,L", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 1024)])
+def test_rel_pos_attention_op_propagates_nonfinite(dtype, L, where, cpu_paths):
     """The C++ kernel's row pass (AVX-512 or plain, AMX or plain GEMMs) turns a row with a NaN or +inf logit into
-    NaN, its lse too."""
-    q, k, v, rh, rw, scale = _rel_pos_op_case(dtype, where)
+    NaN, its lse too; over 1024 keys bf16's chunked rows too, the bad key in the last chunk."""
+    q, k, v, rh, rw, scale = _rel_pos_op_case(dtype, where, L=L, a=8 if L == 64 else 32)
     want = _rel_pos_op_reference(q, k, v, rh, rw, scale)
-    out = torch.empty(1, 64, 2, 16, dtype=dtype)
-    lse = torch.empty(1, 2, 64)
+    out = torch.empty(1, L, 2, 16, dtype=dtype)
+    lse = torch.empty(1, 2, L)
     torch.ops.sam_fast.rel_pos_attention(q, k, v, rh, rw, scale, out, lse)
     want_lse = torch.logsumexp(_rel_pos_op_logits(q, k, rh, rw, scale), -1).float()
     poisoned = _nan_rows(want)

@@ -48,9 +48,10 @@ def _block_reference(qkv, heads, window, rel_pos_h, rel_pos_w, pad_k, pad_v, sca
 
 # (B, grid, heads, head dim, window): partial windows with padded keys; D = 80 (VNNI panels of 64 + 16) without
 # padding; a global block of 400 tokens (two blocks of rows, key grids over 16 wide); a window larger than the
-# grid; a global 17 x 3 grid; an odd head dim (bf16 without VNNI pairs)
+# grid; a global 17 x 3 grid; an odd head dim (bf16 without VNNI pairs); global blocks of 600 and 575 keys (bf16 on
+# VNNI panels takes them in chunks, flash attention's way: a last chunk of 88 keys, an odd count with its zero key)
 _CASES = [(2, (9, 11), 3, 14, 4), (1, (8, 8), 2, 80, 4), (1, (20, 20), 2, 8, 0), (1, (5, 7), 1, 32, 8),
-          (1, (17, 3), 2, 16, 0), (1, (6, 6), 2, 7, 3)]
+          (1, (17, 3), 2, 16, 0), (1, (6, 6), 2, 7, 3), (1, (24, 25), 2, 16, 0), (1, (23, 25), 1, 16, 0)]
 
 
 def _inputs(B, grid, heads, D, window, seed):

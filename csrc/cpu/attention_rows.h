@@ -25,6 +25,7 @@ namespace sam_fast {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.44269504088896341f;
 
 // The keys' (ay, ax) grid. For a grid of at most 16 x 16 (SAM's 14 x 14 windows) `iy` / `ix` hold each key's row
 // and column (L entries, padded with zeros to a multiple of 16): the AVX-512 row pass then reads the logits in
@@ -36,12 +37,13 @@ struct KeyGrid {
   const int32_t* ix;
 };
 
-// Biased logits and softmax numerators of one row: s[j] = s[j] * scale + (h[j / ax] + w[j % ax]) in place, then
-// p[j] = exp(s[j] - max) (p: s itself for float32, the bf16 row the second GEMM reads for bf16). Returns the
-// maximum (-inf when every key is masked: the row is then zeros) and writes the sum of the float32 numerators.
-// A row whose logits hold a NaN or +inf (from q, k, the bias, the scale) is poisoned, as in PyTorch's softmax:
-// poisoned_row() fills p with NaN and returns the row's "maximum" as the lse the reference gives it, NaN when a
-// logit is NaN, else +inf; finish_row() then writes a NaN output row with that lse.
+// The row pass is built from two pieces over a range of keys [j0, j0 + n) of one row (s points at key j0's logit):
+// bias_range() writes the biased logits s[j] = s[j] * scale + (h[j / ax] + w[j % ax]) in place and returns their
+// maximum, exp_range() the numerators p[j] = exp(s[j] - mx) (p: s itself for float32, the bf16 row the second GEMM
+// reads for bf16) and their float32 sum. softmax_row() runs them over a whole row; RunningRow over a row's chunks.
+//
+// A row whose logits hold a NaN or +inf (from q, k, the bias, the scale) is poisoned, as in PyTorch's softmax: its
+// lse is NaN when a logit is NaN, else +inf, and finish_row() writes it as a NaN output row (sum NaN).
 template <typename P>
 float poisoned_row(int64_t L, P* p, float* sum, bool nan) {
   const float qnan = std::numeric_limits<float>::quiet_NaN();
@@ -50,36 +52,35 @@ float poisoned_row(int64_t L, P* p, float* sum, bool nan) {
   return nan ? qnan : -kNegInf;
 }
 
-template <typename P>
-float softmax_row_generic(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p,
-                          float* sum) {
-  const int64_t ay = g.ay, ax = g.ax;
+inline float bias_range_generic(float* s, const KeyGrid& g, const float* h, const float* w, float scale, int64_t j0,
+                                int64_t n, bool* nan) {
   float mx = kNegInf;
-  bool nan = false;
-  for (int64_t y = 0; y < ay; ++y) {
-    float* sy = s + y * ax;
-    for (int64_t x = 0; x < ax; ++x) {
+  bool bad = false;
+  int64_t y = j0 / g.ax, x0 = j0 % g.ax;
+  for (int64_t j = 0; j < n; ++y, x0 = 0) {  // one stretch of a key-grid row at a time: keys (y, x0..x1)
+    const int64_t x1 = std::min(g.ax, x0 + (n - j));
+    float* sy = s + j - x0;
+    for (int64_t x = x0; x < x1; ++x) {
       const float t = sy[x] * scale + (h[y] + w[x]);
       sy[x] = t;
-      nan = nan || std::isnan(t);
+      bad = bad || std::isnan(t);
       mx = std::max(mx, t);
     }
+    j += x1 - x0;
   }
-  const int64_t L = ay * ax;
-  if (nan || mx == -kNegInf) return poisoned_row(L, p, sum, nan);
-  if (mx == kNegInf) {
-    std::fill(p, p + L, P(0.0f));
-    *sum = 0.0f;
-    return mx;
-  }
+  *nan = bad;
+  return mx;
+}
+
+template <typename P>
+float exp_range_generic(const float* s, int64_t n, float mx, P* p) {
   float acc = 0.0f;
-  for (int64_t j = 0; j < L; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const float e = std::exp(s[j] - mx);
     p[j] = P(e);
     acc += e;
   }
-  *sum = acc;
-  return mx;
+  return acc;
 }
 
 #ifdef SAM_FAST_X86_AVX512
@@ -114,13 +115,12 @@ __attribute__((target("avx512f"))) inline void store_row(float* dst, __mmask16 m
   _mm512_mask_storeu_ps(dst, m, x);
 }
 
-// The bf16 numerators of a row on CPUs with AVX512-BF16: p[j] = exp(s[j] - mx) as bf16, returning the sum of the
-// float32 values. The probabilities are rounded to bf16 (a relative step of 2^-8), so exp needs less than float32's
-// precision: its Taylor polynomial stops at degree 5 (truncation below 3e-6 relative), and vcvtneps2bf16 rounds to
-// nearest even in one instruction (what store_bf16 does in five).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp_row_bf16(const float* s, int64_t L,
-                                                                                          float mx,
-                                                                                          at::BFloat16* pr) {
+// The bf16 numerators on CPUs with AVX512-BF16. The probabilities are rounded to bf16 (a relative step of 2^-8), so
+// exp needs less than float32's precision: its Taylor polynomial stops at degree 5 (truncation below 3e-6
+// relative), and vcvtneps2bf16 rounds to nearest even in one instruction (what store_bf16 does in five).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp_range_bf16(const float* s, int64_t L,
+                                                                                            float mx,
+                                                                                            at::BFloat16* pr) {
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t j = 0; j < L; j += 16) {
@@ -145,55 +145,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp
 }
 
 template <typename P>
-__attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyGrid& g, const float* h,
-                                                            const float* w, float scale, P* pr, float* sum) {
-  const int64_t ay = g.ay, ax = g.ax;
-  const __m512 vs = _mm512_set1_ps(scale);
-  __m512 vmax = _mm512_set1_ps(kNegInf);
-  __mmask16 nan = 0;  // lanes that saw a NaN logit (max_ps would drop it)
-  if (g.iy != nullptr) {  // a small grid: whole vectors over the flat row, the bias by permutes
-    const __m512 hv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ay) - 1u), h);
-    const __m512 wv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ax) - 1u), w);
-    const int64_t L = ay * ax;
-    for (int64_t j = 0; j < L; j += 16) {
-      const int64_t n = std::min<int64_t>(16, L - j);
-      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
-      const __m512 bias = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(g.iy + j), hv),
-                                        _mm512_permutexvar_ps(_mm512_loadu_si512(g.ix + j), wv));
-      const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), vs), bias);
-      _mm512_mask_storeu_ps(s + j, m, t);
-      vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
-      nan |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
-    }
-  }
-  for (int64_t x0 = 0; g.iy == nullptr && x0 < ax; x0 += 16) {
-    const int64_t n = std::min<int64_t>(16, ax - x0);
-    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-    const __m512 wv = _mm512_maskz_loadu_ps(m, w + x0);
-    for (int64_t y = 0; y < ay; ++y) {
-      float* p = s + y * ax + x0;
-      // the bias is summed first, then added to the scaled logit: the rounding of a mask built ahead of time
-      const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p), vs),
-                                     _mm512_add_ps(_mm512_set1_ps(h[y]), wv));
-      _mm512_mask_storeu_ps(p, m, t);
-      vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
-      nan |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
-    }
-  }
-  const float mx = _mm512_reduce_max_ps(vmax);
-  const int64_t L = ay * ax;
-  if (nan || mx == -kNegInf) return poisoned_row(L, pr, sum, nan != 0);
-  if (mx == kNegInf) {
-    std::fill(pr, pr + L, P(0.0f));
-    *sum = 0.0f;
-    return mx;
-  }
-  if constexpr (!std::is_same_v<P, float>) {
-    if (cpu::avx512_bf16()) {
-      *sum = exp_row_bf16(s, L, mx, pr);
-      return mx;
-    }
-  }
+__attribute__((target("avx512f"))) float exp_range_avx512(const float* s, int64_t L, float mx, P* pr) {
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t j = 0; j < L; j += 16) {
@@ -207,19 +159,204 @@ __attribute__((target("avx512f"))) float softmax_row_avx512(float* s, const KeyG
     }
     acc = _mm512_mask_add_ps(acc, m, acc, e);
   }
-  *sum = _mm512_reduce_add_ps(acc);
-  return mx;
+  return _mm512_reduce_add_ps(acc);
+}
+
+// logit * vs + bias: rounded twice (as a mask built ahead of time is added), or in base 2 (vs holding scale log2(e),
+// the bias from tables already in base 2) in one multiply-add
+template <bool kBase2>
+__attribute__((target("avx512f"), always_inline)) inline __m512 biased_logit(__m512 logit, __m512 vs, __m512 bias) {
+  if constexpr (kBase2) {
+    return _mm512_fmadd_ps(logit, vs, bias);
+  } else {
+    return _mm512_add_ps(_mm512_mul_ps(logit, vs), bias);
+  }
+}
+
+// bias_range in AVX-512. On a small grid (KeyGrid's iy / ix; j0 a multiple of 16) whole vectors over the flat row,
+// the bias of 16 keys by two permutes; otherwise one stretch of a key-grid row at a time, the bias summed first, then
+// added to the scaled logit (the rounding of a mask built ahead of time). kBase2: the same logits times log2(e) from
+// h and w already times log2(e), in one multiply-add, for exp2_range_bf16.
+template <bool kBase2 = false>
+__attribute__((target("avx512f"))) inline float bias_range_avx512(float* s, const KeyGrid& g, const float* h,
+                                                                  const float* w, float scale, int64_t j0, int64_t n,
+                                                                  bool* nan) {
+  const __m512 vs = _mm512_set1_ps(kBase2 ? scale * kLog2e : scale);
+  __m512 vmax = _mm512_set1_ps(kNegInf);
+  __mmask16 bad = 0;  // lanes that saw a NaN logit (max_ps would drop it)
+  if (g.iy != nullptr) {
+    const __m512 hv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << g.ay) - 1u), h);
+    const __m512 wv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << g.ax) - 1u), w);
+    for (int64_t j = 0; j < n; j += 16) {
+      const int64_t c = std::min<int64_t>(16, n - j);
+      const __mmask16 m = static_cast<__mmask16>(c == 16 ? 0xffffu : (1u << c) - 1u);
+      const __m512 bias = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(g.iy + j0 + j), hv),
+                                        _mm512_permutexvar_ps(_mm512_loadu_si512(g.ix + j0 + j), wv));
+      const __m512 t = biased_logit<kBase2>(_mm512_maskz_loadu_ps(m, s + j), vs, bias);
+      _mm512_mask_storeu_ps(s + j, m, t);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+      bad |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
+    }
+  } else {
+    int64_t y = j0 / g.ax, x0 = j0 % g.ax;
+    for (int64_t j = 0; j < n; ++y, x0 = 0) {  // keys (y, x0..x1) at sy[x0..x1]
+      const int64_t x1 = std::min(g.ax, x0 + (n - j));
+      float* sy = s + j - x0;
+      const __m512 hy = _mm512_set1_ps(h[y]);
+      int64_t x = x0;
+      for (; x + 16 <= x1; x += 16) {
+        const __m512 t = biased_logit<kBase2>(_mm512_loadu_ps(sy + x), vs, _mm512_add_ps(hy, _mm512_loadu_ps(w + x)));
+        _mm512_storeu_ps(sy + x, t);
+        vmax = _mm512_max_ps(vmax, t);
+        bad |= _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q);
+      }
+      if (x < x1) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (x1 - x)) - 1u);
+        const __m512 t = biased_logit<kBase2>(_mm512_maskz_loadu_ps(m, sy + x), vs,
+                                              _mm512_add_ps(hy, _mm512_maskz_loadu_ps(m, w + x)));
+        _mm512_mask_storeu_ps(sy + x, m, t);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, t);
+        bad |= _mm512_mask_cmp_ps_mask(m, t, t, _CMP_UNORD_Q);
+      }
+      j += x1 - x0;
+    }
+  }
+  *nan = bad != 0;
+  return _mm512_reduce_max_ps(vmax);
+}
+
+// 2^x for x <= 0 (-inf included) to bf16's needs: 2^k 2^r, k the nearest integer, |r| <= 1/2, 2^r by its degree-4
+// Taylor polynomial (truncation below 5e-5 relative, an eightieth of bf16's rounding step). Below -150: 0.
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp2_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, k);
+  __m512 p = _mm512_set1_ps(0.0096181291f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0555041087f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.240226507f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.693147181f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+// The bf16 numerators from base-2 logits (bias_range_avx512<true>): p[j] = 2^(u[j] - m), rounded to nearest even by
+// vcvtneps2bf16. Returns the sum of the float32 values. Full vectors unmasked, the tail masked.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp2_range_bf16(const float* u, int64_t L,
+                                                                                             float m,
+                                                                                             at::BFloat16* pr) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= L; j += 16) {
+    const __m512 e = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(u + j), vm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (j < L) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (L - j)) - 1u);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp2_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, u + j), vm)));
+    _mm256_mask_storeu_epi16(pr + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 #endif
+
+inline float bias_range(float* s, const KeyGrid& g, const float* h, const float* w, float scale, int64_t j0, int64_t n,
+                        bool* nan) {
+#ifdef SAM_FAST_X86_AVX512
+  if (cpu::avx512()) return bias_range_avx512(s, g, h, w, scale, j0, n, nan);
+#endif
+  return bias_range_generic(s, g, h, w, scale, j0, n, nan);
+}
 
 template <typename P>
-float softmax_row(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p, float* sum) {
+float exp_range(const float* s, int64_t n, float mx, P* p) {
 #ifdef SAM_FAST_X86_AVX512
-  if (cpu::avx512()) return softmax_row_avx512(s, g, h, w, scale, p, sum);
+  if constexpr (!std::is_same_v<P, float>) {
+    if (cpu::avx512_bf16()) return exp_range_bf16(s, n, mx, p);
+  }
+  if (cpu::avx512()) return exp_range_avx512(s, n, mx, p);
 #endif
-  return softmax_row_generic(s, g, h, w, scale, p, sum);
+  return exp_range_generic(s, n, mx, p);
 }
 
+// One whole row: the biased logits in place, the numerators in p, their sum in *sum. Returns the maximum (-inf when
+// every key is masked: the row is then zeros) or, for a poisoned row, the lse poisoned_row() gives it.
+template <typename P>
+float softmax_row(float* s, const KeyGrid& g, const float* h, const float* w, float scale, P* p, float* sum) {
+  const int64_t L = g.ay * g.ax;
+  bool nan = false;
+  const float mx = bias_range(s, g, h, w, scale, 0, L, &nan);
+  if (nan || mx == -kNegInf) return poisoned_row(L, p, sum, nan);
+  if (mx == kNegInf) {
+    std::fill(p, p + L, P(0.0f));
+    *sum = 0.0f;
+    return mx;
+  }
+  *sum = exp_range(s, L, mx, p);
+  return mx;
+}
+
+// One row's softmax over its keys chunk by chunk (flash attention's running form): the maximum and float32 sum so
+// far, and whether a chunk poisoned the row. add() takes the next chunk's logits and returns the factor the row's
+// output accumulated so far must be multiplied by (the old maximum's numerators rescaled to the new one; 1 when the
+// maximum did not move); its numerators are relative to the running maximum, so they stay in [0, 1]. With `base2`
+// (bf16 numerators on a CPU with AVX512-BF16) the logits, the maximum and the exponentials are in base 2
+// (bias_range_avx512<true>, exp2_range_bf16; h and w given times log2(e)): the multiply by log2(e) folds into the
+// scale, and the exponential needs fewer steps; total() turns the maximum back.
+struct RunningRow {
+  float mx = kNegInf, sum = 0.0f;
+  bool nan = false, inf = false, base2 = false;
+
+  template <typename P>
+  float add(float* s, const KeyGrid& g, const float* h, const float* w, float scale, int64_t j0, int64_t n, P* p) {
+    bool chunk_nan = false;
+    float cm;
+#ifdef SAM_FAST_X86_AVX512
+    if (base2) {
+      cm = bias_range_avx512<true>(s, g, h, w, scale, j0, n, &chunk_nan);
+    } else
+#endif
+    {
+      cm = bias_range(s, g, h, w, scale, j0, n, &chunk_nan);
+    }
+    nan = nan || chunk_nan;
+    inf = inf || cm == -kNegInf;
+    const float m = std::max(mx, cm);
+    if (nan || inf || m == kNegInf) {  // poisoned (the output is NaN whatever it accumulates), or nothing seen yet
+      std::fill(p, p + n, P(0.0f));
+      return 1.0f;
+    }
+    float alpha = 1.0f, part;
+#ifdef SAM_FAST_X86_AVX512
+    if constexpr (std::is_same_v<P, at::BFloat16>) {
+      if (base2) {
+        if (m > mx) alpha = std::exp2(mx - m);  // exp2(-inf) = 0: nothing accumulated before
+        part = exp2_range_bf16(s, n, m, p);
+      }
+    }
+    if (!base2)
+#endif
+    {
+      if (m > mx) alpha = std::exp(mx - m);
+      part = exp_range(s, n, m, p);
+    }
+    sum = sum * alpha + part;
+    mx = m;
+    return alpha;
+  }
+
+  // the row's totals as softmax_row gives them: its sum (NaN when poisoned) and maximum (the poisoned lse)
+  float total(float* out_sum) const {
+    if (nan || inf) {
+      *out_sum = std::numeric_limits<float>::quiet_NaN();
+      return nan ? std::numeric_limits<float>::quiet_NaN() : -kNegInf;
+    }
+    *out_sum = sum;
+    return base2 && mx != kNegInf ? mx * 0.693147180559945309f : mx;
+  }
+};
 // Query rows per block: their float32 logits over all Lk keys fill about `budget` bytes; at least 1 row, at most
 // 256. float32 (kFloatBlockBytes, 4 MiB): MKL's GEMMs run faster on taller blocks than they lose to the logits
 // spilling out of L2 (64 rows ran 3% slower, 32 rows 27% slower than 256 on ViT-B's global block). bf16
@@ -293,17 +430,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_v_panel_avx512(co
 #ifdef SAM_FAST_X86_AVX512
 // C (n, w) = A (n, 2 * K2) times B (2 * K2, w) in AVX512-BF16, for CPUs without AMX: A bf16 row-major (row stride
 // lda), B one VNNI panel as the packers above write it ((K2, ld) 32-bit pairs, ld = w rounded up to 16, at most 64),
-// C float32 (row stride ldc), its w columns overwritten. R rows by NV vectors of 16 columns in registers (4 x 4: 16
+// C float32 (row stride ldc), its w columns overwritten (add: added to). R rows by NV vectors of 16 columns in registers (4 x 4: 16
 // accumulators, 4 panel vectors, one broadcast pair of A); each step over a pair of the reduction is one vdpbf16ps
 // per accumulator. The products of two bf16 are exact in float32; vdpbf16ps rounds its sums to nearest even and
 // flushes denormals, within the tolerance the bf16 path already has.
 template <int R, int NV>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) inline void dot_rows_bf16(
     const at::BFloat16* a, int64_t lda, int64_t K2, const uint32_t* B, int64_t ld, int64_t w, float* c,
-    int64_t ldc) {
+    int64_t ldc, bool add) {
   __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, w - 16 * v));
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
+    for (int r = 0; r < R; ++r) acc[r][v] = add ? _mm512_maskz_loadu_ps(m, c + r * ldc + 16 * v) : _mm512_setzero_ps();
   }
   for (int64_t p = 0; p < K2; ++p) {
     __m512bh b[NV];
@@ -326,20 +465,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) i
 template <int NV>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dot_panel_bf16_nv(
     const at::BFloat16* a, int64_t lda, int64_t n, int64_t K2, const uint32_t* B, int64_t ld, int64_t w, float* c,
-    int64_t ldc) {
+    int64_t ldc, bool add) {
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) dot_rows_bf16<4, NV>(a + i * lda, lda, K2, B, ld, w, c + i * ldc, ldc);
-  for (; i < n; ++i) dot_rows_bf16<1, NV>(a + i * lda, lda, K2, B, ld, w, c + i * ldc, ldc);
+  for (; i + 4 <= n; i += 4) dot_rows_bf16<4, NV>(a + i * lda, lda, K2, B, ld, w, c + i * ldc, ldc, add);
+  for (; i < n; ++i) dot_rows_bf16<1, NV>(a + i * lda, lda, K2, B, ld, w, c + i * ldc, ldc, add);
 }
 
 void dot_panel_bf16(const at::BFloat16* a, int64_t lda, int64_t n, int64_t K2, const at::BFloat16* panel,
-                    int64_t ld, int64_t w, float* c, int64_t ldc) {
+                    int64_t ld, int64_t w, float* c, int64_t ldc, bool add) {
   const uint32_t* B = reinterpret_cast<const uint32_t*>(panel);
   switch (ld / 16) {
-    case 1: return dot_panel_bf16_nv<1>(a, lda, n, K2, B, ld, w, c, ldc);
-    case 2: return dot_panel_bf16_nv<2>(a, lda, n, K2, B, ld, w, c, ldc);
-    case 3: return dot_panel_bf16_nv<3>(a, lda, n, K2, B, ld, w, c, ldc);
-    default: return dot_panel_bf16_nv<4>(a, lda, n, K2, B, ld, w, c, ldc);
+    case 1: return dot_panel_bf16_nv<1>(a, lda, n, K2, B, ld, w, c, ldc, add);
+    case 2: return dot_panel_bf16_nv<2>(a, lda, n, K2, B, ld, w, c, ldc, add);
+    case 3: return dot_panel_bf16_nv<3>(a, lda, n, K2, B, ld, w, c, ldc, add);
+    default: return dot_panel_bf16_nv<4>(a, lda, n, K2, B, ld, w, c, ldc, add);
   }
 }
 #endif
@@ -505,6 +644,13 @@ class FloatAttend {
 // the same panels go through dot_panel_bf16 (vdpbf16ps: twice float32's multiply-adds per instruction; ATen's GEMM
 // there converts to float32 and runs at float32's speed). Elsewhere ATen's GEMM runs on plain row-major B (k^T then a
 // transposed copy). The probabilities are rounded to bf16 for the second GEMM (as PyTorch's fused CPU kernel does).
+//
+// On the VNNI panels a segment of more than kChunkMax keys is taken chunk_keys() keys at a time, flash attention's
+// way: a block's logits over one chunk stay in cache through both GEMMs and the row pass, each row keeps a running
+// maximum and sum (RunningRow), and its output accumulated so far is rescaled when the maximum moves. Whole rows of
+// 4096 keys (SAM's global blocks) made the first GEMM write, and the row pass read twice, a megabyte of logits per
+// block: the chunks (with the base-2 row pass) ran the global block 1.3x faster on a Xeon with AMX
+// (docs/maintainers/design.md). Smaller segments (windows) are one chunk: the same loop without rescaling.
 class Bf16Attend {
  public:
   enum class Gemm { kAmx, kDot, kPlain };
@@ -512,21 +658,24 @@ class Bf16Attend {
   Bf16Attend(int64_t bq, int64_t Lk, int64_t D)
       // (AMX switched off takes the dot-product path, AVX-512 switched off the plain GEMM: how the tests reach each
       // on a CPU that has more)
-      : gemm_(D % 2 != 0                    ? Gemm::kPlain
+      : gemm_(!vnni(D)                   ? Gemm::kPlain
               : cpu::amx(at::kBFloat16)     ? Gemm::kAmx
-              : cpu::avx512_bf16()          ? Gemm::kDot
-                                            : Gemm::kPlain),
+                                            : Gemm::kDot),
         vnni_(gemm_ != Gemm::kPlain),
         Lk_(Lk),
         D_(D),
         // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
         Lk2_(vnni_ ? Lk + (Lk & 1) : Lk),
-        logits_(bq * Lk),
+        kc_(chunk_keys(vnni_, Lk, D)),
+        pld_(vnni_ ? kc_ + (kc_ & 1) : Lk),
+        logits_(bq * kc_),
         acc_(bq * D),
-        probs_(bq * Lk2_),
+        probs_(bq * pld_),
         kt_(vnni_ ? 0 : D * Lk),
         kpack_(vnni_ ? D * (Lk + kPanel) : 0),
-        vpack_(vnni_ ? Lk2_ * (D + kPanel) : 0) {}
+        vpack_(vnni_ ? Lk2_ * (D + kPanel) : 0),
+        base2_(vnni_ && cpu::avx512_bf16()),
+        rows_(vnni_ ? bq : 0, RunningRow{kNegInf, 0.0f, false, false, base2_}) {}
 
   Bf16Attend(const Bf16Attend&) = delete;
   Bf16Attend& operator=(const Bf16Attend&) = delete;
@@ -559,37 +708,50 @@ class Bf16Attend {
 
   void block(const at::BFloat16* q, int64_t ldq, int64_t n, const float* h, const float* w, const KeyGrid& g,
              float scale, float* sums, float* maxes) {
-    namespace blas = at::native::cpublas;
-    if (vnni_) {
-      for (int64_t c0 = 0; c0 < Lk_; c0 += kPanel) {
-        const int64_t cw = std::min(kPanel, Lk_ - c0);
-        if (gemm_ == Gemm::kDot) {
-          dot(q, ldq, n, D_, kpack_.data() + D_ * c0, panel_ld(cw), cw, logits_.data() + c0, Lk_);
-        } else {
-          blas::brgemm(n, cw, D_, ldq, panel_ld(cw), Lk_, false, q, kpack_.data() + D_ * c0, logits_.data() + c0,
-                       true);
+    if (!vnni_) {
+      namespace blas = at::native::cpublas;
+      blas::brgemm(n, Lk_, D_, ldq, Lk_, Lk_, false, q, kt_.data(), logits_.data(), false);
+      for (int64_t i = 0; i < n; ++i) {
+        maxes[i] = softmax_row(logits_.data() + i * Lk_, g, h + i * g.ay, w + i * g.ax, scale,
+                               probs_.data() + i * Lk_, &sums[i]);
+      }
+      blas::brgemm(n, D_, Lk_, Lk_, ldv_, D_, false, probs_.data(), v_, acc_.data(), false);
+      return;
+    }
+    if (base2_) {  // the rows' bias terms in base 2 (see RunningRow)
+      h2_.resize(n * g.ay);
+      w2_.resize(n * g.ax);
+      for (int64_t e = 0; e < n * g.ay; ++e) h2_[e] = h[e] * kLog2e;
+      for (int64_t e = 0; e < n * g.ax; ++e) w2_[e] = w[e] * kLog2e;
+      h = h2_.data();
+      w = w2_.data();
+    }
+    for (int64_t c0 = 0; c0 < Lk_; c0 += kc_) {
+      const int64_t cw = std::min(kc_, Lk_ - c0);
+      // the last chunk's reduction takes the zero key of an odd count (c0 and kc_ are multiples of kPanel)
+      const int64_t red = c0 + cw == Lk_ ? Lk2_ - c0 : cw;
+      for (int64_t p0 = c0; p0 < c0 + cw; p0 += kPanel) {
+        const int64_t pw = std::min(kPanel, c0 + cw - p0);
+        gemm(q, ldq, n, D_, kpack_.data() + D_ * p0, panel_ld(pw), pw, logits_.data() + (p0 - c0), kc_, false);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        at::BFloat16* p = probs_.data() + i * pld_;
+        const float alpha = rows_[i].add(logits_.data() + i * kc_, g, h + i * g.ay, w + i * g.ax, scale, c0, cw, p);
+        if (red != cw) p[cw] = at::BFloat16(0.0f);
+        if (c0 > 0 && alpha != 1.0f) {
+          float* a = acc_.data() + i * D_;
+          for (int64_t d = 0; d < D_; ++d) a[d] *= alpha;
         }
       }
-    } else {
-      blas::brgemm(n, Lk_, D_, ldq, Lk_, Lk_, false, q, kt_.data(), logits_.data(), false);
+      for (int64_t d0 = 0; d0 < D_; d0 += kPanel) {  // keys c0.. of v's panel: pair c0 / 2 on
+        const int64_t dw = std::min(kPanel, D_ - d0);
+        gemm(probs_.data(), pld_, n, red, vpack_.data() + Lk2_ * d0 + c0 * panel_ld(dw), panel_ld(dw), dw,
+             acc_.data() + d0, D_, c0 > 0);
+      }
     }
     for (int64_t i = 0; i < n; ++i) {
-      maxes[i] = softmax_row(logits_.data() + i * Lk_, g, h + i * g.ay, w + i * g.ax, scale,
-                             probs_.data() + i * Lk2_, &sums[i]);
-      if (Lk2_ != Lk_) probs_[i * Lk2_ + Lk_] = at::BFloat16(0.0f);
-    }
-    if (vnni_) {
-      for (int64_t c0 = 0; c0 < D_; c0 += kPanel) {
-        const int64_t cw = std::min(kPanel, D_ - c0);
-        if (gemm_ == Gemm::kDot) {
-          dot(probs_.data(), Lk2_, n, Lk2_, vpack_.data() + Lk2_ * c0, panel_ld(cw), cw, acc_.data() + c0, D_);
-        } else {
-          blas::brgemm(n, cw, Lk2_, Lk2_, panel_ld(cw), D_, false, probs_.data(), vpack_.data() + Lk2_ * c0,
-                       acc_.data() + c0, true);
-        }
-      }
-    } else {
-      blas::brgemm(n, D_, Lk_, Lk_, ldv_, D_, false, probs_.data(), v_, acc_.data(), false);
+      maxes[i] = rows_[i].total(&sums[i]);
+      rows_[i] = RunningRow{kNegInf, 0.0f, false, false, base2_};
     }
   }
 
@@ -597,13 +759,38 @@ class Bf16Attend {
 
  private:
   static constexpr int64_t kPanel = 64;
+  static constexpr int64_t kChunkMax = 512;  // segments up to this many keys: one chunk
   static int64_t panel_ld(int64_t cols) { return (cols + 15) / 16 * 16; }  // 16, 32, 48 or 64
 
-  // C (n, w) = A (n, K) B for one VNNI panel B (K even) on the dot-product path
-  static void dot(const at::BFloat16* a, int64_t lda, int64_t n, int64_t K, const at::BFloat16* panel, int64_t ld,
-                  int64_t w, float* c, int64_t ldc) {
+  // whether the GEMMs run on VNNI panels (the constructor's choice)
+  static bool vnni(int64_t D) { return D % 2 == 0 && (cpu::amx(at::kBFloat16) || cpu::avx512_bf16()); }
+
+  // Keys per chunk: the whole segment up to kChunkMax, else a multiple of kPanel. ViT-B's global block (head dim 64)
+  // ran fastest at 256 (128: 3% slower, 512: 9%); SlimSAM-77's (14) at 512 (256: 7% slower), where the GEMMs are
+  // cheap and fewer calls count more.
+  static int64_t chunk_keys(bool vnni, int64_t Lk, int64_t D) {
+    return vnni && Lk > kChunkMax ? (D > 32 ? 256 : 512) : Lk;
+  }
+
+ public:
+  // Query rows per block: whole rows, float32 logits of about kBf16BlockBytes; chunked rows, 256 (the rows share
+  // each chunk's packed keys while they are in L1; 128 ran 5-15% slower on ViT-B's global block).
+  static int64_t block_rows(int64_t Lq, int64_t Lk, int64_t D) {
+    if (chunk_keys(vnni(D), Lk, D) == Lk) return rows_per_block(Lq, Lk, kBf16BlockBytes);
+    return std::min<int64_t>(256, std::max<int64_t>(1, Lq));
+  }
+
+ private:
+
+  // C (n, w) = A (n, K) B for one VNNI panel B (K even; its ld columns, w of them real), overwritten or added to
+  void gemm(const at::BFloat16* a, int64_t lda, int64_t n, int64_t K, const at::BFloat16* panel, int64_t ld,
+            int64_t w, float* c, int64_t ldc, bool add) const {
+    if (gemm_ == Gemm::kAmx) {
+      at::native::cpublas::brgemm(n, w, K, lda, ld, ldc, add, a, panel, c, true);
+      return;
+    }
 #ifdef SAM_FAST_X86_AVX512
-    dot_panel_bf16(a, lda, n, K / 2, panel, ld, w, c, ldc);
+    dot_panel_bf16(a, lda, n, K / 2, panel, ld, w, c, ldc, add);
 #else
     TORCH_CHECK(false, "the AVX512-BF16 path needs an x86-64 build");
 #endif
@@ -611,9 +798,12 @@ class Bf16Attend {
 
   Gemm gemm_;
   bool vnni_;
-  int64_t Lk_, D_, Lk2_;
+  int64_t Lk_, D_, Lk2_, kc_, pld_;
   std::vector<float> logits_, acc_;
   std::vector<at::BFloat16> probs_, kt_, kpack_, vpack_;
+  bool base2_;
+  std::vector<RunningRow> rows_;
+  std::vector<float> h2_, w2_;
   const at::BFloat16* v_ = nullptr;
   int64_t ldv_ = 0;
 };
@@ -621,10 +811,14 @@ class Bf16Attend {
 template <typename T>
 using Attend = std::conditional_t<std::is_same_v<T, float>, FloatAttend, Bf16Attend>;
 
-// Query rows per block for q's dtype: float32 logits over Lk keys of about kFloatBlockBytes / kBf16BlockBytes.
+// Query rows per block for q's dtype: float32 logits over Lk keys of about kFloatBlockBytes, or Bf16Attend's choice.
 template <typename T>
-int64_t block_rows(int64_t Lq, int64_t Lk) {
-  return rows_per_block(Lq, Lk, std::is_same_v<T, float> ? kFloatBlockBytes : kBf16BlockBytes);
+int64_t block_rows(int64_t Lq, int64_t Lk, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    return rows_per_block(Lq, Lk, kFloatBlockBytes);
+  } else {
+    return Bf16Attend::block_rows(Lq, Lk, D);
+  }
 }
 
 // The key grid's row / column of each key, for grids of at most 16 x 16 on the AVX-512 row pass (see KeyGrid):

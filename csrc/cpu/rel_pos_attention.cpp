@@ -27,7 +27,7 @@ template <typename T>
 void attend_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* hp,
                      const float* wp, const KeyGrid& g, float scale, T* op, float* lp) {
   const int64_t S = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
-  const int64_t bq = block_rows<T>(Lq, Lk);
+  const int64_t bq = block_rows<T>(Lq, Lk, D);
   const int64_t nb = (Lq + bq - 1) / bq;
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();

@@ -144,7 +144,7 @@ void attend_grid(const at::Tensor& qkv, int64_t heads, int64_t sh, int64_t sw, c
   const int64_t sB = qkv.stride(0), sH = qkv.stride(1), sW = qkv.stride(2);
   const int64_t nsy = (Hg + sh - 1) / sh, nsx = (Wg + sw - 1) / sw, Lk = sh * sw;
   const int64_t Hq = Hg / qs, Wq = Wg / qs, qh = sh / qs, qw = sw / qs;  // the (pooled) query grid and segment
-  const int64_t bq = block_rows<T>(qh * qw, Lk);
+  const int64_t bq = block_rows<T>(qh * qw, Lk, D);
   const int64_t nb = (qh * qw + bq - 1) / bq;
   KeyGrid g{flat ? 1 : sh, flat ? Lk : sw, nullptr, nullptr};
   std::vector<int32_t> iy, ix;
