@@ -49,9 +49,10 @@ def _block_reference(qkv, heads, window, rel_pos_h, rel_pos_w, pad_k, pad_v, sca
 # (B, grid, heads, head dim, window): partial windows with padded keys; D = 80 (VNNI panels of 64 + 16) without
 # padding; a global block of 400 tokens (two blocks of rows, key grids over 16 wide); a window larger than the
 # grid; a global 17 x 3 grid; an odd head dim (bf16 without VNNI pairs); global blocks of 600 and 575 keys (bf16 on
-# VNNI panels takes them in chunks, flash attention's way: a last chunk of 88 keys, an odd count with its zero key)
+# AMX takes the first in chunks of 256, flash attention's way, a last chunk of 88 keys; both again in chunks of 128
+# on either VNNI path, SAM_FAST_CPU_ATTENTION_CHUNK: an odd count's zero key in the last chunk)
 _CASES = [(2, (9, 11), 3, 14, 4), (1, (8, 8), 2, 80, 4), (1, (20, 20), 2, 8, 0), (1, (5, 7), 1, 32, 8),
-          (1, (17, 3), 2, 16, 0), (1, (6, 6), 2, 7, 3), (1, (24, 25), 2, 16, 0), (1, (23, 25), 1, 16, 0)]
+          (1, (17, 3), 2, 16, 0), (1, (6, 6), 2, 7, 3), (1, (24, 25), 2, 48, 0), (1, (23, 25), 1, 16, 0)]
 
 
 def _inputs(B, grid, heads, D, window, seed):
@@ -69,7 +70,7 @@ def _inputs(B, grid, heads, D, window, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,grid,heads,D,window", _CASES)
-def test_sam_block_attention_op_matches_segment_anything(B, grid, heads, D, window, dtype, cpu_paths):
+def test_sam_block_attention_op_matches_segment_anything(B, grid, heads, D, window, dtype, cpu_paths, monkeypatch):
     """The op against segment_anything's attention in float64 (the tolerance rule, with the same computation in
     the op's dtype as the yardstick): with the padded keys' pad_k / pad_v, and with qkv holding x W^T alone and the
     bias handed to the kernel (the same result as the biased qkv); on each path (``cpu_paths``: the scalar row pass,
@@ -89,6 +90,12 @@ def test_sam_block_attention_op_matches_segment_anything(B, grid, heads, D, wind
     torch.ops.sam_fast.sam_block_attention(lowp, heads, window, *tables, None, pad_k.to(dtype).contiguous(),
                                            pad_v.to(dtype).contiguous(), scale, out)
     check_against_reference("out", out, exact, same, dtype, FWD_FACTOR)
+    if dtype == torch.bfloat16 and grid[0] * grid[1] > 512:  # chunks of 128 keys on any VNNI path
+        monkeypatch.setenv("SAM_FAST_CPU_ATTENTION_CHUNK", "128")
+        out.fill_(float("nan"))
+        torch.ops.sam_fast.sam_block_attention(lowp, heads, window, *tables, None, pad_k.to(dtype).contiguous(),
+                                               pad_v.to(dtype).contiguous(), scale, out)
+        check_against_reference("out (chunks of 128 keys)", out, exact, same, dtype, FWD_FACTOR)
     # x W^T alone in qkv, the bias added by the kernel as it reads the rows (float32 here: exact inputs)
     if dtype == torch.float32:
         bare = qkv.float()
@@ -111,6 +118,24 @@ def test_sam_block_attention_op_pads_with_zeros_without_pad_kv():
     out = torch.empty(1, 7, 5, 16)
     torch.ops.sam_fast.sam_block_attention(qkv.float(), 2, 3, rel_h.float(), rel_w.float(), None, None, None, 0.3, out)
     check_against_reference("out", out, exact, same, torch.float32, FWD_FACTOR)
+
+
+def test_forced_chunk_length_must_be_a_multiple_of_64(monkeypatch):
+    """SAM_FAST_CPU_ATTENTION_CHUNK (the bf16 row chunks' length) that is not a positive multiple of 64 keys is
+    refused by name where bf16 runs on VNNI panels; elsewhere (no AVX512-BF16, no AMX) rows are whole and it is not
+    read."""
+    from sam_fast import cpu_features
+
+    qkv = torch.randn(1, 24, 25, 3 * 2 * 16).to(torch.bfloat16)
+    tables = (torch.randn(47, 16), torch.randn(49, 16))
+    out = torch.empty(1, 24, 25, 32, dtype=torch.bfloat16)
+    pads = (torch.zeros(2, 16, dtype=torch.bfloat16), torch.zeros(2, 16, dtype=torch.bfloat16))
+    if not {"avx512-bf16", "amx-bf16"} & set(cpu_features.describe().split()):
+        pytest.skip("bf16 attention runs on plain operands on this CPU: no chunks")
+    for bad in ("100", "0", "-64", "64k"):
+        monkeypatch.setenv("SAM_FAST_CPU_ATTENTION_CHUNK", bad)
+        with pytest.raises(RuntimeError, match="SAM_FAST_CPU_ATTENTION_CHUNK must be a positive multiple of 64"):
+            torch.ops.sam_fast.sam_block_attention(qkv, 2, 0, *tables, None, *pads, 0.25, out)
 
 
 def test_sam_block_attention_op_refuses_bad_arguments():

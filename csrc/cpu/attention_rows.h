@@ -645,28 +645,24 @@ class FloatAttend {
 // there converts to float32 and runs at float32's speed). Elsewhere ATen's GEMM runs on plain row-major B (k^T then a
 // transposed copy). The probabilities are rounded to bf16 for the second GEMM (as PyTorch's fused CPU kernel does).
 //
-// On the VNNI panels a segment of more than kChunkMax keys is taken chunk_keys() keys at a time, flash attention's
+// On AMX a segment of more than kChunkMax keys is taken chunk_keys() keys at a time, flash attention's
 // way: a block's logits over one chunk stay in cache through both GEMMs and the row pass, each row keeps a running
 // maximum and sum (RunningRow), and its output accumulated so far is rescaled when the maximum moves. Whole rows of
 // 4096 keys (SAM's global blocks) made the first GEMM write, and the row pass read twice, a megabyte of logits per
-// block: the chunks (with the base-2 row pass) ran the global block 1.3x faster on a Xeon with AMX
+// block: the chunks (with the base-2 row pass) ran the global block 1.2x faster on a Xeon with AMX
 // (docs/maintainers/design.md). Smaller segments (windows) are one chunk: the same loop without rescaling.
 class Bf16Attend {
  public:
   enum class Gemm { kAmx, kDot, kPlain };
 
   Bf16Attend(int64_t bq, int64_t Lk, int64_t D)
-      // (AMX switched off takes the dot-product path, AVX-512 switched off the plain GEMM: how the tests reach each
-      // on a CPU that has more)
-      : gemm_(!vnni(D)                   ? Gemm::kPlain
-              : cpu::amx(at::kBFloat16)     ? Gemm::kAmx
-                                            : Gemm::kDot),
+      : gemm_(gemm_for(D)),
         vnni_(gemm_ != Gemm::kPlain),
         Lk_(Lk),
         D_(D),
         // the second GEMM's reduction runs over the keys: an even count for VNNI pairs (a zero key at the end)
         Lk2_(vnni_ ? Lk + (Lk & 1) : Lk),
-        kc_(chunk_keys(vnni_, Lk, D)),
+        kc_(chunk_keys(gemm_, Lk, D)),
         pld_(vnni_ ? kc_ + (kc_ & 1) : Lk),
         logits_(bq * kc_),
         acc_(bq * D),
@@ -762,21 +758,43 @@ class Bf16Attend {
   static constexpr int64_t kChunkMax = 512;  // segments up to this many keys: one chunk
   static int64_t panel_ld(int64_t cols) { return (cols + 15) / 16 * 16; }  // 16, 32, 48 or 64
 
-  // whether the GEMMs run on VNNI panels (the constructor's choice)
-  static bool vnni(int64_t D) { return D % 2 == 0 && (cpu::amx(at::kBFloat16) || cpu::avx512_bf16()); }
+  // the GEMMs for head dim D (AMX switched off takes the dot-product path, AVX-512 switched off the plain GEMM: how
+  // the tests reach each on a CPU that has more)
+  static Gemm gemm_for(int64_t D) {
+    if (D % 2 != 0) return Gemm::kPlain;
+    if (cpu::amx(at::kBFloat16)) return Gemm::kAmx;
+    return cpu::avx512_bf16() ? Gemm::kDot : Gemm::kPlain;
+  }
 
-  // Keys per chunk: the whole segment up to kChunkMax, else a multiple of kPanel. ViT-B's global block (head dim 64)
-  // ran fastest at 256 (128: 3% slower, 512: 9%); SlimSAM-77's (14) at 512 (256: 7% slower), where the GEMMs are
-  // cheap and fewer calls count more.
-  static int64_t chunk_keys(bool vnni, int64_t Lk, int64_t D) {
-    return vnni && Lk > kChunkMax ? (D > 32 ? 256 : 512) : Lk;
+  // Keys per chunk on AMX: the whole segment up to kChunkMax, else a multiple of kPanel. ViT-B's global block (head
+  // dim 64)
+  // ran fastest at 256 (128: 3% slower, 512: 9%); SlimSAM-77's (14) at 1024 (512: 15% slower, behind whole rows),
+  // where the GEMMs are cheap and each call's fixed cost counts. The dot-product GEMMs (no AMX) keep whole rows:
+  // chunks ran ViT-B's global block 4% slower there (measured with AMX switched off).
+  static int64_t chunk_keys(Gemm gemm, int64_t Lk, int64_t D) {
+    if (gemm == Gemm::kPlain) return Lk;
+    if (const int64_t forced = forced_chunk(); forced > 0) return std::min(forced, Lk);
+    return gemm == Gemm::kAmx && Lk > kChunkMax ? (D > 32 ? 256 : 1024) : Lk;
+  }
+
+  // SAM_FAST_CPU_ATTENTION_CHUNK: keys per chunk on either VNNI path (a positive multiple of kPanel), whatever the
+  // segment and the CPU; unset or empty: the rule above. How the tests reach chunked rows on a CPU without AMX, and
+  // how the lengths above were compared.
+  static int64_t forced_chunk() {
+    const char* raw = std::getenv("SAM_FAST_CPU_ATTENTION_CHUNK");
+    if (raw == nullptr || *raw == '\0') return 0;
+    char* end = nullptr;
+    const long long v = std::strtoll(raw, &end, 10);
+    TORCH_CHECK(*end == '\0' && v > 0 && v % kPanel == 0 && v <= (int64_t{1} << 20),
+                "SAM_FAST_CPU_ATTENTION_CHUNK must be a positive multiple of ", kPanel, " keys, got '", raw, "'");
+    return static_cast<int64_t>(v);
   }
 
  public:
   // Query rows per block: whole rows, float32 logits of about kBf16BlockBytes; chunked rows, 256 (the rows share
   // each chunk's packed keys while they are in L1; 128 ran 5-15% slower on ViT-B's global block).
   static int64_t block_rows(int64_t Lq, int64_t Lk, int64_t D) {
-    if (chunk_keys(vnni(D), Lk, D) == Lk) return rows_per_block(Lq, Lk, kBf16BlockBytes);
+    if (chunk_keys(gemm_for(D), Lk, D) == Lk) return rows_per_block(Lq, Lk, kBf16BlockBytes);
     return std::min<int64_t>(256, std::max<int64_t>(1, Lq));
   }
 
