@@ -91,6 +91,10 @@ TORCH_LIBRARY(sam_fast, m) {
   // accumulator never leaves the thread's tile buffer.
   m.def("int8_linear_amx(Tensor x, Tensor x_scale, Tensor w_packed, int N, Tensor w_scale, Tensor? bias, bool gelu, "
         "ScalarType out_dtype, Tensor? out_scale) -> Tensor");
+  // quantize_per_token(int8_linear_amx(..., gelu, float32)) in one op, the float32 result never written out: the int8
+  // hidden activation of an MLP and its per-row scales (NaN for a row holding NaN or +-inf)
+  m.def("int8_linear_amx_quantize(Tensor x, Tensor x_scale, Tensor w_packed, int N, Tensor w_scale, Tensor? bias, "
+        "bool gelu) -> (Tensor, Tensor)");
   // How many of ATen's intra-op threads one at::parallel_for of `tasks` tasks in this extension ran on
   // (csrc/cpu/parallel_probe.cpp): 1 whatever torch.set_num_threads says would mean the extension was built
   // without OpenMP, and every CPU op above runs on one thread.

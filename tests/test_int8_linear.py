@@ -242,6 +242,64 @@ def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypa
         assert k % 4 == 0
 
 
+@pytest.mark.parametrize("m,k,n", [(300, 96, 200), (129, 40, 3072), (5, 64, 8)])
+def test_cpu_gemm_gelu_quantize_equals_the_two_steps(m, k, n, amx_int8):
+    """sam_fast::int8_linear_amx_quantize (an int8 MLP's hidden activation straight from lin1's GEMM, GELU and
+    per-row quantisation in the thread's (128, N) buffer) against quantize_per_token of the float32 result: the same
+    scales (to rounding level) and int8 values within one step (ATen's GELU on a block of rows vs on the whole
+    tensor); a row holding NaN gets a NaN scale; int8_gelu_quantize is None where the op does not run."""
+    from sam_fast.ops import int8_linear as ops
+
+    x = _activations(m, k, seed=m + n)
+    x[min(3, m - 1), 0] = float("nan")
+    w, b = _weights(n, k, seed=n)
+    wq, ws = sam_fast.quantize.quantize_weight(w)
+    xq, xs = sam_fast.quantize_per_token(x)
+    fused = ops.int8_gelu_quantize(xq, xs, wq, ws, b, "auto")
+    if ops._amx_weight(wq) is None:  # no AMX int8 / AVX512-VNNI here (or K % 4): the caller takes the two steps
+        assert fused is None
+        return
+    q, s = fused
+    hq, hs = sam_fast.quantize_per_token(sam_fast.int8_linear(xq, wq, ws, b, act_scale=xs, activation="gelu",
+                                                               out_dtype=torch.float32, backend="cpu"))
+    assert q.dtype == torch.int8 and q.shape == (m, n) and s.shape == (m,)
+    assert torch.equal(torch.isnan(s), torch.isnan(hs)) and torch.isnan(s[min(3, m - 1)])
+    ok = ~torch.isnan(hs)
+    check_rounding_level("scale", s[ok], hs[ok])
+    assert int((q[ok].int() - hq[ok].int()).abs().max()) <= 1
+    # (..., K) input keeps its leading dims; other backends, float input or the panel GEMM switched off: None
+    q3, s3 = ops.int8_gelu_quantize(xq.view(1, m, k), xs.view(1, m), wq, ws, b, "cpu")
+    assert q3.shape == (1, m, n) and torch.equal(q3[0], q) and torch.equal(s3[0].nan_to_num(), s.nan_to_num())
+    assert ops.int8_gelu_quantize(xq, xs, wq, ws, b, "reference") is None
+    assert ops.int8_gelu_quantize(x, xs, wq, ws, b, "auto") is None
+    amx_int8(False)
+    assert ops.int8_gelu_quantize(xq, xs, wq, ws, b, "auto") is None
+
+
+def test_cpu_int8_mlp_writes_its_hidden_activation_in_int8(monkeypatch):
+    """A dynamic int8 MLP block on the CPU (LayerNorm -> lin1 -> GELU -> lin2) takes lin1's GEMM, GELU and
+    quantisation in one op where the panel GEMM runs, and gives what the two steps give."""
+    from sam_fast.nn import quantized
+    from sam_fast.ops import int8_linear as ops
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(64)
+    lin1, lin2 = torch.nn.Linear(64, 192), torch.nn.Linear(192, 64)
+    q1, q2 = (sam_fast.nn.Int8Linear.from_float(lin) for lin in (lin1, lin2))
+    x = torch.randn(2, 70, 64, generator=g)
+    with torch.no_grad():
+        y = quantized.int8_norm_mlp(norm, q1, torch.nn.GELU(), q2, x)
+        fused = ops.int8_gelu_quantize(*quantized.layer_norm_quantize(x, norm.weight, norm.bias, norm.eps), q1.weight,
+                                       q1.weight_scale, q1.bias, "auto")
+        monkeypatch.setattr(quantized, "int8_gelu_quantize", lambda *a: None)
+        two = quantized.int8_norm_mlp(norm, q1, torch.nn.GELU(), q2, x)
+    assert y.shape == two.shape == x.shape
+    if fused is not None:  # the fused op ran in the first call
+        torch.testing.assert_close(y, two, rtol=0, atol=float(two.abs().max()) * 2e-2)
+    else:
+        assert torch.equal(y, two)
+
+
 def test_cpu_amx_weight_panels_follow_the_weight(monkeypatch):
     """The AMX panels are packed once per weight tensor, repacked after an in-place change and dropped with the
     weight; the ops refuse bad arguments by name. (On a CPU without AMX int8: no panels, the _int_mm path, and the

@@ -103,9 +103,14 @@ def _cases():
     if packed.numel():  # a CPU with AMX int8: the GEMM on its panels
         cases["sam_fast::int8_linear_amx"] = [((xq, torch.rand(9, generator=g), packed, 16, ws, None, True,
                                                 torch.float32, None), None)]
+        cases["sam_fast::int8_linear_amx_quantize"] = [((xq, torch.rand(9, generator=g), packed, 16, ws, None,
+                                                         True), None)]
     else:  # elsewhere the kernel refuses whatever it gets (it says why): its fake is checked alone
         cases["sam_fast::int8_linear_amx"] = [((xq, torch.rand(9, generator=g), torch.zeros(2048, dtype=torch.int8),
                                                 16, ws, None, True, torch.float32, None), "refuses")]
+        cases["sam_fast::int8_linear_amx_quantize"] = [((xq, torch.rand(9, generator=g),
+                                                         torch.zeros(2048, dtype=torch.int8), 16, ws, None, True),
+                                                        "refuses")]
     return cases
 
 

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace sam_fast {
@@ -105,14 +106,6 @@ inline void quantize_row_f32(const float* row, int64_t K, float s, int8_t* q) {
   quantize_row(row, K, s, q);
 }
 
-template <typename T>
-inline float any_row_scale(const T* row, int64_t K) { return row_scale(row, K); }
-template <>
-inline float any_row_scale<float>(const float* row, int64_t K) { return row_scale_f32(row, K); }
-template <typename T>
-inline void any_quantize_row(const T* row, int64_t K, float s, int8_t* q) { quantize_row(row, K, s, q); }
-template <>
-inline void any_quantize_row<float>(const float* row, int64_t K, float s, int8_t* q) { quantize_row_f32(row, K, s, q); }
 
 // ((float(acc) * as) * ws[n]) + bias[n]: three separate fp32 roundings, as the reference's three ops
 void dequantize_row_generic(const int32_t* acc, int64_t N, float as, const float* ws, const float* bias, float* y) {
@@ -178,12 +171,21 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     cpu::parallel_for(0, M, block_rows(K, 16384), [&](int64_t b, int64_t e) {
+      // bf16 / fp16 rows widened to float32 first (exactly), for the float32 row functions' AVX-512 paths: the
+      // scalar ones cost 1.7 ns a value (an int8 model's bf16 attention output, 65 ms of ViT-B's encoder)
+      std::vector<float> wide(std::is_same_v<scalar_t, float> ? 0 : K);
       for (int64_t m = b; m < e; ++m) {
-        const scalar_t* row = xp + m * K;
-        const float own = any_row_scale(row, K);  // NaN exactly when the row holds NaN or +-inf
+        const float* row;
+        if constexpr (std::is_same_v<scalar_t, float>) {  // (not a template here: the cast compiles for every type)
+          row = reinterpret_cast<const float*>(xp + m * K);
+        } else {
+          for (int64_t k = 0; k < K; ++k) wide[k] = static_cast<float>(xp[m * K + k]);
+          row = wide.data();
+        }
+        const float own = row_scale_f32(row, K);  // NaN exactly when the row holds NaN or +-inf
         const float rs = dynamic ? own : static_scale;
         sp[m] = std::isnan(own) ? own : rs;
-        any_quantize_row(row, K, rs, qp + m * K);
+        quantize_row_f32(row, K, rs, qp + m * K);
       }
     });
   });
@@ -427,22 +429,52 @@ at::Tensor int8_pack_amx(const at::Tensor& w) {
   return out;
 }
 
-at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in, const at::Tensor& w_packed,
-                           int64_t N, const at::Tensor& w_scale_in, const c10::optional<at::Tensor>& bias_in,
-                           bool gelu, at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_scale) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kChar && x_in.device().is_cpu(),
-              "int8_linear_amx: x must be a 2-D int8 CPU tensor, got ", x_in.scalar_type(), " ", x_in.sizes(), " on ",
-              x_in.device());
+namespace {
+// x (contiguous) after the checks both panel GEMM ops make: x a 2-D int8 CPU tensor, w_packed int8_pack_amx's
+// panels of an (N, K) weight, a panel GEMM on this CPU
+at::Tensor checked_panel_input(const char* op, const at::Tensor& x_in, const at::Tensor& w_packed, int64_t N) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kChar && x_in.device().is_cpu(), op,
+              ": x must be a 2-D int8 CPU tensor, got ", x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(1);
   const int64_t panels = (N + kAmxPanel - 1) / kAmxPanel;
   TORCH_CHECK(N >= 1 && K % 4 == 0 && K > 0 && w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 &&
                   w_packed.is_contiguous() && w_packed.numel() == panels * K * kAmxPanel,
-              "int8_linear_amx: w_packed must be sam_fast::int8_pack_amx of an (N = ", N, ", K = ", K,
+              op, ": w_packed must be sam_fast::int8_pack_amx of an (N = ", N, ", K = ", K,
               ") weight (contiguous), K a multiple of 4, got ", w_packed.numel(), " values with strides ",
               w_packed.strides());
-  TORCH_CHECK(panel_gemm(), "int8_linear_amx: this CPU has no AMX int8 nor AVX512-VNNI, or they are switched off "
+  TORCH_CHECK(panel_gemm(), op, ": this CPU has no AMX int8 nor AVX512-VNNI, or they are switched off "
               "(SAM_FAST_CPU_NO_AMX, SAM_FAST_CPU_NO_AVX512)");
+  return x;
+}
+
+// one tile: `rows` rows of x (row stride K) times the panel at `panel` (`width` real channels) into tile (rows x 64
+// int32), by oneDNN's AMX micro-kernel or vpdpbusd
+inline void panel_tile(bool amx, int64_t rows, int64_t width, int64_t K, const int8_t* x, const int8_t* panel,
+                       int32_t* tile) {
+  if (amx) {
+    at::native::cpublas::brgemm(rows, width, K, K, kAmxPanel, kAmxPanel, false, x, panel, tile, true);
+    return;
+  }
+#ifdef SAM_FAST_X86_AVX512
+  vnni_tile(rows, K, x, panel, tile);
+#else
+  (void)rows;
+  (void)width;
+  (void)K;
+  (void)x;
+  (void)panel;
+  (void)tile;
+#endif
+}
+}  // namespace
+
+at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in, const at::Tensor& w_packed,
+                           int64_t N, const at::Tensor& w_scale_in, const c10::optional<at::Tensor>& bias_in,
+                           bool gelu, at::ScalarType out_dtype, const c10::optional<at::Tensor>& out_scale) {
+  const at::Tensor x = checked_panel_input("int8_linear_amx", x_in, w_packed, N);
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t panels = (N + kAmxPanel - 1) / kAmxPanel;
   const bool amx = amx_int8();
   const EpilogueArgs args =
       epilogue_args("int8_linear_amx", "x_scale", M, N, x_scale_in, w_scale_in, bias_in, out_dtype, out_scale);
@@ -468,14 +500,7 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = (t / panels) * kAmxRows, c0 = (t % panels) * kAmxPanel;
       const int64_t rows = std::min(kAmxRows, M - m0), width = std::min(kAmxPanel, N - c0);
-      if (amx) {
-        at::native::cpublas::brgemm(rows, width, K, K, kAmxPanel, kAmxPanel, false, xp + m0 * K, wp + c0 * K,
-                                    tile.data(), true);
-      } else {
-#ifdef SAM_FAST_X86_AVX512
-        vnni_tile(rows, K, xp + m0 * K, wp + c0 * K, tile.data());
-#endif
-      }
+      panel_tile(amx, rows, width, K, xp + m0 * K, wp + c0 * K, tile.data());
       const float* wsc = wsp + c0;
       const float* bc = bp != nullptr ? bp + c0 : nullptr;
       if (direct) {
@@ -517,6 +542,57 @@ at::Tensor int8_linear_amx(const at::Tensor& x_in, const at::Tensor& x_scale_in,
   return out;
 }
 
+// quantize_per_token(int8_linear_amx(x, ..., gelu, float32)) without the float32 output: a thread takes a block of
+// 128 rows across every panel into its own (128, N) float32 buffer (dequantised tile by tile), runs the GELU over
+// the block, and quantises each row with its own scale, so the hidden activation of an int8 MLP is written once, in
+// int8, with no N-wide float32 tensor in memory (on ViT-B: 50 MB per block, allocated fresh each call, whose page
+// faults cost more than the GEMM).
+std::tuple<at::Tensor, at::Tensor> int8_linear_amx_quantize(const at::Tensor& x_in, const at::Tensor& x_scale_in,
+                                                            const at::Tensor& w_packed, int64_t N,
+                                                            const at::Tensor& w_scale_in,
+                                                            const c10::optional<at::Tensor>& bias_in, bool gelu) {
+  const at::Tensor x = checked_panel_input("int8_linear_amx_quantize", x_in, w_packed, N);
+  const int64_t M = x.size(0), K = x.size(1);
+  const bool amx = amx_int8();
+  const EpilogueArgs args = epilogue_args("int8_linear_amx_quantize", "x_scale", M, N, x_scale_in, w_scale_in,
+                                          bias_in, at::kFloat, c10::nullopt);
+  at::Tensor q = at::empty({M, N}, x.options());
+  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, s};
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int8_t* wp = w_packed.data_ptr<int8_t>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  const int64_t row_blocks = (M + kAmxRows - 1) / kAmxRows;
+  cpu::parallel_for(0, row_blocks, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> tile(kAmxRows * kAmxPanel);
+    std::vector<float> act(kAmxRows * N);
+    for (int64_t rb = b; rb < e; ++rb) {
+      const int64_t m0 = rb * kAmxRows, rows = std::min(kAmxRows, M - m0);
+      for (int64_t c0 = 0; c0 < N; c0 += kAmxPanel) {
+        const int64_t width = std::min(kAmxPanel, N - c0);
+        panel_tile(amx, rows, width, K, xp + m0 * K, wp + c0 * K, tile.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          dequantize_row(tile.data() + r * kAmxPanel, width, args.per_row ? args.asp[m0 + r] : args.asp[0],
+                         args.wsp + c0, args.bp != nullptr ? args.bp + c0 : nullptr, act.data() + r * N + c0);
+        }
+      }
+      if (gelu) {
+        at::Tensor block = at::from_blob(act.data(), {rows, N}, at::TensorOptions().dtype(at::kFloat));
+        at::gelu_(block);
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // quantize_per_token's rule: NaN scale for a row holding NaN or +-inf
+        const float* y = act.data() + r * N;
+        const float own = row_scale_f32(y, N);
+        sp[m0 + r] = own;
+        quantize_row_f32(y, N, own, qp + (m0 + r) * N);
+      }
+    }
+    if (amx) at::native::cpublas::brgemm_release(true);
+  });
+  return {q, s};
+}
+
 TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
   m.impl("quantize_per_token", [](const at::Tensor& x) { return quantize_rows_cpu(x, c10::nullopt); });
   m.impl("quantize_static", [](const at::Tensor& x, const at::Tensor& scale) { return quantize_rows_cpu(x, scale); });
@@ -525,6 +601,7 @@ TORCH_LIBRARY_IMPL(sam_fast, CPU, m) {
   m.impl("int8_epilogue_", &int8_epilogue_cpu_);
   m.impl("int8_pack_amx", &int8_pack_amx);
   m.impl("int8_linear_amx", &int8_linear_amx);
+  m.impl("int8_linear_amx_quantize", &int8_linear_amx_quantize);
 }
 
 }  // namespace sam_fast

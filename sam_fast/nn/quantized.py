@@ -26,7 +26,7 @@ from torch import nn
 
 from .._dispatch import check_backend_name
 from .._hooks import has_hooks, share_hooks
-from ..ops.int8_linear import int8_linear_op, layer_norm_quantize, quantize_weight, scalar_scale
+from ..ops.int8_linear import int8_gelu_quantize, int8_linear_op, layer_norm_quantize, quantize_weight, scalar_scale
 
 _SCALES = ("weight_scale", "act_scale")
 
@@ -200,6 +200,11 @@ def int8_norm_mlp(norm: nn.Module, lin1: nn.Module, act: nn.Module, lin2: nn.Mod
     if isinstance(lin2, Int8Linear) and lin2.act_scale is not None:
         h = lin1.forward_int8(xq, xs, activation="gelu", out_dtype=torch.int8, out_scale=lin2.act_scale)
         return lin2.forward_int8(h, lin2.act_scale, out_dtype=x.dtype)
+    if isinstance(lin2, Int8Linear) and lin2.act_scale is None and x.dtype == torch.float32:
+        # lin2 quantises per token: on the CPU its int8 input straight from lin1's GEMM, with those scales
+        fused = int8_gelu_quantize(xq, xs, lin1.weight, lin1.weight_scale, lin1.bias, lin1.backend)
+        if fused is not None:
+            return lin2.forward_int8(*fused, out_dtype=x.dtype)
     return lin2(lin1.forward_int8(xq, xs, activation="gelu", out_dtype=x.dtype))
 
 

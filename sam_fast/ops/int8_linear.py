@@ -31,7 +31,7 @@ import torch
 from torch.library import triton_op
 
 from .. import cpu_features, cpu_policy
-from .._dispatch import Backend, Refusal, dispatch, triton_device_refusal, triton_op_wanted
+from .._dispatch import Backend, Refusal, dispatch, export_target, note_call, triton_device_refusal, triton_op_wanted
 from ..kernels import int8_linear as _k
 from ..kernels._cache import persistent
 from ..reference import int8_linear as _ref
@@ -162,6 +162,11 @@ def _(acc, a_scale, w_scale, bias, gelu):
 @register_fake("sam_fast::int8_linear_amx")
 def _(x, x_scale, w_packed, N, w_scale, bias, gelu, out_dtype, out_scale):
     return x.new_empty((x.shape[0], N), dtype=out_dtype)
+
+
+@register_fake("sam_fast::int8_linear_amx_quantize")
+def _(x, x_scale, w_packed, N, w_scale, bias, gelu):
+    return x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
 @register_fake("sam_fast::int8_pack_amx")
@@ -319,6 +324,26 @@ def _linear_cpu_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_sca
     else:
         acc = _cpu_accumulator(x, w)
     return torch.ops.sam_fast.int8_epilogue(acc, x_scale, w_scale, bias, activation == "gelu", out_dtype, out_scale)
+
+
+def int8_gelu_quantize(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                       backend: str) -> Optional[Tuple[Tensor, Tensor]]:
+    """``quantize_per_token(int8_linear(x, w, w_scale, bias, act_scale=x_scale, activation="gelu",
+    out_dtype=torch.float32))`` in one C++ op (``sam_fast::int8_linear_amx_quantize``: an int8 MLP's hidden
+    activation written once, in int8, no float32 tensor of it in memory), where that op runs: x int8 (..., K) on the
+    CPU with per-token scales, ``backend`` "auto" or "cpu", this CPU's panel GEMM (AMX int8 or AVX512-VNNI), in
+    eager mode. None elsewhere (the caller takes the two steps); the same values either way."""
+    if backend not in ("auto", "cpu") or x.device.type != "cpu" or x.dtype != torch.int8 or x.dim() < 2 \
+            or x_scale.shape != x.shape[:-1] or torch.compiler.is_compiling() or export_target() is not None \
+            or extension_error() is not None or not x.shape[:-1].numel():
+        return None
+    packed = _amx_weight(w)
+    if packed is None:
+        return None
+    note_call("int8_linear", "cpu")
+    q, scale = torch.ops.sam_fast.int8_linear_amx_quantize(x.reshape(-1, x.shape[-1]), x_scale.reshape(-1).float(),
+                                                           packed, w.shape[0], w_scale, bias, True)
+    return q.view(*x.shape[:-1], w.shape[0]), scale.view(x.shape[:-1])
 
 
 def _linear_triton_run(x, x_scale, w, w_scale, bias, activation, out_dtype, out_scale):
