@@ -242,12 +242,22 @@ def test_cpu_float32_result_with_and_without_the_amx_gemm(m, k, n, amx, monkeypa
         assert k % 4 == 0
 
 
+@pytest.mark.parametrize("no_amx", [False, True], ids=["amx", "vnni"])
 @pytest.mark.parametrize("m,k,n", [(300, 96, 200), (129, 40, 3072), (5, 64, 8)])
-def test_cpu_gemm_gelu_quantize_equals_the_two_steps(m, k, n, amx_int8):
+def test_cpu_gemm_gelu_quantize_equals_the_two_steps(m, k, n, no_amx):
     """sam_fast::int8_linear_amx_quantize (an int8 MLP's hidden activation straight from lin1's GEMM, GELU and
     per-row quantisation in the thread's (128, N) buffer) against quantize_per_token of the float32 result: the same
     scales (to rounding level) and int8 values within one step (ATen's GELU on a block of rows vs on the whole
-    tensor); a row holding NaN gets a NaN scale; int8_gelu_quantize is None where the op does not run."""
+    tensor); a row holding NaN gets a NaN scale; int8_gelu_quantize is None where the op does not run. On AMX's
+    tiles and, with AMX switched off, on AVX512-VNNI's (where the CPU has them)."""
+    from sam_fast import cpu_features
+
+    with cpu_features.disable(amx=no_amx):
+        _check_gelu_quantize(m, k, n)
+
+
+def _check_gelu_quantize(m, k, n):
+    from sam_fast import cpu_features
     from sam_fast.ops import int8_linear as ops
 
     x = _activations(m, k, seed=m + n)
@@ -272,8 +282,8 @@ def test_cpu_gemm_gelu_quantize_equals_the_two_steps(m, k, n, amx_int8):
     assert q3.shape == (1, m, n) and torch.equal(q3[0], q) and torch.equal(s3[0].nan_to_num(), s.nan_to_num())
     assert ops.int8_gelu_quantize(xq, xs, wq, ws, b, "reference") is None
     assert ops.int8_gelu_quantize(x, xs, wq, ws, b, "auto") is None
-    amx_int8(False)
-    assert ops.int8_gelu_quantize(xq, xs, wq, ws, b, "auto") is None
+    with cpu_features.disable(amx=True, avx512=True):
+        assert ops.int8_gelu_quantize(xq, xs, wq, ws, b, "auto") is None
 
 
 def test_cpu_int8_mlp_writes_its_hidden_activation_in_int8(monkeypatch):
