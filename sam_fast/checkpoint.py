@@ -138,7 +138,7 @@ def load_sam(checkpoint: str, model_type: str = "auto", *, decoder_heads: Option
     if decoder_heads is None and model_type == "auto" and meta is not None and "decoder_heads" in meta:
         decoder_heads = meta["decoder_heads"]  # save_sam records it
     if is_sam2_state(state):
-        return _load_sam2(checkpoint, state, model_type)
+        return _load_sam2(checkpoint, state, model_type, meta)
     tinyvit = is_tinyvit_state(state)
     try:
         geom = None if tinyvit else encoder_geometry(state)
@@ -212,8 +212,15 @@ def _state_mismatch(model: nn.Module, state, model_type: str) -> List[str]:
     return parts
 
 
-def _load_sam2(checkpoint, state, model_type: str) -> nn.Module:
-    """A SAM 2 / 2.1 checkpoint (Meta's ``{"model": state_dict}``) as Meta's ``SAM2Base`` with its weights."""
+def _load_sam2(checkpoint, state, model_type: str, meta=None) -> nn.Module:
+    """A SAM 2 / 2.1 checkpoint (Meta's ``{"model": state_dict}``) as Meta's ``SAM2Base`` with its weights; a
+    transformers ``Sam2Model`` directory (``meta["family"] == "sam2"``) as SAM 2.1's ``SAM2Base`` with its image part
+    (the video memory modules, which Sam2Model does not hold, keep their initialisation: ``sam_fast_image_only``)."""
+    from .models.transformers_sam2 import IMAGE_PREFIXES, meta_hiera_geometry
+
+    hf = meta is not None and meta.get("family") == "sam2"
+    if hf:  # a state without SAM 2.1's own keys would read as SAM 2; transformers' releases are 2.1's layout
+        state = dict(state, no_obj_embed_spatial=torch.zeros(1, 1))
     try:
         found = sam2_model_type(state)
     except ValueError as exc:
@@ -222,11 +229,21 @@ def _load_sam2(checkpoint, state, model_type: str) -> nn.Module:
         raise ValueError(f"checkpoint {checkpoint} is a SAM 2 checkpoint ({found}), not a {model_type} one: load it "
                          "with model_type='auto'")
     model = build_sam2(found)
+    if hf:
+        del state["no_obj_embed_spatial"]
+        if meta_hiera_geometry(model) != tuple(meta["hiera"]):
+            names = ("blocks per stage", "heads per stage", "windows per stage", "global blocks")
+            diff = [f"{n} {got} (the weights' size, {found}, has {want})" for n, got, want in
+                    zip(names, meta["hiera"], meta_hiera_geometry(model)) if tuple(got) != tuple(want)]
+            raise ValueError(f"checkpoint {checkpoint}: config.json's Hiera trunk is not {found}'s: " + ", ".join(diff))
+        own = model.state_dict()
+        state = {**{k: v for k, v in own.items() if not k.startswith(IMAGE_PREFIXES)}, **state}
     parts = _state_mismatch(model, state, found)
     if parts:
         raise ValueError(f"checkpoint {checkpoint} does not match {found} (its Hiera trunk's size): "
                          + ", ".join(parts))
     model.load_state_dict(state)
+    model.sam_fast_image_only = hf
     return model.eval()
 
 

@@ -487,6 +487,9 @@ def _inspect_sam2(checkpoint: str, sam) -> int:
           f"{millions(sam) - millions(sam.image_encoder) - decoder:.2f} M)")
     print(f"family: SAM 2 ({sam2_model_type(sam.state_dict())}), Hiera image encoder, input {sam.image_size} x "
           f"{sam.image_size}")
+    if getattr(sam, "sam_fast_image_only", False):
+        print("source: a transformers Sam2Model directory (the image model): the memory and video parts are not in "
+              "it and keep their initialisation; for images only (predictor, segment everything)")
     print(f"{'stage':>5} {'blocks':>6} {'width':>6} {'heads':>5} {'head dim':>8} {'window':>6} {'global blocks':>14}")
     start = 0
     for n, end in enumerate(trunk.stage_ends):

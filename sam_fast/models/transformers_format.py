@@ -229,7 +229,8 @@ def _check_config(config: dict, directory: str) -> int:
 
 
 def read_transformers_dir(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """(segment_anything state_dict, {"decoder_heads": n}) of a transformers SAM directory."""
+    """(segment_anything state_dict, {"decoder_heads": n}) of a transformers SAM directory; for a SAM 2 one
+    (``Sam2Model``), Meta's SAM2Base state_dict of its image part and {"family": "sam2", "hiera": geometry}."""
     with open(os.path.join(directory, "config.json")) as f:
         try:
             config = json.load(f)
@@ -238,8 +239,16 @@ def read_transformers_dir(directory: str) -> Tuple[Dict[str, torch.Tensor], dict
     if not isinstance(config, dict):
         raise ValueError(f"checkpoint {directory}: config.json must hold a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
+    if model_type == "sam2":  # Sam2Model: Meta's SAM2Base names for its image part
+        from .transformers_sam2 import hiera_geometry, sam2_state_from_transformers
+
+        where = f"checkpoint {directory}"
+        geometry = hiera_geometry(config, where)
+        return sam2_state_from_transformers(_load_weights(directory), where), {
+            "source": "transformers", "family": "sam2", "hiera": geometry}
     if model_type not in ("sam", "sam_hq"):
-        raise ValueError(f"checkpoint {directory}: config.json describes a {model_type!r} model, not SAM ('sam')")
+        raise ValueError(f"checkpoint {directory}: config.json describes a {model_type!r} model, not SAM ('sam') "
+                         "nor SAM 2 ('sam2')")
     if model_type == "sam_hq":
         raise ValueError(f"checkpoint {directory} is a SAM-HQ model: its HQ decoder has no segment_anything form (its "
                          "vision encoder does; sam_fast.apply accepts SamHQModel directly)")
