@@ -122,20 +122,25 @@ def test_sam_block_attention_op_pads_with_zeros_without_pad_kv():
 
 def test_forced_chunk_length_must_be_a_multiple_of_64(monkeypatch):
     """SAM_FAST_CPU_ATTENTION_CHUNK (the bf16 row chunks' length) that is not a positive multiple of 64 keys is
-    refused by name where bf16 runs on VNNI panels; elsewhere (no AVX512-BF16, no AMX) rows are whole and it is not
-    read."""
+    refused by name where bf16 runs on VNNI panels; elsewhere (no AVX512-BF16, no AMX, or both switched off) rows
+    are whole and it is not read."""
     from sam_fast import cpu_features
 
     qkv = torch.randn(1, 24, 25, 3 * 2 * 16).to(torch.bfloat16)
     tables = (torch.randn(47, 16), torch.randn(49, 16))
     out = torch.empty(1, 24, 25, 32, dtype=torch.bfloat16)
     pads = (torch.zeros(2, 16, dtype=torch.bfloat16), torch.zeros(2, 16, dtype=torch.bfloat16))
-    if not {"avx512-bf16", "amx-bf16"} & set(cpu_features.describe().split()):
-        pytest.skip("bf16 attention runs on plain operands on this CPU: no chunks")
+    flags = set(cpu_features.describe().split())  # the hardware; and what is switched on (the environment's)
+    vnni = ("amx-bf16" in flags and cpu_features.amx()) or ("avx512-bf16" in flags and cpu_features.avx512())
     for bad in ("100", "0", "-64", "64k"):
         monkeypatch.setenv("SAM_FAST_CPU_ATTENTION_CHUNK", bad)
-        with pytest.raises(RuntimeError, match="SAM_FAST_CPU_ATTENTION_CHUNK must be a positive multiple of 64"):
+        if vnni:
+            with pytest.raises(RuntimeError, match="SAM_FAST_CPU_ATTENTION_CHUNK must be a positive multiple of 64"):
+                torch.ops.sam_fast.sam_block_attention(qkv, 2, 0, *tables, None, *pads, 0.25, out)
+        else:  # plain bf16 GEMMs: whole rows, the variable unread
+            out.fill_(float("nan"))
             torch.ops.sam_fast.sam_block_attention(qkv, 2, 0, *tables, None, *pads, 0.25, out)
+            assert torch.isfinite(out).all()
 
 
 def test_sam_block_attention_op_refuses_bad_arguments():
