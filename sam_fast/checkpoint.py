@@ -219,10 +219,8 @@ def _load_sam2(checkpoint, state, model_type: str, meta=None) -> nn.Module:
     from .models.transformers_sam2 import IMAGE_PREFIXES, meta_hiera_geometry
 
     hf = meta is not None and meta.get("family") == "sam2"
-    if hf:  # a state without SAM 2.1's own keys would read as SAM 2; transformers' releases are 2.1's layout
-        state = dict(state, no_obj_embed_spatial=torch.zeros(1, 1))
-    try:
-        found = sam2_model_type(state)
+    try:  # (a state without SAM 2.1's own keys reads as SAM 2; transformers' releases are 2.1's layout)
+        found = sam2_model_type(dict(state, no_obj_embed_spatial=torch.zeros(1, 1)) if hf else state)
     except ValueError as exc:
         raise ValueError(f"checkpoint {checkpoint} holds a SAM 2 image encoder, but {exc}") from None
     if model_type != "auto":
@@ -230,11 +228,11 @@ def _load_sam2(checkpoint, state, model_type: str, meta=None) -> nn.Module:
                          "with model_type='auto'")
     model = build_sam2(found)
     if hf:
-        del state["no_obj_embed_spatial"]
-        if meta_hiera_geometry(model) != tuple(meta["hiera"]):
+        built = meta_hiera_geometry(model)
+        if built != tuple(meta["hiera"]):
             names = ("blocks per stage", "heads per stage", "windows per stage", "global blocks")
             diff = [f"{n} {got} (the weights' size, {found}, has {want})" for n, got, want in
-                    zip(names, meta["hiera"], meta_hiera_geometry(model)) if tuple(got) != tuple(want)]
+                    zip(names, meta["hiera"], built) if tuple(got) != tuple(want)]
             raise ValueError(f"checkpoint {checkpoint}: config.json's Hiera trunk is not {found}'s: " + ", ".join(diff))
         own = model.state_dict()
         state = {**{k: v for k, v in own.items() if not k.startswith(IMAGE_PREFIXES)}, **state}
